@@ -1,0 +1,76 @@
+// swift-tools-version:6.0
+//
+// The Swift Mooncake-compatible Transfer Engine.
+//
+// Host: `TransferEngine` (library) + `transfer-engine` (CLI), TCP built in.
+// Transport plugins are separate `libtransport_<protocol>.so` files that only
+// speak the C vtable in `CTransportABI`. A plugin target is added only when its
+// system dependency is present (header check) or forced with TE_WITH_<PROTOCOL>=0/1.
+// The manifest cache does not notice new headers: build scripts pass
+// `--manifest-cache none`.
+import Foundation
+import PackageDescription
+
+let environment = ProcessInfo.processInfo.environment
+
+/// Whether an optional plugin is built: `TE_WITH_<NAME>` wins, else the header's presence.
+func pluginEnabled(_ name: String, header: String) -> Bool {
+    if let forced = environment["TE_WITH_\(name)"] {
+        return ["1", "on", "yes", "true"].contains(forced.lowercased())
+    }
+    return FileManager.default.fileExists(atPath: header)
+}
+
+var products: [Product] = [
+    .library(name: "TransferEngine", targets: ["TransferEngine"]),
+    .executable(name: "transfer-engine", targets: ["transfer-engine"]),
+]
+
+var targets: [Target] = [
+    // The plugin ABI: one header, no code. Plugins and host both depend on it.
+    .target(name: "CTransportABI", path: "Sources/CTransportABI"),
+    // GNU libc extensions (accept4, dladdr, thread names) that Swift's Glibc module hides.
+    .target(name: "CTransferEngineShims", path: "Sources/CTransferEngineShims"),
+    .target(
+        name: "TransferEngine",
+        dependencies: [
+            "CTransportABI",
+            "CTransferEngineShims",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "SystemPackage", package: "swift-system"),
+            .product(name: "DequeModule", package: "swift-collections"),
+        ],
+        path: "Sources/TransferEngine"
+    ),
+    .executableTarget(
+        name: "transfer-engine",
+        dependencies: [
+            "TransferEngine",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ],
+        path: "Sources/transfer-engine"
+    ),
+    .testTarget(
+        name: "TransferEngineTests",
+        dependencies: ["TransferEngine", "CTransportABI"],
+        path: "Tests/TransferEngineTests",
+        resources: [.copy("Fixtures")]
+    ),
+]
+
+// Optional hardware plugins are appended here by their issues, e.g.:
+// if pluginEnabled("RDMA", header: "/usr/include/infiniband/verbs.h") { ... }
+_ = pluginEnabled
+
+let package = Package(
+    name: "swift-transfer-engine",
+    products: products,
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
+    ],
+    targets: targets
+)

@@ -1,0 +1,13 @@
+/* GNU extensions the Swift Glibc module does not expose (it is built without _GNU_SOURCE). */
+#ifndef TE_SHIMS_H
+#define TE_SHIMS_H
+#include <stddef.h>
+#include <stdint.h>
+
+/** accept4(fd, NULL, NULL, SOCK_CLOEXEC). */
+int te_accept_cloexec(int fd);
+/** Names the calling thread (best effort, truncated to 15 bytes). */
+void te_set_thread_name(const char *name);
+/** Path of the ELF image (executable or shared library) that contains addr, or NULL. */
+const char *te_image_path(const void *addr);
+#endif

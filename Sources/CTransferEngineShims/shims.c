@@ -1,0 +1,21 @@
+#define _GNU_SOURCE
+#include "te_shims.h"
+#include <dlfcn.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/socket.h>
+
+int te_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
+
+void te_set_thread_name(const char *name) {
+    char buffer[16];
+    strncpy(buffer, name, sizeof buffer - 1);
+    buffer[sizeof buffer - 1] = 0;
+    pthread_setname_np(pthread_self(), buffer);
+}
+
+const char *te_image_path(const void *addr) {
+    Dl_info info;
+    if (dladdr(addr, &info) == 0) return NULL;
+    return info.dli_fname;
+}

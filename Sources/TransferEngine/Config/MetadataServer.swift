@@ -1,0 +1,38 @@
+/// The metadata service named by `metadata_server`.
+public enum MetadataServer: Equatable, Sendable {
+    /// No server: peers exchange descriptors over the handshake port.
+    case p2pHandshake
+    /// etcd endpoints (`etcd://h:p[,h:p]` or a bare `h:p`).
+    case etcd([String])
+    /// A redis server (`redis://h:p`).
+    case redis(String)
+    /// An HTTP metadata server URL (`http://h:p/path`, `https://...`).
+    case http(String)
+
+    /// The accepted forms, for error messages.
+    public static let acceptedForms = "P2PHANDSHAKE, etcd://host:port[,host:port...], host:port (etcd), redis://host:port, http://host:port/path, https://host:port/path"
+
+    /// Parses the official engine's `metadata_server` forms.
+    public static func parse(_ text: String) throws -> MetadataServer {
+        let value = text.trimmingCharacters(in: .whitespaces)
+        if value == "P2PHANDSHAKE" { return .p2pHandshake }
+        if value.lowercased().hasPrefix("etcd://") {
+            let endpoints = value.dropFirst(7).split(separator: ",").map(String.init)
+            guard !endpoints.isEmpty, endpoints.allSatisfy({ (try? HostPort.parse($0))?.port != nil }) else {
+                throw EngineError.invalidMetadataServer("'\(text)': etcd endpoints must be host:port; accepted forms: \(acceptedForms)")
+            }
+            return .etcd(endpoints)
+        }
+        if value.lowercased().hasPrefix("redis://") {
+            guard (try? HostPort.parse(String(value.dropFirst(8))))?.port != nil else {
+                throw EngineError.invalidMetadataServer("'\(text)': expected redis://host:port; accepted forms: \(acceptedForms)")
+            }
+            return .redis(String(value.dropFirst(8)))
+        }
+        if value.lowercased().hasPrefix("http://") || value.lowercased().hasPrefix("https://") { return .http(value) }
+        if !value.contains("://"), !value.isEmpty, value.split(separator: ",").allSatisfy({ (try? HostPort.parse(String($0)))?.port != nil }) {
+            return .etcd(value.split(separator: ",").map(String.init))
+        }
+        throw EngineError.invalidMetadataServer("'\(text)' is not a recognised form; accepted forms: \(acceptedForms)")
+    }
+}

@@ -1,0 +1,549 @@
+import FoundationEssentials
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The transfer engine: owns local memory registrations, the handshake and
+/// TCP data listeners, opened peer segments, batches, and the active
+/// transport plugin (when one was selected and is available).
+///
+/// Typical use (Mooncake's flow):
+/// ```swift
+/// let engine = try TransferEngine(configuration: config)
+/// try engine.registerMemory(address: base, length: size)
+/// let peer = try engine.openSegment("10.0.0.2:15123")
+/// try engine.transferSync(.write, localAddress: base, segment: peer, remoteAddress: remoteBase, length: 4096)
+/// ```
+public final class TransferEngine: @unchecked Sendable {
+    /// The resolved configuration.
+    public let configuration: EngineConfiguration
+    /// This engine's segment name (`host:rpc_port` in P2P mode).
+    public let segmentName: String
+    /// The handshake (RPC) port.
+    public let rpcPort: UInt16
+    /// The TCP data port.
+    public let dataPort: UInt16
+    /// The protocol selection (effective protocol, fallback reason).
+    public let selection: ProtocolSelector.Selection
+
+    let logger: Logger
+    let registry = MemoryRegistry()
+    let settings: Settings
+    private let bindHost: String
+    private let dataServer: TCPDataServer
+    private var handshakeServer: HandshakeServer!
+    private var plugin: PluginTransport?
+    private let state = ConditionLock(State())
+
+    /// Tunables read from the environment (upstream's MC_* names where they exist).
+    struct Settings: Sendable {
+        var lanesPerPeer = 4
+        var splitSize: UInt64 = 4 << 20
+        var connectTimeoutMs = 5000
+        var statusTimeoutMs = 30_000
+        var handshakeReplyMs = 60_000
+        var handshakeMaxLength = HandshakeWire.defaultMaxLength
+        var transferTimeoutNs: UInt64 = 30_000_000_000
+        var useV2Client = true
+        var portRange: ClosedRange<UInt16> = 15000...17000
+
+        init(environment: [String: String]) throws {
+            func integer(_ names: [String], _ range: ClosedRange<Int>) throws -> Int? {
+                for name in names {
+                    guard let text = environment[name], !text.isEmpty else { continue }
+                    guard let value = Int(text), range.contains(value) else {
+                        throw EngineError.invalidConfiguration("\(name)='\(text)' must be an integer in \(range.lowerBound)...\(range.upperBound)")
+                    }
+                    return value
+                }
+                return nil
+            }
+            if let v = try integer(["MC_TCP_LANES_PER_PEER", "MC_TCP_MAX_CONNECTIONS_PER_PEER"], 1...64) { lanesPerPeer = v }
+            if let text = environment["MC_TCP_SPLIT_SIZE"], !text.isEmpty {
+                splitSize = max(4096, try ByteSize.parse(text))
+            }
+            if let v = try integer(["MC_HANDSHAKE_CONNECT_TIMEOUT"], 1...3600) { connectTimeoutMs = v * 1000 }
+            if let v = try integer(["MC_TCP_STATUS_TIMEOUT_SEC"], 1...3600) { statusTimeoutMs = v * 1000 }
+            if let v = try integer(["MC_HANDSHAKE_MAX_LENGTH"], 1...(128 << 20)) { handshakeMaxLength = v }
+            if let v = try integer(["MC_TRANSFER_TIMEOUT"], 1...86_400) { transferTimeoutNs = UInt64(max(5, v)) * 1_000_000_000 }
+            useV2Client = environment["MC_TCP_PROTO"] != "1"
+            let low = try integer(["MC_MIN_RPC_PORT", "MC_MIN_PRC_PORT"], 1...65535) ?? 15000
+            let high = try integer(["MC_MAX_RPC_PORT", "MC_MAX_PRC_PORT"], 1...65535) ?? 17000
+            guard low <= high else { throw EngineError.invalidConfiguration("MC_MIN_RPC_PORT \(low) is above MC_MAX_RPC_PORT \(high)") }
+            portRange = UInt16(low)...UInt16(high)
+        }
+    }
+
+    /// A peer segment this engine has opened.
+    final class Peer: @unchecked Sendable {
+        let name: String
+        let host: String
+        let rpcPort: UInt16
+        var descriptor: SegmentDescriptor
+        var channel: TCPChannel?
+        var pluginPeer: UInt64?
+
+        init(name: String, host: String, rpcPort: UInt16, descriptor: SegmentDescriptor) {
+            self.name = name
+            self.host = host
+            self.rpcPort = rpcPort
+            self.descriptor = descriptor
+        }
+    }
+
+    private struct State {
+        var peers: [SegmentHandle: Peer] = [:]
+        var handles: [String: SegmentHandle] = [:]
+        var nextHandle: SegmentHandle = 1
+        var batches: [BatchID: Batch] = [:]
+        var nextBatch: BatchID = 1
+        var notifications: [TransferNotification] = []
+        var managed: [UInt64: UInt64] = [:]
+        var bufferFragments: [UInt64: [String: JSONValue]] = [:]
+        var stopped = false
+    }
+
+    /// Starts an engine: validates the configuration, binds the handshake and
+    /// data listeners, selects the transport (falling back to TCP with one
+    /// warning when the requested plugin is missing or reports hardware absent).
+    public init(configuration: EngineConfiguration, environment: [String: String] = ProcessInfo.processInfo.environment,
+                logger: Logger = Logger(label: "transfer-engine")) throws {
+        self.configuration = configuration
+        self.logger = logger
+        self.settings = try Settings(environment: environment)
+
+        switch try MetadataServer.parse(configuration.metadataServer) {
+        case .p2pHandshake: break
+        case .etcd, .redis, .http:
+            throw EngineError.invalidMetadataServer("'\(configuration.metadataServer)': this build serves P2PHANDSHAKE only; the etcd, redis and HTTP backends are not implemented yet")
+        }
+
+        let local = try HostPort.parse(configuration.localHostname)
+        if let bind = environment["MC_TCP_BIND_ADDRESS"], !bind.isEmpty { bindHost = bind } else { bindHost = local.host }
+
+        let catalog = PluginCatalog(environment: environment)
+        let probeOptions = Self.pluginOptions(configuration: configuration, segmentName: "", environment: environment)
+        selection = try ProtocolSelector.select(requested: configuration.protocolName, catalog: catalog,
+                                                environment: environment, probeOptionsJSON: probeOptions)
+        if let warning = selection.warningLine { logger.warning("\(warning)") }
+
+        let handshakeListener = try PortAllocator.listen(host: bindHost, range: settings.portRange)
+        let dataListener = try PortAllocator.listen(host: bindHost, range: settings.portRange)
+        rpcPort = handshakeListener.localAddress.port
+        segmentName = HostPort(host: local.host, port: rpcPort).description
+        dataServer = try TCPDataServer(listener: dataListener, registry: registry, logger: logger, payloadTimeoutMs: settings.statusTimeoutMs)
+        dataPort = dataServer.port
+
+        if let loaded = selection.plugin {
+            let options = Self.pluginOptions(configuration: configuration, segmentName: segmentName, environment: environment)
+            let handshakeTimeouts = HandshakeClient.Timeouts(connectMs: settings.connectTimeoutMs, replyMs: settings.handshakeReplyMs)
+            let maxLength = settings.handshakeMaxLength
+            plugin = try PluginTransport(plugin: loaded, protocolName: selection.effective, optionsJSON: options, logger: logger) { peer, request in
+                let target = try HostPort.parse(peer)
+                guard let port = target.port else { throw EngineError.invalidArgument("segment name '\(peer)' has no port") }
+                return try HandshakeClient.exchange(host: target.host, port: port, message: .init(kind: .connection, json: request),
+                                                    timeouts: handshakeTimeouts, maxLength: maxLength).json
+            }
+        }
+        handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, logger: logger) { [weak self] message in
+            self?.answerHandshake(message)
+        }
+        logger.info("engine ready: segment \(segmentName), protocol \(selection.effective), data port \(dataPort), bound to \(bindHost)")
+    }
+
+    /// Stops the listeners and lanes. Registered memory stays the caller's.
+    public func shutdown() {
+        let peers: [Peer] = state.withLock { state in
+            if state.stopped { return [] }
+            state.stopped = true
+            return Array(state.peers.values)
+        }
+        handshakeServer.stop()
+        dataServer.stop()
+        peers.forEach { $0.channel?.close() }
+    }
+
+    deinit { shutdown() }
+
+    static func pluginOptions(configuration: EngineConfiguration, segmentName: String, environment: [String: String]) -> String {
+        var options: [String: JSONValue] = [:]
+        for (key, value) in environment where key.hasPrefix("MC_") { options[key] = .string(value) }
+        return JSONValue.object([
+            "device_name": .string(configuration.deviceName),
+            "local_hostname": .string(configuration.localHostname),
+            "segment_name": .string(segmentName),
+            "options": .object(options),
+        ]).compactText
+    }
+
+    /// The protocol that is running (`tcp` after a fallback).
+    public var activeProtocol: String { selection.effective }
+
+    // MARK: - Memory
+
+    /// Registers [address, address+length) so peers may read and write it.
+    /// `location` is Mooncake's memory location ("cpu:0", "cuda:1", "*").
+    public func registerMemory(address: UInt64, length: UInt64, location: String = "*") throws {
+        try registry.register(address: address, length: length, location: location)
+        if let plugin {
+            do {
+                let fragment = try plugin.register(address: address, length: length, location: location)
+                state.withLock { $0.bufferFragments[address] = fragment }
+            } catch {
+                _ = try? registry.unregister(address: address)
+                throw error
+            }
+        }
+    }
+
+    /// Unregisters the buffer starting at `address`; returns after in-flight peer access to it ended.
+    public func unregisterMemory(address: UInt64) throws {
+        try registry.unregister(address: address)
+        state.withLock { _ = $0.bufferFragments.removeValue(forKey: address) }
+        try plugin?.unregister(address: address)
+    }
+
+    /// Allocates page-aligned memory and registers it; free it with `freeManagedBuffer`.
+    public func allocateManagedBuffer(length: UInt64, location: String = "cpu:0") throws -> UInt64 {
+        guard length > 0, length < UInt64(Int.max) else { throw EngineError.invalidArgument("managed buffer length \(length)") }
+        var pointer: UnsafeMutableRawPointer?
+        let rc = posix_memalign(&pointer, 4096, Int(length))
+        guard rc == 0, let pointer else { throw EngineError.system(call: "posix_memalign(\(length))", errno: rc) }
+        let address = UInt64(UInt(bitPattern: pointer))
+        do { try registerMemory(address: address, length: length, location: location) } catch {
+            free(pointer)
+            throw error
+        }
+        state.withLock { $0.managed[address] = length }
+        return address
+    }
+
+    /// Unregisters and frees a managed buffer.
+    public func freeManagedBuffer(address: UInt64) throws {
+        guard state.withLock({ $0.managed.removeValue(forKey: address) }) != nil else {
+            throw EngineError.invalidArgument("0x\(String(address, radix: 16)) is not a managed buffer")
+        }
+        try? unregisterMemory(address: address)
+        free(UnsafeMutableRawPointer(bitPattern: UInt(address)))
+    }
+
+    /// The descriptor this engine publishes.
+    public var localDescriptor: SegmentDescriptor {
+        let fragments = state.withLock { $0.bufferFragments }
+        let usePlugin = plugin != nil
+        let buffers = registry.all.map { region in
+            SegmentDescriptor.Buffer(name: usePlugin ? region.location : segmentName, address: region.address,
+                                     length: region.length, extra: fragments[region.address] ?? [:])
+        }
+        let extra = (try? plugin?.localDescriptorFragment()) ?? [:]
+        return SegmentDescriptor(name: segmentName, protocolName: selection.effective, tcpDataPort: dataPort,
+                                 buffers: buffers, extra: extra)
+    }
+
+    // MARK: - Segments
+
+    /// Opens a peer segment by name (P2P: `host:rpc_port`), fetching its descriptor.
+    /// Opening this engine's own name returns the local segment handle 0.
+    public func openSegment(_ name: String) throws -> SegmentHandle {
+        if name == segmentName { return 0 }
+        if let handle = state.withLock({ $0.handles[name] }) { return handle }
+        let target = try HostPort.parse(name)
+        guard let port = target.port else {
+            throw EngineError.segmentUnavailable(name: name, reason: "P2P segment names are host:rpc_port")
+        }
+        let descriptor = try fetchDescriptor(host: target.host, port: port, name: name)
+        let peer = Peer(name: name, host: target.host, rpcPort: port, descriptor: descriptor)
+        return state.withLock { state in
+            if let existing = state.handles[name] { return existing }
+            let handle = state.nextHandle
+            state.nextHandle += 1
+            state.peers[handle] = peer
+            state.handles[name] = handle
+            return handle
+        }
+    }
+
+    /// Forgets an opened segment and closes its connections.
+    public func closeSegment(_ handle: SegmentHandle) throws {
+        guard handle != 0 else { return }
+        guard let peer = state.withLock({ state -> Peer? in
+            guard let peer = state.peers.removeValue(forKey: handle) else { return nil }
+            state.handles.removeValue(forKey: peer.name)
+            return peer
+        }) else { throw EngineError.invalidArgument("unknown segment handle \(handle)") }
+        peer.channel?.close()
+        if let pluginPeer = peer.pluginPeer { plugin?.closePeer(pluginPeer) }
+    }
+
+    /// The descriptor of an opened segment (cached).
+    public func descriptor(of handle: SegmentHandle) throws -> SegmentDescriptor {
+        if handle == 0 { return localDescriptor }
+        return try peer(handle).descriptor
+    }
+
+    /// Re-fetches an opened segment's descriptor (after the peer registered more memory).
+    public func refreshSegment(_ handle: SegmentHandle) throws {
+        guard handle != 0 else { return }
+        let peer = try peer(handle)
+        let fresh = try fetchDescriptor(host: peer.host, port: peer.rpcPort, name: peer.name)
+        state.withLock { _ in peer.descriptor = fresh }
+    }
+
+    private func peer(_ handle: SegmentHandle) throws -> Peer {
+        if handle == 0 {
+            if let peer = state.withLock({ $0.peers[0] }) {
+                state.withLock { _ in peer.descriptor = localDescriptor }
+                return peer
+            }
+            let peer = Peer(name: segmentName, host: bindHost, rpcPort: rpcPort, descriptor: localDescriptor)
+            return state.withLock { state in
+                if let existing = state.peers[0] { return existing }
+                state.peers[0] = peer
+                return peer
+            }
+        }
+        guard let peer = state.withLock({ $0.peers[handle] }) else {
+            throw EngineError.invalidArgument("unknown segment handle \(handle); open the segment first")
+        }
+        return peer
+    }
+
+    private var handshakeTimeouts: HandshakeClient.Timeouts {
+        HandshakeClient.Timeouts(connectMs: settings.connectTimeoutMs, replyMs: settings.handshakeReplyMs)
+    }
+
+    private func fetchDescriptor(host: String, port: UInt16, name: String) throws -> SegmentDescriptor {
+        do {
+            let reply = try HandshakeClient.exchange(host: host, port: port,
+                                                     message: .init(kind: .metadata, json: localDescriptor.json.compactText),
+                                                     timeouts: handshakeTimeouts, maxLength: settings.handshakeMaxLength)
+            return try SegmentDescriptor.decode(try JSONValue.parse(reply.json))
+        } catch {
+            throw EngineError.segmentUnavailable(name: name, reason: "\(error)")
+        }
+    }
+
+    // MARK: - Batches
+
+    /// Allocates a batch that can hold `capacity` tasks.
+    public func allocateBatch(capacity: Int) throws -> BatchID {
+        guard capacity > 0, capacity <= 1 << 20 else { throw EngineError.invalidArgument("batch capacity \(capacity) (1...1048576)") }
+        return state.withLock { state in
+            let id = state.nextBatch
+            state.nextBatch += 1
+            state.batches[id] = Batch(id: id, capacity: capacity)
+            return id
+        }
+    }
+
+    /// Frees a batch; refuses while tasks are in flight (as upstream).
+    public func freeBatch(_ id: BatchID) throws {
+        try state.withLock { state in
+            guard let batch = state.batches[id] else { throw EngineError.invalidBatch(id) }
+            if batch.hasUnfinishedTasks { throw EngineError.batchBusy("batch \(id) still has tasks in flight") }
+            state.batches.removeValue(forKey: id)
+        }
+    }
+
+    private func batch(_ id: BatchID) throws -> Batch {
+        guard let batch = state.withLock({ $0.batches[id] }) else { throw EngineError.invalidBatch(id) }
+        return batch
+    }
+
+    /// A request checked against local and remote registrations, bound to its route.
+    private struct Planned {
+        var request: TransferRequest
+        var peer: Peer
+        var viaPlugin: Bool
+    }
+
+    /// Checks every request before any is dispatched, so a bad one loses nothing.
+    private func plan(_ requests: [TransferRequest]) throws -> [Planned] {
+        var refreshed = Set<SegmentHandle>()
+        return try requests.map { request in
+            let peer = try self.peer(request.segment)
+            if request.length == 0 { return Planned(request: request, peer: peer, viaPlugin: false) }
+            guard registry.region(containing: request.localAddress, length: request.length) != nil else {
+                throw EngineError.addressNotRegistered(address: request.localAddress, length: request.length, side: "local")
+            }
+            var descriptor = state.withLock { _ in peer.descriptor }
+            if descriptor.buffer(containing: request.remoteAddress, length: request.length) == nil,
+               request.segment != 0, refreshed.insert(request.segment).inserted {
+                // The peer may have registered memory after we cached its descriptor.
+                try? refreshSegment(request.segment)
+                descriptor = state.withLock { _ in peer.descriptor }
+            }
+            guard descriptor.buffer(containing: request.remoteAddress, length: request.length) != nil else {
+                throw EngineError.addressNotRegistered(address: request.remoteAddress, length: request.length, side: "remote (\(peer.name))")
+            }
+            let viaPlugin = plugin != nil && descriptor.protocolName == plugin!.protocolName
+            if !viaPlugin && descriptor.tcpDataPort == 0 {
+                throw EngineError.segmentUnavailable(name: peer.name, reason: "it serves '\(descriptor.protocolName)' and publishes no TCP data port")
+            }
+            return Planned(request: request, peer: peer, viaPlugin: viaPlugin)
+        }
+    }
+
+    private func channel(for peer: Peer) -> TCPChannel {
+        state.withLock { _ in
+            if let channel = peer.channel { return channel }
+            let host = peer.descriptor.name == segmentName ? bindHost : peer.host
+            let channel = TCPChannel(host: host, port: peer.descriptor.tcpDataPort,
+                                     acknowledged: settings.useV2Client && peer.descriptor.tcpProtocolVersion >= 2,
+                                     settings: .init(maxLanes: settings.lanesPerPeer, connectTimeoutMs: settings.connectTimeoutMs,
+                                                     statusTimeoutMs: settings.statusTimeoutMs, laneIdleMs: 30_000),
+                                     logger: logger)
+            peer.channel = channel
+            return channel
+        }
+    }
+
+    private func pluginPeer(for peer: Peer) throws -> UInt64 {
+        if let handle = state.withLock({ _ in peer.pluginPeer }) { return handle }
+        let handle = try plugin!.openPeer(segment: peer.name, descriptor: state.withLock { _ in peer.descriptor })
+        state.withLock { _ in peer.pluginPeer = handle }
+        return handle
+    }
+
+    /// Submits requests into a batch without blocking on I/O. Every request is
+    /// validated first; if any is invalid nothing is submitted.
+    public func submit(_ requests: [TransferRequest], to batchID: BatchID) throws {
+        let batch = try self.batch(batchID)
+        let planned = try plan(requests)
+        let pluginPeers = try planned.map { $0.viaPlugin ? try pluginPeer(for: $0.peer) : 0 }
+        let sliceCounts = planned.map { p -> Int in
+            if p.request.length == 0 { return 0 }
+            if p.viaPlugin { return 1 }
+            return Int((p.request.length + settings.splitSize - 1) / settings.splitSize)
+        }
+        let first = try batch.addTasks(sliceCounts: sliceCounts)
+        var tcpWork: [ObjectIdentifier: (TCPChannel, [TCPSlice])] = [:]
+        var pluginWork: [(op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64, batch: Batch, task: Int)] = []
+        for (index, p) in planned.enumerated() where p.request.length > 0 {
+            let r = p.request
+            if p.viaPlugin {
+                pluginWork.append((r.operation, r.localAddress, pluginPeers[index], r.remoteAddress, r.length, batch, first + index))
+                continue
+            }
+            let channel = channel(for: p.peer)
+            var offset: UInt64 = 0
+            var slices: [TCPSlice] = []
+            while offset < r.length {
+                let size = min(settings.splitSize, r.length - offset)
+                slices.append(TCPSlice(operation: r.operation == .read ? .read : .write, localAddress: r.localAddress + offset,
+                                       remoteAddress: r.remoteAddress + offset, length: size, batch: batch, task: first + index))
+                offset += size
+            }
+            tcpWork[ObjectIdentifier(channel), default: (channel, [])].1 += slices
+        }
+        for (_, work) in tcpWork { work.0.enqueue(work.1) }
+        if !pluginWork.isEmpty { plugin!.submit(pluginWork) }
+    }
+
+    /// Status of one task of a batch.
+    public func status(batch id: BatchID, task: Int) throws -> TransferStatus {
+        guard let status = try batch(id).status(task: task) else {
+            throw EngineError.invalidArgument("batch \(id) has no task \(task)")
+        }
+        return status
+    }
+
+    /// Statuses of every task of a batch.
+    public func statuses(batch id: BatchID) throws -> [TransferStatus] { try batch(id).statuses }
+
+    /// Waits until every task of the batch finished or `timeoutNs` passed; true when all finished.
+    public func wait(batch id: BatchID, timeoutNs: UInt64) throws -> Bool {
+        try batch(id).waitAll(deadline: MonotonicClock.nanoseconds() + timeoutNs)
+    }
+
+    /// Mooncake's sync timeout: MC_TRANSFER_TIMEOUT (30 s) plus 1 ns per byte.
+    func syncTimeout(bytes: UInt64) -> UInt64 { settings.transferTimeoutNs + bytes }
+
+    /// Runs one transfer to completion. Small TCP transfers run on the calling
+    /// thread over a pooled connection (no thread hand-off); large ones spread
+    /// over the peer's lanes.
+    public func transferSync(_ operation: TransferRequest.Operation, localAddress: UInt64, segment: SegmentHandle,
+                             remoteAddress: UInt64, length: UInt64) throws {
+        let request = TransferRequest(operation: operation, localAddress: localAddress, segment: segment, remoteAddress: remoteAddress, length: length)
+        let planned = try plan([request])[0]
+        if length == 0 { return }
+        if !planned.viaPlugin && length <= settings.splitSize {
+            do {
+                try channel(for: planned.peer).performInline(operation: operation == .read ? .read : .write, localAddress: localAddress,
+                                                             remoteAddress: remoteAddress, length: length)
+                return
+            } catch {
+                throw EngineError.transferFailed("\(operation) of \(length) bytes to \(planned.peer.name): \(error)")
+            }
+        }
+        try transferBatchSync([request])
+    }
+
+    /// Submits requests in a temporary batch and waits for all of them.
+    public func transferBatchSync(_ requests: [TransferRequest]) throws {
+        let id = try allocateBatch(capacity: max(1, requests.count))
+        defer { try? freeBatch(id) }
+        try submit(requests, to: id)
+        let bytes = requests.reduce(0) { $0 + $1.length }
+        guard try wait(batch: id, timeoutNs: syncTimeout(bytes: bytes)) else {
+            throw EngineError.timeout("batch of \(requests.count) transfers (\(bytes) bytes)")
+        }
+        if let failed = try statuses(batch: id).first(where: { $0.state != .completed }) {
+            throw EngineError.transferFailed(failed.error ?? "\(failed.state)")
+        }
+    }
+
+    // MARK: - Notifications and probes
+
+    /// Notifications received since the last call.
+    public func takeNotifications() -> [TransferNotification] {
+        state.withLock { state in
+            defer { state.notifications.removeAll() }
+            return state.notifications
+        }
+    }
+
+    /// Sends a notification to an opened segment's handshake port.
+    public func sendNotification(_ notification: TransferNotification, to handle: SegmentHandle) throws {
+        let peer = try self.peer(handle)
+        let body = JSONValue.object(["name": .string(notification.name), "notify_msg": .string(notification.message)]).compactText
+        let reply = try HandshakeClient.exchange(host: handle == 0 ? bindHost : peer.host, port: peer.rpcPort,
+                                                 message: .init(kind: .notify, json: body), timeouts: handshakeTimeouts)
+        guard let message = (try? JSONValue.parse(reply.json))?["notify_msg"]?.stringValue, !message.isEmpty else {
+            throw EngineError.transferFailed("peer \(peer.name) did not acknowledge the notification")
+        }
+    }
+
+    /// Sends a Probe to a segment's handshake port (liveness check, as SGLang uses it).
+    public func probe(segmentName name: String) throws {
+        let target = try HostPort.parse(name)
+        guard let port = target.port else { throw EngineError.invalidArgument("segment name '\(name)' has no port") }
+        let reply = try HandshakeClient.exchange(host: target.host, port: port, message: .init(kind: .probe, json: "{}"), timeouts: handshakeTimeouts)
+        guard (try? JSONValue.parse(reply.json))?["status"]?.stringValue == "success" else {
+            throw EngineError.transferFailed("probe of \(name) answered \(reply.json)")
+        }
+    }
+
+    /// Answers one handshake-port message.
+    private func answerHandshake(_ message: HandshakeWire.Message) -> String? {
+        switch message.kind {
+        case .metadata:
+            return localDescriptor.json.compactText
+        case .probe:
+            return #"{"status":"success"}"#
+        case .notify:
+            guard let body = try? JSONValue.parse(message.json) else { return nil }
+            let notification = TransferNotification(name: body["name"]?.stringValue ?? "", message: body["notify_msg"]?.stringValue ?? "")
+            state.withLock { $0.notifications.append(notification) }
+            return #"{"name":"","notify_msg":"success"}"#
+        case .connection:
+            if let plugin { return plugin.handleHandshake(message.json) }
+            // A TCP-only engine answers with an empty handshake descriptor, as upstream.
+            return #"{"local_gid":"","local_lid":0,"local_nic_path":"","peer_nic_path":"","qp_num":[],"reply_msg":""}"#
+        }
+    }
+}

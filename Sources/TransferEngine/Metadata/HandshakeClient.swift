@@ -1,0 +1,28 @@
+/// Sends one handshake message to a peer's handshake port and reads the reply.
+enum HandshakeClient {
+    /// Timeouts for one exchange.
+    struct Timeouts: Sendable {
+        var connectMs: Int
+        var replyMs: Int
+    }
+
+    /// Connects, sends `message`, and returns the reply (which must have the same kind).
+    static func exchange(host: String, port: UInt16, message: HandshakeWire.Message, timeouts: Timeouts,
+                         maxLength: Int = HandshakeWire.defaultMaxLength) throws -> HandshakeWire.Message {
+        let socket = try Socket.connect(host: host, port: port, timeoutMs: timeouts.connectMs)
+        defer { socket.close() }
+        socket.setTimeouts(receiveMs: timeouts.replyMs, sendMs: timeouts.replyMs)
+        let bytes = message.encoded
+        try bytes.withUnsafeBytes { try socket.sendAll([$0]) }
+        var length: UInt64 = 0
+        try socket.receiveAll(&length, count: 8)
+        let count = try HandshakeWire.checkLength(length, limit: maxLength)
+        var body = [UInt8](repeating: 0, count: count)
+        try body.withUnsafeMutableBytes { try socket.receiveAll($0.baseAddress!, count: count) }
+        let reply = try HandshakeWire.decodeBody(body)
+        guard reply.kind == message.kind else {
+            throw EngineError.transferFailed("handshake reply type \(reply.kind) does not match request type \(message.kind)")
+        }
+        return reply
+    }
+}

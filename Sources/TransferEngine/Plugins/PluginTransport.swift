@@ -1,0 +1,212 @@
+import CTransportABI
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A running plugin instance seen through the C vtable: registration,
+/// peers, submission, and a poller thread that turns completions into task
+/// progress.
+final class PluginTransport: @unchecked Sendable {
+    /// A slice in flight inside the plugin, keyed by its cookie.
+    private struct InFlight {
+        var batch: Batch
+        var task: Int
+        var length: UInt64
+    }
+
+    let plugin: LoadedPlugin
+    let protocolName: String
+    private let instance: OpaquePointer
+    private let logger: Logger
+    private let services: UnsafeMutablePointer<te_host_services>
+    private let inFlight = ConditionLock<(next: UInt64, slices: [UInt64: InFlight], stopping: Bool)>((1, [:], false))
+    private var d: te_plugin_descriptor { plugin.descriptor.pointee }
+
+    /// Host-side state the C callbacks reach through `host_context`.
+    final class HostContext {
+        let logger: Logger
+        let handshake: @Sendable (String, String) throws -> String
+        init(logger: Logger, handshake: @escaping @Sendable (String, String) throws -> String) {
+            self.logger = logger
+            self.handshake = handshake
+        }
+    }
+
+    /// Creates the instance (`create`) and starts polling.
+    init(plugin: LoadedPlugin, protocolName: String, optionsJSON: String, logger: Logger,
+         handshake: @escaping @Sendable (_ peerSegment: String, _ requestJSON: String) throws -> String) throws {
+        self.plugin = plugin
+        self.protocolName = protocolName
+        self.logger = logger
+        let context = Unmanaged.passRetained(HostContext(logger: logger, handshake: handshake)).toOpaque()
+        let services = UnsafeMutablePointer<te_host_services>.allocate(capacity: 1)
+        self.services = services
+        services.initialize(to: te_host_services(
+            struct_size: UInt32(MemoryLayout<te_host_services>.size), reserved: 0, host_context: context,
+            log: { context, level, message in
+                guard let context, let message else { return }
+                let host = Unmanaged<HostContext>.fromOpaque(context).takeUnretainedValue()
+                let text = String(cString: message)
+                switch level {
+                case TE_LOG_TRACE: host.logger.trace("\(text)")
+                case TE_LOG_DEBUG: host.logger.debug("\(text)")
+                case TE_LOG_INFO: host.logger.info("\(text)")
+                case TE_LOG_WARNING: host.logger.warning("\(text)")
+                default: host.logger.error("\(text)")
+                }
+            },
+            handshake_send: { context, peer, request, reply in
+                guard let context, let peer, let request, let reply else { return TE_ERR_INVALID_ARGUMENT }
+                let host = Unmanaged<HostContext>.fromOpaque(context).takeUnretainedValue()
+                do {
+                    let answer = try host.handshake(String(cString: peer), String(cString: request))
+                    return PluginTransport.write(answer, into: reply)
+                } catch {
+                    host.logger.warning("plugin handshake to \(String(cString: peer)) failed: \(error)")
+                    return TE_ERR_PEER_UNREACHABLE
+                }
+            },
+            now_ns: { _ in MonotonicClock.nanoseconds() }))
+        var created: OpaquePointer?
+        let status = optionsJSON.withCString { plugin.descriptor.pointee.create!($0, services, &created) }
+        guard status == TE_OK, let created else {
+            throw EngineError.plugin("\(plugin.info.name): create failed (\(PluginStatus.describe(status)))")
+        }
+        instance = created
+        try OSThread.spawn(name: "te-plugin-poll") { [self] in pollLoop() }
+    }
+
+    /// Copies `text` into a te_buffer per the ABI's rules.
+    static func write(_ text: String, into buffer: UnsafeMutablePointer<te_buffer>) -> Int32 {
+        let bytes = Array(text.utf8)
+        buffer.pointee.length = bytes.count
+        guard let data = buffer.pointee.data, buffer.pointee.capacity > bytes.count else { return TE_ERR_BUFFER_TOO_SMALL }
+        bytes.withUnsafeBufferPointer { source in
+            UnsafeMutableRawPointer(data).copyMemory(from: source.baseAddress!, byteCount: bytes.count)
+        }
+        data[bytes.count] = 0
+        return TE_OK
+    }
+
+    /// The plugin's last error text on this thread.
+    var lastError: String { d.last_error.flatMap { $0(instance) }.map { String(cString: $0) } ?? "" }
+
+    private func check(_ status: Int32, _ what: String) throws {
+        guard status == TE_OK else {
+            throw EngineError.plugin("\(plugin.info.name): \(what) failed (\(PluginStatus.describe(status))): \(lastError)")
+        }
+    }
+
+    private func jsonObject(_ text: String, _ what: String) throws -> [String: JSONValue] {
+        if text.isEmpty { return [:] }
+        guard let object = try JSONValue.parse(text).objectValue else {
+            throw EngineError.plugin("\(plugin.info.name): \(what) is not a JSON object")
+        }
+        return object
+    }
+
+    /// Keys to merge into the local segment descriptor.
+    func localDescriptorFragment() throws -> [String: JSONValue] {
+        var out = CStringBuffer(capacity: 4096)
+        let status = out.withRetry { d.local_descriptor!(instance, $0) }
+        try check(status, "local_descriptor")
+        return try jsonObject(out.string, "local_descriptor")
+    }
+
+    /// Registers memory; returns keys for the buffer's descriptor entry.
+    func register(address: UInt64, length: UInt64, location: String) throws -> [String: JSONValue] {
+        var out = CStringBuffer(capacity: 1024)
+        let status = location.withCString { loc in out.withRetry { d.register_memory!(instance, address, length, loc, $0) } }
+        try check(status, "register_memory")
+        return try jsonObject(out.string, "register_memory fragment")
+    }
+
+    /// Unregisters memory.
+    func unregister(address: UInt64) throws {
+        try check(d.unregister_memory!(instance, address), "unregister_memory")
+    }
+
+    /// Opens a peer from its descriptor.
+    func openPeer(segment: String, descriptor: SegmentDescriptor) throws -> UInt64 {
+        var handle: UInt64 = 0
+        let status = segment.withCString { name in
+            descriptor.json.compactText.withCString { d.open_peer!(instance, name, $0, &handle) }
+        }
+        try check(status, "open_peer(\(segment))")
+        return handle
+    }
+
+    /// Forgets a peer.
+    func closePeer(_ handle: UInt64) { d.close_peer!(instance, handle) }
+
+    /// Answers a Connection handshake addressed to this plugin.
+    func handleHandshake(_ request: String) -> String? {
+        var out = CStringBuffer(capacity: 4096)
+        let status = request.withCString { req in out.withRetry { d.on_handshake!(instance, req, $0) } }
+        if status != TE_OK {
+            logger.warning("\(plugin.info.name): on_handshake failed (\(PluginStatus.describe(status))): \(lastError)")
+            return nil
+        }
+        return out.string
+    }
+
+    /// Submits slices; each finishes through the batch when the plugin completes it.
+    func submit(_ slices: [(op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64, batch: Batch, task: Int)]) {
+        var requests: [te_request] = []
+        requests.reserveCapacity(slices.count)
+        inFlight.withLock { state in
+            for slice in slices {
+                let cookie = state.next
+                state.next += 1
+                state.slices[cookie] = InFlight(batch: slice.batch, task: slice.task, length: slice.length)
+                requests.append(te_request(opcode: slice.op == .read ? TE_OP_READ : TE_OP_WRITE, flags: 0, local_addr: slice.local,
+                                           peer: slice.peer, remote_addr: slice.remote, length: slice.length, cookie: cookie))
+            }
+        }
+        var offset = 0
+        var idleRounds = 0
+        while offset < requests.count {
+            var accepted = 0
+            let status = requests.withUnsafeBufferPointer { buffer in
+                d.submit!(instance, buffer.baseAddress! + offset, requests.count - offset, MemoryLayout<te_request>.stride, &accepted)
+            }
+            offset += min(accepted, requests.count - offset)
+            if status == TE_OK && accepted > 0 { idleRounds = 0; continue }
+            if status == TE_ERR_AGAIN || (status == TE_OK && accepted == 0) {
+                idleRounds += 1
+                if idleRounds < 100_000 { usleep(idleRounds < 100 ? 10 : 1000); continue }  // the poller drains completions meanwhile
+            }
+            let reason = "\(plugin.info.name): submit failed (\(PluginStatus.describe(status))): \(lastError)"
+            for request in requests[offset...] { finish(cookie: request.cookie, status: status, bytes: 0, reason: reason) }
+            return
+        }
+    }
+
+    private func finish(cookie: UInt64, status: Int32, bytes: UInt64, reason: String? = nil) {
+        guard let slice = inFlight.withLock({ $0.slices.removeValue(forKey: cookie) }) else { return }
+        let error = status == TE_OK ? nil : (reason ?? "\(plugin.info.name): \(PluginStatus.describe(status))")
+        slice.batch.sliceFinished(task: slice.task, bytes: status == TE_OK ? slice.length : 0, error: error)
+    }
+
+    private func pollLoop() {
+        var completions = [te_completion](repeating: te_completion(), count: 64)
+        while !inFlight.withLock({ $0.stopping }) {
+            var count = 0
+            let status = completions.withUnsafeMutableBufferPointer { buffer in
+                d.poll!(instance, buffer.baseAddress, buffer.count, MemoryLayout<te_completion>.stride, 10_000_000, &count)
+            }
+            if status != TE_OK {
+                logger.error("\(plugin.info.name): poll failed (\(PluginStatus.describe(status))): \(lastError)")
+                usleep(10_000)
+                continue
+            }
+            for completion in completions.prefix(min(count, completions.count)) {
+                finish(cookie: completion.cookie, status: completion.status, bytes: completion.bytes)
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+/// Picks the transport for the requested protocol: TCP (built in) or a
+/// plugin that loads and probes as available. When the plugin is missing or
+/// reports hardware absent the choice falls back to TCP with a reason, unless
+/// strict mode (`MC_STRICT_PROTOCOL=1`) turns that into an error.
+public enum ProtocolSelector {
+    /// Protocol names the engine knows, whether or not their plugin is installed.
+    public static let knownProtocols = ["tcp", "rdma", "efa", "nvmeof", "nvlink", "nvlink_intra", "hip", "barex", "cxl", "ascend"]
+
+    /// The outcome of a selection.
+    public struct Selection: Sendable {
+        /// The protocol that was asked for (after `MC_FORCE_MNNVL` mapping).
+        public var requested: String
+        /// The protocol that will run.
+        public var effective: String
+        /// The plugin that serves `effective`, nil for TCP.
+        public var plugin: LoadedPlugin?
+        /// Why the requested protocol is not running, when it fell back.
+        public var fallbackReason: String?
+        /// What the user can do about it.
+        public var fallbackHint: String?
+
+        /// The single warning line for a fallback.
+        public var warningLine: String? {
+            guard let fallbackReason else { return nil }
+            var line = "protocol '\(requested)' is unavailable (\(fallbackReason)); falling back to tcp."
+            if let fallbackHint, !fallbackHint.isEmpty { line += " Fix: \(fallbackHint)." }
+            line += " Set MC_STRICT_PROTOCOL=1 to make this an error."
+            return line
+        }
+    }
+
+    static func truthy(_ value: String?) -> Bool {
+        guard let value else { return false }
+        return ["1", "true", "yes", "on"].contains(value.lowercased())
+    }
+
+    /// Resolves `requested` against the catalog.
+    public static func select(requested rawName: String, catalog: PluginCatalog, environment: [String: String],
+                              probeOptionsJSON: String) throws -> Selection {
+        var name = rawName.trimmingCharacters(in: .whitespaces).lowercased()
+        if name == "rdma", truthy(environment["MC_FORCE_MNNVL"]) { name = "nvlink" }
+        if name == "tcp" { return Selection(requested: name, effective: "tcp") }
+
+        var path = catalog.file(for: name)
+        var preloaded: LoadedPlugin?
+        if path == nil {
+            // A plugin may serve a protocol its file name does not spell.
+            var declared: [String] = []
+            for file in catalog.pluginFiles() {
+                guard case .success(let plugin) = PluginLoader.load(path: file.path) else { continue }
+                declared += plugin.info.protocols
+                if plugin.info.protocols.contains(name) { path = file.path; preloaded = plugin; break }
+            }
+            if path == nil, !knownProtocols.contains(name) {
+                var valid = knownProtocols
+                for extra in declared where !valid.contains(extra) { valid.append(extra) }
+                throw EngineError.unknownProtocol(rawName, valid: valid)
+            }
+        }
+
+        func fallback(_ reason: String, _ hint: String) throws -> Selection {
+            if truthy(environment["MC_STRICT_PROTOCOL"]) {
+                throw EngineError.protocolUnavailable(protocolName: name, reason: reason + (hint.isEmpty ? "" : "; \(hint)"))
+            }
+            return Selection(requested: name, effective: "tcp", plugin: nil, fallbackReason: reason, fallbackHint: hint)
+        }
+
+        guard let path else {
+            return try fallback("no plugin file \(PluginCatalog.filePrefix)\(name).so in \(catalog.directories.joined(separator: ":"))",
+                                "install the transfer-engine-plugin-\(name) package or point MC_TRANSPORT_PLUGIN_PATH at the plugin")
+        }
+        let plugin: LoadedPlugin
+        if let preloaded { plugin = preloaded } else {
+            switch PluginLoader.load(path: path) {
+            case .success(let loaded): plugin = loaded
+            case .failure(let error): return try fallback("plugin \(path) \(error.reason)", "reinstall the transfer-engine-plugin-\(name) package")
+            }
+        }
+        guard plugin.info.protocols.contains(name) else {
+            return try fallback("plugin \(path) serves \(plugin.info.protocols.joined(separator: ",")), not \(name)", "")
+        }
+        let probe = plugin.probe(optionsJSON: probeOptionsJSON)
+        guard probe.available else {
+            return try fallback("\(plugin.info.name) plugin: \(probe.statusWord): \(probe.reason)", probe.hint)
+        }
+        return Selection(requested: name, effective: name, plugin: plugin)
+    }
+}

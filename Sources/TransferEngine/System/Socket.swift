@@ -1,0 +1,302 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CTransferEngineShims
+import SystemPackage
+
+/// Errors raised by `Socket`.
+enum SocketError: Error, CustomStringConvertible {
+    /// The peer closed the connection before all expected bytes arrived.
+    case closedByPeer(expected: Int, received: Int)
+    /// A system call failed.
+    case system(call: String, errno: Errno)
+    /// Name resolution failed.
+    case resolve(host: String, reason: String)
+    /// A connect or I/O deadline passed.
+    case timedOut(String)
+
+    var description: String {
+        switch self {
+        case .closedByPeer(let expected, let received):
+            return "connection closed by peer after \(received) of \(expected) bytes"
+        case .system(let call, let errno): return "\(call): \(errno) (errno \(errno.rawValue))"
+        case .resolve(let host, let reason): return "cannot resolve '\(host)': \(reason)"
+        case .timedOut(let what): return "\(what) timed out"
+        }
+    }
+}
+
+/// An IPv4 or IPv6 socket address.
+struct SocketAddress: CustomStringConvertible, Sendable {
+    var storage = sockaddr_storage()
+    var length: socklen_t = 0
+
+    /// Resolves `host` (name, IPv4 or IPv6 literal; empty = wildcard) to addresses for TCP.
+    static func resolve(host: String, port: UInt16, passive: Bool = false) throws -> [SocketAddress] {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = passive ? AI_PASSIVE : 0
+        var list: UnsafeMutablePointer<addrinfo>?
+        let node = host.isEmpty ? nil : host
+        let rc = node.withOptionalCString { getaddrinfo($0, String(port), &hints, &list) }
+        guard rc == 0, let first = list else {
+            throw SocketError.resolve(host: host, reason: String(cString: gai_strerror(rc)))
+        }
+        defer { freeaddrinfo(first) }
+        var result: [SocketAddress] = []
+        var cursor: UnsafeMutablePointer<addrinfo>? = first
+        while let entry = cursor {
+            var address = SocketAddress()
+            withUnsafeMutableBytes(of: &address.storage) { target in
+                target.copyMemory(from: UnsafeRawBufferPointer(start: entry.pointee.ai_addr, count: Int(entry.pointee.ai_addrlen)))
+            }
+            address.length = entry.pointee.ai_addrlen
+            // Prefer IPv4 first: loopback peers and Mooncake's client default to AF_INET.
+            if entry.pointee.ai_family == AF_INET { result.insert(address, at: 0) } else { result.append(address) }
+            cursor = entry.pointee.ai_next
+        }
+        return result
+    }
+
+    var family: Int32 { Int32(storage.ss_family) }
+
+    /// The numeric host part.
+    var host: String {
+        var buffer = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        var copy = storage
+        let rc = withUnsafePointer(to: &copy) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                getnameinfo($0, length, &buffer, socklen_t(buffer.count), nil, 0, NI_NUMERICHOST)
+            }
+        }
+        return rc == 0 ? String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
+    }
+
+    var port: UInt16 {
+        switch family {
+        case AF_INET:
+            return withUnsafeBytes(of: storage) { UInt16(bigEndian: $0.load(fromByteOffset: 2, as: UInt16.self)) }
+        case AF_INET6:
+            return withUnsafeBytes(of: storage) { UInt16(bigEndian: $0.load(fromByteOffset: 2, as: UInt16.self)) }
+        default: return 0
+        }
+    }
+
+    var description: String { family == AF_INET6 ? "[\(host)]:\(port)" : "\(host):\(port)" }
+
+    func withSockAddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
+        var copy = storage
+        return withUnsafePointer(to: &copy) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, length) } }
+    }
+}
+
+extension Optional where Wrapped == String {
+    func withOptionalCString<R>(_ body: (UnsafePointer<CChar>?) -> R) -> R {
+        switch self {
+        case .some(let string): return string.withCString { body($0) }
+        case .none: return body(nil)
+        }
+    }
+}
+
+/// A TCP socket: a typed wrapper over a file descriptor with whole-buffer I/O.
+///
+/// `sendAll`/`receiveAll` move bytes directly between the kernel and the
+/// caller's memory (registered buffers), never through an intermediate copy.
+final class Socket: @unchecked Sendable {
+    private(set) var descriptor: FileDescriptor?
+
+    init(descriptor: FileDescriptor) { self.descriptor = descriptor }
+
+    deinit { close() }
+
+    var fd: Int32 { descriptor?.rawValue ?? -1 }
+
+    /// Connects to the first reachable address of host:port within `timeoutMs`.
+    static func connect(host: String, port: UInt16, timeoutMs: Int) throws -> Socket {
+        var lastError: Error = SocketError.resolve(host: host, reason: "no address")
+        for address in try SocketAddress.resolve(host: host, port: port) {
+            do { return try connect(to: address, timeoutMs: timeoutMs) } catch { lastError = error }
+        }
+        throw lastError
+    }
+
+    static func connect(to address: SocketAddress, timeoutMs: Int) throws -> Socket {
+        let fd = Glibc.socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+        guard fd >= 0 else { throw SocketError.system(call: "socket", errno: Errno(rawValue: errno)) }
+        let socket = Socket(descriptor: FileDescriptor(rawValue: fd))
+        let rc = address.withSockAddr { Glibc.connect(fd, $0, $1) }
+        if rc != 0 {
+            guard errno == EINPROGRESS else { throw SocketError.system(call: "connect \(address)", errno: Errno(rawValue: errno)) }
+            var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+            let ready = Glibc.poll(&pfd, 1, Int32(timeoutMs))
+            if ready == 0 { throw SocketError.timedOut("connect to \(address)") }
+            var soError: Int32 = 0
+            var len = socklen_t(MemoryLayout<Int32>.size)
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &len)
+            if ready < 0 || soError != 0 {
+                throw SocketError.system(call: "connect \(address)", errno: Errno(rawValue: soError != 0 ? soError : errno))
+            }
+        }
+        let flags = fcntl(fd, F_GETFL)
+        _ = fcntl(fd, F_SETFL, flags & ~Int32(O_NONBLOCK))
+        socket.setNoDelay()
+        return socket
+    }
+
+    /// Binds and listens on host:port (port 0 = any). Empty host or "0.0.0.0"/"::" = all interfaces.
+    static func listen(host: String, port: UInt16, backlog: Int32 = 128) throws -> Socket {
+        var lastError: Error = SocketError.resolve(host: host, reason: "no address")
+        for address in try SocketAddress.resolve(host: host, port: port, passive: true) {
+            let fd = Glibc.socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { lastError = SocketError.system(call: "socket", errno: Errno(rawValue: errno)); continue }
+            let socket = Socket(descriptor: FileDescriptor(rawValue: fd))
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            if address.withSockAddr({ Glibc.bind(fd, $0, $1) }) != 0 {
+                lastError = SocketError.system(call: "bind \(address)", errno: Errno(rawValue: errno)); continue
+            }
+            if Glibc.listen(fd, backlog) != 0 {
+                lastError = SocketError.system(call: "listen \(address)", errno: Errno(rawValue: errno)); continue
+            }
+            return socket
+        }
+        throw lastError
+    }
+
+    /// Accepts one connection; nil when the listener was closed.
+    func accept() throws -> Socket? {
+        while true {
+            let client = te_accept_cloexec(fd)
+            if client >= 0 {
+                let socket = Socket(descriptor: FileDescriptor(rawValue: client))
+                socket.setNoDelay()
+                return socket
+            }
+            switch errno {
+            case EINTR, ECONNABORTED, EPROTO: continue
+            case EBADF, EINVAL: return nil
+            case EMFILE, ENFILE, ENOBUFS, ENOMEM:
+                usleep(10_000)  // transient exhaustion: back off instead of spinning
+                continue
+            default: throw SocketError.system(call: "accept", errno: Errno(rawValue: errno))
+            }
+        }
+    }
+
+    /// The locally bound address.
+    var localAddress: SocketAddress {
+        var address = SocketAddress()
+        address.length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        withUnsafeMutablePointer(to: &address.storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = getsockname(fd, $0, &address.length) }
+        }
+        return address
+    }
+
+    /// The connected peer's address.
+    var peerAddress: SocketAddress {
+        var address = SocketAddress()
+        address.length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        withUnsafeMutablePointer(to: &address.storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = getpeername(fd, $0, &address.length) }
+        }
+        return address
+    }
+
+    func setNoDelay() {
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Bounds every blocking receive/send; 0 disables the bound.
+    func setTimeouts(receiveMs: Int, sendMs: Int) {
+        for (option, ms) in [(SO_RCVTIMEO, receiveMs), (SO_SNDTIMEO, sendMs)] {
+            var tv = timeval(tv_sec: ms / 1000, tv_usec: (ms % 1000) * 1000)
+            setsockopt(fd, SOL_SOCKET, option, &tv, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
+
+    /// Asks for larger kernel buffers (bulk streams).
+    func setBufferSizes(_ bytes: Int32) {
+        var value = bytes
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &value, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Sends every byte of the given regions in order, gathering them into as few syscalls as possible.
+    func sendAll(_ parts: [UnsafeRawBufferPointer]) throws {
+        var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        var index = 0
+        while index < vectors.count {
+            let sent = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
+                var message = msghdr()
+                message.msg_iov = buffer.baseAddress! + index
+                message.msg_iovlen = buffer.count - index
+                return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
+            }
+            if sent < 0 {
+                if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("send") }
+                throw SocketError.system(call: "send", errno: Errno(rawValue: errno))
+            }
+            var remaining = sent
+            while remaining > 0, index < vectors.count {
+                if remaining >= vectors[index].iov_len {
+                    remaining -= vectors[index].iov_len
+                    index += 1
+                } else {
+                    vectors[index].iov_base += remaining
+                    vectors[index].iov_len -= remaining
+                    remaining = 0
+                }
+            }
+        }
+    }
+
+    /// Sends `count` bytes from `pointer`.
+    func sendAll(_ pointer: UnsafeRawPointer, count: Int) throws {
+        try sendAll([UnsafeRawBufferPointer(start: pointer, count: count)])
+    }
+
+    /// Receives exactly `count` bytes into `pointer` (straight into the destination).
+    func receiveAll(_ pointer: UnsafeMutableRawPointer, count: Int) throws {
+        var received = 0
+        while received < count {
+            let n = recv(fd, pointer + received, count - received, Int32(MSG_WAITALL))
+            if n > 0 { received += n; continue }
+            if n == 0 { throw SocketError.closedByPeer(expected: count, received: received) }
+            if errno == EINTR { continue }
+            if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
+            throw SocketError.system(call: "recv", errno: Errno(rawValue: errno))
+        }
+    }
+
+    /// Receives up to `count` bytes; 0 means the peer closed.
+    func receiveSome(_ pointer: UnsafeMutableRawPointer, count: Int) throws -> Int {
+        while true {
+            let n = recv(fd, pointer, count, 0)
+            if n >= 0 { return n }
+            if errno == EINTR { continue }
+            if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
+            throw SocketError.system(call: "recv", errno: Errno(rawValue: errno))
+        }
+    }
+
+    /// Stops further sends; the peer sees EOF.
+    func shutdownWrite() { Glibc.shutdown(fd, Int32(SHUT_WR)) }
+
+    /// Wakes any thread blocked on this socket (accept/recv) and stops both directions.
+    func shutdownBoth() { Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
+    /// Closes the descriptor (idempotent).
+    func close() {
+        if let descriptor {
+            try? descriptor.close()
+            self.descriptor = nil
+        }
+    }
+}

@@ -1,0 +1,20 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Chooses listener ports the way the official engine does: random in
+/// [MC_MIN_RPC_PORT, MC_MAX_RPC_PORT] (default 15000-17000), up to 500 tries.
+enum PortAllocator {
+    /// Binds a listener on `host` at a random port of the range.
+    static func listen(host: String, range: ClosedRange<UInt16>, attempts: Int = 500) throws -> Socket {
+        var lastError: Error = EngineError.invalidConfiguration("empty port range")
+        for _ in 0..<attempts {
+            let port = UInt16.random(in: range)
+            do { return try Socket.listen(host: host, port: port) } catch { lastError = error }
+            if case SocketError.resolve = lastError { break }
+        }
+        throw EngineError.invalidConfiguration("cannot bind a listener on '\(host)' in ports \(range.lowerBound)-\(range.upperBound): \(lastError)")
+    }
+}

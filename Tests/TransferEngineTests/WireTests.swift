@@ -1,0 +1,3 @@
+import Testing
+@testable import TransferEngine
+@Test func placeholder() { #expect(TCPWire.headerSize == 24) }
