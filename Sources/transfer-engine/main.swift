@@ -1,1 +1,88 @@
-print("placeholder")
+import ArgumentParser
+import Foundation
+import Logging
+import TransferEngine
+
+/// The `transfer-engine` command: a thin face over the TransferEngine library.
+struct TransferEngineCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "transfer-engine",
+        abstract: "Mooncake-compatible transfer engine: move memory between processes over TCP or a transport plugin.",
+        discussion: """
+        Examples:
+          transfer-engine bench --loopback                  # start a target process and benchmark TCP loopback
+          transfer-engine serve --local-hostname 127.0.0.1  # register a buffer and wait for peers
+          transfer-engine bench --segment 127.0.0.1:15123 --operation write --block-sizes 64KiB --batch-sizes 64
+          transfer-engine plugins                           # list transport plugins and whether they can run here
+          MOONCAKE_PROTOCOL=rdma transfer-engine serve      # ask for RDMA; falls back to TCP with one warning
+
+        Settings come from flags, then environment (MOONCAKE_PROTOCOL, MOONCAKE_DEVICE,
+        MOONCAKE_LOCAL_HOSTNAME, MOONCAKE_TE_META_DATA_SERVER, MC_*), then the JSON file
+        given by --config or MOONCAKE_CONFIG_PATH. Log level: MC_LOG_LEVEL (TRACE, DEBUG, INFO, WARNING, ERROR).
+        """,
+        version: TransferEngineVersion.string,
+        subcommands: [ServeCommand.self, BenchCommand.self, PluginsCommand.self]
+    )
+}
+
+/// Engine settings shared by the subcommands.
+struct EngineOptions: ParsableArguments {
+    @Option(help: "Host name or address this engine is reached at; listeners bind to it.")
+    var localHostname: String?
+
+    @Option(help: "Metadata service: P2PHANDSHAKE (default), etcd://h:p, redis://h:p, http://h:p/metadata.")
+    var metadataServer: String?
+
+    @Option(name: .customLong("protocol"), help: "Transport protocol: tcp (default), rdma, efa, nvmeof, nvlink, nvlink_intra, hip, barex, cxl, ascend.")
+    var protocolName: String?
+
+    @Option(help: "Devices for the plugin: comma list or auto-discovery.")
+    var deviceName: String?
+
+    @Option(help: "JSON config file (keys: local_hostname, metadata_server, protocol, device_name, ...).")
+    var config: String?
+
+    /// Resolves the configuration with flags taking precedence.
+    func resolve(logger: Logger) throws -> EngineConfiguration {
+        let overrides = EngineConfiguration.Overrides(localHostname: localHostname, metadataServer: metadataServer,
+                                                      protocolName: protocolName, deviceName: deviceName, configPath: config)
+        let (configuration, warnings) = try EngineConfiguration.resolve(overrides, environment: ProcessInfo.processInfo.environment)
+        for warning in warnings { logger.warning("\(warning)") }
+        return configuration
+    }
+}
+
+/// Sets up swift-log once: stderr, level from MC_LOG_LEVEL.
+enum CLILogging {
+    static let bootstrap: Void = {
+        let level: Logger.Level
+        switch ProcessInfo.processInfo.environment["MC_LOG_LEVEL"]?.uppercased() {
+        case "TRACE": level = .trace
+        case "DEBUG": level = .debug
+        case "WARNING", "WARN": level = .warning
+        case "ERROR": level = .error
+        default: level = .info
+        }
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+    }()
+
+    static func logger() -> Logger {
+        _ = bootstrap
+        return Logger(label: "transfer-engine")
+    }
+}
+
+/// Turns engine errors into a clean message and exit code.
+func runReportingErrors(_ body: () throws -> Void) throws {
+    do { try body() } catch let error as EngineError {
+        FileHandle.standardError.write(Data("error: \(error.description)\n".utf8))
+        throw ExitCode(2)
+    }
+}
+
+signal(SIGPIPE, SIG_IGN)
+TransferEngineCommand.main()

@@ -169,7 +169,8 @@ public final class TransferEngine: @unchecked Sendable {
 
     deinit { shutdown() }
 
-    static func pluginOptions(configuration: EngineConfiguration, segmentName: String, environment: [String: String]) -> String {
+    /// The options JSON a plugin gets at probe and create.
+    public static func pluginOptions(configuration: EngineConfiguration, segmentName: String, environment: [String: String]) -> String {
         var options: [String: JSONValue] = [:]
         for (key, value) in environment where key.hasPrefix("MC_") { options[key] = .string(value) }
         return JSONValue.object([

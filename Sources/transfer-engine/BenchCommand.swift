@@ -1,0 +1,262 @@
+import ArgumentParser
+import Foundation
+import Logging
+import TransferEngine
+
+/// `bench`: measure transfers against a segment, or against a target process it starts itself.
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Benchmark reads and writes against a segment and print GB/s and latency percentiles.",
+        discussion: """
+        With --loopback, starts `transfer-engine serve` as a separate target process on the same host.
+        Every case runs for --duration seconds or --max-iterations iterations, whichever comes first.
+        Batch size 1 uses the synchronous path; larger batches are submitted at once and waited for.
+        Unless --no-reference is given, the run also measures one plain loopback TCP stream
+        (what iperf3 -P1 measures) and prints each result as a ratio to it.
+        """
+    )
+
+    @OptionGroup var engine: EngineOptions
+
+    @Option(help: "Target segment name (host:rpc_port). Its first buffer is used.")
+    var segment: String?
+
+    @Flag(help: "Start a target process on this host and benchmark against it.")
+    var loopback = false
+
+    @Option(help: "read, write or both.")
+    var operation: String = "both"
+
+    @Option(help: "Comma-separated block sizes.")
+    var blockSizes: String = "4KiB,64KiB,1MiB,4MiB,64MiB"
+
+    @Option(help: "Comma-separated batch sizes (requests submitted together).")
+    var batchSizes: String = "1,64"
+
+    @Option(help: "Seconds per case.")
+    var duration: Double = 1.0
+
+    @Option(help: "Upper bound on iterations per case.")
+    var maxIterations: Int = 200_000
+
+    @Option(help: "TCP connections per peer (MC_TCP_LANES_PER_PEER).")
+    var connections: Int?
+
+    @Option(help: "Local buffer size (and the loopback target's).")
+    var bufferSize: String = "512MiB"
+
+    @Option(help: "Also write the results as JSON to this file.")
+    var json: String?
+
+    @Flag(help: "Check the bytes of every case by writing a pattern and reading it back.")
+    var verify = false
+
+    @Flag(help: "Skip the plain TCP stream reference measurement.")
+    var noReference = false
+
+    func validate() throws {
+        if loopback == (segment != nil) { throw ValidationError("give exactly one of --loopback or --segment NAME") }
+        if !["read", "write", "both"].contains(operation) { throw ValidationError("--operation must be read, write or both") }
+        if duration <= 0 || duration > 600 { throw ValidationError("--duration must be in (0, 600] seconds") }
+        if maxIterations < 1 { throw ValidationError("--max-iterations must be at least 1") }
+        if let connections, !(1...64).contains(connections) { throw ValidationError("--connections must be in 1...64") }
+    }
+
+    func run() throws {
+        try runReportingErrors { try runBench() }
+    }
+
+    private func runBench() throws {
+        let logger = CLILogging.logger()
+        var environment = ProcessInfo.processInfo.environment
+        if let connections { environment["MC_TCP_LANES_PER_PEER"] = String(connections) }
+        let configuration = try engine.resolve(logger: logger)
+        let blocks = try blockSizes.split(separator: ",").map { try ByteSize.parse(String($0)) }
+        let batches = try batchSizes.split(separator: ",").map { text -> Int in
+            guard let value = Int(text.trimmingCharacters(in: .whitespaces)), (1...4096).contains(value) else {
+                throw EngineError.invalidArgument("batch size '\(text)' (1...4096)")
+            }
+            return value
+        }
+        let localSize = try ByteSize.parse(bufferSize)
+        guard blocks.allSatisfy({ $0 > 0 }) else { throw EngineError.invalidArgument("block sizes must be positive") }
+
+        var target: Process?
+        var targetInput: Pipe?
+        defer {
+            try? targetInput?.fileHandleForWriting.close()
+            target?.terminate()
+            target?.waitUntilExit()
+        }
+        var segmentName = segment ?? ""
+        if loopback {
+            let started = try startLoopbackTarget(configuration: configuration, environment: environment)
+            (target, targetInput, segmentName) = (started.process, started.input, started.segment)
+        }
+
+        let transferEngine = try TransferEngine(configuration: configuration, environment: environment, logger: logger)
+        defer { transferEngine.shutdown() }
+        let local = try transferEngine.allocateManagedBuffer(length: localSize)
+        defer { try? transferEngine.freeManagedBuffer(address: local) }
+        memset(UnsafeMutableRawPointer(bitPattern: UInt(local))!, 0x11, Int(localSize))
+
+        // First operation to a new peer: open (descriptor handshake) + one 4 KiB write.
+        let firstStart = MonotonicClock.nanoseconds()
+        let handle = try transferEngine.openSegment(segmentName)
+        guard let remote = try transferEngine.descriptor(of: handle).buffers.first else {
+            throw EngineError.segmentUnavailable(name: segmentName, reason: "it has no registered buffer")
+        }
+        try transferEngine.transferSync(.write, localAddress: local, segment: handle, remoteAddress: remote.address, length: min(4096, remote.length))
+        let firstOpMicros = Double(MonotonicClock.nanoseconds() - firstStart) / 1000
+
+        let streamReference = noReference ? nil : try StreamReference.loopbackTCP(seconds: 1.0)
+
+        let operations: [TransferRequest.Operation] = operation == "both" ? [.write, .read] : (operation == "read" ? [.read] : [.write])
+        let limit = min(localSize / (verify ? 2 : 1), remote.length)
+        var cases: [(TransferRequest.Operation, UInt64, Int)] = []
+        for op in operations { for block in blocks { for batch in batches where block * UInt64(batch) <= limit { cases.append((op, block, batch)) } } }
+        if cases.isEmpty { throw EngineError.invalidArgument("no case fits: block x batch must be at most \(limit) bytes (buffer sizes)") }
+
+        var results: [BenchResult] = []
+        var failures: [String] = []
+        for (index, (op, block, batch)) in cases.enumerated() {
+            let label = "\(op == .read ? "read" : "write") \(ByteSize.format(block)) x\(batch)"
+            FileHandle.standardError.write(Data("[\(index + 1)/\(cases.count)] \(label) ...\n".utf8))
+            var result = try measure(transferEngine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote.address)
+            if verify {
+                result.verified = try verifyBytes(transferEngine, block: block, batch: batch, local: local, handle: handle, remote: remote.address)
+                if result.verified == false { failures.append(label) }
+            }
+            results.append(result)
+        }
+
+        print("segment \(segmentName) (protocol \(transferEngine.activeProtocol)); first operation to the new peer: \(String(format: "%.0f", firstOpMicros)) us")
+        if let streamReference {
+            print("reference: one plain loopback TCP stream = \(String(format: "%.2f", streamReference / 1e9)) GB/s (measured in this run)")
+        }
+        var rows: [[String]] = []
+        for r in results {
+            var row = [r.operation, ByteSize.format(r.blockSize), String(r.batchSize), String(format: "%.3f", r.gbps),
+                       String(format: "%.1f", r.p50Micros), String(format: "%.1f", r.p99Micros), String(r.iterations)]
+            row.append(streamReference.map { String(format: "%.2fx", r.gbps * 1e9 / $0) } ?? "-")
+            if verify { row.append(r.verified == true ? "ok" : "MISMATCH") }
+            rows.append(row)
+        }
+        var header = ["op", "block", "batch", "GB/s", "p50 us", "p99 us", "iterations", "vs stream"]
+        if verify { header.append("verify") }
+        print(Table.render(header: header, rows: rows))
+
+        if let json {
+            let document: [String: Any] = [
+                "segment": segmentName, "protocol": transferEngine.activeProtocol, "version": TransferEngineVersion.string,
+                "first_operation_us": firstOpMicros,
+                "reference": ["loopback_tcp_stream_gbps": streamReference.map { $0 / 1e9 } as Any],
+                "results": results.map { $0.dictionary(reference: streamReference) },
+            ]
+            let data = try JSONSerialization.data(withJSONObject: document, options: [.prettyPrinted, .sortedKeys])
+            try data.write(to: URL(fileURLWithPath: json))
+            FileHandle.standardError.write(Data("wrote \(json)\n".utf8))
+        }
+        if !failures.isEmpty { throw EngineError.transferFailed("byte verification failed for: \(failures.joined(separator: ", "))") }
+    }
+
+    private func startLoopbackTarget(configuration: EngineConfiguration, environment: [String: String]) throws -> (process: Process, input: Pipe, segment: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize,
+                             "--local-hostname", configuration.localHostname, "--protocol", configuration.protocolName]
+        process.environment = environment
+        let input = Pipe(), output = Pipe()
+        process.standardInput = input
+        process.standardOutput = output
+        try process.run()
+        // Read the READY line (bounded: the target prints it right after binding).
+        var line = Data()
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            let chunk = output.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            line.append(chunk)
+            if line.contains(UInt8(ascii: "\n")) { break }
+        }
+        let text = String(decoding: line, as: UTF8.self)
+        guard let readyLine = text.split(separator: "\n").first(where: { $0.hasPrefix("READY ") }),
+              let segmentField = readyLine.split(separator: " ").first(where: { $0.hasPrefix("segment=") }) else {
+            process.terminate()
+            throw EngineError.segmentUnavailable(name: "loopback target", reason: "it did not report READY (output: \(text.prefix(200)))")
+        }
+        return (process, input, String(segmentField.dropFirst("segment=".count)))
+    }
+
+    private func measure(_ engine: TransferEngine, op: TransferRequest.Operation, block: UInt64, batch: Int,
+                         local: UInt64, handle: SegmentHandle, remote: UInt64) throws -> BenchResult {
+        let requests = (0..<batch).map { i in
+            TransferRequest(operation: op, localAddress: local + UInt64(i) * block, segment: handle,
+                            remoteAddress: remote + UInt64(i) * block, length: block)
+        }
+        func once() throws {
+            if batch == 1 {
+                try engine.transferSync(op, localAddress: local, segment: handle, remoteAddress: remote, length: block)
+            } else {
+                try engine.transferBatchSync(requests)
+            }
+        }
+        try once()  // warm-up: connections and lanes exist before timing
+        var latencies: [UInt64] = []
+        let start = MonotonicClock.nanoseconds()
+        let end = start + UInt64(duration * 1e9)
+        while latencies.count < maxIterations {
+            let t0 = MonotonicClock.nanoseconds()
+            try once()
+            let t1 = MonotonicClock.nanoseconds()
+            latencies.append(t1 - t0)
+            if t1 >= end { break }
+        }
+        let elapsed = Double(MonotonicClock.nanoseconds() - start) / 1e9
+        latencies.sort()
+        func percentile(_ p: Double) -> Double {
+            Double(latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]) / 1000
+        }
+        let bytes = Double(block) * Double(batch) * Double(latencies.count)
+        return BenchResult(operation: op == .read ? "read" : "write", blockSize: block, batchSize: batch,
+                           gbps: bytes / elapsed / 1e9, p50Micros: percentile(0.5), p99Micros: percentile(0.99), iterations: latencies.count)
+    }
+
+    private func verifyBytes(_ engine: TransferEngine, block: UInt64, batch: Int, local: UInt64, handle: SegmentHandle, remote: UInt64) throws -> Bool {
+        let span = block * UInt64(batch)
+        let readBack = local + span
+        let seed = block &+ UInt64(batch)
+        BenchPattern.fill(address: local, length: span, seed: seed)
+        memset(UnsafeMutableRawPointer(bitPattern: UInt(readBack))!, 0, Int(span))
+        let writes = (0..<batch).map { i in
+            TransferRequest(operation: .write, localAddress: local + UInt64(i) * block, segment: handle, remoteAddress: remote + UInt64(i) * block, length: block)
+        }
+        let reads = (0..<batch).map { i in
+            TransferRequest(operation: .read, localAddress: readBack + UInt64(i) * block, segment: handle, remoteAddress: remote + UInt64(i) * block, length: block)
+        }
+        try engine.transferBatchSync(writes)
+        try engine.transferBatchSync(reads)
+        return BenchPattern.firstMismatch(address: readBack, length: span, seed: seed) == nil
+    }
+}
+
+/// One benchmark case's figures.
+struct BenchResult {
+    var operation: String
+    var blockSize: UInt64
+    var batchSize: Int
+    var gbps: Double
+    var p50Micros: Double
+    var p99Micros: Double
+    var iterations: Int
+    var verified: Bool?
+
+    func dictionary(reference: Double?) -> [String: Any] {
+        var d: [String: Any] = ["operation": operation, "block_size": blockSize, "batch_size": batchSize, "gbps": gbps,
+                                "p50_us": p50Micros, "p99_us": p99Micros, "iterations": iterations]
+        if let reference { d["ratio_to_stream"] = gbps * 1e9 / reference }
+        if let verified { d["verified"] = verified }
+        return d
+    }
+}

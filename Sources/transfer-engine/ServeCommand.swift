@@ -1,0 +1,88 @@
+import ArgumentParser
+import Foundation
+import TransferEngine
+
+/// `serve`: register a buffer, print the segment name and address, wait.
+struct ServeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Register a buffer, print the segment name and buffer address, and serve peers until stopped.",
+        discussion: """
+        Prints one line: READY segment=<name> buffer=0x<address> length=<bytes> protocol=<protocol>
+        and serves until SIGINT/SIGTERM (or until standard input closes, with --exit-on-stdin-close).
+        The buffer is filled with a position-dependent pattern so readers can verify bytes.
+        """
+    )
+
+    @OptionGroup var engine: EngineOptions
+
+    @Option(help: "Size of the registered buffer (e.g. 512MiB, 1GB, 1073741824).")
+    var bufferSize: String = "512MiB"
+
+    @Flag(help: "Exit when standard input reaches end of file (used by bench --loopback).")
+    var exitOnStdinClose = false
+
+    func run() throws {
+        try runReportingErrors {
+            let logger = CLILogging.logger()
+            let configuration = try engine.resolve(logger: logger)
+            let size = try ByteSize.parse(bufferSize)
+            let transferEngine = try TransferEngine(configuration: configuration, logger: logger)
+            let address = try transferEngine.allocateManagedBuffer(length: size)
+            BenchPattern.fill(address: address, length: size, seed: 0)
+            print("READY segment=\(transferEngine.segmentName) buffer=0x\(String(address, radix: 16)) length=\(size) protocol=\(transferEngine.activeProtocol)")
+            fflush(nil)
+
+            let stop = DispatchSemaphore(value: 0)
+            for sig in [SIGINT, SIGTERM] {
+                signal(sig, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+                source.setEventHandler { stop.signal() }
+                source.resume()
+                SignalSources.keep.append(source)
+            }
+            if exitOnStdinClose {
+                Thread.detachNewThread {
+                    while FileHandle.standardInput.availableData.count > 0 {}
+                    stop.signal()
+                }
+            }
+            stop.wait()
+            transferEngine.shutdown()
+            try? transferEngine.freeManagedBuffer(address: address)
+        }
+    }
+}
+
+/// Keeps signal sources alive for the process lifetime.
+enum SignalSources {
+    nonisolated(unsafe) static var keep: [DispatchSourceSignal] = []
+}
+
+/// The byte pattern serve fills and bench --verify checks: byte i = (i * 131 + seed) mod 251.
+enum BenchPattern {
+    static let period = 251
+
+    static func fill(address: UInt64, length: UInt64, seed: UInt64) {
+        let p = UnsafeMutablePointer<UInt8>(bitPattern: UInt(address))!
+        let count = Int(length)
+        for i in 0..<min(count, period) { p[i] = UInt8((UInt64(i) &* 131 &+ seed) % 251) }
+        // The pattern repeats every 251 bytes: replicate by doubling copies.
+        var filled = min(count, period)
+        while filled < count {
+            let chunk = min(filled, count - filled)
+            memcpy(p + filled, p, chunk)
+            filled += chunk
+        }
+    }
+
+    /// Whether the bytes differ from the pattern anywhere.
+    static func firstMismatch(address: UInt64, length: UInt64, seed: UInt64) -> Int? {
+        let p = UnsafePointer<UInt8>(bitPattern: UInt(address))!
+        let count = Int(length)
+        for i in 0..<min(count, period) where p[i] != UInt8((UInt64(i) &* 131 &+ seed) % 251) { return i }
+        // Periodic with period 251 iff every byte equals the one 251 before it.
+        if count > period, memcmp(p + period, p, count - period) != 0 { return period }
+        return nil
+    }
+}
