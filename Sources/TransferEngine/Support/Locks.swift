@@ -7,53 +7,58 @@ import Musl
 /// A mutex plus condition variable, for threads that block until state changes.
 ///
 /// Swift's `Mutex` has no condition variable; the data path blocks real
-/// threads (not tasks), so a pthread pair is the right tool.
+/// threads (not tasks), so a pthread pair is the right tool. The pthread
+/// objects live at stable heap addresses: passing `&property` to C would start
+/// a Swift exclusive access lasting the whole (blocking) call.
 final class ConditionLock<State>: @unchecked Sendable {
-    private var mutex = pthread_mutex_t()
-    private var condition = pthread_cond_t()
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var state: State
 
     init(_ initial: State) {
         state = initial
-        pthread_mutex_init(&mutex, nil)
+        mutex.initialize(to: pthread_mutex_t())
+        condition.initialize(to: pthread_cond_t())
+        pthread_mutex_init(mutex, nil)
         var attributes = pthread_condattr_t()
         pthread_condattr_init(&attributes)
         pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
-        pthread_cond_init(&condition, &attributes)
+        pthread_cond_init(condition, &attributes)
         pthread_condattr_destroy(&attributes)
     }
 
     deinit {
-        pthread_cond_destroy(&condition)
-        pthread_mutex_destroy(&mutex)
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        condition.deallocate()
+        mutex.deallocate()
     }
 
-    /// Runs `body` with the lock held and wakes every waiter afterwards.
+    /// Runs `body` with the lock held; with `notify`, wakes every waiter afterwards.
     @discardableResult
     func withLock<R>(notify: Bool = false, _ body: (inout State) throws -> R) rethrows -> R {
-        pthread_mutex_lock(&mutex)
+        pthread_mutex_lock(mutex)
         defer {
-            if notify { pthread_cond_broadcast(&condition) }
-            pthread_mutex_unlock(&mutex)
+            if notify { pthread_cond_broadcast(condition) }
+            pthread_mutex_unlock(mutex)
         }
         return try body(&state)
     }
 
     /// Waits until `ready` returns a value or the monotonic deadline (ns) passes.
     func wait<R>(deadline: UInt64? = nil, until ready: (inout State) -> R?) -> R? {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
         while true {
             if let value = ready(&state) { return value }
             if let deadline {
-                let now = MonotonicClock.nanoseconds()
-                if now >= deadline { return nil }
+                if MonotonicClock.nanoseconds() >= deadline { return nil }
                 var ts = timespec()
                 ts.tv_sec = Int(deadline / 1_000_000_000)
                 ts.tv_nsec = Int(deadline % 1_000_000_000)
-                pthread_cond_timedwait(&condition, &mutex, &ts)
+                pthread_cond_timedwait(condition, mutex, &ts)
             } else {
-                pthread_cond_wait(&condition, &mutex)
+                pthread_cond_wait(condition, mutex)
             }
         }
     }
@@ -62,27 +67,31 @@ final class ConditionLock<State>: @unchecked Sendable {
 /// A reader-writer lock that prefers writers, so an unregistration is not
 /// starved by a stream of transfers that read the registration table.
 final class ReadWriteLock: @unchecked Sendable {
-    private var lock = pthread_rwlock_t()
+    private let lock = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
 
     init() {
+        lock.initialize(to: pthread_rwlock_t())
         var attributes = pthread_rwlockattr_t()
         pthread_rwlockattr_init(&attributes)
         pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
-        pthread_rwlock_init(&lock, &attributes)
+        pthread_rwlock_init(lock, &attributes)
         pthread_rwlockattr_destroy(&attributes)
     }
 
-    deinit { pthread_rwlock_destroy(&lock) }
+    deinit {
+        pthread_rwlock_destroy(lock)
+        lock.deallocate()
+    }
 
     func withReadLock<R>(_ body: () throws -> R) rethrows -> R {
-        pthread_rwlock_rdlock(&lock)
-        defer { pthread_rwlock_unlock(&lock) }
+        pthread_rwlock_rdlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
         return try body()
     }
 
     func withWriteLock<R>(_ body: () throws -> R) rethrows -> R {
-        pthread_rwlock_wrlock(&lock)
-        defer { pthread_rwlock_unlock(&lock) }
+        pthread_rwlock_wrlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
         return try body()
     }
 }
