@@ -80,19 +80,19 @@ extern "C" {
 /* Capability flags (te_plugin_descriptor.capabilities).                     */
 
 /** Moves host DRAM. */
-#define TE_CAP_MEM_HOST (UINT64_C(1) << 0)
+#define TE_CAP_MEM_HOST (1ULL << 0)
 /** Moves accelerator (GPU/NPU) memory. */
-#define TE_CAP_MEM_DEVICE (UINT64_C(1) << 1)
+#define TE_CAP_MEM_DEVICE (1ULL << 1)
 /** Moves storage (block devices, files, NVMe namespaces). */
-#define TE_CAP_MEM_STORAGE (UINT64_C(1) << 2)
+#define TE_CAP_MEM_STORAGE (1ULL << 2)
 /** Supports TE_OP_READ (pull from the peer). */
-#define TE_CAP_OP_READ (UINT64_C(1) << 8)
+#define TE_CAP_OP_READ (1ULL << 8)
 /** Supports TE_OP_WRITE (push to the peer). */
-#define TE_CAP_OP_WRITE (UINT64_C(1) << 9)
+#define TE_CAP_OP_WRITE (1ULL << 9)
 /** Can deliver notifications itself (otherwise the host sends them over its handshake port). */
-#define TE_CAP_OP_NOTIFY (UINT64_C(1) << 10)
+#define TE_CAP_OP_NOTIFY (1ULL << 10)
 /** Needs a connection handshake (on_handshake / host->handshake_send) before data moves. */
-#define TE_CAP_NEEDS_HANDSHAKE (UINT64_C(1) << 16)
+#define TE_CAP_NEEDS_HANDSHAKE (1ULL << 16)
 
 /* ------------------------------------------------------------------------ */
 /* Operations and log levels.                                                */

@@ -51,8 +51,8 @@ public enum JSONValue: Codable, Equatable, Sendable, CustomStringConvertible {
         do {
             return try JSONDecoder().decode(JSONValue.self, from: Data(bytes))
         } catch let DecodingError.dataCorrupted(context) {
-            let underlying = context.underlyingError.map { "\($0)" } ?? context.debugDescription
-            throw JSONParseError(message: underlying)
+            let position = JSONSyntaxLocator.firstError(in: bytes)
+            throw JSONParseError(message: position ?? context.underlyingError.map { "\($0)" } ?? context.debugDescription)
         }
     }
 

@@ -1,0 +1,58 @@
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// The `transfer-engine` executable, run as a user would.
+@Suite("transfer-engine CLI", .serialized)
+struct CLITests {
+    @Test("--help lists the subcommands with examples; --version prints the version")
+    func help() throws {
+        let (status, out, _) = try TestSupport.run(TestSupport.cli, ["--help"])
+        #expect(status == 0)
+        for word in ["serve", "bench", "plugins", "Examples:", "MOONCAKE_PROTOCOL"] { #expect(out.contains(word), "\(word)") }
+        let (vstatus, version, _) = try TestSupport.run(TestSupport.cli, ["--version"])
+        #expect(vstatus == 0 && version.trimmingCharacters(in: .whitespacesAndNewlines) == TransferEngineVersion.string)
+    }
+
+    @Test("plugins shows TCP built in and each found plugin's status")
+    func plugins() throws {
+        let directory = try TestSupport.temporaryDirectory()
+        try FixturePlugins.build("libtransport_rdma.so", defines: ["FIXTURE_ABSENT", "FIXTURE_PROTOCOL=\"rdma\""], in: directory)
+        try FixturePlugins.build("libtransport_broken.so", defines: ["FIXTURE_BAD_MAJOR"], in: directory)
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": directory.path])
+        let (status, out, _) = try TestSupport.run(TestSupport.cli, ["plugins"], environment: environment)
+        #expect(status == 0)
+        #expect(out.contains("(built in)"))
+        #expect(out.contains("hardware absent") && out.contains("no fixture device found"))
+        #expect(out.contains("failed") && out.contains("ABI major version 99"))
+    }
+
+    @Test("bench --loopback runs, verifies bytes and writes JSON")
+    func benchLoopback() throws {
+        let json = try TestSupport.temporaryDirectory().appendingPathComponent("bench.json")
+        let (status, out, err) = try TestSupport.run(TestSupport.cli, [
+            "bench", "--loopback", "--block-sizes", "4KiB,1MiB", "--batch-sizes", "1,8", "--duration", "0.1",
+            "--buffer-size", "64MiB", "--verify", "--json", json.path,
+        ], environment: TestSupport.cleanEnvironment(), timeout: 180)
+        #expect(status == 0, "stderr: \(err)")
+        #expect(out.contains("GB/s") && out.contains("p50 us") && out.contains("vs stream"))
+        #expect(!out.contains("MISMATCH"))
+        let document = try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any]
+        let results = document?["results"] as? [[String: Any]]
+        #expect(results?.count == 8)
+        #expect(results?.allSatisfy { ($0["verified"] as? Bool) == true && (($0["gbps"] as? Double) ?? 0) > 0 } == true)
+    }
+
+    @Test("bad input gives a clear error and a non-zero exit")
+    func badInput() throws {
+        let environment = TestSupport.cleanEnvironment()
+        let (s1, _, e1) = try TestSupport.run(TestSupport.cli, ["serve", "--protocol", "warpdrive"], environment: environment)
+        #expect(s1 != 0 && e1.contains("unknown protocol 'warpdrive'") && e1.contains("rdma"))
+        let (s2, _, e2) = try TestSupport.run(TestSupport.cli, ["serve", "--metadata-server", "ftp://x"], environment: environment)
+        #expect(s2 != 0 && e2.contains("accepted forms"))
+        let (s3, _, e3) = try TestSupport.run(TestSupport.cli, ["bench"], environment: environment)
+        #expect(s3 != 0 && e3.contains("--loopback"))
+        let (s4, _, e4) = try TestSupport.run(TestSupport.cli, ["bench", "--segment", "127.0.0.1:1"], environment: environment)
+        #expect(s4 != 0 && e4.contains("segment '127.0.0.1:1' unavailable"))
+    }
+}

@@ -1,0 +1,67 @@
+import Testing
+@testable import TransferEngine
+
+@Suite("Segment descriptors")
+struct DescriptorTests {
+    @Test("addresses above 2^53 survive a JSON round trip exactly")
+    func exactAddresses() throws {
+        let descriptor = SegmentDescriptor(name: "127.0.0.1:15123", protocolName: "tcp", tcpDataPort: 16042, timestamp: "t",
+                                           buffers: [.init(name: "127.0.0.1:15123", address: 0x7FFF_FFFF_FFFF_F001, length: 1 << 30)])
+        let text = descriptor.json.compactText
+        #expect(text.contains("\"addr\":9223372036854771713"))
+        #expect(text.contains("\"tcp_proto_version\":2"))
+        let decoded = try SegmentDescriptor.decode(try JSONValue.parse(text))
+        #expect(decoded == descriptor)
+    }
+
+    @Test("decodes an official engine's descriptor, keeping unknown keys")
+    func officialShape() throws {
+        let json = """
+        {"buffers":[{"addr":140123456789504,"length":1073741824,"name":"10.0.0.1:15123"}],"name":"10.0.0.1:15123",
+         "protocol":"tcp","tcp_data_port":16042,"tcp_proto_version":2,"timestamp":"2026-11-26 01:02:03.123456","rdma_server_name":"x"}
+        """
+        let descriptor = try SegmentDescriptor.decode(try JSONValue.parse(json))
+        #expect(descriptor.tcpDataPort == 16042 && descriptor.buffers[0].address == 140_123_456_789_504)
+        #expect(descriptor.extra["rdma_server_name"] == .string("x"))
+        // An older engine omits tcp_proto_version: that means v1 framing.
+        let old = try SegmentDescriptor.decode(try JSONValue.parse(#"{"protocol":"tcp","tcp_data_port":1,"buffers":[]}"#))
+        #expect(old.tcpProtocolVersion == 1)
+    }
+
+    @Test("rejects descriptors the official decoder rejects")
+    func strict() {
+        for bad in [#"{"name":"x"}"#, #"{"protocol":"tcp","buffers":[{"name":"","addr":1,"length":1}]}"#,
+                    #"{"protocol":"tcp","buffers":[{"name":"a","addr":0,"length":1}]}"#,
+                    #"{"protocol":"tcp","buffers":[{"name":"a","addr":18446744073709551615,"length":2}]}"#,
+                    #"{"protocol":"tcp","tcp_data_port":70000}"#, "[1]"] {
+            #expect(throws: (any Error).self, "\(bad)") { try SegmentDescriptor.decode(try JSONValue.parse(bad)) }
+        }
+    }
+
+    @Test("range containment is overflow-safe")
+    func contains() {
+        let buffer = SegmentDescriptor.Buffer(name: "b", address: 1000, length: 100)
+        #expect(buffer.contains(address: 1000, length: 100))
+        #expect(buffer.contains(address: 1099, length: 1))
+        #expect(!buffer.contains(address: 1099, length: 2))
+        #expect(!buffer.contains(address: 999, length: 1))
+        #expect(!buffer.contains(address: 1050, length: UInt64.max))
+        #expect(!buffer.contains(address: 1000, length: 0))
+    }
+
+    @Test("the local registry refuses overlap and finds ranges")
+    func registry() throws {
+        let registry = MemoryRegistry()
+        try registry.register(address: 0x1000, length: 0x1000, location: "cpu:0")
+        try registry.register(address: 0x3000, length: 0x1000, location: "cpu:0")
+        #expect(throws: EngineError.self) { try registry.register(address: 0x1800, length: 0x1000, location: "*") }
+        #expect(throws: EngineError.self) { try registry.register(address: 0x2800, length: 0x1000, location: "*") }
+        #expect(throws: EngineError.self) { try registry.register(address: UInt64.max - 5, length: 10, location: "*") }
+        #expect(registry.region(containing: 0x1FFF, length: 1) != nil)
+        #expect(registry.region(containing: 0x1FFF, length: 2) == nil)  // spans two regions: refused
+        #expect(registry.region(containing: 0x2000, length: 1) == nil)
+        try registry.unregister(address: 0x1000)
+        #expect(registry.region(containing: 0x1000, length: 1) == nil)
+        #expect(throws: EngineError.self) { try registry.unregister(address: 0x1000) }
+    }
+}

@@ -1,0 +1,186 @@
+/*
+ * Test fixture plugins for the transport ABI, compiled by the tests with cc.
+ * One source, several variants selected with -D:
+ *   (default)            a complete plugin for protocol FIXTURE_PROTOCOL that
+ *                        moves bytes with memcpy between engines of ONE process
+ *                        (peers are matched by pid from the descriptor fragment)
+ *   FIXTURE_ABSENT       probe answers TE_ERR_HARDWARE_ABSENT
+ *   FIXTURE_BAD_MAJOR    abi_major = 99
+ *   FIXTURE_SMALL        struct_size shorter than the v1 minimum (an "older" layout)
+ *   FIXTURE_NEWER        a larger descriptor with an appended field (newer minor)
+ *   FIXTURE_NO_ENTRY     the entry symbol is not exported
+ *   FIXTURE_NEEDS_LIB    links a library the test deletes afterwards
+ */
+#include "te_transport_abi.h"
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifndef FIXTURE_PROTOCOL
+#define FIXTURE_PROTOCOL "loopcopy"
+#endif
+
+#ifdef FIXTURE_NEEDS_LIB
+extern int fixture_dependency_function(void);
+int fixture_use_dependency(void) { return fixture_dependency_function(); }
+#endif
+
+#define MAX_DONE 4096
+
+struct te_instance {
+    pthread_mutex_t lock;
+    te_completion done[MAX_DONE];
+    size_t done_count;
+    const te_host_services *host;
+    char last_error[256];
+};
+
+static int32_t put(te_buffer *out, const char *text) {
+    size_t n = strlen(text);
+    if (!out) return TE_OK;
+    out->length = n;
+    if (!out->data || out->capacity <= n) return TE_ERR_BUFFER_TOO_SMALL;
+    memcpy(out->data, text, n + 1);
+    return TE_OK;
+}
+
+static int32_t fx_probe(const char *options, te_buffer *reason, te_buffer *hint) {
+    (void)options;
+#ifdef FIXTURE_ABSENT
+    put(reason, "no fixture device found (0 devices)");
+    put(hint, "attach a fixture device");
+    return TE_ERR_HARDWARE_ABSENT;
+#else
+    put(reason, "fixture ready");
+    put(hint, "");
+    return TE_OK;
+#endif
+}
+
+static int32_t fx_create(const char *options, const te_host_services *host, te_instance **out) {
+    (void)options;
+    te_instance *i = calloc(1, sizeof *i);
+    if (!i) return TE_ERR_NO_RESOURCES;
+    pthread_mutex_init(&i->lock, NULL);
+    i->host = host;
+    if (host && host->log) host->log(host->host_context, TE_LOG_INFO, "fixture plugin instance created");
+    *out = i;
+    return TE_OK;
+}
+
+static void fx_destroy(te_instance *i) { free(i); }
+
+static int32_t fx_local_descriptor(te_instance *i, te_buffer *out) {
+    (void)i;
+    char text[64];
+    snprintf(text, sizeof text, "{\"fixture_pid\":%ld}", (long)getpid());
+    return put(out, text);
+}
+
+static int32_t fx_register(te_instance *i, uint64_t addr, uint64_t len, const char *loc, te_buffer *out) {
+    (void)i; (void)addr; (void)len; (void)loc;
+    return put(out, "{\"fixture_key\":[7]}");
+}
+
+static int32_t fx_unregister(te_instance *i, uint64_t addr) { (void)i; (void)addr; return TE_OK; }
+
+static int32_t fx_open_peer(te_instance *i, const char *segment, const char *descriptor, uint64_t *peer) {
+    (void)segment;
+    char needle[64];
+    snprintf(needle, sizeof needle, "\"fixture_pid\":%ld", (long)getpid());
+    if (!strstr(descriptor, needle)) {
+        snprintf(i->last_error, sizeof i->last_error, "peer is not in this process");
+        return TE_ERR_PEER_UNREACHABLE;
+    }
+    *peer = 1;
+    return TE_OK;
+}
+
+static void fx_close_peer(te_instance *i, uint64_t peer) { (void)i; (void)peer; }
+
+static int32_t fx_on_handshake(te_instance *i, const char *request, te_buffer *reply) {
+    (void)i; (void)request;
+    return put(reply, "{\"reply_msg\":\"\"}");
+}
+
+static int32_t fx_submit(te_instance *i, const te_request *reqs, size_t count, size_t stride, size_t *accepted) {
+    pthread_mutex_lock(&i->lock);
+    size_t n = 0;
+    for (; n < count && i->done_count < MAX_DONE; n++) {
+        const te_request *r = (const te_request *)((const char *)reqs + n * stride);
+        if (r->opcode == TE_OP_WRITE) memcpy((void *)(uintptr_t)r->remote_addr, (void *)(uintptr_t)r->local_addr, r->length);
+        else memcpy((void *)(uintptr_t)r->local_addr, (void *)(uintptr_t)r->remote_addr, r->length);
+        te_completion c = { r->cookie, TE_OK, 0, r->length };
+        i->done[i->done_count++] = c;
+    }
+    pthread_mutex_unlock(&i->lock);
+    *accepted = n;
+    return n < count ? TE_ERR_AGAIN : TE_OK;
+}
+
+static int32_t fx_poll(te_instance *i, te_completion *out, size_t capacity, size_t stride, uint64_t timeout_ns, size_t *count) {
+    pthread_mutex_lock(&i->lock);
+    size_t n = i->done_count < capacity ? i->done_count : capacity;
+    for (size_t k = 0; k < n; k++) *(te_completion *)((char *)out + k * stride) = i->done[k];
+    memmove(i->done, i->done + n, (i->done_count - n) * sizeof(te_completion));
+    i->done_count -= n;
+    pthread_mutex_unlock(&i->lock);
+    *count = n;
+    if (n == 0 && timeout_ns) usleep(200);
+    return TE_OK;
+}
+
+static const char *fx_last_error(te_instance *i) { return i ? i->last_error : ""; }
+
+#ifdef FIXTURE_NEWER
+typedef struct { te_plugin_descriptor v1; uint64_t appended_field; } newer_descriptor;
+static newer_descriptor descriptor = {{
+#else
+static te_plugin_descriptor descriptor = {
+#endif
+#ifdef FIXTURE_BAD_MAJOR
+    .abi_major = 99,
+#else
+    .abi_major = TE_ABI_MAJOR,
+#endif
+#ifdef FIXTURE_NEWER
+    .abi_minor = TE_ABI_MINOR + 1,
+    .struct_size = sizeof(newer_descriptor),
+#elif defined(FIXTURE_SMALL)
+    .abi_minor = 0,
+    .struct_size = offsetof(te_plugin_descriptor, submit),
+#else
+    .abi_minor = TE_ABI_MINOR,
+    .struct_size = sizeof(te_plugin_descriptor),
+#endif
+    .name = "fixture",
+    .version = "9.9.9",
+    .protocols = FIXTURE_PROTOCOL,
+    .capabilities = TE_CAP_MEM_HOST | TE_CAP_OP_READ | TE_CAP_OP_WRITE,
+    .probe = fx_probe,
+    .create = fx_create,
+    .destroy = fx_destroy,
+    .local_descriptor = fx_local_descriptor,
+    .register_memory = fx_register,
+    .unregister_memory = fx_unregister,
+    .open_peer = fx_open_peer,
+    .close_peer = fx_close_peer,
+    .on_handshake = fx_on_handshake,
+    .submit = fx_submit,
+    .poll = fx_poll,
+    .last_error = fx_last_error,
+#ifdef FIXTURE_NEWER
+}, 42};
+#define DESCRIPTOR (&descriptor.v1)
+#else
+};
+#define DESCRIPTOR (&descriptor)
+#endif
+
+#ifndef FIXTURE_NO_ENTRY
+__attribute__((visibility("default"))) const te_plugin_descriptor *te_transport_plugin_entry(void) { return DESCRIPTOR; }
+#else
+__attribute__((visibility("default"))) const te_plugin_descriptor *some_other_symbol(void) { return DESCRIPTOR; }
+#endif

@@ -1,0 +1,154 @@
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// A raw-socket client sends malformed and out-of-range requests to an
+/// engine's data and handshake ports. The engine must reject them, leave its
+/// memory untouched, and keep serving well-formed peers.
+@Suite("Hostile input on the data and handshake ports", .serialized)
+struct HostileInputTests {
+    final class Target {
+        let engine: TransferEngine
+        let buffer = TestBuffer(1 << 20, fill: 0x5A)
+        let snapshot = TestBuffer(1 << 20, fill: 0x5A)
+        init() throws {
+            engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
+            try engine.registerMemory(address: buffer.address, length: UInt64(buffer.count))
+        }
+        deinit { engine.shutdown() }
+
+        func connectData() throws -> Socket {
+            let socket = try Socket.connect(host: "127.0.0.1", port: engine.dataPort, timeoutMs: 2000)
+            socket.setTimeouts(receiveMs: 5000, sendMs: 5000)
+            return socket
+        }
+
+        /// Whether the target's memory is byte-identical to before.
+        var untouched: Bool { buffer.equals(snapshot, length: buffer.count) }
+
+        /// A well-formed v2 read of 16 bytes still succeeds.
+        func stillServes() throws -> Bool {
+            let socket = try connectData()
+            let header = TCPWire.Header(size: 16, address: buffer.address, operation: .read, acknowledged: true).bytes
+            try header.withUnsafeBytes { try socket.sendAll([$0]) }
+            var status: UInt64 = 0
+            try socket.receiveAll(&status, count: 8)
+            var data = [UInt8](repeating: 0, count: 16)
+            try data.withUnsafeMutableBytes { try socket.receiveAll($0.baseAddress!, count: 16) }
+            return TCPWire.decodeStatusFrame(status) == 0 && data == [UInt8](repeating: 0x5A, count: 16)
+        }
+    }
+
+    /// Sends a header (and optional payload) and returns what came back before the server closed.
+    private func exchange(_ target: Target, header: TCPWire.Header, payload: [UInt8] = []) throws -> [UInt8] {
+        let socket = try target.connectData()
+        var bytes = header.bytes + payload
+        _ = try? bytes.withUnsafeMutableBytes { try socket.sendAll([UnsafeRawBufferPointer($0)]) }
+        var reply: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 64)
+        while let n = try? chunk.withUnsafeMutableBytes({ try socket.receiveSome($0.baseAddress!, count: 64) }), n > 0 {
+            reply += chunk[0..<n]
+        }
+        return reply
+    }
+
+    @Test("out-of-range, overflowing and zero-length requests get ADDR_REJECTED (v2) or a closed connection (v1)")
+    func rejectsBadRanges() throws {
+        let target = try Target()
+        let base = target.buffer.address
+        let end = base + UInt64(target.buffer.count)
+        let rejected = withUnsafeBytes(of: TCPWire.statusFrame(.addressRejected)) { Array($0) }
+        let badHeaders: [TCPWire.Header] = [
+            .init(size: 16, address: end - 8, operation: .write, acknowledged: true),        // runs past the end
+            .init(size: 16, address: base - 16, operation: .write, acknowledged: true),      // before the start
+            .init(size: UInt64.max - 10, address: base + 100, operation: .write, acknowledged: true),  // address + size overflows
+            .init(size: 32, address: UInt64.max - 8, operation: .read, acknowledged: true),  // wraps around
+            .init(size: 0, address: base, operation: .write, acknowledged: true),            // zero length (upstream rejects)
+            .init(size: 8, address: 0x1000, operation: .read, acknowledged: true),           // unregistered memory
+        ]
+        for header in badHeaders {
+            let reply = try exchange(target, header: header, payload: [UInt8](repeating: 0xFF, count: 16))
+            #expect(reply == rejected, "\(header): got \(reply)")
+        }
+        // v1 framing: no status frame exists, the server just closes.
+        let v1 = try exchange(target, header: .init(size: 16, address: end - 8, operation: .read, acknowledged: false))
+        #expect(v1.isEmpty)
+        #expect(target.untouched)
+        #expect(try target.stillServes())
+    }
+
+    @Test("truncated headers and payloads leave memory consistent and the server serving")
+    func truncated() throws {
+        let target = try Target()
+        // Half a header, then close.
+        do {
+            let socket = try target.connectData()
+            let half = Array(TCPWire.Header(size: 16, address: target.buffer.address, operation: .write, acknowledged: true).bytes.prefix(11))
+            try half.withUnsafeBytes { try socket.sendAll([$0]) }
+            socket.close()
+        }
+        // A write that promises 64 KiB and delivers 10 bytes, then closes.
+        do {
+            let socket = try target.connectData()
+            let bytes = TCPWire.Header(size: 65536, address: target.buffer.address + 4096, operation: .write, acknowledged: true).bytes + [UInt8](repeating: 0x11, count: 10)
+            try bytes.withUnsafeBytes { try socket.sendAll([$0]) }
+            socket.close()
+        }
+        usleep(100_000)
+        // Bytes outside the announced range are untouched; the server keeps serving.
+        #expect(target.buffer.equals(target.snapshot, offset: 0, otherOffset: 0, length: 4096))
+        #expect(target.buffer.equals(target.snapshot, offset: 4096 + 65536, otherOffset: 4096 + 65536, length: target.buffer.count - 4096 - 65536))
+        #expect(try target.stillServes())
+    }
+
+    @Test("malformed handshakes are dropped and the handshake port keeps answering")
+    func malformedHandshakes() throws {
+        let target = try Target()
+        let port = target.engine.rpcPort
+        let attempts: [[UInt8]] = [
+            [0, 0, 0, 0, 0, 0, 0, 0],                                      // length 0
+            withUnsafeBytes(of: UInt64(1 << 40)) { Array($0) },            // absurd length
+            withUnsafeBytes(of: UInt64(10)) { Array($0) } + [1, 0x7B],     // truncated body
+            withUnsafeBytes(of: UInt64(3)) { Array($0) } + [2, 0xC3, 0x28], // invalid UTF-8
+            withUnsafeBytes(of: UInt64(6)) { Array($0) } + [2] + Array("nope!".utf8),  // notify with bad JSON
+            Array("GET / HTTP/1.1\r\n\r\n".utf8),                           // wrong protocol entirely
+        ]
+        for bytes in attempts {
+            let socket = try Socket.connect(host: "127.0.0.1", port: port, timeoutMs: 2000)
+            socket.setTimeouts(receiveMs: 7000, sendMs: 2000)
+            try bytes.withUnsafeBytes { try socket.sendAll([$0]) }
+            socket.shutdownWrite()
+            var scratch = [UInt8](repeating: 0, count: 64)
+            let n = (try? scratch.withUnsafeMutableBytes { try socket.receiveSome($0.baseAddress!, count: 64) }) ?? 0
+            #expect(n == 0, "server answered a malformed handshake: \(Array(scratch.prefix(n)))")
+            socket.close()
+        }
+        #expect(target.engine.takeNotifications().isEmpty)
+        let probe = try HandshakeClient.exchange(host: "127.0.0.1", port: port, message: .init(kind: .probe, json: "{}"),
+                                                 timeouts: .init(connectMs: 2000, replyMs: 5000))
+        #expect(probe.json == #"{"status":"success"}"#)
+        #expect(target.untouched)
+    }
+
+    @Test("the Metadata reply is the descriptor an official peer expects")
+    func metadataReply() throws {
+        let target = try Target()
+        let reply = try HandshakeClient.exchange(host: "127.0.0.1", port: target.engine.rpcPort,
+                                                 message: .init(kind: .metadata, json: #"{"name":"peer","protocol":"tcp"}"#),
+                                                 timeouts: .init(connectMs: 2000, replyMs: 5000))
+        let json = try JSONValue.parse(reply.json)
+        #expect(json["name"]?.stringValue == target.engine.segmentName)
+        #expect(json["protocol"]?.stringValue == "tcp")
+        #expect(json["tcp_data_port"]?.uint64Value == UInt64(target.engine.dataPort))
+        #expect(json["tcp_proto_version"]?.uint64Value == 2)
+        let buffer = json["buffers"]?.arrayValue?.first
+        #expect(buffer?["addr"]?.uint64Value == target.buffer.address)
+        #expect(buffer?["length"]?.uint64Value == UInt64(target.buffer.count))
+        #expect(buffer?["name"]?.stringValue == target.engine.segmentName)
+        // A legacy (untyped) Connection message is answered in the legacy form.
+        let legacy = try HandshakeClient.exchange(host: "127.0.0.1", port: target.engine.rpcPort,
+                                                  message: .init(kind: .connection, json: #"{"local_nic_path":"x"}"#, legacy: true),
+                                                  timeouts: .init(connectMs: 2000, replyMs: 5000))
+        #expect(legacy.legacy && legacy.json.contains("reply_msg"))
+    }
+}

@@ -1,0 +1,148 @@
+import CTransportABI
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// The plugin ABI, discovery and fallback, over real `.so` files built from
+/// Fixtures/fixture_plugin.c with the system C compiler.
+@Suite("Plugin ABI and protocol selection", .serialized)
+struct PluginTests {
+    @Test("a complete plugin loads and reports its descriptor")
+    func loadsGoodPlugin() throws {
+        let directory = try TestSupport.temporaryDirectory()
+        let path = try FixturePlugins.build("libtransport_loopcopy.so", in: directory)
+        let plugin = try PluginLoader.load(path: path).get()
+        #expect(plugin.info.name == "fixture" && plugin.info.version == "9.9.9" && plugin.info.protocols == ["loopcopy"])
+        #expect(plugin.info.abiVersion == "\(TE_ABI_MAJOR).\(TE_ABI_MINOR)")
+        #expect(plugin.info.capabilities & TE_CAP_OP_WRITE != 0)
+        #expect(plugin.probe(optionsJSON: "{}").available)
+    }
+
+    @Test("a newer plugin with a larger descriptor is accepted")
+    func acceptsNewerMinor() throws {
+        let directory = try TestSupport.temporaryDirectory()
+        let path = try FixturePlugins.build("libtransport_newer.so", defines: ["FIXTURE_NEWER"], in: directory)
+        let plugin = try PluginLoader.load(path: path).get()
+        #expect(plugin.info.abiVersion == "\(TE_ABI_MAJOR).\(TE_ABI_MINOR + 1)")
+        #expect(plugin.info.descriptorSize > MemoryLayout<te_plugin_descriptor>.size)
+    }
+
+    @Test("wrong major, short descriptor, missing symbol and missing dependency are refused with reasons")
+    func refusesBrokenPlugins() throws {
+        let directory = try TestSupport.temporaryDirectory()
+        let cases: [(String, String)] = [
+            (try FixturePlugins.build("libtransport_badmajor.so", defines: ["FIXTURE_BAD_MAJOR"], in: directory), "ABI major version 99"),
+            (try FixturePlugins.build("libtransport_small.so", defines: ["FIXTURE_SMALL"], in: directory), "smaller than the ABI 1.0 minimum"),
+            (try FixturePlugins.build("libtransport_noentry.so", defines: ["FIXTURE_NO_ENTRY"], in: directory), "does not export 'te_transport_plugin_entry'"),
+            (try FixturePlugins.buildWithMissingDependency("libtransport_needslib.so", in: directory), "the needslib plugin needs libfixturedep.so.1"),
+        ]
+        for (path, expected) in cases {
+            switch PluginLoader.load(path: path) {
+            case .success: Issue.record("\(path) should have been refused")
+            case .failure(let error): #expect(error.reason.contains(expected), "reason was: \(error.reason)")
+            }
+        }
+    }
+
+    @Test("dlopen errors for known libraries name the Debian package")
+    func packageHints() {
+        let reason = PluginLoader.explainDlopenFailure("libibverbs.so.1: cannot open shared object file: No such file or directory",
+                                                       path: "/usr/lib/transfer-engine/plugins/libtransport_rdma.so")
+        #expect(reason.contains("the rdma plugin needs libibverbs.so.1") && reason.contains("libibverbs1"))
+    }
+
+    @Test("rdma without a plugin falls back to TCP with exactly one warning")
+    func fallbackWithoutPlugin() throws {
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "rdma"), environment: TestSupport.cleanEnvironment(), logger: logger)
+        defer { engine.shutdown() }
+        #expect(engine.activeProtocol == "tcp")
+        let warnings = capture.messages(at: .warning)
+        #expect(warnings.count == 1)
+        #expect(warnings.first?.contains("protocol 'rdma' is unavailable") == true)
+        #expect(warnings.first?.contains("libtransport_rdma.so") == true)
+        #expect(warnings.first?.contains("transfer-engine-plugin-rdma") == true)
+    }
+
+    @Test("a plugin reporting hardware absent falls back to TCP and says why; strict mode makes it an error")
+    func fallbackHardwareAbsent() throws {
+        let directory = try TestSupport.temporaryDirectory()
+        try FixturePlugins.build("libtransport_rdma.so", defines: ["FIXTURE_ABSENT", "FIXTURE_PROTOCOL=\"rdma\""], in: directory)
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": directory.path])
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "rdma"), environment: environment, logger: logger)
+        engine.shutdown()
+        #expect(engine.activeProtocol == "tcp")
+        let warnings = capture.messages(at: .warning)
+        #expect(warnings.count == 1)
+        #expect(warnings.first?.contains("hardware absent: no fixture device found") == true, "\(warnings)")
+        #expect(warnings.first?.contains("attach a fixture device") == true)
+
+        var strict = environment
+        strict["MC_STRICT_PROTOCOL"] = "1"
+        do {
+            _ = try TransferEngine(configuration: EngineConfiguration(protocolName: "rdma"), environment: strict)
+            Issue.record("strict mode should refuse the fallback")
+        } catch let error as EngineError {
+            guard case .protocolUnavailable(let name, let reason) = error else { Issue.record("\(error)"); return }
+            #expect(name == "rdma" && reason.contains("hardware absent"))
+        }
+    }
+
+    @Test("MC_FORCE_MNNVL with rdma selects nvlink")
+    func forceMNNVL() throws {
+        let selection = try ProtocolSelector.select(requested: "rdma", catalog: PluginCatalog(directories: []),
+                                                    environment: ["MC_FORCE_MNNVL": "true"], probeOptionsJSON: "{}")
+        #expect(selection.requested == "nvlink" && selection.effective == "tcp")
+    }
+
+    @Test("an unknown protocol is an error listing the valid names, including plugin-declared ones")
+    func unknownProtocol() throws {
+        let directory = try TestSupport.temporaryDirectory()
+        try FixturePlugins.build("libtransport_custom.so", defines: ["FIXTURE_PROTOCOL=\"custom,loopcopy\""], in: directory)
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": directory.path])
+        do {
+            _ = try TransferEngine(configuration: EngineConfiguration(protocolName: "infiniband9000"), environment: environment)
+            Issue.record("expected unknownProtocol")
+        } catch let error as EngineError {
+            #expect(error.description.contains("unknown protocol 'infiniband9000'"))
+            #expect(error.description.contains("rdma") && error.description.contains("nvlink_intra") && error.description.contains("loopcopy"))
+        }
+        // A protocol that only a plugin declares (not its file name) is found by loading the plugins.
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
+        defer { engine.shutdown() }
+        #expect(engine.activeProtocol == "loopcopy")
+    }
+
+    @Test("data moves through a plugin's submit/poll vtable, with descriptor fragments published")
+    func dataThroughPlugin() throws {
+        let directory = try TestSupport.temporaryDirectory()
+        try FixturePlugins.build("libtransport_loopcopy.so", in: directory)
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": directory.path])
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
+        defer { target.shutdown(); initiator.shutdown() }
+        #expect(target.activeProtocol == "loopcopy")
+        let remote = TestBuffer(1 << 20)
+        let local = TestBuffer(1 << 20)
+        local.fillPattern(seed: 9)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
+        let published = target.localDescriptor
+        #expect(published.protocolName == "loopcopy" && published.extra["fixture_pid"] != nil)
+        #expect(published.buffers.first?.extra["fixture_key"] == .array([.uint(7)]))
+        #expect(published.buffers.first?.name == "cpu:0")
+
+        let handle = try initiator.openSegment(target.segmentName)
+        let requests = (0..<16).map { i in
+            TransferRequest(operation: .write, localAddress: local.address + UInt64(i) * 65536, segment: handle,
+                            remoteAddress: remote.address + UInt64(i) * 65536, length: 65536)
+        }
+        try initiator.transferBatchSync(requests)
+        #expect(remote.equals(local, length: local.count))
+        // Out-of-range requests are refused before they reach the plugin.
+        #expect(throws: EngineError.self) {
+            try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address + 1, length: UInt64(remote.count))
+        }
+    }
+}

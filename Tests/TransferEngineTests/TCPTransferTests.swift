@@ -1,0 +1,198 @@
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// TCP transfers between this test process and a `transfer-engine serve`
+/// child process, over real loopback sockets, with every byte verified.
+@Suite("TCP transport between two processes", .serialized)
+struct TCPTransferTests {
+    private func makeEngine() throws -> TransferEngine {
+        try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
+    }
+
+    @Test("writes then reads back every size from 1 B to 64 MiB; the peer's memory holds exactly the bytes written")
+    func sizes() throws {
+        let target = try ServeProcess(bufferSize: "160MiB")
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let source = TestBuffer(64 << 20)
+        let sink = TestBuffer(64 << 20)
+        try engine.registerMemory(address: source.address, length: UInt64(source.count))
+        try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
+        let handle = try engine.openSegment(target.segment)
+        var sizes: [Int] = [1, 7, 24, 4095, 4096, 65537]
+        var size = 1 << 17
+        while size <= 64 << 20 { sizes.append(size); size <<= 2 }
+        sizes.append(64 << 20)
+        for (index, size) in sizes.enumerated() {
+            source.fillPattern(seed: UInt8(index))
+            memset(sink.pointer, 0xEE, size)
+            let remote = target.bufferAddress + UInt64(index * 4099 % 65536)  // unaligned remote offsets too
+            try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: remote, length: UInt64(size))
+            try engine.transferSync(.read, localAddress: sink.address, segment: handle, remoteAddress: remote, length: UInt64(size))
+            #expect(sink.equals(source, length: size), "size \(size)")
+        }
+    }
+
+    @Test("batches of mixed reads and writes complete with per-task status")
+    func batches() throws {
+        let target = try ServeProcess(bufferSize: "64MiB")
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let local = TestBuffer(32 << 20)
+        let back = TestBuffer(32 << 20)
+        local.fillPattern(seed: 3)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        try engine.registerMemory(address: back.address, length: UInt64(back.count))
+        let handle = try engine.openSegment(target.segment)
+        let block: UInt64 = 256 << 10
+        let count = Int(UInt64(local.count) / block)
+        let batch = try engine.allocateBatch(capacity: count)
+        try engine.submit((0..<count).map { i in
+            TransferRequest(operation: .write, localAddress: local.address + UInt64(i) * block, segment: handle,
+                            remoteAddress: target.bufferAddress + UInt64(i) * block, length: block)
+        }, to: batch)
+        #expect(try engine.wait(batch: batch, timeoutNs: 60_000_000_000))
+        let statuses = try engine.statuses(batch: batch)
+        #expect(statuses.count == count && statuses.allSatisfy { $0.state == .completed && $0.transferredBytes == block })
+        try engine.freeBatch(batch)
+        #expect(throws: EngineError.invalidBatch(batch)) { try engine.freeBatch(batch) }
+
+        let reads = (0..<count).map { i in
+            TransferRequest(operation: .read, localAddress: back.address + UInt64(i) * block, segment: handle,
+                            remoteAddress: target.bufferAddress + UInt64(i) * block, length: block)
+        }
+        try engine.transferBatchSync(reads)
+        #expect(back.equals(local, length: local.count))
+    }
+
+    @Test("concurrent submitters on several threads each get their own bytes back")
+    func concurrentSubmitters() throws {
+        let target = try ServeProcess(bufferSize: "64MiB")
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let threads = 4
+        let span = 8 << 20
+        let buffers = (0..<threads).map { _ in (TestBuffer(span), TestBuffer(span)) }
+        for (out, back) in buffers {
+            try engine.registerMemory(address: out.address, length: UInt64(span))
+            try engine.registerMemory(address: back.address, length: UInt64(span))
+        }
+        let handle = try engine.openSegment(target.segment)
+        let failures = LockedCounter()
+        DispatchQueue.concurrentPerform(iterations: threads) { t in
+            let (out, back) = buffers[t]
+            out.fillPattern(seed: UInt8(40 + t))
+            let remote = target.bufferAddress + UInt64(t * span)
+            do {
+                for round in 0..<8 {
+                    let block = UInt64(span / 8)
+                    let offset = UInt64(round) * block
+                    try engine.transferSync(.write, localAddress: out.address + offset, segment: handle, remoteAddress: remote + offset, length: block)
+                }
+                try engine.transferBatchSync([TransferRequest(operation: .read, localAddress: back.address, segment: handle, remoteAddress: remote, length: UInt64(span))])
+                if !back.equals(out, length: span) { failures.increment() }
+            } catch {
+                failures.increment()
+            }
+        }
+        #expect(failures.value == 0)
+    }
+
+    @Test("out-of-range requests are refused locally before anything is sent")
+    func localValidation() throws {
+        let target = try ServeProcess(bufferSize: "8MiB")
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let local = TestBuffer(1 << 20)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(target.segment)
+        #expect(throws: EngineError.self) {  // remote range past the peer's buffer
+            try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress + target.bufferLength - 10, length: 100)
+        }
+        #expect(throws: EngineError.self) {  // local range not registered
+            try engine.transferSync(.read, localAddress: local.address + UInt64(local.count) - 10, segment: handle, remoteAddress: target.bufferAddress, length: 100)
+        }
+        let batch = try engine.allocateBatch(capacity: 2)
+        #expect(throws: EngineError.self) {  // one bad request: nothing is submitted
+            try engine.submit([
+                TransferRequest(operation: .write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 10),
+                TransferRequest(operation: .write, localAddress: local.address, segment: handle, remoteAddress: 0x10, length: 10),
+            ], to: batch)
+        }
+        #expect(try engine.statuses(batch: batch).isEmpty)
+        #expect(throws: EngineError.self) { try engine.openSegment("127.0.0.1:1") }
+    }
+
+    @Test("a peer that dies mid-batch fails the remaining tasks and nothing hangs")
+    func peerDiesMidBatch() throws {
+        let target = try ServeProcess(bufferSize: "256MiB")
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let local = TestBuffer(256 << 20)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(target.segment)
+        let block: UInt64 = 1 << 20
+        let count = 256
+        let batch = try engine.allocateBatch(capacity: count * 4)
+        for round in 0..<4 {
+            try engine.submit((0..<count).map { i in
+                TransferRequest(operation: round % 2 == 0 ? .write : .read, localAddress: local.address + UInt64(i) * block, segment: handle,
+                                remoteAddress: target.bufferAddress + UInt64(i) * block, length: block)
+            }, to: batch)
+        }
+        usleep(20_000)
+        target.kill()
+        let started = Date()
+        #expect(try engine.wait(batch: batch, timeoutNs: 60_000_000_000), "tasks still pending after the peer died")
+        #expect(Date().timeIntervalSince(started) < 60)
+        let statuses = try engine.statuses(batch: batch)
+        #expect(statuses.contains { $0.state == .failed }, "the peer died, some task must fail")
+        #expect(statuses.allSatisfy { $0.state == .failed || $0.state == .completed })
+        #expect(statuses.first { $0.state == .failed }?.error?.isEmpty == false)
+        // New work to the dead peer fails promptly too.
+        #expect(throws: EngineError.self) {
+            try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 4096)
+        }
+    }
+
+    @Test("notifications and probes travel over the handshake port")
+    func notifyAndProbe() throws {
+        let receiver = try makeEngine()
+        let sender = try makeEngine()
+        defer { receiver.shutdown(); sender.shutdown() }
+        try sender.probe(segmentName: receiver.segmentName)
+        let handle = try sender.openSegment(receiver.segmentName)
+        try sender.sendNotification(TransferNotification(name: "kv-block-17", message: "ready"), to: handle)
+        #expect(receiver.takeNotifications() == [TransferNotification(name: "kv-block-17", message: "ready")])
+        #expect(receiver.takeNotifications().isEmpty)
+        #expect(throws: (any Error).self) { try sender.probe(segmentName: "127.0.0.1:1") }
+    }
+
+    @Test("a peer's later registrations are picked up by refreshing its descriptor")
+    func refreshAfterRegistration() throws {
+        let target = try makeEngine()
+        let initiator = try makeEngine()
+        defer { target.shutdown(); initiator.shutdown() }
+        let first = TestBuffer(4096), second = TestBuffer(4096, fill: 0x42), local = TestBuffer(4096)
+        try target.registerMemory(address: first.address, length: 4096)
+        try initiator.registerMemory(address: local.address, length: 4096)
+        let handle = try initiator.openSegment(target.segmentName)
+        #expect(try initiator.openSegment(target.segmentName) == handle)
+        try target.registerMemory(address: second.address, length: 4096)
+        try initiator.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: second.address, length: 4096)
+        #expect(local.equals(second, length: 4096))
+        // After unregistering, the target refuses the range even for a client with a stale descriptor.
+        try target.unregisterMemory(address: second.address)
+        #expect(throws: EngineError.self) {
+            try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: second.address, length: 4096)
+        }
+    }
+}
+
+final class LockedCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    func increment() { lock.withLock { count += 1 } }
+    var value: Int { lock.withLock { count } }
+}

@@ -1,0 +1,218 @@
+import Foundation
+import Logging
+@testable import TransferEngine
+
+/// Paths and helpers shared by the tests.
+enum TestSupport {
+    /// The repository root (from this file's path).
+    static let repoRoot: URL = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// The build products directory (holds the `transfer-engine` binary next to the test bundle).
+    static let productsDirectory: URL = {
+        if let override = ProcessInfo.processInfo.environment["TE_TEST_PRODUCTS_DIR"] { return URL(fileURLWithPath: override) }
+        var url = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+        // XCTest bundles on Linux sit directly in the products dir; be tolerant of nesting.
+        for _ in 0..<3 where !FileManager.default.fileExists(atPath: url.appendingPathComponent("transfer-engine").path) {
+            url.deleteLastPathComponent()
+        }
+        return url
+    }()
+
+    /// The CLI binary.
+    static var cli: String { productsDirectory.appendingPathComponent("transfer-engine").path }
+
+    /// A fresh temporary directory.
+    static func temporaryDirectory(_ prefix: String = "te-test") throws -> URL {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("\(prefix)-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        return url
+    }
+
+    /// An environment without the variables that would change engine behaviour.
+    static func cleanEnvironment(_ extra: [String: String] = [:]) -> [String: String] {
+        var environment = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("MC_") && !$0.key.hasPrefix("MOONCAKE_") }
+        environment["MC_TRANSPORT_PLUGIN_PATH"] = "/nonexistent-plugin-dir"
+        for (key, value) in extra { environment[key] = value }
+        return environment
+    }
+
+    /// A logger that records every message (for asserting on warnings).
+    static func capturingLogger() -> (Logger, LogCapture) {
+        let capture = LogCapture()
+        let logger = Logger(label: "test") { _ in CapturingLogHandler(capture: capture) }
+        return (logger, capture)
+    }
+
+    /// Runs a command and returns (exit status, stdout, stderr). Bounded by `timeout` seconds.
+    @discardableResult
+    static func run(_ executable: String, _ arguments: [String], environment: [String: String]? = nil, timeout: TimeInterval = 120) throws -> (Int32, String, String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        if let environment { process.environment = environment }
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let outData = LockedData(), errData = LockedData()
+        let group = DispatchGroup()
+        for (pipe, sink) in [(out, outData), (err, errData)] {
+            group.enter()
+            DispatchQueue.global().async {
+                sink.set(pipe.fileHandleForReading.readDataToEndOfFile())
+                group.leave()
+            }
+        }
+        if group.wait(timeout: .now() + timeout) == .timedOut {
+            process.terminate()
+            throw TestFailure("\(executable) \(arguments.joined(separator: " ")) did not finish in \(timeout) s")
+        }
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: outData.get(), as: UTF8.self), String(decoding: errData.get(), as: UTF8.self))
+    }
+}
+
+final class LockedData: @unchecked Sendable {
+    private let lock = NSLock()
+    private var data = Data()
+    func set(_ value: Data) { lock.withLock { data = value } }
+    func get() -> Data { lock.withLock { data } }
+}
+
+/// A test failure with a message.
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Collected log lines.
+final class LogCapture: @unchecked Sendable {
+    private let lock = NSLock()
+    private var lines: [(Logger.Level, String)] = []
+    func append(_ level: Logger.Level, _ message: String) { lock.withLock { lines.append((level, message)) } }
+    func messages(at level: Logger.Level) -> [String] { lock.withLock { lines.filter { $0.0 == level }.map(\.1) } }
+}
+
+struct CapturingLogHandler: LogHandler {
+    let capture: LogCapture
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) { capture.append(event.level, "\(event.message)") }
+}
+
+/// Page-aligned memory owned by a test.
+final class TestBuffer: @unchecked Sendable {
+    let pointer: UnsafeMutableRawPointer
+    let count: Int
+    init(_ count: Int, fill: UInt8 = 0) {
+        self.count = count
+        pointer = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 4096)
+        memset(pointer, Int32(fill), count)
+    }
+    deinit { pointer.deallocate() }
+    var address: UInt64 { UInt64(UInt(bitPattern: pointer)) }
+    var bytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: pointer, count: count) }
+    /// Fills with a position- and seed-dependent pattern.
+    func fillPattern(seed: UInt8) {
+        let p = pointer.assumingMemoryBound(to: UInt8.self)
+        for i in 0..<min(count, 4093) { p[i] = UInt8(truncatingIfNeeded: i &* 31 &+ Int(seed)) }
+        var filled = min(count, 4093)
+        while filled < count {
+            let chunk = min(filled, count - filled)
+            memcpy(p + filled, p, chunk)
+            filled += chunk
+        }
+    }
+    func equals(_ other: TestBuffer, offset: Int = 0, otherOffset: Int = 0, length: Int) -> Bool {
+        memcmp(pointer + offset, other.pointer + otherOffset, length) == 0
+    }
+}
+
+/// A `transfer-engine serve` child process: a real second engine process.
+final class ServeProcess: @unchecked Sendable {
+    let process = Process()
+    let input = Pipe()
+    let segment: String
+    let bufferAddress: UInt64
+    let bufferLength: UInt64
+
+    init(bufferSize: String = "128MiB", environment: [String: String] = TestSupport.cleanEnvironment()) throws {
+        process.executableURL = URL(fileURLWithPath: TestSupport.cli)
+        process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--local-hostname", "127.0.0.1"]
+        process.environment = environment
+        let output = Pipe()
+        process.standardInput = input
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        var text = ""
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline, !text.contains("\n") {
+            let chunk = output.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            text += String(decoding: chunk, as: UTF8.self)
+        }
+        var fields: [String: String] = [:]
+        for part in text.split(separator: "\n").first?.split(separator: " ") ?? [] {
+            let kv = part.split(separator: "=", maxSplits: 1)
+            if kv.count == 2 { fields[String(kv[0])] = String(kv[1]) }
+        }
+        guard let segment = fields["segment"], let buffer = fields["buffer"], let address = UInt64(buffer.dropFirst(2), radix: 16),
+              let length = fields["length"].flatMap({ UInt64($0) }) else {
+            process.terminate()
+            throw TestFailure("serve did not print READY: \(text)")
+        }
+        self.segment = segment
+        self.bufferAddress = address
+        self.bufferLength = length
+    }
+
+    /// Kills the process abruptly (a peer that dies).
+    func kill() {
+        Foundation.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    deinit {
+        if process.isRunning {
+            try? input.fileHandleForWriting.close()
+            process.terminate()
+            process.waitUntilExit()
+        }
+    }
+}
+
+/// Builds fixture plugins from Tests/TransferEngineTests/Fixtures with the system C compiler.
+enum FixturePlugins {
+    static let source = TestSupport.repoRoot.appendingPathComponent("Tests/TransferEngineTests/Fixtures/fixture_plugin.c").path
+    static let include = TestSupport.repoRoot.appendingPathComponent("Sources/CTransportABI/include").path
+
+    /// Compiles the fixture with `defines` into `directory/fileName`.
+    @discardableResult
+    static func build(_ fileName: String, defines: [String] = [], in directory: URL, extraArguments: [String] = []) throws -> String {
+        let output = directory.appendingPathComponent(fileName).path
+        let arguments = ["-shared", "-fPIC", "-O1", "-I", include] + defines.map { "-D\($0)" } + [source, "-o", output, "-lpthread"] + extraArguments
+        let (status, _, stderr) = try TestSupport.run("/usr/bin/cc", arguments)
+        guard status == 0 else { throw TestFailure("cc failed: \(stderr)") }
+        return output
+    }
+
+    /// A plugin that links libfixturedep.so, which is then deleted (a missing dependency).
+    static func buildWithMissingDependency(_ fileName: String, in directory: URL) throws -> String {
+        let depDirectory = directory.appendingPathComponent("dep")
+        try FileManager.default.createDirectory(at: depDirectory, withIntermediateDirectories: true)
+        let depSource = depDirectory.appendingPathComponent("dep.c")
+        try "int fixture_dependency_function(void) { return 1; }\n".write(to: depSource, atomically: true, encoding: .utf8)
+        let depLibrary = depDirectory.appendingPathComponent("libfixturedep.so.1").path
+        let (status, _, stderr) = try TestSupport.run("/usr/bin/cc", ["-shared", "-fPIC", "-Wl,-soname,libfixturedep.so.1", depSource.path, "-o", depLibrary])
+        guard status == 0 else { throw TestFailure("cc failed: \(stderr)") }
+        let path = try build(fileName, defines: ["FIXTURE_NEEDS_LIB"], in: directory, extraArguments: [depLibrary])
+        try FileManager.default.removeItem(atPath: depLibrary)
+        return path
+    }
+}
