@@ -235,7 +235,7 @@ final class Socket: @unchecked Sendable {
             let sent = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
                 var message = msghdr()
                 message.msg_iov = buffer.baseAddress! + index
-                message.msg_iovlen = buffer.count - index
+                message.msg_iovlen = min(buffer.count - index, 1024)
                 return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
             }
             if sent < 0 {
@@ -272,6 +272,41 @@ final class Socket: @unchecked Sendable {
             if errno == EINTR { continue }
             if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
             throw SocketError.system(call: "recv", errno: Errno(rawValue: errno))
+        }
+    }
+
+    /// Receives exactly the bytes of every region, in order, with as few syscalls as possible.
+    /// Returns the number of bytes received before an error (which is rethrown with that count).
+    func receiveAll(_ parts: [UnsafeMutableRawBufferPointer]) throws {
+        var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
+        let expected = vectors.reduce(0) { $0 + $1.iov_len }
+        var total = 0
+        var index = 0
+        while index < vectors.count {
+            let n = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
+                var message = msghdr()
+                message.msg_iov = buffer.baseAddress! + index
+                message.msg_iovlen = min(buffer.count - index, 1024)
+                return recvmsg(fd, &message, Int32(MSG_WAITALL))
+            }
+            if n == 0 { throw SocketError.closedByPeer(expected: expected, received: total) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
+                throw SocketError.system(call: "recvmsg", errno: Errno(rawValue: errno))
+            }
+            total += n
+            var remaining = n
+            while remaining > 0, index < vectors.count {
+                if remaining >= vectors[index].iov_len {
+                    remaining -= vectors[index].iov_len
+                    index += 1
+                } else {
+                    vectors[index].iov_base += remaining
+                    vectors[index].iov_len -= remaining
+                    remaining = 0
+                }
+            }
         }
     }
 

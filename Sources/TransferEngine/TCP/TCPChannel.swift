@@ -90,13 +90,9 @@ final class TCPChannel: @unchecked Sendable {
     /// Runs one request on the caller's thread (synchronous path).
     func performInline(operation: TCPWire.Operation, localAddress: UInt64, remoteAddress: UInt64, length: UInt64) throws {
         let socket = try takeSocket()
-        do {
-            try perform(operation: operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length, on: socket)
-            returnSocket(socket)
-        } catch {
-            socket.close()
-            throw error
-        }
+        let outcome = performRun([Step(operation: operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)], on: socket)
+        if outcome.healthy { returnSocket(socket) } else { socket.close() }
+        if let error = outcome.errors[0] { throw error }
     }
 
     /// Stops the lanes after their current request and fails queued work.
@@ -126,19 +122,34 @@ final class TCPChannel: @unchecked Sendable {
         if !keep { socket.close() }
     }
 
+    /// Longest run of same-direction slices a lane pipelines on its connection.
+    private static let maxRunCount = 64
+    /// Byte budget of one run, so a run does not starve the other lanes.
+    private static let maxRunBytes: UInt64 = 16 << 20
+
     private func laneLoop() {
         var socket: Socket?
         defer { socket?.close() }
         while true {
             let deadline = MonotonicClock.nanoseconds() + UInt64(settings.laneIdleMs) * 1_000_000
             state.withLock { $0.idleLanes += 1 }
-            let next: TCPSlice?? = state.wait(deadline: deadline) { state -> TCPSlice?? in
-                if let slice = state.queue.popFirst() { return .some(slice) }
-                if state.closed { return .some(nil) }
+            // Take a run: the first queued slice plus following slices of the same direction.
+            let next: [TCPSlice]? = state.wait(deadline: deadline) { state -> [TCPSlice]? in
+                if let first = state.queue.popFirst() {
+                    var run = [first]
+                    var bytes = first.length
+                    while run.count < Self.maxRunCount, let candidate = state.queue.first, candidate.operation == first.operation,
+                          bytes + candidate.length <= Self.maxRunBytes {
+                        run.append(state.queue.removeFirst())
+                        bytes += candidate.length
+                    }
+                    return run
+                }
+                if state.closed { return [] }
                 return nil
             }
             state.withLock { $0.idleLanes -= 1 }
-            guard let work = next, let slice = work else {
+            guard let run = next, !run.isEmpty else {
                 // Idle too long or closed: retire, unless work arrived meanwhile.
                 let retire = state.withLock { state -> Bool in
                     if state.queue.isEmpty || state.closed { state.lanes -= 1; return true }
@@ -147,59 +158,142 @@ final class TCPChannel: @unchecked Sendable {
                 if retire { return }
                 continue
             }
-            do {
-                if socket == nil { socket = try takeSocket() }
-                try perform(operation: slice.operation, localAddress: slice.localAddress,
-                            remoteAddress: slice.remoteAddress, length: slice.length, on: socket!)
-                slice.batch.sliceFinished(task: slice.task, bytes: slice.length, error: nil)
-            } catch {
+            if socket == nil {
+                do { socket = try takeSocket() } catch {
+                    for slice in run { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "connect to \(host):\(port): \(error)") }
+                    continue
+                }
+            }
+            let outcome = performRun(run.map { Step(operation: $0.operation, localAddress: $0.localAddress, remoteAddress: $0.remoteAddress, length: $0.length) }, on: socket!)
+            for (slice, error) in zip(run, outcome.errors) {
+                slice.batch.sliceFinished(task: slice.task, bytes: error == nil ? slice.length : 0,
+                                          error: error.map { "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \($0)" })
+            }
+            if !outcome.healthy {
                 socket?.close()
                 socket = nil
-                slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \(error)")
             }
         }
     }
 
-    /// One request/response exchange in the official wire format.
-    private func perform(operation: TCPWire.Operation, localAddress: UInt64, remoteAddress: UInt64, length: UInt64, on socket: Socket) throws {
-        let header = TCPWire.Header(size: length, address: remoteAddress, operation: operation, acknowledged: acknowledged)
-        var headerBytes = (UInt64(0), UInt64(0), UInt64(0))
-        withUnsafeMutableBytes(of: &headerBytes) { header.encode(into: $0) }
-        let local = UnsafeMutableRawPointer(bitPattern: UInt(localAddress))!
-        let count = Int(length)
-        switch operation {
+    /// One request of a run.
+    struct Step {
+        var operation: TCPWire.Operation
+        var localAddress: UInt64
+        var remoteAddress: UInt64
+        var length: UInt64
+    }
+
+    /// Per-step errors (nil = done) and whether the connection can be reused.
+    struct RunOutcome {
+        var errors: [Error?]
+        var healthy: Bool
+    }
+
+    /// Sends a run of same-direction requests back to back in the official wire format, then
+    /// collects the answers in order (the server handles a connection's requests sequentially).
+    /// Writes: all headers and payloads in one gathered send, then the status frames.
+    /// Reads: all headers in one send, then status frames and data scattered straight into place.
+    func performRun(_ steps: [Step], on socket: Socket) -> RunOutcome {
+        let count = steps.count
+        let headers = UnsafeMutableRawBufferPointer.allocate(byteCount: count * TCPWire.headerSize, alignment: 8)
+        let statuses = UnsafeMutablePointer<UInt64>.allocate(capacity: count)
+        defer { headers.deallocate(); statuses.deallocate() }
+        statuses.initialize(repeating: 0, count: count)
+        for (i, step) in steps.enumerated() {
+            TCPWire.Header(size: step.length, address: step.remoteAddress, operation: step.operation, acknowledged: acknowledged)
+                .encode(into: UnsafeMutableRawBufferPointer(rebasing: headers[(i * TCPWire.headerSize)...]))
+        }
+        func header(_ i: Int) -> UnsafeRawBufferPointer {
+            UnsafeRawBufferPointer(rebasing: headers[(i * TCPWire.headerSize)..<((i + 1) * TCPWire.headerSize)])
+        }
+        func payload(_ i: Int) -> UnsafeMutableRawBufferPointer {
+            UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: UInt(steps[i].localAddress)), count: Int(steps[i].length))
+        }
+        func status(_ i: Int) -> UnsafeMutableRawBufferPointer {
+            UnsafeMutableRawBufferPointer(start: statuses + i, count: TCPWire.statusFrameSize)
+        }
+        /// Steps before `firstUnfinished` are done; the rest fail with `failure` or a reason read from their status.
+        func failed(_ failure: Error, completedBefore firstUnfinished: Int) -> RunOutcome {
+            var errors: [Error?] = Array(repeating: nil, count: count)
+            for i in firstUnfinished..<count {
+                if acknowledged, i == firstUnfinished, let code = TCPWire.decodeStatusFrame(statuses[i]), code != TCPWire.Status.ok.rawValue {
+                    errors[i] = TransferRejection(status: code)
+                } else if acknowledged, i == firstUnfinished, statuses[i] != 0, TCPWire.decodeStatusFrame(statuses[i]) == nil {
+                    errors[i] = TransferRejection(status: UInt32.max)
+                } else {
+                    errors[i] = i == firstUnfinished ? failure : ConnectionLost(cause: "\(failure)")
+                }
+            }
+            return RunOutcome(errors: errors, healthy: false)
+        }
+        /// Index of the first step whose status frame is missing or not OK.
+        func firstNotOK() -> Int {
+            (0..<count).first { TCPWire.decodeStatusFrame(statuses[$0]) != TCPWire.Status.ok.rawValue } ?? count
+        }
+
+        switch steps[0].operation {
         case .write:
+            var parts: [UnsafeRawBufferPointer] = []
+            parts.reserveCapacity(count * 2)
+            for i in 0..<count { parts.append(header(i)); parts.append(UnsafeRawBufferPointer(payload(i))) }
             do {
-                try withUnsafeBytes(of: &headerBytes) { head in
-                    try socket.sendAll([head, UnsafeRawBufferPointer(start: local, count: count)])
-                }
+                try socket.sendAll(parts)
             } catch {
-                // The server answers a rejected write before reading its payload: surface that reason.
-                if acknowledged, let status = try? readStatus(socket), status != TCPWire.Status.ok.rawValue {
-                    throw TransferRejection(status: status)
+                // The server answers a rejected write before reading its payload: collect what it said.
+                if acknowledged {
+                    socket.setTimeouts(receiveMs: 200, sendMs: settings.statusTimeoutMs)
+                    try? socket.receiveAll((0..<count).map(status))
                 }
-                throw error
+                return failed(error, completedBefore: acknowledged ? firstNotOK() : 0)
             }
-            if acknowledged {
-                let status = try readStatus(socket)
-                if status != TCPWire.Status.ok.rawValue { throw TransferRejection(status: status) }
+            guard acknowledged else { return RunOutcome(errors: Array(repeating: nil, count: count), healthy: true) }
+            do {
+                try socket.receiveAll([UnsafeMutableRawBufferPointer(start: statuses, count: count * TCPWire.statusFrameSize)])
+            } catch {
+                return failed(error, completedBefore: firstNotOK())
             }
+            let bad = firstNotOK()
+            if bad < count { return failed(TransferRejection(status: TCPWire.decodeStatusFrame(statuses[bad]) ?? UInt32.max), completedBefore: bad) }
+            return RunOutcome(errors: Array(repeating: nil, count: count), healthy: true)
+
         case .read:
-            try withUnsafeBytes(of: &headerBytes) { try socket.sendAll([$0]) }
-            if acknowledged {
-                let status = try readStatus(socket)
-                if status != TCPWire.Status.ok.rawValue { throw TransferRejection(status: status) }
+            do {
+                try socket.sendAll([UnsafeRawBufferPointer(headers)])
+            } catch {
+                return failed(error, completedBefore: 0)
             }
-            try socket.receiveAll(local, count: count)
+            var parts: [UnsafeMutableRawBufferPointer] = []
+            parts.reserveCapacity(count * 2)
+            for i in 0..<count {
+                if acknowledged { parts.append(status(i)) }
+                parts.append(payload(i))
+            }
+            do {
+                try socket.receiveAll(parts)
+            } catch {
+                guard acknowledged else { return failed(error, completedBefore: 0) }
+                // A rejected step's frame arrives whole after the previous step's data, so every
+                // earlier step is done. A missing frame means the step before it may be cut short.
+                let bad = firstNotOK()
+                if bad < count, let code = TCPWire.decodeStatusFrame(statuses[bad]), code != TCPWire.Status.ok.rawValue {
+                    return failed(error, completedBefore: bad)
+                }
+                return failed(error, completedBefore: max(0, bad - 1))
+            }
+            if acknowledged {
+                let bad = firstNotOK()
+                if bad < count { return failed(TransferRejection(status: TCPWire.decodeStatusFrame(statuses[bad]) ?? UInt32.max), completedBefore: bad) }
+            }
+            return RunOutcome(errors: Array(repeating: nil, count: count), healthy: true)
         }
     }
+}
 
-    private func readStatus(_ socket: Socket) throws -> UInt32 {
-        var raw: UInt64 = 0
-        try socket.receiveAll(&raw, count: TCPWire.statusFrameSize)
-        guard let status = TCPWire.decodeStatusFrame(raw) else { throw TransferRejection(status: UInt32.max) }
-        return status
-    }
+/// The connection broke while this request waited behind an earlier one.
+struct ConnectionLost: Error, CustomStringConvertible {
+    var cause: String
+    var description: String { "connection lost before this request finished: \(cause)" }
 }
 
 /// A non-OK v2 status frame (or a frame without the magic).
