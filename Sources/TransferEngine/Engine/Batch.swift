@@ -42,20 +42,31 @@ final class Batch: @unchecked Sendable {
 
     /// Records one finished slice of task `index`.
     func sliceFinished(task index: Int, bytes: UInt64, error: String?) {
-        state.withLock(notify: true) { state in
-            guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { return }
-            state.tasks[index].pendingSlices -= 1
-            if let error {
-                state.tasks[index].status.state = .failed
-                if state.tasks[index].status.error == nil { state.tasks[index].status.error = error }
-            } else {
-                state.tasks[index].status.transferredBytes += bytes
-            }
-            if state.tasks[index].pendingSlices == 0 {
-                if state.tasks[index].status.state != .failed { state.tasks[index].status.state = .completed }
-                state.unfinished -= 1
+        slicesFinished([(index, bytes, error)])
+    }
+
+    /// Records several finished slices under one lock acquisition. Waiters are
+    /// woken only when the last unfinished task completes (status polls need no wake-up).
+    func slicesFinished(_ slices: [(task: Int, bytes: UInt64, error: String?)]) {
+        var wake = false
+        state.withLock { state in
+            for (index, bytes, error) in slices {
+                guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { continue }
+                state.tasks[index].pendingSlices -= 1
+                if let error {
+                    state.tasks[index].status.state = .failed
+                    if state.tasks[index].status.error == nil { state.tasks[index].status.error = error }
+                } else {
+                    state.tasks[index].status.transferredBytes += bytes
+                }
+                if state.tasks[index].pendingSlices == 0 {
+                    if state.tasks[index].status.state != .failed { state.tasks[index].status.state = .completed }
+                    state.unfinished -= 1
+                    if state.unfinished == 0 { wake = true }
+                }
             }
         }
+        if wake { state.withLock(notify: true) { _ in } }
     }
 
     /// The number of tasks submitted so far.

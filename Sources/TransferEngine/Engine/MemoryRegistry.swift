@@ -64,6 +64,12 @@ final class MemoryRegistry: @unchecked Sendable {
         }
     }
 
+    /// Runs `body` under the read lock with a lookup that checks ranges against the
+    /// registrations held stable for the duration (several ranges, one lock acquisition).
+    func withStableRegistrations<R>(_ body: (_ isRegistered: (UInt64, UInt64) -> Bool) throws -> R) rethrows -> R {
+        try lock.withReadLock { try body { self.find($0, $1) != nil } }
+    }
+
     private func find(_ address: UInt64, _ length: UInt64) -> Region? {
         guard length > 0 else { return nil }
         let index = insertionIndex(address &+ 1)  // first region starting after `address`

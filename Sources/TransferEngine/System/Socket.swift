@@ -321,6 +321,28 @@ final class Socket: @unchecked Sendable {
         }
     }
 
+    /// Copies up to `count` already-received bytes without consuming them or waiting.
+    func peekAvailable(_ pointer: UnsafeMutableRawPointer, count: Int) -> Int {
+        max(0, recv(fd, pointer, count, Int32(MSG_DONTWAIT) | Int32(MSG_PEEK)))
+    }
+
+    /// Whether received bytes are waiting to be read (FIONREAD).
+    var hasPendingInput: Bool {
+        var available: Int32 = 0
+        return ioctl(fd, UInt(FIONREAD), &available) == 0 && available > 0
+    }
+
+    /// Polls (without sleeping) until input is readable or `nanoseconds` pass.
+    /// A blocked thread's wake-up costs more than a short spin for a loopback
+    /// round trip, so synchronous small requests spin briefly before blocking.
+    func spinUntilReadable(nanoseconds: UInt64) {
+        let end = MonotonicClock.nanoseconds() + nanoseconds
+        var byte: UInt8 = 0
+        repeat {
+            if recv(fd, &byte, 1, Int32(MSG_DONTWAIT) | Int32(MSG_PEEK)) != -1 || (errno != EAGAIN && errno != EWOULDBLOCK) { return }
+        } while MonotonicClock.nanoseconds() < end
+    }
+
     /// Stops further sends; the peer sees EOF.
     func shutdownWrite() { Glibc.shutdown(fd, Int32(SHUT_WR)) }
 

@@ -90,7 +90,10 @@ final class TCPChannel: @unchecked Sendable {
     /// Runs one request on the caller's thread (synchronous path).
     func performInline(operation: TCPWire.Operation, localAddress: UInt64, remoteAddress: UInt64, length: UInt64) throws {
         let socket = try takeSocket()
-        let outcome = performRun([Step(operation: operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)], on: socket)
+        // Small synchronous requests spin briefly for the answer instead of sleeping.
+        let spin: UInt64 = length <= Self.spinThreshold ? Self.spinNanoseconds : 0
+        let outcome = performRun([Step(operation: operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)],
+                                 on: socket, spinNanoseconds: spin)
         if outcome.healthy { returnSocket(socket) } else { socket.close() }
         if let error = outcome.errors[0] { throw error }
     }
@@ -121,6 +124,11 @@ final class TCPChannel: @unchecked Sendable {
         }
         if !keep { socket.close() }
     }
+
+    /// Synchronous requests up to this size spin for their answer.
+    static let spinThreshold: UInt64 = 256 << 10
+    /// How long they spin before blocking.
+    static let spinNanoseconds: UInt64 = 100_000
 
     /// Longest run of same-direction slices a lane pipelines on its connection.
     private static let maxRunCount = 64
@@ -165,10 +173,14 @@ final class TCPChannel: @unchecked Sendable {
                 }
             }
             let outcome = performRun(run.map { Step(operation: $0.operation, localAddress: $0.localAddress, remoteAddress: $0.remoteAddress, length: $0.length) }, on: socket!)
+            // Report per batch, so each batch takes its lock once per run.
+            var reports: [ObjectIdentifier: (Batch, [(task: Int, bytes: UInt64, error: String?)])] = [:]
             for (slice, error) in zip(run, outcome.errors) {
-                slice.batch.sliceFinished(task: slice.task, bytes: error == nil ? slice.length : 0,
-                                          error: error.map { "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \($0)" })
+                let report = (slice.task, error == nil ? slice.length : 0,
+                              error.map { "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \($0)" })
+                reports[ObjectIdentifier(slice.batch), default: (slice.batch, [])].1.append(report)
             }
+            for (batch, slices) in reports.values { batch.slicesFinished(slices) }
             if !outcome.healthy {
                 socket?.close()
                 socket = nil
@@ -194,7 +206,7 @@ final class TCPChannel: @unchecked Sendable {
     /// collects the answers in order (the server handles a connection's requests sequentially).
     /// Writes: all headers and payloads in one gathered send, then the status frames.
     /// Reads: all headers in one send, then status frames and data scattered straight into place.
-    func performRun(_ steps: [Step], on socket: Socket) -> RunOutcome {
+    func performRun(_ steps: [Step], on socket: Socket, spinNanoseconds: UInt64 = 0) -> RunOutcome {
         let count = steps.count
         let headers = UnsafeMutableRawBufferPointer.allocate(byteCount: count * TCPWire.headerSize, alignment: 8)
         let statuses = UnsafeMutablePointer<UInt64>.allocate(capacity: count)
@@ -248,6 +260,7 @@ final class TCPChannel: @unchecked Sendable {
                 return failed(error, completedBefore: acknowledged ? firstNotOK() : 0)
             }
             guard acknowledged else { return RunOutcome(errors: Array(repeating: nil, count: count), healthy: true) }
+            if spinNanoseconds > 0 { socket.spinUntilReadable(nanoseconds: spinNanoseconds) }
             do {
                 try socket.receiveAll([UnsafeMutableRawBufferPointer(start: statuses, count: count * TCPWire.statusFrameSize)])
             } catch {
@@ -263,6 +276,7 @@ final class TCPChannel: @unchecked Sendable {
             } catch {
                 return failed(error, completedBefore: 0)
             }
+            if spinNanoseconds > 0 { socket.spinUntilReadable(nanoseconds: spinNanoseconds) }
             var parts: [UnsafeMutableRawBufferPointer] = []
             parts.reserveCapacity(count * 2)
             for i in 0..<count {

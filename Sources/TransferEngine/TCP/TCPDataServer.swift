@@ -69,15 +69,36 @@ final class TCPDataServer: @unchecked Sendable {
     }
 
     /// The per-connection request loop.
+    ///
+    /// Acknowledgements of pipelined writes are coalesced: while the next request
+    /// is already waiting in the socket, OK frames queue up and go out in one send
+    /// (before any read response, a rejection, or blocking for more input), so the
+    /// client sees them in request order either way.
     private func serve(_ connection: Socket) {
         let peer = connection.peerAddress.description
+        // Timeouts bound every payload transfer; an idle wait between requests is not an error.
+        connection.setTimeouts(receiveMs: payloadTimeoutMs, sendMs: payloadTimeoutMs)
         var headerBytes = [UInt8](repeating: 0, count: TCPWire.headerSize)
+        var pendingAcks: [UInt64] = []
+        func flushAcks() throws {
+            guard !pendingAcks.isEmpty else { return }
+            try pendingAcks.withUnsafeBytes { try connection.sendAll([$0]) }
+            pendingAcks.removeAll(keepingCapacity: true)
+        }
         while true {
             do {
+                if !pendingAcks.isEmpty, !connection.hasPendingInput { try flushAcks() }
                 let received = try headerBytes.withUnsafeMutableBytes { buffer -> Int in
-                    // A clean EOF between requests is normal (the client closed its connection).
-                    let first = try connection.receiveSome(buffer.baseAddress!, count: TCPWire.headerSize)
-                    if first == 0 { return 0 }
+                    var first = 0
+                    while true {
+                        do {
+                            first = try connection.receiveSome(buffer.baseAddress!, count: TCPWire.headerSize)
+                            break
+                        } catch SocketError.timedOut("receive") {
+                            continue  // idle between requests
+                        }
+                    }
+                    if first == 0 { return 0 }  // clean EOF between requests
                     if first < TCPWire.headerSize {
                         try connection.receiveAll(buffer.baseAddress! + first, count: TCPWire.headerSize - first)
                     }
@@ -85,16 +106,20 @@ final class TCPDataServer: @unchecked Sendable {
                 }
                 if received == 0 { return }
                 let header = headerBytes.withUnsafeBytes { TCPWire.Header.decode($0) }
+                if header.operation == .read, header.acknowledged, try serveReadGroup(first: header, on: connection, flushAcks: flushAcks) {
+                    continue
+                }
                 let served: Bool? = try registry.withRegistered(address: header.address, length: header.size) {
-                    try execute(header, on: connection)
+                    try execute(header, on: connection, flushAcks: flushAcks)
+                    if header.acknowledged && header.operation == .write { pendingAcks.append(TCPWire.statusFrame(.ok)) }
                     return true
                 }
                 if served == nil {
                     logger.warning("tcp data: rejected \(header.operation) of \(header.size) bytes at 0x\(String(header.address, radix: 16)) from \(peer): not inside one registered buffer")
                     if header.acknowledged {
-                        var frame = TCPWire.statusFrame(.addressRejected)
-                        try? connection.sendAll(&frame, count: TCPWire.statusFrameSize)
+                        pendingAcks.append(TCPWire.statusFrame(.addressRejected))
                     }
+                    try? flushAcks()
                     connection.shutdownWrite()
                     return
                 }
@@ -107,20 +132,53 @@ final class TCPDataServer: @unchecked Sendable {
         }
     }
 
-    private func execute(_ header: TCPWire.Header, on connection: Socket) throws {
+    /// Most read headers a group answers with one gathered send.
+    private static let maxReadGroup = 64
+
+    /// Answers `first` together with the acknowledged READ requests already queued
+    /// behind it (seen with MSG_PEEK, consumed only once validated), in one gathered
+    /// send. Returns false, consuming nothing, when `first` itself is not registered.
+    private func serveReadGroup(first: TCPWire.Header, on connection: Socket, flushAcks: () throws -> Void) throws -> Bool {
+        var queued = [UInt8](repeating: 0, count: (Self.maxReadGroup - 1) * TCPWire.headerSize)
+        let peeked = queued.withUnsafeMutableBytes { connection.peekAvailable($0.baseAddress!, count: $0.count) }
+        var group = [first]
+        var offset = 0
+        while offset + TCPWire.headerSize <= peeked {
+            let next = queued.withUnsafeBytes { TCPWire.Header.decode(UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + TCPWire.headerSize)])) }
+            guard next.operation == .read, next.acknowledged else { break }
+            group.append(next)
+            offset += TCPWire.headerSize
+        }
+        return try registry.withStableRegistrations { isRegistered in
+            guard isRegistered(first.address, first.size) else { return false }
+            // Stop before the first unregistered range: it is consumed and rejected on its own.
+            let valid = group.prefix { isRegistered($0.address, $0.size) }
+            if valid.count > 1 {
+                try queued.withUnsafeMutableBytes { try connection.receiveAll($0.baseAddress!, count: (valid.count - 1) * TCPWire.headerSize) }
+            }
+            try flushAcks()
+            var frames = [UInt64](repeating: TCPWire.statusFrame(.ok), count: valid.count)
+            try frames.withUnsafeMutableBytes { raw in
+                var parts: [UnsafeRawBufferPointer] = []
+                parts.reserveCapacity(valid.count * 2)
+                for (i, header) in valid.enumerated() {
+                    parts.append(UnsafeRawBufferPointer(rebasing: raw[(i * 8)..<(i * 8 + 8)]))
+                    parts.append(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(header.address)), count: Int(header.size)))
+                }
+                try connection.sendAll(parts)
+            }
+            return true
+        }
+    }
+
+    private func execute(_ header: TCPWire.Header, on connection: Socket, flushAcks: () throws -> Void) throws {
         let memory = UnsafeMutableRawPointer(bitPattern: UInt(header.address))!
         let count = Int(header.size)
         switch header.operation {
         case .write:
-            // Bound the payload wait so a stalled client cannot pin the registration.
-            connection.setTimeouts(receiveMs: payloadTimeoutMs, sendMs: payloadTimeoutMs)
-            defer { connection.setTimeouts(receiveMs: 0, sendMs: payloadTimeoutMs) }
             try connection.receiveAll(memory, count: count)
-            if header.acknowledged {
-                var frame = TCPWire.statusFrame(.ok)
-                try connection.sendAll(&frame, count: TCPWire.statusFrameSize)
-            }
         case .read:
+            try flushAcks()
             if header.acknowledged {
                 var frame = TCPWire.statusFrame(.ok)
                 try withUnsafeBytes(of: &frame) { status in
