@@ -46,6 +46,9 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Local buffer size (and the loopback target's).")
     var bufferSize: String = "512MiB"
 
+    @Option(help: "Bytes the requests of a batch cycle through (offsets wrap), e.g. 8MiB to match a cache-resident reference; default: no wrapping.")
+    var workingSet: String?
+
     @Option(help: "Also write the results as JSON to this file.")
     var json: String?
 
@@ -80,6 +83,8 @@ struct BenchCommand: ParsableCommand {
             return value
         }
         let localSize = try ByteSize.parse(bufferSize)
+        let wrap = try workingSet.map { try ByteSize.parse($0) }
+        if let wrap, wrap == 0 || wrap > localSize { throw EngineError.invalidArgument("--working-set must be in 1...\(localSize) bytes") }
         guard blocks.allSatisfy({ $0 > 0 }) else { throw EngineError.invalidArgument("block sizes must be positive") }
 
         var target: Process?
@@ -104,6 +109,7 @@ struct BenchCommand: ParsableCommand {
         // First operation to a new peer: open (descriptor handshake) + one 4 KiB write.
         let firstStart = MonotonicClock.nanoseconds()
         let handle = try transferEngine.openSegment(segmentName)
+        let openMicros = Double(MonotonicClock.nanoseconds() - firstStart) / 1000
         guard let remote = try transferEngine.descriptor(of: handle).buffers.first else {
             throw EngineError.segmentUnavailable(name: segmentName, reason: "it has no registered buffer")
         }
@@ -115,7 +121,11 @@ struct BenchCommand: ParsableCommand {
         let operations: [TransferRequest.Operation] = operation == "both" ? [.write, .read] : (operation == "read" ? [.read] : [.write])
         let limit = min(localSize / (verify ? 2 : 1), remote.length)
         var cases: [(TransferRequest.Operation, UInt64, Int)] = []
-        for op in operations { for block in blocks { for batch in batches where block * UInt64(batch) <= limit { cases.append((op, block, batch)) } } }
+        for op in operations {
+            for block in blocks {
+                for batch in batches where (wrap.map { block <= min($0, limit) } ?? (block * UInt64(batch) <= limit)) { cases.append((op, block, batch)) }
+            }
+        }
         if cases.isEmpty { throw EngineError.invalidArgument("no case fits: block x batch must be at most \(limit) bytes (buffer sizes)") }
 
         var results: [BenchResult] = []
@@ -123,15 +133,15 @@ struct BenchCommand: ParsableCommand {
         for (index, (op, block, batch)) in cases.enumerated() {
             let label = "\(op == .read ? "read" : "write") \(ByteSize.format(block)) x\(batch)"
             FileHandle.standardError.write(Data("[\(index + 1)/\(cases.count)] \(label) ...\n".utf8))
-            var result = try measure(transferEngine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote.address)
-            if verify {
+            var result = try measure(transferEngine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote.address, wrap: wrap)
+            if verify, block * UInt64(batch) <= limit {
                 result.verified = try verifyBytes(transferEngine, block: block, batch: batch, local: local, handle: handle, remote: remote.address)
                 if result.verified == false { failures.append(label) }
             }
             results.append(result)
         }
 
-        print("segment \(segmentName) (protocol \(transferEngine.activeProtocol)); first operation to the new peer: \(String(format: "%.0f", firstOpMicros)) us")
+        print("segment \(segmentName) (protocol \(transferEngine.activeProtocol)); first operation to the new peer: \(String(format: "%.0f", firstOpMicros)) us (open segment \(String(format: "%.0f", openMicros)) us)")
         if let streamReference {
             print("reference: one plain loopback TCP stream = \(String(format: "%.2f", streamReference / 1e9)) GB/s (measured in this run)")
         }
@@ -150,7 +160,7 @@ struct BenchCommand: ParsableCommand {
         if let json {
             let document: [String: Any] = [
                 "segment": segmentName, "protocol": transferEngine.activeProtocol, "version": TransferEngineVersion.string,
-                "first_operation_us": firstOpMicros,
+                "first_operation_us": firstOpMicros, "open_segment_us": openMicros, "working_set_bytes": wrap as Any,
                 "reference": ["loopback_tcp_stream_gbps": streamReference.map { $0 / 1e9 } as Any],
                 "results": results.map { $0.dictionary(reference: streamReference) },
             ]
@@ -190,10 +200,10 @@ struct BenchCommand: ParsableCommand {
     }
 
     private func measure(_ engine: TransferEngine, op: TransferRequest.Operation, block: UInt64, batch: Int,
-                         local: UInt64, handle: SegmentHandle, remote: UInt64) throws -> BenchResult {
+                         local: UInt64, handle: SegmentHandle, remote: UInt64, wrap: UInt64?) throws -> BenchResult {
         let requests = (0..<batch).map { i in
-            TransferRequest(operation: op, localAddress: local + UInt64(i) * block, segment: handle,
-                            remoteAddress: remote + UInt64(i) * block, length: block)
+            let offset = wrap.map { (UInt64(i) * block) % ($0 - $0 % block) } ?? UInt64(i) * block
+            return TransferRequest(operation: op, localAddress: local + offset, segment: handle, remoteAddress: remote + offset, length: block)
         }
         func once() throws {
             if batch == 1 {

@@ -65,3 +65,35 @@ struct DescriptorTests {
         #expect(throws: EngineError.self) { try registry.unregister(address: 0x1000) }
     }
 }
+
+@Suite("JSON")
+struct JSONTests {
+    @Test("parses and prints with exact integers, escapes and sorted keys")
+    func roundTrip() throws {
+        let text = #"{"z":[1,-2,18446744073709551615,1.5,true,false,null],"a":"q\"\\\/\n\u00e9\ud83d\ude00","m":{}}"#
+        let value = try JSONValue.parse(text)
+        #expect(value["z"]?.arrayValue?[2] == .uint(UInt64.max))
+        #expect(value["z"]?.arrayValue?[1] == .int(-2))
+        #expect(value["a"]?.stringValue == "q\"\\/\né😀")
+        let printed = value.compactText
+        #expect(printed.hasPrefix(#"{"a":"#) && printed.hasSuffix(#""m":{},"z":[1,-2,18446744073709551615,1.5,true,false,null]}"#))
+        #expect(try JSONValue.parse(printed) == value)
+    }
+
+    @Test("errors carry line and column")
+    func errors() {
+        let cases: [(String, String)] = [
+            ("{\n  \"a\": ,\n}", "line 2, column 8"), ("[1,2", "end of input"), ("{\"a\" 1}", "expected ':'"),
+            ("01", "leading zero"), ("\"\\x\"", "invalid escape"), ("[1] x", "unexpected text"), ("", "end of input"),
+            ("\"\\ud800\"", "unpaired surrogate"), (String(repeating: "[", count: 300), "nesting"),
+        ]
+        for (text, expected) in cases {
+            do {
+                _ = try JSONValue.parse(text)
+                Issue.record("accepted \(text)")
+            } catch {
+                #expect("\(error)".contains(expected), "\(text): \(error)")
+            }
+        }
+    }
+}
