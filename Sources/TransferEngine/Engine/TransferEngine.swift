@@ -50,6 +50,7 @@ public final class TransferEngine: @unchecked Sendable {
         var transferTimeoutNs: UInt64 = 30_000_000_000
         var useV2Client = true
         var portRange: ClosedRange<UInt16> = 15000...17000
+        var serverSpinNs: UInt64 = 50_000
 
         init(environment: [String: String]) throws {
             func integer(_ names: [String], _ range: ClosedRange<Int>) throws -> Int? {
@@ -71,6 +72,7 @@ public final class TransferEngine: @unchecked Sendable {
             if let v = try integer(["MC_HANDSHAKE_MAX_LENGTH"], 1...(128 << 20)) { handshakeMaxLength = v }
             if let v = try integer(["MC_TRANSFER_TIMEOUT"], 1...86_400) { transferTimeoutNs = UInt64(max(5, v)) * 1_000_000_000 }
             useV2Client = environment["MC_TCP_PROTO"] != "1"
+            if let v = try integer(["MC_TCP_SERVER_SPIN_US"], 0...10_000) { serverSpinNs = UInt64(v) * 1000 }
             let low = try integer(["MC_MIN_RPC_PORT", "MC_MIN_PRC_PORT"], 1...65535) ?? 15000
             let high = try integer(["MC_MAX_RPC_PORT", "MC_MAX_PRC_PORT"], 1...65535) ?? 17000
             guard low <= high else { throw EngineError.invalidConfiguration("MC_MIN_RPC_PORT \(low) is above MC_MAX_RPC_PORT \(high)") }
@@ -135,7 +137,8 @@ public final class TransferEngine: @unchecked Sendable {
         let dataListener = try PortAllocator.listen(host: bindHost, range: settings.portRange)
         rpcPort = handshakeListener.localAddress.port
         segmentName = HostPort(host: local.host, port: rpcPort).description
-        dataServer = try TCPDataServer(listener: dataListener, registry: registry, logger: logger, payloadTimeoutMs: settings.statusTimeoutMs)
+        dataServer = try TCPDataServer(listener: dataListener, registry: registry, logger: logger, payloadTimeoutMs: settings.statusTimeoutMs,
+                                      spinNanoseconds: settings.serverSpinNs)
         dataPort = dataServer.port
 
         if let loaded = selection.plugin {

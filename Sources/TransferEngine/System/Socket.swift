@@ -335,12 +335,15 @@ final class Socket: @unchecked Sendable {
     /// Polls (without sleeping) until input is readable or `nanoseconds` pass.
     /// A blocked thread's wake-up costs more than a short spin for a loopback
     /// round trip, so synchronous small requests spin briefly before blocking.
-    func spinUntilReadable(nanoseconds: UInt64) {
+    /// Returns true when input (or EOF/error) arrived before the time ran out.
+    @discardableResult
+    func spinUntilReadable(nanoseconds: UInt64) -> Bool {
         let end = MonotonicClock.nanoseconds() + nanoseconds
         var byte: UInt8 = 0
         repeat {
-            if recv(fd, &byte, 1, Int32(MSG_DONTWAIT) | Int32(MSG_PEEK)) != -1 || (errno != EAGAIN && errno != EWOULDBLOCK) { return }
+            if recv(fd, &byte, 1, Int32(MSG_DONTWAIT) | Int32(MSG_PEEK)) != -1 || (errno != EAGAIN && errno != EWOULDBLOCK) { return true }
         } while MonotonicClock.nanoseconds() < end
+        return false
     }
 
     /// Stops further sends; the peer sees EOF.

@@ -1,4 +1,5 @@
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -17,6 +18,10 @@ final class TCPDataServer: @unchecked Sendable {
     private let registry: MemoryRegistry
     private let logger: Logger
     private let payloadTimeoutMs: Int
+    private let spinNanoseconds: UInt64
+    /// At most one connection thread spins at a time, so busy-waiting never
+    /// competes with threads that are moving data (this host may have 2 cores).
+    private let spinning = Atomic<Bool>(false)
     private let listener: Socket
     private let connections = ConditionLock<[Int32: Socket]>([:])
     private let stopped = ConditionLock(false)
@@ -25,7 +30,8 @@ final class TCPDataServer: @unchecked Sendable {
     let port: UInt16
 
     /// Binds the listener (see `PortAllocator` for the port choice) and starts accepting.
-    init(listener: Socket, registry: MemoryRegistry, logger: Logger, payloadTimeoutMs: Int) throws {
+    init(listener: Socket, registry: MemoryRegistry, logger: Logger, payloadTimeoutMs: Int, spinNanoseconds: UInt64) throws {
+        self.spinNanoseconds = spinNanoseconds
         self.listener = listener
         self.registry = registry
         self.logger = logger
@@ -80,6 +86,11 @@ final class TCPDataServer: @unchecked Sendable {
         connection.setTimeouts(receiveMs: payloadTimeoutMs, sendMs: payloadTimeoutMs)
         var headerBytes = [UInt8](repeating: 0, count: TCPWire.headerSize)
         var pendingAcks: [UInt64] = []
+        // A connection whose requests follow each other closely is "hot": its thread
+        // spins briefly for the next header instead of sleeping, which saves a wake-up
+        // (about a third of a small request's round trip on loopback).
+        var hot = spinNanoseconds > 0
+        var lastDone = MonotonicClock.nanoseconds()
         func flushAcks() throws {
             guard !pendingAcks.isEmpty else { return }
             try pendingAcks.withUnsafeBytes { try connection.sendAll([$0]) }
@@ -88,6 +99,10 @@ final class TCPDataServer: @unchecked Sendable {
         while true {
             do {
                 if !pendingAcks.isEmpty, !connection.hasPendingInput { try flushAcks() }
+                if hot, spinning.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
+                    hot = connection.spinUntilReadable(nanoseconds: spinNanoseconds)
+                    spinning.store(false, ordering: .releasing)
+                }
                 let received = try headerBytes.withUnsafeMutableBytes { buffer -> Int in
                     var first = 0
                     while true {
@@ -105,6 +120,8 @@ final class TCPDataServer: @unchecked Sendable {
                     return TCPWire.headerSize
                 }
                 if received == 0 { return }
+                if !hot, spinNanoseconds > 0, MonotonicClock.nanoseconds() - lastDone < spinNanoseconds { hot = true }
+                defer { lastDone = MonotonicClock.nanoseconds() }
                 let header = headerBytes.withUnsafeBytes { TCPWire.Header.decode($0) }
                 if header.operation == .read, header.acknowledged, try serveReadGroup(first: header, on: connection, flushAcks: flushAcks) {
                     continue
