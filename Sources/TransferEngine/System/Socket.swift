@@ -310,6 +310,23 @@ final class Socket: @unchecked Sendable {
         }
     }
 
+    /// One scatter receive of whatever is available (blocking until at least one byte); 0 = peer closed.
+    func receiveSome(_ parts: [UnsafeMutableRawBufferPointer]) throws -> Int {
+        var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
+        while true {
+            let n = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
+                var message = msghdr()
+                message.msg_iov = buffer.baseAddress
+                message.msg_iovlen = buffer.count
+                return recvmsg(fd, &message, 0)
+            }
+            if n >= 0 { return n }
+            if errno == EINTR { continue }
+            if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
+            throw SocketError.system(call: "recvmsg", errno: Errno(rawValue: errno))
+        }
+    }
+
     /// Receives up to `count` bytes; 0 means the peer closed.
     func receiveSome(_ pointer: UnsafeMutableRawPointer, count: Int) throws -> Int {
         while true {

@@ -84,7 +84,10 @@ final class TCPDataServer: @unchecked Sendable {
         let peer = connection.peerAddress.description
         // Timeouts bound every payload transfer; an idle wait between requests is not an error.
         connection.setTimeouts(receiveMs: payloadTimeoutMs, sendMs: payloadTimeoutMs)
-        var headerBytes = [UInt8](repeating: 0, count: TCPWire.headerSize)
+        let headerBytes = UnsafeMutableRawBufferPointer.allocate(byteCount: TCPWire.headerSize, alignment: 8)
+        defer { headerBytes.deallocate() }
+        // Bytes of the next header that arrived together with the previous write's payload.
+        var carried = 0
         var pendingAcks: [UInt64] = []
         // A connection whose requests follow each other closely is "hot": its thread
         // spins briefly for the next header instead of sleeping, which saves a wake-up
@@ -98,37 +101,49 @@ final class TCPDataServer: @unchecked Sendable {
         }
         while true {
             do {
-                if !pendingAcks.isEmpty, !connection.hasPendingInput { try flushAcks() }
-                if hot, spinning.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
-                    hot = connection.spinUntilReadable(nanoseconds: spinNanoseconds)
-                    spinning.store(false, ordering: .releasing)
-                }
-                let received = try headerBytes.withUnsafeMutableBytes { buffer -> Int in
+                if carried == 0 {
+                    if !pendingAcks.isEmpty, !connection.hasPendingInput { try flushAcks() }
+                    if hot, spinning.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
+                        hot = connection.spinUntilReadable(nanoseconds: spinNanoseconds)
+                        spinning.store(false, ordering: .releasing)
+                    }
                     var first = 0
                     while true {
                         do {
-                            first = try connection.receiveSome(buffer.baseAddress!, count: TCPWire.headerSize)
+                            first = try connection.receiveSome(headerBytes.baseAddress!, count: TCPWire.headerSize)
                             break
                         } catch SocketError.timedOut("receive") {
                             continue  // idle between requests
                         }
                     }
-                    if first == 0 { return 0 }  // clean EOF between requests
-                    if first < TCPWire.headerSize {
-                        try connection.receiveAll(buffer.baseAddress! + first, count: TCPWire.headerSize - first)
-                    }
-                    return TCPWire.headerSize
+                    if first == 0 { return }  // clean EOF between requests
+                    carried = first
+                    if !hot, spinNanoseconds > 0, MonotonicClock.nanoseconds() - lastDone < spinNanoseconds { hot = true }
                 }
-                if received == 0 { return }
-                if !hot, spinNanoseconds > 0, MonotonicClock.nanoseconds() - lastDone < spinNanoseconds { hot = true }
+                if carried < TCPWire.headerSize {
+                    try connection.receiveAll(headerBytes.baseAddress! + carried, count: TCPWire.headerSize - carried)
+                }
+                carried = 0
                 defer { lastDone = MonotonicClock.nanoseconds() }
-                let header = headerBytes.withUnsafeBytes { TCPWire.Header.decode($0) }
+                let header = TCPWire.Header.decode(UnsafeRawBufferPointer(headerBytes))
                 if header.operation == .read, header.acknowledged, try serveReadGroup(first: header, on: connection, flushAcks: flushAcks) {
                     continue
                 }
                 let served: Bool? = try registry.withRegistered(address: header.address, length: header.size) {
-                    try execute(header, on: connection, flushAcks: flushAcks)
-                    if header.acknowledged && header.operation == .write { pendingAcks.append(TCPWire.statusFrame(.ok)) }
+                    let memory = UnsafeMutableRawPointer(bitPattern: UInt(header.address))!
+                    let count = Int(header.size)
+                    switch header.operation {
+                    case .write:
+                        if count <= Self.smallWrite {
+                            carried = try receiveSmallPayload(into: memory, count: count, nextHeader: headerBytes, on: connection)
+                        } else {
+                            try connection.receiveAll(memory, count: count)
+                        }
+                        if header.acknowledged { pendingAcks.append(TCPWire.statusFrame(.ok)) }
+                    case .read:  // v1 read (v2 reads are served in groups above)
+                        try flushAcks()
+                        try connection.sendAll(memory, count: count)
+                    }
                     return true
                 }
                 if served == nil {
@@ -146,6 +161,23 @@ final class TCPDataServer: @unchecked Sendable {
                 }
                 return
             }
+        }
+    }
+
+    /// Writes up to this size read their payload and the start of the next header in one call.
+    private static let smallWrite = 256 << 10
+
+    /// Receives a write's payload straight into `memory`, letting the same system call
+    /// also take whatever part of the next request header already arrived (pipelined
+    /// requests then cost one call each). Returns how many header bytes were taken.
+    private func receiveSmallPayload(into memory: UnsafeMutableRawPointer, count: Int,
+                                     nextHeader: UnsafeMutableRawBufferPointer, on connection: Socket) throws -> Int {
+        var received = 0
+        while true {
+            let n = try connection.receiveSome([UnsafeMutableRawBufferPointer(start: memory + received, count: count - received), nextHeader])
+            if n == 0 { throw SocketError.closedByPeer(expected: count, received: received) }
+            if received + n >= count { return received + n - count }
+            received += n
         }
     }
 
@@ -185,25 +217,6 @@ final class TCPDataServer: @unchecked Sendable {
                 try connection.sendAll(parts)
             }
             return true
-        }
-    }
-
-    private func execute(_ header: TCPWire.Header, on connection: Socket, flushAcks: () throws -> Void) throws {
-        let memory = UnsafeMutableRawPointer(bitPattern: UInt(header.address))!
-        let count = Int(header.size)
-        switch header.operation {
-        case .write:
-            try connection.receiveAll(memory, count: count)
-        case .read:
-            try flushAcks()
-            if header.acknowledged {
-                var frame = TCPWire.statusFrame(.ok)
-                try withUnsafeBytes(of: &frame) { status in
-                    try connection.sendAll([status, UnsafeRawBufferPointer(start: memory, count: count)])
-                }
-            } else {
-                try connection.sendAll(memory, count: count)
-            }
         }
     }
 }
