@@ -14,15 +14,20 @@ enum HandshakeClient {
         socket.setTimeouts(receiveMs: timeouts.replyMs, sendMs: timeouts.replyMs)
         let bytes = message.encoded
         try bytes.withUnsafeBytes { try socket.sendAll([$0]) }
+        let reply = try receive(on: socket, maxLength: maxLength)
+        guard reply.kind == message.kind else {
+            throw EngineError.transferFailed("handshake reply type \(reply.kind) does not match request type \(message.kind)")
+        }
+        return reply
+    }
+
+    /// Reads one framed message (length prefix, then body) from a socket. Used by both sides.
+    static func receive(on socket: Socket, maxLength: Int) throws -> HandshakeWire.Message {
         var length: UInt64 = 0
         try socket.receiveAll(&length, count: 8)
         let count = try HandshakeWire.checkLength(length, limit: maxLength)
         var body = [UInt8](repeating: 0, count: count)
         try body.withUnsafeMutableBytes { try socket.receiveAll($0.baseAddress!, count: count) }
-        let reply = try HandshakeWire.decodeBody(body)
-        guard reply.kind == message.kind else {
-            throw EngineError.transferFailed("handshake reply type \(reply.kind) does not match request type \(message.kind)")
-        }
-        return reply
+        return try HandshakeWire.decodeBody(body)
     }
 }

@@ -64,12 +64,7 @@ final class HandshakeServer: @unchecked Sendable {
         connection.setTimeouts(receiveMs: 5000, sendMs: 5000)
         let peer = connection.peerAddress.description
         do {
-            var length: UInt64 = 0
-            try connection.receiveAll(&length, count: 8)
-            let count = try HandshakeWire.checkLength(length, limit: maxLength)
-            var body = [UInt8](repeating: 0, count: count)
-            try body.withUnsafeMutableBytes { try connection.receiveAll($0.baseAddress!, count: count) }
-            let request = try HandshakeWire.decodeBody(body)
+            let request = try HandshakeClient.receive(on: connection, maxLength: maxLength)
             guard let replyJSON = handler(request) else {
                 logger.warning("handshake: refused a \(request.kind) message from \(peer)")
                 return

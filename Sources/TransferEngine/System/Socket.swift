@@ -243,16 +243,21 @@ final class Socket: @unchecked Sendable {
                 if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("send") }
                 throw SocketError.system(call: "send", errno: Errno(rawValue: errno))
             }
-            var remaining = sent
-            while remaining > 0, index < vectors.count {
-                if remaining >= vectors[index].iov_len {
-                    remaining -= vectors[index].iov_len
-                    index += 1
-                } else {
-                    vectors[index].iov_base += remaining
-                    vectors[index].iov_len -= remaining
-                    remaining = 0
-                }
+            Self.consume(sent, from: &vectors, at: &index)
+        }
+    }
+
+    /// Advances an iovec list past `count` transferred bytes.
+    private static func consume(_ count: Int, from vectors: inout [iovec], at index: inout Int) {
+        var remaining = count
+        while remaining > 0, index < vectors.count {
+            if remaining >= vectors[index].iov_len {
+                remaining -= vectors[index].iov_len
+                index += 1
+            } else {
+                vectors[index].iov_base += remaining
+                vectors[index].iov_len -= remaining
+                remaining = 0
             }
         }
     }
@@ -276,7 +281,6 @@ final class Socket: @unchecked Sendable {
     }
 
     /// Receives exactly the bytes of every region, in order, with as few syscalls as possible.
-    /// Returns the number of bytes received before an error (which is rethrown with that count).
     func receiveAll(_ parts: [UnsafeMutableRawBufferPointer]) throws {
         var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
         let expected = vectors.reduce(0) { $0 + $1.iov_len }
@@ -296,17 +300,7 @@ final class Socket: @unchecked Sendable {
                 throw SocketError.system(call: "recvmsg", errno: Errno(rawValue: errno))
             }
             total += n
-            var remaining = n
-            while remaining > 0, index < vectors.count {
-                if remaining >= vectors[index].iov_len {
-                    remaining -= vectors[index].iov_len
-                    index += 1
-                } else {
-                    vectors[index].iov_base += remaining
-                    vectors[index].iov_len -= remaining
-                    remaining = 0
-                }
-            }
+            Self.consume(n, from: &vectors, at: &index)
         }
     }
 
