@@ -1,8 +1,30 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. This is the test command README.md gives and .ci/run calls.
-# --manifest-cache none: plugin targets depend on which -dev headers are installed.
+#
+# The interop tests run the official Mooncake engine (PyPI wheel
+# mooncake-transfer-engine-non-cuda) against this one. This script installs the
+# wheel into .build-interop-venv once; TE_SKIP_INTEROP=1 skips that (the interop
+# suite is then reported as skipped). --manifest-cache none: plugin targets depend
+# on which -dev headers are installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v swift >/dev/null || { echo "error: swift is not on PATH (Swift 6 toolchain expected, e.g. /opt/swift/usr/bin)" >&2; exit 1; }
 command -v cc >/dev/null || { echo "error: a C compiler (cc) is needed to build the ABI fixture plugins: apt-get install gcc libc6-dev" >&2; exit 1; }
+
+wheel="mooncake-transfer-engine-non-cuda==0.3.13.post1"
+venv=.build-interop-venv
+if [ "${TE_SKIP_INTEROP:-0}" != 1 ]; then
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import mooncake.engine" 2>/dev/null; then
+        echo "== installing the official engine for the interop tests ($wheel)"
+        if python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check "$wheel"; then
+            :
+        else
+            echo "warning: could not install $wheel; the interop tests will be skipped" >&2
+        fi
+    fi
+    if "$venv/bin/python" -c "import mooncake.engine" 2>/dev/null; then
+        export TE_MOONCAKE_PYTHON="$PWD/$venv/bin/python" TE_REQUIRE_INTEROP=1
+    fi
+fi
+
 exec swift test --manifest-cache none "$@"
