@@ -1,0 +1,76 @@
+"""Prints the benchmark results of scripts/bench.sh as ratios to the references
+measured in the same run (out/*.json, out/fi_rma_probe.txt)."""
+import json
+import os
+import re
+import sys
+
+out = sys.argv[1] if len(sys.argv) > 1 else "out"
+
+
+def load(name):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+bench = load("bench.json")
+ws8 = load("bench-ws8.json")
+iperf = load("iperf3.json")
+official = load("official.json")
+libfabric = {}
+probe_path = os.path.join(out, "fi_rma_probe.txt")
+if os.path.exists(probe_path):
+    for line in open(probe_path):
+        m = re.search(r"(fi_write|fi_read)\s+size=\s*(\d+).*?([\d.]+) MB/s", line)
+        if m:
+            libfabric[("write" if m.group(1) == "fi_write" else "read", int(m.group(2)))] = float(m.group(3)) / 1000
+
+
+def result(doc, op, block, batch):
+    for r in (doc or {}).get("results", []):
+        if r["operation"] == op and r["block_size"] == block and r["batch_size"] == batch:
+            return r
+    return None
+
+
+rows = []
+
+
+def row(what, ours, unit, reference, ref_name, better="higher"):
+    if ours is None:
+        return
+    if reference:
+        ratio = ours / reference if better == "higher" else reference / ours
+        rows.append((what, f"{ours:.3f} {unit}", f"{reference:.3f} {unit} ({ref_name})", f"{ratio:.2f}x"))
+    else:
+        rows.append((what, f"{ours:.3f} {unit}", f"- ({ref_name} not measured)", "-"))
+
+
+MiB = 1 << 20
+iperf_gbps = iperf["end"]["sum_received"]["bits_per_second"] / 8e9 if iperf else None
+stream = (bench or {}).get("reference", {}).get("loopback_tcp_stream_gbps")
+r = result(bench, "write", 64 * MiB, 1)
+row("write 64 MiB, one sync transfer", r and r["gbps"], "GB/s", iperf_gbps, "iperf3 one stream")
+row("write 64 MiB, one sync transfer", r and r["gbps"], "GB/s", stream, "in-process TCP stream")
+for op in ("write", "read"):
+    for block in (1 * MiB, 4 * MiB):
+        r = result(ws8, op, block, 64)
+        row(f"{op} {block // MiB} MiB x64, 8 MiB working set", r and r["gbps"], "GB/s", libfabric.get((op, block)), "libfabric tcp;ofi_rxm")
+r = result(bench, "write", 64 << 10, 64)
+row("write 64 KiB x64", r and r["gbps"], "GB/s", official and official["write 64 KiB x64"]["gbps"], "official engine")
+r = result(bench, "write", 1 * MiB, 64)
+row("write 1 MiB x64", r and r["gbps"], "GB/s", official and official["write 1 MiB x64"]["gbps"], "official engine")
+r = result(bench, "write", 64 * MiB, 1)
+row("write 64 MiB x1", r and r["gbps"], "GB/s", official and official["write 64 MiB x1"]["gbps"], "official engine")
+r = result(bench, "write", 4096, 1)
+row("write 4 KiB median latency", r and r["p50_us"], "us", official and official["write 4 KiB x1"]["p50_us"], "official engine", better="lower")
+if bench:
+    row("first operation to a new peer", bench["first_operation_us"], "us", official and official["first_operation_us"], "official engine", better="lower")
+
+widths = [max(len(x[i]) for x in rows + [("measure", "ours", "reference", "ratio")]) for i in range(4)]
+for line in [("measure", "ours", "reference", "ratio")] + rows:
+    print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)))
+print("ratio > 1 means this engine is ahead of the reference (for latency: lower is better).")
