@@ -190,6 +190,27 @@ struct TCPTransferTests {
     }
 }
 
+/// Whether this host can bind the IPv6 loopback address.
+let ipv6LoopbackAvailable: Bool = (try? Socket.listen(host: "::1", port: 0)) != nil
+
+@Suite("TCP over IPv6 loopback", .enabled(if: ipv6LoopbackAvailable))
+struct IPv6Tests {
+    @Test("segment names bracket IPv6 hosts and transfers work over ::1")
+    func ipv6() throws {
+        let target = try TransferEngine(configuration: EngineConfiguration(localHostname: "::1"), environment: TestSupport.cleanEnvironment())
+        let initiator = try TransferEngine(configuration: EngineConfiguration(localHostname: "[::1]"), environment: TestSupport.cleanEnvironment())
+        defer { target.shutdown(); initiator.shutdown() }
+        #expect(target.segmentName.hasPrefix("[::1]:"))
+        let remote = TestBuffer(1 << 20), local = TestBuffer(1 << 20)
+        local.fillPattern(seed: 6)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count))
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try initiator.openSegment(target.segmentName)
+        try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: UInt64(local.count))
+        #expect(remote.equals(local, length: local.count))
+    }
+}
+
 final class LockedCounter: @unchecked Sendable {
     private let lock = NSLock()
     private var count = 0

@@ -34,10 +34,15 @@ public struct EngineConfiguration: Sendable, Equatable {
 
     /// Values given explicitly by the caller; nil = not given.
     public struct Overrides: Sendable, Equatable {
+        /// `local_hostname` given by the caller.
         public var localHostname: String?
+        /// `metadata_server` given by the caller.
         public var metadataServer: String?
+        /// `protocol` given by the caller.
         public var protocolName: String?
+        /// `device_name` given by the caller (an empty string counts as given).
         public var deviceName: String?
+        /// Config file path (overrides MOONCAKE_CONFIG_PATH).
         public var configPath: String?
 
         /// Creates overrides.

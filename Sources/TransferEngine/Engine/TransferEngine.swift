@@ -169,6 +169,7 @@ public final class TransferEngine: @unchecked Sendable {
         handshakeServer.stop()
         dataServer.stop()
         peers.forEach { $0.channel?.close() }
+        plugin?.shutdown()
     }
 
     deinit { shutdown() }

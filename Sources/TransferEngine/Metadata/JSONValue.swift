@@ -6,13 +6,21 @@
 /// heterogeneous values cheaply (it took about 1 ms per descriptor, which is
 /// most of a first connection), and this code is on that path.
 public enum JSONValue: Equatable, Sendable, CustomStringConvertible {
+    /// `null`.
     case null
+    /// `true` or `false`.
     case bool(Bool)
+    /// A negative integer.
     case int(Int64)
+    /// A non-negative integer (exact up to 2^64-1).
     case uint(UInt64)
+    /// A number with a fraction or exponent, or outside the integer ranges.
     case double(Double)
+    /// A string.
     case string(String)
+    /// An array.
     case array([JSONValue])
+    /// An object (key order is not kept; output is sorted).
     case object([String: JSONValue])
 
     /// Parses JSON text. Errors give the line and column.

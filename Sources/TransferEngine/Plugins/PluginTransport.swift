@@ -23,7 +23,7 @@ final class PluginTransport: @unchecked Sendable {
     private let instance: OpaquePointer
     private let logger: Logger
     private let services: UnsafeMutablePointer<te_host_services>
-    private let inFlight = ConditionLock<(next: UInt64, slices: [UInt64: InFlight], stopping: Bool)>((1, [:], false))
+    private let inFlight = ConditionLock<(next: UInt64, slices: [UInt64: InFlight], stopping: Bool, pollerDone: Bool)>((1, [:], false, false))
     private var d: te_plugin_descriptor { plugin.descriptor.pointee }
 
     /// Host-side state the C callbacks reach through `host_context`.
@@ -192,7 +192,24 @@ final class PluginTransport: @unchecked Sendable {
         slice.batch.sliceFinished(task: slice.task, bytes: status == TE_OK ? slice.length : 0, error: error)
     }
 
+    /// Stops polling, fails what is still in flight, and destroys the instance.
+    func shutdown() {
+        let first = inFlight.withLock(notify: true) { state -> Bool in
+            defer { state.stopping = true }
+            return !state.stopping
+        }
+        guard first else { return }
+        _ = inFlight.wait(deadline: MonotonicClock.nanoseconds() + 5_000_000_000) { $0.pollerDone ? true : nil }
+        let orphans = inFlight.withLock { state -> [InFlight] in
+            defer { state.slices.removeAll() }
+            return Array(state.slices.values)
+        }
+        for slice in orphans { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "\(plugin.info.name): engine shut down") }
+        d.destroy!(instance)
+    }
+
     private func pollLoop() {
+        defer { inFlight.withLock(notify: true) { $0.pollerDone = true } }
         var completions = [te_completion](repeating: te_completion(), count: 64)
         while !inFlight.withLock({ $0.stopping }) {
             var count = 0
