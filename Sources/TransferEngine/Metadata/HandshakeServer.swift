@@ -12,9 +12,13 @@ final class HandshakeServer: @unchecked Sendable {
     private let handler: Handler
     private let logger: Logger
     private let maxLength: Int
-    private let active = ConditionLock(0)
-    private let maxConcurrent = 64
     private let stopped = ConditionLock(false)
+
+    /// Threads that each accept and serve connections. Persistent workers avoid
+    /// creating a thread per handshake (a large part of a first connection's cost);
+    /// several of them keep one slow client from stalling the rest (upstream serves
+    /// connections one at a time).
+    static let workers = 4
 
     /// The bound port.
     let port: UInt16
@@ -25,37 +29,21 @@ final class HandshakeServer: @unchecked Sendable {
         self.logger = logger
         self.maxLength = maxLength
         self.port = listener.localAddress.port
-        try OSThread.spawn(name: "te-handshake") { [self] in acceptLoop() }
+        for _ in 0..<Self.workers {
+            try OSThread.spawn(name: "te-handshake") { [self] in acceptLoop() }
+        }
     }
 
     func stop() {
         stopped.withLock { $0 = true }
         listener.shutdownBoth()
-        listener.close()
     }
 
     private func acceptLoop() {
         while true {
             guard let connection = try? listener.accept() else { return }
             if stopped.withLock({ $0 }) { connection.close(); return }
-            let admitted = active.withLock { count -> Bool in
-                guard count < maxConcurrent else { return false }
-                count += 1
-                return true
-            }
-            if !admitted {
-                serve(connection)  // saturated: serve serially, as upstream always does
-                continue
-            }
-            do {
-                try OSThread.spawn(name: "te-handshake-c") { [self] in
-                    serve(connection)
-                    active.withLock { $0 -= 1 }
-                }
-            } catch {
-                active.withLock { $0 -= 1 }
-                serve(connection)
-            }
+            serve(connection)
         }
     }
 

@@ -35,6 +35,7 @@ struct SocketAddress: CustomStringConvertible, Sendable {
 
     /// Resolves `host` (name, IPv4 or IPv6 literal; empty = wildcard) to addresses for TCP.
     static func resolve(host: String, port: UInt16, passive: Bool = false) throws -> [SocketAddress] {
+        if let numeric = numeric(host: host, port: port) { return [numeric] }
         var hints = addrinfo()
         hints.ai_family = AF_UNSPEC
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
@@ -59,6 +60,36 @@ struct SocketAddress: CustomStringConvertible, Sendable {
             cursor = entry.pointee.ai_next
         }
         return result
+    }
+
+    /// Parses an IPv4 or IPv6 literal without getaddrinfo (whose first call loads NSS modules).
+    static func numeric(host: String, port: UInt16) -> SocketAddress? {
+        var address = SocketAddress()
+        var v4 = in_addr()
+        if inet_pton(AF_INET, host, &v4) == 1 {
+            var sin = sockaddr_in()
+            sin.sin_family = sa_family_t(AF_INET)
+            sin.sin_port = port.bigEndian
+            sin.sin_addr = v4
+            withUnsafeBytes(of: sin) { source in
+                withUnsafeMutableBytes(of: &address.storage) { $0.copyMemory(from: source) }
+            }
+            address.length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            return address
+        }
+        var v6 = in6_addr()
+        if inet_pton(AF_INET6, host, &v6) == 1 {
+            var sin6 = sockaddr_in6()
+            sin6.sin6_family = sa_family_t(AF_INET6)
+            sin6.sin6_port = port.bigEndian
+            sin6.sin6_addr = v6
+            withUnsafeBytes(of: sin6) { source in
+                withUnsafeMutableBytes(of: &address.storage) { $0.copyMemory(from: source) }
+            }
+            address.length = socklen_t(MemoryLayout<sockaddr_in6>.size)
+            return address
+        }
+        return nil
     }
 
     var family: Int32 { Int32(storage.ss_family) }
