@@ -299,11 +299,16 @@ final class Socket: @unchecked Sendable {
     }
 
     /// Receives exactly `count` bytes into `pointer` (straight into the destination).
-    func receiveAll(_ pointer: UnsafeMutableRawPointer, count: Int) throws {
+    /// With a `deadline` (monotonic ns), a peer that trickles bytes cannot stretch the call past it.
+    func receiveAll(_ pointer: UnsafeMutableRawPointer, count: Int, deadline: UInt64? = nil) throws {
         var received = 0
         while received < count {
             let n = recv(fd, pointer + received, count - received, Int32(MSG_WAITALL))
-            if n > 0 { received += n; continue }
+            if n > 0 {
+                received += n
+                if let deadline, received < count, MonotonicClock.nanoseconds() > deadline { throw SocketError.timedOut("receive") }
+                continue
+            }
             if n == 0 { throw SocketError.closedByPeer(expected: count, received: received) }
             if errno == EINTR { continue }
             if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }

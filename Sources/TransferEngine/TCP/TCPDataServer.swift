@@ -58,8 +58,17 @@ final class TCPDataServer: @unchecked Sendable {
             }
             guard let connection = accepted else { return }
             if stopped.withLock({ $0 }) { connection.close(); return }
-            connection.setTimeouts(receiveMs: 0, sendMs: payloadTimeoutMs)
-            connections.withLock { $0[connection.fd] = connection }
+            // One thread per connection: bound them so a peer cannot exhaust threads.
+            let admitted = connections.withLock { table -> Bool in
+                guard table.count < Self.maxConnections else { return false }
+                table[connection.fd] = connection
+                return true
+            }
+            if !admitted {
+                logger.warning("tcp data: refusing a connection from \(connection.peerAddress): \(Self.maxConnections) connections already open")
+                connection.close()
+                continue
+            }
             do {
                 try OSThread.spawn(name: "te-tcp-serve") { [self] in
                     serve(connection)
@@ -73,6 +82,9 @@ final class TCPDataServer: @unchecked Sendable {
             }
         }
     }
+
+    /// Most data connections served at once (each has a thread).
+    static let maxConnections = 1024
 
     /// The per-connection request loop.
     ///
@@ -135,9 +147,10 @@ final class TCPDataServer: @unchecked Sendable {
                     switch header.operation {
                     case .write:
                         if count <= Self.smallWrite {
-                            carried = try receiveSmallPayload(into: memory, count: count, nextHeader: headerBytes, on: connection)
+                            carried = try receiveSmallPayload(into: memory, count: count, nextHeader: headerBytes, on: connection,
+                                                              deadline: payloadDeadline(count))
                         } else {
-                            try connection.receiveAll(memory, count: count)
+                            try connection.receiveAll(memory, count: count, deadline: payloadDeadline(count))
                         }
                         if header.acknowledged { pendingAcks.append(TCPWire.statusFrame(.ok)) }
                     case .read:  // v1 read (v2 reads are served in groups above)
@@ -164,6 +177,13 @@ final class TCPDataServer: @unchecked Sendable {
         }
     }
 
+    /// The latest time a write payload may finish arriving: the status timeout plus
+    /// 20 ms per MiB. The registration stays read-locked meanwhile, so a peer that
+    /// trickles bytes must not hold it (and any unregistration) indefinitely.
+    private func payloadDeadline(_ count: Int) -> UInt64 {
+        MonotonicClock.nanoseconds() + UInt64(payloadTimeoutMs) * 1_000_000 + UInt64(count >> 20) * 20_000_000
+    }
+
     /// Writes up to this size read their payload and the start of the next header in one call.
     private static let smallWrite = 256 << 10
 
@@ -171,9 +191,10 @@ final class TCPDataServer: @unchecked Sendable {
     /// also take whatever part of the next request header already arrived (pipelined
     /// requests then cost one call each). Returns how many header bytes were taken.
     private func receiveSmallPayload(into memory: UnsafeMutableRawPointer, count: Int,
-                                     nextHeader: UnsafeMutableRawBufferPointer, on connection: Socket) throws -> Int {
+                                     nextHeader: UnsafeMutableRawBufferPointer, on connection: Socket, deadline: UInt64) throws -> Int {
         var received = 0
         while true {
+            if received > 0, MonotonicClock.nanoseconds() > deadline { throw SocketError.timedOut("receive") }
             let n = try connection.receiveSome([UnsafeMutableRawBufferPointer(start: memory + received, count: count - received), nextHeader])
             if n == 0 { throw SocketError.closedByPeer(expected: count, received: received) }
             if received + n >= count { return received + n - count }
