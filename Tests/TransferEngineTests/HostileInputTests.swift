@@ -101,6 +101,38 @@ struct HostileInputTests {
         #expect(try target.stillServes())
     }
 
+    @Test("a peer trickling a write payload cannot hold the registration: unregister finishes within the payload deadline")
+    func tricklingPeer() throws {
+        let environment = TestSupport.cleanEnvironment(["MC_TCP_STATUS_TIMEOUT_SEC": "1"])
+        let engine = try TransferEngine(configuration: EngineConfiguration(), environment: environment)
+        defer { engine.shutdown() }
+        let buffer = TestBuffer(1 << 20)
+        try engine.registerMemory(address: buffer.address, length: UInt64(buffer.count))
+        let socket = try Socket.connect(host: "127.0.0.1", port: engine.dataPort, timeoutMs: 2000)
+        let header = TCPWire.Header(size: 65536, address: buffer.address, operation: .write, acknowledged: true).bytes
+        try header.withUnsafeBytes { try socket.sendAll([$0]) }
+        let closedAfter = LockedCounter()
+        let done = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            // One byte every 200 ms: each receive succeeds, so only a total deadline stops it.
+            let start = Date()
+            var byte: UInt8 = 1
+            while Date().timeIntervalSince(start) < 8 {
+                if (try? socket.sendAll(&byte, count: 1)) == nil { break }
+                usleep(200_000)
+            }
+            for _ in 0..<Int(Date().timeIntervalSince(start) * 10) { closedAfter.increment() }
+            done.signal()
+        }
+        usleep(300_000)
+        let started = Date()
+        try engine.unregisterMemory(address: buffer.address)
+        let waited = Date().timeIntervalSince(started)
+        #expect(waited < 3, "unregister waited \(waited) s behind a trickling peer")
+        _ = done.wait(timeout: .now() + 10)
+        #expect(closedAfter.value < 60, "the server kept reading the trickle for \(Double(closedAfter.value) / 10) s")
+    }
+
     @Test("malformed handshakes are dropped and the handshake port keeps answering")
     func malformedHandshakes() throws {
         let target = try Target()
