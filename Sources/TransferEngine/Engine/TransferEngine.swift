@@ -43,7 +43,7 @@ public final class TransferEngine: @unchecked Sendable {
     struct Settings: Sendable {
         /// Upstream uses 4; on a 2-core host 2 lanes measured faster (fewer threads contending).
         var lanesPerPeer = min(4, max(2, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
-        var splitSize: UInt64 = 4 << 20
+        var splitSize: UInt64 = 1 << 20
         var connectTimeoutMs = 5000
         var statusTimeoutMs = 30_000
         var handshakeReplyMs = 60_000

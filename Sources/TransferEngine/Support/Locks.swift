@@ -45,6 +45,13 @@ final class ConditionLock<State>: @unchecked Sendable {
         return try body(&state)
     }
 
+    /// Wakes one waiter (for hand-offs where any single waiter can take the work).
+    func signalOne() {
+        pthread_mutex_lock(mutex)
+        pthread_cond_signal(condition)
+        pthread_mutex_unlock(mutex)
+    }
+
     /// Waits until `ready` returns a value or the monotonic deadline (ns) passes.
     func wait<R>(deadline: UInt64? = nil, until ready: (inout State) -> R?) -> R? {
         pthread_mutex_lock(mutex)
