@@ -23,6 +23,8 @@ func pluginEnabled(_ name: String, header: String) -> Bool {
 
 var products: [Product] = [
     .library(name: "TransferEngine", targets: ["TransferEngine"]),
+    // The C API (transfer_engine_c.h), as libtransfer_engine_c.so for C callers and the Python package.
+    .library(name: "transfer_engine_c", type: .dynamic, targets: ["TransferEngineC"]),
     .executable(name: "transfer-engine", targets: ["transfer-engine"]),
 ]
 
@@ -41,6 +43,12 @@ var targets: [Target] = [
             .product(name: "DequeModule", package: "swift-collections"),
         ],
         path: "Sources/TransferEngine"
+    ),
+    .target(name: "CTransferEngineC", path: "Sources/CTransferEngineC"),
+    .target(
+        name: "TransferEngineC",
+        dependencies: ["TransferEngine", "CTransferEngineC"],
+        path: "Sources/TransferEngineC"
     ),
     .executableTarget(
         name: "transfer-engine",

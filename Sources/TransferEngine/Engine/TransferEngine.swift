@@ -299,6 +299,17 @@ public final class TransferEngine: @unchecked Sendable {
         state.withLock { _ in peer.descriptor = fresh }
     }
 
+    /// Re-fetches the descriptor of every opened segment (Mooncake's syncSegmentCache).
+    /// Every segment is attempted; the first failure is rethrown at the end.
+    public func refreshAllSegments() throws {
+        let handles = state.withLock { Array($0.peers.keys.filter { $0 != 0 }) }
+        var firstError: Error?
+        for handle in handles {
+            do { try refreshSegment(handle) } catch { if firstError == nil { firstError = error } }
+        }
+        if let firstError { throw firstError }
+    }
+
     private func peer(_ handle: SegmentHandle) throws -> Peer {
         if handle == 0 {
             if let peer = state.withLock({ $0.peers[0] }) {
@@ -521,6 +532,19 @@ public final class TransferEngine: @unchecked Sendable {
                                                  message: .init(kind: .notify, json: body), timeouts: handshakeTimeouts)
         guard let message = (try? JSONValue.parse(reply.json))?["notify_msg"]?.stringValue, !message.isEmpty else {
             throw EngineError.transferFailed("peer \(peer.name) did not acknowledge the notification")
+        }
+    }
+
+    /// Sends `notification` to `segment` once every task of the batch has finished
+    /// (submitTransferWithNotify). Returns at once; the wait runs on its own thread.
+    public func notifyWhenDone(batch id: BatchID, segment: SegmentHandle, notification: TransferNotification) throws {
+        let batch = try self.batch(id)
+        let timeout = syncTimeout(bytes: 0) * 4
+        try OSThread.spawn(name: "te-notify") { [weak self] in
+            guard batch.waitAll(deadline: MonotonicClock.nanoseconds() + timeout), let self else { return }
+            do { try self.sendNotification(notification, to: segment) } catch {
+                self.logger.warning("notification '\(notification.name)' after batch \(id) was not delivered: \(error)")
+            }
         }
     }
 

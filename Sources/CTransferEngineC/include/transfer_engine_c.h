@@ -1,0 +1,187 @@
+/*
+ * transfer_engine_c.h - the C API of the Swift Transfer Engine.
+ *
+ * Mirrors the official Mooncake transfer_engine_c.h: same function names,
+ * types, opcodes and return-code families, so C callers (and language
+ * bindings such as the Python package) can switch engines by relinking.
+ *
+ * Every function validates its arguments. Nothing here aborts the calling
+ * process: failures return NULL, -1, a negative ERR_* code or a non-zero
+ * status code, and te_last_error() gives the reason on the calling thread.
+ *
+ * Return-code families (as upstream):
+ *  - functions returning a status (submitTransfer, submitTransferWithNotify,
+ *    getTransferStatus, freeBatchID) return 0 or a POSITIVE status code;
+ *  - the other int functions return 0 or a NEGATIVE ERR_* code.
+ */
+#ifndef TRANSFER_ENGINE_C_H
+#define TRANSFER_ENGINE_C_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define segment_handle_t int32_t
+#define segment_id_t int32_t
+#define batch_id_t uint64_t
+#define LOCAL_SEGMENT (0)
+#define INVALID_BATCH UINT64_MAX
+
+#define OPCODE_READ (0)
+#define OPCODE_WRITE (1)
+
+/* Transfer states reported in transfer_status.status. */
+#define STATUS_WAITING 0
+#define STATUS_PENDING 1
+#define STATUS_INVALID 2
+#define STATUS_CANCELED 3
+#define STATUS_COMPLETED 4
+#define STATUS_TIMEOUT 5
+#define STATUS_FAILED 6
+
+/* Negative codes of the int-returning functions (upstream error.h). */
+#define ERR_INVALID_ARGUMENT (-1)
+#define ERR_TOO_MANY_REQUESTS (-2)
+#define ERR_ADDRESS_NOT_REGISTERED (-3)
+#define ERR_BATCH_BUSY (-4)
+#define ERR_DEVICE_NOT_FOUND (-6)
+#define ERR_ADDRESS_OVERLAPPED (-7)
+#define ERR_DNS (-101)
+#define ERR_SOCKET (-102)
+#define ERR_MALFORMED_JSON (-103)
+#define ERR_REJECT_HANDSHAKE (-104)
+#define ERR_METADATA (-200)
+#define ERR_ENDPOINT (-201)
+#define ERR_CONTEXT (-202)
+#define ERR_NUMA (-300)
+#define ERR_CLOCK (-301)
+#define ERR_MEMORY (-302)
+#define ERR_NOT_IMPLEMENTED (-303)
+
+/* Positive status codes of the status-returning functions (upstream Status::Code). */
+#define STATUS_CODE_OK 0
+#define STATUS_CODE_INVALID_ARGUMENT 1
+#define STATUS_CODE_TOO_MANY_REQUESTS 2
+#define STATUS_CODE_ADDRESS_NOT_REGISTERED 3
+#define STATUS_CODE_BATCH_BUSY 4
+#define STATUS_CODE_NOT_SUPPORTED_TRANSPORT 8
+#define STATUS_CODE_SOCKET 102
+#define STATUS_CODE_METADATA 200
+#define STATUS_CODE_NOT_IMPLEMENTED 999
+
+typedef void *transfer_engine_t;
+typedef void *transport_t;
+
+/** One transfer: target_offset is the absolute address in the target process. */
+struct transfer_request {
+    int opcode;
+    void *source;
+    segment_id_t target_id;
+    uint64_t target_offset;
+    uint64_t length;
+};
+typedef struct transfer_request transfer_request_t;
+
+/** A task's state and progress. */
+struct transfer_status {
+    int status;
+    uint64_t transferred_bytes;
+};
+typedef struct transfer_status transfer_status_t;
+
+/** A notification: both strings are NUL-terminated. */
+struct notify_msg {
+    char *name;
+    char *msg;
+};
+typedef struct notify_msg notify_msg_t;
+
+/** One buffer for the batch registration functions. */
+struct buffer_entry {
+    void *addr;
+    size_t length;
+};
+typedef struct buffer_entry buffer_entry_t;
+
+/**
+ * Creates and starts an engine. metadata_conn_string: "P2PHANDSHAKE" (etcd,
+ * redis and http forms are refused until their backends exist);
+ * local_server_name: host or host:port; ip_or_host_name may be NULL; the rpc
+ * port is chosen as upstream does in P2P mode. The protocol comes from
+ * MOONCAKE_PROTOCOL (default tcp). Returns NULL on failure.
+ */
+transfer_engine_t createTransferEngine(const char *metadata_conn_string, const char *local_server_name,
+                                       const char *ip_or_host_name, uint64_t rpc_port, int auto_discover);
+
+/** Returns a non-NULL token when proto is the engine's running protocol or "tcp". */
+transport_t installTransport(transfer_engine_t engine, const char *proto, void **args);
+
+/** No-op kept for source compatibility; returns 0. */
+int uninstallTransport(transfer_engine_t engine, const char *proto);
+
+/** Writes "host:rpc_port" (the P2P segment name) into buf. 0 or ERR_*. */
+int getLocalIpAndPort(transfer_engine_t engine, char *buf, size_t buf_len);
+
+/** Opens a peer segment by name; returns its id or -1. */
+segment_id_t openSegment(transfer_engine_t engine, const char *segment_name);
+
+/** Opens a segment, re-fetching its descriptor even if cached; id or -1. */
+segment_id_t openSegmentNoCache(transfer_engine_t engine, const char *segment_name);
+
+/** Forgets an opened segment. 0 or ERR_*. */
+int closeSegment(transfer_engine_t engine, segment_id_t segment_id);
+
+/** Re-fetches every opened segment's descriptor. 0 or ERR_*. */
+int syncSegmentCache(transfer_engine_t engine);
+
+/** Stops the engine and frees it. The handle is invalid afterwards. */
+void destroyTransferEngine(transfer_engine_t engine);
+
+/** Registers memory peers may access; location e.g. "cpu:0" or "*". 0 or ERR_*. */
+int registerLocalMemory(transfer_engine_t engine, void *addr, size_t length, const char *location, int remote_accessible);
+
+/** Unregisters the buffer that starts at addr. 0 or ERR_*. */
+int unregisterLocalMemory(transfer_engine_t engine, void *addr);
+
+/** Registers several buffers; stops at the first failure (earlier ones stay registered). 0 or ERR_*. */
+int registerLocalMemoryBatch(transfer_engine_t engine, buffer_entry_t *buffer_list, size_t buffer_len, const char *location);
+
+/** Unregisters several buffers. 0 or the first ERR_* met (the rest are still attempted). */
+int unregisterLocalMemoryBatch(transfer_engine_t engine, void **addr_list, size_t addr_len);
+
+/** Allocates a batch of batch_size tasks; INVALID_BATCH on failure. */
+batch_id_t allocateBatchID(transfer_engine_t engine, size_t batch_size);
+
+/** Submits count requests; validates all first (nothing is sent if one is bad). Status code. */
+int submitTransfer(transfer_engine_t engine, batch_id_t batch_id, struct transfer_request *entries, size_t count);
+
+/** As submitTransfer; when every task finished, sends notify_msg to the target segment. Status code. */
+int submitTransferWithNotify(transfer_engine_t engine, batch_id_t batch_id, struct transfer_request *entries, size_t count,
+                             notify_msg_t notify_msg);
+
+/** Reads a task's status. Status code. */
+int getTransferStatus(transfer_engine_t engine, batch_id_t batch_id, size_t task_id, struct transfer_status *status);
+
+/** Frees a batch (refused while tasks are in flight). Status code. */
+int freeBatchID(transfer_engine_t engine, batch_id_t batch_id);
+
+/** Received notifications as a malloc'd array (free with freeNotifsMsgBuf); NULL when none. */
+notify_msg_t *getNotifsFromEngine(transfer_engine_t engine, int *size);
+
+/** Frees what getNotifsFromEngine returned. 0. */
+int freeNotifsMsgBuf(notify_msg_t *msg, int size);
+
+/** Sends a notification to an opened segment. 0 or ERR_*. */
+int genNotifyInEngine(transfer_engine_t engine, uint64_t target_id, notify_msg_t notify_msg);
+
+/** The last error on the calling thread ("" if none). Valid until the next call on this thread. */
+const char *te_last_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TRANSFER_ENGINE_C_H */

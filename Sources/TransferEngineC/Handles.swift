@@ -1,0 +1,102 @@
+import CTransferEngineC
+import Logging
+import Synchronization
+import TransferEngine
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The object behind a `transfer_engine_t`.
+final class EngineHandle: Sendable {
+    let engine: TransferEngine
+    init(engine: TransferEngine) { self.engine = engine }
+}
+
+/// Live handles. A stale or foreign pointer is looked up here instead of being
+/// dereferenced, so a bad handle yields an error instead of a crash.
+enum HandleTable {
+    private static let live = Mutex<[UInt: EngineHandle]>([:])
+
+    static func insert(_ handle: EngineHandle) -> UnsafeMutableRawPointer {
+        let pointer = Unmanaged.passUnretained(handle).toOpaque()
+        live.withLock { $0[UInt(bitPattern: pointer)] = handle }
+        return pointer
+    }
+
+    static func lookup(_ pointer: UnsafeMutableRawPointer?) -> TransferEngine? {
+        guard let pointer else { return nil }
+        return live.withLock { $0[UInt(bitPattern: pointer)]?.engine }
+    }
+
+    static func remove(_ pointer: UnsafeMutableRawPointer?) -> TransferEngine? {
+        guard let pointer else { return nil }
+        return live.withLock { $0.removeValue(forKey: UInt(bitPattern: pointer))?.engine }
+    }
+}
+
+/// Error reporting for the C entry points.
+enum CResult {
+    static func fail(_ message: String) { te_set_last_error(message) }
+    static func clear() { te_set_last_error("") }
+
+    /// The negative ERR_* code for an error (int-returning functions).
+    static func errorCode(_ error: Error) -> Int32 {
+        fail("\(error)")
+        guard let error = error as? EngineError else { return -102 }
+        switch error {
+        case .invalidConfiguration, .invalidArgument, .invalidBatch, .unknownProtocol, .invalidMetadataServer: return -1
+        case .addressNotRegistered: return -3
+        case .batchBusy: return -4
+        case .protocolUnavailable: return -6
+        case .registrationConflict: return -7
+        case .segmentUnavailable: return -200
+        case .plugin: return -202
+        case .transferFailed, .system, .timeout: return -102
+        }
+    }
+
+    /// The positive status code for an error (status-returning functions).
+    static func statusCode(_ error: Error) -> Int32 {
+        fail("\(error)")
+        guard let error = error as? EngineError else { return 102 }
+        switch error {
+        case .invalidConfiguration, .invalidArgument, .invalidBatch, .unknownProtocol, .invalidMetadataServer: return 1
+        case .addressNotRegistered: return 3
+        case .batchBusy: return 4
+        case .protocolUnavailable: return 8
+        case .registrationConflict: return 7
+        case .segmentUnavailable: return 200
+        case .plugin: return 202
+        case .transferFailed, .system, .timeout: return 102
+        }
+    }
+
+    /// A String from a C string, or nil (with the error set) when it is NULL or not UTF-8.
+    static func string(_ pointer: UnsafePointer<CChar>?, _ what: String) -> String? {
+        guard let pointer else { fail("\(what) is NULL"); return nil }
+        guard let text = String(validatingCString: pointer) else { fail("\(what) is not UTF-8"); return nil }
+        return text
+    }
+}
+
+/// The logger used by engines created through the C API (stderr, MC_LOG_LEVEL, default warning).
+enum CLogging {
+    static let logger: Logger = {
+        let level: Logger.Level
+        switch getenv("MC_LOG_LEVEL").map({ String(cString: $0).uppercased() }) {
+        case "TRACE": level = .trace
+        case "DEBUG": level = .debug
+        case "INFO": level = .info
+        case "ERROR": level = .error
+        default: level = .warning
+        }
+        return Logger(label: "transfer-engine") { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+    }()
+}

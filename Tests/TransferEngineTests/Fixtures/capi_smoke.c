@@ -1,0 +1,98 @@
+/* Exercises libtransfer_engine_c.so through transfer_engine_c.h from plain C:
+ * two engines in one process, registration, a batch, status polling, a
+ * notification, and bad arguments that must return error codes. */
+#include "transfer_engine_c.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static int passed, failed;
+#define CHECK(cond) do { if (cond) passed++; else { failed++; fprintf(stderr, "FAILED line %d: %s (last error: %s)\n", __LINE__, #cond, te_last_error()); } } while (0)
+
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+
+int main(void) {
+    enum { SIZE = 1 << 20, BLOCK = 64 << 10 };
+    /* Bad arguments first: errors, never crashes. */
+    CHECK(createTransferEngine(NULL, "127.0.0.1", NULL, 0, 0) == NULL);
+    CHECK(createTransferEngine("zookeeper://nowhere", "127.0.0.1", NULL, 0, 0) == NULL);
+    CHECK(strlen(te_last_error()) > 0);
+    CHECK(openSegment((transfer_engine_t)0x1234, "127.0.0.1:1") == -1);
+    destroyTransferEngine((transfer_engine_t)0x1234);
+
+    transfer_engine_t target = createTransferEngine("P2PHANDSHAKE", "127.0.0.1", NULL, 0, 0);
+    transfer_engine_t initiator = createTransferEngine("P2PHANDSHAKE", "127.0.0.1", NULL, 0, 0);
+    CHECK(target && initiator);
+    if (!target || !initiator) { printf("capi: %d passed, %d failed\n", passed, failed); return 1; }
+    CHECK(installTransport(initiator, "tcp", NULL) != NULL);
+    CHECK(installTransport(initiator, "rdma", NULL) == NULL);
+
+    char *remote = aligned_alloc(4096, SIZE), *local = aligned_alloc(4096, SIZE);
+    memset(remote, 0, SIZE);
+    for (int i = 0; i < SIZE; i++) local[i] = (char)(i * 7 + 3);
+    CHECK(registerLocalMemory(target, remote, SIZE, "cpu:0", 1) == 0);
+    buffer_entry_t entry = { local, SIZE };
+    CHECK(registerLocalMemoryBatch(initiator, &entry, 1, "cpu:0") == 0);
+    CHECK(registerLocalMemory(initiator, local + 100, 10, "cpu:0", 1) == ERR_ADDRESS_OVERLAPPED);
+    CHECK(registerLocalMemory(initiator, NULL, 10, "cpu:0", 1) == ERR_INVALID_ARGUMENT);
+
+    char name[128];
+    CHECK(getLocalIpAndPort(target, name, sizeof name) == 0);
+    CHECK(getLocalIpAndPort(target, name, 3) == -1);
+    segment_id_t peer = openSegment(initiator, name);
+    CHECK(peer > 0);
+    CHECK(openSegment(initiator, "127.0.0.1:1") == -1);
+
+    batch_id_t batch = allocateBatchID(initiator, 32);
+    CHECK(batch != INVALID_BATCH);
+    struct transfer_request requests[SIZE / BLOCK];
+    for (int i = 0; i < SIZE / BLOCK; i++) {
+        requests[i] = (struct transfer_request){ OPCODE_WRITE, local + i * BLOCK, peer, (uint64_t)(uintptr_t)(remote + i * BLOCK), BLOCK };
+    }
+    struct transfer_request bad = requests[0];
+    bad.opcode = 7;
+    CHECK(submitTransfer(initiator, batch, &bad, 1) == STATUS_CODE_INVALID_ARGUMENT);
+    bad = requests[0];
+    bad.target_offset = (uint64_t)(uintptr_t)(remote + SIZE - 8);
+    CHECK(submitTransfer(initiator, batch, &bad, 1) == STATUS_CODE_ADDRESS_NOT_REGISTERED);
+    CHECK(submitTransfer(initiator, INVALID_BATCH - 5, requests, 1) == STATUS_CODE_INVALID_ARGUMENT);
+
+    notify_msg_t note = { "kv", "block 42 ready" };
+    CHECK(submitTransferWithNotify(initiator, batch, requests, SIZE / BLOCK, note) == 0);
+    int done = 0;
+    for (double deadline = now() + 20; now() < deadline && done < SIZE / BLOCK; usleep(1000)) {
+        done = 0;
+        for (int i = 0; i < SIZE / BLOCK; i++) {
+            struct transfer_status status;
+            if (getTransferStatus(initiator, batch, i, &status) == 0 && status.status == STATUS_COMPLETED) done++;
+        }
+    }
+    CHECK(done == SIZE / BLOCK);
+    CHECK(memcmp(local, remote, SIZE) == 0);
+    struct transfer_status status;
+    CHECK(getTransferStatus(initiator, batch, 999, &status) == STATUS_CODE_INVALID_ARGUMENT);
+    CHECK(getTransferStatus(initiator, batch, 0, NULL) == STATUS_CODE_INVALID_ARGUMENT);
+
+    int count = 0;
+    notify_msg_t *notes = NULL;
+    for (double deadline = now() + 10; now() < deadline && !notes; usleep(1000)) notes = getNotifsFromEngine(target, &count);
+    CHECK(notes && count == 1 && !strcmp(notes[0].name, "kv") && !strcmp(notes[0].msg, "block 42 ready"));
+    freeNotifsMsgBuf(notes, count);
+    CHECK(genNotifyInEngine(initiator, (uint64_t)peer, note) == 0);
+    CHECK(genNotifyInEngine(initiator, 9999, note) == ERR_INVALID_ARGUMENT);
+
+    CHECK(freeBatchID(initiator, batch) == 0);
+    CHECK(freeBatchID(initiator, batch) == STATUS_CODE_INVALID_ARGUMENT);
+    CHECK(syncSegmentCache(initiator) == 0);
+    CHECK(closeSegment(initiator, peer) == 0);
+    void *addresses[1] = { local };
+    CHECK(unregisterLocalMemoryBatch(initiator, addresses, 1) == 0);
+    CHECK(unregisterLocalMemory(initiator, local) == ERR_INVALID_ARGUMENT);
+    destroyTransferEngine(initiator);
+    destroyTransferEngine(target);
+    CHECK(openSegment(initiator, name) == -1); /* a destroyed handle is refused, not dereferenced */
+    printf("capi: %d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
