@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. This is the test command README.md gives and .ci/run calls.
+# Runs the whole test suite (swift test, then the Python package's pytest suite).
+# This is the test command README.md gives and .ci/run calls.
 #
 # The interop tests run the official Mooncake engine (PyPI wheel
 # mooncake-transfer-engine-non-cuda) against this one. This script installs the
@@ -27,4 +28,8 @@ if [ "${TE_SKIP_INTEROP:-0}" != 1 ]; then
     fi
 fi
 
-exec swift test --manifest-cache none "$@"
+swift test --manifest-cache none "$@"
+
+# The Python package over the C API library that swift test just built.
+python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --disable-pip-version-check pytest
+TRANSFER_ENGINE_LIBRARY="$(swift build --show-bin-path)/libtransfer_engine_c.so" python3 -m pytest -q python/tests

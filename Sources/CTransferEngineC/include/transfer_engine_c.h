@@ -177,6 +177,37 @@ int freeNotifsMsgBuf(notify_msg_t *msg, int size);
 /** Sends a notification to an opened segment. 0 or ERR_*. */
 int genNotifyInEngine(transfer_engine_t engine, uint64_t target_id, notify_msg_t notify_msg);
 
+/* ---- Additions of this engine (not in the official header), used by the Python package. ---- */
+
+/**
+ * Creates an engine with an explicit protocol and device list (the Python
+ * initialize() arguments); protocol/device_name may be NULL or "" to use the
+ * environment and config file. NULL on failure.
+ */
+transfer_engine_t createTransferEngineExt(const char *metadata_conn_string, const char *local_hostname,
+                                          const char *protocol, const char *device_name);
+
+/** The protocol the engine runs (after any fallback), copied into buf. 0 or ERR_*. */
+int te_active_protocol(transfer_engine_t engine, char *buf, size_t buf_len);
+
+/** One blocking transfer (opcode OPCODE_READ/OPCODE_WRITE). 0 or ERR_*. */
+int te_transfer_sync(transfer_engine_t engine, segment_id_t segment, int opcode, void *local, uint64_t remote, uint64_t length);
+
+/**
+ * Waits until every task of the batch finished or timeout_ms passed.
+ * Returns 1 all completed, -1 some task failed, 0 still pending at the timeout, or ERR_*.
+ */
+int te_wait_batch(transfer_engine_t engine, batch_id_t batch_id, uint64_t timeout_ms);
+
+/** Address of the first buffer of an opened segment's descriptor, 0 if none or on error. */
+uint64_t te_first_buffer_address(transfer_engine_t engine, segment_id_t segment);
+
+/** Sends a Probe to a segment name's handshake port. 0 or ERR_*. */
+int te_send_probe(transfer_engine_t engine, const char *segment_name);
+
+/** 1 if the protocol can run here (tcp always; a plugin that loads and probes as available), else 0. */
+int te_protocol_available(const char *protocol);
+
 /** The last error on the calling thread ("" if none). Valid until the next call on this thread. */
 const char *te_last_error(void);
 

@@ -1,0 +1,86 @@
+import CTransferEngineC
+import FoundationEssentials
+import TransferEngine
+
+// Entry points this engine adds to transfer_engine_c.h (declared under
+// "Additions" in the header); the Python package uses them.
+
+@_cdecl("createTransferEngineExt")
+public func createTransferEngineExt(_ metadata: UnsafePointer<CChar>?, _ hostname: UnsafePointer<CChar>?,
+                                    _ proto: UnsafePointer<CChar>?, _ device: UnsafePointer<CChar>?) -> UnsafeMutableRawPointer? {
+    guard let metadata = CResult.string(metadata, "metadata_conn_string"),
+          let host = CResult.string(hostname, "local_hostname") else { return nil }
+    let protocolName = proto.flatMap { String(validatingCString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+    let deviceName = device.flatMap { String(validatingCString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+    let environment = ProcessInfo.processInfo.environment
+    do {
+        let overrides = EngineConfiguration.Overrides(localHostname: host, metadataServer: metadata, protocolName: protocolName, deviceName: deviceName)
+        let (configuration, warnings) = try EngineConfiguration.resolve(overrides, environment: environment)
+        for warning in warnings { CLogging.logger.warning("\(warning)") }
+        let engine = try TransferEngine(configuration: configuration, environment: environment, logger: CLogging.logger)
+        CResult.clear()
+        return HandleTable.insert(EngineHandle(engine: engine))
+    } catch {
+        _ = CResult.errorCode(error)
+        return nil
+    }
+}
+
+@_cdecl("te_active_protocol")
+public func teActiveProtocol(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutablePointer<CChar>?, _ length: Int) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    let bytes = Array(engine.activeProtocol.utf8)
+    guard let buffer, length > bytes.count else { CResult.fail("buffer too small"); return -1 }
+    for (i, byte) in bytes.enumerated() { buffer[i] = CChar(bitPattern: byte) }
+    buffer[bytes.count] = 0
+    return 0
+}
+
+@_cdecl("te_transfer_sync")
+public func teTransferSync(_ handle: UnsafeMutableRawPointer?, _ segment: Int32, _ opcode: Int32, _ local: UnsafeMutableRawPointer?,
+                           _ remote: UInt64, _ length: UInt64) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    guard let operation = TransferRequest.Operation(rawValue: opcode) else { CResult.fail("opcode \(opcode) (0 READ, 1 WRITE)"); return -1 }
+    do {
+        try engine.transferSync(operation, localAddress: UInt64(UInt(bitPattern: local)), segment: segment, remoteAddress: remote, length: length)
+        return 0
+    } catch { return CResult.errorCode(error) }
+}
+
+@_cdecl("te_wait_batch")
+public func teWaitBatch(_ handle: UnsafeMutableRawPointer?, _ batch: UInt64, _ timeoutMs: UInt64) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    do {
+        guard try engine.wait(batch: batch, timeoutNs: min(timeoutMs, 86_400_000) * 1_000_000) else { return 0 }
+        if let failed = try engine.statuses(batch: batch).first(where: { $0.state != .completed }) {
+            CResult.fail(failed.error ?? "a task failed")
+            return -1
+        }
+        return 1
+    } catch { return CResult.errorCode(error) }
+}
+
+@_cdecl("te_first_buffer_address")
+public func teFirstBufferAddress(_ handle: UnsafeMutableRawPointer?, _ segment: Int32) -> UInt64 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return 0 }
+    do { return try engine.descriptor(of: segment).buffers.first?.address ?? 0 } catch { _ = CResult.errorCode(error); return 0 }
+}
+
+@_cdecl("te_send_probe")
+public func teSendProbe(_ handle: UnsafeMutableRawPointer?, _ name: UnsafePointer<CChar>?) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    guard let segment = CResult.string(name, "segment_name") else { return -1 }
+    do { try engine.probe(segmentName: segment); return 0 } catch { return CResult.errorCode(error) }
+}
+
+@_cdecl("te_protocol_available")
+public func teProtocolAvailable(_ proto: UnsafePointer<CChar>?) -> Int32 {
+    guard let name = proto.flatMap({ String(validatingCString: $0) })?.lowercased() else { return 0 }
+    if name == "tcp" { return 1 }
+    var environment = ProcessInfo.processInfo.environment
+    environment["MC_STRICT_PROTOCOL"] = "1"
+    let catalog = PluginCatalog(environment: environment)
+    let options = TransferEngine.pluginOptions(configuration: EngineConfiguration(), segmentName: "", environment: environment)
+    guard let selection = try? ProtocolSelector.select(requested: name, catalog: catalog, environment: environment, probeOptionsJSON: options) else { return 0 }
+    return selection.plugin != nil ? 1 : 0
+}

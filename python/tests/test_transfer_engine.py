@@ -1,0 +1,115 @@
+"""The Python package against a second Python process, over TCP and P2PHANDSHAKE."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import transfer_engine  # noqa: E402
+from transfer_engine import TransferEngine, TransferNotify, TransferOpcode  # noqa: E402
+
+SIZE = 4 << 20
+
+
+@pytest.fixture(scope="module")
+def peer():
+    process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "peer.py"), str(SIZE)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    words = process.stdout.readline().split()
+    assert words and words[0] == "READY", words
+
+    class Peer:
+        segment = words[1]
+        address = int(words[2])
+
+        def ask(self, line):
+            process.stdin.write(line + "\n")
+            process.stdin.flush()
+            return process.stdout.readline().strip()
+
+    yield Peer()
+    process.stdin.write("quit\n")
+    process.stdin.close()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    return e
+
+
+def test_module_surface():
+    assert TransferOpcode.Read == 0 and TransferOpcode.Write == 1
+    for name in ["SUPPORT_EFA", "SUPPORT_HIP", "SUPPORT_MNNVL", "SUPPORT_INTRA_NVLINK", "SUPPORT_CUDA", "SUPPORT_MUSA"]:
+        assert isinstance(getattr(transfer_engine, name), bool)
+    assert transfer_engine.SUPPORT_EFA is False  # no efa plugin is built yet
+    for method in ["initialize", "initialize_ext", "get_rpc_port", "allocate_managed_buffer", "free_managed_buffer",
+                   "transfer_sync_write", "transfer_sync_read", "transfer_sync", "transfer_submit_write", "transfer_check_status",
+                   "batch_transfer_sync_write", "batch_transfer_sync_read", "batch_transfer_sync", "batch_transfer_async",
+                   "batch_transfer_async_write", "batch_transfer_async_read", "get_batch_transfer_status", "register_memory",
+                   "unregister_memory", "batch_register_memory", "batch_unregister_memory", "write_bytes_to_buffer",
+                   "read_bytes_from_buffer", "get_first_buffer_address", "get_local_topology", "get_notifies", "send_probe",
+                   "get_engine"]:
+        assert callable(getattr(TransferEngine, method)), method
+
+
+def test_sync_write_and_read(engine, peer):
+    local = engine.allocate_managed_buffer(SIZE)
+    data = os.urandom(SIZE)
+    engine.write_bytes_to_buffer(local, data, SIZE)
+    assert engine.transfer_sync_write(peer.segment, local, peer.address, SIZE) == 0
+    assert bytes.fromhex(peer.ask(f"read {peer.address} 4096")) == data[:4096]
+    back = engine.allocate_managed_buffer(SIZE)
+    assert engine.transfer_sync_read(peer.segment, back, peer.address, SIZE) == 0
+    assert engine.read_bytes_from_buffer(back, SIZE) == data
+    assert engine.get_first_buffer_address(peer.segment) == peer.address
+    assert engine.send_probe(peer.segment) == 0
+    assert engine.free_managed_buffer(back, SIZE) == 0
+
+
+def test_batches_async_and_notify(engine, peer):
+    block = 64 << 10
+    local = engine.allocate_managed_buffer(SIZE)
+    engine.write_bytes_to_buffer(local, bytes([7]) * SIZE, SIZE)
+    n = SIZE // block
+    buffers = [local + i * block for i in range(n)]
+    remotes = [peer.address + i * block for i in range(n)]
+    assert engine.batch_transfer_sync_write(peer.segment, buffers, remotes, [block] * n) == 0
+    batch = engine.batch_transfer_async_read(peer.segment, buffers, remotes, [block] * n)
+    assert batch != 0
+    assert engine.get_batch_transfer_status([batch]) == 0
+    batch = engine.transfer_submit_write(peer.segment, local, peer.address, block)
+    deadline = time.time() + 10
+    state = 0
+    while state == 0 and time.time() < deadline:
+        state = engine.transfer_check_status(batch)
+    assert state == 1
+    assert engine.transfer_sync(peer.segment, local, peer.address, 16, TransferOpcode.Write, TransferNotify("kv", "done")) == 0
+    assert json.loads(peer.ask("notifies")) == [["kv", "done"]]
+
+
+def test_bad_arguments_give_error_codes(engine, peer):
+    local = engine.allocate_managed_buffer(4096)
+    assert engine.transfer_sync_write(peer.segment, local, peer.address + SIZE - 8, 64) == -1   # past the peer's buffer
+    assert engine.transfer_sync_write(peer.segment, local + 8192 * 1024, peer.address, 64) == -1  # unregistered local
+    assert engine.transfer_sync_write("127.0.0.1:1", local, peer.address, 64) == -1               # unknown segment
+    assert engine.register_memory(local + 16, 16) != 0                                             # overlaps
+    assert engine.unregister_memory(12345) != 0
+    assert engine.batch_transfer_sync_write(peer.segment, [local], [peer.address], [1, 2]) == -1  # mismatched lists
+    assert engine.batch_transfer_async_write("127.0.0.1:1", [local], [peer.address], [8]) == 0
+    assert engine.allocate_managed_buffer(-5) == 0
+    other = TransferEngine()
+    assert other.initialize("127.0.0.1", "ftp://nowhere", "tcp", "") == -1
+    assert other.initialize("127.0.0.1", "P2PHANDSHAKE", "warpdrive", "") == -1
+    assert other.transfer_sync_write(peer.segment, local, peer.address, 8) == -1  # not initialized
+    assert engine.transfer_sync_write(peer.segment, local, peer.address, -8) == -1                # negative length
+    assert engine.register_memory(local, -1) == -1
+    with pytest.raises(TypeError):
+        engine.transfer_sync_write(peer.segment, "not an address", peer.address, 8)
+    with pytest.raises(TypeError):
+        engine.batch_transfer_sync_write(peer.segment, [local], [None], [8])

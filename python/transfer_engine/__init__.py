@@ -1,0 +1,411 @@
+"""Drop-in replacement for ``mooncake.engine.TransferEngine`` backed by the Swift
+transfer engine's C API (``libtransfer_engine_c.so``).
+
+Migrating is one line::
+
+    # from mooncake.engine import TransferEngine
+    from transfer_engine import TransferEngine
+
+Method names, signatures, defaults and return codes follow the official
+binding: 0 for success and a negative number for failure, batch ids with 0 as
+the failure value. Blocking calls release the GIL (ctypes drops it for the
+duration of every foreign call).
+"""
+import ctypes
+import json
+import os
+
+# The Swift runtime must not take over this process's crash handling.
+os.environ.setdefault("SWIFT_BACKTRACE", "enable=no")
+
+__all__ = ["TransferEngine", "TransferOpcode", "TransferNotify", "SUPPORT_EFA", "SUPPORT_HIP", "SUPPORT_MNNVL",
+           "SUPPORT_MUSA", "SUPPORT_INTRA_NVLINK", "SUPPORT_CUDA", "library_path"]
+
+_INVALID_BATCH = 2**64 - 1
+
+
+def _find_library():
+    candidates = []
+    if os.environ.get("TRANSFER_ENGINE_LIBRARY"):
+        candidates.append(os.environ["TRANSFER_ENGINE_LIBRARY"])
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates.append(os.path.join(here, "_lib", "libtransfer_engine_c.so"))
+    repo = os.path.dirname(os.path.dirname(here))
+    for config in ("release", "debug"):
+        candidates.append(os.path.join(repo, ".build", config, "libtransfer_engine_c.so"))
+    candidates.append("/usr/lib/transfer-engine/libtransfer_engine_c.so")
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise ImportError("libtransfer_engine_c.so not found; set TRANSFER_ENGINE_LIBRARY or build it with "
+                      "`swift build -c release` in the repository (searched: " + ", ".join(candidates) + ")")
+
+
+library_path = _find_library()
+_lib = ctypes.CDLL(library_path)
+
+
+class _TransferRequest(ctypes.Structure):
+    _fields_ = [("opcode", ctypes.c_int), ("source", ctypes.c_void_p), ("target_id", ctypes.c_int32),
+                ("target_offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
+
+
+class _TransferStatus(ctypes.Structure):
+    _fields_ = [("status", ctypes.c_int), ("transferred_bytes", ctypes.c_uint64)]
+
+
+class _NotifyMsg(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("msg", ctypes.c_char_p)]
+
+
+def _signature(name, restype, *argtypes):
+    function = getattr(_lib, name)
+    function.restype = restype
+    function.argtypes = list(argtypes)
+    return function
+
+
+_vp, _cp, _u64, _i32, _int, _sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int, ctypes.c_size_t
+_create = _signature("createTransferEngineExt", _vp, _cp, _cp, _cp, _cp)
+_destroy = _signature("destroyTransferEngine", None, _vp)
+_local_name = _signature("getLocalIpAndPort", _int, _vp, ctypes.c_char_p, _sz)
+_open = _signature("openSegment", _i32, _vp, _cp)
+_register = _signature("registerLocalMemory", _int, _vp, _vp, _sz, _cp, _int)
+_unregister = _signature("unregisterLocalMemory", _int, _vp, _vp)
+_allocate_batch = _signature("allocateBatchID", _u64, _vp, _sz)
+_submit = _signature("submitTransfer", _int, _vp, _u64, ctypes.POINTER(_TransferRequest), _sz)
+_submit_notify = _signature("submitTransferWithNotify", _int, _vp, _u64, ctypes.POINTER(_TransferRequest), _sz, _NotifyMsg)
+_status = _signature("getTransferStatus", _int, _vp, _u64, _sz, ctypes.POINTER(_TransferStatus))
+_free_batch = _signature("freeBatchID", _int, _vp, _u64)
+_get_notifs = _signature("getNotifsFromEngine", ctypes.POINTER(_NotifyMsg), _vp, ctypes.POINTER(_int))
+_free_notifs = _signature("freeNotifsMsgBuf", _int, ctypes.POINTER(_NotifyMsg), _int)
+_transfer_sync = _signature("te_transfer_sync", _int, _vp, _i32, _int, _vp, _u64, _u64)
+_wait_batch = _signature("te_wait_batch", _int, _vp, _u64, _u64)
+_first_buffer = _signature("te_first_buffer_address", _u64, _vp, _i32)
+_probe = _signature("te_send_probe", _int, _vp, _cp)
+_available = _signature("te_protocol_available", _int, _cp)
+_active_protocol = _signature("te_active_protocol", _int, _vp, ctypes.c_char_p, _sz)
+_last_error = _signature("te_last_error", _cp)
+_gen_notify = _signature("genNotifyInEngine", _int, _vp, _u64, _NotifyMsg)
+
+_libc = ctypes.CDLL(None)
+_libc.posix_memalign.restype = _int
+_libc.posix_memalign.argtypes = [ctypes.POINTER(_vp), _sz, _sz]
+_libc.free.argtypes = [_vp]
+
+
+def last_error():
+    """The C API's last error text on this thread."""
+    return (_last_error() or b"").decode(errors="replace")
+
+
+class TransferOpcode:
+    """Transfer direction, as ``mooncake.engine.TransferOpcode``."""
+    Read = 0
+    Write = 1
+
+
+class TransferNotify:
+    """A notification sent after a transfer, as ``mooncake.engine.TransferNotify``."""
+
+    def __init__(self, name="", msg=""):
+        self.name = name
+        self.msg = msg
+
+    def __repr__(self):
+        return f"TransferNotify(name={self.name!r}, msg={self.msg!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, TransferNotify) and (self.name, self.msg) == (other.name, other.msg)
+
+
+SUPPORT_EFA = bool(_available(b"efa"))
+SUPPORT_HIP = bool(_available(b"hip"))
+SUPPORT_MNNVL = bool(_available(b"nvlink"))
+SUPPORT_INTRA_NVLINK = bool(_available(b"nvlink_intra"))
+SUPPORT_MUSA = False
+SUPPORT_CUDA = False
+
+
+def _addresses_ok(*values):
+    """Raises TypeError for a non-integer (as the official binding does); False for a negative value."""
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer address or length, got {type(value).__name__}")
+        if value < 0:
+            return False
+    return True
+
+
+def _timeout_seconds(length):
+    # As upstream: MC_TRANSFER_TIMEOUT seconds (default 30, at least 5) plus 1 ns per byte.
+    try:
+        base = max(5, int(os.environ.get("MC_TRANSFER_TIMEOUT", "30")))
+    except ValueError:
+        base = 30
+    return base + length / 1e9
+
+
+class TransferEngine:
+    """The engine; every method of ``mooncake.engine.TransferEngine``."""
+
+    def __init__(self):
+        self._handle = None
+        self._segments = {}
+        self._managed = {}
+
+    def __del__(self):
+        try:
+            if self._handle:
+                for address in list(self._managed):
+                    self.free_managed_buffer(address, self._managed[address])
+                _destroy(self._handle)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # -- setup ---------------------------------------------------------------
+    def initialize(self, local_hostname, metadata_server, protocol, device_name):
+        """Starts the engine; 0 on success, -1 on failure (the reason is logged)."""
+        return self.initialize_ext(local_hostname, metadata_server, protocol, device_name, "")
+
+    def initialize_ext(self, local_hostname, metadata_server, protocol, device_name, metadata_type):
+        """As initialize, with metadata_type ("etcd", "redis", "http") for a server given without a scheme."""
+        if self._handle:
+            return -1
+        if metadata_server != "P2PHANDSHAKE" and "://" not in metadata_server and metadata_type:
+            metadata_server = f"{metadata_type}://{metadata_server}"
+        handle = _create(metadata_server.encode(), local_hostname.encode(), (protocol or "").encode(), (device_name or "").encode())
+        if not handle:
+            import sys
+            print(f"transfer_engine: initialize failed: {last_error()}", file=sys.stderr)
+            return -1
+        self._handle = handle
+        return 0
+
+    def get_rpc_port(self):
+        """The handshake (RPC) port: the port of this engine's segment name."""
+        return int(self._local_name().rsplit(":", 1)[1])
+
+    def _local_name(self):
+        buffer = ctypes.create_string_buffer(256)
+        if not self._handle or _local_name(self._handle, buffer, 256) != 0:
+            raise RuntimeError("engine not initialized")
+        return buffer.value.decode()
+
+    def get_engine(self):
+        """The engine object (this object: there is no separate inner engine)."""
+        return self
+
+    def get_engine_ptr(self):
+        """The C API handle as an integer."""
+        return self._handle or 0
+
+    def get_local_topology(self, device_name=None):
+        """Topology JSON; the TCP transport has no NIC matrix, so locations map to empty lists."""
+        return json.dumps({"cpu:0": [[], []]})
+
+    # -- memory --------------------------------------------------------------
+    def register_memory(self, buffer_addr, capacity, location="*"):
+        if not self._handle or not _addresses_ok(buffer_addr, capacity):
+            return -1
+        return _register(self._handle, buffer_addr, capacity, location.encode(), 1)
+
+    def unregister_memory(self, buffer_addr):
+        if not self._handle:
+            return -1
+        return _unregister(self._handle, buffer_addr)
+
+    def batch_register_memory(self, buffer_addresses, capacities, location="*"):
+        if len(buffer_addresses) != len(capacities):
+            return -1
+        for address, capacity in zip(buffer_addresses, capacities):
+            rc = self.register_memory(address, capacity, location)
+            if rc != 0:
+                return rc
+        return 0
+
+    def batch_unregister_memory(self, buffer_addresses):
+        result = 0
+        for address in buffer_addresses:
+            rc = self.unregister_memory(address)
+            if rc != 0 and result == 0:
+                result = rc
+        return result
+
+    def allocate_managed_buffer(self, length):
+        """Allocates and registers page-aligned memory; its address, or 0 on failure."""
+        if not self._handle or length <= 0:
+            return 0
+        pointer = _vp()
+        if _libc.posix_memalign(ctypes.byref(pointer), 4096, length) != 0:
+            return 0
+        if self.register_memory(pointer.value, length, "cpu:0") != 0:
+            _libc.free(pointer)
+            return 0
+        self._managed[pointer.value] = length
+        return pointer.value
+
+    def free_managed_buffer(self, buffer_addr, length):
+        if buffer_addr not in self._managed:
+            return -1
+        del self._managed[buffer_addr]
+        self.unregister_memory(buffer_addr)
+        _libc.free(_vp(buffer_addr))
+        return 0
+
+    def write_bytes_to_buffer(self, dest_address, src_ptr, length):
+        ctypes.memmove(dest_address, src_ptr, length)
+        return 0
+
+    def read_bytes_from_buffer(self, source_address, length):
+        return ctypes.string_at(source_address, length)
+
+    # -- segments ------------------------------------------------------------
+    def _segment(self, target_hostname):
+        if not self._handle:
+            return -1
+        segment = self._segments.get(target_hostname)
+        if segment is None:
+            segment = _open(self._handle, target_hostname.encode())
+            if segment < 0:
+                return -1
+            self._segments[target_hostname] = segment
+        return segment
+
+    def get_first_buffer_address(self, segment_name):
+        segment = self._segment(segment_name)
+        return 0 if segment < 0 else _first_buffer(self._handle, segment)
+
+    def send_probe(self, peer_server_name):
+        if not self._handle:
+            return -1
+        return 0 if _probe(self._handle, peer_server_name.encode()) == 0 else -1
+
+    # -- transfers -----------------------------------------------------------
+    def transfer_sync_write(self, target_hostname, buffer, peer_buffer_address, length, transport_hint=""):
+        return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.Write)
+
+    def transfer_sync_read(self, target_hostname, buffer, peer_buffer_address, length, transport_hint=""):
+        return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.Read)
+
+    def transfer_sync(self, target_hostname, buffer, peer_buffer_address, length, opcode, notify=None, transport_hint=""):
+        if not _addresses_ok(buffer, peer_buffer_address, length):
+            return -1
+        segment = self._segment(target_hostname)
+        if segment < 0:
+            return -1
+        if _transfer_sync(self._handle, segment, int(opcode), buffer, peer_buffer_address, length) != 0:
+            return -1
+        return self._notify(segment, notify)
+
+    def _notify(self, segment, notify):
+        """Sends the notification after a completed synchronous transfer (before returning, as callers expect)."""
+        if notify is None:
+            return 0
+        message = _NotifyMsg(notify.name.encode(), notify.msg.encode())
+        return 0 if _gen_notify(self._handle, segment, message) == 0 else -1
+
+    def _submit(self, segment, buffers, peer_addresses, lengths, opcode, notify=None):
+        count = len(buffers)
+        if count == 0 or count != len(peer_addresses) or count != len(lengths):
+            return 0
+        if not _addresses_ok(*buffers, *peer_addresses, *lengths):
+            return 0
+        batch = _allocate_batch(self._handle, count)
+        if batch == _INVALID_BATCH:
+            return 0
+        requests = (_TransferRequest * count)()
+        for i in range(count):
+            requests[i] = _TransferRequest(int(opcode), buffers[i], segment, peer_addresses[i], lengths[i])
+        if notify is None:
+            rc = _submit(self._handle, batch, requests, count)
+        else:
+            rc = _submit_notify(self._handle, batch, requests, count, _NotifyMsg(notify.name.encode(), notify.msg.encode()))
+        if rc != 0:
+            _free_batch(self._handle, batch)
+            return 0
+        return batch
+
+    def _finish(self, batch, timeout):
+        """Waits, frees the batch, returns 1 completed / -1 failed / -2 timeout."""
+        rc = _wait_batch(self._handle, batch, int(timeout * 1000))
+        if rc == 0:
+            return -2
+        _free_batch(self._handle, batch)
+        return 1 if rc == 1 else -1
+
+    def batch_transfer_sync_write(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
+        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write)
+
+    def batch_transfer_sync_read(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
+        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Read)
+
+    def batch_transfer_sync(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify=None, transport_hint=""):
+        segment = self._segment(target_hostname)
+        if segment < 0:
+            return -1
+        batch = self._submit(segment, buffers, peer_buffer_addresses, lengths, opcode)
+        if not batch or self._finish(batch, _timeout_seconds(sum(lengths))) != 1:
+            return -1
+        return self._notify(segment, notify)
+
+    def batch_transfer_async_write(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
+        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write)
+
+    def batch_transfer_async_read(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
+        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Read)
+
+    def batch_transfer_async(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, transport_hint=""):
+        """Submits and returns the batch id at once (0 on failure)."""
+        segment = self._segment(target_hostname)
+        if segment < 0:
+            return 0
+        batch = self._submit(segment, buffers, peer_buffer_addresses, lengths, opcode)
+        if batch:
+            self._pending = getattr(self, "_pending", {})
+            self._pending[batch] = sum(lengths)
+        return batch
+
+    def get_batch_transfer_status(self, batch_ids):
+        """Waits for the batches; 0 if all completed, -1 if any failed or timed out. Frees them."""
+        result = 0
+        pending = getattr(self, "_pending", {})
+        for batch in batch_ids:
+            if self._finish(batch, _timeout_seconds(pending.pop(batch, 0))) != 1:
+                result = -1
+        return result
+
+    def transfer_submit_write(self, target_hostname, buffer, peer_buffer_address, length, transport_hint=""):
+        """Submits one write; its batch id (0 on failure), to poll with transfer_check_status."""
+        return self.batch_transfer_async(target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.Write)
+
+    def transfer_check_status(self, batch_id):
+        """1 completed (batch freed), 0 pending, -1 failed (freed), -2 timeout."""
+        status = _TransferStatus()
+        if _status(self._handle, batch_id, 0, ctypes.byref(status)) != 0:
+            return -1
+        if status.status == 4:
+            _free_batch(self._handle, batch_id)
+            return 1
+        if status.status in (1, 0):
+            return 0
+        _free_batch(self._handle, batch_id)
+        return -2 if status.status == 5 else -1
+
+    # -- notifications -------------------------------------------------------
+    def get_notifies(self):
+        """Notifications received since the last call, as TransferNotify objects."""
+        if not self._handle:
+            return []
+        count = ctypes.c_int(0)
+        messages = _get_notifs(self._handle, ctypes.byref(count))
+        if not messages:
+            return []
+        try:
+            return [TransferNotify(messages[i].name.decode(), messages[i].msg.decode()) for i in range(count.value)]
+        finally:
+            _free_notifs(messages, count.value)
+
+    def warmup_efa_segment(self, segment_name):
+        """Opens the segment so the first transfer does not pay for it."""
+        return 0 if self._segment(segment_name) >= 0 else -1
