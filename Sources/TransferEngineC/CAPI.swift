@@ -16,18 +16,7 @@ public func createTransferEngine(_ metadata: UnsafePointer<CChar>?, _ localServe
                                  _ ipOrHostName: UnsafePointer<CChar>?, _ rpcPort: UInt64, _ autoDiscover: Int32) -> UnsafeMutableRawPointer? {
     guard let metadata = CResult.string(metadata, "metadata_conn_string"),
           let serverName = CResult.string(localServerName, "local_server_name") else { return nil }
-    let environment = ProcessInfo.processInfo.environment
-    do {
-        let overrides = EngineConfiguration.Overrides(localHostname: serverName, metadataServer: metadata)
-        let (configuration, warnings) = try EngineConfiguration.resolve(overrides, environment: environment)
-        for warning in warnings { CLogging.logger.warning("\(warning)") }
-        let engine = try TransferEngine(configuration: configuration, environment: environment, logger: CLogging.logger)
-        CResult.clear()
-        return HandleTable.insert(EngineHandle(engine: engine))
-    } catch {
-        _ = CResult.errorCode(error)
-        return nil
-    }
+    return startEngine(EngineConfiguration.Overrides(localHostname: serverName, metadataServer: metadata))
 }
 
 @_cdecl("destroyTransferEngine")
@@ -55,11 +44,7 @@ public func uninstallTransport(_ handle: UnsafeMutableRawPointer?, _ proto: Unsa
 @_cdecl("getLocalIpAndPort")
 public func getLocalIpAndPort(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutablePointer<CChar>?, _ length: Int) -> Int32 {
     guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
-    let bytes = Array(engine.segmentName.utf8)
-    guard let buffer, length > bytes.count else { CResult.fail("buffer too small for '\(engine.segmentName)'"); return -1 }
-    for (i, byte) in bytes.enumerated() { buffer[i] = CChar(bitPattern: byte) }
-    buffer[bytes.count] = 0
-    return 0
+    return copyOut(engine.segmentName, to: buffer, length: length)
 }
 
 @_cdecl("openSegment")

@@ -12,28 +12,14 @@ public func createTransferEngineExt(_ metadata: UnsafePointer<CChar>?, _ hostnam
           let host = CResult.string(hostname, "local_hostname") else { return nil }
     let protocolName = proto.flatMap { String(validatingCString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
     let deviceName = device.flatMap { String(validatingCString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
-    let environment = ProcessInfo.processInfo.environment
-    do {
-        let overrides = EngineConfiguration.Overrides(localHostname: host, metadataServer: metadata, protocolName: protocolName, deviceName: deviceName)
-        let (configuration, warnings) = try EngineConfiguration.resolve(overrides, environment: environment)
-        for warning in warnings { CLogging.logger.warning("\(warning)") }
-        let engine = try TransferEngine(configuration: configuration, environment: environment, logger: CLogging.logger)
-        CResult.clear()
-        return HandleTable.insert(EngineHandle(engine: engine))
-    } catch {
-        _ = CResult.errorCode(error)
-        return nil
-    }
+    return startEngine(EngineConfiguration.Overrides(localHostname: host, metadataServer: metadata,
+                                                     protocolName: protocolName, deviceName: deviceName))
 }
 
 @_cdecl("te_active_protocol")
 public func teActiveProtocol(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutablePointer<CChar>?, _ length: Int) -> Int32 {
     guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
-    let bytes = Array(engine.activeProtocol.utf8)
-    guard let buffer, length > bytes.count else { CResult.fail("buffer too small"); return -1 }
-    for (i, byte) in bytes.enumerated() { buffer[i] = CChar(bitPattern: byte) }
-    buffer[bytes.count] = 0
-    return 0
+    return copyOut(engine.activeProtocol, to: buffer, length: length)
 }
 
 @_cdecl("te_transfer_sync")

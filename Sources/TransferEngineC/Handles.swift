@@ -1,4 +1,5 @@
 import CTransferEngineC
+import FoundationEssentials
 import Logging
 import Synchronization
 import TransferEngine
@@ -80,6 +81,31 @@ enum CResult {
         guard let text = String(validatingCString: pointer) else { fail("\(what) is not UTF-8"); return nil }
         return text
     }
+}
+
+/// Creates an engine from explicit settings (environment and config file fill the rest)
+/// and returns its handle, or nil with te_last_error set.
+func startEngine(_ overrides: EngineConfiguration.Overrides) -> UnsafeMutableRawPointer? {
+    let environment = ProcessInfo.processInfo.environment
+    do {
+        let (configuration, warnings) = try EngineConfiguration.resolve(overrides, environment: environment)
+        for warning in warnings { CLogging.logger.warning("\(warning)") }
+        let engine = try TransferEngine(configuration: configuration, environment: environment, logger: CLogging.logger)
+        CResult.clear()
+        return HandleTable.insert(EngineHandle(engine: engine))
+    } catch {
+        _ = CResult.errorCode(error)
+        return nil
+    }
+}
+
+/// Copies `text` and a NUL into a caller's buffer; 0, or -1 when it does not fit.
+func copyOut(_ text: String, to buffer: UnsafeMutablePointer<CChar>?, length: Int) -> Int32 {
+    let bytes = Array(text.utf8)
+    guard let buffer, length > bytes.count else { CResult.fail("buffer of \(length) bytes too small for '\(text)'"); return -1 }
+    for (i, byte) in bytes.enumerated() { buffer[i] = CChar(bitPattern: byte) }
+    buffer[bytes.count] = 0
+    return 0
 }
 
 /// The logger used by engines created through the C API (stderr, MC_LOG_LEVEL, default warning).
