@@ -113,3 +113,34 @@ def test_bad_arguments_give_error_codes(engine, peer):
         engine.transfer_sync_write(peer.segment, "not an address", peer.address, 8)
     with pytest.raises(TypeError):
         engine.batch_transfer_sync_write(peer.segment, [local], [None], [8])
+
+
+def test_remaining_methods(peer):
+    e = TransferEngine()
+    assert e.initialize_ext("127.0.0.1", "P2PHANDSHAKE", "tcp", "", "p2p") == 0
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == -1  # already initialized
+    assert e.get_engine() is e and e.get_engine_ptr() != 0
+    topology = json.loads(e.get_local_topology())
+    assert isinstance(topology, dict)
+    block = 4096
+    a = e.allocate_managed_buffer(block)
+    b = e.allocate_managed_buffer(block)
+    assert e.free_managed_buffer(a, block) == 0 and e.free_managed_buffer(a, block) == -1
+    import ctypes
+    raw = [ctypes.create_string_buffer(block) for _ in range(2)]
+    addresses = [ctypes.addressof(r) for r in raw]
+    assert e.batch_register_memory(addresses, [block, block]) == 0
+    raw[0].raw = b"x" * block
+    assert e.batch_transfer_sync(peer.segment, [addresses[0]], [peer.address], [block], TransferOpcode.Write,
+                                 TransferNotify("batch", "sent")) == 0
+    assert json.loads(peer.ask("notifies")) == [["batch", "sent"]]
+    assert e.batch_transfer_sync_read(peer.segment, [addresses[1]], [peer.address], [block]) == 0
+    assert raw[1].raw == b"x" * block
+    batch = e.batch_transfer_async(peer.segment, [addresses[1]], [peer.address + block], [block], TransferOpcode.Read)
+    assert batch != 0 and e.get_batch_transfer_status([batch]) == 0
+    assert raw[1].raw == bytes.fromhex(peer.ask(f"read {peer.address + block} {block}"))
+    assert e.warmup_efa_segment(peer.segment) == 0
+    assert e.get_notifies() == []
+    assert e.batch_unregister_memory(addresses) == 0
+    assert e.batch_unregister_memory(addresses) != 0
+    assert e.free_managed_buffer(b, block) == 0
