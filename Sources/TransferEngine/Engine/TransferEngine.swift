@@ -32,10 +32,12 @@ public final class TransferEngine: @unchecked Sendable {
 
     let logger: Logger
     let registry = MemoryRegistry()
+    private let metadataStore: MetadataStore?
+    private let keys: MetadataKeys
     let settings: Settings
     private let bindHost: String
     private let dataServer: TCPDataServer
-    private var handshakeServer: HandshakeServer!
+    private var handshakeServer: HandshakeServer?
     private var plugin: PluginTransport?
     private let state = ConditionLock(State())
 
@@ -52,6 +54,8 @@ public final class TransferEngine: @unchecked Sendable {
         var useV2Client = true
         var portRange: ClosedRange<UInt16> = 15000...17000
         var serverSpinNs: UInt64 = 50_000
+        var metadataTimeoutMs = 5000
+        var metadataTTLSeconds = 30
 
         init(environment: [String: String]) throws {
             func integer(_ names: [String], _ range: ClosedRange<Int>) throws -> Int? {
@@ -74,6 +78,8 @@ public final class TransferEngine: @unchecked Sendable {
             if let v = try integer(["MC_TRANSFER_TIMEOUT"], 1...86_400) { transferTimeoutNs = UInt64(max(5, v)) * 1_000_000_000 }
             useV2Client = environment["MC_TCP_PROTO"] != "1"
             if let v = try integer(["MC_TCP_SERVER_SPIN_US"], 0...10_000) { serverSpinNs = UInt64(v) * 1000 }
+            if let v = try integer(["MC_METADATA_TIMEOUT_MS"], 100...600_000) { metadataTimeoutMs = v }
+            if let v = try integer(["MC_METADATA_TTL_SECONDS"], 2...86_400) { metadataTTLSeconds = v }
             let low = try integer(["MC_MIN_RPC_PORT", "MC_MIN_PRC_PORT"], 1...65535) ?? 15000
             let high = try integer(["MC_MAX_RPC_PORT", "MC_MAX_PRC_PORT"], 1...65535) ?? 17000
             guard low <= high else { throw EngineError.invalidConfiguration("MC_MIN_RPC_PORT \(low) is above MC_MAX_RPC_PORT \(high)") }
@@ -119,10 +125,14 @@ public final class TransferEngine: @unchecked Sendable {
         self.logger = logger
         self.settings = try Settings(environment: environment)
 
+        keys = MetadataKeys(environment: environment)
         switch try MetadataServer.parse(configuration.metadataServer) {
-        case .p2pHandshake: break
-        case .etcd, .redis, .http:
-            throw EngineError.invalidMetadataServer("'\(configuration.metadataServer)': this build serves P2PHANDSHAKE only; the etcd, redis and HTTP backends are not implemented yet")
+        case .p2pHandshake: metadataStore = nil
+        case .http(let url): metadataStore = try HTTPMetadataStore(url: url, timeoutMs: settings.metadataTimeoutMs)
+        case .redis(let address):
+            metadataStore = try RedisMetadataStore(address: address, environment: environment, timeoutMs: settings.metadataTimeoutMs)
+        case .etcd:
+            throw EngineError.invalidMetadataServer("'\(configuration.metadataServer)': the etcd backend is not implemented yet; use P2PHANDSHAKE, redis:// or http://")
         }
 
         let local = try HostPort.parse(configuration.localHostname)
@@ -137,7 +147,8 @@ public final class TransferEngine: @unchecked Sendable {
         let handshakeListener = try PortAllocator.listen(host: bindHost, range: settings.portRange)
         let dataListener = try PortAllocator.listen(host: bindHost, range: settings.portRange)
         rpcPort = handshakeListener.localAddress.port
-        segmentName = HostPort(host: local.host, port: rpcPort).description
+        // P2P: the segment name is host:rpc_port. With a metadata server it is local_hostname as given.
+        segmentName = metadataStore == nil ? HostPort(host: local.host, port: rpcPort).description : configuration.localHostname
         dataServer = try TCPDataServer(listener: dataListener, registry: registry, logger: logger, payloadTimeoutMs: settings.statusTimeoutMs,
                                       spinNanoseconds: settings.serverSpinNs)
         dataPort = dataServer.port
@@ -156,20 +167,89 @@ public final class TransferEngine: @unchecked Sendable {
         handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, logger: logger) { [weak self] message in
             self?.answerHandshake(message)
         }
+        if let store = metadataStore {
+            do {
+                try publish(store)
+            } catch {
+                shutdown()
+                throw EngineError.invalidMetadataServer("\(error)")
+            }
+            let interval = UInt64(max(1, settings.metadataTTLSeconds / 3)) * 1_000_000_000
+            try OSThread.spawn(name: "te-meta-keep") { [weak self] in
+                // Re-publishing refreshes the TTL and restores our keys after a server restart.
+                while let engine = self, !engine.state.wait(deadline: MonotonicClock.nanoseconds() + interval, until: { $0.stopped ? true : nil }).map({ $0 }).isTrue {
+                    do { try engine.publish(store) } catch { engine.logger.warning("metadata refresh failed (will retry): \(error)") }
+                }
+            }
+        }
         logger.info("engine ready: segment \(segmentName), protocol \(selection.effective), data port \(dataPort), bound to \(bindHost)")
+    }
+
+    /// Writes our rpc_meta entry and segment descriptor to the metadata server (with retries).
+    private func publish(_ store: MetadataStore) throws {
+        let ttl = store is RedisMetadataStore ? settings.metadataTTLSeconds : nil
+        let rpcMeta = JSONValue.object(["ip_or_host_name": .string(bindHost), "rpc_port": .uint(UInt64(rpcPort))]).compactText
+        try withRetries(budgetMs: settings.metadataTimeoutMs) {
+            try store.put(keys.rpcMeta(segmentName), rpcMeta, ttlSeconds: ttl)
+            try store.put(keys.segment(segmentName), localDescriptor.json.compactText, ttlSeconds: ttl)
+        }
+    }
+
+    /// Re-publishes the descriptor after a registration change (metadata-server mode).
+    private func republishDescriptor() throws {
+        guard let store = metadataStore else { return }
+        let ttl = store is RedisMetadataStore ? settings.metadataTTLSeconds : nil
+        let key = keys.segment(segmentName)
+        try withRetries(budgetMs: settings.metadataTimeoutMs) {
+            try store.put(key, localDescriptor.json.compactText, ttlSeconds: ttl)
+        }
+    }
+
+    /// Where a named segment is and what it holds: over the handshake port (P2P) or from the metadata server.
+    private func locate(_ name: String) throws -> (host: String, port: UInt16, descriptor: SegmentDescriptor) {
+        guard let store = metadataStore else {
+            let target = try HostPort.parse(name)
+            guard let port = target.port else {
+                throw EngineError.segmentUnavailable(name: name, reason: "P2P segment names are host:rpc_port")
+            }
+            return (target.host, port, try fetchDescriptor(host: target.host, port: port, name: name))
+        }
+        do {
+            return try withRetries(budgetMs: settings.metadataTimeoutMs) {
+                guard let rpcText = try store.get(keys.rpcMeta(name)) else {
+                    throw MetadataRejection(description: "no key '\(keys.rpcMeta(name))' on \(store.serverDescription)")
+                }
+                guard let descriptorText = try store.get(keys.segment(name)) else {
+                    throw MetadataRejection(description: "no key '\(keys.segment(name))' on \(store.serverDescription)")
+                }
+                let rpc = try JSONValue.parse(rpcText)
+                guard let host = rpc["ip_or_host_name"]?.stringValue, let port = rpc["rpc_port"]?.uint64Value, port > 0, port <= 65535 else {
+                    throw MetadataRejection(description: "malformed rpc_meta for '\(name)': \(rpcText.prefix(200))")
+                }
+                return (host, UInt16(port), try SegmentDescriptor.decode(try JSONValue.parse(descriptorText)))
+            }
+        } catch {
+            throw EngineError.segmentUnavailable(name: name, reason: "\(error)")
+        }
     }
 
     /// Stops the listeners and lanes. Registered memory stays the caller's.
     public func shutdown() {
-        let peers: [Peer] = state.withLock { state in
+        let peers: [Peer] = state.withLock(notify: true) { state in
             if state.stopped { return [] }
             state.stopped = true
             return Array(state.peers.values)
         }
-        handshakeServer.stop()
+        handshakeServer?.stop()
         dataServer.stop()
         peers.forEach { $0.channel?.close() }
         plugin?.shutdown()
+        if let store = metadataStore {
+            // A clean shutdown removes our keys (a crash leaves them to their TTL).
+            for key in [keys.segment(segmentName), keys.rpcMeta(segmentName)] {
+                do { try store.delete(key) } catch { logger.warning("could not delete \(key): \(error)") }
+            }
+        }
     }
 
     deinit { shutdown() }
@@ -195,14 +275,18 @@ public final class TransferEngine: @unchecked Sendable {
     /// `location` is Mooncake's memory location ("cpu:0", "cuda:1", "*").
     public func registerMemory(address: UInt64, length: UInt64, location: String = "*") throws {
         try registry.register(address: address, length: length, location: location)
-        if let plugin {
-            do {
+        do {
+            if let plugin {
                 let fragment = try plugin.register(address: address, length: length, location: location)
                 state.withLock { $0.bufferFragments[address] = fragment }
-            } catch {
-                _ = try? registry.unregister(address: address)
-                throw error
             }
+            try republishDescriptor()
+        } catch {
+            // Lose nothing: a registration peers cannot see is rolled back.
+            _ = try? registry.unregister(address: address)
+            state.withLock { _ = $0.bufferFragments.removeValue(forKey: address) }
+            try? plugin?.unregister(address: address)
+            throw error
         }
     }
 
@@ -211,6 +295,9 @@ public final class TransferEngine: @unchecked Sendable {
         try registry.unregister(address: address)
         state.withLock { _ = $0.bufferFragments.removeValue(forKey: address) }
         try plugin?.unregister(address: address)
+        do { try republishDescriptor() } catch {
+            logger.warning("unregistered 0x\(String(address, radix: 16)) locally; publishing the descriptor failed (retried by the refresh): \(error)")
+        }
     }
 
     /// Allocates page-aligned memory and registers it; free it with `freeManagedBuffer`.
@@ -257,12 +344,8 @@ public final class TransferEngine: @unchecked Sendable {
     public func openSegment(_ name: String) throws -> SegmentHandle {
         if name == segmentName { return 0 }
         if let handle = state.withLock({ $0.handles[name] }) { return handle }
-        let target = try HostPort.parse(name)
-        guard let port = target.port else {
-            throw EngineError.segmentUnavailable(name: name, reason: "P2P segment names are host:rpc_port")
-        }
-        let descriptor = try fetchDescriptor(host: target.host, port: port, name: name)
-        let peer = Peer(name: name, host: target.host, rpcPort: port, descriptor: descriptor)
+        let location = try locate(name)
+        let peer = Peer(name: name, host: location.host, rpcPort: location.port, descriptor: location.descriptor)
         return state.withLock { state in
             if let existing = state.handles[name] { return existing }
             let handle = state.nextHandle
@@ -295,7 +378,7 @@ public final class TransferEngine: @unchecked Sendable {
     public func refreshSegment(_ handle: SegmentHandle) throws {
         guard handle != 0 else { return }
         let peer = try peer(handle)
-        let fresh = try fetchDescriptor(host: peer.host, port: peer.rpcPort, name: peer.name)
+        let fresh = try locate(peer.name).descriptor
         state.withLock { _ in peer.descriptor = fresh }
     }
 

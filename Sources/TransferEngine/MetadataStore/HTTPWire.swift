@@ -1,0 +1,144 @@
+/// Minimal HTTP/1.1 message framing shared by the metadata HTTP client and the
+/// embedded metadata server: request/response heads, Content-Length and chunked
+/// bodies, percent-encoding. Only what the metadata protocol needs.
+enum HTTPWire {
+    /// A parsed request or response head plus body.
+    struct Message {
+        /// Request: method, target, version. Response: version, status, reason.
+        var startLine: [String]
+        /// Header names lowercased.
+        var headers: [String: String]
+        var body: [UInt8]
+    }
+
+    /// Largest head or body accepted (metadata values are small).
+    static let maxHead = 64 << 10
+    static let maxBody = 64 << 20
+
+    enum Failure: Error, CustomStringConvertible {
+        case malformed(String)
+        case tooLarge(String)
+        var description: String {
+            switch self {
+            case .malformed(let what): return "malformed HTTP message: \(what)"
+            case .tooLarge(let what): return "HTTP \(what) too large"
+            }
+        }
+    }
+
+    /// Reads one message from the socket. `buffered` carries bytes read past the previous
+    /// message (keep-alive). Returns nil on a clean EOF before any byte.
+    static func read(from socket: Socket, buffered: inout [UInt8], isResponseToHead: Bool = false) throws -> Message? {
+        var chunk = [UInt8](repeating: 0, count: 16 << 10)
+        func fill() throws -> Bool {
+            let n = try chunk.withUnsafeMutableBytes { try socket.receiveSome($0.baseAddress!, count: $0.count) }
+            if n == 0 { return false }
+            buffered += chunk[0..<n]
+            return true
+        }
+        // Head.
+        var headEnd: Int?
+        while headEnd == nil {
+            if let range = buffered.firstRange(of: [13, 10, 13, 10]) { headEnd = range.lowerBound; break }
+            if buffered.count > maxHead { throw Failure.tooLarge("head") }
+            if try !fill() {
+                if buffered.isEmpty { return nil }
+                throw Failure.malformed("connection closed inside the head")
+            }
+        }
+        let headText = String(decoding: buffered[0..<headEnd!], as: UTF8.self)
+        buffered.removeSubrange(0..<(headEnd! + 4))
+        var lines = headText.split(separator: "\r\n", omittingEmptySubsequences: false).map(String.init)
+        guard !lines.isEmpty else { throw Failure.malformed("empty head") }
+        let startLine = lines.removeFirst().split(separator: " ", maxSplits: 2).map(String.init)
+        guard startLine.count >= 2 else { throw Failure.malformed("start line '\(startLine.joined(separator: " "))'") }
+        var headers: [String: String] = [:]
+        for line in lines where !line.isEmpty {
+            guard let colon = line.firstIndex(of: ":") else { throw Failure.malformed("header '\(line)'") }
+            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+        }
+        // Body.
+        var body: [UInt8] = []
+        if headers["transfer-encoding"]?.lowercased().contains("chunked") == true {
+            while true {
+                while buffered.firstRange(of: [13, 10]) == nil {
+                    if buffered.count > maxHead { throw Failure.tooLarge("chunk size line") }
+                    if try !fill() { throw Failure.malformed("connection closed inside a chunked body") }
+                }
+                let lineEnd = buffered.firstRange(of: [13, 10])!.lowerBound
+                let sizeText = String(decoding: buffered[0..<lineEnd], as: UTF8.self).split(separator: ";").first.map(String.init) ?? ""
+                guard let size = Int(sizeText.trimmingCharacters(in: .whitespaces), radix: 16), size >= 0 else { throw Failure.malformed("chunk size '\(sizeText)'") }
+                buffered.removeSubrange(0..<(lineEnd + 2))
+                guard body.count + size <= maxBody else { throw Failure.tooLarge("body") }
+                while buffered.count < size + 2 { if try !fill() { throw Failure.malformed("connection closed inside a chunk") } }
+                body += buffered[0..<size]
+                buffered.removeSubrange(0..<(size + 2))
+                if size == 0 { break }
+            }
+        } else if let lengthText = headers["content-length"] {
+            guard let length = Int(lengthText), length >= 0 else { throw Failure.malformed("Content-Length '\(lengthText)'") }
+            guard length <= maxBody else { throw Failure.tooLarge("body") }
+            while buffered.count < length { if try !fill() { throw Failure.malformed("connection closed inside the body") } }
+            body = Array(buffered[0..<length])
+            buffered.removeSubrange(0..<length)
+        } else if startLine[0].hasPrefix("HTTP/"), !isResponseToHead {
+            // A response without length: the body runs to EOF.
+            while try fill() { if buffered.count > maxBody { throw Failure.tooLarge("body") } }
+            body = buffered
+            buffered.removeAll()
+        }
+        return Message(startLine: startLine, headers: headers, body: body)
+    }
+
+    /// Serialises a message head and body.
+    static func encode(startLine: String, headers: [(String, String)], body: [UInt8]) -> [UInt8] {
+        var text = startLine + "\r\n"
+        for (name, value) in headers { text += "\(name): \(value)\r\n" }
+        text += "Content-Length: \(body.count)\r\n\r\n"
+        return Array(text.utf8) + body
+    }
+
+    /// Percent-encodes every byte outside RFC 3986's unreserved set (as curl_easy_escape).
+    static func percentEncode(_ text: String) -> String {
+        let hex = Array("0123456789ABCDEF")
+        var out = ""
+        for byte in text.utf8 {
+            switch byte {
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                 UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
+                out.append(Character(Unicode.Scalar(byte)))
+            default:
+                out += "%" + String(hex[Int(byte >> 4)]) + String(hex[Int(byte & 15)])
+            }
+        }
+        return out
+    }
+
+    /// Decodes %XX escapes (and '+' as space, as form encoding does); nil if malformed.
+    static func percentDecode(_ text: Substring) -> String? {
+        var bytes: [UInt8] = []
+        var iterator = Array(text.utf8).makeIterator()
+        while let byte = iterator.next() {
+            if byte == UInt8(ascii: "%") {
+                guard let high = iterator.next(), let low = iterator.next(),
+                      let value = UInt8(String(decoding: [high, low], as: UTF8.self), radix: 16) else { return nil }
+                bytes.append(value)
+            } else if byte == UInt8(ascii: "+") {
+                bytes.append(UInt8(ascii: " "))
+            } else {
+                bytes.append(byte)
+            }
+        }
+        return String(validating: bytes, as: UTF8.self)
+    }
+
+    /// The value of `name` in a query string, decoded.
+    static func queryValue(_ name: String, in target: String) -> String? {
+        guard let question = target.firstIndex(of: "?") else { return nil }
+        for pair in target[target.index(after: question)...].split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            if parts.first.map(String.init) == name { return parts.count > 1 ? percentDecode(parts[1]) : "" }
+        }
+        return nil
+    }
+}

@@ -1,0 +1,40 @@
+import ArgumentParser
+import Foundation
+import TransferEngine
+
+/// `metadata-server`: the embedded HTTP metadata server.
+struct MetadataServerCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "metadata-server",
+        abstract: "Run an HTTP metadata server compatible with the official engine's (GET/PUT/DELETE /metadata?key=K, GET /health).",
+        discussion: "Engines use it with --metadata-server http://HOST:PORT/metadata. Keys live in memory until the server stops."
+    )
+
+    @Option(help: "Address to listen on.")
+    var host: String = "127.0.0.1"
+
+    @Option(help: "Port to listen on (0: any free port).")
+    var port: UInt16 = 8080
+
+    func run() throws {
+        try runReportingErrors {
+            let logger = CLILogging.logger()
+            let server: MetadataHTTPServer
+            do { server = try MetadataHTTPServer(host: host, port: port, logger: logger) } catch {
+                throw EngineError.invalidConfiguration("cannot listen on \(host):\(port): \(error)")
+            }
+            print("READY metadata-server http://\(host.contains(":") ? "[\(host)]" : host):\(server.port)/metadata")
+            fflush(nil)
+            let stop = DispatchSemaphore(value: 0)
+            for sig in [SIGINT, SIGTERM] {
+                signal(sig, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+                source.setEventHandler { stop.signal() }
+                source.resume()
+                SignalSources.keep.append(source)
+            }
+            stop.wait()
+            server.stop()
+        }
+    }
+}

@@ -1,0 +1,165 @@
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// A redis-server process on a free loopback port, for the tests.
+final class RedisProcess: @unchecked Sendable {
+    static let binary: String? = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"].first { FileManager.default.isExecutableFile(atPath: $0) }
+    let port: UInt16
+    private var process: Process?
+
+    init(port: UInt16? = nil) throws {
+        self.port = try port ?? {
+            let probe = try Socket.listen(host: "127.0.0.1", port: 0)
+            defer { probe.close() }
+            return probe.localAddress.port
+        }()
+        try start()
+    }
+
+    func start() throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try #require(Self.binary))
+        process.arguments = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        self.process = process
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline {
+            if (try? Socket.connect(host: "127.0.0.1", port: port, timeoutMs: 200)) != nil { return }
+            usleep(20_000)
+        }
+        throw TestFailure("redis-server did not start on port \(port)")
+    }
+
+    func kill() {
+        guard let process, process.isRunning else { return }
+        Foundation.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    deinit { kill() }
+}
+
+@Suite("Metadata servers", .serialized)
+struct MetadataTests {
+    private func environment(_ extra: [String: String] = [:]) -> [String: String] {
+        TestSupport.cleanEnvironment(["MC_METADATA_TTL_SECONDS": "3", "MC_METADATA_TIMEOUT_MS": "3000", "MC_TCP_BIND_ADDRESS": "127.0.0.1"].merging(extra) { $1 })
+    }
+
+    /// Two engines registered through `metadata`; the initiator writes and reads the target's buffer.
+    private func transferThrough(_ metadata: String, environment: [String: String]) throws -> (TransferEngine, TransferEngine, TestBuffer) {
+        let target = try TransferEngine(configuration: EngineConfiguration(localHostname: "node-a", metadataServer: metadata), environment: environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(localHostname: "node-b", metadataServer: metadata), environment: environment)
+        let remote = TestBuffer(1 << 20), local = TestBuffer(1 << 20), back = TestBuffer(1 << 20)
+        local.fillPattern(seed: 11)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count))
+        try initiator.registerMemory(address: back.address, length: UInt64(back.count))
+        #expect(target.segmentName == "node-a")
+        let handle = try initiator.openSegment("node-a")
+        try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: UInt64(local.count))
+        try initiator.transferSync(.read, localAddress: back.address, segment: handle, remoteAddress: remote.address, length: UInt64(local.count))
+        #expect(remote.equals(local, length: local.count) && back.equals(local, length: local.count))
+        try initiator.sendNotification(TransferNotification(name: "via", message: metadata), to: handle)
+        #expect(target.takeNotifications() == [TransferNotification(name: "via", message: metadata)])
+        return (target, initiator, remote)
+    }
+
+    @Test("the embedded HTTP server answers with the official semantics")
+    func httpServerSemantics() throws {
+        let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
+        defer { server.stop() }
+        let store = try HTTPMetadataStore(url: "http://127.0.0.1:\(server.port)/metadata", timeoutMs: 2000)
+        #expect(try store.get("mooncake/ram/x") == nil)
+        try store.put("mooncake/ram/a b:1/c", #"{"v":1}"#, ttlSeconds: nil)
+        #expect(try store.get("mooncake/ram/a b:1/c") == #"{"v":1}"#)
+        try store.put("mooncake/rpc_meta/n", #"{"rpc_port":1}"#, ttlSeconds: nil)
+        try store.put("mooncake/rpc_meta/n", #"{"rpc_port":1}"#, ttlSeconds: nil)  // identical body: allowed
+        #expect(throws: MetadataRejection.self) { try store.put("mooncake/rpc_meta/n", #"{"rpc_port":2}"#, ttlSeconds: nil) }
+        try store.delete("mooncake/rpc_meta/n")
+        #expect(try store.get("mooncake/rpc_meta/n") == nil)
+        #expect(server.answer(method: "GET", target: "/metadata?key=", body: []).0 == 400)
+        #expect(server.answer(method: "GET", target: "/metadata", body: []).0 == 400)
+        #expect(server.answer(method: "DELETE", target: "/metadata?key=missing", body: []).0 == 404)
+        #expect(server.answer(method: "POST", target: "/metadata?key=k", body: []).0 == 405)
+        #expect(server.answer(method: "GET", target: "/health", body: []) == (200, Array("OK".utf8)))
+        // Concurrent clients on keep-alive and fresh connections.
+        let failures = LockedCounter()
+        DispatchQueue.concurrentPerform(iterations: 8) { worker in
+            for i in 0..<250 {
+                do {
+                    try store.put("mooncake/ram/w\(worker)-\(i)", "{\"i\":\(i)}", ttlSeconds: nil)
+                    if try store.get("mooncake/ram/w\(worker)-\(i)") != "{\"i\":\(i)}" { failures.increment() }
+                } catch { failures.increment() }
+            }
+        }
+        #expect(failures.value == 0)
+        #expect(server.keyCount >= 2000)
+    }
+
+    @Test("two engines find each other through the HTTP metadata server; keys follow the official layout and go at shutdown")
+    func throughHTTP() throws {
+        let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
+        defer { server.stop() }
+        let url = "http://127.0.0.1:\(server.port)/metadata"
+        let (target, initiator, remote) = try transferThrough(url, environment: environment(["MC_METADATA_CLUSTER_ID": "c1"]))
+        let store = try HTTPMetadataStore(url: url, timeoutMs: 2000)
+        let rpc = try JSONValue.parse(try #require(try store.get("mooncake/c1/rpc_meta/node-a")))
+        #expect(rpc["rpc_port"]?.uint64Value == UInt64(target.rpcPort) && rpc["ip_or_host_name"]?.stringValue == "127.0.0.1")
+        let descriptor = try SegmentDescriptor.decode(try JSONValue.parse(try #require(try store.get("mooncake/c1/ram/node-a"))))
+        #expect(descriptor.buffers.contains { $0.address == remote.address })
+        initiator.shutdown()
+        target.shutdown()
+        #expect(try store.get("mooncake/c1/ram/node-a") == nil)
+        #expect(try store.get("mooncake/c1/rpc_meta/node-a") == nil)
+    }
+
+    @Test("two engines through redis; the engine recovers after redis restarts",
+          .enabled(if: RedisProcess.binary != nil || ProcessInfo.processInfo.environment["CI"] != nil))
+    func throughRedis() throws {
+        let redis = try RedisProcess()
+        let url = "redis://127.0.0.1:\(redis.port)"
+        let (target, initiator, remote) = try transferThrough(url, environment: environment())
+        defer { target.shutdown(); initiator.shutdown() }
+        let store = try RedisMetadataStore(address: "127.0.0.1:\(redis.port)", environment: [:], timeoutMs: 2000)
+        #expect(try store.get("mooncake/ram/node-a") != nil)
+        // Restart redis empty: the engines' refresh (every TTL/3 = 1 s) puts their keys back.
+        redis.kill()
+        #expect(throws: EngineError.self) { _ = try initiator.openSegment("node-c") }
+        try redis.start()
+        var restored = false
+        for _ in 0..<50 where !restored {
+            usleep(100_000)
+            restored = (try? store.get("mooncake/ram/node-a")) != nil
+        }
+        #expect(restored, "the target did not re-publish its descriptor after redis came back")
+        let third = try TransferEngine(configuration: EngineConfiguration(localHostname: "node-c", metadataServer: url), environment: environment())
+        defer { third.shutdown() }
+        let local = TestBuffer(4096)
+        try third.registerMemory(address: local.address, length: 4096)
+        let handle = try third.openSegment("node-a")
+        try third.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096)
+        #expect(local.equals(remote, length: 4096))
+    }
+
+    @Test("an unreachable metadata server fails within the configured time, naming the server and the key")
+    func unreachable() throws {
+        let probe = try Socket.listen(host: "127.0.0.1", port: 0)
+        let port = probe.localAddress.port
+        probe.close()  // nothing listens there now
+        for url in ["http://127.0.0.1:\(port)/metadata", "redis://127.0.0.1:\(port)"] {
+            let started = Date()
+            do {
+                _ = try TransferEngine(configuration: EngineConfiguration(localHostname: "lonely", metadataServer: url),
+                                       environment: environment(["MC_METADATA_TIMEOUT_MS": "800"]))
+                Issue.record("\(url): expected an error")
+            } catch {
+                let text = "\(error)"
+                #expect(text.contains("127.0.0.1:\(port)") && text.contains("mooncake/rpc_meta/lonely"), "\(text)")
+            }
+            #expect(Date().timeIntervalSince(started) < 5)
+        }
+    }
+}
