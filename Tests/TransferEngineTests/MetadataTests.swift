@@ -42,6 +42,57 @@ final class RedisProcess: @unchecked Sendable {
     deinit { kill() }
 }
 
+/// An etcd process (Debian's etcd-server) on free loopback ports, for the tests.
+final class EtcdProcess: @unchecked Sendable {
+    static let binary: String? = ["/usr/bin/etcd", "/usr/local/bin/etcd"].first { FileManager.default.isExecutableFile(atPath: $0) }
+    let port: UInt16
+    let peerPort: UInt16
+    let directory: URL
+    private var process: Process?
+
+    init() throws {
+        func freePort() throws -> UInt16 {
+            let probe = try Socket.listen(host: "127.0.0.1", port: 0)
+            defer { probe.close() }
+            return probe.localAddress.port
+        }
+        port = try freePort()
+        peerPort = try freePort()
+        directory = try TestSupport.temporaryDirectory("te-etcd")
+        try start()
+    }
+
+    func start() throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try #require(Self.binary))
+        let client = "http://127.0.0.1:\(port)", peer = "http://127.0.0.1:\(peerPort)"
+        process.arguments = ["--data-dir", directory.path, "--listen-client-urls", client, "--advertise-client-urls", client,
+                             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "default=\(peer)"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        self.process = process
+        let store = try EtcdMetadataStore(endpoints: ["127.0.0.1:\(port)"], timeoutMs: 500)
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            if (try? store.get("probe")) != nil { return }  // the call succeeded (the key itself is absent)
+            usleep(100_000)
+        }
+        throw TestFailure("etcd did not start on port \(port)")
+    }
+
+    func kill() {
+        guard let process, process.isRunning else { return }
+        Foundation.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    deinit {
+        kill()
+        try? FileManager.default.removeItem(at: directory)
+    }
+}
+
 @Suite("Metadata servers", .serialized)
 struct MetadataTests {
     private func environment(_ extra: [String: String] = [:]) -> [String: String] {
@@ -144,12 +195,57 @@ struct MetadataTests {
         #expect(local.equals(remote, length: 4096))
     }
 
+    @Test("two engines through etcd with leases: a killed engine's keys expire; the engine survives an etcd restart",
+          .enabled(if: EtcdProcess.binary != nil || ProcessInfo.processInfo.environment["CI"] != nil))
+    func throughEtcd() throws {
+        let etcd = try EtcdProcess()
+        let url = "etcd://127.0.0.1:\(etcd.port)"
+        let (target, initiator, remote) = try transferThrough(url, environment: environment())
+        defer { target.shutdown(); initiator.shutdown() }
+        let store = try EtcdMetadataStore(endpoints: ["127.0.0.1:\(etcd.port)"], timeoutMs: 2000)
+        #expect(try store.get("mooncake/ram/node-a") != nil)
+
+        // A crashed engine (SIGKILL, no cleanup): its keys go with its lease after the TTL (3 s).
+        var childEnvironment = environment()
+        childEnvironment["MC_METADATA_TTL_SECONDS"] = "3"
+        let crashing = Process()
+        crashing.executableURL = URL(fileURLWithPath: TestSupport.cli)
+        crashing.arguments = ["serve", "--metadata-server", url, "--local-hostname", "crash-node", "--buffer-size", "1MiB"]
+        crashing.environment = childEnvironment
+        let output = Pipe()
+        crashing.standardOutput = output
+        crashing.standardError = FileHandle.nullDevice
+        try crashing.run()
+        let ready = LineReader(output.fileHandleForReading).line(timeout: 30) ?? ""
+        #expect(ready.hasPrefix("READY segment=crash-node"), "\(ready)")
+        #expect(try store.get("mooncake/ram/crash-node") != nil)
+        Foundation.kill(crashing.processIdentifier, SIGKILL)
+        crashing.waitUntilExit()
+        var gone = false
+        for _ in 0..<100 where !gone {
+            usleep(100_000)
+            gone = (try? store.get("mooncake/ram/crash-node")) == .some(nil)
+        }
+        #expect(gone, "the crashed engine's descriptor outlived its lease")
+
+        // etcd restarts (same data directory): the engines keep publishing and peers still connect.
+        etcd.kill()
+        try etcd.start()
+        let third = try TransferEngine(configuration: EngineConfiguration(localHostname: "node-c", metadataServer: url), environment: environment())
+        defer { third.shutdown() }
+        let local = TestBuffer(4096)
+        try third.registerMemory(address: local.address, length: 4096)
+        let handle = try third.openSegment("node-a")
+        try third.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096)
+        #expect(local.equals(remote, length: 4096))
+    }
+
     @Test("an unreachable metadata server fails within the configured time, naming the server and the key")
     func unreachable() throws {
         let probe = try Socket.listen(host: "127.0.0.1", port: 0)
         let port = probe.localAddress.port
         probe.close()  // nothing listens there now
-        for url in ["http://127.0.0.1:\(port)/metadata", "redis://127.0.0.1:\(port)"] {
+        for url in ["http://127.0.0.1:\(port)/metadata", "redis://127.0.0.1:\(port)", "etcd://127.0.0.1:\(port)"] {
             let started = Date()
             do {
                 _ = try TransferEngine(configuration: EngineConfiguration(localHostname: "lonely", metadataServer: url),

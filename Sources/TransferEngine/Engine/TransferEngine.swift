@@ -131,8 +131,7 @@ public final class TransferEngine: @unchecked Sendable {
         case .http(let url): metadataStore = try HTTPMetadataStore(url: url, timeoutMs: settings.metadataTimeoutMs)
         case .redis(let address):
             metadataStore = try RedisMetadataStore(address: address, environment: environment, timeoutMs: settings.metadataTimeoutMs)
-        case .etcd:
-            throw EngineError.invalidMetadataServer("'\(configuration.metadataServer)': the etcd backend is not implemented yet; use P2PHANDSHAKE, redis:// or http://")
+        case .etcd(let endpoints): metadataStore = try EtcdMetadataStore(endpoints: endpoints, timeoutMs: settings.metadataTimeoutMs)
         }
 
         let local = try HostPort.parse(configuration.localHostname)
@@ -187,9 +186,10 @@ public final class TransferEngine: @unchecked Sendable {
 
     /// Writes our rpc_meta entry and segment descriptor to the metadata server (with retries).
     private func publish(_ store: MetadataStore) throws {
-        let ttl = store is RedisMetadataStore ? settings.metadataTTLSeconds : nil
+        let ttl = store is HTTPMetadataStore ? nil : settings.metadataTTLSeconds
         let rpcMeta = JSONValue.object(["ip_or_host_name": .string(bindHost), "rpc_port": .uint(UInt64(rpcPort))]).compactText
         try withRetries(budgetMs: settings.metadataTimeoutMs) {
+            if let etcd = store as? EtcdMetadataStore { try etcd.refreshLease(ttlSeconds: settings.metadataTTLSeconds) }
             try store.put(keys.rpcMeta(segmentName), rpcMeta, ttlSeconds: ttl)
             try store.put(keys.segment(segmentName), localDescriptor.json.compactText, ttlSeconds: ttl)
         }
@@ -198,7 +198,7 @@ public final class TransferEngine: @unchecked Sendable {
     /// Re-publishes the descriptor after a registration change (metadata-server mode).
     private func republishDescriptor() throws {
         guard let store = metadataStore else { return }
-        let ttl = store is RedisMetadataStore ? settings.metadataTTLSeconds : nil
+        let ttl = store is HTTPMetadataStore ? nil : settings.metadataTTLSeconds
         let key = keys.segment(segmentName)
         try withRetries(budgetMs: settings.metadataTimeoutMs) {
             try store.put(key, localDescriptor.json.compactText, ttlSeconds: ttl)
