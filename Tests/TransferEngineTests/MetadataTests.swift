@@ -9,11 +9,7 @@ final class RedisProcess: @unchecked Sendable {
     private var process: Process?
 
     init(port: UInt16? = nil) throws {
-        self.port = try port ?? {
-            let probe = try Socket.listen(host: "127.0.0.1", port: 0)
-            defer { probe.close() }
-            return probe.localAddress.port
-        }()
+        self.port = try port ?? TestSupport.freePort()
         try start()
     }
 
@@ -51,13 +47,8 @@ final class EtcdProcess: @unchecked Sendable {
     private var process: Process?
 
     init() throws {
-        func freePort() throws -> UInt16 {
-            let probe = try Socket.listen(host: "127.0.0.1", port: 0)
-            defer { probe.close() }
-            return probe.localAddress.port
-        }
-        port = try freePort()
-        peerPort = try freePort()
+        port = try TestSupport.freePort()
+        peerPort = try TestSupport.freePort()
         directory = try TestSupport.temporaryDirectory("te-etcd")
         try start()
     }
@@ -68,17 +59,27 @@ final class EtcdProcess: @unchecked Sendable {
         let client = "http://127.0.0.1:\(port)", peer = "http://127.0.0.1:\(peerPort)"
         process.arguments = ["--data-dir", directory.path, "--listen-client-urls", client, "--advertise-client-urls", client,
                              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "default=\(peer)"]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
+        let log = directory.appendingPathComponent("etcd.log")
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
+        let logHandle = try FileHandle(forWritingTo: log)
+        process.standardOutput = logHandle
+        process.standardError = logHandle
         try process.run()
         self.process = process
         let store = try EtcdMetadataStore(endpoints: ["127.0.0.1:\(port)"], timeoutMs: 500)
-        let deadline = Date().addingTimeInterval(20)
+        let deadline = Date().addingTimeInterval(30)
+        var lastError = ""
         while Date() < deadline {
-            if (try? store.get("probe")) != nil { return }  // the call succeeded (the key itself is absent)
+            do {
+                _ = try store.get("probe")  // succeeds once etcd serves (the key itself is absent)
+                return
+            } catch {
+                lastError = "\(error)"
+            }
             usleep(100_000)
         }
-        throw TestFailure("etcd did not start on port \(port)")
+        let tail = (try? String(contentsOf: log, encoding: .utf8)).map { String($0.suffix(1500)) } ?? ""
+        throw TestFailure("etcd did not start on port \(port) (running: \(process.isRunning), last error: \(lastError)); log: \(tail)")
     }
 
     func kill() {

@@ -21,6 +21,19 @@ enum TestSupport {
     /// The CLI binary.
     static var cli: String { productsDirectory.appendingPathComponent("transfer-engine").path }
 
+    /// A free TCP port on 127.0.0.1 outside the kernel's ephemeral range (32768+) and the
+    /// engine's listener range (15000-17000), so an outgoing connection cannot take it meanwhile.
+    static func freePort() throws -> UInt16 {
+        for _ in 0..<200 {
+            let candidate = UInt16.random(in: 20000...29999)
+            if let probe = try? Socket.listen(host: "127.0.0.1", port: candidate) {
+                probe.close()
+                return candidate
+            }
+        }
+        throw TestFailure("no free port in 20000-29999")
+    }
+
     /// A fresh temporary directory.
     static func temporaryDirectory(_ prefix: String = "te-test") throws -> URL {
         let url = FileManager.default.temporaryDirectory.appendingPathComponent("\(prefix)-\(UUID().uuidString)")
