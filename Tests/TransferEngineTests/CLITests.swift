@@ -43,6 +43,32 @@ struct CLITests {
         #expect(results?.allSatisfy { ($0["verified"] as? Bool) == true && (($0["gbps"] as? Double) ?? 0) > 0 } == true)
     }
 
+    @Test("metadata-server serves the official HTTP protocol; bench-metadata reports latencies and load")
+    func metadataCommands() throws {
+        let port = try TestSupport.freePort()
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: TestSupport.cli)
+        server.arguments = ["metadata-server", "--host", "127.0.0.1", "--port", String(port)]
+        let output = Pipe()
+        server.standardOutput = output
+        server.standardError = FileHandle.nullDevice
+        try server.run()
+        defer { server.terminate(); server.waitUntilExit() }
+        let ready = LineReader(output.fileHandleForReading).line(timeout: 30) ?? ""
+        #expect(ready == "READY metadata-server http://127.0.0.1:\(port)/metadata")
+        let store = try HTTPMetadataStore(url: "http://127.0.0.1:\(port)/metadata", timeoutMs: 2000)
+        try store.put("mooncake/ram/cli", "{}", ttlSeconds: nil)
+        #expect(try store.get("mooncake/ram/cli") == "{}")
+
+        let json = try TestSupport.temporaryDirectory().appendingPathComponent("meta.json")
+        let (status, out, err) = try TestSupport.run(TestSupport.cli, ["bench-metadata", "--rounds", "2", "--duration", "0.3", "--clients", "4", "--json", json.path],
+                                                     environment: TestSupport.cleanEnvironment(), timeout: 120)
+        #expect(status == 0, "\(err)")
+        #expect(out.contains("P2PHANDSHAKE") && out.contains("requests/s") && out.contains("0 failed"), "\(out)")
+        let document = try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any]
+        #expect((document?["open_latency"] as? [[String: Any]])?.count == 2)
+    }
+
     @Test("bad input gives a clear error and a non-zero exit")
     func badInput() throws {
         let environment = TestSupport.cleanEnvironment()
