@@ -149,6 +149,65 @@ struct InteropTests {
     }
 }
 
+@Suite("Interop with the official engine through a shared metadata server", .serialized, .enabled(if: OfficialPeer.enabled))
+struct SharedMetadataInteropTests {
+    @Test("official and Swift engines find each other through our HTTP metadata server, in both directions")
+    func throughHTTPMetadata() throws {
+        let python = try #require(OfficialPeer.python)
+        let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
+        defer { server.stop() }
+        let url = "http://127.0.0.1:\(server.port)/metadata"
+        var officialEnvironment = OfficialPeer.environment()
+        officialEnvironment["TE_INTEROP_METADATA"] = url
+        officialEnvironment["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"
+
+        // Our engine as the target; the official engine opens it by name through the server.
+        let ours = try TransferEngine(configuration: EngineConfiguration(localHostname: "swift-node", metadataServer: url),
+                                      environment: TestSupport.cleanEnvironment(["MC_TCP_BIND_ADDRESS": "127.0.0.1"]))
+        defer { ours.shutdown() }
+        let size = 4 << 20
+        let buffer = TestBuffer(size)
+        try ours.registerMemory(address: buffer.address, length: UInt64(size))
+        officialEnvironment["TE_INTEROP_NAME"] = "official-initiator"
+        let (status, out, err) = try TestSupport.run(python, [OfficialPeer.script, "initiator", "swift-node", String(buffer.address), String(size)],
+                                                     environment: officialEnvironment, timeout: 120)
+        #expect(status == 0, "\(err.suffix(2000))")
+        let line = try #require(out.split(separator: "\n").last(where: { $0.hasPrefix("{") }), "\(out) \(err.suffix(2000))")
+        let result = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+        #expect(result["write"] as? Int == 0 && result["read"] as? Int == 0 && result["batch_write"] as? Int == 0)
+        #expect(result["read_sha256"] as? String == result["expected_sha256"] as? String)
+        let expected = TestBuffer(size)
+        OfficialPeer.pattern(expected, seed: 2)
+        #expect(buffer.equals(expected, length: size))
+
+        // The official engine as the target; ours opens it by name.
+        officialEnvironment["TE_INTEROP_NAME"] = "official-target"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: python)
+        process.arguments = [OfficialPeer.script, "target", String(size)]
+        process.environment = officialEnvironment
+        let input = Pipe(), output = Pipe()
+        process.standardInput = input
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer {
+            try? input.fileHandleForWriting.close()
+            process.waitUntilExit()
+        }
+        let ready = try #require(LineReader(output.fileHandleForReading).line(timeout: 60))
+        let words = ready.split(separator: " ")
+        try #require(words.count == 3 && words[1] == "official-target", "\(ready)")
+        let remote = try #require(UInt64(words[2]))
+        let local = TestBuffer(size)
+        try ours.registerMemory(address: local.address, length: UInt64(size))
+        let handle = try ours.openSegment("official-target")
+        try ours.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: remote, length: UInt64(size))
+        OfficialPeer.pattern(expected, seed: 1)
+        #expect(local.equals(expected, length: size))
+    }
+}
+
 /// Reads lines from a pipe with a deadline.
 final class LineReader: @unchecked Sendable {
     private let handle: FileHandle

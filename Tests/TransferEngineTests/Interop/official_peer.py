@@ -1,5 +1,8 @@
 """Drives the official Mooncake engine (PyPI wheel) against this engine in interop tests.
 
+  Environment: TE_INTEROP_METADATA (default P2PHANDSHAKE; e.g. http://127.0.0.1:P/metadata)
+  and TE_INTEROP_NAME (local_hostname, the segment name with a metadata server).
+
   official_peer.py target SIZE
       Registers SIZE bytes filled with pattern(seed=1), prints
       READY <segment> <address>, then answers stdin lines:
@@ -24,9 +27,13 @@ def pattern(size, seed):
     return (period * (size // 251 + 1))[:size]
 
 
+METADATA = os.environ.get("TE_INTEROP_METADATA", "P2PHANDSHAKE")
+NAME = os.environ.get("TE_INTEROP_NAME", "127.0.0.1")
+
+
 def start():
     engine = TransferEngine()
-    rc = engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "")
+    rc = engine.initialize(NAME, METADATA, "tcp", "")
     if rc != 0:
         print(f"ERROR initialize {rc}", flush=True)
         sys.exit(1)
@@ -37,7 +44,8 @@ def target(size):
     engine = start()
     address = engine.allocate_managed_buffer(size)
     engine.write_bytes_to_buffer(address, pattern(size, 1), size)
-    print(f"READY 127.0.0.1:{engine.get_rpc_port()} {address}", flush=True)
+    segment = f"127.0.0.1:{engine.get_rpc_port()}" if METADATA == "P2PHANDSHAKE" else NAME
+    print(f"READY {segment} {address}", flush=True)
     for line in sys.stdin:
         words = line.split()
         if not words or words[0] == "quit":
