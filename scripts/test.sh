@@ -10,6 +10,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v swift >/dev/null || { echo "error: swift is not on PATH (Swift 6 toolchain expected, e.g. /opt/swift/usr/bin)" >&2; exit 1; }
+# Debian packages the tests use: a C compiler (ABI fixtures), redis-server and etcd (metadata tests).
+need=()
+command -v cc >/dev/null || need+=(gcc libc6-dev)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v etcd >/dev/null || need+=(etcd-server)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing ${need[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+        echo "warning: missing ${need[*]} (install them as root with apt-get); dependent tests will be skipped" >&2
+    fi
+fi
 command -v cc >/dev/null || { echo "error: a C compiler (cc) is needed to build the ABI fixture plugins: apt-get install gcc libc6-dev" >&2; exit 1; }
 
 wheel="mooncake-transfer-engine-non-cuda==0.3.13.post1"

@@ -151,12 +151,26 @@ struct InteropTests {
 
 @Suite("Interop with the official engine through a shared metadata server", .serialized, .enabled(if: OfficialPeer.enabled))
 struct SharedMetadataInteropTests {
-    @Test("official and Swift engines find each other through our HTTP metadata server, in both directions")
-    func throughHTTPMetadata() throws {
+    @Test("official and Swift engines find each other through a shared metadata server, in both directions",
+          arguments: ["http", "etcd"])
+    func throughSharedMetadata(backend: String) throws {
         let python = try #require(OfficialPeer.python)
-        let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
-        defer { server.stop() }
-        let url = "http://127.0.0.1:\(server.port)/metadata"
+        var httpServer: MetadataHTTPServer?
+        var etcd: EtcdProcess?
+        defer { httpServer?.stop(); etcd?.kill() }
+        let url: String
+        if backend == "http" {
+            httpServer = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
+            url = "http://127.0.0.1:\(httpServer!.port)/metadata"
+        } else {
+            guard EtcdProcess.binary != nil else {
+                // scripts/test.sh installs etcd-server where it can; CI must have it.
+                if ProcessInfo.processInfo.environment["CI"] != nil { Issue.record("etcd is not installed") }
+                return
+            }
+            etcd = try EtcdProcess()
+            url = "etcd://127.0.0.1:\(etcd!.port)"
+        }
         var officialEnvironment = OfficialPeer.environment()
         officialEnvironment["TE_INTEROP_METADATA"] = url
         officialEnvironment["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"
