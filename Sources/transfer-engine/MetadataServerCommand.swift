@@ -25,15 +25,7 @@ struct MetadataServerCommand: ParsableCommand {
             }
             print("READY metadata-server http://\(host.contains(":") ? "[\(host)]" : host):\(server.port)/metadata")
             fflush(nil)
-            let stop = DispatchSemaphore(value: 0)
-            for sig in [SIGINT, SIGTERM] {
-                signal(sig, SIG_IGN)
-                let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-                source.setEventHandler { stop.signal() }
-                source.resume()
-                SignalSources.keep.append(source)
-            }
-            stop.wait()
+            SignalSources.stopOnTermination().wait()
             server.stop()
         }
     }

@@ -33,14 +33,7 @@ struct ServeCommand: ParsableCommand {
             print("READY segment=\(transferEngine.segmentName) buffer=0x\(String(address, radix: 16)) length=\(size) protocol=\(transferEngine.activeProtocol)")
             fflush(nil)
 
-            let stop = DispatchSemaphore(value: 0)
-            for sig in [SIGINT, SIGTERM] {
-                signal(sig, SIG_IGN)
-                let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-                source.setEventHandler { stop.signal() }
-                source.resume()
-                SignalSources.keep.append(source)
-            }
+            let stop = SignalSources.stopOnTermination()
             if exitOnStdinClose {
                 Thread.detachNewThread {
                     while FileHandle.standardInput.availableData.count > 0 {}
@@ -57,6 +50,19 @@ struct ServeCommand: ParsableCommand {
 /// Keeps signal sources alive for the process lifetime.
 enum SignalSources {
     nonisolated(unsafe) static var keep: [DispatchSourceSignal] = []
+
+    /// A semaphore signalled on SIGINT or SIGTERM (the default actions are disabled).
+    static func stopOnTermination() -> DispatchSemaphore {
+        let stop = DispatchSemaphore(value: 0)
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { stop.signal() }
+            source.resume()
+            keep.append(source)
+        }
+        return stop
+    }
 }
 
 /// The byte pattern serve fills and bench --verify checks: byte i = (i * 131 + seed) mod 251.

@@ -28,6 +28,45 @@ enum OfficialPeer {
         for i in 0..<buffer.count { p[i] = UInt8((i * 131 + seed) % 251) }
     }
 
+    /// An official engine serving `size` bytes (official_peer.py target): the process, its
+    /// stdin (for crc/quit commands), a reader of its stdout, and the READY line's segment and address.
+    final class Target {
+        let process = Process()
+        let input = Pipe()
+        let reader: LineReader
+        let segment: String
+        let address: UInt64
+
+        init(python: String, size: Int, environment: [String: String]) throws {
+            let output = Pipe()
+            process.executableURL = URL(fileURLWithPath: python)
+            process.arguments = [OfficialPeer.script, "target", String(size)]
+            process.environment = environment
+            process.standardInput = input
+            process.standardOutput = output
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            reader = LineReader(output.fileHandleForReading)
+            let ready = reader.line(timeout: 60) ?? ""
+            let words = ready.split(separator: " ")
+            guard words.count == 3, words[0] == "READY", let address = UInt64(words[2]) else {
+                process.terminate()
+                throw TestFailure("official target did not start: '\(ready)'")
+            }
+            segment = String(words[1])
+            self.address = address
+        }
+
+        /// Sends one command line.
+        func send(_ line: String) throws { try input.fileHandleForWriting.write(contentsOf: Data((line + "\n").utf8)) }
+
+        deinit {
+            try? send("quit")
+            try? input.fileHandleForWriting.close()
+            process.waitUntilExit()
+        }
+    }
+
     static func environment() -> [String: String] {
         var environment = TestSupport.cleanEnvironment()
         environment.removeValue(forKey: "MC_TRANSPORT_PLUGIN_PATH")
@@ -84,26 +123,9 @@ struct InteropTests {
     func officialTarget(framing: String) throws {
         let python = try #require(OfficialPeer.python)
         let size = 8 << 20
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: python)
-        process.arguments = [OfficialPeer.script, "target", String(size)]
-        process.environment = OfficialPeer.environment()
-        let input = Pipe(), output = Pipe()
-        process.standardInput = input
-        process.standardOutput = output
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        defer {
-            try? input.fileHandleForWriting.write(contentsOf: Data("quit\n".utf8))
-            try? input.fileHandleForWriting.close()
-            process.waitUntilExit()
-        }
-        let reader = LineReader(output.fileHandleForReading)
-        let ready = try #require(reader.line(timeout: 60), "official target did not start")
-        let words = ready.split(separator: " ")
-        try #require(words.count == 3 && words[0] == "READY", "unexpected: \(ready)")
-        let segment = String(words[1])
-        let remote = try #require(UInt64(words[2]))
+        let official = try OfficialPeer.Target(python: python, size: size, environment: OfficialPeer.environment())
+        let segment = official.segment
+        let remote = official.address
 
         var environment = TestSupport.cleanEnvironment()
         if framing == "1" { environment["MC_TCP_PROTO"] = "1" }
@@ -134,8 +156,8 @@ struct InteropTests {
         let ours = String(crc32(local.pointer, count: size))
         var theirs = ""
         for _ in 0..<(framing == "1" ? 50 : 1) {
-            try input.fileHandleForWriting.write(contentsOf: Data("crc \(remote) \(size)\n".utf8))
-            theirs = try #require(reader.line(timeout: 30))
+            try official.send("crc \(remote) \(size)")
+            theirs = try #require(official.reader.line(timeout: 30))
             if theirs == ours { break }
             usleep(100_000)
         }
@@ -196,23 +218,9 @@ struct SharedMetadataInteropTests {
 
         // The official engine as the target; ours opens it by name.
         officialEnvironment["TE_INTEROP_NAME"] = "official-target"
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: python)
-        process.arguments = [OfficialPeer.script, "target", String(size)]
-        process.environment = officialEnvironment
-        let input = Pipe(), output = Pipe()
-        process.standardInput = input
-        process.standardOutput = output
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        defer {
-            try? input.fileHandleForWriting.close()
-            process.waitUntilExit()
-        }
-        let ready = try #require(LineReader(output.fileHandleForReading).line(timeout: 60))
-        let words = ready.split(separator: " ")
-        try #require(words.count == 3 && words[1] == "official-target", "\(ready)")
-        let remote = try #require(UInt64(words[2]))
+        let official = try OfficialPeer.Target(python: python, size: size, environment: officialEnvironment)
+        #expect(official.segment == "official-target")
+        let remote = official.address
         let local = TestBuffer(size)
         try ours.registerMemory(address: local.address, length: UInt64(size))
         let handle = try ours.openSegment("official-target")
