@@ -67,6 +67,13 @@ var targets: [Target] = [
     ),
 ]
 
+// Same-host transport (cross-memory attach): no -dev package needed, so it always builds.
+products.append(.library(name: "transport_shm", type: .dynamic, targets: ["SHMPlugin"]))
+targets += [
+    .target(name: "CSHMShim", path: "Plugins/SHM/CSHMShim"),
+    .target(name: "SHMPlugin", dependencies: ["CTransportABI", "CSHMShim"], path: "Plugins/SHM/SHMPlugin"),
+]
+
 // Optional hardware plugins are appended here by their issues, e.g.:
 // if pluginEnabled("RDMA", header: "/usr/include/infiniband/verbs.h") { ... }
 _ = pluginEnabled

@@ -154,9 +154,9 @@ final class ServeProcess: @unchecked Sendable {
     let bufferAddress: UInt64
     let bufferLength: UInt64
 
-    init(bufferSize: String = "128MiB", environment: [String: String] = TestSupport.cleanEnvironment()) throws {
+    init(bufferSize: String = "128MiB", environment: [String: String] = TestSupport.cleanEnvironment(), protocolName: String = "tcp") throws {
         process.executableURL = URL(fileURLWithPath: TestSupport.cli)
-        process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--local-hostname", "127.0.0.1"]
+        process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--local-hostname", "127.0.0.1", "--protocol", protocolName]
         process.environment = environment
         let output = Pipe()
         process.standardInput = input

@@ -95,6 +95,8 @@ public final class TransferEngine: @unchecked Sendable {
         var descriptor: SegmentDescriptor
         var channel: TCPChannel?
         var pluginPeer: UInt64?
+        /// Set when the plugin cannot reach this peer (e.g. shm and a peer on another host): use TCP.
+        var pluginUnreachable = false
 
         init(name: String, host: String, rpcPort: UInt16, descriptor: SegmentDescriptor) {
             self.name = name
@@ -480,7 +482,7 @@ public final class TransferEngine: @unchecked Sendable {
             guard descriptor.buffer(containing: request.remoteAddress, length: request.length) != nil else {
                 throw EngineError.addressNotRegistered(address: request.remoteAddress, length: request.length, side: "remote (\(peer.name))")
             }
-            let viaPlugin = plugin != nil && descriptor.protocolName == plugin!.protocolName
+            let viaPlugin = plugin != nil && descriptor.protocolName == plugin!.protocolName && usePlugin(for: peer)
             if !viaPlugin && descriptor.tcpDataPort == 0 {
                 throw EngineError.segmentUnavailable(name: peer.name, reason: "it serves '\(descriptor.protocolName)' and publishes no TCP data port")
             }
@@ -499,6 +501,20 @@ public final class TransferEngine: @unchecked Sendable {
                                      logger: logger)
             peer.channel = channel
             return channel
+        }
+    }
+
+    /// Whether the plugin can reach `peer`; opens it on first use. A peer the plugin
+    /// reports unreachable (TE_ERR_PEER_UNREACHABLE) is served over TCP from then on.
+    private func usePlugin(for peer: Peer) -> Bool {
+        if state.withLock({ _ in peer.pluginUnreachable }) { return false }
+        do {
+            _ = try pluginPeer(for: peer)
+            return true
+        } catch {
+            state.withLock { _ in peer.pluginUnreachable = true }
+            logger.info("\(plugin!.protocolName) cannot reach \(peer.name), using tcp for it: \(error)")
+            return false
         }
     }
 
@@ -588,6 +604,7 @@ public final class TransferEngine: @unchecked Sendable {
         let id = try allocateBatch(capacity: max(1, requests.count))
         defer { try? freeBatch(id) }
         try submit(requests, to: id)
+        plugin?.harvest()
         let bytes = requests.reduce(0) { $0 + $1.length }
         guard try wait(batch: id, timeoutNs: syncTimeout(bytes: bytes)) else {
             throw EngineError.timeout("batch of \(requests.count) transfers (\(bytes) bytes)")

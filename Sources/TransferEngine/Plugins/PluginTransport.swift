@@ -208,6 +208,20 @@ final class PluginTransport: @unchecked Sendable {
         d.destroy!(instance)
     }
 
+    /// Collects completions that are already available, on the caller's thread (a
+    /// synchronous transfer then needs no hand-off to the poller thread).
+    func harvest() {
+        var completions = [te_completion](repeating: te_completion(), count: 64)
+        var count = 0
+        let status = completions.withUnsafeMutableBufferPointer { buffer in
+            d.poll!(instance, buffer.baseAddress, buffer.count, MemoryLayout<te_completion>.stride, 0, &count)
+        }
+        guard status == TE_OK else { return }
+        for completion in completions.prefix(min(count, completions.count)) {
+            finish(cookie: completion.cookie, status: completion.status, bytes: completion.bytes)
+        }
+    }
+
     private func pollLoop() {
         defer { inFlight.withLock(notify: true) { $0.pollerDone = true } }
         var completions = [te_completion](repeating: te_completion(), count: 64)

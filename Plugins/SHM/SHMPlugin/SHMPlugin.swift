@@ -1,0 +1,361 @@
+import CSHMShim
+import CTransportABI
+import FoundationEssentials
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+// The shm transport: same-host transfers with one copy through cross-memory
+// attach (process_vm_readv/writev), no shared-memory setup and no privileges
+// beyond what the kernel grants between processes of one user.
+// A peer counts as local only when its boot id, pid namespace and network
+// namespace all equal ours; for any other peer open_peer answers
+// TE_ERR_PEER_UNREACHABLE and the host uses TCP for it.
+
+/// Identity of "this host" as the plugin sees it.
+enum HostIdentity {
+    static func read(_ path: String) -> String? {
+        guard let file = fopen(path, "r") else { return nil }
+        defer { fclose(file) }
+        var buffer = [CChar](repeating: 0, count: 128)
+        guard fgets(&buffer, 128, file) != nil else { return nil }
+        return String(decoding: buffer.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    static func namespace(_ kind: String) -> String {
+        var info = stat()
+        return stat("/proc/self/ns/\(kind)", &info) == 0 ? String(info.st_ino) : "?"
+    }
+
+    /// boot id / pid namespace / network namespace.
+    static let current: String? = read("/proc/sys/kernel/random/boot_id").map { "\($0)/\(namespace("pid"))/\(namespace("net"))" }
+}
+
+/// A small mutex + condition pair (the plugin shares no code with the host).
+final class Signal: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    init() {
+        mutex.initialize(to: pthread_mutex_t())
+        condition.initialize(to: pthread_cond_t())
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(condition, nil)
+    }
+    func locked<R>(_ body: () throws -> R) rethrows -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+    /// Waits (lock held by the caller) for at most `nanoseconds`.
+    func wait(nanoseconds: UInt64) {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let total = UInt64(now.tv_nsec) + nanoseconds
+        var deadline = timespec(tv_sec: now.tv_sec + Int(total / 1_000_000_000), tv_nsec: Int(total % 1_000_000_000))
+        pthread_cond_timedwait(condition, mutex, &deadline)
+    }
+    func waitForever() { pthread_cond_wait(condition, mutex) }
+    func broadcast() { pthread_cond_broadcast(condition) }
+}
+
+/// One plugin instance.
+final class SHMInstance: @unchecked Sendable {
+    struct Peer {
+        var pid: pid_t
+        var buffers: [(address: UInt64, length: UInt64)]
+    }
+    struct Work {
+        var request: te_request
+        var pid: pid_t
+    }
+
+    let hostID: String
+    let signal = Signal()
+    var peers: [UInt64: Peer] = [:]
+    var nextPeer: UInt64 = 1
+    var queue: [Work] = []
+    var queueHead = 0
+    var done: [te_completion] = []
+    var stopping = false
+    var workers = 0
+    var lastError = [CChar](repeating: 0, count: 512)
+    let host: UnsafePointer<te_host_services>?
+
+    init(hostID: String, host: UnsafePointer<te_host_services>?, workerCount: Int) {
+        self.hostID = hostID
+        self.host = host
+        for _ in 0..<workerCount { startWorker() }
+    }
+
+    func setError(_ text: String) {
+        signal.locked {
+            let bytes = Array(text.utf8.prefix(lastError.count - 1))
+            for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
+            lastError[bytes.count] = 0
+        }
+    }
+
+    func log(_ level: Int32, _ text: String) {
+        guard let host, let log = host.pointee.log else { return }
+        text.withCString { log(host.pointee.host_context, level, $0) }
+    }
+
+    private final class Box { let body: () -> Void; init(_ body: @escaping () -> Void) { self.body = body } }
+
+    private func startWorker() {
+        let box = Unmanaged.passRetained(Box { [self] in workerLoop() }).toOpaque()
+        var thread = pthread_t()
+        if pthread_create(&thread, nil, { raw in
+            Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
+            return nil
+        }, box) == 0 {
+            pthread_detach(thread)
+            signal.locked { workers += 1 }
+        } else {
+            Unmanaged<Box>.fromOpaque(box).release()
+        }
+    }
+
+    /// Copies one request with process_vm_*; the target side is never involved.
+    private func workerLoop() {
+        while true {
+            let work: Work? = signal.locked {
+                while queueHead >= queue.count && !stopping { signal.waitForever() }
+                if stopping && queueHead >= queue.count { return nil }
+                let item = queue[queueHead]
+                queueHead += 1
+                if queueHead > 4096 && queueHead * 2 > queue.count { queue.removeFirst(queueHead); queueHead = 0 }
+                return item
+            }
+            guard let work else {
+                signal.locked { workers -= 1; signal.broadcast() }
+                return
+            }
+            let completion = copy(work)
+            signal.locked {
+                done.append(completion)
+                signal.broadcast()
+            }
+        }
+    }
+
+    /// Requests up to this size are copied inside submit.
+    static let inlineLimit: UInt64 = 64 << 10
+
+    /// Performs one copy with process_vm_* (the target process is not involved).
+    func copy(_ work: Work) -> te_completion {
+        let r = work.request
+        let moved = r.opcode == TE_OP_WRITE
+            ? shm_write_to(work.pid, r.local_addr, r.remote_addr, r.length)
+            : shm_read_from(work.pid, r.local_addr, r.remote_addr, r.length)
+        var status = TE_OK
+        if moved < 0 {
+            status = moved == -Int64(ESRCH) ? TE_ERR_PEER_UNREACHABLE : TE_ERR_IO
+            let text = "process_vm \(r.opcode == TE_OP_WRITE ? "write" : "read") of \(r.length) bytes to pid \(work.pid): \(String(cString: strerror(Int32(-moved))))"
+            let bytes = Array(text.utf8.prefix(lastError.count - 1))
+            for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
+            lastError[bytes.count] = 0
+        }
+        return te_completion(cookie: r.cookie, status: status, flags: 0, bytes: moved > 0 ? UInt64(moved) : 0)
+    }
+
+    func stop() {
+        signal.locked {
+            stopping = true
+            signal.broadcast()
+            while workers > 0 { signal.waitForever() }
+        }
+    }
+}
+
+// MARK: - Vtable functions
+
+private func write(_ text: String, _ out: UnsafeMutablePointer<te_buffer>?) -> Int32 {
+    guard let out else { return TE_OK }
+    let bytes = Array(text.utf8)
+    out.pointee.length = bytes.count
+    guard let data = out.pointee.data, out.pointee.capacity > bytes.count else { return TE_ERR_BUFFER_TOO_SMALL }
+    for (i, byte) in bytes.enumerated() { data[i] = CChar(bitPattern: byte) }
+    data[bytes.count] = 0
+    return TE_OK
+}
+
+private func instance(_ pointer: OpaquePointer?) -> SHMInstance? {
+    pointer.map { Unmanaged<SHMInstance>.fromOpaque(UnsafeRawPointer($0)).takeUnretainedValue() }
+}
+
+private func shmProbe(_ options: UnsafePointer<CChar>?, _ reason: UnsafeMutablePointer<te_buffer>?, _ hint: UnsafeMutablePointer<te_buffer>?) -> Int32 {
+    guard HostIdentity.current != nil else {
+        _ = write("cannot read /proc/sys/kernel/random/boot_id to identify this host", reason)
+        _ = write("mount /proc", hint)
+        return TE_ERR_HARDWARE_ABSENT
+    }
+    // Cross-memory attach on ourselves shows whether the kernel allows it at all.
+    var source: UInt64 = 0x5348_4D5F_4F4B_2121, target: UInt64 = 0
+    let moved = withUnsafePointer(to: &source) { s in
+        withUnsafeMutablePointer(to: &target) { t in
+            shm_read_from(shm_getpid(), UInt64(UInt(bitPattern: t)), UInt64(UInt(bitPattern: s)), 8)
+        }
+    }
+    guard moved == 8, target == source else {
+        _ = write("process_vm_readv is not permitted here (\(String(cString: strerror(Int32(-moved)))))", reason)
+        _ = write("the kernel must allow cross-memory attach between processes of one user (CONFIG_CROSS_MEMORY_ATTACH, ptrace policy)", hint)
+        return TE_ERR_HARDWARE_ABSENT
+    }
+    _ = write("same-host transfers through process_vm_readv/writev", reason)
+    _ = write("", hint)
+    return TE_OK
+}
+
+private func shmCreate(_ options: UnsafePointer<CChar>?, _ host: UnsafePointer<te_host_services>?, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+    guard let out, let hostID = HostIdentity.current else { return TE_ERR_INVALID_ARGUMENT }
+    // Let peers of this user attach even where Yama restricts ptrace to descendants.
+    shm_allow_attach()
+    let workers = Int(getenv("MC_SHM_WORKERS").flatMap { Int(String(cString: $0)) } ?? 2)
+    let object = SHMInstance(hostID: hostID, host: host, workerCount: min(max(workers, 1), 16))
+    out.pointee = OpaquePointer(Unmanaged.passRetained(object).toOpaque())
+    object.log(TE_LOG_INFO, "shm plugin: host \(hostID), pid \(shm_getpid())")
+    return TE_OK
+}
+
+private func shmDestroy(_ pointer: OpaquePointer?) {
+    guard let pointer else { return }
+    let object = Unmanaged<SHMInstance>.fromOpaque(UnsafeRawPointer(pointer))
+    object.takeUnretainedValue().stop()
+    object.release()
+}
+
+private func shmLocalDescriptor(_ pointer: OpaquePointer?, _ out: UnsafeMutablePointer<te_buffer>?) -> Int32 {
+    guard let object = instance(pointer) else { return TE_ERR_INVALID_ARGUMENT }
+    return write("{\"shm_host_id\":\"\(object.hostID)\",\"shm_pid\":\(shm_getpid())}", out)
+}
+
+private func shmRegister(_ pointer: OpaquePointer?, _ address: UInt64, _ length: UInt64, _ location: UnsafePointer<CChar>?,
+                         _ out: UnsafeMutablePointer<te_buffer>?) -> Int32 {
+    guard instance(pointer) != nil else { return TE_ERR_INVALID_ARGUMENT }
+    return write("{}", out)  // cross-memory attach needs no per-buffer keys
+}
+
+private func shmUnregister(_ pointer: OpaquePointer?, _ address: UInt64) -> Int32 { TE_OK }
+
+/// The fields of a peer descriptor the plugin needs.
+private struct PeerDescriptor: Decodable {
+    struct Buffer: Decodable {
+        var addr: UInt64
+        var length: UInt64
+    }
+    var shm_host_id: String?
+    var shm_pid: Int32?
+    var buffers: [Buffer]?
+}
+
+private func shmOpenPeer(_ pointer: OpaquePointer?, _ segment: UnsafePointer<CChar>?, _ descriptor: UnsafePointer<CChar>?,
+                         _ out: UnsafeMutablePointer<UInt64>?) -> Int32 {
+    guard let object = instance(pointer), let descriptor, let out else { return TE_ERR_INVALID_ARGUMENT }
+    let name = segment.map { String(cString: $0) } ?? "?"
+    guard let peer = try? JSONDecoder().decode(PeerDescriptor.self, from: Data(String(cString: descriptor).utf8)) else {
+        object.setError("\(name): malformed segment descriptor")
+        return TE_ERR_INVALID_ARGUMENT
+    }
+    guard let hostID = peer.shm_host_id, hostID == object.hostID, let pid = peer.shm_pid, pid > 0 else {
+        object.setError("\(name) is not on this host (or does not run the shm transport)")
+        return TE_ERR_PEER_UNREACHABLE
+    }
+    let buffers = (peer.buffers ?? []).map { (address: $0.addr, length: $0.length) }
+    out.pointee = object.signal.locked {
+        let handle = object.nextPeer
+        object.nextPeer += 1
+        object.peers[handle] = SHMInstance.Peer(pid: pid, buffers: buffers)
+        return handle
+    }
+    return TE_OK
+}
+
+private func shmClosePeer(_ pointer: OpaquePointer?, _ peer: UInt64) {
+    guard let object = instance(pointer) else { return }
+    object.signal.locked { _ = object.peers.removeValue(forKey: peer) }
+}
+
+private func shmOnHandshake(_ pointer: OpaquePointer?, _ request: UnsafePointer<CChar>?, _ reply: UnsafeMutablePointer<te_buffer>?) -> Int32 {
+    write("{\"reply_msg\":\"\"}", reply)
+}
+
+private func shmSubmit(_ pointer: OpaquePointer?, _ requests: UnsafePointer<te_request>?, _ count: Int, _ stride: Int,
+                       _ accepted: UnsafeMutablePointer<Int>?) -> Int32 {
+    guard let object = instance(pointer), let accepted, count == 0 || requests != nil, stride >= MemoryLayout<te_request>.size else {
+        return TE_ERR_INVALID_ARGUMENT
+    }
+    accepted.pointee = 0
+    let raw = UnsafeRawPointer(requests)
+    return object.signal.locked {
+        for i in 0..<count {
+            let request = raw!.loadUnaligned(fromByteOffset: i * stride, as: te_request.self)
+            guard let peer = object.peers[request.peer] else {
+                object.setError("unknown peer handle \(request.peer)")
+                return TE_ERR_INVALID_ARGUMENT
+            }
+            // The same bounds rule as TCP: only inside one buffer the peer published.
+            let inside = peer.buffers.contains { buffer in
+                request.length > 0 && request.remote_addr >= buffer.address
+                    && request.remote_addr - buffer.address <= buffer.length && request.length <= buffer.length - (request.remote_addr - buffer.address)
+            }
+            guard inside else {
+                object.setError("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is outside the peer's buffers")
+                return TE_ERR_OUT_OF_RANGE
+            }
+            if request.length <= SHMInstance.inlineLimit {
+                // A small copy costs about a microsecond: do it here rather than hand it to a worker.
+                object.done.append(object.copy(SHMInstance.Work(request: request, pid: peer.pid)))
+            } else {
+                object.queue.append(SHMInstance.Work(request: request, pid: peer.pid))
+            }
+            accepted.pointee = i + 1
+        }
+        object.signal.broadcast()
+        return TE_OK
+    }
+}
+
+private func shmPoll(_ pointer: OpaquePointer?, _ out: UnsafeMutablePointer<te_completion>?, _ capacity: Int, _ stride: Int,
+                     _ timeout: UInt64, _ count: UnsafeMutablePointer<Int>?) -> Int32 {
+    guard let object = instance(pointer), let count, capacity == 0 || out != nil, stride >= MemoryLayout<te_completion>.size else {
+        return TE_ERR_INVALID_ARGUMENT
+    }
+    let raw = UnsafeMutableRawPointer(out)
+    count.pointee = object.signal.locked {
+        if object.done.isEmpty && timeout > 0 { object.signal.wait(nanoseconds: timeout) }
+        let n = min(capacity, object.done.count)
+        for i in 0..<n { raw!.storeBytes(of: object.done[i], toByteOffset: i * stride, as: te_completion.self) }
+        object.done.removeFirst(n)
+        return n
+    }
+    return TE_OK
+}
+
+private func shmLastError(_ pointer: OpaquePointer?) -> UnsafePointer<CChar>? {
+    guard let object = instance(pointer) else { return nil }
+    return object.lastError.withUnsafeBufferPointer { UnsafePointer($0.baseAddress) }
+}
+
+nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descriptor> = {
+    let pointer = UnsafeMutablePointer<te_plugin_descriptor>.allocate(capacity: 1)
+    pointer.initialize(to: te_plugin_descriptor(
+        abi_major: UInt16(TE_ABI_MAJOR), abi_minor: UInt16(TE_ABI_MINOR), struct_size: UInt32(MemoryLayout<te_plugin_descriptor>.size),
+        name: UnsafeRawPointer(("shm" as StaticString).utf8Start).assumingMemoryBound(to: CChar.self),
+        version: UnsafeRawPointer(("0.1.0" as StaticString).utf8Start).assumingMemoryBound(to: CChar.self),
+        protocols: UnsafeRawPointer(("shm" as StaticString).utf8Start).assumingMemoryBound(to: CChar.self),
+        capabilities: TE_CAP_MEM_HOST | TE_CAP_OP_READ | TE_CAP_OP_WRITE,
+        probe: shmProbe, create: shmCreate, destroy: shmDestroy, local_descriptor: shmLocalDescriptor,
+        register_memory: shmRegister, unregister_memory: shmUnregister, open_peer: shmOpenPeer, close_peer: shmClosePeer,
+        on_handshake: shmOnHandshake, submit: shmSubmit, poll: shmPoll, last_error: shmLastError))
+    return pointer
+}()
+
+/// The plugin's entry point (TE_PLUGIN_ENTRY_SYMBOL).
+@_cdecl("te_transport_plugin_entry")
+public func te_transport_plugin_entry() -> UnsafePointer<te_plugin_descriptor> {
+    UnsafePointer(descriptor)
+}

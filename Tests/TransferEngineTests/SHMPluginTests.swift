@@ -1,0 +1,86 @@
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// The shm plugin (Plugins/SHM, libtransport_shm.so) between this process and a
+/// `transfer-engine serve --protocol shm` child, loaded through the plugin ABI.
+@Suite("shm plugin between two processes", .serialized)
+struct SHMPluginTests {
+    /// The build products directory holds libtransport_shm.so: point the search path at it.
+    private func environment() -> [String: String] {
+        TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path, "MC_STRICT_PROTOCOL": "1"])
+    }
+
+    @Test("every size from 1 B to 256 MiB, written and read back through process_vm, bytes verified")
+    func sizes() throws {
+        let target = try ServeProcess(bufferSize: "260MiB", environment: environment(), protocolName: "shm")
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment())
+        defer { engine.shutdown() }
+        #expect(engine.activeProtocol == "shm")
+        let source = TestBuffer(256 << 20), sink = TestBuffer(256 << 20)
+        try engine.registerMemory(address: source.address, length: UInt64(source.count))
+        try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
+        let handle = try engine.openSegment(target.segment)
+        #expect(try engine.descriptor(of: handle).protocolName == "shm")
+        var sizes = [1, 7, 4095, 4096, 65537]
+        var size = 1 << 20
+        while size <= 256 << 20 { sizes.append(size); size <<= 2 }
+        for (index, size) in sizes.enumerated() {
+            source.fillPattern(seed: UInt8(index + 1))
+            memset(sink.pointer, 0, min(size, sink.count))
+            let remote = target.bufferAddress + UInt64(index % 3) * 4097
+            let length = UInt64(min(size, Int(target.bufferLength) - (index % 3) * 4097))
+            try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: remote, length: length)
+            try engine.transferSync(.read, localAddress: sink.address, segment: handle, remoteAddress: remote, length: length)
+            #expect(sink.equals(source, length: Int(length)), "size \(length)")
+        }
+        #expect(throws: EngineError.self) {
+            try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: target.bufferAddress + target.bufferLength - 8, length: 64)
+        }
+    }
+
+    @Test("concurrent batches from several threads, then a peer that exits mid-batch: requests fail, nothing hangs")
+    func concurrencyAndPeerExit() throws {
+        let target = try ServeProcess(bufferSize: "128MiB", environment: environment(), protocolName: "shm")
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment())
+        defer { engine.shutdown() }
+        let local = TestBuffer(128 << 20)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(target.segment)
+        let failures = LockedCounter()
+        DispatchQueue.concurrentPerform(iterations: 4) { t in
+            let block: UInt64 = 256 << 10
+            let base = UInt64(t) * (32 << 20)
+            let requests = (0..<64).map { i in
+                TransferRequest(operation: .write, localAddress: local.address + base + UInt64(i) * block, segment: handle,
+                                remoteAddress: target.bufferAddress + base + UInt64(i) * block, length: block)
+            }
+            do { try engine.transferBatchSync(requests) } catch { failures.increment() }
+        }
+        #expect(failures.value == 0)
+
+        let batch = try engine.allocateBatch(capacity: 512)
+        for round in 0..<4 {
+            try engine.submit((0..<128).map { i in
+                TransferRequest(operation: round % 2 == 0 ? .write : .read, localAddress: local.address + UInt64(i) << 20, segment: handle,
+                                remoteAddress: target.bufferAddress + UInt64(i) << 20, length: 1 << 20)
+            }, to: batch)
+        }
+        target.kill()
+        #expect(try engine.wait(batch: batch, timeoutNs: 60_000_000_000), "tasks still pending after the peer exited")
+        let statuses = try engine.statuses(batch: batch)
+        #expect(statuses.allSatisfy { $0.state == .completed || $0.state == .failed })
+        #expect(throws: EngineError.self) {
+            try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 4096)
+        }
+    }
+
+    @Test("the plugin reports its identity and probes as available")
+    func probe() throws {
+        let path = TestSupport.productsDirectory.appendingPathComponent("libtransport_shm.so").path
+        let plugin = try PluginLoader.load(path: path).get()
+        #expect(plugin.info.protocols == ["shm"] && plugin.info.name == "shm")
+        let probe = plugin.probe(optionsJSON: "{}")
+        #expect(probe.available, "\(probe.reason)")
+    }
+}
