@@ -62,5 +62,9 @@ echo "== transfer-engine bench --loopback"
 echo "== transfer-engine bench --loopback, 8 MiB working set (the libfabric probe's buffer size)"
 "$bin" bench --loopback --json out/bench-ws8.json --working-set 8MiB --block-sizes 1MiB,4MiB --batch-sizes 64 --no-reference "$@"
 
+echo "== transfer-engine bench --loopback --protocol shm (same-host plugin), with memcpy as the ceiling"
+"$bin" bench --loopback --protocol shm --json out/bench-shm.json --memcpy-reference --no-reference \
+    --block-sizes 4KiB,64KiB,1MiB,64MiB --batch-sizes 1,64 "$@" || echo "(shm plugin unavailable)"
+
 echo "== summary"
 python3 scripts/bench_summary.py out

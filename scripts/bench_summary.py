@@ -70,6 +70,16 @@ row("write 4 KiB median latency", r and r["p50_us"], "us", official and official
 if bench:
     row("first operation to a new peer", bench["first_operation_us"], "us", official and official["first_operation_us"], "official engine", better="lower")
 
+shm = load("bench-shm.json")
+if shm and shm.get("protocol") == "shm":
+    for op, block, batch in (("write", 4096, 1), ("write", 64 << 10, 64), ("write", MiB, 64), ("write", 64 * MiB, 1), ("read", 64 * MiB, 1)):
+        ours, tcp = result(shm, op, block, batch), result(bench, op, block, batch)
+        label = f"shm {op} {block // 1024 if block < MiB else block // MiB} {'KiB' if block < MiB else 'MiB'} x{batch}"
+        row(label + " vs tcp", ours and ours["gbps"], "GB/s", tcp and tcp["gbps"], "tcp transport")
+        row(label + " vs memcpy", ours and ours["gbps"], "GB/s", shm.get("memcpy_gbps", {}).get(str(block)), "memcpy")
+    r = result(shm, "write", 4096, 1)
+    row("shm write 4 KiB median latency", r and r["p50_us"], "us", 5.0, "NIXL/UCX same-host 4.3-5 us", better="lower")
+
 widths = [max(len(x[i]) for x in rows + [("measure", "ours", "reference", "ratio")]) for i in range(4)]
 for line in [("measure", "ours", "reference", "ratio")] + rows:
     print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)))

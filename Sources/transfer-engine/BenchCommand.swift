@@ -58,6 +58,9 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Skip the plain TCP stream reference measurement.")
     var noReference = false
 
+    @Flag(help: "Also measure single-threaded memcpy of each block size (the same-host ceiling) and print ratios to it.")
+    var memcpyReference = false
+
     func validate() throws {
         if loopback == (segment != nil) { throw ValidationError("give exactly one of --loopback or --segment NAME") }
         if !["read", "write", "both"].contains(operation) { throw ValidationError("--operation must be read, write or both") }
@@ -128,6 +131,10 @@ struct BenchCommand: ParsableCommand {
         }
         if cases.isEmpty { throw EngineError.invalidArgument("no case fits: block x batch must be at most \(limit) bytes (buffer sizes)") }
 
+        var memcpyGBps: [UInt64: Double] = [:]
+        if memcpyReference {
+            for block in blocks { memcpyGBps[block] = StreamReference.memcpy(block: Int(block), seconds: 0.2) / 1e9 }
+        }
         var results: [BenchResult] = []
         var failures: [String] = []
         for (index, (op, block, batch)) in cases.enumerated() {
@@ -150,10 +157,12 @@ struct BenchCommand: ParsableCommand {
             var row = [r.operation, ByteSize.format(r.blockSize), String(r.batchSize), String(format: "%.3f", r.gbps),
                        String(format: "%.1f", r.p50Micros), String(format: "%.1f", r.p99Micros), String(r.iterations)]
             row.append(streamReference.map { String(format: "%.2fx", r.gbps * 1e9 / $0) } ?? "-")
+            if memcpyReference { row.append(memcpyGBps[r.blockSize].map { String(format: "%.2f (%.2fx)", $0, r.gbps / $0) } ?? "-") }
             if verify { row.append(r.verified == true ? "ok" : "MISMATCH") }
             rows.append(row)
         }
         var header = ["op", "block", "batch", "GB/s", "p50 us", "p99 us", "iterations", "vs stream"]
+        if memcpyReference { header.append("memcpy GB/s (ratio)") }
         if verify { header.append("verify") }
         print(Table.render(header: header, rows: rows))
 
@@ -163,6 +172,7 @@ struct BenchCommand: ParsableCommand {
                 "first_operation_us": firstOpMicros, "open_segment_us": openMicros, "working_set_bytes": wrap as Any,
                 "reference": ["loopback_tcp_stream_gbps": streamReference.map { $0 / 1e9 } as Any],
                 "results": results.map { $0.dictionary(reference: streamReference) },
+                "memcpy_gbps": Dictionary(uniqueKeysWithValues: memcpyGBps.map { (String($0.key), $0.value) }),
             ]
             let data = try JSONSerialization.data(withJSONObject: document, options: [.prettyPrinted, .sortedKeys])
             try data.write(to: URL(fileURLWithPath: json))

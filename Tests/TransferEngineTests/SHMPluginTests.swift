@@ -75,6 +75,70 @@ struct SHMPluginTests {
         }
     }
 
+    @Test("a peer in another network namespace (a second host) is served over TCP, automatically",
+          .enabled(if: geteuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip")))
+    func fallbackForRemotePeer() throws {
+        let tag = Int.random(in: 1...250)
+        let namespace = "te-shm-\(getpid())-\(tag)", outside = "te-a\(getpid() % 10000)\(tag)", inside = "te-b\(getpid() % 10000)\(tag)"
+        let (localAddress, peerAddress) = ("10.251.\(tag).1", "10.251.\(tag).2")
+        func ip(_ arguments: [String]) throws {
+            let (status, _, err) = try TestSupport.run("/usr/sbin/ip", arguments)
+            guard status == 0 else { throw TestFailure("ip \(arguments.joined(separator: " ")): \(err)") }
+        }
+        try ip(["netns", "add", namespace])
+        defer {
+            _ = try? TestSupport.run("/usr/sbin/ip", ["netns", "del", namespace])
+            _ = try? TestSupport.run("/usr/sbin/ip", ["link", "del", outside])
+        }
+        try ip(["link", "add", outside, "type", "veth", "peer", "name", inside])
+        try ip(["link", "set", inside, "netns", namespace])
+        try ip(["addr", "add", "\(localAddress)/24", "dev", outside])
+        try ip(["link", "set", outside, "up"])
+        try ip(["netns", "exec", namespace, "ip", "addr", "add", "\(peerAddress)/24", "dev", inside])
+        try ip(["netns", "exec", namespace, "ip", "link", "set", inside, "up"])
+        try ip(["netns", "exec", namespace, "ip", "link", "set", "lo", "up"])
+
+        // The target runs the shm transport inside the namespace: same machine, "another host".
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        process.arguments = ["netns", "exec", namespace, TestSupport.cli, "serve", "--protocol", "shm", "--local-hostname", peerAddress,
+                             "--buffer-size", "8MiB", "--exit-on-stdin-close"]
+        process.environment = environment()
+        let input = Pipe(), output = Pipe()
+        process.standardInput = input
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer {
+            try? input.fileHandleForWriting.close()
+            process.terminate()
+            process.waitUntilExit()
+        }
+        let ready = LineReader(output.fileHandleForReading).line(timeout: 30) ?? ""
+        var fields: [String: String] = [:]
+        for part in ready.split(separator: " ") {
+            let kv = part.split(separator: "=", maxSplits: 1)
+            if kv.count == 2 { fields[String(kv[0])] = String(kv[1]) }
+        }
+        let segment = try #require(fields["segment"], "target did not start: \(ready)")
+        let remote = try #require(fields["buffer"].flatMap { UInt64($0.dropFirst(2), radix: 16) })
+        #expect(fields["protocol"] == "shm")
+
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(localHostname: localAddress, protocolName: "shm"),
+                                        environment: environment(), logger: logger)
+        defer { engine.shutdown() }
+        let local = TestBuffer(1 << 20), back = TestBuffer(1 << 20)
+        local.fillPattern(seed: 99)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        try engine.registerMemory(address: back.address, length: UInt64(back.count))
+        let handle = try engine.openSegment(segment)
+        try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote, length: UInt64(local.count))
+        try engine.transferSync(.read, localAddress: back.address, segment: handle, remoteAddress: remote, length: UInt64(local.count))
+        #expect(back.equals(local, length: local.count))
+        #expect(capture.messages(at: .info).contains { $0.contains("shm cannot reach \(segment), using tcp") })
+    }
+
     @Test("the plugin reports its identity and probes as available")
     func probe() throws {
         let path = TestSupport.productsDirectory.appendingPathComponent("libtransport_shm.so").path
