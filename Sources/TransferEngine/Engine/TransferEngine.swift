@@ -533,7 +533,7 @@ public final class TransferEngine: @unchecked Sendable {
         let pluginPeers = try planned.map { $0.viaPlugin ? try pluginPeer(for: $0.peer) : 0 }
         let sliceCounts = planned.map { p -> Int in
             if p.request.length == 0 { return 0 }
-            if p.viaPlugin { return 1 }
+            // Plugins get the same pieces as TCP, so a large request spreads over their workers too.
             return Int((p.request.length + settings.splitSize - 1) / settings.splitSize)
         }
         let first = try batch.addTasks(sliceCounts: sliceCounts)
@@ -542,7 +542,12 @@ public final class TransferEngine: @unchecked Sendable {
         for (index, p) in planned.enumerated() where p.request.length > 0 {
             let r = p.request
             if p.viaPlugin {
-                pluginWork.append((r.operation, r.localAddress, pluginPeers[index], r.remoteAddress, r.length, batch, first + index))
+                var offset: UInt64 = 0
+                while offset < r.length {
+                    let size = min(settings.splitSize, r.length - offset)
+                    pluginWork.append((r.operation, r.localAddress + offset, pluginPeers[index], r.remoteAddress + offset, size, batch, first + index))
+                    offset += size
+                }
                 continue
             }
             let channel = channel(for: p.peer)
