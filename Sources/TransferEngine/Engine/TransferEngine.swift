@@ -601,6 +601,21 @@ public final class TransferEngine: @unchecked Sendable {
                 throw EngineError.transferFailed("\(operation) of \(length) bytes to \(planned.peer.name): \(error)")
             }
         }
+        if planned.viaPlugin, let plugin, length <= settings.splitSize {
+            // One piece through the plugin: a private one-task batch, no batch table, completion
+            // harvested on this thread.
+            let batch = Batch(id: 0, capacity: 1)
+            _ = try batch.addTasks(sliceCounts: [1])
+            plugin.submit([(operation, localAddress, try pluginPeer(for: planned.peer), remoteAddress, length, batch, 0)])
+            plugin.harvest()
+            guard batch.waitAll(deadline: MonotonicClock.nanoseconds() + syncTimeout(bytes: length)) else {
+                throw EngineError.timeout("\(operation) of \(length) bytes to \(planned.peer.name)")
+            }
+            if let status = batch.status(task: 0), status.state != .completed {
+                throw EngineError.transferFailed(status.error ?? "\(status.state)")
+            }
+            return
+        }
         try transferBatchSync([request])
     }
 
