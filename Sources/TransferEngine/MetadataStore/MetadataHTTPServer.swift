@@ -6,11 +6,9 @@ import Logging
 /// is identical, DELETE miss 404, `GET /health` 200 "OK". HTTP/1.1 keep-alive;
 /// one thread per connection, at most `maxConnections` at once.
 public final class MetadataHTTPServer: @unchecked Sendable {
-    private let listener: Socket
     private let logger: Logger
     private let store = ConditionLock<[String: [UInt8]]>([:])
-    private let connections = ConditionLock<[Int32: Socket]>([:])
-    private let stopped = ConditionLock(false)
+    private var acceptor: ConnectionAcceptor!
     /// Most connections served at once.
     public static let maxConnections = 512
 
@@ -19,48 +17,22 @@ public final class MetadataHTTPServer: @unchecked Sendable {
 
     /// Binds host:port (port 0 = any free port) and starts serving.
     public init(host: String, port: UInt16, logger: Logger = Logger(label: "transfer-engine.metadata")) throws {
-        listener = try Socket.listen(host: host, port: port, backlog: 1024)
+        let listener = try Socket.listen(host: host, port: port, backlog: 1024)
         self.logger = logger
         self.port = listener.localAddress.port
-        try OSThread.spawn(name: "te-meta-accept") { [self] in acceptLoop() }
+        acceptor = try ConnectionAcceptor(listener: listener, limit: Self.maxConnections, name: "metadata http", logger: logger,
+            refuse: { connection in
+                let busy = HTTPWire.encode(startLine: "HTTP/1.1 503 Service Unavailable", headers: [("Connection", "close")], body: Array("too many connections".utf8))
+                _ = try? busy.withUnsafeBytes { try connection.sendAll([$0]) }
+            },
+            serve: { [weak self] connection in self?.serve(connection) })
     }
 
     /// Number of keys held.
     public var keyCount: Int { store.withLock { $0.count } }
 
     /// Stops accepting and closes every connection.
-    public func stop() {
-        stopped.withLock { $0 = true }
-        listener.shutdownBoth()
-        connections.withLock { $0.values.forEach { $0.shutdownBoth() } }
-    }
-
-    private func acceptLoop() {
-        while let connection = try? listener.accept() {
-            if stopped.withLock({ $0 }) { connection.close(); return }
-            let admitted = connections.withLock { table -> Bool in
-                guard table.count < Self.maxConnections else { return false }
-                table[connection.fd] = connection
-                return true
-            }
-            guard admitted else {
-                let busy = HTTPWire.encode(startLine: "HTTP/1.1 503 Service Unavailable", headers: [("Connection", "close")], body: Array("too many connections".utf8))
-                _ = try? busy.withUnsafeBytes { try connection.sendAll([$0]) }
-                connection.close()
-                continue
-            }
-            do {
-                try OSThread.spawn(name: "te-meta-conn") { [self] in
-                    serve(connection)
-                    connections.withLock { _ = $0.removeValue(forKey: connection.fd) }
-                    connection.close()
-                }
-            } catch {
-                connections.withLock { _ = $0.removeValue(forKey: connection.fd) }
-                connection.close()
-            }
-        }
-    }
+    public func stop() { acceptor.stop() }
 
     private func serve(_ connection: Socket) {
         connection.setTimeouts(receiveMs: 60_000, sendMs: 10_000)

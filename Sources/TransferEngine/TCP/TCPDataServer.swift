@@ -22,9 +22,7 @@ final class TCPDataServer: @unchecked Sendable {
     /// At most one connection thread spins at a time, so busy-waiting never
     /// competes with threads that are moving data (this host may have 2 cores).
     private let spinning = Atomic<Bool>(false)
-    private let listener: Socket
-    private let connections = ConditionLock<[Int32: Socket]>([:])
-    private let stopped = ConditionLock(false)
+    private var acceptor: ConnectionAcceptor!
 
     /// The bound port.
     let port: UInt16
@@ -32,56 +30,16 @@ final class TCPDataServer: @unchecked Sendable {
     /// Binds the listener (see `PortAllocator` for the port choice) and starts accepting.
     init(listener: Socket, registry: MemoryRegistry, logger: Logger, payloadTimeoutMs: Int, spinNanoseconds: UInt64) throws {
         self.spinNanoseconds = spinNanoseconds
-        self.listener = listener
         self.registry = registry
         self.logger = logger
         self.payloadTimeoutMs = payloadTimeoutMs
         self.port = listener.localAddress.port
-        try OSThread.spawn(name: "te-tcp-accept") { [self] in acceptLoop() }
+        acceptor = try ConnectionAcceptor(listener: listener, limit: Self.maxConnections, name: "tcp data", logger: logger,
+                                          refuse: { _ in }, serve: { [weak self] connection in self?.serve(connection) })
     }
 
     /// Stops accepting and closes every connection.
-    func stop() {
-        let already = stopped.withLock { state -> Bool in defer { state = true }; return state }
-        if already { return }
-        listener.shutdownBoth()
-        listener.close()
-        connections.withLock { $0.values.forEach { $0.shutdownBoth() } }
-    }
-
-    private func acceptLoop() {
-        while true {
-            let accepted: Socket?
-            do { accepted = try listener.accept() } catch {
-                logger.error("tcp data listener failed: \(error)")
-                return
-            }
-            guard let connection = accepted else { return }
-            if stopped.withLock({ $0 }) { connection.close(); return }
-            // One thread per connection: bound them so a peer cannot exhaust threads.
-            let admitted = connections.withLock { table -> Bool in
-                guard table.count < Self.maxConnections else { return false }
-                table[connection.fd] = connection
-                return true
-            }
-            if !admitted {
-                logger.warning("tcp data: refusing a connection from \(connection.peerAddress): \(Self.maxConnections) connections already open")
-                connection.close()
-                continue
-            }
-            do {
-                try OSThread.spawn(name: "te-tcp-serve") { [self] in
-                    serve(connection)
-                    connections.withLock { _ = $0.removeValue(forKey: connection.fd) }
-                    connection.close()
-                }
-            } catch {
-                logger.error("cannot start a thread for a tcp data connection: \(error)")
-                connections.withLock { _ = $0.removeValue(forKey: connection.fd) }
-                connection.close()
-            }
-        }
-    }
+    func stop() { acceptor.stop() }
 
     /// Most data connections served at once (each has a thread).
     static let maxConnections = 1024
@@ -169,7 +127,7 @@ final class TCPDataServer: @unchecked Sendable {
                     return
                 }
             } catch {
-                if !stopped.withLock({ $0 }) {
+                if !acceptor.isStopped {
                     logger.debug("tcp data: connection from \(peer) ended: \(error)")
                 }
                 return
