@@ -119,6 +119,17 @@ struct MetadataTests {
         return (target, initiator, remote)
     }
 
+    /// A fresh engine ("node-c") finds node-a through `url` and reads the first 4 KiB of `remote`.
+    private func expectNewEngineReads(_ remote: TestBuffer, through url: String) throws {
+        let third = try TransferEngine(configuration: EngineConfiguration(localHostname: "node-c", metadataServer: url), environment: environment())
+        defer { third.shutdown() }
+        let local = TestBuffer(4096)
+        try third.registerMemory(address: local.address, length: 4096)
+        let handle = try third.openSegment("node-a")
+        try third.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096)
+        #expect(local.equals(remote, length: 4096))
+    }
+
     @Test("the embedded HTTP server answers with the official semantics")
     func httpServerSemantics() throws {
         let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
@@ -187,13 +198,7 @@ struct MetadataTests {
             restored = (try? store.get("mooncake/ram/node-a")) != nil
         }
         #expect(restored, "the target did not re-publish its descriptor after redis came back")
-        let third = try TransferEngine(configuration: EngineConfiguration(localHostname: "node-c", metadataServer: url), environment: environment())
-        defer { third.shutdown() }
-        let local = TestBuffer(4096)
-        try third.registerMemory(address: local.address, length: 4096)
-        let handle = try third.openSegment("node-a")
-        try third.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096)
-        #expect(local.equals(remote, length: 4096))
+        try expectNewEngineReads(remote, through: url)
     }
 
     @Test("two engines through etcd with leases: a killed engine's keys expire; the engine survives an etcd restart",
@@ -232,13 +237,7 @@ struct MetadataTests {
         // etcd restarts (same data directory): the engines keep publishing and peers still connect.
         etcd.kill()
         try etcd.start()
-        let third = try TransferEngine(configuration: EngineConfiguration(localHostname: "node-c", metadataServer: url), environment: environment())
-        defer { third.shutdown() }
-        let local = TestBuffer(4096)
-        try third.registerMemory(address: local.address, length: 4096)
-        let handle = try third.openSegment("node-a")
-        try third.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096)
-        #expect(local.equals(remote, length: 4096))
+        try expectNewEngineReads(remote, through: url)
     }
 
     @Test("an unreachable metadata server fails within the configured time, naming the server and the key")

@@ -528,8 +528,12 @@ public final class TransferEngine: @unchecked Sendable {
     /// Submits requests into a batch without blocking on I/O. Every request is
     /// validated first; if any is invalid nothing is submitted.
     public func submit(_ requests: [TransferRequest], to batchID: BatchID) throws {
+        try submit(planned: try plan(requests), to: batchID)
+    }
+
+    /// Dispatches already validated requests.
+    private func submit(planned: [Planned], to batchID: BatchID) throws {
         let batch = try self.batch(batchID)
-        let planned = try plan(requests)
         let pluginPeers = try planned.map { $0.viaPlugin ? try pluginPeer(for: $0.peer) : 0 }
         let sliceCounts = planned.map { p -> Int in
             if p.request.length == 0 { return 0 }
@@ -616,18 +620,23 @@ public final class TransferEngine: @unchecked Sendable {
             }
             return
         }
-        try transferBatchSync([request])
+        try runSync([planned])
     }
 
     /// Submits requests in a temporary batch and waits for all of them.
     public func transferBatchSync(_ requests: [TransferRequest]) throws {
-        let id = try allocateBatch(capacity: max(1, requests.count))
+        try runSync(try plan(requests))
+    }
+
+    /// Submits validated requests in a temporary batch and waits for all of them.
+    private func runSync(_ planned: [Planned]) throws {
+        let id = try allocateBatch(capacity: max(1, planned.count))
         defer { try? freeBatch(id) }
-        try submit(requests, to: id)
+        try submit(planned: planned, to: id)
         plugin?.harvest()
-        let bytes = requests.reduce(0) { $0 + $1.length }
+        let bytes = planned.reduce(0) { $0 + $1.request.length }
         guard try wait(batch: id, timeoutNs: syncTimeout(bytes: bytes)) else {
-            throw EngineError.timeout("batch of \(requests.count) transfers (\(bytes) bytes)")
+            throw EngineError.timeout("batch of \(planned.count) transfers (\(bytes) bytes)")
         }
         if let failed = try statuses(batch: id).first(where: { $0.state != .completed }) {
             throw EngineError.transferFailed(failed.error ?? "\(failed.state)")

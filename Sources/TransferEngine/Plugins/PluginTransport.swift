@@ -211,32 +211,30 @@ final class PluginTransport: @unchecked Sendable {
     /// Collects completions that are already available, on the caller's thread (a
     /// synchronous transfer then needs no hand-off to the poller thread).
     func harvest() {
+        _ = drain(timeoutNs: 0)
+    }
+
+    /// One poll call; finishes every completion it returns. Returns the poll status.
+    private func drain(timeoutNs: UInt64) -> Int32 {
         var completions = [te_completion](repeating: te_completion(), count: 64)
         var count = 0
         let status = completions.withUnsafeMutableBufferPointer { buffer in
-            d.poll!(instance, buffer.baseAddress, buffer.count, MemoryLayout<te_completion>.stride, 0, &count)
+            d.poll!(instance, buffer.baseAddress, buffer.count, MemoryLayout<te_completion>.stride, timeoutNs, &count)
         }
-        guard status == TE_OK else { return }
+        guard status == TE_OK else { return status }
         for completion in completions.prefix(min(count, completions.count)) {
             finish(cookie: completion.cookie, status: completion.status, bytes: completion.bytes)
         }
+        return TE_OK
     }
 
     private func pollLoop() {
         defer { inFlight.withLock(notify: true) { $0.pollerDone = true } }
-        var completions = [te_completion](repeating: te_completion(), count: 64)
         while !inFlight.withLock({ $0.stopping }) {
-            var count = 0
-            let status = completions.withUnsafeMutableBufferPointer { buffer in
-                d.poll!(instance, buffer.baseAddress, buffer.count, MemoryLayout<te_completion>.stride, 10_000_000, &count)
-            }
+            let status = drain(timeoutNs: 10_000_000)
             if status != TE_OK {
                 logger.error("\(plugin.info.name): poll failed (\(PluginStatus.describe(status))): \(lastError)")
                 usleep(10_000)
-                continue
-            }
-            for completion in completions.prefix(min(count, completions.count)) {
-                finish(cookie: completion.cookie, status: completion.status, bytes: completion.bytes)
             }
         }
     }
