@@ -115,11 +115,7 @@ struct SHMPluginTests {
             process.waitUntilExit()
         }
         let ready = LineReader(output.fileHandleForReading).line(timeout: 30) ?? ""
-        var fields: [String: String] = [:]
-        for part in ready.split(separator: " ") {
-            let kv = part.split(separator: "=", maxSplits: 1)
-            if kv.count == 2 { fields[String(kv[0])] = String(kv[1]) }
-        }
+        let fields = ServeProcess.readyFields(ready)
         let segment = try #require(fields["segment"], "target did not start: \(ready)")
         let remote = try #require(fields["buffer"].flatMap { UInt64($0.dropFirst(2), radix: 16) })
         #expect(fields["protocol"] == "shm")

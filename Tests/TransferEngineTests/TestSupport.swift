@@ -170,11 +170,7 @@ final class ServeProcess: @unchecked Sendable {
             if chunk.isEmpty { break }
             text += String(decoding: chunk, as: UTF8.self)
         }
-        var fields: [String: String] = [:]
-        for part in text.split(separator: "\n").first?.split(separator: " ") ?? [] {
-            let kv = part.split(separator: "=", maxSplits: 1)
-            if kv.count == 2 { fields[String(kv[0])] = String(kv[1]) }
-        }
+        let fields = Self.readyFields(text.split(separator: "\n").first.map(String.init) ?? "")
         guard let segment = fields["segment"], let buffer = fields["buffer"], let address = UInt64(buffer.dropFirst(2), radix: 16),
               let length = fields["length"].flatMap({ UInt64($0) }) else {
             process.terminate()
@@ -183,6 +179,16 @@ final class ServeProcess: @unchecked Sendable {
         self.segment = segment
         self.bufferAddress = address
         self.bufferLength = length
+    }
+
+    /// The key=value fields of serve's READY line.
+    static func readyFields(_ line: String) -> [String: String] {
+        var fields: [String: String] = [:]
+        for part in line.split(separator: " ") {
+            let kv = part.split(separator: "=", maxSplits: 1)
+            if kv.count == 2 { fields[String(kv[0])] = String(kv[1]) }
+        }
+        return fields
     }
 
     /// Kills the process abruptly (a peer that dies).
