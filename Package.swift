@@ -74,9 +74,14 @@ targets += [
     .target(name: "SHMPlugin", dependencies: ["CTransportABI", "CSHMShim"], path: "Plugins/SHM/SHMPlugin"),
 ]
 
-// Optional hardware plugins are appended here by their issues, e.g.:
-// if pluginEnabled("RDMA", header: "/usr/include/infiniband/verbs.h") { ... }
-_ = pluginEnabled
+// EFA over libfabric (libfabric-dev): `efa` on AWS, any RDM+RMA provider elsewhere.
+if pluginEnabled("EFA", header: "/usr/include/rdma/fabric.h") {
+    products.append(.library(name: "transport_efa", type: .dynamic, targets: ["EFAPlugin"]))
+    targets += [
+        .target(name: "CEFAShim", path: "Plugins/EFA/CEFAShim", linkerSettings: [.linkedLibrary("fabric")]),
+        .target(name: "EFAPlugin", dependencies: ["CTransportABI", "CEFAShim"], path: "Plugins/EFA/EFAPlugin"),
+    ]
+}
 
 let package = Package(
     name: "swift-transfer-engine",

@@ -117,8 +117,16 @@ final class PluginTransport: @unchecked Sendable {
         return try jsonObject(out.string, "local_descriptor")
     }
 
+    /// Whether shutdown() ran: the instance is destroyed and no call may reach the plugin.
+    private var isShutDown: Bool { inFlight.withLock { $0.stopping } }
+
+    private func checkAlive(_ what: String) throws {
+        if isShutDown { throw EngineError.plugin("\(plugin.info.name): \(what) after the engine shut down") }
+    }
+
     /// Registers memory; returns keys for the buffer's descriptor entry.
     func register(address: UInt64, length: UInt64, location: String) throws -> [String: JSONValue] {
+        try checkAlive("register_memory")
         var out = CStringBuffer(capacity: 1024)
         let status = location.withCString { loc in out.withRetry { d.register_memory!(instance, address, length, loc, $0) } }
         try check(status, "register_memory")
@@ -127,11 +135,13 @@ final class PluginTransport: @unchecked Sendable {
 
     /// Unregisters memory.
     func unregister(address: UInt64) throws {
+        if isShutDown { return }  // destroy released every registration
         try check(d.unregister_memory!(instance, address), "unregister_memory")
     }
 
     /// Opens a peer from its descriptor.
     func openPeer(segment: String, descriptor: SegmentDescriptor) throws -> UInt64 {
+        try checkAlive("open_peer")
         var handle: UInt64 = 0
         let status = segment.withCString { name in
             descriptor.json.compactText.withCString { d.open_peer!(instance, name, $0, &handle) }
@@ -141,7 +151,9 @@ final class PluginTransport: @unchecked Sendable {
     }
 
     /// Forgets a peer.
-    func closePeer(_ handle: UInt64) { d.close_peer!(instance, handle) }
+    func closePeer(_ handle: UInt64) {
+        if !isShutDown { d.close_peer!(instance, handle) }
+    }
 
     /// Answers a Connection handshake addressed to this plugin.
     func handleHandshake(_ request: String) -> String? {
@@ -158,7 +170,8 @@ final class PluginTransport: @unchecked Sendable {
     func submit(_ slices: [(op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64, batch: Batch, task: Int)]) {
         var requests: [te_request] = []
         requests.reserveCapacity(slices.count)
-        inFlight.withLock { state in
+        let stopped = inFlight.withLock { state -> Bool in
+            if state.stopping { return true }
             for slice in slices {
                 let cookie = state.next
                 state.next += 1
@@ -166,6 +179,11 @@ final class PluginTransport: @unchecked Sendable {
                 requests.append(te_request(opcode: slice.op == .read ? TE_OP_READ : TE_OP_WRITE, flags: 0, local_addr: slice.local,
                                            peer: slice.peer, remote_addr: slice.remote, length: slice.length, cookie: cookie))
             }
+            return false
+        }
+        if stopped {
+            for slice in slices { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "\(plugin.info.name): engine shut down") }
+            return
         }
         var offset = 0
         var idleRounds = 0
@@ -211,6 +229,7 @@ final class PluginTransport: @unchecked Sendable {
     /// Collects completions that are already available, on the caller's thread (a
     /// synchronous transfer then needs no hand-off to the poller thread).
     func harvest() {
+        if isShutDown { return }
         _ = drain(timeoutNs: 0)
     }
 

@@ -1,0 +1,427 @@
+import CEFAShim
+import CTransportABI
+import FoundationEssentials
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// One plugin instance: the opened devices, registrations, peers and the
+/// requests in flight.
+final class EFAInstance: @unchecked Sendable {
+    /// A local registration: one memory region per device.
+    struct Registration {
+        var address: UInt64
+        var length: UInt64
+        var regions: [UnsafeMutableRawPointer?]
+        var keys: [UInt64]
+        var descriptors: [UnsafeMutableRawPointer?]
+    }
+    /// A buffer the peer published, with its key on each of the peer's devices.
+    struct RemoteBuffer {
+        var address: UInt64
+        var length: UInt64
+        var keys: [UInt64]
+    }
+    /// An opened peer: for each local device, the peer device it talks to and its address handle.
+    struct Peer {
+        var name: String
+        var buffers: [RemoteBuffer]
+        var peerDevice: [Int]
+        var addressHandle: [UInt64]
+    }
+    /// A request split into parts.
+    struct Parent {
+        var cookie: UInt64
+        var remaining: Int
+        var status: Int32
+        var bytes: UInt64
+    }
+
+    let options: EFAOptions
+    private(set) var contexts: [DeviceContext] = []
+    let host: UnsafePointer<te_host_services>?
+    let signal = Signal()
+    private var peers: [UInt64: Peer] = [:]
+    private var nextPeer: UInt64 = 1
+    private var registrations: [Registration] = []
+    private var parents: [UInt64: Parent] = [:]
+    private var nextParent: UInt64 = 1
+    private var done: [te_completion] = []
+    private var queuedParts = 0
+    private var nextKey: UInt64 = 1
+    private var nextDevice = 0
+    /// Peer addresses already in each device's address vector (hex -> handle).
+    private var knownAddresses: [[String: UInt64]] = []
+    /// Fixed storage: last_error hands out a pointer into it without a lock.
+    private let lastError: UnsafeMutablePointer<CChar> = {
+        let storage = UnsafeMutablePointer<CChar>.allocate(capacity: 512)
+        storage.initialize(repeating: 0, count: 512)
+        return storage
+    }()
+    private let lastErrorCapacity = 512
+    /// Parts allowed in flight or waiting before submit answers TE_ERR_AGAIN.
+    private let maxQueuedParts = 65_536
+    /// The smallest max message size of the devices: larger pieces are split.
+    private(set) var partSize: UInt64 = .max
+
+    init(options: EFAOptions, host: UnsafePointer<te_host_services>?) {
+        self.options = options
+        self.host = host
+    }
+
+    /// Opens every chosen domain. Throws a sentence on failure.
+    func open(domains: [efa_domain_info]) throws(LibfabricFailure) {
+        let spin = UInt64(getenv("MC_EFA_SPIN_US").flatMap { UInt64(String(cString: $0)) } ?? 20) * 1000
+        for (index, domain) in domains.enumerated() {
+            var handle: OpaquePointer?
+            var error = [CChar](repeating: 0, count: 256)
+            let status = efa_open(options.provider, options.node, domain.domainName, &handle, &error, error.count)
+            guard status == 0, let handle else {
+                close()
+                throw LibfabricFailure(code: status, text: "\(domain.domainName): \(String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))")
+            }
+            let context = DeviceContext(index: index, handle: handle, maxOutstanding: options.maxOutstanding,
+                                        spinNanoseconds: spin) { [unowned self] in finished($0) }
+            contexts.append(context)
+            guard context.start() else {
+                close()
+                throw LibfabricFailure(code: -Int32(EAGAIN), text: "cannot start the progress thread for \(domain.domainName)")
+            }
+            partSize = min(partSize, max(4096, context.info.max_msg_size))
+        }
+        if options.sliceSize > 0 { partSize = min(partSize, options.sliceSize) }
+        knownAddresses = Array(repeating: [:], count: contexts.count)
+    }
+
+    /// Stops every device; registrations are released first.
+    func close() {
+        let regions = signal.locked { () -> [Registration] in
+            defer { registrations.removeAll() }
+            return registrations
+        }
+        for registration in regions { for region in registration.regions { _ = efa_mr_close(region) } }
+        for context in contexts { context.close() }
+        contexts.removeAll()
+    }
+
+    // MARK: Errors and logging
+
+    func setError(_ text: String) {
+        signal.locked { setErrorLocked(text) }
+    }
+
+    private func setErrorLocked(_ text: String) {
+        let bytes = Array(text.utf8.prefix(lastErrorCapacity - 1))
+        for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
+        lastError[bytes.count] = 0
+    }
+
+    /// The last error text (valid for the instance's life).
+    var lastErrorText: UnsafePointer<CChar> { UnsafePointer(lastError) }
+
+    func log(_ level: Int32, _ text: String) {
+        guard let host, let log = host.pointee.log else { return }
+        text.withCString { log(host.pointee.host_context, level, $0) }
+    }
+
+    // MARK: Descriptor
+
+    /// The NIC path of a local device, as upstream spells it.
+    func nicPath(_ context: DeviceContext) -> String { "\(options.segmentName)@\(context.name)" }
+
+    /// The endpoint address of a local device, hex-encoded as upstream's `efa_addr`.
+    func endpointAddress(_ context: DeviceContext) -> String {
+        var bytes = [UInt8](repeating: 0, count: 256)
+        var length = bytes.count
+        guard efa_get_name(context.handle, &bytes, &length) == 0 else { return "" }
+        return JSONText.hex(Array(bytes.prefix(length)))
+    }
+
+    /// `devices` and `priority_matrix` in upstream's RDMA-family layout, plus what only this plugin reads.
+    func descriptorFragment() -> String {
+        let devices = contexts.map { "{\"name\":\(JSONText.string($0.name)),\"lid\":0,\"gid\":\"\"}" }.joined(separator: ",")
+        let names = contexts.map { JSONText.string($0.name) }.joined(separator: ",")
+        let provider = contexts.first?.info.providerName ?? options.provider
+        return "{\"devices\":[\(devices)],\"priority_matrix\":{\"cpu:0\":[[\(names)],[]],\"*\":[[\(names)],[]]},"
+            + "\"efa_provider\":\(JSONText.string(provider))}"
+    }
+
+    // MARK: Memory
+
+    /// Registers a buffer on every device; returns its descriptor fragment.
+    func register(address: UInt64, length: UInt64) -> (Int32, String) {
+        var registration = Registration(address: address, length: length, regions: [], keys: [], descriptors: [])
+        for context in contexts {
+            let key = signal.locked { () -> UInt64 in defer { nextKey += 1 }; return nextKey }
+            var region: UnsafeMutableRawPointer?, descriptor: UnsafeMutableRawPointer?, actualKey: UInt64 = 0
+            let status = efa_mr_reg(context.handle, UnsafeMutableRawPointer(bitPattern: UInt(address)), Int(length), key,
+                                    &region, &actualKey, &descriptor)
+            guard status == 0 else {
+                for region in registration.regions { _ = efa_mr_close(region) }
+                setError("fi_mr_reg of \(length) bytes at 0x\(String(address, radix: 16)) on \(context.name): \(LibfabricError(code: status))")
+                return (TE_ERR_NO_RESOURCES, "")
+            }
+            registration.regions.append(region)
+            registration.keys.append(actualKey)
+            registration.descriptors.append(descriptor)
+        }
+        signal.locked {
+            registrations.removeAll { $0.address == address }
+            let index = registrations.firstIndex { $0.address > address } ?? registrations.count
+            registrations.insert(registration, at: index)
+        }
+        let keys = registration.keys.map(String.init).joined(separator: ",")
+        return (TE_OK, "{\"rkey\":[\(keys)],\"lkey\":[\(keys)]}")
+    }
+
+    /// Closes a buffer's memory regions.
+    func unregister(address: UInt64) -> Int32 {
+        let removed = signal.locked { () -> Registration? in
+            guard let index = registrations.firstIndex(where: { $0.address == address }) else { return nil }
+            return registrations.remove(at: index)
+        }
+        guard let removed else {
+            setError("no registration starts at 0x\(String(address, radix: 16))")
+            return TE_ERR_INVALID_ARGUMENT
+        }
+        for region in removed.regions { _ = efa_mr_close(region) }
+        return TE_OK
+    }
+
+    // MARK: Peers
+
+    private struct PeerDescriptor: Decodable {
+        struct Device: Decodable { var name: String }
+        struct Buffer: Decodable {
+            var addr: UInt64
+            var length: UInt64
+            var rkey: [UInt64]?
+        }
+        var devices: [Device]?
+        var buffers: [Buffer]?
+    }
+
+    /// Upstream's HandShakeDesc, the fields this transport uses.
+    struct Handshake: Decodable {
+        var local_nic_path: String?
+        var peer_nic_path: String?
+        var efa_addr: String?
+        var reply_msg: String?
+    }
+
+    private func handshakeJSON(local: String, peer: String, address: String, reply: String) -> String {
+        "{\"local_nic_path\":\(JSONText.string(local)),\"peer_nic_path\":\(JSONText.string(peer)),\"local_lid\":0,"
+            + "\"local_gid\":\"\",\"qp_num\":[],\"efa_addr\":\(JSONText.string(address)),\"reply_msg\":\(JSONText.string(reply))}"
+    }
+
+    /// Puts a peer's address into a device's address vector once.
+    private func insertAddress(_ hex: String, into context: DeviceContext) -> Result<UInt64, LibfabricFailure> {
+        if let known = signal.locked({ knownAddresses[context.index][hex] }) { return .success(known) }
+        guard let bytes = JSONText.unhex(hex) else { return .failure(LibfabricFailure(code: 0, text: "malformed efa_addr '\(hex.prefix(80))'")) }
+        var handle: UInt64 = 0
+        let status = efa_av_insert(context.handle, bytes, bytes.count, &handle)
+        guard status == 0 else { return .failure(LibfabricFailure(code: status, text: "fi_av_insert on \(context.name): \(LibfabricError(code: status))")) }
+        signal.locked { knownAddresses[context.index][hex] = handle }
+        return .success(handle)
+    }
+
+    /// Opens a peer: one Connection handshake per local device (upstream's address exchange).
+    func openPeer(segment: String, descriptorJSON: String) -> (Int32, UInt64) {
+        guard let descriptor = try? JSONDecoder().decode(PeerDescriptor.self, from: Data(descriptorJSON.utf8)) else {
+            setError("\(segment): malformed segment descriptor")
+            return (TE_ERR_INVALID_ARGUMENT, 0)
+        }
+        let devices = descriptor.devices ?? []
+        guard !devices.isEmpty else {
+            setError("\(segment) publishes no efa devices")
+            return (TE_ERR_PEER_UNREACHABLE, 0)
+        }
+        var buffers: [RemoteBuffer] = []
+        for buffer in descriptor.buffers ?? [] {
+            guard let keys = buffer.rkey, keys.count == devices.count else {
+                setError("\(segment): buffer at 0x\(String(buffer.addr, radix: 16)) has \(buffer.rkey?.count ?? 0) rkeys for \(devices.count) devices")
+                return (TE_ERR_INVALID_ARGUMENT, 0)
+            }
+            buffers.append(RemoteBuffer(address: buffer.addr, length: buffer.length, keys: keys))
+        }
+        guard let host, let send = host.pointee.handshake_send else {
+            setError("the host offers no handshake channel")
+            return (TE_ERR_INTERNAL, 0)
+        }
+        var peer = Peer(name: segment, buffers: buffers, peerDevice: [], addressHandle: [])
+        for context in contexts {
+            let target = context.index % devices.count
+            let request = handshakeJSON(local: nicPath(context), peer: "\(segment)@\(devices[target].name)",
+                                        address: endpointAddress(context), reply: "")
+            var capacity = 4096
+            var status: Int32 = TE_OK
+            var replyText = ""
+            for _ in 0..<2 {
+                let storage = UnsafeMutablePointer<CChar>.allocate(capacity: capacity)
+                defer { storage.deallocate() }
+                var reply = te_buffer(data: storage, capacity: capacity, length: 0)
+                status = segment.withCString { name in request.withCString { send(host.pointee.host_context, name, $0, &reply) } }
+                if status == TE_OK { replyText = String(cString: storage) }
+                if status != TE_ERR_BUFFER_TOO_SMALL { break }
+                capacity = reply.length + 1
+            }
+            guard status == TE_OK else {
+                setError("handshake with \(segment) for \(context.name) failed (status \(status))")
+                return (TE_ERR_PEER_UNREACHABLE, 0)
+            }
+            guard let answer = try? JSONDecoder().decode(Handshake.self, from: Data(replyText.utf8)) else {
+                setError("\(segment) answered the handshake with malformed JSON")
+                return (TE_ERR_REJECTED, 0)
+            }
+            if let message = answer.reply_msg, !message.isEmpty {
+                setError("\(segment) rejected the handshake: \(message)")
+                return (TE_ERR_REJECTED, 0)
+            }
+            guard let address = answer.efa_addr, !address.isEmpty else {
+                setError("\(segment) did not send an efa_addr (does it run the efa transport?)")
+                return (TE_ERR_PEER_UNREACHABLE, 0)
+            }
+            switch insertAddress(address, into: context) {
+            case .success(let handle):
+                peer.peerDevice.append(target)
+                peer.addressHandle.append(handle)
+            case .failure(let failure):
+                setError("\(segment): \(failure.text)")
+                return (TE_ERR_PEER_UNREACHABLE, 0)
+            }
+        }
+        let handle = signal.locked { () -> UInt64 in
+            defer { nextPeer += 1 }
+            peers[nextPeer] = peer
+            return nextPeer
+        }
+        return (TE_OK, handle)
+    }
+
+    /// Forgets a peer (its address-vector entries stay for a later reopen).
+    func closePeer(_ handle: UInt64) {
+        signal.locked { _ = peers.removeValue(forKey: handle) }
+    }
+
+    /// Answers a peer's Connection handshake with this device's address.
+    func answerHandshake(_ json: String) -> String {
+        guard let request = try? JSONDecoder().decode(Handshake.self, from: Data(json.utf8)) else {
+            return handshakeJSON(local: "", peer: "", address: "", reply: "malformed handshake")
+        }
+        let wanted = request.peer_nic_path ?? ""
+        let deviceName = wanted.split(separator: "@").last.map(String.init) ?? ""
+        guard let context = contexts.first(where: { $0.name == deviceName }) ?? (wanted.isEmpty ? contexts.first : nil) else {
+            return handshakeJSON(local: "", peer: request.local_nic_path ?? "", address: "", reply: "EFA nic path inconsistency: no device '\(deviceName)' here")
+        }
+        if let address = request.efa_addr, !address.isEmpty, case .failure(let failure) = insertAddress(address, into: context) {
+            return handshakeJSON(local: nicPath(context), peer: request.local_nic_path ?? "", address: "", reply: failure.text)
+        }
+        return handshakeJSON(local: nicPath(context), peer: request.local_nic_path ?? "", address: endpointAddress(context), reply: "")
+    }
+
+    // MARK: Data path
+
+    /// Validates and queues requests; never blocks.
+    func submit(_ raw: UnsafeRawPointer?, count: Int, stride: Int, accepted: inout Int) -> Int32 {
+        accepted = 0
+        guard !contexts.isEmpty else { return TE_ERR_INTERNAL }
+        var perContext = [[Part]](repeating: [], count: contexts.count)
+        let status = signal.locked { () -> Int32 in
+            for i in 0..<count {
+                let request = raw!.loadUnaligned(fromByteOffset: i * stride, as: te_request.self)
+                guard queuedParts < maxQueuedParts else { return TE_ERR_AGAIN }
+                guard let peer = peers[request.peer] else {
+                    setErrorLocked("unknown peer handle \(request.peer)")
+                    return TE_ERR_INVALID_ARGUMENT
+                }
+                guard request.opcode == TE_OP_READ || request.opcode == TE_OP_WRITE, request.length > 0 else {
+                    setErrorLocked("bad request (opcode \(request.opcode), length \(request.length))")
+                    return TE_ERR_INVALID_ARGUMENT
+                }
+                // Only inside one buffer the peer published: the same rule as every transport.
+                guard let remote = peer.buffers.first(where: { contains($0.address, $0.length, request.remote_addr, request.length) }) else {
+                    setErrorLocked("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is outside \(peer.name)'s buffers")
+                    return TE_ERR_OUT_OF_RANGE
+                }
+                let local = registrations.last { contains($0.address, $0.length, request.local_addr, request.length) }
+                if local == nil, contexts.contains(where: { $0.needsLocalDescriptor }) {
+                    setErrorLocked("local range [0x\(String(request.local_addr, radix: 16)), +\(request.length)) is not registered (the provider needs FI_MR_LOCAL)")
+                    return TE_ERR_OUT_OF_RANGE
+                }
+                let parentID = nextParent
+                nextParent += 1
+                var offset: UInt64 = 0
+                var pieces = 0
+                while offset < request.length {
+                    let length = min(partSize, request.length - offset)
+                    let context = contexts[nextDevice % contexts.count]
+                    nextDevice &+= 1
+                    let index = context.index
+                    let remoteAddress = request.remote_addr + offset
+                    perContext[index].append(Part(
+                        isWrite: request.opcode == TE_OP_WRITE, local: request.local_addr + offset, length: length,
+                        descriptor: local?.descriptors[index], peer: peer.addressHandle[index],
+                        remote: context.virtualAddressing ? remoteAddress : remoteAddress - remote.address,
+                        key: remote.keys[peer.peerDevice[index]], parent: parentID))
+                    offset += length
+                    pieces += 1
+                }
+                parents[parentID] = Parent(cookie: request.cookie, remaining: pieces, status: TE_OK, bytes: 0)
+                queuedParts += pieces
+                accepted = i + 1
+            }
+            return TE_OK
+        }
+        for (index, parts) in perContext.enumerated() where !parts.isEmpty { contexts[index].enqueue(parts) }
+        return status
+    }
+
+    private func contains(_ base: UInt64, _ length: UInt64, _ address: UInt64, _ size: UInt64) -> Bool {
+        address >= base && address - base <= length && size <= length - (address - base)
+    }
+
+    /// Called by the devices with finished parts.
+    private func finished(_ parts: [FinishedPart]) {
+        signal.locked {
+            for part in parts {
+                guard var parent = parents[part.parent] else { continue }
+                parent.remaining -= 1
+                queuedParts -= 1
+                if part.status == TE_OK { parent.bytes += part.bytes } else {
+                    parent.status = part.status
+                    if let error = part.error { setErrorLocked(error) }
+                }
+                if parent.remaining == 0 {
+                    parents.removeValue(forKey: part.parent)
+                    done.append(te_completion(cookie: parent.cookie, status: parent.status, flags: 0,
+                                              bytes: parent.status == TE_OK ? parent.bytes : 0))
+                } else {
+                    parents[part.parent] = parent
+                }
+            }
+            signal.broadcast()
+        }
+    }
+
+    /// Hands out finished requests, waiting at most `timeout` for the first.
+    func poll(into raw: UnsafeMutableRawPointer?, capacity: Int, stride: Int, timeout: UInt64) -> Int {
+        // Reap on this thread first: a synchronous caller then needs no hand-off from the progress thread.
+        if signal.locked({ done.isEmpty }) { for context in contexts { context.tryProgress() } }
+        return signal.locked {
+            if done.isEmpty && timeout > 0 { signal.wait(nanoseconds: timeout) }
+            let n = min(capacity, done.count)
+            for i in 0..<n { raw!.storeBytes(of: done[i], toByteOffset: i * stride, as: te_completion.self) }
+            done.removeFirst(n)
+            return n
+        }
+    }
+}
+
+/// A libfabric failure with a sentence.
+struct LibfabricFailure: Error {
+    var code: Int32
+    var text: String
+}

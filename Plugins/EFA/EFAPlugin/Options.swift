@@ -1,0 +1,176 @@
+import CEFAShim
+import FoundationEssentials
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// What create/probe receive, and the settings the plugin derives from it.
+struct EFAOptions {
+    /// The libfabric provider: `MC_EFA_PROVIDER`, else `FI_PROVIDER`, else `efa`.
+    var provider: String
+    /// Source address for IP-based providers (`MC_EFA_NODE`, else local_hostname when it is an IP literal).
+    var node: String?
+    /// Requested devices; nil means every domain the provider offers (empty or `auto-discovery`).
+    var devices: [String]?
+    /// This engine's segment name (for NIC paths in handshakes).
+    var segmentName: String
+    /// Pieces larger than this are split (`MC_EFA_SLICE_SIZE`; 0 = only at the provider's max message size).
+    var sliceSize: UInt64
+    /// Operations in flight per device (`MC_EFA_MAX_OUTSTANDING`, capped by the provider's transmit depth).
+    var maxOutstanding: Int
+
+    private struct Raw: Decodable {
+        var device_name: String?
+        var local_hostname: String?
+        var segment_name: String?
+        var options: [String: String]?
+    }
+
+    init(json: UnsafePointer<CChar>?) {
+        let raw = json.flatMap { try? JSONDecoder().decode(Raw.self, from: Data(String(cString: $0).utf8)) }
+        let options = raw?.options ?? [:]
+        func setting(_ key: String) -> String? {
+            if let value = options[key], !value.isEmpty { return value }
+            return getenv(key).map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+        }
+        let provider = setting("MC_EFA_PROVIDER") ?? setting("FI_PROVIDER") ?? "efa"
+        self.provider = provider
+        let ipBased = ["tcp", "sockets", "udp", "verbs"].contains { provider.contains($0) }
+        if let explicit = setting("MC_EFA_NODE") {
+            node = explicit
+        } else if ipBased, let host = raw?.local_hostname.map(EFAOptions.hostPart), EFAOptions.isIPLiteral(host) {
+            node = host
+        } else {
+            node = nil
+        }
+        let device = EFAOptions.trimmed(raw?.device_name ?? "")
+        if device.isEmpty || device == "auto-discovery" {
+            devices = nil
+        } else {
+            devices = device.split(separator: ",").map { EFAOptions.trimmed(String($0)) }.filter { !$0.isEmpty }
+        }
+        segmentName = raw?.segment_name ?? ""
+        sliceSize = setting("MC_EFA_SLICE_SIZE").flatMap { UInt64($0) } ?? 0
+        maxOutstanding = setting("MC_EFA_MAX_OUTSTANDING").flatMap { Int($0) }.map { max(1, $0) } ?? 256
+    }
+
+    static func trimmed(_ text: String) -> String {
+        String(text.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
+    }
+
+    /// "host:port" or "[v6]:port" -> host.
+    static func hostPart(_ text: String) -> String {
+        if text.hasPrefix("["), let close = text.firstIndex(of: "]") {
+            return String(text[text.index(after: text.startIndex)..<close])
+        }
+        let colons = text.filter { $0 == ":" }.count
+        if colons == 1, let colon = text.firstIndex(of: ":") { return String(text[..<colon]) }
+        return text
+    }
+
+    static func isIPLiteral(_ text: String) -> Bool {
+        var v4 = in_addr(), v6 = in6_addr()
+        return inet_pton(AF_INET, text, &v4) == 1 || inet_pton(AF_INET6, text, &v6) == 1
+    }
+
+    /// The device name for a libfabric domain: EFA names RDM domains `<device>-rdm`.
+    static func deviceName(domain: String) -> String {
+        for suffix in ["-rdm", "-dgrm"] where domain.hasSuffix(suffix) { return String(domain.dropLast(suffix.count)) }
+        return domain
+    }
+
+    /// The domains to open: all of them, or the requested ones (unknown names reported in `missing`).
+    func choose(from available: [efa_domain_info]) -> (chosen: [efa_domain_info], missing: [String]) {
+        guard let devices else { return (available, []) }
+        var chosen: [efa_domain_info] = [], missing: [String] = []
+        for wanted in devices {
+            if let match = available.first(where: { EFAOptions.deviceName(domain: $0.domainName) == wanted || $0.domainName == wanted }) {
+                chosen.append(match)
+            } else {
+                missing.append(wanted)
+            }
+        }
+        return (chosen, missing)
+    }
+
+    /// Lists the provider's RDM+RMA domains, or the libfabric error code.
+    func listDomains() -> Result<[efa_domain_info], LibfabricError> {
+        var entries = [efa_domain_info](repeating: efa_domain_info(), count: 64)
+        let count = entries.withUnsafeMutableBufferPointer { buffer in
+            efa_list_domains(provider, node, buffer.baseAddress, buffer.count)
+        }
+        guard count >= 0 else { return .failure(LibfabricError(code: count)) }
+        return .success(Array(entries.prefix(min(Int(count), entries.count))))
+    }
+}
+
+/// A libfabric error code with its text.
+struct LibfabricError: Error, CustomStringConvertible {
+    var code: Int32
+    var description: String { "\(String(cString: efa_strerror(code))) (\(code))" }
+}
+
+extension efa_domain_info {
+    private static func text<T>(_ tuple: T) -> String {
+        withUnsafeBytes(of: tuple) { raw in String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self) }
+    }
+    var domainName: String { Self.text(domain) }
+    var providerName: String { Self.text(provider) }
+    var fabricName: String { Self.text(fabric) }
+}
+
+/// JSON text helpers for the few documents the plugin writes.
+enum JSONText {
+    static func string(_ text: String) -> String {
+        var out = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default:
+                if scalar.value < 0x20 {
+                    out += "\\u" + String(repeating: "0", count: 4 - String(scalar.value, radix: 16).count) + String(scalar.value, radix: 16)
+                } else {
+                    out.unicodeScalars.append(scalar)
+                }
+            }
+        }
+        return out + "\""
+    }
+
+    static func hex(_ bytes: [UInt8]) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        var out = [UInt8]()
+        out.reserveCapacity(bytes.count * 2)
+        for byte in bytes { out.append(digits[Int(byte >> 4)]); out.append(digits[Int(byte & 15)]) }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static func unhex(_ text: String) -> [UInt8]? {
+        let chars = Array(text.utf8)
+        guard chars.count % 2 == 0, !chars.isEmpty else { return nil }
+        func nibble(_ c: UInt8) -> UInt8? {
+            switch c {
+            case 48...57: return c - 48
+            case 97...102: return c - 87
+            case 65...70: return c - 55
+            default: return nil
+            }
+        }
+        var out = [UInt8]()
+        out.reserveCapacity(chars.count / 2)
+        var i = 0
+        while i < chars.count {
+            guard let high = nibble(chars[i]), let low = nibble(chars[i + 1]) else { return nil }
+            out.append(high << 4 | low)
+            i += 2
+        }
+        return out
+    }
+}
