@@ -17,6 +17,8 @@ struct Part {
     var remote: UInt64
     var key: UInt64
     var parent: UInt64
+    /// When submit queued it (the timeout also covers a part the endpoint keeps refusing).
+    var queuedAt: UInt64 = 0
 }
 
 /// A finished part, reported to the instance outside the context's lock.
@@ -49,6 +51,12 @@ final class DeviceContext: @unchecked Sendable {
     private let capacity: Int
     private var slotParts: [Part]
     private var freeSlots: [Int32]
+    /// When each slot's operation was posted (0: free).
+    private var slotPostedAt: [UInt64]
+    /// Slots whose operation was reported as timed out; libfabric still owns their context.
+    private var slotAbandoned: [Bool]
+    private let timeoutNanoseconds: UInt64
+    private var lastTimeoutScan: UInt64 = 0
     private var backlog: [Part] = []
     private var backlogHead = 0
     private var sleeping = false
@@ -58,7 +66,7 @@ final class DeviceContext: @unchecked Sendable {
     private let spinNanoseconds: UInt64
     private let onFinished: ([FinishedPart]) -> Void
 
-    init(index: Int, handle: OpaquePointer, maxOutstanding: Int, spinNanoseconds: UInt64,
+    init(index: Int, handle: OpaquePointer, maxOutstanding: Int, spinNanoseconds: UInt64, timeoutNanoseconds: UInt64,
          onFinished: @escaping ([FinishedPart]) -> Void) {
         self.index = index
         self.handle = handle
@@ -72,6 +80,9 @@ final class DeviceContext: @unchecked Sendable {
         slotParts = [Part](repeating: Part(isWrite: false, local: 0, length: 0, descriptor: nil, peer: 0, remote: 0, key: 0, parent: 0),
                            count: capacity)
         freeSlots = (0..<Int32(capacity)).reversed().map { $0 }
+        slotPostedAt = [UInt64](repeating: 0, count: capacity)
+        slotAbandoned = [Bool](repeating: false, count: capacity)
+        self.timeoutNanoseconds = timeoutNanoseconds
         self.spinNanoseconds = spinNanoseconds
         self.onFinished = onFinished
     }
@@ -129,7 +140,10 @@ final class DeviceContext: @unchecked Sendable {
         let context = slotMemory + Int(slot) * Self.slotBytes
         let status = efa_post(handle, part.isWrite ? 1 : 0, UnsafeMutableRawPointer(bitPattern: UInt(part.local)), Int(part.length),
                               part.descriptor, part.peer, part.remote, part.key, context)
-        if status == 0 { return nil }
+        if status == 0 {
+            slotPostedAt[Int(slot)] = monotonicNanoseconds()
+            return nil
+        }
         freeSlots.append(slot)
         return Int32(clamping: status)
     }
@@ -153,8 +167,9 @@ final class DeviceContext: @unchecked Sendable {
                 for i in 0..<n {
                     guard let slot = slot(of: cqContexts[i]) else { continue }
                     let part = slotParts[slot]
-                    freeSlots.append(Int32(slot))
-                    finished.append(FinishedPart(parent: part.parent, status: TE_OK, bytes: part.length, error: nil))
+                    if release(slot) {
+                        finished.append(FinishedPart(parent: part.parent, status: TE_OK, bytes: part.length, error: nil))
+                    }
                 }
                 worked = true
                 if n < cqContexts.count { break }
@@ -163,13 +178,18 @@ final class DeviceContext: @unchecked Sendable {
                 let text = withUnsafeBytes(of: failure.text) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
                 if let slot = slot(of: failure.op_context) {
                     let part = slotParts[slot]
-                    freeSlots.append(Int32(slot))
+                    guard release(slot) else { continue }
                     finished.append(FinishedPart(parent: part.parent, status: TE_ERR_IO, bytes: 0,
                                                  error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name) failed: \(text) (provider errno \(failure.prov_errno))"))
                 }
             } else {
                 break
             }
+        }
+        let now = monotonicNanoseconds()
+        if timeoutNanoseconds > 0 && (freeSlots.count < capacity || backlogHead < backlog.count) && now - lastTimeoutScan > 50_000_000 {
+            lastTimeoutScan = now
+            failOverdue(now: now, &finished)
         }
         while backlogHead < backlog.count && !freeSlots.isEmpty {
             let part = backlog[backlogHead]
@@ -188,6 +208,38 @@ final class DeviceContext: @unchecked Sendable {
             backlogHead = 0
         }
         return worked
+    }
+
+    /// Frees a slot after its completion; false when the operation was already reported as timed out.
+    private func release(_ slot: Int) -> Bool {
+        let reported = !slotAbandoned[slot]
+        slotAbandoned[slot] = false
+        slotPostedAt[slot] = 0
+        freeSlots.append(Int32(slot))
+        return reported
+    }
+
+    /// Reports operations older than the timeout as failed (a dead peer never completes them on
+    /// software providers). Their slots stay taken until libfabric gives the context back. Lock held.
+    private func failOverdue(now: UInt64, _ finished: inout [FinishedPart]) {
+        var expired = 0
+        for slot in 0..<capacity where slotPostedAt[slot] != 0 && !slotAbandoned[slot] && now - slotPostedAt[slot] > timeoutNanoseconds {
+            slotAbandoned[slot] = true
+            expired += 1
+            let part = slotParts[slot]
+            finished.append(FinishedPart(parent: part.parent, status: TE_ERR_TIMEOUT, bytes: 0,
+                                         error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name) did not complete in \(timeoutNanoseconds / 1_000_000) ms (peer gone?)"))
+        }
+        // Parts the endpoint kept refusing (FI_EAGAIN towards a dead peer) or that wait behind
+        // timed-out operations fail the same way.
+        if backlogHead < backlog.count && (expired > 0 && freeSlots.isEmpty || now - backlog[backlogHead].queuedAt > timeoutNanoseconds) {
+            for part in backlog[backlogHead...] {
+                finished.append(FinishedPart(parent: part.parent, status: TE_ERR_TIMEOUT, bytes: 0,
+                                             error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name) could not be posted in \(timeoutNanoseconds / 1_000_000) ms (peer gone?)"))
+            }
+            backlog.removeAll(keepingCapacity: true)
+            backlogHead = 0
+        }
     }
 
     /// Drives the endpoint: spins briefly after activity, then sleeps on the

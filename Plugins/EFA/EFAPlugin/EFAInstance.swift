@@ -74,7 +74,6 @@ final class EFAInstance: @unchecked Sendable {
 
     /// Opens every chosen domain. Throws a sentence on failure.
     func open(domains: [efa_domain_info]) throws(LibfabricFailure) {
-        let spin = UInt64(getenv("MC_EFA_SPIN_US").flatMap { UInt64(String(cString: $0)) } ?? 20) * 1000
         for (index, domain) in domains.enumerated() {
             var handle: OpaquePointer?
             var error = [CChar](repeating: 0, count: 256)
@@ -84,7 +83,8 @@ final class EFAInstance: @unchecked Sendable {
                 throw LibfabricFailure(code: status, text: "\(domain.domainName): \(String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))")
             }
             let context = DeviceContext(index: index, handle: handle, maxOutstanding: options.maxOutstanding,
-                                        spinNanoseconds: spin) { [unowned self] in finished($0) }
+                                        spinNanoseconds: options.spinNanoseconds,
+                                        timeoutNanoseconds: options.timeoutNanoseconds) { [unowned self] in finished($0) }
             contexts.append(context)
             guard context.start() else {
                 close()
@@ -329,6 +329,7 @@ final class EFAInstance: @unchecked Sendable {
         accepted = 0
         guard !contexts.isEmpty else { return TE_ERR_INTERNAL }
         var perContext = [[Part]](repeating: [], count: contexts.count)
+        let now = monotonicNanoseconds()
         let status = signal.locked { () -> Int32 in
             for i in 0..<count {
                 let request = raw!.loadUnaligned(fromByteOffset: i * stride, as: te_request.self)
@@ -365,7 +366,7 @@ final class EFAInstance: @unchecked Sendable {
                         isWrite: request.opcode == TE_OP_WRITE, local: request.local_addr + offset, length: length,
                         descriptor: local?.descriptors[index], peer: peer.addressHandle[index],
                         remote: context.virtualAddressing ? remoteAddress : remoteAddress - remote.address,
-                        key: remote.keys[peer.peerDevice[index]], parent: parentID))
+                        key: remote.keys[peer.peerDevice[index]], parent: parentID, queuedAt: now))
                     offset += length
                     pieces += 1
                 }

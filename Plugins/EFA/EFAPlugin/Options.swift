@@ -21,6 +21,10 @@ struct EFAOptions {
     var sliceSize: UInt64
     /// Operations in flight per device (`MC_EFA_MAX_OUTSTANDING`, capped by the provider's transmit depth).
     var maxOutstanding: Int
+    /// How long a progress thread polls after activity before it sleeps (`MC_EFA_SPIN_US`, 20).
+    var spinNanoseconds: UInt64
+    /// An operation not completed after this long fails with TE_ERR_TIMEOUT (`MC_EFA_TIMEOUT_MS`, 30 s; 0 = never).
+    var timeoutNanoseconds: UInt64
 
     private struct Raw: Decodable {
         var device_name: String?
@@ -32,11 +36,13 @@ struct EFAOptions {
     init(json: UnsafePointer<CChar>?) {
         let raw = json.flatMap { try? JSONDecoder().decode(Raw.self, from: Data(String(cString: $0).utf8)) }
         let options = raw?.options ?? [:]
+        // MC_* settings come from the host's environment (passed in "options"); FI_PROVIDER is
+        // libfabric's own variable, which libfabric reads from the process environment too.
         func setting(_ key: String) -> String? {
-            if let value = options[key], !value.isEmpty { return value }
-            return getenv(key).map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+            options[key].flatMap { $0.isEmpty ? nil : $0 }
         }
-        let provider = setting("MC_EFA_PROVIDER") ?? setting("FI_PROVIDER") ?? "efa"
+        let libfabricProvider = getenv("FI_PROVIDER").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+        let provider = setting("MC_EFA_PROVIDER") ?? libfabricProvider ?? "efa"
         self.provider = provider
         let ipBased = ["tcp", "sockets", "udp", "verbs"].contains { provider.contains($0) }
         if let explicit = setting("MC_EFA_NODE") {
@@ -55,6 +61,8 @@ struct EFAOptions {
         segmentName = raw?.segment_name ?? ""
         sliceSize = setting("MC_EFA_SLICE_SIZE").flatMap { UInt64($0) } ?? 0
         maxOutstanding = setting("MC_EFA_MAX_OUTSTANDING").flatMap { Int($0) }.map { max(1, $0) } ?? 256
+        timeoutNanoseconds = (setting("MC_EFA_TIMEOUT_MS").flatMap { UInt64($0) } ?? 30_000) * 1_000_000
+        spinNanoseconds = (setting("MC_EFA_SPIN_US").flatMap { UInt64($0) } ?? 20) * 1000
     }
 
     static func trimmed(_ text: String) -> String {

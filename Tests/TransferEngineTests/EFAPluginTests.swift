@@ -1,0 +1,174 @@
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// Whether the efa plugin was built (it is when libfabric-dev is installed). scripts/test.sh sets
+/// TE_REQUIRE_EFA=1, so there a missing plugin fails the suite instead of skipping it.
+enum EFAPluginBuild {
+    static var present: Bool {
+        FileManager.default.fileExists(atPath: TestSupport.productsDirectory.appendingPathComponent("libtransport_efa.so").path)
+            || ProcessInfo.processInfo.environment["TE_REQUIRE_EFA"] == "1"
+    }
+}
+
+/// The efa plugin (Plugins/EFA, libtransport_efa.so) over libfabric's software
+/// providers: `tcp;ofi_rxm` (keys chosen by the application, offsets as remote
+/// addresses) and `shm` (FI_MR_VIRT_ADDR: virtual addresses). Two real processes;
+/// the `serve` child is a pure target that never posts an operation, so these
+/// tests also prove that its progress thread serves the initiator's RMA.
+@Suite("efa plugin over libfabric software providers", .serialized,
+       .enabled(if: EFAPluginBuild.present, "libtransport_efa.so was not built (install libfabric-dev)"))
+struct EFAPluginTests {
+    private func environment(provider: String?, _ extra: [String: String] = [:]) -> [String: String] {
+        var settings = ["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path]
+        if let provider { settings["MC_EFA_PROVIDER"] = provider; settings["MC_STRICT_PROTOCOL"] = "1" }
+        for (key, value) in extra { settings[key] = value }
+        var environment = TestSupport.cleanEnvironment(settings)
+        environment.removeValue(forKey: "FI_PROVIDER")
+        return environment
+    }
+
+    private func engine(provider: String?, _ extra: [String: String] = [:]) throws -> (TransferEngine, LogCapture) {
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(localHostname: "127.0.0.1", protocolName: "efa"),
+                                        environment: environment(provider: provider, extra), logger: logger)
+        return (engine, capture)
+    }
+
+    @Test("no EFA device here: the efa provider reports hardware absent with libfabric's answer, the engine runs TCP with one warning")
+    func hardwareAbsent() throws {
+        let (engine, capture) = try engine(provider: nil)
+        defer { engine.shutdown() }
+        #expect(engine.activeProtocol == "tcp")
+        let warnings = capture.messages(at: .warning)
+        #expect(warnings.count == 1, "\(warnings)")
+        let line = warnings.first ?? ""
+        #expect(line.contains("protocol 'efa' is unavailable") && line.contains("hardware absent"), "\(line)")
+        #expect(line.contains("fi_getinfo: No data available"), "\(line)")
+        #expect(line.contains("MC_EFA_PROVIDER"), "\(line)")
+        // Strict mode turns the same answer into an error.
+        #expect(throws: EngineError.self) {
+            _ = try TransferEngine(configuration: EngineConfiguration(protocolName: "efa"),
+                                   environment: environment(provider: nil, ["MC_STRICT_PROTOCOL": "1"]))
+        }
+        // A device name the provider does not have is refused the same way, naming what exists.
+        let (other, otherCapture) = try self.engine(provider: nil, ["MC_EFA_PROVIDER": "tcp;ofi_rxm"])
+        other.shutdown()
+        #expect(other.activeProtocol == "efa")
+        _ = otherCapture
+        let (logger, missingCapture) = TestSupport.capturingLogger()
+        let missing = try TransferEngine(configuration: EngineConfiguration(localHostname: "127.0.0.1", protocolName: "efa", deviceName: "rdmap99s0"),
+                                         environment: environment(provider: nil, ["MC_EFA_PROVIDER": "tcp;ofi_rxm"]), logger: logger)
+        missing.shutdown()
+        #expect(missing.activeProtocol == "tcp")
+        let missingLine = missingCapture.messages(at: .warning).first ?? ""
+        #expect(missingLine.contains("rdmap99s0 not found") && missingLine.contains("offers: lo"), "\(missingLine)")
+    }
+
+    @Test("1 B to 64 MiB written and read back, bytes verified, with each provider's addressing mode",
+          arguments: [("tcp;ofi_rxm", "(offsets)"), ("shm", "(virtual addresses)")])
+    func sizes(provider: String, addressing: String) throws {
+        let target = try ServeProcess(bufferSize: "80MiB", environment: environment(provider: provider), protocolName: "efa")
+        let (engine, capture) = try engine(provider: provider)
+        defer { engine.shutdown() }
+        #expect(engine.activeProtocol == "efa")
+        let infos = capture.messages(at: .info).filter { $0.contains("efa plugin: provider") }
+        #expect(infos.count == 1 && infos[0].contains(addressing), "\(infos)")
+        let source = TestBuffer(64 << 20), sink = TestBuffer(64 << 20)
+        try engine.registerMemory(address: source.address, length: UInt64(source.count))
+        try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
+        let handle = try engine.openSegment(target.segment)
+        #expect(try engine.descriptor(of: handle).protocolName == "efa")
+        for (index, size) in [1, 7, 4095, 4096, 65537, 1 << 20, (4 << 20) + 3, 16 << 20, 64 << 20].enumerated() {
+            source.fillPattern(seed: UInt8(index + 1))
+            memset(sink.pointer, 0, size)
+            // Unaligned remote offsets: an offset-addressed provider gets address - base, a virtual one the address.
+            let remote = target.bufferAddress + UInt64(index % 3) * 4097
+            let length = UInt64(min(size, Int(target.bufferLength) - (index % 3) * 4097))
+            try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: remote, length: length)
+            try engine.transferSync(.read, localAddress: sink.address, segment: handle, remoteAddress: remote, length: length)
+            #expect(sink.equals(source, length: Int(length)), "size \(length)")
+        }
+        // Outside the peer's buffer: refused before anything moves.
+        #expect(throws: EngineError.self) {
+            try engine.transferSync(.write, localAddress: source.address, segment: handle,
+                                    remoteAddress: target.bufferAddress + target.bufferLength - 8, length: 64)
+        }
+    }
+
+    @Test("requests split into provider-sized pieces (MC_EFA_SLICE_SIZE=4096) reassemble into one completion each")
+    func splitting() throws {
+        let provider = "tcp;ofi_rxm"
+        let target = try ServeProcess(bufferSize: "16MiB", environment: environment(provider: provider), protocolName: "efa")
+        let (engine, _) = try engine(provider: provider, ["MC_EFA_SLICE_SIZE": "4096"])
+        defer { engine.shutdown() }
+        let source = TestBuffer(8 << 20), sink = TestBuffer(8 << 20)
+        try engine.registerMemory(address: source.address, length: UInt64(source.count))
+        try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
+        let handle = try engine.openSegment(target.segment)
+        source.fillPattern(seed: 9)
+        let length: UInt64 = (1 << 20) + 3  // 257 pieces, the last one 3 bytes
+        let requests = (0..<4).map { i in
+            TransferRequest(operation: .write, localAddress: source.address + UInt64(i) * length, segment: handle,
+                            remoteAddress: target.bufferAddress + UInt64(i) * length, length: length)
+        }
+        try engine.transferBatchSync(requests)
+        try engine.transferBatchSync(requests.map { TransferRequest(operation: .read, localAddress: sink.address + ($0.localAddress - source.address),
+                                                                    segment: handle, remoteAddress: $0.remoteAddress, length: $0.length) })
+        #expect(sink.equals(source, length: Int(4 * length)))
+    }
+
+    @Test("concurrent batches from several threads, then a peer killed mid-batch: every task ends, nothing hangs")
+    func concurrencyAndPeerDeath() throws {
+        let provider = "tcp;ofi_rxm"
+        let target = try ServeProcess(bufferSize: "128MiB", environment: environment(provider: provider), protocolName: "efa")
+        // A dead peer never completes operations on a software provider: they time out.
+        let (engine, _) = try engine(provider: provider, ["MC_EFA_TIMEOUT_MS": "3000"])
+        defer { engine.shutdown() }
+        let local = TestBuffer(128 << 20)
+        local.fillPattern(seed: 3)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(target.segment)
+        let failures = LockedCounter()
+        let started = Date()
+        defer { print("efa: concurrency test body took \(Date().timeIntervalSince(started)) s") }
+        DispatchQueue.concurrentPerform(iterations: 4) { t in
+            let block: UInt64 = 256 << 10
+            let base = UInt64(t) * (32 << 20)
+            let requests = (0..<64).map { i in
+                TransferRequest(operation: .write, localAddress: local.address + base + UInt64(i) * block, segment: handle,
+                                remoteAddress: target.bufferAddress + base + UInt64(i) * block, length: block)
+            }
+            do { try engine.transferBatchSync(requests) } catch { failures.increment() }
+        }
+        #expect(failures.value == 0)
+        // Read everything back into a second buffer region and compare.
+        let check = TestBuffer(128 << 20)
+        try engine.registerMemory(address: check.address, length: UInt64(check.count))
+        try engine.transferBatchSync((0..<128).map { i in
+            TransferRequest(operation: .read, localAddress: check.address + UInt64(i) << 20, segment: handle,
+                            remoteAddress: target.bufferAddress + UInt64(i) << 20, length: 1 << 20)
+        })
+        for t in 0..<4 { #expect(check.equals(local, offset: t * (32 << 20), otherOffset: t * (32 << 20), length: 16 << 20), "thread \(t)'s range") }
+
+        let batch = try engine.allocateBatch(capacity: 1024)
+        for round in 0..<8 {
+            try engine.submit((0..<128).map { i in
+                TransferRequest(operation: round % 2 == 0 ? .write : .read, localAddress: local.address + UInt64(i) << 20, segment: handle,
+                                remoteAddress: target.bufferAddress + UInt64(i) << 20, length: 1 << 20)
+            }, to: batch)
+        }
+        target.kill()
+        let killed = Date()
+        #expect(try engine.wait(batch: batch, timeoutNs: 60_000_000_000), "tasks still pending after the peer died")
+        print("efa: batch ended \(Date().timeIntervalSince(killed)) s after the peer was killed")
+        let statuses = try engine.statuses(batch: batch)
+        #expect(statuses.allSatisfy { $0.state == .completed || $0.state == .failed })
+        #expect(statuses.contains { $0.state == .failed }, "the peer died after the batch finished: nothing was tested")
+        let late = Date()
+        #expect(throws: EngineError.self) {
+            try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 4096)
+        }
+        print("efa: transfer to the dead peer failed after \(Date().timeIntervalSince(late)) s")
+    }
+}
