@@ -6,8 +6,9 @@
 #   scripts/bench.sh                  # about two minutes
 #   scripts/bench.sh --duration 3     # extra arguments go to `transfer-engine bench`
 #
-# References: iperf3 single stream; libfabric tcp;ofi_rxm RMA (when libfabric-dev and
-# ../shared/reference/probes/fi_rma_probe.c are present); the official Mooncake engine
+# References: iperf3 single stream; raw libfabric RMA over tcp;ofi_rxm and shm (when
+# libfabric-dev and ../shared/reference/probes/fi_rma_probe.c are present), for the TCP
+# transport and the efa plugin over those providers; the official Mooncake engine
 # (PyPI wheel, installed into .build-interop-venv unless TE_SKIP_OFFICIAL=1).
 # Output: tables on stdout, out/*.json.
 set -euo pipefail
@@ -40,8 +41,11 @@ fi
 
 probe=../shared/reference/probes/fi_rma_probe.c
 if [ -f "$probe" ] && [ -f /usr/include/rdma/fabric.h ]; then
-    echo "== reference: libfabric tcp;ofi_rxm RMA, 64 operations in flight, 8 MiB buffer"
-    cc -O2 -o out/fi_rma_probe "$probe" -lfabric && timeout 120 out/fi_rma_probe bw 'tcp;ofi_rxm' efa | tee out/fi_rma_probe.txt || true
+    cc -O2 -o out/fi_rma_probe "$probe" -lfabric
+    echo "== reference: raw libfabric RMA over tcp;ofi_rxm, 64 operations in flight, 8 MiB buffer"
+    timeout 120 out/fi_rma_probe bw 'tcp;ofi_rxm' efa | tee out/fi_rma_probe.txt || true
+    echo "== reference: raw libfabric RMA over shm, 64 operations in flight, 8 MiB buffer"
+    timeout 120 out/fi_rma_probe bw shm efa | tee out/fi_rma_probe-shm.txt || true
 fi
 
 venv=.build-interop-venv
@@ -60,11 +64,20 @@ fi
 echo "== transfer-engine bench --loopback"
 "$bin" bench --loopback --json out/bench.json "$@"
 echo "== transfer-engine bench --loopback, 8 MiB working set (the libfabric probe's buffer size)"
-"$bin" bench --loopback --json out/bench-ws8.json --working-set 8MiB --block-sizes 1MiB,4MiB --batch-sizes 64 --no-reference "$@"
+"$bin" bench --loopback --json out/bench-ws8.json --working-set 8MiB --block-sizes 4KiB,64KiB,1MiB,4MiB --batch-sizes 64 --no-reference "$@"
 
 echo "== transfer-engine bench --loopback --protocol shm (same-host plugin), with memcpy as the ceiling"
 "$bin" bench --loopback --protocol shm --json out/bench-shm.json --memcpy-reference --no-reference \
     --block-sizes 4KiB,64KiB,1MiB,64MiB --batch-sizes 1,64 "$@" || echo "(shm plugin unavailable)"
+
+if [ -f "$(dirname "$bin")/libtransport_efa.so" ]; then
+    for provider in 'tcp;ofi_rxm' shm; do
+        tag=${provider%%;*}
+        echo "== transfer-engine bench --loopback --protocol efa over libfabric $provider (the probe's sizes, 64 in flight, 8 MiB working set)"
+        MC_EFA_PROVIDER=$provider "$bin" bench --loopback --protocol efa --json "out/bench-efa-$tag.json" --working-set 8MiB \
+            --block-sizes 4KiB,64KiB,1MiB,4MiB --batch-sizes 64 --no-reference "$@" || echo "(efa over $provider unavailable)"
+    done
+fi
 
 echo "== summary"
 python3 scripts/bench_summary.py out

@@ -20,13 +20,22 @@ bench = load("bench.json")
 ws8 = load("bench-ws8.json")
 iperf = load("iperf3.json")
 official = load("official.json")
-libfabric = {}
-probe_path = os.path.join(out, "fi_rma_probe.txt")
-if os.path.exists(probe_path):
-    for line in open(probe_path):
-        m = re.search(r"(fi_write|fi_read)\s+size=\s*(\d+).*?([\d.]+) MB/s", line)
-        if m:
-            libfabric[("write" if m.group(1) == "fi_write" else "read", int(m.group(2)))] = float(m.group(3)) / 1000
+
+
+def probe(name):
+    """GB/s by (operation, block size) from a fi_rma_probe log."""
+    figures = {}
+    path = os.path.join(out, name)
+    if os.path.exists(path):
+        for line in open(path):
+            m = re.search(r"(fi_write|fi_read)\s+size=\s*(\d+).*?([\d.]+) MB/s", line)
+            if m:
+                figures[("write" if m.group(1) == "fi_write" else "read", int(m.group(2)))] = float(m.group(3)) / 1000
+    return figures
+
+
+libfabric = probe("fi_rma_probe.txt")
+libfabric_shm = probe("fi_rma_probe-shm.txt")
 
 
 def result(doc, op, block, batch):
@@ -69,6 +78,19 @@ r = result(bench, "write", 4096, 1)
 row("write 4 KiB median latency", r and r["p50_us"], "us", official and official["write 4 KiB x1"]["p50_us"], "official engine", better="lower")
 if bench:
     row("first operation to a new peer", bench["first_operation_us"], "us", official and official["first_operation_us"], "official engine", better="lower")
+
+for tag, provider, reference in (("tcp", "tcp;ofi_rxm", libfabric), ("shm", "shm", libfabric_shm)):
+    efa = load(f"bench-efa-{tag}.json")
+    if not efa or efa.get("protocol") != "efa":
+        continue
+    for op in ("write", "read"):
+        for block in (4096, 64 << 10, MiB, 4 * MiB):
+            r = result(efa, op, block, 64)
+            size = f"{block // 1024} KiB" if block < MiB else f"{block // MiB} MiB"
+            row(f"efa/{provider} {op} {size} x64", r and r["gbps"], "GB/s", reference.get((op, block)), f"raw libfabric {provider}")
+            if tag == "tcp":
+                t = result(ws8, op, block, 64)
+                row(f"efa/{provider} {op} {size} x64 vs tcp", r and r["gbps"], "GB/s", t and t["gbps"], "tcp transport")
 
 shm = load("bench-shm.json")
 if shm and shm.get("protocol") == "shm":
