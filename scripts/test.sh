@@ -10,11 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v swift >/dev/null || { echo "error: swift is not on PATH (Swift 6 toolchain expected, e.g. /opt/swift/usr/bin)" >&2; exit 1; }
-# Debian packages the tests use: a C compiler (ABI fixtures), redis-server and etcd (metadata tests).
+# Debian packages the tests use: a C compiler (ABI fixtures), redis-server and etcd (metadata
+# tests), libfabric-dev (the efa plugin builds against it; its tests use libfabric's software providers).
 need=()
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v etcd >/dev/null || need+=(etcd-server)
+[ -f /usr/include/rdma/fabric.h ] || need+=(libfabric-dev)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "== installing ${need[*]}"
@@ -40,6 +42,9 @@ if [ "${TE_SKIP_INTEROP:-0}" != 1 ]; then
         export TE_MOONCAKE_PYTHON="$PWD/$venv/bin/python" TE_REQUIRE_INTEROP=1
     fi
 fi
+
+# With libfabric-dev present the efa plugin is built, so its suite must run rather than skip.
+[ -f /usr/include/rdma/fabric.h ] && export TE_REQUIRE_EFA=1
 
 swift test --manifest-cache none "$@"
 
