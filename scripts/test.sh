@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (swift test, then the Python package's pytest suite).
+# Runs the whole test suite: swift test, the Python package's pytest suite, then the Debian
+# packages installed into a fresh Debian 12 root (packaging/test-debs.sh; TE_SKIP_PACKAGING=1 skips it).
 # This is the test command README.md gives and .ci/run calls.
 #
 # The interop tests run the official Mooncake engine (PyPI wheel
@@ -17,6 +18,11 @@ command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v etcd >/dev/null || need+=(etcd-server)
 [ -f /usr/include/rdma/fabric.h ] || need+=(libfabric-dev)
+# The packaging test (packaging/test-debs.sh): build tools for .debs and a Debian root to install them in.
+if [ "${TE_SKIP_PACKAGING:-0}" != 1 ]; then
+    for tool in debootstrap patchelf lintian file; do command -v $tool >/dev/null || need+=($tool); done
+    command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "== installing ${need[*]}"
@@ -51,3 +57,12 @@ swift test --manifest-cache none "$@"
 # The Python package over the C API library that swift test just built.
 python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --disable-pip-version-check pytest
 TRANSFER_ENGINE_LIBRARY="$(swift build --show-bin-path)/libtransfer_engine_c.so" python3 -m pytest -q python/tests
+
+# The Debian packages, installed and run in a fresh Debian 12 root without the toolchain.
+if [ "${TE_SKIP_PACKAGING:-0}" = 1 ]; then
+    echo "packaging test skipped (TE_SKIP_PACKAGING=1)"
+elif [ "$(id -u)" = 0 ] && command -v debootstrap >/dev/null && command -v patchelf >/dev/null; then
+    packaging/test-debs.sh
+else
+    echo "warning: packaging test skipped: it needs root, debootstrap, patchelf and dpkg-dev" >&2
+fi

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Proves the Debian packages as a user would: builds them (packaging/build-debs.sh), installs them
+# with dpkg -i into a fresh Debian 12 root that has no Swift toolchain (debootstrap into a folder,
+# then chroot), and runs the engine there:
+#   1. `transfer-engine plugins` lists the installed plugins;
+#   2. a loopback `transfer-engine bench --verify` over TCP;
+#   3. MOONCAKE_PROTOCOL=efa with libfabric's tcp;ofi_rxm provider: the efa plugin is loaded;
+#   4. the Python package imports and initialises an engine;
+#   5. after `dpkg -r transfer-engine-plugin-efa`, MOONCAKE_PROTOCOL=efa falls back to TCP with one warning.
+# Needs root, debootstrap and a Debian mirror (DEBIAN_MIRROR, default deb.debian.org). The pristine
+# root is cached in TE_DEBROOT_CACHE (default /var/cache/transfer-engine/bookworm-root) and copied
+# for each run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "error: needs root (debootstrap, chroot, mount)" >&2; exit 1; }
+command -v debootstrap >/dev/null || { echo "error: debootstrap is missing (apt-get install debootstrap)" >&2; exit 1; }
+cache=${TE_DEBROOT_CACHE:-/var/cache/transfer-engine/bookworm-root}
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+debs=$PWD/out/debs
+
+packaging/build-debs.sh "$debs"
+
+if [ ! -f "$cache/.complete" ]; then
+    echo "== debootstrap bookworm (minbase + libfabric1 + python3) into $cache (cached for later runs)"
+    rm -rf "$cache.tmp"
+    mkdir -p "$(dirname "$cache")"
+    debootstrap --variant=minbase --include=libfabric1,python3 bookworm "$cache.tmp" "$mirror" > /tmp/te-debootstrap.log 2>&1 ||
+        { tail -20 /tmp/te-debootstrap.log >&2; exit 1; }
+    rm -rf "$cache"
+    mv "$cache.tmp" "$cache"
+    touch "$cache/.complete"
+fi
+
+root=$(mktemp -d /tmp/te-debroot.XXXXXX)
+cleanup() {
+    for m in dev/shm dev/pts dev sys proc; do mountpoint -q "$root/$m" && umount -l "$root/$m"; done
+    rm -rf "$root"
+}
+trap cleanup EXIT
+echo "== fresh copy of the root in $root"
+cp -a "$cache/." "$root/"
+mount -t proc proc "$root/proc"
+mount -t sysfs sysfs "$root/sys"
+mount --bind /dev "$root/dev"
+mount --bind /dev/pts "$root/dev/pts"
+mount -t tmpfs tmpfs "$root/dev/shm"   # libfabric's shm provider and the engine's own need a /dev/shm
+in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@"; }
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+in_root sh -c '! command -v swift && ! test -e /opt/swift' >/dev/null || fail "the root has a Swift toolchain"
+
+echo "== dpkg -i"
+mkdir -p "$root/tmp/debs"
+cp "$debs"/*.deb "$root/tmp/debs/"
+in_root sh -c 'dpkg -i /tmp/debs/*.deb' > /tmp/te-dpkg.log 2>&1 || { cat /tmp/te-dpkg.log >&2; fail "dpkg -i"; }
+for elf in $(in_root sh -c 'find /usr/bin/transfer-engine /usr/lib/transfer-engine -name "*.so" -o -name transfer-engine -type f'); do
+    if in_root sh -c "ldd $elf" | grep -q "not found"; then fail "$elf has unresolved libraries"; fi
+done
+
+echo "== transfer-engine plugins"
+in_root transfer-engine plugins | tee /tmp/te-plugins.txt
+grep -q "^efa .*/usr/lib/transfer-engine/plugins/libtransport_efa.so" /tmp/te-plugins.txt || fail "efa plugin not listed"
+grep -q "^shm .*available" /tmp/te-plugins.txt || fail "shm plugin not available"
+
+echo "== transfer-engine bench --loopback (TCP, P2PHANDSHAKE)"
+in_root transfer-engine bench --loopback --block-sizes 4KiB,1MiB --batch-sizes 1,16 --duration 0.3 --verify --no-reference \
+    > /tmp/te-bench.txt 2>&1 || { cat /tmp/te-bench.txt; fail "bench over tcp"; }
+grep -E "protocol tcp|^(write|read) " /tmp/te-bench.txt
+grep -q "protocol tcp" /tmp/te-bench.txt && ! grep -E "^(write|read) " /tmp/te-bench.txt | grep -qv " ok$" || fail "tcp bench did not verify"
+
+echo "== MOONCAKE_PROTOCOL=efa over libfabric tcp;ofi_rxm: the plugin is loaded"
+in_root env MOONCAKE_PROTOCOL=efa MC_EFA_PROVIDER='tcp;ofi_rxm' MC_STRICT_PROTOCOL=1 \
+    transfer-engine bench --loopback --block-sizes 64KiB --batch-sizes 1,16 --duration 0.3 --verify --no-reference \
+    > /tmp/te-bench-efa.txt 2>&1 || { cat /tmp/te-bench-efa.txt; fail "bench over efa"; }
+grep -E "efa plugin: provider|protocol efa|^(write|read) " /tmp/te-bench-efa.txt
+grep -q "protocol efa" /tmp/te-bench-efa.txt || fail "efa plugin not used"
+
+echo "== python3 -c 'import transfer_engine'"
+in_root python3 -c '
+import transfer_engine
+engine = transfer_engine.TransferEngine()
+assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+print("python: engine on port", engine.get_rpc_port(), "using", transfer_engine.library_path)
+' || fail "python package"
+
+echo "== dpkg -r transfer-engine-plugin-efa, then MOONCAKE_PROTOCOL=efa falls back to TCP with one warning"
+in_root dpkg -r transfer-engine-plugin-efa > /dev/null
+in_root env MOONCAKE_PROTOCOL=efa MC_EFA_PROVIDER='tcp;ofi_rxm' \
+    transfer-engine bench --loopback --block-sizes 4KiB --batch-sizes 1 --duration 0.2 --no-reference \
+    > /tmp/te-bench-fallback.txt 2>&1 || { cat /tmp/te-bench-fallback.txt; fail "bench after removing the plugin"; }
+grep "warning" /tmp/te-bench-fallback.txt
+# Two engine processes (bench and its loopback target): exactly one warning line each.
+[ "$(grep -c "warning" /tmp/te-bench-fallback.txt)" = 2 ] || fail "expected one warning per process"
+[ "$(grep -c "protocol 'efa' is unavailable (no plugin file libtransport_efa.so" /tmp/te-bench-fallback.txt)" = 2 ] || fail "no fallback warning"
+grep -q "protocol tcp" /tmp/te-bench-fallback.txt || fail "did not fall back to tcp"
+echo "PASS: packages install and run in a Debian 12 root without the Swift toolchain"
