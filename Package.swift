@@ -74,6 +74,15 @@ targets += [
     .target(name: "SHMPlugin", dependencies: ["CTransportABI", "CSHMShim"], path: "Plugins/SHM/SHMPlugin"),
 ]
 
+// RDMA over libibverbs (libibverbs-dev): RC queue pairs, one-sided READ/WRITE.
+if pluginEnabled("RDMA", header: "/usr/include/infiniband/verbs.h") {
+    products.append(.library(name: "transport_rdma", type: .dynamic, targets: ["RDMAPlugin"]))
+    targets += [
+        .target(name: "CRDMAShim", path: "Plugins/RDMA/CRDMAShim", linkerSettings: [.linkedLibrary("ibverbs")]),
+        .target(name: "RDMAPlugin", dependencies: ["CTransportABI", "CRDMAShim"], path: "Plugins/RDMA/RDMAPlugin"),
+    ]
+}
+
 // EFA over libfabric (libfabric-dev): `efa` on AWS, any RDM+RMA provider elsewhere.
 if pluginEnabled("EFA", header: "/usr/include/rdma/fabric.h") {
     products.append(.library(name: "transport_efa", type: .dynamic, targets: ["EFAPlugin"]))

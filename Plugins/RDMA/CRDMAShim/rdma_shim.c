@@ -1,0 +1,252 @@
+#define _GNU_SOURCE
+#include "rdma_shim.h"
+#include <infiniband/verbs.h>
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct rdma_context {
+    struct ibv_context *ctx;
+    struct ibv_pd *pd;
+    struct ibv_comp_channel *channel;
+    struct ibv_cq *cq;
+    uint32_t port;
+    int wake_fd;
+};
+
+struct rdma_qp {
+    struct ibv_qp *qp;
+    rdma_context *context;
+};
+
+static int neg_errno(int fallback) { return errno ? -errno : -fallback; }
+
+int rdma_list_devices(rdma_device_info *out, size_t capacity) {
+    int count = 0;
+    errno = 0;
+    struct ibv_device **list = ibv_get_device_list(&count);
+    if (!list) return neg_errno(ENODEV);
+    for (int i = 0; i < count && (size_t)i < capacity; i++) {
+        rdma_device_info *info = &out[i];
+        memset(info, 0, sizeof *info);
+        strncpy(info->name, ibv_get_device_name(list[i]), sizeof info->name - 1);
+        struct ibv_context *ctx = ibv_open_device(list[i]);
+        if (!ctx) continue;
+        struct ibv_device_attr dev;
+        if (ibv_query_device(ctx, &dev) == 0) {
+            info->port_count = dev.phys_port_cnt;
+            info->max_mr_size = dev.max_mr_size;
+            info->max_qp_wr = (uint32_t)dev.max_qp_wr;
+        }
+        for (uint32_t p = 1; p <= info->port_count && info->port == 0; p++) {
+            struct ibv_port_attr attr;
+            if (ibv_query_port(ctx, (uint8_t)p, &attr) || attr.state != IBV_PORT_ACTIVE) continue;
+            info->port = p;
+            info->lid = attr.lid;
+            info->active_mtu = attr.active_mtu;
+            info->link_layer_ethernet = attr.link_layer == IBV_LINK_LAYER_ETHERNET;
+            struct ibv_gid_entry entries[64];
+            ssize_t n = ibv_query_gid_table(ctx, entries, 64, 0);
+            for (ssize_t k = 0; k < n && info->gid_count < 16; k++) {
+                if (entries[k].port_num != p) continue;
+                static const uint8_t zero[16];
+                if (!memcmp(entries[k].gid.raw, zero, 16)) continue;
+                rdma_gid *g = &info->gids[info->gid_count++];
+                memcpy(g->raw, entries[k].gid.raw, 16);
+                g->index = entries[k].gid_index;
+                g->type = entries[k].gid_type == IBV_GID_TYPE_ROCE_V2 ? RDMA_GID_ROCE_V2
+                        : entries[k].gid_type == IBV_GID_TYPE_ROCE_V1 ? RDMA_GID_ROCE_V1 : RDMA_GID_IB;
+                g->netdev_index = entries[k].ndev_ifindex;
+            }
+        }
+        ibv_close_device(ctx);
+    }
+    ibv_free_device_list(list);
+    return count;
+}
+
+int rdma_open(const char *name, uint32_t port, int cq_depth, rdma_context **out) {
+    int count = 0;
+    errno = 0;
+    struct ibv_device **list = ibv_get_device_list(&count);
+    if (!list) return neg_errno(ENODEV);
+    struct ibv_device *device = NULL;
+    for (int i = 0; i < count; i++) if (!strcmp(ibv_get_device_name(list[i]), name)) device = list[i];
+    if (!device) { ibv_free_device_list(list); return -ENODEV; }
+    rdma_context *c = calloc(1, sizeof *c);
+    if (!c) { ibv_free_device_list(list); return -ENOMEM; }
+    c->port = port;
+    c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    int r = 0;
+    errno = 0;
+    if (!(c->ctx = ibv_open_device(device))) r = neg_errno(ENODEV);
+    else if (!(c->pd = ibv_alloc_pd(c->ctx))) r = neg_errno(ENOMEM);
+    else if (!(c->channel = ibv_create_comp_channel(c->ctx))) r = neg_errno(ENOMEM);
+    else if (!(c->cq = ibv_create_cq(c->ctx, cq_depth, NULL, c->channel, 0))) r = neg_errno(ENOMEM);
+    ibv_free_device_list(list);
+    if (r) { rdma_close(c); return r; }
+    *out = c;
+    return 0;
+}
+
+void rdma_close(rdma_context *c) {
+    if (!c) return;
+    if (c->cq) ibv_destroy_cq(c->cq);
+    if (c->channel) ibv_destroy_comp_channel(c->channel);
+    if (c->pd) ibv_dealloc_pd(c->pd);
+    if (c->ctx) ibv_close_device(c->ctx);
+    if (c->wake_fd >= 0) close(c->wake_fd);
+    free(c);
+}
+
+int rdma_reg_mr(rdma_context *c, void *addr, size_t length, void **mr_out, uint32_t *lkey, uint32_t *rkey) {
+    errno = 0;
+    struct ibv_mr *mr = ibv_reg_mr(c->pd, addr, length, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ);
+    if (!mr) return neg_errno(ENOMEM);
+    *mr_out = mr;
+    *lkey = mr->lkey;
+    *rkey = mr->rkey;
+    return 0;
+}
+
+int rdma_dereg_mr(void *mr) { return mr ? -ibv_dereg_mr(mr) : 0; }
+
+int rdma_create_qp(rdma_context *c, uint32_t max_send_wr, uint32_t max_inline, rdma_qp **out, uint32_t *qp_num) {
+    struct ibv_qp_init_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.send_cq = c->cq;
+    attr.recv_cq = c->cq;
+    attr.qp_type = IBV_QPT_RC;
+    attr.sq_sig_all = 0;
+    attr.cap.max_send_wr = max_send_wr;
+    attr.cap.max_recv_wr = 1;
+    attr.cap.max_send_sge = 1;
+    attr.cap.max_recv_sge = 1;
+    attr.cap.max_inline_data = max_inline;
+    rdma_qp *q = calloc(1, sizeof *q);
+    if (!q) return -ENOMEM;
+    errno = 0;
+    q->qp = ibv_create_qp(c->pd, &attr);
+    if (!q->qp) { int r = neg_errno(ENOMEM); free(q); return r; }
+    q->context = c;
+    *qp_num = q->qp->qp_num;
+    *out = q;
+    return 0;
+}
+
+void rdma_destroy_qp(rdma_qp *q) {
+    if (!q) return;
+    ibv_destroy_qp(q->qp);
+    free(q);
+}
+
+int rdma_connect_qp(rdma_qp *q, const rdma_path *path) {
+    struct ibv_qp_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.qp_state = IBV_QPS_INIT;
+    attr.port_num = (uint8_t)path->port;
+    attr.pkey_index = 0;
+    attr.qp_access_flags = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE;
+    int r = ibv_modify_qp(q->qp, &attr, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS);
+    if (r) return -r;
+
+    memset(&attr, 0, sizeof attr);
+    attr.qp_state = IBV_QPS_RTR;
+    attr.path_mtu = (enum ibv_mtu)path->mtu;
+    attr.dest_qp_num = path->remote_qp_num;
+    attr.rq_psn = 0;
+    attr.max_dest_rd_atomic = 16;
+    attr.min_rnr_timer = 12;
+    attr.ah_attr.is_global = 1;
+    memcpy(attr.ah_attr.grh.dgid.raw, path->remote_gid, 16);
+    attr.ah_attr.grh.sgid_index = (uint8_t)path->gid_index;
+    attr.ah_attr.grh.hop_limit = 16;
+    attr.ah_attr.grh.traffic_class = path->traffic_class;
+    attr.ah_attr.dlid = path->remote_lid;
+    attr.ah_attr.sl = path->service_level;
+    attr.ah_attr.port_num = (uint8_t)path->port;
+    r = ibv_modify_qp(q->qp, &attr, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
+                                     IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER);
+    if (r) return -r;
+
+    memset(&attr, 0, sizeof attr);
+    attr.qp_state = IBV_QPS_RTS;
+    attr.timeout = path->timeout;
+    attr.retry_cnt = path->retry_count;
+    attr.rnr_retry = path->rnr_retry;
+    attr.sq_psn = 0;
+    attr.max_rd_atomic = 16;
+    r = ibv_modify_qp(q->qp, &attr, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
+                                     IBV_QP_MAX_QP_RD_ATOMIC);
+    return r ? -r : 0;
+}
+
+int rdma_post(rdma_qp *q, int is_write, uint64_t local, uint32_t length, uint32_t lkey, uint64_t remote, uint32_t rkey,
+              uint64_t wr_id, uint32_t max_inline) {
+    struct ibv_sge sge = { .addr = local, .length = length, .lkey = lkey };
+    struct ibv_send_wr wr, *bad = NULL;
+    memset(&wr, 0, sizeof wr);
+    wr.wr_id = wr_id;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.opcode = is_write ? IBV_WR_RDMA_WRITE : IBV_WR_RDMA_READ;
+    wr.send_flags = IBV_SEND_SIGNALED | ((is_write && length <= max_inline) ? IBV_SEND_INLINE : 0);
+    wr.wr.rdma.remote_addr = remote;
+    wr.wr.rdma.rkey = rkey;
+    int r = ibv_post_send(q->qp, &wr, &bad);
+    return r ? -r : 0;
+}
+
+int rdma_poll(rdma_context *c, rdma_completion *out, int capacity) {
+    struct ibv_wc wc[32];
+    if (capacity > 32) capacity = 32;
+    int n = ibv_poll_cq(c->cq, capacity, wc);
+    if (n < 0) return -EIO;
+    for (int i = 0; i < n; i++) {
+        out[i].wr_id = wc[i].wr_id;
+        out[i].status = wc[i].status;
+        out[i].qp_num = wc[i].qp_num;
+    }
+    return n;
+}
+
+const char *rdma_wc_status_text(int32_t status) { return ibv_wc_status_str((enum ibv_wc_status)status); }
+
+int rdma_arm(rdma_context *c) { return -ibv_req_notify_cq(c->cq, 0); }
+
+int rdma_sleep(rdma_context *c, int timeout_ms) {
+    struct pollfd fds[2] = { { .fd = c->wake_fd, .events = POLLIN }, { .fd = c->channel->fd, .events = POLLIN } };
+    int r = poll(fds, 2, timeout_ms);
+    if (r < 0) return errno == EINTR ? 0 : -errno;
+    if (fds[0].revents & POLLIN) {
+        uint64_t value;
+        ssize_t ignored = read(c->wake_fd, &value, sizeof value);
+        (void)ignored;
+    }
+    if (fds[1].revents & POLLIN) {
+        struct ibv_cq *cq;
+        void *cq_context;
+        if (ibv_get_cq_event(c->channel, &cq, &cq_context) == 0) {
+            ibv_ack_cq_events(cq, 1);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+void rdma_wake(rdma_context *c) {
+    uint64_t one = 1;
+    ssize_t ignored = write(c->wake_fd, &one, sizeof one);
+    (void)ignored;
+}
+
+int rdma_numa_node_of(const void *addr) {
+    void *pages[1] = { (void *)((uintptr_t)addr & ~(uintptr_t)4095) };
+    int status[1] = { -1 };
+    if (syscall(SYS_move_pages, 0, 1, pages, NULL, status, 0) != 0) return -1;
+    return status[0] >= 0 ? status[0] : -1;
+}

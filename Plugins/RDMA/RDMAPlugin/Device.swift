@@ -1,0 +1,339 @@
+import CRDMAShim
+import CTransportABI
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A set of RC queue pairs to one peer NIC, from one local device. Replaced (not repaired) after a QP error.
+final class Endpoint: @unchecked Sendable {
+    let queuePairs: [OpaquePointer]
+    let queuePairNumbers: [UInt32]
+    /// Work requests in flight per QP (guarded by the device lock).
+    var outstanding: [Int]
+    /// A QP reported an error: nothing more is posted here.
+    var broken = false
+    /// Replaced by a newer endpoint: its QPs are destroyed once nothing is in flight.
+    var retired = false
+
+    init(queuePairs: [OpaquePointer], numbers: [UInt32]) {
+        self.queuePairs = queuePairs
+        queuePairNumbers = numbers
+        outstanding = Array(repeating: 0, count: queuePairs.count)
+    }
+
+    func destroy() { for qp in queuePairs { rdma_destroy_qp(qp) } }
+}
+
+/// The link from a local device to one peer NIC path; `current` changes when the endpoint is rebuilt.
+final class Connection: @unchecked Sendable {
+    let peerNicPath: String
+    let peerSegment: String
+    let peerDevice: Int
+    var current: Endpoint
+    init(peerNicPath: String, peerSegment: String, peerDevice: Int, endpoint: Endpoint) {
+        self.peerNicPath = peerNicPath
+        self.peerSegment = peerSegment
+        self.peerDevice = peerDevice
+        current = endpoint
+    }
+}
+
+/// One slice of a request: one RDMA WRITE or READ work request.
+struct Part {
+    var isWrite: Bool
+    var local: UInt64
+    var length: UInt32
+    var lkey: UInt32
+    var remote: UInt64
+    var rkey: UInt32
+    var parent: UInt64
+    var connection: Connection
+    var retries: Int = 0
+    var queuedAt: UInt64 = 0
+}
+
+/// A finished slice, reported outside the device lock.
+struct FinishedPart {
+    var parent: UInt64
+    var status: Int32
+    var bytes: UInt64
+    var error: String?
+    /// Set for a failed slice that may be retried on a rebuilt endpoint.
+    var retry: Part?
+}
+
+/// One opened HCA port: protection domain, completion queue + channel, the
+/// endpoints on it, a table of posted work requests (wr_id = slot), a backlog
+/// of slices waiting for send-queue room, and a completion thread that polls
+/// briefly and then sleeps on the completion channel.
+final class RDMADevice: @unchecked Sendable {
+    let index: Int
+    let name: String
+    let handle: OpaquePointer
+    let discovered: DiscoveredDevice
+    let options: RDMAOptions
+    let mtu: UInt32
+
+    let lock = Signal()
+    private struct Slot {
+        var part: Part
+        var endpoint: Endpoint
+        var queuePair: Int
+    }
+    private var slots: [Slot?]
+    private var freeSlots: [Int]
+    private var backlog: [Part] = []
+    private var backlogHead = 0
+    /// Connections by peer NIC path (active and passive ones).
+    var connections: [String: Connection] = [:]
+    private var retired: [Endpoint] = []
+    private var sleeping = false
+    private var stopping = false
+    private var running = false
+    private var completions = [rdma_completion](repeating: rdma_completion(), count: 32)
+    private let onFinished: ([FinishedPart]) -> Void
+
+    init(index: Int, handle: OpaquePointer, discovered: DiscoveredDevice, options: RDMAOptions, capacity: Int,
+         onFinished: @escaping ([FinishedPart]) -> Void) {
+        self.index = index
+        self.handle = handle
+        self.discovered = discovered
+        self.options = options
+        name = discovered.name
+        mtu = min(RDMAOptions.mtuEnum(bytes: options.mtu), discovered.info.active_mtu == 0 ? 5 : discovered.info.active_mtu)
+        slots = Array(repeating: nil, count: capacity)
+        freeSlots = Array((0..<capacity).reversed())
+        self.onFinished = onFinished
+    }
+
+    var gidBytes: [UInt8] { withUnsafeBytes(of: discovered.gid.raw) { Array($0) } }
+
+    /// Creates the QPs of a new endpoint (RESET state).
+    func makeEndpoint() -> Result<Endpoint, VerbsError> {
+        var pairs: [OpaquePointer] = [], numbers: [UInt32] = []
+        for _ in 0..<options.queuePairsPerEndpoint {
+            var qp: OpaquePointer?
+            var number: UInt32 = 0
+            let status = rdma_create_qp(handle, UInt32(options.maxWorkRequests), 64, &qp, &number)
+            guard status == 0, let qp else {
+                for made in pairs { rdma_destroy_qp(made) }
+                return .failure(VerbsError(code: -status))
+            }
+            pairs.append(qp)
+            numbers.append(number)
+        }
+        return .success(Endpoint(queuePairs: pairs, numbers: numbers))
+    }
+
+    /// Moves every QP of `endpoint` to RTS against the peer's QPs.
+    func connect(_ endpoint: Endpoint, peerQueuePairs: [UInt32], peerLID: UInt16, peerGID: [UInt8]) -> Int32 {
+        for (qp, remote) in zip(endpoint.queuePairs, peerQueuePairs) {
+            var path = rdma_path()
+            path.port = discovered.info.port
+            path.gid_index = discovered.gid.index
+            path.mtu = mtu
+            path.remote_qp_num = remote
+            path.remote_lid = peerLID
+            withUnsafeMutableBytes(of: &path.remote_gid) { raw in for i in 0..<16 { raw[i] = peerGID[i] } }
+            path.traffic_class = options.trafficClass
+            path.service_level = options.serviceLevel
+            path.timeout = 14
+            path.retry_count = 7
+            path.rnr_retry = 7
+            let status = rdma_connect_qp(qp, &path)
+            if status != 0 { return status }
+        }
+        return 0
+    }
+
+    /// Installs `endpoint` as the connection's current one; the old one retires.
+    func install(_ endpoint: Endpoint, on connection: Connection) {
+        lock.locked {
+            let old = connection.current
+            connection.current = endpoint
+            if old !== endpoint {
+                old.retired = true
+                old.broken = true
+                retired.append(old)
+                reapRetired()
+            }
+        }
+    }
+
+    /// Adds a connection (or replaces the endpoint of an existing one with the same peer path).
+    func register(_ connection: Connection) -> Connection {
+        lock.locked {
+            if let existing = connections[connection.peerNicPath] {
+                let old = existing.current
+                existing.current = connection.current
+                if old !== connection.current { old.retired = true; old.broken = true; retired.append(old); reapRetired() }
+                return existing
+            }
+            connections[connection.peerNicPath] = connection
+            return connection
+        }
+    }
+
+    /// Destroys retired endpoints with nothing in flight. Lock held.
+    private func reapRetired() {
+        retired.removeAll { endpoint in
+            guard endpoint.outstanding.allSatisfy({ $0 == 0 }) else { return false }
+            endpoint.destroy()
+            return true
+        }
+    }
+
+    func start() -> Bool {
+        lock.locked { running = true }
+        let started = startThread { [self] in completionLoop() }
+        if !started { lock.locked { running = false } }
+        return started
+    }
+
+    /// Stops the completion thread and releases the QPs, CQ and device.
+    func close() {
+        lock.locked { stopping = true }
+        rdma_wake(handle)
+        lock.locked { while running { lock.wait(nanoseconds: 10_000_000) } }
+        lock.locked {
+            for connection in connections.values { connection.current.destroy() }
+            for endpoint in retired { endpoint.destroy() }
+            connections.removeAll()
+            retired.removeAll()
+        }
+        rdma_close(handle)
+    }
+
+    /// Queues slices and posts what the send queues accept now.
+    func enqueue(_ parts: [Part]) {
+        var finished: [FinishedPart] = []
+        let wake = lock.locked { () -> Bool in
+            for part in parts {
+                guard backlogHead == backlog.count else { backlog.append(part); continue }
+                switch post(part) {
+                case .posted: break
+                case .full: backlog.append(part)
+                case .failed(let result): finished.append(result)
+                }
+            }
+            return sleeping
+        }
+        if wake { rdma_wake(handle) }
+        if !finished.isEmpty { onFinished(finished) }
+    }
+
+    /// Reaps completions on the caller's thread if no one else is.
+    func tryProgress() {
+        var finished: [FinishedPart] = []
+        _ = lock.tryLocked { progressLocked(&finished) }
+        if !finished.isEmpty { onFinished(finished) }
+    }
+
+    private enum PostResult {
+        case posted
+        case full
+        case failed(FinishedPart)
+    }
+
+    private func failure(_ part: Part, _ text: String, retry: Bool) -> FinishedPart {
+        FinishedPart(parent: part.parent, status: TE_ERR_IO, bytes: 0,
+                     error: "RDMA \(part.isWrite ? "WRITE" : "READ") of \(part.length) bytes \(name) -> \(part.connection.peerNicPath): \(text)",
+                     retry: retry ? part : nil)
+    }
+
+    /// Posts on the least-loaded QP of the connection's endpoint. Lock held.
+    private func post(_ part: Part) -> PostResult {
+        let endpoint = part.connection.current
+        if endpoint.broken { return .failed(failure(part, "the endpoint is being rebuilt after an error", retry: true)) }
+        guard let slot = freeSlots.last else { return .full }
+        var best = -1
+        for (i, count) in endpoint.outstanding.enumerated() where count < options.maxWorkRequests && (best < 0 || count < endpoint.outstanding[best]) {
+            best = i
+        }
+        guard best >= 0 else { return .full }
+        let status = rdma_post(endpoint.queuePairs[best], part.isWrite ? 1 : 0, part.local, part.length, part.lkey, part.remote, part.rkey,
+                               UInt64(slot), 64)
+        if status == -ENOMEM { return .full }
+        if status != 0 { return .failed(failure(part, "ibv_post_send: \(String(cString: strerror(-status)))", retry: true)) }
+        freeSlots.removeLast()
+        endpoint.outstanding[best] += 1
+        slots[slot] = Slot(part: part, endpoint: endpoint, queuePair: best)
+        return .posted
+    }
+
+    /// Polls the CQ, then posts waiting slices. Lock held. Returns whether anything happened.
+    private func progressLocked(_ finished: inout [FinishedPart]) -> Bool {
+        var worked = false
+        while true {
+            let n = completions.withUnsafeMutableBufferPointer { rdma_poll(handle, $0.baseAddress, Int32($0.count)) }
+            guard n > 0 else { break }
+            worked = true
+            for completion in completions.prefix(Int(n)) {
+                let slotIndex = Int(completion.wr_id)
+                guard slotIndex < slots.count, let slot = slots[slotIndex] else { continue }
+                slots[slotIndex] = nil
+                freeSlots.append(slotIndex)
+                slot.endpoint.outstanding[slot.queuePair] -= 1
+                if completion.status == 0 {
+                    finished.append(FinishedPart(parent: slot.part.parent, status: TE_OK, bytes: UInt64(slot.part.length), error: nil))
+                } else {
+                    // The QP is in the error state now; the rest of its work flushes. Rebuild, then retry.
+                    slot.endpoint.broken = true
+                    let text = String(cString: rdma_wc_status_text(completion.status))
+                    finished.append(failure(slot.part, "work completion \(text) (status \(completion.status))", retry: true))
+                }
+            }
+            if n < Int32(completions.count) { break }
+        }
+        if !retired.isEmpty { reapRetired() }
+        while backlogHead < backlog.count {
+            let part = backlog[backlogHead]
+            let result = post(part)
+            if case .full = result { break }
+            if case .failed(let failed) = result { finished.append(failed) }
+            backlogHead += 1
+            worked = true
+        }
+        if backlogHead == backlog.count {
+            backlog.removeAll(keepingCapacity: true)
+            backlogHead = 0
+        } else if backlogHead > 1024 && backlogHead * 2 > backlog.count {
+            backlog.removeFirst(backlogHead)
+            backlogHead = 0
+        }
+        return worked
+    }
+
+    /// Polls while busy or briefly after activity, then arms the CQ and sleeps on the channel:
+    /// a spinning poller would starve soft-RoCE, whose "NIC" is kernel work on the same CPUs.
+    private func completionLoop() {
+        var lastActivity = monotonicNanoseconds()
+        while true {
+            var finished: [FinishedPart] = []
+            let (stop, worked) = lock.locked { () -> (Bool, Bool) in
+                if stopping { return (true, false) }
+                return (false, progressLocked(&finished))
+            }
+            if !finished.isEmpty { onFinished(finished) }
+            if stop { break }
+            let now = monotonicNanoseconds()
+            if worked { lastActivity = now; continue }
+            if now - lastActivity < options.spinNanoseconds { sched_yield(); continue }
+            _ = rdma_arm(handle)
+            // A completion that arrived before arming raised no event: poll once more, then sleep.
+            let missed = lock.locked { () -> Bool in
+                let worked = progressLocked(&finished)
+                sleeping = !worked && !stopping
+                return worked
+            }
+            if !finished.isEmpty { onFinished(finished) }
+            if missed { lastActivity = monotonicNanoseconds(); continue }
+            _ = rdma_sleep(handle, 100)
+            lock.locked { sleeping = false }
+        }
+        lock.locked { running = false; lock.broadcast() }
+    }
+}
