@@ -611,8 +611,9 @@ public final class TransferEngine: @unchecked Sendable {
             let batch = Batch(id: 0, capacity: 1)
             _ = try batch.addTasks(sliceCounts: [1])
             plugin.submit([(operation, localAddress, try pluginPeer(for: planned.peer), remoteAddress, length, batch, 0)])
-            plugin.harvest()
-            guard batch.waitAll(deadline: MonotonicClock.nanoseconds() + syncTimeout(bytes: length)) else {
+            let deadline = MonotonicClock.nanoseconds() + syncTimeout(bytes: length)
+            plugin.harvest(until: { !batch.hasUnfinishedTasks }, deadline: deadline)
+            guard batch.waitAll(deadline: deadline) else {
                 throw EngineError.timeout("\(operation) of \(length) bytes to \(planned.peer.name)")
             }
             if let status = batch.status(task: 0), status.state != .completed {

@@ -233,6 +233,15 @@ final class PluginTransport: @unchecked Sendable {
         _ = drain(timeoutNs: 0)
     }
 
+    /// Polls the plugin on the caller's thread until `finished()` or the deadline: a synchronous
+    /// caller then gets its completion straight from the plugin, without waiting for the poller
+    /// thread to pass it on (each thread hand-off costs a wake-up).
+    func harvest(until finished: () -> Bool, deadline: UInt64) {
+        while !isShutDown && !finished() && MonotonicClock.nanoseconds() < deadline {
+            if drain(timeoutNs: 200_000) != TE_OK { return }
+        }
+    }
+
     /// One poll call; finishes every completion it returns. Returns the poll status.
     private func drain(timeoutNs: UInt64) -> Int32 {
         var completions = [te_completion](repeating: te_completion(), count: 64)

@@ -1,0 +1,32 @@
+#!/bin/bash
+# Runs INSIDE the rxe guest (scripts/vm/run-in-rxe-guest.sh --script scripts/vm/rdma-bench.sh):
+# perftest (ib_write_bw, ib_read_bw, ib_write_lat) and `transfer-engine bench --protocol rdma`
+# in the same boot, so their ratio is the figure (absolute numbers are emulation speed).
+# Writes out/perftest-*.txt and out/bench-rdma.json; scripts/bench_summary.py prints the ratios.
+set -u
+DEV=${RXE_DEV:-rxe0}
+IP=${RXE_IP:-10.77.0.1}
+BIN=${TE_BIN:-$(ls -d .build/release 2>/dev/null || echo .build/debug)}
+GIDX=$(grep -l "$(printf '0000:0000:0000:0000:0000:ffff:%02x%02x:%02x%02x' ${IP//./ })" \
+    /sys/class/infiniband/$DEV/ports/1/gids/* | head -1 | xargs -n1 basename)
+mkdir -p out
+pair() { # output-file command args... (server, then client to $IP)
+    local out=$1; shift
+    "$@" >/dev/null 2>&1 &
+    local server=$!
+    sleep 1
+    timeout 120 "$@" "$IP" > "$out" 2>&1
+    wait $server
+    grep -A1 -E "#bytes" "$out" | tail -1
+}
+echo "== perftest on $DEV (GID index $GIDX)"
+for size in 65536 1048576; do
+    n=$((size > 65536 ? 300 : 2000))
+    echo -n "ib_write_bw $size: "; pair out/perftest-write-bw-$size.txt ib_write_bw -d "$DEV" -x "$GIDX" -s $size -n $n --report_gbits -F
+    echo -n "ib_read_bw $size: "; pair out/perftest-read-bw-$size.txt ib_read_bw -d "$DEV" -x "$GIDX" -s $size -n $n --report_gbits -F
+done
+echo -n "ib_write_lat 4096: "; pair out/perftest-write-lat-4096.txt ib_write_lat -d "$DEV" -x "$GIDX" -s 4096 -n 2000 -F
+echo "== transfer-engine bench --protocol rdma ($BIN)"
+MC_STRICT_PROTOCOL=1 MC_TRANSPORT_PLUGIN_PATH=$PWD/$BIN timeout 600 "$BIN/transfer-engine" bench --loopback --protocol rdma \
+    --block-sizes 4KiB,64KiB,1MiB --batch-sizes 1,64 --duration ${TE_DURATION:-2} --working-set 8MiB --no-reference \
+    --json out/bench-rdma.json "$@" 2>&1 | grep -v "^\[" 
