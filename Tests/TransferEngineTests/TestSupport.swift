@@ -154,9 +154,11 @@ final class ServeProcess: @unchecked Sendable {
     let bufferAddress: UInt64
     let bufferLength: UInt64
 
-    init(bufferSize: String = "128MiB", environment: [String: String] = TestSupport.cleanEnvironment(), protocolName: String = "tcp") throws {
+    init(bufferSize: String = "128MiB", environment: [String: String] = TestSupport.cleanEnvironment(), protocolName: String = "tcp",
+         deviceName: String? = nil) throws {
         process.executableURL = URL(fileURLWithPath: TestSupport.cli)
         process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--local-hostname", "127.0.0.1", "--protocol", protocolName]
+            + (deviceName.map { ["--device-name", $0] } ?? [])
         process.environment = environment
         let output = Pipe()
         process.standardInput = input

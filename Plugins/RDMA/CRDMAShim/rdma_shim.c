@@ -250,3 +250,10 @@ int rdma_numa_node_of(const void *addr) {
     if (syscall(SYS_move_pages, 0, 1, pages, NULL, status, 0) != 0) return -1;
     return status[0] >= 0 ? status[0] : -1;
 }
+
+int rdma_qp_to_error(rdma_qp *q) {
+    struct ibv_qp_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.qp_state = IBV_QPS_ERR;
+    return -ibv_modify_qp(q->qp, &attr, IBV_QP_STATE);
+}

@@ -82,6 +82,7 @@ final class RDMADevice: @unchecked Sendable {
         var part: Part
         var endpoint: Endpoint
         var queuePair: Int
+        var postedAt: UInt64
     }
     private var slots: [Slot?]
     private var freeSlots: [Int]
@@ -90,6 +91,7 @@ final class RDMADevice: @unchecked Sendable {
     /// Connections by peer NIC path (active and passive ones).
     var connections: [String: Connection] = [:]
     private var retired: [Endpoint] = []
+    private var lastTimeoutScan: UInt64 = 0
     private var sleeping = false
     private var stopping = false
     private var running = false
@@ -260,7 +262,7 @@ final class RDMADevice: @unchecked Sendable {
         if status != 0 { return .failed(failure(part, "ibv_post_send: \(String(cString: strerror(-status)))", retry: true)) }
         freeSlots.removeLast()
         endpoint.outstanding[best] += 1
-        slots[slot] = Slot(part: part, endpoint: endpoint, queuePair: best)
+        slots[slot] = Slot(part: part, endpoint: endpoint, queuePair: best, postedAt: monotonicNanoseconds())
         return .posted
     }
 
@@ -289,6 +291,16 @@ final class RDMADevice: @unchecked Sendable {
             if n < Int32(completions.count) { break }
         }
         if !retired.isEmpty { reapRetired() }
+        let now = monotonicNanoseconds()
+        if freeSlots.count < slots.count && now - lastTimeoutScan > 100_000_000 {
+            lastTimeoutScan = now
+            for case let slot? in slots where now - slot.postedAt > options.sliceTimeoutNanoseconds && !slot.endpoint.broken {
+                // Flush the endpoint: its work completes with errors, which rebuilds it and retries the slices.
+                slot.endpoint.broken = true
+                for qp in slot.endpoint.queuePairs { _ = rdma_qp_to_error(qp) }
+                worked = true
+            }
+        }
         while backlogHead < backlog.count {
             let part = backlog[backlogHead]
             let result = post(part)

@@ -26,6 +26,9 @@ struct RDMAOptions {
     var serviceLevel: UInt8
     /// `MC_RETRY_CNT` (9): how often a failed slice is posted again (after the endpoint is rebuilt).
     var retryCount: Int
+    /// `MC_SLICE_TIMEOUT` seconds (30): a work request not completed by then puts its endpoint in
+    /// the error state (soft-RoCE, for one, retries a dead peer forever), which fails and retries its slices.
+    var sliceTimeoutNanoseconds: UInt64
     /// `MC_RDMA_SPIN_US` (10): how long a completion thread polls before it sleeps on the channel.
     var spinNanoseconds: UInt64
 
@@ -56,6 +59,7 @@ struct RDMAOptions {
         serviceLevel = UInt8(truncatingIfNeeded: number("MC_IB_SL", 0))
         retryCount = Int(min(number("MC_RETRY_CNT", 9), 100))
         spinNanoseconds = number("MC_RDMA_SPIN_US", 10) * 1000
+        sliceTimeoutNanoseconds = number("MC_SLICE_TIMEOUT", 30) * 1_000_000_000
     }
 
     static func trimmed(_ text: String) -> String {

@@ -76,6 +76,8 @@ typedef struct rdma_path {
     uint8_t rnr_retry;
 } rdma_path;
 
+/** Moves a QP to the error state: everything posted on it completes with a flush error. */
+int rdma_qp_to_error(rdma_qp *qp);
 /** Connects a QP to its peer QP. */
 int rdma_connect_qp(rdma_qp *qp, const rdma_path *path);
 

@@ -1,0 +1,164 @@
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// Where the rdma tests can run: the host has no RDMA stack (hardware absent is tested there);
+/// the soft-RoCE guest (scripts/vm, RXE_VM=1) has rxe devices (data tests run there).
+enum RDMAEnvironment {
+    static var pluginBuilt: Bool {
+        FileManager.default.fileExists(atPath: TestSupport.productsDirectory.appendingPathComponent("libtransport_rdma.so").path)
+            || ProcessInfo.processInfo.environment["TE_REQUIRE_RDMA"] == "1"
+    }
+    static var inGuest: Bool { ProcessInfo.processInfo.environment["RXE_VM"] == "1" }
+    /// The rxe devices the guest created (RXE_DEVICES="rxe0 rxe1").
+    static var devices: [String] { (ProcessInfo.processInfo.environment["RXE_DEVICES"] ?? "rxe0").split(separator: " ").map(String.init) }
+    static var noRDMAHere: Bool {
+        !inGuest && !FileManager.default.fileExists(atPath: "/dev/infiniband/uverbs0")
+    }
+
+    static func counter(_ device: String, _ name: String) -> UInt64 {
+        let path = "/sys/class/infiniband/\(device)/ports/1/hw_counters/\(name)"
+        return (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 0
+    }
+}
+
+@Suite("rdma plugin: no RDMA stack on this host", .enabled(if: RDMAEnvironment.pluginBuilt && RDMAEnvironment.noRDMAHere))
+struct RDMAAbsentTests {
+    @Test("ibv_get_device_list fails with ENOSYS here: hardware absent, TCP with one warning; strict mode refuses")
+    func hardwareAbsent() throws {
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path])
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "rdma", deviceName: "auto-discovery"),
+                                        environment: environment, logger: logger)
+        defer { engine.shutdown() }
+        #expect(engine.activeProtocol == "tcp")
+        let warnings = capture.messages(at: .warning)
+        #expect(warnings.count == 1, "\(warnings)")
+        #expect(warnings.first?.contains("protocol 'rdma' is unavailable (rdma plugin: hardware absent: the kernel has no RDMA stack (ibv_get_device_list: ENOSYS))") == true,
+                "\(warnings)")
+        #expect(throws: EngineError.self) {
+            _ = try TransferEngine(configuration: EngineConfiguration(protocolName: "rdma"),
+                                   environment: TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path,
+                                                                              "MC_STRICT_PROTOCOL": "1"]))
+        }
+    }
+}
+
+/// Two engine processes over soft-RoCE in the QEMU guest (scripts/vm/rdma-guest-tests.sh runs these).
+@Suite("rdma plugin over soft-RoCE (in the guest)", .serialized, .enabled(if: RDMAEnvironment.pluginBuilt && RDMAEnvironment.inGuest))
+struct RDMAGuestTests {
+    private func environment(_ extra: [String: String] = [:]) -> [String: String] {
+        var settings = ["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path, "MC_STRICT_PROTOCOL": "1"]
+        for (key, value) in extra { settings[key] = value }
+        return TestSupport.cleanEnvironment(settings)
+    }
+
+    private func pair(devices: String, _ extra: [String: String] = [:]) throws -> (ServeProcess, TransferEngine, LogCapture) {
+        let target = try ServeProcess(bufferSize: "40MiB", environment: environment(extra), protocolName: "rdma", deviceName: devices)
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(localHostname: "127.0.0.1", protocolName: "rdma", deviceName: devices),
+                                        environment: environment(extra), logger: logger)
+        return (target, engine, capture)
+    }
+
+    @Test("1 B to 32 MiB written and read back between two processes over rxe0, batches, bounds")
+    func sizes() throws {
+        let (target, engine, capture) = try pair(devices: "rxe0")
+        defer { engine.shutdown() }
+        #expect(engine.activeProtocol == "rdma")
+        #expect(capture.messages(at: .info).contains { $0.contains("rdma plugin: device rxe0") && $0.contains("RoCE v2") })
+        let source = TestBuffer(32 << 20), sink = TestBuffer(32 << 20)
+        try engine.registerMemory(address: source.address, length: UInt64(source.count))
+        try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
+        let handle = try engine.openSegment(target.segment)
+        let descriptor = try engine.descriptor(of: handle)
+        #expect(descriptor.protocolName == "rdma")
+        for (index, size) in [1, 7, 4095, 4096, 65536 + 3, 1 << 20, (4 << 20) + 5, 32 << 20].enumerated() {
+            source.fillPattern(seed: UInt8(index + 1))
+            memset(sink.pointer, 0, size)
+            let remote = target.bufferAddress + UInt64(index % 3) * 4097
+            let length = UInt64(min(size, Int(target.bufferLength) - (index % 3) * 4097))
+            try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: remote, length: length)
+            try engine.transferSync(.read, localAddress: sink.address, segment: handle, remoteAddress: remote, length: length)
+            #expect(sink.equals(source, length: Int(length)), "size \(length)")
+        }
+        // A batch of 64 requests of 64 KiB + 1 (two slices each, the tail merged).
+        source.fillPattern(seed: 77)
+        let block: UInt64 = 65537
+        try engine.transferBatchSync((0..<64).map { i in
+            TransferRequest(operation: .write, localAddress: source.address + UInt64(i) * block, segment: handle,
+                            remoteAddress: target.bufferAddress + UInt64(i) * block, length: block)
+        })
+        memset(sink.pointer, 0, sink.count)
+        try engine.transferBatchSync((0..<64).map { i in
+            TransferRequest(operation: .read, localAddress: sink.address + UInt64(i) * block, segment: handle,
+                            remoteAddress: target.bufferAddress + UInt64(i) * block, length: block)
+        })
+        #expect(sink.equals(source, length: Int(64 * block)))
+        #expect(throws: EngineError.self) {
+            try engine.transferSync(.write, localAddress: source.address, segment: handle,
+                                    remoteAddress: target.bufferAddress + target.bufferLength - 8, length: 64)
+        }
+    }
+
+    @Test("two soft-RoCE devices: slices are sprayed over both, bytes verified",
+          .enabled(if: RDMAEnvironment.devices.count >= 2))
+    func twoDevices() throws {
+        let (target, engine, capture) = try pair(devices: "rxe0,rxe1")
+        defer { engine.shutdown() }
+        #expect(capture.messages(at: .info).filter { $0.contains("rdma plugin: device rxe") }.count == 2)
+        let local = TestBuffer(16 << 20), check = TestBuffer(16 << 20)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        try engine.registerMemory(address: check.address, length: UInt64(check.count))
+        let handle = try engine.openSegment(target.segment)
+        #expect(try engine.descriptor(of: handle).json["devices"]?.arrayValue?.count == 2)
+        let before = RDMAEnvironment.devices.prefix(2).map { RDMAEnvironment.counter($0, "sent_pkts") }
+        local.fillPattern(seed: 5)
+        try engine.transferBatchSync((0..<16).map { i in
+            TransferRequest(operation: .write, localAddress: local.address + UInt64(i) << 20, segment: handle,
+                            remoteAddress: target.bufferAddress + UInt64(i) << 20, length: 1 << 20)
+        })
+        try engine.transferBatchSync((0..<16).map { i in
+            TransferRequest(operation: .read, localAddress: check.address + UInt64(i) << 20, segment: handle,
+                            remoteAddress: target.bufferAddress + UInt64(i) << 20, length: 1 << 20)
+        })
+        #expect(check.equals(local, length: 16 << 20))
+        let after = RDMAEnvironment.devices.prefix(2).map { RDMAEnvironment.counter($0, "sent_pkts") }
+        for (device, (old, new)) in zip(RDMAEnvironment.devices, zip(before, after)) {
+            #expect(new > old + 1000, "\(device) sent \(new - old) packets: the slices were not spread over both devices")
+        }
+    }
+
+    @Test("the target is killed mid-batch: every task ends, failures carry the reason, nothing hangs")
+    func peerDeath() throws {
+        // Soft-RoCE retries a vanished peer QP forever: the slice timeout flushes the endpoint.
+        let (target, engine, capture) = try pair(devices: "rxe0", ["MC_SLICE_TIMEOUT": "5"])
+        defer { engine.shutdown() }
+        let local = TestBuffer(32 << 20)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(target.segment)
+        let batch = try engine.allocateBatch(capacity: 128)
+        func round(_ index: Int) throws {
+            try engine.submit((0..<32).map { i in
+                TransferRequest(operation: index % 2 == 0 ? .write : .read, localAddress: local.address + UInt64(i) << 20, segment: handle,
+                                remoteAddress: target.bufferAddress + UInt64(i) << 20, length: 1 << 20)
+            }, to: batch)
+        }
+        // 32 MiB in flight (seconds at emulation speed) when the target dies; more submitted after.
+        try round(0)
+        let started = Date()
+        target.kill()
+        for index in 1..<4 { try round(index) }
+        #expect(try engine.wait(batch: batch, timeoutNs: 120_000_000_000), "tasks still pending after the peer died")
+        let statuses = try engine.statuses(batch: batch)
+        print("rdma: batch ended \(Date().timeIntervalSince(started)) s after the kill: \(statuses.filter { $0.state == .completed }.count) completed, \(statuses.filter { $0.state == .failed }.count) failed")
+        for line in capture.messages(at: .warning) + capture.messages(at: .error) { print("rdma log: \(line)") }
+        #expect(statuses.allSatisfy { $0.state == .completed || $0.state == .failed })
+        let failed = statuses.filter { $0.state == .failed }
+        #expect(!failed.isEmpty, "the peer died after the batch finished: nothing was tested")
+        #expect(failed.allSatisfy { ($0.error ?? "").contains("rdma") }, "\(failed.first?.error ?? "")")
+        #expect(throws: EngineError.self) {
+            try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 4096)
+        }
+    }
+}
