@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: swift test, the Python package's pytest suite, then the Debian
-# packages installed into a fresh Debian 12 root (packaging/test-debs.sh; TE_SKIP_PACKAGING=1 skips it).
+# Runs the whole test suite: swift test, the Python package's pytest suite, the rdma plugin in a
+# soft-RoCE QEMU guest (scripts/vm/test-rdma.sh; TE_SKIP_VM=1 skips it), then the Debian packages
+# installed into a fresh Debian 12 root (packaging/test-debs.sh; TE_SKIP_PACKAGING=1 skips it).
 # This is the test command README.md gives and .ci/run calls.
 #
 # The interop tests run the official Mooncake engine (PyPI wheel
@@ -18,6 +19,7 @@ command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v etcd >/dev/null || need+=(etcd-server)
 [ -f /usr/include/rdma/fabric.h ] || need+=(libfabric-dev)
+[ -f /usr/include/infiniband/verbs.h ] || need+=(libibverbs-dev)
 # The packaging test (packaging/test-debs.sh): build tools for .debs and a Debian root to install them in.
 if [ "${TE_SKIP_PACKAGING:-0}" != 1 ]; then
     for tool in debootstrap patchelf lintian file; do command -v $tool >/dev/null || need+=($tool); done
@@ -49,14 +51,26 @@ if [ "${TE_SKIP_INTEROP:-0}" != 1 ]; then
     fi
 fi
 
-# With libfabric-dev present the efa plugin is built, so its suite must run rather than skip.
+# With libfabric-dev / libibverbs-dev present the efa / rdma plugins are built, so their suites must run.
 [ -f /usr/include/rdma/fabric.h ] && export TE_REQUIRE_EFA=1
+[ -f /usr/include/infiniband/verbs.h ] && export TE_REQUIRE_RDMA=1
 
 swift test --manifest-cache none "$@"
 
 # The Python package over the C API library that swift test just built.
 python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --disable-pip-version-check pytest
 TRANSFER_ENGINE_LIBRARY="$(swift build --show-bin-path)/libtransfer_engine_c.so" python3 -m pytest -q python/tests
+
+# The rdma plugin on a real kernel verbs stack: a soft-RoCE QEMU guest (software emulation, no KVM
+# needed; the script installs qemu and rdma-core as root). TE_SKIP_VM=1 skips it.
+if [ "${TE_SKIP_VM:-0}" = 1 ]; then
+    echo "soft-RoCE guest tests skipped (TE_SKIP_VM=1)"
+elif [ "$(id -u)" = 0 ] && [ -f "$(swift build --show-bin-path)/libtransport_rdma.so" ]; then
+    echo "== rdma plugin tests in the soft-RoCE guest"
+    scripts/vm/test-rdma.sh
+else
+    echo "warning: soft-RoCE guest tests skipped: they need root (qemu, rdma-core) and libibverbs-dev" >&2
+fi
 
 # The Debian packages, installed and run in a fresh Debian 12 root without the toolchain.
 if [ "${TE_SKIP_PACKAGING:-0}" = 1 ]; then
