@@ -79,5 +79,10 @@ if [ -f "$(dirname "$bin")/libtransport_efa.so" ]; then
     done
 fi
 
+if [ "$(id -u)" = 0 ] && [ -f "$(dirname "$bin")/libtransport_rdma.so" ] && [ "${TE_SKIP_VM:-0}" != 1 ]; then
+    echo "== rdma in the soft-RoCE guest: perftest and transfer-engine bench in the same boot (TE_SKIP_VM=1 skips)"
+    TE_BIN=$(dirname "$bin") scripts/vm/run-in-rxe-guest.sh -t 600 --script scripts/vm/rdma-bench.sh | grep -v '^\[rxe-vm' || echo "(rdma guest benchmark failed)"
+fi
+
 echo "== summary"
 python3 scripts/bench_summary.py out

@@ -92,6 +92,32 @@ for tag, provider, reference in (("tcp", "tcp;ofi_rxm", libfabric), ("shm", "shm
                 t = result(ws8, op, block, 64)
                 row(f"efa/{provider} {op} {size} x64 vs tcp", r and r["gbps"], "GB/s", t and t["gbps"], "tcp transport")
 
+# rdma in the soft-RoCE guest against perftest from the same boot (scripts/vm/rdma-bench.sh).
+def perftest(name):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return None
+    lines = open(path).read().splitlines()
+    for i, line in enumerate(lines):
+        if "#bytes" in line and i + 1 < len(lines):
+            fields = lines[i + 1].split()
+            if "t_typical" in line:
+                return float(fields[line.split().index("t_typical[usec]")])
+            return float(fields[3]) / 8  # BW average [Gb/s] -> GB/s
+    return None
+
+
+rdma = load("bench-rdma.json")
+if rdma and rdma.get("protocol") == "rdma":
+    for op in ("write", "read"):
+        for block in (64 << 10, MiB):
+            r = result(rdma, op, block, 64)
+            size = f"{block // 1024} KiB" if block < MiB else "1 MiB"
+            row(f"rdma {op} {size} x64 (soft-RoCE guest)", r and r["gbps"], "GB/s", perftest(f"perftest-{op}-bw-{block}.txt"), f"ib_{op}_bw same boot")
+    r = result(rdma, "write", 4096, 1)
+    row("rdma write 4 KiB median latency (soft-RoCE guest)", r and r["p50_us"], "us", perftest("perftest-write-lat-4096.txt"),
+        "ib_write_lat typical, same boot", better="lower")
+
 shm = load("bench-shm.json")
 if shm and shm.get("protocol") == "shm":
     for op, block, batch in (("write", 4096, 1), ("write", 64 << 10, 64), ("write", MiB, 64), ("write", 64 * MiB, 1), ("read", 64 * MiB, 1)):

@@ -7,6 +7,7 @@ set -u
 DEV=${RXE_DEV:-rxe0}
 IP=${RXE_IP:-10.77.0.1}
 BIN=${TE_BIN:-$(ls -d .build/release 2>/dev/null || echo .build/debug)}
+BIN=${BIN#$PWD/}
 GIDX=$(grep -l "$(printf '0000:0000:0000:0000:0000:ffff:%02x%02x:%02x%02x' ${IP//./ })" \
     /sys/class/infiniband/$DEV/ports/1/gids/* | head -1 | xargs -n1 basename)
 mkdir -p out

@@ -54,6 +54,8 @@ public final class TransferEngine: @unchecked Sendable {
         var useV2Client = true
         var portRange: ClosedRange<UInt16> = 15000...17000
         var serverSpinNs: UInt64 = 50_000
+        /// How long a synchronous plugin transfer busy-polls the plugin before it waits (MC_PLUGIN_SYNC_SPIN_US).
+        var pluginSyncSpinNs: UInt64 = 50_000
         var metadataTimeoutMs = 5000
         var metadataTTLSeconds = 30
 
@@ -78,6 +80,7 @@ public final class TransferEngine: @unchecked Sendable {
             if let v = try integer(["MC_TRANSFER_TIMEOUT"], 1...86_400) { transferTimeoutNs = UInt64(max(5, v)) * 1_000_000_000 }
             useV2Client = environment["MC_TCP_PROTO"] != "1"
             if let v = try integer(["MC_TCP_SERVER_SPIN_US"], 0...10_000) { serverSpinNs = UInt64(v) * 1000 }
+            if let v = try integer(["MC_PLUGIN_SYNC_SPIN_US"], 0...10_000) { pluginSyncSpinNs = UInt64(v) * 1000 }
             if let v = try integer(["MC_METADATA_TIMEOUT_MS"], 100...600_000) { metadataTimeoutMs = v }
             if let v = try integer(["MC_METADATA_TTL_SECONDS"], 2...86_400) { metadataTTLSeconds = v }
             let low = try integer(["MC_MIN_RPC_PORT", "MC_MIN_PRC_PORT"], 1...65535) ?? 15000
@@ -612,7 +615,7 @@ public final class TransferEngine: @unchecked Sendable {
             _ = try batch.addTasks(sliceCounts: [1])
             plugin.submit([(operation, localAddress, try pluginPeer(for: planned.peer), remoteAddress, length, batch, 0)])
             let deadline = MonotonicClock.nanoseconds() + syncTimeout(bytes: length)
-            plugin.harvest(until: { !batch.hasUnfinishedTasks }, deadline: deadline)
+            plugin.harvest(until: { !batch.hasUnfinishedTasks }, spinNs: settings.pluginSyncSpinNs, deadline: deadline)
             guard batch.waitAll(deadline: deadline) else {
                 throw EngineError.timeout("\(operation) of \(length) bytes to \(planned.peer.name)")
             }

@@ -29,6 +29,11 @@ public enum ProtocolSelector {
         }
     }
 
+    /// The Debian package that ships a protocol's plugin (package names have no underscores).
+    public static func packageName(_ protocolName: String) -> String {
+        "transfer-engine-plugin-" + String(protocolName.map { $0 == "_" ? "-" : $0 })
+    }
+
     static func truthy(_ value: String?) -> Bool {
         guard let value else { return false }
         return ["1", "true", "yes", "on"].contains(value.lowercased())
@@ -67,13 +72,13 @@ public enum ProtocolSelector {
 
         guard let path else {
             return try fallback("no plugin file \(PluginCatalog.filePrefix)\(name).so in \(catalog.directories.joined(separator: ":"))",
-                                "install the transfer-engine-plugin-\(name) package or point MC_TRANSPORT_PLUGIN_PATH at the plugin")
+                                "install the \(packageName(name)) package or point MC_TRANSPORT_PLUGIN_PATH at the plugin")
         }
         let plugin: LoadedPlugin
         if let preloaded { plugin = preloaded } else {
             switch PluginLoader.load(path: path) {
             case .success(let loaded): plugin = loaded
-            case .failure(let error): return try fallback("plugin \(path) \(error.reason)", "reinstall the transfer-engine-plugin-\(name) package")
+            case .failure(let error): return try fallback("plugin \(path) \(error.reason)", "reinstall the \(packageName(name)) package")
             }
         }
         guard plugin.info.protocols.contains(name) else {
