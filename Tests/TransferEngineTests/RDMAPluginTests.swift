@@ -44,7 +44,7 @@ struct RDMAAbsentTests {
     }
 }
 
-/// Two engine processes over soft-RoCE in the QEMU guest (scripts/vm/rdma-guest-tests.sh runs these).
+/// Two engine processes over soft-RoCE in the QEMU guest (scripts/vm/test-rdma.sh runs these).
 @Suite("rdma plugin over soft-RoCE (in the guest)", .serialized, .enabled(if: RDMAEnvironment.pluginBuilt && RDMAEnvironment.inGuest))
 struct RDMAGuestTests {
     private func environment(_ extra: [String: String] = [:]) -> [String: String] {
