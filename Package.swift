@@ -83,6 +83,15 @@ if pluginEnabled("RDMA", header: "/usr/include/infiniband/verbs.h") {
     ]
 }
 
+// CXL memory pools (libcxl-dev + libdaxctl-dev): device-dax mapped by every engine on the pool.
+if pluginEnabled("CXL", header: "/usr/include/daxctl/libdaxctl.h") && FileManager.default.fileExists(atPath: "/usr/include/cxl/libcxl.h") {
+    products.append(.library(name: "transport_cxl", type: .dynamic, targets: ["CXLPlugin"]))
+    targets += [
+        .target(name: "CCXLShim", path: "Plugins/CXL/CCXLShim", linkerSettings: [.linkedLibrary("cxl"), .linkedLibrary("daxctl")]),
+        .target(name: "CXLPlugin", dependencies: ["CTransportABI", "CCXLShim"], path: "Plugins/CXL/CXLPlugin"),
+    ]
+}
+
 // EFA over libfabric (libfabric-dev): `efa` on AWS, any RDM+RMA provider elsewhere.
 if pluginEnabled("EFA", header: "/usr/include/rdma/fabric.h") {
     products.append(.library(name: "transport_efa", type: .dynamic, targets: ["EFAPlugin"]))

@@ -40,7 +40,7 @@ extern "C" {
 /** ABI major version: must equal the host's. */
 #define TE_ABI_MAJOR 1
 /** ABI minor version: fields appended since v1.0. */
-#define TE_ABI_MINOR 0
+#define TE_ABI_MINOR 1
 
 /** The one symbol every plugin exports: `const te_plugin_descriptor *te_transport_plugin_entry(void)`. */
 #define TE_PLUGIN_ENTRY_SYMBOL "te_transport_plugin_entry"
@@ -251,9 +251,22 @@ typedef struct te_plugin_descriptor {
 
     /** Text of the last error on the calling thread for this instance (never NULL). */
     const char *(*last_error)(te_instance *instance);
+
+    /* ---- ABI 1.1 (the host checks struct_size before using these) ---- */
+
+    /**
+     * Optional (NULL when not offered): allocates length bytes of the memory this
+     * transport serves (e.g. a slice of a shared CXL pool) and sets *addr. The host
+     * registers it with register_memory like any other buffer. location as in
+     * register_memory.
+     */
+    int32_t (*allocate_memory)(te_instance *instance, uint64_t length, const char *location, uint64_t *addr);
+
+    /** Optional: returns memory from allocate_memory (after the host unregistered it). */
+    int32_t (*free_memory)(te_instance *instance, uint64_t addr);
 } te_plugin_descriptor;
 
-/** The smallest descriptor a v1 host accepts: every field up to last_error. */
+/** The smallest descriptor a v1 host accepts: every field up to last_error (ABI 1.0). */
 #define TE_PLUGIN_DESCRIPTOR_V1_SIZE \
     (offsetof(te_plugin_descriptor, last_error) + sizeof(void *))
 

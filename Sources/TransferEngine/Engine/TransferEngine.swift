@@ -116,7 +116,7 @@ public final class TransferEngine: @unchecked Sendable {
         var batches: [BatchID: Batch] = [:]
         var nextBatch: BatchID = 1
         var notifications: [TransferNotification] = []
-        var managed: [UInt64: UInt64] = [:]
+        var managed: [UInt64: (length: UInt64, fromPlugin: Bool)] = [:]
         var bufferFragments: [UInt64: [String: JSONValue]] = [:]
         var stopped = false
     }
@@ -308,6 +308,15 @@ public final class TransferEngine: @unchecked Sendable {
     /// Allocates page-aligned memory and registers it; free it with `freeManagedBuffer`.
     public func allocateManagedBuffer(length: UInt64, location: String = "cpu:0") throws -> UInt64 {
         guard length > 0, length < UInt64(Int.max) else { throw EngineError.invalidArgument("managed buffer length \(length)") }
+        // A transport with memory of its own (a CXL pool) provides it; otherwise page-aligned heap memory.
+        if let address = try plugin?.allocate(length: length, location: location) {
+            do { try registerMemory(address: address, length: length, location: location) } catch {
+                try? plugin?.free(address: address)
+                throw error
+            }
+            state.withLock { $0.managed[address] = (length, true) }
+            return address
+        }
         var pointer: UnsafeMutableRawPointer?
         let rc = posix_memalign(&pointer, 4096, Int(length))
         guard rc == 0, let pointer else { throw EngineError.system(call: "posix_memalign(\(length))", errno: rc) }
@@ -316,17 +325,17 @@ public final class TransferEngine: @unchecked Sendable {
             free(pointer)
             throw error
         }
-        state.withLock { $0.managed[address] = length }
+        state.withLock { $0.managed[address] = (length, false) }
         return address
     }
 
     /// Unregisters and frees a managed buffer.
     public func freeManagedBuffer(address: UInt64) throws {
-        guard state.withLock({ $0.managed.removeValue(forKey: address) }) != nil else {
+        guard let managed = state.withLock({ $0.managed.removeValue(forKey: address) }) else {
             throw EngineError.invalidArgument("0x\(String(address, radix: 16)) is not a managed buffer")
         }
         try? unregisterMemory(address: address)
-        free(UnsafeMutableRawPointer(bitPattern: UInt(address)))
+        if managed.fromPlugin { try plugin?.free(address: address) } else { free(UnsafeMutableRawPointer(bitPattern: UInt(address))) }
     }
 
     /// The descriptor this engine publishes.

@@ -71,6 +71,12 @@ public final class LoadedPlugin: @unchecked Sendable {
     public let info: PluginInfo
     let descriptor: UnsafePointer<te_plugin_descriptor>
 
+    /// Whether the plugin offers allocate_memory/free_memory (ABI 1.1, checked against struct_size).
+    var allocatesMemory: Bool {
+        let end = MemoryLayout<te_plugin_descriptor>.offset(of: \te_plugin_descriptor.free_memory)! + MemoryLayout<UnsafeRawPointer>.size
+        return info.descriptorSize >= end && descriptor.pointee.allocate_memory != nil && descriptor.pointee.free_memory != nil
+    }
+
     init(info: PluginInfo, descriptor: UnsafePointer<te_plugin_descriptor>) {
         self.info = info
         self.descriptor = descriptor

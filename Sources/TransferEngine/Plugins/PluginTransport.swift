@@ -133,6 +133,22 @@ final class PluginTransport: @unchecked Sendable {
         return try jsonObject(out.string, "register_memory fragment")
     }
 
+    /// Memory the plugin allocates itself (ABI 1.1), or nil when it offers none.
+    func allocate(length: UInt64, location: String) throws -> UInt64? {
+        guard plugin.allocatesMemory else { return nil }
+        try checkAlive("allocate_memory")
+        var address: UInt64 = 0
+        let status = location.withCString { d.allocate_memory!(instance, length, $0, &address) }
+        try check(status, "allocate_memory(\(length))")
+        return address
+    }
+
+    /// Returns memory from `allocate`.
+    func free(address: UInt64) throws {
+        guard plugin.allocatesMemory, !isShutDown else { return }
+        try check(d.free_memory!(instance, address), "free_memory")
+    }
+
     /// Unregisters memory.
     func unregister(address: UInt64) throws {
         if isShutDown { return }  // destroy released every registration

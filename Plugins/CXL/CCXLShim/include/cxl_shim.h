@@ -1,0 +1,50 @@
+/* Thin C wrappers for the cxl plugin: device-dax discovery through libdaxctl,
+ * CXL memory devices through libcxl, an aligned shared mapping, and the copy
+ * with the fences (and optional cache-line flushes) that CXL memory needs. */
+#ifndef CXL_SHIM_H
+#define CXL_SHIM_H
+#include <stddef.h>
+#include <stdint.h>
+
+/** A device-dax instance (e.g. dax0.0 backed by a CXL region). */
+typedef struct cxl_dax_info {
+    char name[64];        /**< "dax0.0" */
+    char region[64];      /**< "region0" */
+    uint64_t size;
+    uint64_t align;
+    int enabled;
+} cxl_dax_info;
+
+/** Lists device-dax devices (libdaxctl). Returns the count (all, even beyond capacity) or -errno. */
+int cxl_list_dax(cxl_dax_info *out, size_t capacity);
+/** Counts CXL memory devices (libcxl) and writes their names, comma-separated, into names. Returns the count or -errno. */
+int cxl_list_memdevs(char *names, size_t names_length);
+
+/**
+ * Opens path read-write and maps length bytes MAP_SHARED at an address aligned
+ * to align (device-dax refuses other alignments). *fd and *base receive the
+ * descriptor and mapping. Returns 0 or -errno.
+ */
+int cxl_map(const char *path, uint64_t length, uint64_t align, int *fd, void **base);
+/** Unmaps and closes. */
+void cxl_unmap(int fd, void *base, uint64_t length);
+/** Size of an open file or device (st_size; device-dax reports 0, use sysfs). */
+int64_t cxl_file_size(int fd);
+/** "dev:ino" of an open file, or "major:minor" of a character device: the pool's identity on this host. */
+int cxl_file_identity(int fd, char *out, size_t length);
+
+/** Copies length bytes and orders the stores (sfence); flush != 0 also writes the lines back (clflushopt-style) for non-coherent pools. */
+void cxl_copy(void *dst, const void *src, uint64_t length, int flush);
+/** Drops cached copies of [addr, addr+length) so the next read sees another host's writes (non-coherent pools). */
+void cxl_invalidate(const void *addr, uint64_t length);
+/** Atomically sets *slot from 0 to owner (the pool's chunk table is shared by every engine). Returns 1 on success. */
+int cxl_claim(uint64_t *slot, uint64_t owner);
+/** Atomically sets *slot from owner back to 0. Returns 1 on success. */
+int cxl_release(uint64_t *slot, uint64_t owner);
+/** Atomically replaces expected by desired. Returns 1 on success. */
+int cxl_cas(uint64_t *slot, uint64_t expected, uint64_t desired);
+/** Atomic store (release). */
+void cxl_store(uint64_t *slot, uint64_t value);
+/** Atomic load. */
+uint64_t cxl_load(const uint64_t *slot);
+#endif

@@ -1,0 +1,99 @@
+import Foundation
+import Testing
+@testable import TransferEngine
+
+enum CXLPluginBuild {
+    static var present: Bool {
+        FileManager.default.fileExists(atPath: TestSupport.productsDirectory.appendingPathComponent("libtransport_cxl.so").path)
+            || ProcessInfo.processInfo.environment["TE_REQUIRE_CXL"] == "1"
+    }
+}
+
+/// The cxl plugin with a shared file in /dev/shm standing in for a device-dax CXL pool: two real
+/// processes map the same pool, allocate from its shared chunk table and copy through it.
+@Suite("cxl plugin over a shared pool file", .serialized, .enabled(if: CXLPluginBuild.present, "libtransport_cxl.so was not built (install libcxl-dev libdaxctl-dev)"))
+struct CXLPluginTests {
+    private static func makePool(_ size: Int) throws -> String {
+        let path = "/dev/shm/te-test-cxl-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let fd = open(path, O_CREAT | O_RDWR | O_TRUNC, 0o600)
+        guard fd >= 0, ftruncate(fd, off_t(size)) == 0 else { throw TestFailure("cannot create \(path)") }
+        close(fd)
+        return path
+    }
+
+    private func environment(pool: String?, strict: Bool = true) -> [String: String] {
+        var settings = ["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path]
+        if let pool { settings["MC_CXL_DEV_PATH"] = pool }
+        if strict { settings["MC_STRICT_PROTOCOL"] = "1" }
+        return TestSupport.cleanEnvironment(settings)
+    }
+
+    @Test("no device-dax pool and no MC_CXL_DEV_PATH: hardware absent with libdaxctl's and libcxl's answer, TCP with one warning")
+    func hardwareAbsent() throws {
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "cxl"), environment: environment(pool: nil, strict: false), logger: logger)
+        defer { engine.shutdown() }
+        #expect(engine.activeProtocol == "tcp")
+        let warnings = capture.messages(at: .warning)
+        #expect(warnings.count == 1, "\(warnings)")
+        #expect(warnings.first?.contains("no device-dax pool (libdaxctl lists 0 dax devices)") == true, "\(warnings)")
+        #expect(warnings.first?.contains("MC_CXL_DEV_PATH") == true)
+    }
+
+    @Test("two processes on one pool: managed buffers come from the shared chunk table, 1 B to 32 MiB verified, bounds")
+    func sharedPool() throws {
+        let pool = try Self.makePool(160 << 20)
+        defer { unlink(pool) }
+        let target = try ServeProcess(bufferSize: "64MiB", environment: environment(pool: pool), protocolName: "cxl")
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "cxl"), environment: environment(pool: pool))
+        defer { engine.shutdown() }
+        #expect(engine.activeProtocol == "cxl")
+        let source = try engine.allocateManagedBuffer(length: 40 << 20)
+        defer { try? engine.freeManagedBuffer(address: source) }
+        let sink = TestBuffer(40 << 20)  // heap memory works as the local side of a copy
+        try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
+        let handle = try engine.openSegment(target.segment)
+        let peer = try engine.descriptor(of: handle)
+        // The two engines' allocations must not overlap inside the pool.
+        let ours = engine.localDescriptor.buffers.first { $0.address == source }?.extra["cxl_offset"]?.uint64Value
+        let theirs = peer.buffers.first?.extra["cxl_offset"]?.uint64Value
+        #expect(ours != nil && theirs != nil)
+        if let ours, let theirs { #expect(ours + (40 << 20) <= theirs || theirs + (64 << 20) <= ours, "pool ranges overlap: \(ours) / \(theirs)") }
+        let pattern = UnsafeMutableRawPointer(bitPattern: UInt(source))!.assumingMemoryBound(to: UInt8.self)
+        for (index, size) in [1, 7, 4095, 65537, 1 << 20, (4 << 20) + 3, 32 << 20].enumerated() {
+            for i in 0..<size { pattern[i] = UInt8(truncatingIfNeeded: i &* 13 &+ index) }
+            memset(sink.pointer, 0, size)
+            let remote = target.bufferAddress + UInt64(index % 3) * 4097
+            try engine.transferSync(.write, localAddress: source, segment: handle, remoteAddress: remote, length: UInt64(size))
+            try engine.transferSync(.read, localAddress: sink.address, segment: handle, remoteAddress: remote, length: UInt64(size))
+            #expect(memcmp(sink.pointer, pattern, size) == 0, "size \(size)")
+        }
+        #expect(throws: EngineError.self) {
+            try engine.transferSync(.write, localAddress: source, segment: handle, remoteAddress: target.bufferAddress + target.bufferLength - 8, length: 64)
+        }
+    }
+
+    @Test("a peer on another pool is reached over TCP; a killed process's chunks are reclaimed")
+    func otherPoolAndReclaim() throws {
+        let pool = try Self.makePool(80 << 20), other = try Self.makePool(80 << 20)
+        defer { unlink(pool); unlink(other) }
+        let target = try ServeProcess(bufferSize: "32MiB", environment: environment(pool: other), protocolName: "cxl")
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "cxl"), environment: environment(pool: pool), logger: logger)
+        defer { engine.shutdown() }
+        let local = try engine.allocateManagedBuffer(length: 1 << 20)
+        let handle = try engine.openSegment(target.segment)
+        memset(UnsafeMutableRawPointer(bitPattern: UInt(local))!, 0x5a, 1 << 20)
+        try engine.transferSync(.write, localAddress: local, segment: handle, remoteAddress: target.bufferAddress, length: 1 << 20)
+        try engine.transferSync(.read, localAddress: local, segment: handle, remoteAddress: target.bufferAddress + 4096, length: 4096)
+        #expect(UnsafeMutableRawPointer(bitPattern: UInt(local))!.load(as: UInt8.self) == 0x5a)
+        #expect(capture.messages(at: .info).contains { $0.contains("cxl cannot reach") && $0.contains("using tcp") }, "\(capture.messages(at: .info))")
+        try engine.freeManagedBuffer(address: local)
+
+        // A process that dies holding chunks: the next engine that runs short takes them back.
+        let holder = try ServeProcess(bufferSize: "60MiB", environment: environment(pool: pool), protocolName: "cxl")
+        holder.kill()
+        let big = try engine.allocateManagedBuffer(length: 70 << 20)
+        try engine.freeManagedBuffer(address: big)
+    }
+}
