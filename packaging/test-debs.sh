@@ -20,15 +20,17 @@ debs=$PWD/out/debs
 
 packaging/build-debs.sh "$debs"
 
-if [ ! -f "$cache/.complete" ]; then
-    echo "== debootstrap bookworm (minbase + libfabric1 + python3) into $cache (cached for later runs)"
+# The libraries the plugin packages depend on come from the mirror as a user's apt would fetch them.
+include=libfabric1,libibverbs1,libcxl1,libdaxctl1,python3
+if [ "$(cat "$cache/.complete" 2>/dev/null)" != "$include" ]; then
+    echo "== debootstrap bookworm (minbase + $include) into $cache (cached for later runs)"
     rm -rf "$cache.tmp"
     mkdir -p "$(dirname "$cache")"
-    debootstrap --variant=minbase --include=libfabric1,python3 bookworm "$cache.tmp" "$mirror" > /tmp/te-debootstrap.log 2>&1 ||
+    debootstrap --variant=minbase --include="$include" bookworm "$cache.tmp" "$mirror" > /tmp/te-debootstrap.log 2>&1 ||
         { tail -20 /tmp/te-debootstrap.log >&2; exit 1; }
     rm -rf "$cache"
     mv "$cache.tmp" "$cache"
-    touch "$cache/.complete"
+    echo "$include" > "$cache/.complete"
 fi
 
 root=$(mktemp -d /tmp/te-debroot.XXXXXX)
@@ -61,6 +63,11 @@ echo "== transfer-engine plugins"
 in_root transfer-engine plugins | tee /tmp/te-plugins.txt
 grep -q "^efa .*/usr/lib/transfer-engine/plugins/libtransport_efa.so" /tmp/te-plugins.txt || fail "efa plugin not listed"
 grep -q "^shm .*available" /tmp/te-plugins.txt || fail "shm plugin not available"
+for plugin in rdma cxl; do
+    if ls "$debs"/transfer-engine-plugin-${plugin}_*.deb >/dev/null 2>&1; then
+        grep -q "^$plugin .*hardware absent" /tmp/te-plugins.txt || fail "$plugin plugin should load and report hardware absent"
+    fi
+done
 
 echo "== transfer-engine bench --loopback (TCP, P2PHANDSHAKE)"
 in_root transfer-engine bench --loopback --block-sizes 4KiB,1MiB --batch-sizes 1,16 --duration 0.3 --verify --no-reference \

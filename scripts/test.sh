@@ -20,6 +20,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v etcd >/dev/null || need+=(etcd-server)
 [ -f /usr/include/rdma/fabric.h ] || need+=(libfabric-dev)
 [ -f /usr/include/infiniband/verbs.h ] || need+=(libibverbs-dev)
+[ -f /usr/include/daxctl/libdaxctl.h ] || need+=(libdaxctl-dev)
+[ -f /usr/include/cxl/libcxl.h ] || need+=(libcxl-dev)
 # The packaging test (packaging/test-debs.sh): build tools for .debs and a Debian root to install them in.
 if [ "${TE_SKIP_PACKAGING:-0}" != 1 ]; then
     for tool in debootstrap patchelf lintian file; do command -v $tool >/dev/null || need+=($tool); done
@@ -51,9 +53,10 @@ if [ "${TE_SKIP_INTEROP:-0}" != 1 ]; then
     fi
 fi
 
-# With libfabric-dev / libibverbs-dev present the efa / rdma plugins are built, so their suites must run.
+# With libfabric-dev / libibverbs-dev / libcxl-dev present the efa / rdma / cxl plugins are built, so their suites must run.
 [ -f /usr/include/rdma/fabric.h ] && export TE_REQUIRE_EFA=1
 [ -f /usr/include/infiniband/verbs.h ] && export TE_REQUIRE_RDMA=1
+[ -f /usr/include/daxctl/libdaxctl.h ] && [ -f /usr/include/cxl/libcxl.h ] && export TE_REQUIRE_CXL=1
 
 swift test --manifest-cache none "$@"
 
