@@ -173,7 +173,8 @@ nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descr
         capabilities: TE_CAP_MEM_HOST | TE_CAP_OP_READ | TE_CAP_OP_WRITE | TE_CAP_NEEDS_HANDSHAKE,
         probe: efaProbe, create: efaCreate, destroy: efaDestroy, local_descriptor: efaLocalDescriptor,
         register_memory: efaRegister, unregister_memory: efaUnregister, open_peer: efaOpenPeer, close_peer: efaClosePeer,
-        on_handshake: efaOnHandshake, submit: efaSubmit, poll: efaPoll, last_error: efaLastError))
+        on_handshake: efaOnHandshake, submit: efaSubmit, poll: efaPoll, last_error: efaLastError,
+        allocate_memory: nil, free_memory: nil))
     return pointer
 }()
 

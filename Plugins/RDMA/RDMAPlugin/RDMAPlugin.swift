@@ -139,7 +139,8 @@ nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descr
         capabilities: TE_CAP_MEM_HOST | TE_CAP_OP_READ | TE_CAP_OP_WRITE | TE_CAP_NEEDS_HANDSHAKE,
         probe: rdmaProbe, create: rdmaCreate, destroy: rdmaDestroy, local_descriptor: rdmaLocalDescriptor,
         register_memory: rdmaRegister, unregister_memory: rdmaUnregister, open_peer: rdmaOpenPeer, close_peer: rdmaClosePeer,
-        on_handshake: rdmaOnHandshake, submit: rdmaSubmit, poll: rdmaPoll, last_error: rdmaLastError))
+        on_handshake: rdmaOnHandshake, submit: rdmaSubmit, poll: rdmaPoll, last_error: rdmaLastError,
+        allocate_memory: nil, free_memory: nil))
     return pointer
 }()
 

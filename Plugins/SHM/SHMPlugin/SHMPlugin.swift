@@ -350,7 +350,8 @@ nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descr
         capabilities: TE_CAP_MEM_HOST | TE_CAP_OP_READ | TE_CAP_OP_WRITE,
         probe: shmProbe, create: shmCreate, destroy: shmDestroy, local_descriptor: shmLocalDescriptor,
         register_memory: shmRegister, unregister_memory: shmUnregister, open_peer: shmOpenPeer, close_peer: shmClosePeer,
-        on_handshake: shmOnHandshake, submit: shmSubmit, poll: shmPoll, last_error: shmLastError))
+        on_handshake: shmOnHandshake, submit: shmSubmit, poll: shmPoll, last_error: shmLastError,
+        allocate_memory: nil, free_memory: nil))
     return pointer
 }()
 
