@@ -84,5 +84,10 @@ if [ "$(id -u)" = 0 ] && [ -f "$(dirname "$bin")/libtransport_rdma.so" ] && [ "$
     TE_BIN=$(dirname "$bin") scripts/vm/run-in-rxe-guest.sh -t 600 --script scripts/vm/rdma-bench.sh | grep -v '^\[rxe-vm' || echo "(rdma guest benchmark failed)"
 fi
 
+if [ "$(id -u)" = 0 ] && [ -f "$(dirname "$bin")/libtransport_cxl.so" ] && [ "${TE_SKIP_VM:-0}" != 1 ]; then
+    echo "== cxl on QEMU's emulated CXL device: memcpy on /dev/dax0.0 and transfer-engine bench in the same boot"
+    TE_BIN=$(dirname "$bin") scripts/vm/cxl-bench.sh || echo "(cxl guest benchmark failed)"
+fi
+
 echo "== summary"
 python3 scripts/bench_summary.py out

@@ -118,6 +118,21 @@ if rdma and rdma.get("protocol") == "rdma":
     row("rdma write 4 KiB median latency (soft-RoCE guest)", r and r["p50_us"], "us", perftest("perftest-write-lat-4096.txt"),
         "ib_write_lat typical, same boot", better="lower")
 
+# cxl on the emulated CXL device against memcpy into/out of the same device mapping (scripts/vm/cxl-bench.sh).
+cxl = load("bench-cxl.json")
+dax = {}
+if os.path.exists(os.path.join(out, "dax-memcpy.txt")):
+    for line in open(os.path.join(out, "dax-memcpy.txt")):
+        parts = line.split()
+        if len(parts) == 4 and parts[0] == "memcpy":
+            dax[(parts[1], int(parts[2]))] = float(parts[3])
+if cxl and cxl.get("protocol") == "cxl":
+    for op in ("write", "read"):
+        for block in (4096, MiB, 64 * MiB):
+            r = result(cxl, op, block, 1)
+            size = f"{block // 1024} KiB" if block < MiB else f"{block // MiB} MiB"
+            row(f"cxl {op} {size} (emulated CXL device)", r and r["gbps"], "GB/s", dax.get((op, block)), "memcpy on /dev/dax0.0, same boot")
+
 shm = load("bench-shm.json")
 if shm and shm.get("protocol") == "shm":
     for op, block, batch in (("write", 4096, 1), ("write", 64 << 10, 64), ("write", MiB, 64), ("write", 64 * MiB, 1), ("read", 64 * MiB, 1)):

@@ -22,6 +22,7 @@ command -v etcd >/dev/null || need+=(etcd-server)
 [ -f /usr/include/infiniband/verbs.h ] || need+=(libibverbs-dev)
 [ -f /usr/include/daxctl/libdaxctl.h ] || need+=(libdaxctl-dev)
 [ -f /usr/include/cxl/libcxl.h ] || need+=(libcxl-dev)
+command -v cxl >/dev/null || need+=(ndctl)     # cxl/ndctl tools: the CXL guest test makes /dev/dax0.0 with them
 # The packaging test (packaging/test-debs.sh): build tools for .debs and a Debian root to install them in.
 if [ "${TE_SKIP_PACKAGING:-0}" != 1 ]; then
     for tool in debootstrap patchelf lintian file; do command -v $tool >/dev/null || need+=($tool); done
@@ -64,15 +65,23 @@ swift test --manifest-cache none "$@"
 python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --disable-pip-version-check pytest
 TRANSFER_ENGINE_LIBRARY="$(swift build --show-bin-path)/libtransfer_engine_c.so" python3 -m pytest -q python/tests
 
-# The rdma plugin on a real kernel verbs stack: a soft-RoCE QEMU guest (software emulation, no KVM
-# needed; the script installs qemu and rdma-core as root). TE_SKIP_VM=1 skips it.
+# The rdma and cxl plugins on real kernel stacks: QEMU guests with Debian's kernel (software
+# emulation, no KVM needed; the scripts install qemu, rdma-core and ndctl tools as root): soft-RoCE
+# for rdma, an emulated CXL type-3 device for cxl. TE_SKIP_VM=1 skips them.
+bin_path=$(swift build --show-bin-path)
 if [ "${TE_SKIP_VM:-0}" = 1 ]; then
-    echo "soft-RoCE guest tests skipped (TE_SKIP_VM=1)"
-elif [ "$(id -u)" = 0 ] && [ -f "$(swift build --show-bin-path)/libtransport_rdma.so" ]; then
-    echo "== rdma plugin tests in the soft-RoCE guest"
-    scripts/vm/test-rdma.sh
+    echo "guest tests skipped (TE_SKIP_VM=1)"
+elif [ "$(id -u)" != 0 ]; then
+    echo "warning: guest tests skipped: they need root (qemu, rdma-core, ndctl)" >&2
 else
-    echo "warning: soft-RoCE guest tests skipped: they need root (qemu, rdma-core) and libibverbs-dev" >&2
+    if [ -f "$bin_path/libtransport_rdma.so" ]; then
+        echo "== rdma plugin tests in the soft-RoCE guest"
+        scripts/vm/test-rdma.sh
+    fi
+    if [ -f "$bin_path/libtransport_cxl.so" ]; then
+        echo "== cxl plugin test on QEMU's emulated CXL device"
+        scripts/vm/test-cxl.sh
+    fi
 fi
 
 # The Debian packages, installed and run in a fresh Debian 12 root without the toolchain.

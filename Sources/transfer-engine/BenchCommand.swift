@@ -22,6 +22,9 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Target segment name (host:rpc_port). Its first buffer is used.")
     var segment: String?
 
+    @Flag(help: "Allocate this side's buffer on the heap instead of as a managed buffer (which a CXL pool serves from the pool).")
+    var localHeap = false
+
     @Flag(help: "Start a target process on this host and benchmark against it.")
     var loopback = false
 
@@ -105,8 +108,23 @@ struct BenchCommand: ParsableCommand {
 
         let transferEngine = try TransferEngine(configuration: configuration, environment: environment, logger: logger)
         defer { transferEngine.shutdown() }
-        let local = try transferEngine.allocateManagedBuffer(length: localSize)
-        defer { try? transferEngine.freeManagedBuffer(address: local) }
+        let local: UInt64
+        if localHeap {
+            var pointer: UnsafeMutableRawPointer?
+            guard posix_memalign(&pointer, 4096, Int(localSize)) == 0, let pointer else { throw ValidationError("cannot allocate \(localSize) bytes") }
+            local = UInt64(UInt(bitPattern: pointer))
+            try transferEngine.registerMemory(address: local, length: localSize)
+        } else {
+            local = try transferEngine.allocateManagedBuffer(length: localSize)
+        }
+        defer {
+            if localHeap {
+                try? transferEngine.unregisterMemory(address: local)
+                free(UnsafeMutableRawPointer(bitPattern: UInt(local)))
+            } else {
+                try? transferEngine.freeManagedBuffer(address: local)
+            }
+        }
         memset(UnsafeMutableRawPointer(bitPattern: UInt(local))!, 0x11, Int(localSize))
 
         // First operation to a new peer: open (descriptor handshake) + one 4 KiB write.

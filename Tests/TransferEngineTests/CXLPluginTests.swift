@@ -97,3 +97,34 @@ struct CXLPluginTests {
         try engine.freeManagedBuffer(address: big)
     }
 }
+
+/// The cxl plugin on QEMU's emulated CXL type-3 device, turned into /dev/dax0.0 inside the guest
+/// (scripts/vm/test-cxl.sh): discovery through libdaxctl, a device-dax mapping at its alignment.
+@Suite("cxl plugin on an emulated CXL device (in the guest)", .serialized,
+       .enabled(if: CXLPluginBuild.present && ProcessInfo.processInfo.environment["TE_CXL_GUEST"] == "1"))
+struct CXLGuestTests {
+    @Test("two processes on /dev/dax0.0 found by libdaxctl: 1 B to 8 MiB through the device, verified")
+    func deviceDax() throws {
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path, "MC_STRICT_PROTOCOL": "1"])
+        let target = try ServeProcess(bufferSize: "32MiB", environment: environment, protocolName: "cxl")
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "cxl", deviceName: "auto-discovery"),
+                                        environment: environment, logger: logger)
+        defer { engine.shutdown() }
+        let line = capture.messages(at: .info).first { $0.contains("cxl plugin: pool") } ?? ""
+        #expect(line.contains("/dev/dax") && line.contains("2097152-byte alignment"), "\(line)")
+        let source = try engine.allocateManagedBuffer(length: 16 << 20)
+        let sink = TestBuffer(16 << 20)
+        try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
+        let handle = try engine.openSegment(target.segment)
+        let pattern = UnsafeMutableRawPointer(bitPattern: UInt(source))!.assumingMemoryBound(to: UInt8.self)
+        for (index, size) in [1, 4096, 65537, 1 << 20, 8 << 20].enumerated() {
+            for i in 0..<size { pattern[i] = UInt8(truncatingIfNeeded: i &* 7 &+ index) }
+            memset(sink.pointer, 0, size)
+            try engine.transferSync(.write, localAddress: source, segment: handle, remoteAddress: target.bufferAddress + UInt64(index), length: UInt64(size))
+            try engine.transferSync(.read, localAddress: sink.address, segment: handle, remoteAddress: target.bufferAddress + UInt64(index), length: UInt64(size))
+            #expect(memcmp(sink.pointer, pattern, size) == 0, "size \(size)")
+        }
+        try engine.freeManagedBuffer(address: source)
+    }
+}
