@@ -81,7 +81,12 @@ final class SHMInstance: @unchecked Sendable {
     var done: [te_completion] = []
     var stopping = false
     var workers = 0
-    var lastError = [CChar](repeating: 0, count: 512)
+    /// Fixed storage: last_error hands out a pointer into it without a lock (an array could move).
+    let lastError: UnsafeMutablePointer<CChar> = {
+        let storage = UnsafeMutablePointer<CChar>.allocate(capacity: 512)
+        storage.initialize(repeating: 0, count: 512)
+        return storage
+    }()
     let host: UnsafePointer<te_host_services>?
 
     init(hostID: String, host: UnsafePointer<te_host_services>?, workerCount: Int) {
@@ -92,7 +97,7 @@ final class SHMInstance: @unchecked Sendable {
 
     func setError(_ text: String) {
         signal.locked {
-            let bytes = Array(text.utf8.prefix(lastError.count - 1))
+            let bytes = Array(text.utf8.prefix(511))
             for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
             lastError[bytes.count] = 0
         }
@@ -155,7 +160,7 @@ final class SHMInstance: @unchecked Sendable {
         if moved < 0 {
             status = moved == -Int64(ESRCH) ? TE_ERR_PEER_UNREACHABLE : TE_ERR_IO
             let text = "process_vm \(r.opcode == TE_OP_WRITE ? "write" : "read") of \(r.length) bytes to pid \(work.pid): \(String(cString: strerror(Int32(-moved))))"
-            let bytes = Array(text.utf8.prefix(lastError.count - 1))
+            let bytes = Array(text.utf8.prefix(511))
             for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
             lastError[bytes.count] = 0
         }
@@ -337,7 +342,7 @@ private func shmPoll(_ pointer: OpaquePointer?, _ out: UnsafeMutablePointer<te_c
 
 private func shmLastError(_ pointer: OpaquePointer?) -> UnsafePointer<CChar>? {
     guard let object = instance(pointer) else { return nil }
-    return object.lastError.withUnsafeBufferPointer { UnsafePointer($0.baseAddress) }
+    return UnsafePointer(object.lastError)
 }
 
 nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descriptor> = {
