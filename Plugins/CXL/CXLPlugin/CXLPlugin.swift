@@ -312,7 +312,7 @@ nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descr
     pointer.initialize(to: te_plugin_descriptor(
         abi_major: UInt16(TE_ABI_MAJOR), abi_minor: UInt16(TE_ABI_MINOR), struct_size: UInt32(MemoryLayout<te_plugin_descriptor>.size),
         name: staticText("cxl"), version: staticText("0.1.0"), protocols: staticText("cxl"),
-        capabilities: TE_CAP_MEM_HOST | TE_CAP_OP_READ | TE_CAP_OP_WRITE,
+        capabilities: TE_CAP_MEM_HOST | TE_CAP_OP_READ | TE_CAP_OP_WRITE | TE_CAP_SPLITS_REQUESTS,
         probe: cxlProbe, create: cxlCreate, destroy: cxlDestroy, local_descriptor: cxlLocalDescriptor,
         register_memory: cxlRegister, unregister_memory: cxlUnregister, open_peer: cxlOpenPeer, close_peer: cxlClosePeer,
         on_handshake: cxlOnHandshake, submit: cxlSubmit, poll: cxlPoll, last_error: cxlLastError,

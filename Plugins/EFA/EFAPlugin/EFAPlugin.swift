@@ -170,7 +170,7 @@ nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descr
     pointer.initialize(to: te_plugin_descriptor(
         abi_major: UInt16(TE_ABI_MAJOR), abi_minor: UInt16(TE_ABI_MINOR), struct_size: UInt32(MemoryLayout<te_plugin_descriptor>.size),
         name: staticText("efa"), version: staticText("0.1.0"), protocols: staticText("efa"),
-        capabilities: TE_CAP_MEM_HOST | TE_CAP_OP_READ | TE_CAP_OP_WRITE | TE_CAP_NEEDS_HANDSHAKE,
+        capabilities: TE_CAP_MEM_HOST | TE_CAP_OP_READ | TE_CAP_OP_WRITE | TE_CAP_NEEDS_HANDSHAKE | TE_CAP_SPLITS_REQUESTS,
         probe: efaProbe, create: efaCreate, destroy: efaDestroy, local_descriptor: efaLocalDescriptor,
         register_memory: efaRegister, unregister_memory: efaUnregister, open_peer: efaOpenPeer, close_peer: efaClosePeer,
         on_handshake: efaOnHandshake, submit: efaSubmit, poll: efaPoll, last_error: efaLastError,

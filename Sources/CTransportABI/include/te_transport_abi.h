@@ -93,6 +93,9 @@ extern "C" {
 #define TE_CAP_OP_NOTIFY (1ULL << 10)
 /** Needs a connection handshake (on_handshake / host->handshake_send) before data moves. */
 #define TE_CAP_NEEDS_HANDSHAKE (1ULL << 16)
+/** Cuts large requests itself (slices, max message size): the host hands it whole requests rather
+ *  than MC_TCP_SPLIT_SIZE pieces. */
+#define TE_CAP_SPLITS_REQUESTS (1ULL << 17)
 
 /* ------------------------------------------------------------------------ */
 /* Operations and log levels.                                                */

@@ -547,10 +547,13 @@ public final class TransferEngine: @unchecked Sendable {
     private func submit(planned: [Planned], to batchID: BatchID) throws {
         let batch = try self.batch(batchID)
         let pluginPeers = try planned.map { $0.viaPlugin ? try pluginPeer(for: $0.peer) : 0 }
+        // Plugins get the same pieces as TCP, so a large request spreads over their workers too,
+        // unless they cut requests themselves (slices, max message size).
+        let pluginPiece = plugin?.splitsRequests == true ? UInt64.max : settings.splitSize
         let sliceCounts = planned.map { p -> Int in
             if p.request.length == 0 { return 0 }
-            // Plugins get the same pieces as TCP, so a large request spreads over their workers too.
-            return Int((p.request.length + settings.splitSize - 1) / settings.splitSize)
+            let piece = p.viaPlugin ? pluginPiece : settings.splitSize
+            return Int((p.request.length - 1) / piece + 1)
         }
         let first = try batch.addTasks(sliceCounts: sliceCounts)
         var tcpWork: [ObjectIdentifier: (TCPChannel, [TCPSlice])] = [:]
@@ -560,7 +563,7 @@ public final class TransferEngine: @unchecked Sendable {
             if p.viaPlugin {
                 var offset: UInt64 = 0
                 while offset < r.length {
-                    let size = min(settings.splitSize, r.length - offset)
+                    let size = min(pluginPiece, r.length - offset)
                     pluginWork.append((r.operation, r.localAddress + offset, pluginPeers[index], r.remoteAddress + offset, size, batch, first + index))
                     offset += size
                 }
@@ -617,7 +620,7 @@ public final class TransferEngine: @unchecked Sendable {
                 throw EngineError.transferFailed("\(operation) of \(length) bytes to \(planned.peer.name): \(error)")
             }
         }
-        if planned.viaPlugin, let plugin, length <= settings.splitSize {
+        if planned.viaPlugin, let plugin, length <= settings.splitSize || plugin.splitsRequests {
             // One piece through the plugin: a private one-task batch, no batch table, completion
             // harvested on this thread.
             let batch = Batch(id: 0, capacity: 1)

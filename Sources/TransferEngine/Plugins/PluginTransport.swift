@@ -117,6 +117,9 @@ final class PluginTransport: @unchecked Sendable {
         return try jsonObject(out.string, "local_descriptor")
     }
 
+    /// Whether the plugin cuts large requests itself (TE_CAP_SPLITS_REQUESTS).
+    var splitsRequests: Bool { plugin.info.capabilities & TE_CAP_SPLITS_REQUESTS != 0 }
+
     /// Whether shutdown() ran: the instance is destroyed and no call may reach the plugin.
     private var isShutDown: Bool { inFlight.withLock { $0.stopping } }
 
