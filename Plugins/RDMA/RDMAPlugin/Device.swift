@@ -153,30 +153,30 @@ final class RDMADevice: @unchecked Sendable {
 
     /// Installs `endpoint` as the connection's current one; the old one retires.
     func install(_ endpoint: Endpoint, on connection: Connection) {
-        lock.locked {
-            let old = connection.current
-            connection.current = endpoint
-            if old !== endpoint {
-                old.retired = true
-                old.broken = true
-                retired.append(old)
-                reapRetired()
-            }
-        }
+        lock.locked { replaceLocked(connection, with: endpoint) }
     }
 
     /// Adds a connection (or replaces the endpoint of an existing one with the same peer path).
     func register(_ connection: Connection) -> Connection {
         lock.locked {
             if let existing = connections[connection.peerNicPath] {
-                let old = existing.current
-                existing.current = connection.current
-                if old !== connection.current { old.retired = true; old.broken = true; retired.append(old); reapRetired() }
+                replaceLocked(existing, with: connection.current)
                 return existing
             }
             connections[connection.peerNicPath] = connection
             return connection
         }
+    }
+
+    /// Points `connection` at `endpoint`; the previous endpoint stops taking work and is destroyed once drained. Lock held.
+    private func replaceLocked(_ connection: Connection, with endpoint: Endpoint) {
+        let old = connection.current
+        connection.current = endpoint
+        guard old !== endpoint else { return }
+        old.retired = true
+        old.broken = true
+        retired.append(old)
+        reapRetired()
     }
 
     /// Destroys retired endpoints with nothing in flight. Lock held.

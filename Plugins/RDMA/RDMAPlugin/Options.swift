@@ -111,19 +111,13 @@ enum Discovery {
             ?? gids.first
     }
 
+    /// The device's NUMA node from sysfs, -1 when unknown.
     static func numaNode(of device: String) -> Int {
         guard let file = fopen("/sys/class/infiniband/\(device)/device/numa_node", "r") else { return -1 }
         defer { fclose(file) }
-        var value: Int32 = -1
-        return withUnsafeMutablePointer(to: &value) { fscanfInt(file, $0) } == 1 ? Int(value) : -1
-    }
-
-    private static func fscanfInt(_ file: UnsafeMutablePointer<FILE>, _ out: UnsafeMutablePointer<Int32>) -> Int32 {
         var buffer = [CChar](repeating: 0, count: 32)
-        guard fgets(&buffer, 32, file) != nil else { return 0 }
-        guard let value = Int32(String(decoding: buffer.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)) else { return 0 }
-        out.pointee = value
-        return 1
+        guard fgets(&buffer, 32, file) != nil else { return -1 }
+        return Int(String(decoding: buffer.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)) ?? -1
     }
 
     /// Outcome for probe and create.

@@ -309,24 +309,27 @@ public final class TransferEngine: @unchecked Sendable {
     public func allocateManagedBuffer(length: UInt64, location: String = "cpu:0") throws -> UInt64 {
         guard length > 0, length < UInt64(Int.max) else { throw EngineError.invalidArgument("managed buffer length \(length)") }
         // A transport with memory of its own (a CXL pool) provides it; otherwise page-aligned heap memory.
-        if let address = try plugin?.allocate(length: length, location: location) {
-            do { try registerMemory(address: address, length: length, location: location) } catch {
-                try? plugin?.free(address: address)
-                throw error
-            }
-            state.withLock { $0.managed[address] = (length, true) }
-            return address
+        let address: UInt64
+        let fromPlugin: Bool
+        if let provided = try plugin?.allocate(length: length, location: location) {
+            (address, fromPlugin) = (provided, true)
+        } else {
+            var pointer: UnsafeMutableRawPointer?
+            let rc = posix_memalign(&pointer, 4096, Int(length))
+            guard rc == 0, let pointer else { throw EngineError.system(call: "posix_memalign(\(length))", errno: rc) }
+            (address, fromPlugin) = (UInt64(UInt(bitPattern: pointer)), false)
         }
-        var pointer: UnsafeMutableRawPointer?
-        let rc = posix_memalign(&pointer, 4096, Int(length))
-        guard rc == 0, let pointer else { throw EngineError.system(call: "posix_memalign(\(length))", errno: rc) }
-        let address = UInt64(UInt(bitPattern: pointer))
         do { try registerMemory(address: address, length: length, location: location) } catch {
-            free(pointer)
+            try? releaseManaged(address: address, fromPlugin: fromPlugin)
             throw error
         }
-        state.withLock { $0.managed[address] = (length, false) }
+        state.withLock { $0.managed[address] = (length, fromPlugin) }
         return address
+    }
+
+    /// Returns managed memory to where it came from (the plugin or the heap).
+    private func releaseManaged(address: UInt64, fromPlugin: Bool) throws {
+        if fromPlugin { try plugin?.free(address: address) } else { free(UnsafeMutableRawPointer(bitPattern: UInt(address))) }
     }
 
     /// Unregisters and frees a managed buffer.
@@ -335,7 +338,7 @@ public final class TransferEngine: @unchecked Sendable {
             throw EngineError.invalidArgument("0x\(String(address, radix: 16)) is not a managed buffer")
         }
         try? unregisterMemory(address: address)
-        if managed.fromPlugin { try plugin?.free(address: address) } else { free(UnsafeMutableRawPointer(bitPattern: UInt(address))) }
+        try releaseManaged(address: address, fromPlugin: managed.fromPlugin)
     }
 
     /// The descriptor this engine publishes.
