@@ -101,6 +101,15 @@ if pluginEnabled("EFA", header: "/usr/include/rdma/fabric.h") {
     ]
 }
 
+// NVMe-oF over libnvme (libnvme-dev): segments backed by NVMe namespaces, direct I/O.
+if pluginEnabled("NVMEOF", header: "/usr/include/libnvme.h") {
+    products.append(.library(name: "transport_nvmeof", type: .dynamic, targets: ["NVMeoFPlugin"]))
+    targets += [
+        .target(name: "CNVMeoFShim", path: "Plugins/NVMeoF/CNVMeoFShim", linkerSettings: [.linkedLibrary("nvme")]),
+        .target(name: "NVMeoFPlugin", dependencies: ["CTransportABI", "CNVMeoFShim"], path: "Plugins/NVMeoF/NVMeoFPlugin"),
+    ]
+}
+
 let package = Package(
     name: "swift-transfer-engine",
     products: products,

@@ -204,7 +204,14 @@ typedef struct te_plugin_descriptor {
 
     /**
      * A JSON object whose keys the host merges into the top level of the
-     * local segment descriptor (e.g. "devices", "priority_matrix").
+     * local segment descriptor (e.g. "devices", "priority_matrix"). A
+     * "buffers" array is not merged but appended to the registered buffers:
+     * ranges the plugin serves itself (e.g. NVMe namespaces), each an object
+     * with "name", "addr", "length" and the plugin's own keys.
+     * Any buffer entry (these, or a register_memory fragment) may carry
+     * "protocol": peers then route requests into that buffer through the
+     * named transport ("tcp" for memory the plugin does not serve) instead of
+     * the segment's protocol.
      */
     int32_t (*local_descriptor)(te_instance *instance, te_buffer *fragment_json);
 

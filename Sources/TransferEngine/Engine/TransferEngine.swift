@@ -349,9 +349,16 @@ public final class TransferEngine: @unchecked Sendable {
             SegmentDescriptor.Buffer(name: usePlugin ? region.location : segmentName, address: region.address,
                                      length: region.length, extra: fragments[region.address] ?? [:])
         }
-        let extra = (try? plugin?.localDescriptorFragment()) ?? [:]
+        var extra = (try? plugin?.localDescriptorFragment()) ?? [:]
+        // Ranges the plugin itself serves (e.g. NVMe namespaces) are listed after the registered memory.
+        let served = (extra.removeValue(forKey: "buffers")?.arrayValue ?? []).compactMap { entry -> SegmentDescriptor.Buffer? in
+            guard var members = entry.objectValue, let name = members.removeValue(forKey: "name")?.stringValue,
+                  let address = members.removeValue(forKey: "addr")?.uint64Value,
+                  let length = members.removeValue(forKey: "length")?.uint64Value else { return nil }
+            return SegmentDescriptor.Buffer(name: name, address: address, length: length, extra: members)
+        }
         return SegmentDescriptor(name: segmentName, protocolName: selection.effective, tcpDataPort: dataPort,
-                                 buffers: buffers, extra: extra)
+                                 buffers: buffers + served, extra: extra)
     }
 
     // MARK: - Segments
@@ -494,10 +501,13 @@ public final class TransferEngine: @unchecked Sendable {
                 try? refreshSegment(request.segment)
                 descriptor = state.withLock { _ in peer.descriptor }
             }
-            guard descriptor.buffer(containing: request.remoteAddress, length: request.length) != nil else {
+            guard let remote = descriptor.buffer(containing: request.remoteAddress, length: request.length) else {
                 throw EngineError.addressNotRegistered(address: request.remoteAddress, length: request.length, side: "remote (\(peer.name))")
             }
-            let viaPlugin = plugin != nil && descriptor.protocolName == plugin!.protocolName && usePlugin(for: peer)
+            // A buffer may name its own protocol (upstream's multi-protocol form), e.g. storage
+            // served by a plugin next to memory served by TCP.
+            let served = remote.extra["protocol"]?.stringValue ?? descriptor.protocolName
+            let viaPlugin = plugin != nil && served == plugin!.protocolName && usePlugin(for: peer)
             if !viaPlugin && descriptor.tcpDataPort == 0 {
                 throw EngineError.segmentUnavailable(name: peer.name, reason: "it serves '\(descriptor.protocolName)' and publishes no TCP data port")
             }
