@@ -162,3 +162,65 @@ struct NVMeoFPluginTests {
         try engine.freeBatch(batch)
     }
 }
+
+/// The nvmeof plugin on real kernel NVMe-oF targets inside the soft-RoCE guest (scripts/vm/test-nvmeof.sh
+/// creates an nvmet subsystem on NVMe/TCP and one on NVMe/RDMA over rxe0): libnvme connect by URI and
+/// by discovery, the namespace found in sysfs, direct I/O and the relay, disconnect at close.
+@Suite("nvmeof plugin on kernel NVMe-oF targets (in the guest)", .serialized,
+       .enabled(if: NVMeoFPluginBuild.present && ProcessInfo.processInfo.environment["TE_NVMEOF_GUEST"] == "1"))
+struct NVMeoFGuestTests {
+    private let settings = ProcessInfo.processInfo.environment
+
+    /// Whether the kernel lists a controller of subsystem `nqn`.
+    private static func connected(_ nqn: String) -> Bool {
+        let root = "/sys/class/nvme-subsystem"
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
+        return names.contains { name in
+            (try? String(contentsOfFile: "\(root)/\(name)/subsysnqn", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) == nqn
+                && ((try? FileManager.default.contentsOfDirectory(atPath: "\(root)/\(name)"))?.contains { $0.hasPrefix("nvme") && !$0.contains("c") } ?? false)
+        }
+    }
+
+    private func exercise(owner settings: [String: String], nqn: String, file: String) throws {
+        #expect(!Self.connected(nqn), "\(nqn) connected before the owner started")
+        let owner = try ServeProcess(bufferSize: "1MiB", environment: NVMeoFPluginBuild.environment(settings), protocolName: "nvmeof")
+        #expect(Self.connected(nqn), "the owner did not connect \(nqn)")
+        do {
+            let (logger, capture) = TestSupport.capturingLogger()
+            let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "nvmeof"), environment: NVMeoFPluginBuild.environment(), logger: logger)
+            defer { engine.shutdown() }
+            let handle = try engine.openSegment(owner.segment)
+            let range = try #require(NVMeoFPluginBuild.storage(try engine.descriptor(of: handle)))
+            let subsystem = range.extra["nvmeof_subsystem"]?.objectValue
+            #expect(subsystem?["nqn"]?.stringValue == nqn, "\(range.extra)")
+            try NVMeoFPluginBuild.roundTrips(engine, handle, base: range.address, sizes: [1, 4097, 65_537, 1 << 20, (8 << 20) + 3], file: file)
+            #expect(capture.messages(at: .info).contains { $0.contains("directly via /dev/nvme") }, "\(capture.messages(at: .info))")
+        }
+        do {
+            let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "nvmeof"),
+                                            environment: NVMeoFPluginBuild.environment(["MC_NVMEOF_DIRECT": "0"]))
+            defer { engine.shutdown() }
+            let handle = try engine.openSegment(owner.segment)
+            let range = try #require(NVMeoFPluginBuild.storage(try engine.descriptor(of: handle)))
+            try NVMeoFPluginBuild.roundTrips(engine, handle, base: range.address + (64 << 20), sizes: [3, 4096, (1 << 20) + 5], file: nil)
+        }
+        // Closing the owner disconnects the controller it connected.
+        try? owner.input.fileHandleForWriting.close()
+        owner.process.waitUntilExit()
+        let deadline = Date().addingTimeInterval(10)
+        while Self.connected(nqn) && Date() < deadline { usleep(100_000) }
+        #expect(!Self.connected(nqn), "\(nqn) still connected after the owner exited")
+    }
+
+    @Test("NVMe/TCP subsystem by URI: libnvme connect, 1 B to 8 MiB direct and relayed, verified in the target's backing file, disconnect at close")
+    func tcpByURI() throws {
+        let uri = try #require(settings["TE_NVMEOF_TCP"])
+        try exercise(owner: ["MC_NVMEOF_NAMESPACES": uri], nqn: String(uri.split(separator: "/").last!), file: try #require(settings["TE_NVMEOF_TCP_FILE"]))
+    }
+
+    @Test("NVMe/RDMA over rxe by discovery: the discovery log's subsystem connected, data verified, disconnect at close")
+    func rdmaByDiscovery() throws {
+        let discovery = try #require(settings["TE_NVMEOF_RDMA_DISCOVERY"])
+        try exercise(owner: ["MC_NVMEOF_DISCOVERY": discovery], nqn: "nqn.2026-11.io.test:rdma", file: try #require(settings["TE_NVMEOF_RDMA_FILE"]))
+    }
+}
