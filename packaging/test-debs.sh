@@ -21,7 +21,7 @@ debs=$PWD/out/debs
 packaging/build-debs.sh "$debs"
 
 # The libraries the plugin packages depend on come from the mirror as a user's apt would fetch them.
-include=libfabric1,libibverbs1,libcxl1,libdaxctl1,python3
+include=libfabric1,libibverbs1,libcxl1,libdaxctl1,libnvme1,python3
 if [ "$(cat "$cache/.complete" 2>/dev/null)" != "$include" ]; then
     echo "== debootstrap bookworm (minbase + $include) into $cache (cached for later runs)"
     rm -rf "$cache.tmp"
@@ -68,6 +68,13 @@ for plugin in rdma cxl; do
         grep -q "^$plugin .*hardware absent" /tmp/te-plugins.txt || fail "$plugin plugin should load and report hardware absent"
     fi
 done
+
+if ls "$debs"/transfer-engine-plugin-nvmeof_*.deb >/dev/null 2>&1; then
+    # Without namespaces of its own the nvmeof plugin runs as a client; a configured but absent target is hardware absent.
+    grep -q "^nvmeof .*available" /tmp/te-plugins.txt || fail "nvmeof plugin should load as a client"
+    in_root env MC_NVMEOF_NAMESPACES=tcp://127.0.0.1:4420/nqn.2026-11.io.test:absent transfer-engine plugins | grep -q "^nvmeof .*hardware absent" \
+        || fail "nvmeof with an unreachable target should report hardware absent"
+fi
 
 echo "== transfer-engine bench --loopback (TCP, P2PHANDSHAKE)"
 in_root transfer-engine bench --loopback --block-sizes 4KiB,1MiB --batch-sizes 1,16 --duration 0.3 --verify --no-reference \

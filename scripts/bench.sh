@@ -21,6 +21,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     command -v iperf3 >/dev/null || missing+=(iperf3)
     command -v cc >/dev/null || missing+=(gcc libc6-dev)
     command -v python3 >/dev/null || missing+=(python3 python3-venv)
+    command -v fio >/dev/null || missing+=(fio)   # the nvmeof guest benchmark's reference
     if [ ${#missing[@]} -gt 0 ]; then
         echo "== installing ${missing[*]}"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -87,6 +88,11 @@ fi
 if [ "$(id -u)" = 0 ] && [ -f "$(dirname "$bin")/libtransport_cxl.so" ] && [ "${TE_SKIP_VM:-0}" != 1 ]; then
     echo "== cxl on QEMU's emulated CXL device: memcpy on /dev/dax0.0 and transfer-engine bench in the same boot"
     TE_BIN=$(dirname "$bin") scripts/vm/cxl-bench.sh || echo "(cxl guest benchmark failed)"
+fi
+
+if [ "$(id -u)" = 0 ] && [ -f "$(dirname "$bin")/libtransport_nvmeof.so" ] && [ "${TE_SKIP_VM:-0}" != 1 ]; then
+    echo "== nvmeof on a kernel NVMe/RDMA target over rxe in the guest: fio and transfer-engine bench on the same namespace, same boot"
+    TE_BIN=$(dirname "$bin") scripts/vm/nvmeof-bench.sh || echo "(nvmeof guest benchmark failed)"
 fi
 
 echo "== summary"

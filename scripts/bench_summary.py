@@ -133,6 +133,29 @@ if cxl and cxl.get("protocol") == "cxl":
             size = f"{block // 1024} KiB" if block < MiB else f"{block // MiB} MiB"
             row(f"cxl {op} {size} (emulated CXL device)", r and r["gbps"], "GB/s", dax.get((op, block)), "memcpy on /dev/dax0.0, same boot")
 
+# nvmeof on a kernel NVMe/RDMA target (rxe) in the guest against fio on the same block device (scripts/vm/nvmeof-bench.sh).
+def fio(name):
+    path = os.path.join(out, f"fio-{name}.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        job = json.load(open(path))["jobs"][0]
+    except (ValueError, KeyError, IndexError):
+        return None
+    op = "write" if "write" in name else "read"
+    return job[op]["bw_bytes"] / 1e9
+
+
+nvmeof = load("bench-nvmeof.json")
+if nvmeof and nvmeof.get("protocol") == "nvmeof":
+    for op in ("write", "read"):
+        for block, batch, ref, label in ((4096, 1, f"psync-{op}-4k", "fio psync 4k, 1 job"),
+                                          (4096, 4, f"psync-{op}-4k-x4", "fio psync 4k, 4 jobs"),
+                                          (MiB, 4, f"psync-{op}-1m-x4", "fio psync 1M, 4 jobs")):
+            r = result(nvmeof, op, block, batch)
+            size = "4 KiB" if block < MiB else "1 MiB"
+            row(f"nvmeof {op} {size} x{batch} (NVMe/RDMA guest)", r and r["gbps"], "GB/s", fio(ref), f"{label}, same boot")
+
 shm = load("bench-shm.json")
 if shm and shm.get("protocol") == "shm":
     for op, block, batch in (("write", 4096, 1), ("write", 64 << 10, 64), ("write", MiB, 64), ("write", 64 * MiB, 1), ("read", 64 * MiB, 1)):

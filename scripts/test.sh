@@ -23,6 +23,8 @@ command -v etcd >/dev/null || need+=(etcd-server)
 [ -f /usr/include/daxctl/libdaxctl.h ] || need+=(libdaxctl-dev)
 [ -f /usr/include/cxl/libcxl.h ] || need+=(libcxl-dev)
 command -v cxl >/dev/null || need+=(ndctl)     # cxl/ndctl tools: the CXL guest test makes /dev/dax0.0 with them
+[ -f /usr/include/libnvme.h ] || need+=(libnvme-dev)
+command -v nvme >/dev/null || need+=(nvme-cli)  # the NVMe-oF guest test makes the host NQN with it
 # The packaging test (packaging/test-debs.sh): build tools for .debs and a Debian root to install them in.
 if [ "${TE_SKIP_PACKAGING:-0}" != 1 ]; then
     for tool in debootstrap patchelf lintian file; do command -v $tool >/dev/null || need+=($tool); done
@@ -54,10 +56,11 @@ if [ "${TE_SKIP_INTEROP:-0}" != 1 ]; then
     fi
 fi
 
-# With libfabric-dev / libibverbs-dev / libcxl-dev present the efa / rdma / cxl plugins are built, so their suites must run.
+# With libfabric-dev / libibverbs-dev / libcxl-dev / libnvme-dev present the efa / rdma / cxl / nvmeof plugins are built, so their suites must run.
 [ -f /usr/include/rdma/fabric.h ] && export TE_REQUIRE_EFA=1
 [ -f /usr/include/infiniband/verbs.h ] && export TE_REQUIRE_RDMA=1
 [ -f /usr/include/daxctl/libdaxctl.h ] && [ -f /usr/include/cxl/libcxl.h ] && export TE_REQUIRE_CXL=1
+[ -f /usr/include/libnvme.h ] && export TE_REQUIRE_NVMEOF=1
 
 swift test --manifest-cache none "$@"
 
@@ -65,9 +68,9 @@ swift test --manifest-cache none "$@"
 python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --disable-pip-version-check pytest
 TRANSFER_ENGINE_LIBRARY="$(swift build --show-bin-path)/libtransfer_engine_c.so" python3 -m pytest -q python/tests
 
-# The rdma and cxl plugins on real kernel stacks: QEMU guests with Debian's kernel (software
+# The rdma, cxl and nvmeof plugins on real kernel stacks: QEMU guests with Debian's kernel (software
 # emulation, no KVM needed; the scripts install qemu, rdma-core and ndctl tools as root): soft-RoCE
-# for rdma, an emulated CXL type-3 device for cxl. TE_SKIP_VM=1 skips them.
+# for rdma, an emulated CXL type-3 device for cxl, nvmet targets over TCP and rxe for nvmeof. TE_SKIP_VM=1 skips them.
 bin_path=$(swift build --show-bin-path)
 if [ "${TE_SKIP_VM:-0}" = 1 ]; then
     echo "guest tests skipped (TE_SKIP_VM=1)"
@@ -81,6 +84,10 @@ else
     if [ -f "$bin_path/libtransport_cxl.so" ]; then
         echo "== cxl plugin test on QEMU's emulated CXL device"
         scripts/vm/test-cxl.sh
+    fi
+    if [ -f "$bin_path/libtransport_nvmeof.so" ]; then
+        echo "== nvmeof plugin tests on kernel NVMe-oF targets (NVMe/TCP, NVMe/RDMA over rxe) in the guest"
+        scripts/vm/test-nvmeof.sh
     fi
 fi
 

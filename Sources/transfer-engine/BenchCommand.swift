@@ -19,7 +19,7 @@ struct BenchCommand: ParsableCommand {
 
     @OptionGroup var engine: EngineOptions
 
-    @Option(help: "Target segment name (host:rpc_port). Its first buffer is used.")
+    @Option(help: "Target segment name (host:rpc_port). Its first buffer is used (its first namespace with --protocol nvmeof).")
     var segment: String?
 
     @Flag(help: "Allocate this side's buffer on the heap instead of as a managed buffer (which a CXL pool serves from the pool).")
@@ -131,7 +131,9 @@ struct BenchCommand: ParsableCommand {
         let firstStart = MonotonicClock.nanoseconds()
         let handle = try transferEngine.openSegment(segmentName)
         let openMicros = Double(MonotonicClock.nanoseconds() - firstStart) / 1000
-        guard let remote = try transferEngine.descriptor(of: handle).buffers.first else {
+        // Ranges the plugin serves itself (nvmeof namespaces) name their protocol; prefer those.
+        let buffers = try transferEngine.descriptor(of: handle).buffers
+        guard let remote = buffers.first(where: { $0.extra["protocol"]?.stringValue == transferEngine.activeProtocol }) ?? buffers.first else {
             throw EngineError.segmentUnavailable(name: segmentName, reason: "it has no registered buffer")
         }
         try transferEngine.transferSync(.write, localAddress: local, segment: handle, remoteAddress: remote.address, length: min(4096, remote.length))
