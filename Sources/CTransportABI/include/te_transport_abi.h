@@ -195,7 +195,8 @@ typedef struct te_plugin_descriptor {
     /**
      * Creates an instance. options_json is an object with at least
      * "device_name", "local_hostname", "segment_name" and "options" (an object
-     * of string values taken from MC_* settings).
+     * of string values taken from MC_* settings); since 1.1 also "protocol",
+     * the protocol the plugin is loaded for (a plugin may serve several).
      */
     int32_t (*create)(const char *options_json, const te_host_services *host, te_instance **out);
 

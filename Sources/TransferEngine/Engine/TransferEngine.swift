@@ -147,6 +147,7 @@ public final class TransferEngine: @unchecked Sendable {
         selection = try ProtocolSelector.select(requested: configuration.protocolName, catalog: catalog,
                                                 environment: environment, probeOptionsJSON: probeOptions)
         if let warning = selection.warningLine { logger.warning("\(warning)") }
+        if let notice = selection.notice { logger.info("\(notice)") }
 
         let handshakeListener = try PortAllocator.listen(host: bindHost, range: settings.portRange)
         let dataListener = try PortAllocator.listen(host: bindHost, range: settings.portRange)
@@ -158,7 +159,8 @@ public final class TransferEngine: @unchecked Sendable {
         dataPort = dataServer.port
 
         if let loaded = selection.plugin {
-            let options = Self.pluginOptions(configuration: configuration, segmentName: segmentName, environment: environment)
+            let options = Self.pluginOptions(configuration: configuration, segmentName: segmentName, environment: environment,
+                                             protocolName: selection.effective)
             let handshakeTimeouts = HandshakeClient.Timeouts(connectMs: settings.connectTimeoutMs, replyMs: settings.handshakeReplyMs)
             let maxLength = settings.handshakeMaxLength
             plugin = try PluginTransport(plugin: loaded, protocolName: selection.effective, optionsJSON: options, logger: logger) { peer, request in
@@ -260,10 +262,13 @@ public final class TransferEngine: @unchecked Sendable {
     deinit { shutdown() }
 
     /// The options JSON a plugin gets at probe and create.
-    public static func pluginOptions(configuration: EngineConfiguration, segmentName: String, environment: [String: String]) -> String {
+    /// `protocol` is the protocol the plugin is loaded for (one plugin file may serve several).
+    public static func pluginOptions(configuration: EngineConfiguration, segmentName: String, environment: [String: String],
+                                     protocolName: String? = nil) -> String {
         var options: [String: JSONValue] = [:]
         for (key, value) in environment where key.hasPrefix("MC_") { options[key] = .string(value) }
         return JSONValue.object([
+            "protocol": .string(protocolName ?? configuration.protocolName.lowercased()),
             "device_name": .string(configuration.deviceName),
             "local_hostname": .string(configuration.localHostname),
             "segment_name": .string(segmentName),

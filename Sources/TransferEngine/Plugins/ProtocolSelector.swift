@@ -18,6 +18,8 @@ public enum ProtocolSelector {
         public var fallbackReason: String?
         /// What the user can do about it.
         public var fallbackHint: String?
+        /// An informational line when another plugin stands in for the requested one (rdma -> nvlink).
+        public var notice: String?
 
         /// The single warning line for a fallback.
         public var warningLine: String? {
@@ -40,10 +42,35 @@ public enum ProtocolSelector {
     }
 
     /// Resolves `requested` against the catalog.
+    ///
+    /// `rdma` follows upstream's rule: `MC_FORCE_MNNVL=true` asks for `nvlink` instead; without
+    /// a usable RDMA NIC, `nvlink` (MNNVL) is used when it is available, else TCP.
     public static func select(requested rawName: String, catalog: PluginCatalog, environment: [String: String],
                               probeOptionsJSON: String) throws -> Selection {
         var name = rawName.trimmingCharacters(in: .whitespaces).lowercased()
         if name == "rdma", truthy(environment["MC_FORCE_MNNVL"]) { name = "nvlink" }
+        let strict = truthy(environment["MC_STRICT_PROTOCOL"])
+        guard name == "rdma" else {
+            return try selectOne(name, rawName: rawName, catalog: catalog, strict: strict, probeOptionsJSON: probeOptionsJSON)
+        }
+        let rdma = try selectOne(name, rawName: rawName, catalog: catalog, strict: false, probeOptionsJSON: probeOptionsJSON)
+        guard let reason = rdma.fallbackReason else { return rdma }
+        let mnnvl = try selectOne("nvlink", rawName: "nvlink", catalog: catalog, strict: false,
+                                  probeOptionsJSON: probeOptionsJSON.replacing(#""protocol":"rdma""#, with: #""protocol":"nvlink""#))
+        if mnnvl.plugin != nil {
+            var chosen = mnnvl
+            chosen.requested = name
+            chosen.notice = "rdma is unavailable (\(reason)); using nvlink (MNNVL), as upstream does without RDMA NICs"
+            return chosen
+        }
+        if strict {
+            throw EngineError.protocolUnavailable(protocolName: name, reason: reason + ((rdma.fallbackHint ?? "").isEmpty ? "" : "; \(rdma.fallbackHint!)"))
+        }
+        return rdma
+    }
+
+    private static func selectOne(_ name: String, rawName: String, catalog: PluginCatalog, strict: Bool,
+                                  probeOptionsJSON: String) throws -> Selection {
         if name == "tcp" { return Selection(requested: name, effective: "tcp") }
 
         var path = catalog.file(for: name)
@@ -64,7 +91,7 @@ public enum ProtocolSelector {
         }
 
         func fallback(_ reason: String, _ hint: String) throws -> Selection {
-            if truthy(environment["MC_STRICT_PROTOCOL"]) {
+            if strict {
                 throw EngineError.protocolUnavailable(protocolName: name, reason: reason + (hint.isEmpty ? "" : "; \(hint)"))
             }
             return Selection(requested: name, effective: "tcp", plugin: nil, fallbackReason: reason, fallbackHint: hint)
