@@ -110,6 +110,19 @@ if pluginEnabled("NVMEOF", header: "/usr/include/libnvme.h") {
     ]
 }
 
+// NVLink over the CUDA driver API, bound at run time with dlopen (Debian has no CUDA headers), so it
+// always builds: nvlink (multi-node NVLink, fabric handles) and nvlink_intra (CUDA IPC on one host)
+// are two plugin files from one module; the host tells the plugin which protocol it runs.
+products += [
+    .library(name: "transport_nvlink", type: .dynamic, targets: ["NVLinkPlugin"]),
+    .library(name: "transport_nvlink_intra", type: .dynamic, targets: ["NVLinkPlugin"]),
+]
+targets += [
+    .target(name: "CCUDAShim", path: "Plugins/NVLink/CCUDAShim", linkerSettings: [.linkedLibrary("dl")]),
+    .target(name: "NVLinkPlugin", dependencies: ["CTransportABI", "CCUDAShim"], path: "Plugins/NVLink/NVLinkPlugin"),
+    .testTarget(name: "NVLinkPluginTests", dependencies: ["NVLinkPlugin"], path: "Tests/NVLinkPluginTests"),
+]
+
 let package = Package(
     name: "swift-transfer-engine",
     products: products,

@@ -77,6 +77,21 @@ struct HostileInputTests {
         #expect(try target.stillServes())
     }
 
+    @Test("memory registered as device memory (cuda:N) is never served over TCP: the CPU must not dereference it")
+    func deviceMemoryNotServed() throws {
+        let target = try Target()
+        let device = TestBuffer(4096, fill: 0x5a)  // host memory labelled cuda:0 stands in for a device pointer
+        try target.engine.registerMemory(address: device.address, length: 4096, location: "cuda:0")
+        let rejected = withUnsafeBytes(of: TCPWire.statusFrame(.addressRejected)) { Array($0) }
+        for operation in [TCPWire.Operation.read, .write] {
+            let reply = try exchange(target, header: .init(size: 16, address: device.address, operation: operation, acknowledged: true),
+                                     payload: operation == .write ? [UInt8](repeating: 0xFF, count: 16) : [])
+            #expect(reply == rejected, "\(operation): got \(reply)")
+        }
+        #expect(device.bytes.allSatisfy { $0 == 0x5a })
+        #expect(try target.stillServes())
+    }
+
     @Test("truncated headers and payloads leave memory consistent and the server serving")
     func truncated() throws {
         let target = try Target()

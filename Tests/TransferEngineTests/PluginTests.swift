@@ -53,17 +53,19 @@ struct PluginTests {
 
     @Test("a protocol without a plugin falls back to TCP with exactly one warning naming the file and the package")
     func fallbackWithoutPlugin() throws {
-        // nvlink_intra has no plugin in this build (checked), so the search finds nothing.
-        #expect(!FileManager.default.fileExists(atPath: TestSupport.productsDirectory.appendingPathComponent("libtransport_nvlink_intra.so").path))
+        // ascend has no plugin in this build (checked), so the search finds nothing.
+        #expect(!FileManager.default.fileExists(atPath: TestSupport.productsDirectory.appendingPathComponent("libtransport_ascend.so").path))
         let (logger, capture) = TestSupport.capturingLogger()
-        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "nvlink_intra"), environment: TestSupport.cleanEnvironment(), logger: logger)
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "ascend"), environment: TestSupport.cleanEnvironment(), logger: logger)
         defer { engine.shutdown() }
         #expect(engine.activeProtocol == "tcp")
         let warnings = capture.messages(at: .warning)
         #expect(warnings.count == 1)
-        #expect(warnings.first?.contains("protocol 'nvlink_intra' is unavailable") == true)
-        #expect(warnings.first?.contains("libtransport_nvlink_intra.so") == true)
-        #expect(warnings.first?.contains("transfer-engine-plugin-nvlink-intra") == true, "\(warnings)")
+        #expect(warnings.first?.contains("protocol 'ascend' is unavailable") == true)
+        #expect(warnings.first?.contains("libtransport_ascend.so") == true)
+        #expect(warnings.first?.contains("transfer-engine-plugin-ascend") == true, "\(warnings)")
+        // Debian package names have no underscores.
+        #expect(ProtocolSelector.packageName("nvlink_intra") == "transfer-engine-plugin-nvlink-intra")
     }
 
     @Test("a plugin reporting hardware absent falls back to TCP and says why; strict mode makes it an error")
@@ -145,6 +147,63 @@ struct PluginTests {
         // Out-of-range requests are refused before they reach the plugin.
         #expect(throws: EngineError.self) {
             try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address + 1, length: UInt64(remote.count))
+        }
+    }
+}
+
+/// Upstream's rdma/MNNVL rule over real plugin files: fixtures standing in for hardware that is absent here.
+@Suite("rdma and nvlink selection")
+struct MNNVLSelectionTests {
+    private func directory(rdmaAbsent: Bool) throws -> URL {
+        let directory = try TestSupport.temporaryDirectory()
+        try FixturePlugins.build("libtransport_rdma.so", defines: (rdmaAbsent ? ["FIXTURE_ABSENT"] : []) + ["FIXTURE_PROTOCOL=\"rdma\""], in: directory)
+        try FixturePlugins.build("libtransport_nvlink.so", defines: ["FIXTURE_PROTOCOL=\"nvlink\""], in: directory)
+        return directory
+    }
+
+    @Test("rdma with no usable RDMA NIC runs nvlink when it is available, saying so at info level; without nvlink it is TCP with one warning")
+    func rdmaAbsentUsesMNNVL() throws {
+        let directory = try directory(rdmaAbsent: true)
+        let selection = try ProtocolSelector.select(requested: "rdma", catalog: PluginCatalog(directories: [directory.path]),
+                                                    environment: ["MC_STRICT_PROTOCOL": "1"], probeOptionsJSON: #"{"protocol":"rdma"}"#)
+        #expect(selection.effective == "nvlink" && selection.warningLine == nil)
+        #expect(selection.notice?.contains("no fixture device found") == true, "\(selection.notice ?? "")")
+
+        try FileManager.default.removeItem(at: directory.appendingPathComponent("libtransport_nvlink.so"))
+        let fallback = try ProtocolSelector.select(requested: "rdma", catalog: PluginCatalog(directories: [directory.path]),
+                                                   environment: [:], probeOptionsJSON: "{}")
+        #expect(fallback.effective == "tcp" && fallback.warningLine?.contains("protocol 'rdma' is unavailable") == true)
+        #expect(throws: EngineError.self) {
+            try ProtocolSelector.select(requested: "rdma", catalog: PluginCatalog(directories: [directory.path]),
+                                        environment: ["MC_STRICT_PROTOCOL": "1"], probeOptionsJSON: "{}")
+        }
+    }
+
+    @Test("rdma with a usable NIC stays rdma; MC_FORCE_MNNVL=true picks nvlink anyway")
+    func rdmaPresent() throws {
+        let directory = try directory(rdmaAbsent: false)
+        let catalog = PluginCatalog(directories: [directory.path])
+        #expect(try ProtocolSelector.select(requested: "rdma", catalog: catalog, environment: [:], probeOptionsJSON: "{}").effective == "rdma")
+        #expect(try ProtocolSelector.select(requested: "rdma", catalog: catalog, environment: ["MC_FORCE_MNNVL": "true"], probeOptionsJSON: "{}").effective == "nvlink")
+    }
+
+    @Test("the nvlink and nvlink_intra plugins load and answer precisely that the CUDA driver is missing; TCP with one warning")
+    func cudaDriverMissing() throws {
+        for name in ["nvlink", "nvlink_intra"] {
+            guard FileManager.default.fileExists(atPath: TestSupport.productsDirectory.appendingPathComponent("libtransport_\(name).so").path) else {
+                Issue.record("libtransport_\(name).so was not built")
+                continue
+            }
+            let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path,
+                                                            "MC_CUDA_LIBRARY": "libcuda-not-installed.so.1"])
+            let (logger, capture) = TestSupport.capturingLogger()
+            let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: name), environment: environment, logger: logger)
+            engine.shutdown()
+            #expect(engine.activeProtocol == "tcp")
+            let warnings = capture.messages(at: .warning)
+            #expect(warnings.count == 1 && warnings[0].contains("library missing: the CUDA driver is not installed (libcuda-not-installed.so.1"),
+                    "\(warnings)")
+            #expect(warnings.first?.contains("install the NVIDIA driver (libcuda.so.1)") == true)
         }
     }
 }

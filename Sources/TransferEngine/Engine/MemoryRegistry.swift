@@ -11,6 +11,9 @@ final class MemoryRegistry: @unchecked Sendable {
         var length: UInt64
         var location: String
         var end: UInt64 { address + length }
+        /// Whether the CPU can touch it: device memory ("cuda:0", "hip:1", "npu:0") is only moved by its plugin.
+        var hostAccessible: Bool { !Self.deviceLocationPrefixes.contains { location.hasPrefix($0) } }
+        static let deviceLocationPrefixes = ["cuda:", "hip:", "npu:", "musa:", "mlu:"]
     }
 
     private let lock = ReadWriteLock()
@@ -57,17 +60,19 @@ final class MemoryRegistry: @unchecked Sendable {
 
     /// Runs `body` while [address, address+length) is guaranteed to stay registered;
     /// returns nil without running it when the range is not inside one region.
+    /// Device memory counts as unregistered here: the TCP server must never dereference it.
     func withRegistered<R>(address: UInt64, length: UInt64, _ body: () throws -> R) rethrows -> R? {
         try lock.withReadLock {
-            guard find(address, length) != nil else { return nil }
+            guard find(address, length)?.hostAccessible == true else { return nil }
             return try body()
         }
     }
 
     /// Runs `body` under the read lock with a lookup that checks ranges against the
-    /// registrations held stable for the duration (several ranges, one lock acquisition).
+    /// registrations held stable for the duration (several ranges, one lock acquisition);
+    /// device memory counts as unregistered, as in `withRegistered`.
     func withStableRegistrations<R>(_ body: (_ isRegistered: (UInt64, UInt64) -> Bool) throws -> R) rethrows -> R {
-        try lock.withReadLock { try body { self.find($0, $1) != nil } }
+        try lock.withReadLock { try body { self.find($0, $1)?.hostAccessible == true } }
     }
 
     private func find(_ address: UInt64, _ length: UInt64) -> Region? {

@@ -1,0 +1,284 @@
+import CCUDAShim
+import CTransportABI
+import FoundationEssentials
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+// The nvlink and nvlink_intra transports: GPU memory of a peer mapped into this
+// process (a CUDA IPC handle on the same host, a fabric handle across an NVLink
+// domain) and copied with cuMemcpy on copy threads. One plugin file per
+// protocol, both built from this module; the host says which in "protocol".
+
+/// Boot id of this host: CUDA IPC handles only open on the same host.
+let bootID: String = {
+    guard let file = fopen("/proc/sys/kernel/random/boot_id", "r") else { return "?" }
+    defer { fclose(file) }
+    var buffer = [CChar](repeating: 0, count: 64)
+    _ = fgets(&buffer, 64, file)
+    return String(decoding: buffer.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}()
+
+func cudaError(_ result: Int32) -> String { String(cString: cu_error_name(result)) }
+
+/// One plugin instance.
+final class NVLinkInstance: @unchecked Sendable {
+    struct Job {
+        var cookie: UInt64
+        var destination: UInt64
+        var source: UInt64
+        var length: UInt64
+    }
+
+    let options: NVLinkOptions
+    let host: UnsafePointer<te_host_services>?
+    private let queue = Signal()
+    private let finished = Signal()
+    private var jobs: [Job] = []
+    private var jobHead = 0
+    private var done: [te_completion] = []
+    private var peers: [UInt64: PeerSegment] = [:]
+    private var nextPeer: UInt64 = 1
+    /// Peer allocations mapped here, by handle text: where they start in this process and their size.
+    private var mapped: [String: (address: UInt64, size: UInt64)] = [:]
+    /// Memory this engine allocated for managed buffers: size (fabric mappings) or 0 (cuMemAlloc).
+    private var allocations: [UInt64: UInt64] = [:]
+    private var stopping = false
+    private var running = 0
+    private let lastError: UnsafeMutablePointer<CChar> = {
+        let storage = UnsafeMutablePointer<CChar>.allocate(capacity: 512)
+        storage.initialize(repeating: 0, count: 512)
+        return storage
+    }()
+
+    init(options: NVLinkOptions, host: UnsafePointer<te_host_services>?) {
+        self.options = options
+        self.host = host
+    }
+
+    func setError(_ text: String) {
+        queue.locked {
+            let bytes = Array(text.utf8.prefix(511))
+            for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
+            lastError[bytes.count] = 0
+        }
+    }
+
+    var lastErrorText: UnsafePointer<CChar> { UnsafePointer(lastError) }
+
+    func start() -> Bool {
+        for _ in 0..<options.workers {
+            queue.locked { running += 1 }
+            guard startThread({ [self] in work() }) else {
+                queue.locked { running -= 1 }
+                return false
+            }
+        }
+        return true
+    }
+
+    func close() {
+        queue.locked {
+            stopping = true
+            queue.broadcast()
+            while running > 0 { queue.wait(nanoseconds: 100_000_000) }
+        }
+        _ = cu_bind_device(options.device)
+        for (_, mapping) in mapped {
+            if options.mode == .intra { _ = cu_ipc_close(mapping.address) } else { _ = cu_fabric_unmap(mapping.address, mapping.size) }
+        }
+        mapped.removeAll()
+        for (address, size) in allocations { if size == 0 { _ = cu_free(address) } else { _ = cu_fabric_unmap(address, size) } }
+        allocations.removeAll()
+    }
+
+    var descriptorFragment: String {
+        "{\"nvlink_boot_id\":\"\(bootID)\",\"nvlink_handle_type\":\"\(options.mode.handleType)\",\"nvlink_device\":\(options.device)}"
+    }
+
+    /// Device memory gets its allocation's handle; host memory is reached over TCP.
+    func register(_ address: UInt64, _ length: UInt64) -> (Int32, String) {
+        var status = cu_bind_device(options.device)
+        var isDevice: Int32 = 0, device: Int32 = 0
+        var base: UInt64 = 0, size: UInt64 = 0
+        if status == 0 { status = cu_pointer_info(address, &isDevice, &device, &base, &size) }
+        guard status == 0 else {
+            setError("cuPointerGetAttribute(0x\(String(address, radix: 16))): \(cudaError(status))")
+            return (TE_ERR_INVALID_ARGUMENT, "")
+        }
+        if isDevice == 0 { return (TE_OK, "{\"protocol\":\"tcp\"}") }
+        var handle = [UInt8](repeating: 0, count: Int(CU_SHIM_HANDLE_BYTES))
+        status = options.mode == .intra ? cu_ipc_export(base, &handle) : cu_fabric_export(address, &handle)
+        guard status == 0 else {
+            let how = options.mode == .intra ? "cuIpcGetMemHandle" : "cuMemExportToShareableHandle (fabric; the memory must come from cuMemCreate with CU_MEM_HANDLE_TYPE_FABRIC, e.g. a managed buffer)"
+            setError("\(how) for 0x\(String(address, radix: 16)): \(cudaError(status))")
+            return (TE_ERR_NOT_SUPPORTED, "")
+        }
+        return (TE_OK, "{\"protocol\":\"\(options.mode.rawValue)\",\"shm_name\":\"\(HandleText.encode(handle))\",\"nvlink_offset\":\(address - base),\"nvlink_alloc_size\":\(size),\"nvlink_device\":\(device)}")
+    }
+
+    func openPeer(_ segment: String, _ json: String) -> (Int32, UInt64) {
+        let peer: PeerSegment
+        do { peer = try PeerSegment(json: json) } catch {
+            setError("\(segment): \(error)")
+            return (TE_ERR_INVALID_ARGUMENT, 0)
+        }
+        if let reason = peer.unreachableReason(mode: options.mode, localBootID: bootID) {
+            setError("\(segment): \(reason)")
+            return (TE_ERR_PEER_UNREACHABLE, 0)
+        }
+        return queue.locked {
+            defer { nextPeer += 1 }
+            peers[nextPeer] = peer
+            return (TE_OK, nextPeer)
+        }
+    }
+
+    func closePeer(_ handle: UInt64) { queue.locked { _ = peers.removeValue(forKey: handle) } }
+
+    /// Where a peer buffer's allocation is mapped in this process (mapping it on first use).
+    private func mapping(of buffer: PeerBuffer) -> (UInt64?, Int32) {
+        let key = HandleText.encode(buffer.handle)
+        if let known = queue.locked({ mapped[key] }) { return (known.address, 0) }
+        var status = cu_bind_device(options.device)
+        var address: UInt64 = 0
+        if status == 0 {
+            status = buffer.handle.withUnsafeBufferPointer { handle in
+                options.mode == .intra ? cu_ipc_open(handle.baseAddress!, &address)
+                    : cu_fabric_import(handle.baseAddress!, buffer.allocationSize, options.device, &address)
+            }
+        }
+        guard status == 0 else { return (nil, status) }
+        return queue.locked {
+            if let raced = mapped[key] {  // another thread mapped it meanwhile: keep one
+                if options.mode == .intra { _ = cu_ipc_close(address) } else { _ = cu_fabric_unmap(address, buffer.allocationSize) }
+                return (raced.address, 0)
+            }
+            mapped[key] = (address, buffer.allocationSize)
+            return (address, 0)
+        }
+    }
+
+    func submit(_ raw: UnsafeRawPointer?, count: Int, stride: Int, accepted: inout Int) -> Int32 {
+        accepted = 0
+        var batch: [Job] = []
+        for i in 0..<count {
+            let request = raw!.loadUnaligned(fromByteOffset: i * stride, as: te_request.self)
+            guard request.length > 0, request.opcode == TE_OP_READ || request.opcode == TE_OP_WRITE,
+                  let peer = queue.locked({ peers[request.peer] }) else {
+                setError("bad request (opcode \(request.opcode), length \(request.length), peer \(request.peer))")
+                return TE_ERR_INVALID_ARGUMENT
+            }
+            guard let buffer = peer.buffer(containing: request.remote_addr, length: request.length) else {
+                setError("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is not inside one of the peer's GPU buffers")
+                return TE_ERR_OUT_OF_RANGE
+            }
+            let (base, status) = mapping(of: buffer)
+            guard let base else {
+                setError("cannot map the peer's GPU buffer: \(cudaError(status))")
+                return TE_ERR_PEER_UNREACHABLE
+            }
+            let remote = base + buffer.offset + (request.remote_addr - buffer.address)
+            let write = request.opcode == TE_OP_WRITE
+            batch.append(Job(cookie: request.cookie, destination: write ? remote : request.local_addr,
+                             source: write ? request.local_addr : remote, length: request.length))
+            accepted = i + 1
+        }
+        queue.locked {
+            jobs += batch
+            queue.broadcast()
+        }
+        return TE_OK
+    }
+
+    private func work() {
+        let bound = cu_bind_device(options.device)
+        while true {
+            let next: Job? = queue.locked {
+                while jobHead == jobs.count && !stopping { queue.wait(nanoseconds: 1_000_000_000) }
+                guard jobHead < jobs.count else { return nil }
+                defer {
+                    jobHead += 1
+                    if jobHead == jobs.count { jobs.removeAll(keepingCapacity: true); jobHead = 0 }
+                }
+                return jobs[jobHead]
+            }
+            guard let job = next else { break }
+            let status = bound != 0 ? bound : cu_copy(job.destination, job.source, job.length)
+            if status != 0 { setError("cuMemcpy of \(job.length) bytes: \(cudaError(status))") }
+            finished.locked {
+                done.append(te_completion(cookie: job.cookie, status: status == 0 ? TE_OK : TE_ERR_IO, flags: 0, bytes: status == 0 ? job.length : 0))
+                finished.broadcast()
+            }
+        }
+        queue.locked {
+            running -= 1
+            queue.broadcast()
+        }
+    }
+
+    func poll(into raw: UnsafeMutableRawPointer?, capacity: Int, stride: Int, timeout: UInt64) -> Int {
+        finished.locked {
+            if done.isEmpty && timeout > 0 { finished.wait(nanoseconds: timeout) }
+            let n = min(capacity, done.count)
+            for i in 0..<n { raw!.storeBytes(of: done[i], toByteOffset: i * stride, as: te_completion.self) }
+            done.removeFirst(n)
+            return n
+        }
+    }
+
+    /// Device memory that this protocol can export: cuMemAlloc for IPC, cuMemCreate with a fabric handle for MNNVL.
+    func allocate(_ length: UInt64) -> (Int32, UInt64) {
+        var status = cu_bind_device(options.device)
+        var address: UInt64 = 0, size: UInt64 = 0
+        if status == 0 { status = options.mode == .intra ? cu_alloc(length, &address) : cu_fabric_alloc(options.device, length, &address, &size) }
+        guard status == 0 else {
+            setError("allocating \(length) bytes on cuda:\(options.device): \(cudaError(status))")
+            return (TE_ERR_NO_RESOURCES, 0)
+        }
+        queue.locked { allocations[address] = size }
+        return (TE_OK, address)
+    }
+
+    func free(_ address: UInt64) -> Int32 {
+        guard let size = queue.locked({ allocations.removeValue(forKey: address) }) else { return TE_ERR_INVALID_ARGUMENT }
+        _ = cu_bind_device(options.device)
+        _ = size == 0 ? cu_free(address) : cu_fabric_unmap(address, size)
+        return TE_OK
+    }
+}
+
+/// Whether this machine can run `options.mode`, and why not.
+enum Probe {
+    static func run(_ options: NVLinkOptions) -> (Int32, String, String) {
+        var error = [CChar](repeating: 0, count: 512)
+        let loaded = cu_load(options.library, &error, error.count)
+        let text = String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        switch loaded {
+        case 0: break
+        case -1: return (TE_ERR_LIBRARY_MISSING, "the CUDA driver is not installed (\(text))", "install the NVIDIA driver (libcuda.so.1) or set MC_CUDA_LIBRARY")
+        case -2: return (TE_ERR_LIBRARY_MISSING, text, "install an NVIDIA driver for CUDA 12 or newer")
+        default: return (TE_ERR_HARDWARE_ABSENT, "no usable CUDA device (\(text))", "check nvidia-smi and the driver")
+        }
+        var count: Int32 = 0
+        let counted = cu_device_count(&count)
+        guard counted == 0, count > options.device else {
+            return (TE_ERR_HARDWARE_ABSENT, "cuda:\(options.device) does not exist (\(count) CUDA device(s)\(counted == 0 ? "" : ", \(cudaError(counted))"))",
+                    "set device_name to cuda:N with N below the device count")
+        }
+        if options.mode == .mnnvl {
+            var supported: Int32 = 0
+            let status = cu_fabric_supported(options.device, &supported)
+            guard status == 0, supported != 0 else {
+                return (TE_ERR_HARDWARE_ABSENT, "cuda:\(options.device) cannot export fabric handles (no multi-node NVLink\(status == 0 ? "" : ": \(cudaError(status))"))",
+                        "use nvlink_intra for GPUs on one host, or rdma")
+            }
+        }
+        var version: Int32 = 0
+        _ = cu_driver_version(&version)
+        return (TE_OK, "\(count) CUDA device(s), driver CUDA \(version / 1000).\(version % 1000 / 10), using cuda:\(options.device)", "")
+    }
+}
