@@ -110,17 +110,21 @@ if pluginEnabled("NVMEOF", header: "/usr/include/libnvme.h") {
     ]
 }
 
-// NVLink over the CUDA driver API, bound at run time with dlopen (Debian has no CUDA headers), so it
-// always builds: nvlink (multi-node NVLink, fabric handles) and nvlink_intra (CUDA IPC on one host)
-// are two plugin files from one module; the host tells the plugin which protocol it runs.
+// GPU transports, the runtimes bound at run time with dlopen: nvlink (multi-node NVLink, CUDA fabric
+// handles) and nvlink_intra (CUDA IPC on one host) always build (Debian has no CUDA headers; the shim
+// declares the driver API it uses); hip (HIP IPC) builds with libamdhip64-dev, whose header types the
+// HIP entry points. One module, one plugin file per protocol; the host tells the plugin which it runs.
 products += [
-    .library(name: "transport_nvlink", type: .dynamic, targets: ["NVLinkPlugin"]),
-    .library(name: "transport_nvlink_intra", type: .dynamic, targets: ["NVLinkPlugin"]),
+    .library(name: "transport_nvlink", type: .dynamic, targets: ["GPUPlugin"]),
+    .library(name: "transport_nvlink_intra", type: .dynamic, targets: ["GPUPlugin"]),
 ]
+if pluginEnabled("HIP", header: "/usr/include/hip/hip_runtime_api.h") {
+    products.append(.library(name: "transport_hip", type: .dynamic, targets: ["GPUPlugin"]))
+}
 targets += [
-    .target(name: "CCUDAShim", path: "Plugins/NVLink/CCUDAShim", linkerSettings: [.linkedLibrary("dl")]),
-    .target(name: "NVLinkPlugin", dependencies: ["CTransportABI", "CCUDAShim"], path: "Plugins/NVLink/NVLinkPlugin"),
-    .testTarget(name: "NVLinkPluginTests", dependencies: ["NVLinkPlugin"], path: "Tests/NVLinkPluginTests"),
+    .target(name: "CGPUShim", path: "Plugins/GPU/CGPUShim", linkerSettings: [.linkedLibrary("dl")]),
+    .target(name: "GPUPlugin", dependencies: ["CTransportABI", "CGPUShim"], path: "Plugins/GPU/GPUPlugin"),
+    .testTarget(name: "GPUPluginTests", dependencies: ["GPUPlugin"], path: "Tests/GPUPluginTests"),
 ]
 
 let package = Package(

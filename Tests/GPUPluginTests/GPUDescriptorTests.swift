@@ -1,19 +1,22 @@
 import Testing
-@testable import NVLinkPlugin
+@testable import GPUPlugin
 
-/// The nvlink plugins' device-free logic: options, upstream's handle text, peer descriptors and reachability.
-@Suite("nvlink descriptors and options (no GPU needed)")
-struct NVLinkDescriptorTests {
-    @Test("options: protocol picks the mode, device_name cuda:N or N, MC_* settings checked")
+/// The GPU plugins' device-free logic: options, upstream's handle text, peer descriptors and reachability.
+@Suite("GPU plugin descriptors and options (no GPU needed)")
+struct GPUDescriptorTests {
+    @Test("options: protocol picks the mode, device_name cuda:N, hip:N or N, MC_* settings checked")
     func options() throws {
-        let intra = try NVLinkOptions(json: #"{"protocol":"nvlink_intra","device_name":"cuda:3","options":{"MC_NVLINK_WORKERS":"4"}}"#)
+        let intra = try GPUOptions(json: #"{"protocol":"nvlink_intra","device_name":"cuda:3","options":{"MC_GPU_WORKERS":"4"}}"#)
         #expect(intra.mode == .intra && intra.device == 3 && intra.workers == 4)
-        let fabric = try NVLinkOptions(json: #"{"protocol":"nvlink","device_name":"1","options":{"MC_CUDA_LIBRARY":"/opt/libcuda.so.1"}}"#)
+        let fabric = try GPUOptions(json: #"{"protocol":"nvlink","device_name":"1","options":{"MC_CUDA_LIBRARY":"/opt/libcuda.so.1"}}"#)
         #expect(fabric.mode == .mnnvl && fabric.device == 1 && fabric.library == "/opt/libcuda.so.1")
-        #expect(try NVLinkOptions(json: #"{"protocol":"nvlink","device_name":"auto-discovery"}"#).device == 0)
-        #expect(throws: NVLinkError.self) { try NVLinkOptions(json: #"{"device_name":"mlx5_0"}"#) }
-        #expect(throws: NVLinkError.self) { try NVLinkOptions(json: #"{"options":{"MC_NVLINK_WORKERS":"0"}}"#) }
-        #expect(throws: NVLinkError.self) { try NVLinkOptions(json: "[1]") }
+        #expect(try GPUOptions(json: #"{"protocol":"nvlink","device_name":"auto-discovery"}"#).device == 0)
+        let hip = try GPUOptions(json: #"{"protocol":"hip","device_name":"hip:2","options":{"MC_HIP_LIBRARY":"libamdhip64.so.6","MC_CUDA_LIBRARY":"x"}}"#)
+        #expect(hip.mode == .hip && hip.device == 2 && hip.library == "libamdhip64.so.6")
+        #expect(throws: GPUError.self) { try GPUOptions(json: #"{"protocol":"hip","device_name":"cuda:0"}"#) }
+        #expect(throws: GPUError.self) { try GPUOptions(json: #"{"device_name":"mlx5_0"}"#) }
+        #expect(throws: GPUError.self) { try GPUOptions(json: #"{"options":{"MC_GPU_WORKERS":"0"}}"#) }
+        #expect(throws: GPUError.self) { try GPUOptions(json: "[1]") }
     }
 
     @Test("handles travel as upstream's upper-case hex; decoding accepts either case and rejects junk")
@@ -31,8 +34,8 @@ struct NVLinkDescriptorTests {
     func peerDescriptor() throws {
         let handle = HandleText.encode([UInt8](repeating: 0xAB, count: 64))
         let json = """
-        {"name":"10.0.0.1:15000","protocol":"nvlink_intra","nvlink_boot_id":"b1","nvlink_handle_type":"ipc",
-         "buffers":[{"name":"cuda:0","addr":1000000,"length":4096,"shm_name":"\(handle)","nvlink_offset":512,"nvlink_alloc_size":8192},
+        {"name":"10.0.0.1:15000","protocol":"nvlink_intra","gpu_boot_id":"b1","gpu_handle_type":"cuda_ipc",
+         "buffers":[{"name":"cuda:0","addr":1000000,"length":4096,"shm_name":"\(handle)","gpu_offset":512,"gpu_alloc_size":8192},
                     {"name":"cuda:1","addr":2000000,"length":100,"shm_name":"\(handle)"},
                     {"name":"cpu:0","addr":3000000,"length":100,"protocol":"tcp"},
                     {"name":"cuda:2","addr":4000000,"length":100,"shm_name":"XYZ"}]}
@@ -47,7 +50,8 @@ struct NVLinkDescriptorTests {
         #expect(upstream.offset == 0 && upstream.allocationSize == 100)
         #expect(peer.unreachableReason(mode: .intra, localBootID: "b1") == nil)
         #expect(peer.unreachableReason(mode: .intra, localBootID: "b2")?.contains("same host") == true)
-        #expect(peer.unreachableReason(mode: .mnnvl, localBootID: "b1")?.contains("ipc handles") == true)
-        #expect(throws: NVLinkError.self) { try PeerSegment(json: "not json") }
+        #expect(peer.unreachableReason(mode: .mnnvl, localBootID: "b1")?.contains("cuda_ipc handles") == true)
+        #expect(peer.unreachableReason(mode: .hip, localBootID: "b1")?.contains("runs hip (hip_ipc)") == true)
+        #expect(throws: GPUError.self) { try PeerSegment(json: "not json") }
     }
 }

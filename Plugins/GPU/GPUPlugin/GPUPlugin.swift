@@ -1,4 +1,4 @@
-import CCUDAShim
+import CGPUShim
 import CTransportABI
 import FoundationEssentials
 
@@ -8,12 +8,13 @@ import Glibc
 import Musl
 #endif
 
-// The nvlink and nvlink_intra transports: GPU memory of a peer mapped into this
-// process (a CUDA IPC handle on the same host, a fabric handle across an NVLink
-// domain) and copied with cuMemcpy on copy threads. One plugin file per
-// protocol, both built from this module; the host says which in "protocol".
+// The nvlink, nvlink_intra and hip transports: GPU memory of a peer mapped into
+// this process (a CUDA or HIP IPC handle on the same host, a CUDA fabric handle
+// across an NVLink domain) and copied with cuMemcpy / hipMemcpy on copy threads.
+// One plugin file per protocol, all built from this module; the host says which
+// in "protocol".
 
-/// Boot id of this host: CUDA IPC handles only open on the same host.
+/// Boot id of this host: IPC handles only open on the same host.
 let bootID: String = {
     guard let file = fopen("/proc/sys/kernel/random/boot_id", "r") else { return "?" }
     defer { fclose(file) }
@@ -22,10 +23,10 @@ let bootID: String = {
     return String(decoding: buffer.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }()
 
-func cudaError(_ result: Int32) -> String { String(cString: cu_error_name(result)) }
+func runtimeError(_ result: Int32) -> String { String(cString: gpu_error_name(result)) }
 
 /// One plugin instance.
-final class NVLinkInstance: @unchecked Sendable {
+final class GPUInstance: @unchecked Sendable {
     struct Job {
         var cookie: UInt64
         var destination: UInt64
@@ -33,7 +34,7 @@ final class NVLinkInstance: @unchecked Sendable {
         var length: UInt64
     }
 
-    let options: NVLinkOptions
+    let options: GPUOptions
     let host: UnsafePointer<te_host_services>?
     private let queue = Signal()
     private let finished = Signal()
@@ -54,7 +55,7 @@ final class NVLinkInstance: @unchecked Sendable {
         return storage
     }()
 
-    init(options: NVLinkOptions, host: UnsafePointer<te_host_services>?) {
+    init(options: GPUOptions, host: UnsafePointer<te_host_services>?) {
         self.options = options
         self.host = host
     }
@@ -86,38 +87,38 @@ final class NVLinkInstance: @unchecked Sendable {
             queue.broadcast()
             while running > 0 { queue.wait(nanoseconds: 100_000_000) }
         }
-        _ = cu_bind_device(options.device)
+        _ = gpu_bind_device(options.device)
         for (_, mapping) in mapped {
-            if options.mode == .intra { _ = cu_ipc_close(mapping.address) } else { _ = cu_fabric_unmap(mapping.address, mapping.size) }
+            if options.mode.sameHostOnly { _ = gpu_ipc_close(mapping.address) } else { _ = gpu_fabric_unmap(mapping.address, mapping.size) }
         }
         mapped.removeAll()
-        for (address, size) in allocations { if size == 0 { _ = cu_free(address) } else { _ = cu_fabric_unmap(address, size) } }
+        for (address, size) in allocations { if size == 0 { _ = gpu_free(address) } else { _ = gpu_fabric_unmap(address, size) } }
         allocations.removeAll()
     }
 
     var descriptorFragment: String {
-        "{\"nvlink_boot_id\":\"\(bootID)\",\"nvlink_handle_type\":\"\(options.mode.handleType)\",\"nvlink_device\":\(options.device)}"
+        "{\"gpu_boot_id\":\"\(bootID)\",\"gpu_handle_type\":\"\(options.mode.handleType)\",\"gpu_device\":\(options.device)}"
     }
 
     /// Device memory gets its allocation's handle; host memory is reached over TCP.
     func register(_ address: UInt64, _ length: UInt64) -> (Int32, String) {
-        var status = cu_bind_device(options.device)
+        var status = gpu_bind_device(options.device)
         var isDevice: Int32 = 0, device: Int32 = 0
         var base: UInt64 = 0, size: UInt64 = 0
-        if status == 0 { status = cu_pointer_info(address, &isDevice, &device, &base, &size) }
+        if status == 0 { status = gpu_pointer_info(address, &isDevice, &device, &base, &size) }
         guard status == 0 else {
-            setError("cuPointerGetAttribute(0x\(String(address, radix: 16))): \(cudaError(status))")
+            setError("cuPointerGetAttribute(0x\(String(address, radix: 16))): \(runtimeError(status))")
             return (TE_ERR_INVALID_ARGUMENT, "")
         }
         if isDevice == 0 { return (TE_OK, "{\"protocol\":\"tcp\"}") }
-        var handle = [UInt8](repeating: 0, count: Int(CU_SHIM_HANDLE_BYTES))
-        status = options.mode == .intra ? cu_ipc_export(base, &handle) : cu_fabric_export(address, &handle)
+        var handle = [UInt8](repeating: 0, count: Int(GPU_HANDLE_BYTES))
+        status = options.mode.sameHostOnly ? gpu_ipc_export(base, &handle) : gpu_fabric_export(address, &handle)
         guard status == 0 else {
-            let how = options.mode == .intra ? "cuIpcGetMemHandle" : "cuMemExportToShareableHandle (fabric; the memory must come from cuMemCreate with CU_MEM_HANDLE_TYPE_FABRIC, e.g. a managed buffer)"
-            setError("\(how) for 0x\(String(address, radix: 16)): \(cudaError(status))")
+            let how = options.mode.sameHostOnly ? "IPC handle" : "cuMemExportToShareableHandle (fabric; the memory must come from cuMemCreate with CU_MEM_HANDLE_TYPE_FABRIC, e.g. a managed buffer)"
+            setError("\(how) for 0x\(String(address, radix: 16)): \(runtimeError(status))")
             return (TE_ERR_NOT_SUPPORTED, "")
         }
-        return (TE_OK, "{\"protocol\":\"\(options.mode.rawValue)\",\"shm_name\":\"\(HandleText.encode(handle))\",\"nvlink_offset\":\(address - base),\"nvlink_alloc_size\":\(size),\"nvlink_device\":\(device)}")
+        return (TE_OK, "{\"protocol\":\"\(options.mode.rawValue)\",\"shm_name\":\"\(HandleText.encode(handle))\",\"gpu_offset\":\(address - base),\"gpu_alloc_size\":\(size),\"gpu_device\":\(device)}")
     }
 
     func openPeer(_ segment: String, _ json: String) -> (Int32, UInt64) {
@@ -143,18 +144,18 @@ final class NVLinkInstance: @unchecked Sendable {
     private func mapping(of buffer: PeerBuffer) -> (UInt64?, Int32) {
         let key = HandleText.encode(buffer.handle)
         if let known = queue.locked({ mapped[key] }) { return (known.address, 0) }
-        var status = cu_bind_device(options.device)
+        var status = gpu_bind_device(options.device)
         var address: UInt64 = 0
         if status == 0 {
             status = buffer.handle.withUnsafeBufferPointer { handle in
-                options.mode == .intra ? cu_ipc_open(handle.baseAddress!, &address)
-                    : cu_fabric_import(handle.baseAddress!, buffer.allocationSize, options.device, &address)
+                options.mode.sameHostOnly ? gpu_ipc_open(handle.baseAddress!, &address)
+                    : gpu_fabric_import(handle.baseAddress!, buffer.allocationSize, options.device, &address)
             }
         }
         guard status == 0 else { return (nil, status) }
         return queue.locked {
             if let raced = mapped[key] {  // another thread mapped it meanwhile: keep one
-                if options.mode == .intra { _ = cu_ipc_close(address) } else { _ = cu_fabric_unmap(address, buffer.allocationSize) }
+                if options.mode.sameHostOnly { _ = gpu_ipc_close(address) } else { _ = gpu_fabric_unmap(address, buffer.allocationSize) }
                 return (raced.address, 0)
             }
             mapped[key] = (address, buffer.allocationSize)
@@ -178,7 +179,7 @@ final class NVLinkInstance: @unchecked Sendable {
             }
             let (base, status) = mapping(of: buffer)
             guard let base else {
-                setError("cannot map the peer's GPU buffer: \(cudaError(status))")
+                setError("cannot map the peer's GPU buffer: \(runtimeError(status))")
                 return TE_ERR_PEER_UNREACHABLE
             }
             let remote = base + buffer.offset + (request.remote_addr - buffer.address)
@@ -195,7 +196,7 @@ final class NVLinkInstance: @unchecked Sendable {
     }
 
     private func work() {
-        let bound = cu_bind_device(options.device)
+        let bound = gpu_bind_device(options.device)
         while true {
             let next: Job? = queue.locked {
                 while jobHead == jobs.count && !stopping { queue.wait(nanoseconds: 1_000_000_000) }
@@ -207,8 +208,8 @@ final class NVLinkInstance: @unchecked Sendable {
                 return jobs[jobHead]
             }
             guard let job = next else { break }
-            let status = bound != 0 ? bound : cu_copy(job.destination, job.source, job.length)
-            if status != 0 { setError("cuMemcpy of \(job.length) bytes: \(cudaError(status))") }
+            let status = bound != 0 ? bound : gpu_copy(job.destination, job.source, job.length)
+            if status != 0 { setError("cuMemcpy of \(job.length) bytes: \(runtimeError(status))") }
             finished.locked {
                 done.append(te_completion(cookie: job.cookie, status: status == 0 ? TE_OK : TE_ERR_IO, flags: 0, bytes: status == 0 ? job.length : 0))
                 finished.broadcast()
@@ -230,13 +231,13 @@ final class NVLinkInstance: @unchecked Sendable {
         }
     }
 
-    /// Device memory that this protocol can export: cuMemAlloc for IPC, cuMemCreate with a fabric handle for MNNVL.
+    /// Device memory that this protocol can export: cuMemAlloc / hipMalloc for IPC, cuMemCreate with a fabric handle for MNNVL.
     func allocate(_ length: UInt64) -> (Int32, UInt64) {
-        var status = cu_bind_device(options.device)
+        var status = gpu_bind_device(options.device)
         var address: UInt64 = 0, size: UInt64 = 0
-        if status == 0 { status = options.mode == .intra ? cu_alloc(length, &address) : cu_fabric_alloc(options.device, length, &address, &size) }
+        if status == 0 { status = options.mode.sameHostOnly ? gpu_alloc(length, &address) : gpu_fabric_alloc(options.device, length, &address, &size) }
         guard status == 0 else {
-            setError("allocating \(length) bytes on cuda:\(options.device): \(cudaError(status))")
+            setError("allocating \(length) bytes on \(options.mode.locationPrefix)\(options.device): \(runtimeError(status))")
             return (TE_ERR_NO_RESOURCES, 0)
         }
         queue.locked { allocations[address] = size }
@@ -245,40 +246,47 @@ final class NVLinkInstance: @unchecked Sendable {
 
     func free(_ address: UInt64) -> Int32 {
         guard let size = queue.locked({ allocations.removeValue(forKey: address) }) else { return TE_ERR_INVALID_ARGUMENT }
-        _ = cu_bind_device(options.device)
-        _ = size == 0 ? cu_free(address) : cu_fabric_unmap(address, size)
+        _ = gpu_bind_device(options.device)
+        _ = size == 0 ? gpu_free(address) : gpu_fabric_unmap(address, size)
         return TE_OK
     }
 }
 
 /// Whether this machine can run `options.mode`, and why not.
 enum Probe {
-    static func run(_ options: NVLinkOptions) -> (Int32, String, String) {
+    static func run(_ options: GPUOptions) -> (Int32, String, String) {
+        let hip = options.mode == .hip
+        guard gpu_use(options.mode.runtime) == 0 else {
+            return (TE_ERR_NOT_SUPPORTED, "this build of the plugin has no HIP support (built without libamdhip64-dev)", "rebuild with libamdhip64-dev installed")
+        }
         var error = [CChar](repeating: 0, count: 512)
-        let loaded = cu_load(options.library, &error, error.count)
+        let loaded = gpu_load(options.library, &error, error.count)
         let text = String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let runtime = hip ? "the HIP runtime" : "the CUDA driver"
         switch loaded {
         case 0: break
-        case -1: return (TE_ERR_LIBRARY_MISSING, "the CUDA driver is not installed (\(text))", "install the NVIDIA driver (libcuda.so.1) or set MC_CUDA_LIBRARY")
-        case -2: return (TE_ERR_LIBRARY_MISSING, text, "install an NVIDIA driver for CUDA 12 or newer")
-        default: return (TE_ERR_HARDWARE_ABSENT, "no usable CUDA device (\(text))", "check nvidia-smi and the driver")
+        case -1: return (TE_ERR_LIBRARY_MISSING, "\(runtime) is not installed (\(text))",
+                         hip ? "install libamdhip64-5 (Debian) or ROCm, or set MC_HIP_LIBRARY" : "install the NVIDIA driver (libcuda.so.1) or set MC_CUDA_LIBRARY")
+        case -2: return (TE_ERR_LIBRARY_MISSING, text, hip ? "install a complete HIP runtime" : "install an NVIDIA driver for CUDA 12 or newer")
+        default: return (TE_ERR_HARDWARE_ABSENT, "no usable GPU (\(text))", hip ? "check rocm-smi and /dev/kfd permissions" : "check nvidia-smi and the driver")
         }
         var count: Int32 = 0
-        let counted = cu_device_count(&count)
+        let counted = gpu_device_count(&count)
+        let name = "\(options.mode.locationPrefix)\(options.device)"
         guard counted == 0, count > options.device else {
-            return (TE_ERR_HARDWARE_ABSENT, "cuda:\(options.device) does not exist (\(count) CUDA device(s)\(counted == 0 ? "" : ", \(cudaError(counted))"))",
-                    "set device_name to cuda:N with N below the device count")
+            return (TE_ERR_HARDWARE_ABSENT, "\(name) does not exist (\(count) GPU(s)\(counted == 0 ? "" : ", \(runtimeError(counted))"))",
+                    "set device_name to \(options.mode.locationPrefix)N with N below the device count")
         }
         if options.mode == .mnnvl {
             var supported: Int32 = 0
-            let status = cu_fabric_supported(options.device, &supported)
+            let status = gpu_fabric_supported(options.device, &supported)
             guard status == 0, supported != 0 else {
-                return (TE_ERR_HARDWARE_ABSENT, "cuda:\(options.device) cannot export fabric handles (no multi-node NVLink\(status == 0 ? "" : ": \(cudaError(status))"))",
+                return (TE_ERR_HARDWARE_ABSENT, "\(name) cannot export fabric handles (no multi-node NVLink\(status == 0 ? "" : ": \(runtimeError(status))"))",
                         "use nvlink_intra for GPUs on one host, or rdma")
             }
         }
         var version: Int32 = 0
-        _ = cu_driver_version(&version)
-        return (TE_OK, "\(count) CUDA device(s), driver CUDA \(version / 1000).\(version % 1000 / 10), using cuda:\(options.device)", "")
+        _ = gpu_driver_version(&version)
+        return (TE_OK, "\(count) GPU(s), driver version \(version), using \(name)", "")
     }
 }

@@ -1,27 +1,42 @@
 import FoundationEssentials
 
-// What nvlink segments publish and how a peer's buffers are found: pure code,
-// tested without a GPU (Tests/NVLinkPluginTests).
+// What GPU segments publish and how a peer's buffers are found: pure code,
+// tested without a GPU (Tests/GPUPluginTests).
 
-/// Which of the two protocols this plugin runs as.
-public enum NVLinkMode: String, Sendable {
+/// Which protocol this plugin runs as.
+public enum GPUMode: String, Sendable {
     /// Same host: CUDA IPC memory handles (`cuIpcGetMemHandle`), upstream's default nvlink path.
     case intra = "nvlink_intra"
     /// Multi-node NVLink: fabric handles of `cuMemCreate` allocations (upstream's fabric path).
     case mnnvl = "nvlink"
+    /// Same host, AMD GPUs: HIP IPC memory handles (`hipIpcGetMemHandle`).
+    case hip = "hip"
 
-    /// The descriptor's `nvlink_handle_type`.
-    public var handleType: String { self == .intra ? "ipc" : "fabric" }
+    /// The descriptor's `gpu_handle_type`: peers must use the same kind.
+    public var handleType: String {
+        switch self {
+        case .intra: return "cuda_ipc"
+        case .mnnvl: return "cuda_fabric"
+        case .hip: return "hip_ipc"
+        }
+    }
+
+    /// Whether handles only open on the same host.
+    public var sameHostOnly: Bool { self != .mnnvl }
+    /// The memory location prefix of this runtime's devices ("cuda:0", "hip:1").
+    public var locationPrefix: String { self == .hip ? "hip:" : "cuda:" }
+    /// The runtime behind it (GPU_RUNTIME_* in the shim).
+    public var runtime: Int32 { self == .hip ? 1 : 0 }
 }
 
 /// Settings from probe/create's options JSON.
-public struct NVLinkOptions: Equatable, Sendable {
-    public var mode: NVLinkMode = .mnnvl
-    /// The CUDA device this engine copies with (`device_name` "cuda:N", "N" or empty for 0).
+public struct GPUOptions: Equatable, Sendable {
+    public var mode: GPUMode = .mnnvl
+    /// The GPU this engine copies with (`device_name` "cuda:N" / "hip:N", "N" or empty for 0).
     public var device: Int32 = 0
-    /// `MC_CUDA_LIBRARY`: the driver library (default libcuda.so.1).
+    /// `MC_CUDA_LIBRARY` / `MC_HIP_LIBRARY`: the runtime library (default libcuda.so.1 / libamdhip64.so.6 or .so.5).
     public var library: String = ""
-    /// `MC_NVLINK_WORKERS`: copy threads (default 2).
+    /// `MC_GPU_WORKERS`: copy threads (default 2).
     public var workers = 2
 
     public init() {}
@@ -34,27 +49,27 @@ public struct NVLinkOptions: Equatable, Sendable {
 
     /// Parses the host's options JSON; throws a sentence for the user.
     public init(json: String) throws {
-        guard let raw = try? JSONDecoder().decode(Raw.self, from: Data(json.utf8)) else { throw NVLinkError("options are not a JSON object") }
-        mode = raw.protocol == NVLinkMode.intra.rawValue ? .intra : .mnnvl
+        guard let raw = try? JSONDecoder().decode(Raw.self, from: Data(json.utf8)) else { throw GPUError("options are not a JSON object") }
+        mode = GPUMode(rawValue: raw.protocol ?? "") ?? .mnnvl
         let name = raw.device_name ?? ""
         if !name.isEmpty && name != "auto-discovery" {
-            let digits = name.hasPrefix("cuda:") ? String(name.dropFirst(5)) : name
+            let digits = name.hasPrefix(mode.locationPrefix) ? String(name.dropFirst(mode.locationPrefix.count)) : name
             guard let ordinal = Int32(digits), ordinal >= 0 else {
-                throw NVLinkError("device_name '\(name)' is not a CUDA device (cuda:N or N)")
+                throw GPUError("device_name '\(name)' is not a GPU (\(mode.locationPrefix)N or N)")
             }
             device = ordinal
         }
         let options = raw.options ?? [:]
-        library = options["MC_CUDA_LIBRARY"] ?? ""
-        if let text = options["MC_NVLINK_WORKERS"], !text.isEmpty {
-            guard let n = Int(text), (1...32).contains(n) else { throw NVLinkError("MC_NVLINK_WORKERS='\(text)' must be 1...32") }
+        library = options[mode == .hip ? "MC_HIP_LIBRARY" : "MC_CUDA_LIBRARY"] ?? ""
+        if let text = options["MC_GPU_WORKERS"], !text.isEmpty {
+            guard let n = Int(text), (1...32).contains(n) else { throw GPUError("MC_GPU_WORKERS='\(text)' must be 1...32") }
             workers = n
         }
     }
 }
 
 /// A failure with the words the user sees.
-public struct NVLinkError: Error, CustomStringConvertible, Equatable {
+public struct GPUError: Error, CustomStringConvertible, Equatable {
     public let description: String
     public init(_ text: String) { description = text }
 }
@@ -117,34 +132,34 @@ public struct PeerSegment: Equatable, Sendable {
             var addr: UInt64
             var length: UInt64
             var shm_name: String?
-            var nvlink_offset: UInt64?
-            var nvlink_alloc_size: UInt64?
+            var gpu_offset: UInt64?
+            var gpu_alloc_size: UInt64?
         }
-        var nvlink_boot_id: String?
-        var nvlink_handle_type: String?
+        var gpu_boot_id: String?
+        var gpu_handle_type: String?
         var buffers: [Buffer]?
     }
 
     /// Parses a descriptor; buffers without a well-formed 64-byte handle are not reachable and left out.
     public init(json: String) throws {
-        guard let raw = try? JSONDecoder().decode(Raw.self, from: Data(json.utf8)) else { throw NVLinkError("malformed segment descriptor") }
-        bootID = raw.nvlink_boot_id
-        handleType = raw.nvlink_handle_type
+        guard let raw = try? JSONDecoder().decode(Raw.self, from: Data(json.utf8)) else { throw GPUError("malformed segment descriptor") }
+        bootID = raw.gpu_boot_id
+        handleType = raw.gpu_handle_type
         buffers = (raw.buffers ?? []).compactMap { entry in
             guard let text = entry.shm_name, let handle = HandleText.decode(text), handle.count == 64 else { return nil }
-            let offset = entry.nvlink_offset ?? 0  // upstream registers allocation bases
+            let offset = entry.gpu_offset ?? 0  // upstream registers allocation bases
             return PeerBuffer(address: entry.addr, length: entry.length, handle: handle, offset: offset,
-                              allocationSize: entry.nvlink_alloc_size ?? (offset + entry.length))
+                              allocationSize: entry.gpu_alloc_size ?? (offset + entry.length))
         }
     }
 
     /// Why this engine cannot reach the peer's buffers, or nil when it can.
-    public func unreachableReason(mode: NVLinkMode, localBootID: String) -> String? {
+    public func unreachableReason(mode: GPUMode, localBootID: String) -> String? {
         if let handleType, handleType != mode.handleType {
             return "the peer publishes \(handleType) handles, this engine runs \(mode.rawValue) (\(mode.handleType))"
         }
-        if mode == .intra && bootID != localBootID {
-            return "CUDA IPC handles only open on the same host (peer boot id \(bootID ?? "none"), ours \(localBootID))"
+        if mode.sameHostOnly && bootID != localBootID {
+            return "IPC handles only open on the same host (peer boot id \(bootID ?? "none"), ours \(localBootID))"
         }
         return nil
     }

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
-#include "cuda_shim.h"
+#include "gpu_shim.h"
+#include "gpu_backend.h"
 
 #include <dlfcn.h>
 #include <pthread.h>
@@ -12,8 +13,8 @@ typedef int CUdevice;
 typedef unsigned long long CUdeviceptr;
 typedef unsigned long long CUmemGenericAllocationHandle;
 typedef struct CUctx_st *CUcontext;
-typedef struct { char reserved[CU_SHIM_HANDLE_BYTES]; } CUipcMemHandle;
-typedef struct { unsigned char data[CU_SHIM_HANDLE_BYTES]; } CUmemFabricHandle;
+typedef struct { char reserved[GPU_HANDLE_BYTES]; } CUipcMemHandle;
+typedef struct { unsigned char data[GPU_HANDLE_BYTES]; } CUmemFabricHandle;
 typedef struct { int type; int id; } CUmemLocation;
 typedef struct {
     int type;                  /* CUmemAllocationType */
@@ -68,15 +69,17 @@ static struct {
     CUresult (*getErrorName)(CUresult, const char **);
 } cu;
 
+static const char *cuda_error_name(int result);
+
 static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
 static int load_state = 1; /* 1: not tried; otherwise the result of the first load */
 
-int cu_load(const char *library, char *error, size_t capacity) {
+static int cuda_load(const char *library, char *error, size_t capacity) {
     pthread_mutex_lock(&load_lock);
     if (load_state != 1) {
         int state = load_state;
         pthread_mutex_unlock(&load_lock);
-        if (state != 0 && error && capacity) snprintf(error, capacity, "%s", state == -1 ? "libcuda.so.1 could not be loaded" : cu_error_name(state));
+        if (state != 0 && error && capacity) snprintf(error, capacity, "%s", state == -1 ? "libcuda.so.1 could not be loaded" : cuda_error_name(state));
         return state;
     }
     const char *name = library && *library ? library : "libcuda.so.1";
@@ -133,21 +136,21 @@ int cu_load(const char *library, char *error, size_t capacity) {
         return -2;
     }
     load_state = cu.init(0);
-    if (load_state != CUDA_SUCCESS && error && capacity) snprintf(error, capacity, "cuInit: %s", cu_error_name(load_state));
+    if (load_state != CUDA_SUCCESS && error && capacity) snprintf(error, capacity, "cuInit: %s", cuda_error_name(load_state));
     pthread_mutex_unlock(&load_lock);
     return load_state;
 }
 
-int cu_driver_version(int *version) { return cu.driverGetVersion(version); }
-int cu_device_count(int *count) { return cu.deviceGetCount(count); }
+static int cuda_driver_version(int *version) { return cu.driverGetVersion(version); }
+static int cuda_device_count(int *count) { return cu.deviceGetCount(count); }
 
-int cu_fabric_supported(int ordinal, int *supported) {
+static int cuda_fabric_supported(int ordinal, int *supported) {
     CUdevice device;
     CUresult r = cu.deviceGet(&device, ordinal);
     return r ? r : cu.deviceGetAttribute(supported, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED, device);
 }
 
-int cu_bind_device(int ordinal) {
+static int cuda_bind_device(int ordinal) {
     static __thread int bound = -1; /* one primary-context reference per thread */
     if (bound == ordinal) return CUDA_SUCCESS;
     CUdevice device;
@@ -159,7 +162,7 @@ int cu_bind_device(int ordinal) {
     return r;
 }
 
-int cu_pointer_info(uint64_t addr, int *is_device, int *device, uint64_t *base, uint64_t *size) {
+static int cuda_pointer_info(uint64_t addr, int *is_device, int *device, uint64_t *base, uint64_t *size) {
     unsigned int type = 0;
     *is_device = 0;
     /* Host memory the driver never saw answers CUDA_ERROR_INVALID_VALUE: it is host memory. */
@@ -174,14 +177,14 @@ int cu_pointer_info(uint64_t addr, int *is_device, int *device, uint64_t *base, 
     return r;
 }
 
-int cu_ipc_export(uint64_t base, uint8_t handle[CU_SHIM_HANDLE_BYTES]) {
+static int cuda_ipc_export(uint64_t base, uint8_t handle[GPU_HANDLE_BYTES]) {
     CUipcMemHandle h;
     CUresult r = cu.ipcGetMemHandle(&h, base);
     if (!r) memcpy(handle, &h, sizeof h);
     return r;
 }
 
-int cu_ipc_open(const uint8_t handle[CU_SHIM_HANDLE_BYTES], uint64_t *addr) {
+static int cuda_ipc_open(const uint8_t handle[GPU_HANDLE_BYTES], uint64_t *addr) {
     CUipcMemHandle h;
     memcpy(&h, handle, sizeof h);
     CUdeviceptr mapped = 0;
@@ -190,9 +193,9 @@ int cu_ipc_open(const uint8_t handle[CU_SHIM_HANDLE_BYTES], uint64_t *addr) {
     return r;
 }
 
-int cu_ipc_close(uint64_t addr) { return cu.ipcCloseMemHandle(addr); }
+static int cuda_ipc_close(uint64_t addr) { return cu.ipcCloseMemHandle(addr); }
 
-int cu_fabric_export(uint64_t addr, uint8_t handle[CU_SHIM_HANDLE_BYTES]) {
+static int cuda_fabric_export(uint64_t addr, uint8_t handle[GPU_HANDLE_BYTES]) {
     CUmemGenericAllocationHandle allocation;
     CUresult r = cu.memRetainAllocationHandle(&allocation, (void *)(uintptr_t)addr);
     if (r) return r;
@@ -216,7 +219,7 @@ static int map_handle(CUmemGenericAllocationHandle allocation, uint64_t size, in
     return 0;
 }
 
-int cu_fabric_import(const uint8_t handle[CU_SHIM_HANDLE_BYTES], uint64_t size, int ordinal, uint64_t *addr) {
+static int cuda_fabric_import(const uint8_t handle[GPU_HANDLE_BYTES], uint64_t size, int ordinal, uint64_t *addr) {
     CUmemFabricHandle fabric;
     memcpy(&fabric, handle, sizeof fabric);
     CUmemGenericAllocationHandle allocation;
@@ -227,13 +230,13 @@ int cu_fabric_import(const uint8_t handle[CU_SHIM_HANDLE_BYTES], uint64_t size, 
     return r;
 }
 
-int cu_fabric_unmap(uint64_t addr, uint64_t size) {
+static int cuda_fabric_unmap(uint64_t addr, uint64_t size) {
     CUresult r = cu.memUnmap(addr, size);
     cu.memAddressFree(addr, size);
     return r;
 }
 
-int cu_fabric_alloc(int ordinal, uint64_t size, uint64_t *addr, uint64_t *rounded) {
+static int cuda_fabric_alloc(int ordinal, uint64_t size, uint64_t *addr, uint64_t *rounded) {
     CUmemAllocationProp prop;
     memset(&prop, 0, sizeof prop);
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
@@ -254,20 +257,28 @@ int cu_fabric_alloc(int ordinal, uint64_t size, uint64_t *addr, uint64_t *rounde
     return r;
 }
 
-int cu_alloc(uint64_t size, uint64_t *addr) {
+static int cuda_alloc(uint64_t size, uint64_t *addr) {
     CUdeviceptr p = 0;
     CUresult r = cu.memAlloc(&p, size);
     *addr = p;
     return r;
 }
 
-int cu_free(uint64_t addr) { return cu.memFree(addr); }
-int cu_copy(uint64_t destination, uint64_t source, uint64_t length) { return cu.memcpy(destination, source, length); }
+static int cuda_free(uint64_t addr) { return cu.memFree(addr); }
+static int cuda_copy(uint64_t destination, uint64_t source, uint64_t length) { return cu.memcpy(destination, source, length); }
 
-const char *cu_error_name(int result) {
+static const char *cuda_error_name(int result) {
     static __thread char text[32];
     const char *name = NULL;
     if (cu.getErrorName && cu.getErrorName(result, &name) == CUDA_SUCCESS && name) return name;
     snprintf(text, sizeof text, "CUresult %d", result);
     return text;
 }
+
+static int cuda_has_fabric(void) { return 1; }
+
+const gpu_backend gpu_cuda_backend = {
+    cuda_load, cuda_driver_version, cuda_device_count, cuda_fabric_supported, cuda_bind_device, cuda_pointer_info,
+    cuda_ipc_export, cuda_ipc_open, cuda_ipc_close, cuda_fabric_export, cuda_fabric_import, cuda_fabric_unmap,
+    cuda_fabric_alloc, cuda_alloc, cuda_free, cuda_copy, cuda_error_name, cuda_has_fabric,
+};
