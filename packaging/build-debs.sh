@@ -85,6 +85,7 @@ build_deb() {  # stage package depends short-description long-description [archi
         echo "Maintainer: $maintainer"
         echo "Installed-Size: $(du -sk --exclude=DEBIAN "$stage" | cut -f1)"
         echo "Depends: $3"
+        [ -z "${recommends:-}" ] || echo "Recommends: $recommends"
         echo "Section: net"
         echo "Priority: optional"
         echo "Homepage: https://github.com/kvcache-ai/Mooncake"
@@ -141,6 +142,13 @@ for plugin in "${plugins[@]}"; do
     fix_elf "$stage/$private/plugins/$name.so" '$ORIGIN/../swift'
     write_docs "$stage" "$package"
     libs=$(shlib_depends "$host" "$stage/$private/plugins/$name.so")
+    # Runtimes bound with dlopen are invisible to dpkg-shlibdeps. Without them the plugin loads and
+    # says "library missing", so they are recommended rather than required (libcuda comes with
+    # NVIDIA's driver, outside Debian main).
+    case $protocol in
+        hip) recommends="libamdhip64-5 | libamdhip64-6" ;;
+        *) recommends="" ;;
+    esac
     build_deb "$stage" "$package" "transfer-engine (= $version)${libs:+, $libs}" \
         "$protocol transport plugin for the Swift transfer engine" \
         "Loaded by the transfer-engine host at run time when MOONCAKE_PROTOCOL (or the protocol setting) is $protocol. Without its hardware the plugin reports why and the engine falls back to TCP."

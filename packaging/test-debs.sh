@@ -69,6 +69,12 @@ for plugin in rdma cxl; do
     fi
 done
 
+# GPU runtimes are not in this root: the plugins load and name the missing library.
+for plugin in nvlink nvlink_intra hip; do
+    if ls "$debs"/transfer-engine-plugin-${plugin//_/-}_*.deb >/dev/null 2>&1; then
+        grep -q "^$plugin .*library missing" /tmp/te-plugins.txt || fail "$plugin plugin should load and report its runtime library missing"
+    fi
+done
 if ls "$debs"/transfer-engine-plugin-nvmeof_*.deb >/dev/null 2>&1; then
     # Without namespaces of its own the nvmeof plugin runs as a client; a configured but absent target is hardware absent.
     grep -q "^nvmeof .*available" /tmp/te-plugins.txt || fail "nvmeof plugin should load as a client"

@@ -25,6 +25,9 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Allocate this side's buffer on the heap instead of as a managed buffer (which a CXL pool serves from the pool).")
     var localHeap = false
 
+    @Option(help: "Memory location of the managed buffers (this side's and the loopback target's): cpu:0, or a GPU (cuda:0, hip:0) with a GPU plugin.")
+    var location: String = "cpu:0"
+
     @Flag(help: "Start a target process on this host and benchmark against it.")
     var loopback = false
 
@@ -115,7 +118,7 @@ struct BenchCommand: ParsableCommand {
             local = UInt64(UInt(bitPattern: pointer))
             try transferEngine.registerMemory(address: local, length: localSize)
         } else {
-            local = try transferEngine.allocateManagedBuffer(length: localSize)
+            local = try transferEngine.allocateManagedBuffer(length: localSize, location: location)
         }
         defer {
             if localHeap {
@@ -125,7 +128,11 @@ struct BenchCommand: ParsableCommand {
                 try? transferEngine.freeManagedBuffer(address: local)
             }
         }
-        memset(UnsafeMutableRawPointer(bitPattern: UInt(local))!, 0x11, Int(localSize))
+        let localOnHost = localHeap || MemoryLocation.isHostAccessible(location)
+        if localOnHost { memset(UnsafeMutableRawPointer(bitPattern: UInt(local))!, 0x11, Int(localSize)) }
+        if verify && !localOnHost {
+            throw ValidationError("--verify checks bytes with the CPU: add --local-heap so this side's buffer is host memory (the target's stays on \(location))")
+        }
 
         // First operation to a new peer: open (descriptor handshake) + one 4 KiB write.
         let firstStart = MonotonicClock.nanoseconds()
@@ -204,7 +211,7 @@ struct BenchCommand: ParsableCommand {
     private func startLoopbackTarget(configuration: EngineConfiguration, environment: [String: String]) throws -> (process: Process, input: Pipe, segment: String) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-        process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize,
+        process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--location", location,
                              "--local-hostname", configuration.localHostname, "--protocol", configuration.protocolName]
         process.environment = environment
         let input = Pipe(), output = Pipe()

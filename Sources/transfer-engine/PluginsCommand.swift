@@ -21,15 +21,18 @@ struct PluginsCommand: ParsableCommand {
         let catalog = PluginCatalog(environment: environment)
         var configuration = EngineConfiguration()
         configuration.deviceName = deviceName
-        let options = TransferEngine.pluginOptions(configuration: configuration, segmentName: "", environment: environment)
         var rows: [[String]] = [["tcp", "(built in)", "-", "-", "available", ""]]
         for file in catalog.pluginFiles() {
             switch PluginLoader.load(path: file.path) {
             case .success(let plugin):
+                // A plugin serving several protocols is probed for the one its file is named after.
+                let served = plugin.info.protocols.contains(file.protocolName) ? [file.protocolName] : plugin.info.protocols
+                let options = TransferEngine.pluginOptions(configuration: configuration, segmentName: "", environment: environment,
+                                                           protocolName: served[0])
                 let probe = plugin.probe(optionsJSON: options)
                 let status = probe.available ? "available" : probe.statusWord
                 let detail = probe.available ? probe.reason : [probe.reason, probe.hint].filter { !$0.isEmpty }.joined(separator: "; ")
-                rows.append([plugin.info.protocols.joined(separator: ","), file.path, plugin.info.abiVersion, plugin.info.version, status, detail])
+                rows.append([served.joined(separator: ","), file.path, plugin.info.abiVersion, plugin.info.version, status, detail])
             case .failure(let error):
                 rows.append([file.protocolName, file.path, "-", "-", "failed", error.reason])
             }

@@ -19,6 +19,9 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "Size of the registered buffer (e.g. 512MiB, 1GB, 1073741824).")
     var bufferSize: String = "512MiB"
 
+    @Option(help: "Memory location of the buffer: cpu:0, or a GPU (cuda:0, hip:0) served by a GPU plugin.")
+    var location: String = "cpu:0"
+
     @Flag(help: "Exit when standard input reaches end of file (used by bench --loopback).")
     var exitOnStdinClose = false
 
@@ -28,8 +31,8 @@ struct ServeCommand: ParsableCommand {
             let configuration = try engine.resolve(logger: logger)
             let size = try ByteSize.parse(bufferSize)
             let transferEngine = try TransferEngine(configuration: configuration, logger: logger)
-            let address = try transferEngine.allocateManagedBuffer(length: size)
-            BenchPattern.fill(address: address, length: size, seed: 0)
+            let address = try transferEngine.allocateManagedBuffer(length: size, location: location)
+            if MemoryLocation.isHostAccessible(location) { BenchPattern.fill(address: address, length: size, seed: 0) }
             print("READY segment=\(transferEngine.segmentName) buffer=0x\(String(address, radix: 16)) length=\(size) protocol=\(transferEngine.activeProtocol)")
             fflush(nil)
 

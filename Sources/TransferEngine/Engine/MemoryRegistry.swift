@@ -11,9 +11,8 @@ final class MemoryRegistry: @unchecked Sendable {
         var length: UInt64
         var location: String
         var end: UInt64 { address + length }
-        /// Whether the CPU can touch it: device memory ("cuda:0", "hip:1", "npu:0") is only moved by its plugin.
-        var hostAccessible: Bool { !Self.deviceLocationPrefixes.contains { location.hasPrefix($0) } }
-        static let deviceLocationPrefixes = ["cuda:", "hip:", "npu:", "musa:", "mlu:"]
+        /// Whether the CPU can touch it: device memory is only moved by its plugin.
+        var hostAccessible: Bool { MemoryLocation.isHostAccessible(location) }
     }
 
     private let lock = ReadWriteLock()
@@ -94,5 +93,16 @@ final class MemoryRegistry: @unchecked Sendable {
             if regions[mid].address < address { low = mid + 1 } else { high = mid }
         }
         return low
+    }
+}
+
+/// Mooncake's memory location strings ("cpu:0", "cuda:1", "*").
+public enum MemoryLocation {
+    /// Prefixes of accelerator memory, which the CPU must not dereference.
+    public static let devicePrefixes = ["cuda:", "hip:", "npu:", "musa:", "mlu:"]
+
+    /// Whether memory at `location` is host memory the CPU can read and write.
+    public static func isHostAccessible(_ location: String) -> Bool {
+        !devicePrefixes.contains { location.hasPrefix($0) }
     }
 }
