@@ -25,6 +25,7 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v cxl >/dev/null || need+=(ndctl)     # cxl/ndctl tools: the CXL guest test makes /dev/dax0.0 with them
 [ -f /usr/include/libnvme.h ] || need+=(libnvme-dev)
 command -v nvme >/dev/null || need+=(nvme-cli)  # the NVMe-oF guest test makes the host NQN with it
+[ -f /usr/include/hip/hip_runtime_api.h ] || need+=(libamdhip64-dev)  # the hip plugin's entry points are typed from it
 # The packaging test (packaging/test-debs.sh): build tools for .debs and a Debian root to install them in.
 if [ "${TE_SKIP_PACKAGING:-0}" != 1 ]; then
     for tool in debootstrap patchelf lintian file; do command -v $tool >/dev/null || need+=($tool); done
@@ -61,6 +62,7 @@ fi
 [ -f /usr/include/infiniband/verbs.h ] && export TE_REQUIRE_RDMA=1
 [ -f /usr/include/daxctl/libdaxctl.h ] && [ -f /usr/include/cxl/libcxl.h ] && export TE_REQUIRE_CXL=1
 [ -f /usr/include/libnvme.h ] && export TE_REQUIRE_NVMEOF=1
+[ -f /usr/include/hip/hip_runtime_api.h ] && export TE_REQUIRE_HIP=1
 
 swift test --manifest-cache none "$@"
 
