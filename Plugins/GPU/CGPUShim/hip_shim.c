@@ -27,6 +27,9 @@ static struct {
     __typeof__(&hipFree) free;
     __typeof__(&hipMemcpy) memcpy;
     __typeof__(&hipGetErrorName) getErrorName;
+    __typeof__(&hipDeviceCanAccessPeer) deviceCanAccessPeer;
+    __typeof__(&hipDeviceEnablePeerAccess) deviceEnablePeerAccess;
+    __typeof__(&hipGetLastError) getLastError;
 } hip;
 
 static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -73,6 +76,9 @@ static int hip_load(const char *library, char *error, size_t capacity) {
         {(void **)&hip.free, "hipFree"},
         {(void **)&hip.memcpy, "hipMemcpy"},
         {(void **)&hip.getErrorName, "hipGetErrorName"},
+        {(void **)&hip.deviceCanAccessPeer, "hipDeviceCanAccessPeer"},
+        {(void **)&hip.deviceEnablePeerAccess, "hipDeviceEnablePeerAccess"},
+        {(void **)&hip.getLastError, "hipGetLastError"},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         *table[i].slot = dlsym(handle, table[i].symbol);
@@ -97,11 +103,34 @@ static int hip_driver_version(int *version) { return hip.driverGetVersion(versio
 static int hip_device_count(int *count) { return hip.getDeviceCount(count); }
 static int hip_fabric_supported(int ordinal, int *supported) { (void)ordinal; *supported = 0; return 0; }
 
+/* HIP's IPC open has no lazy peer-access flag that does anything (hipIpcMemLazyEnablePeerAccess
+ * is 0): a copy between a mapping of another GPU's memory and ours needs peer access enabled from
+ * our device, once per process. */
+static void enable_peer_access(int ordinal) {
+    static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    static unsigned long long done = 0; /* bit per device already set up */
+    pthread_mutex_lock(&lock);
+    if (ordinal < 64 && !(done & (1ULL << ordinal))) {
+        int count = 0;
+        hip.getDeviceCount(&count);
+        for (int peer = 0; peer < count; peer++) {
+            int can = 0;
+            if (peer == ordinal || hip.deviceCanAccessPeer(&can, ordinal, peer) != hipSuccess || !can) continue;
+            if (hip.deviceEnablePeerAccess(peer, 0) != hipSuccess) (void)hip.getLastError(); /* already enabled is fine */
+        }
+        done |= 1ULL << ordinal;
+    }
+    pthread_mutex_unlock(&lock);
+}
+
 static int hip_bind_device(int ordinal) {
     static __thread int bound = -1;
     if (bound == ordinal) return 0;
     int r = hip.setDevice(ordinal);
-    if (!r) bound = ordinal;
+    if (!r) {
+        bound = ordinal;
+        enable_peer_access(ordinal);
+    }
     return r;
 }
 
