@@ -11,7 +11,7 @@ struct SHMPluginTests {
         TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path, "MC_STRICT_PROTOCOL": "1"])
     }
 
-    @Test("every size from 1 B to 256 MiB, written and read back through process_vm, bytes verified")
+    @Test("every size from 1 B to 256 MiB, written and read back, bytes verified")
     func sizes() throws {
         let target = try ServeProcess(bufferSize: "260MiB", environment: environment(), protocolName: "shm")
         let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment())
@@ -37,6 +37,34 @@ struct SHMPluginTests {
         #expect(throws: EngineError.self) {
             try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: target.bufferAddress + target.bufferLength - 8, length: 64)
         }
+    }
+
+    @Test("managed buffers are memfds that peers map (memcpy); registered heap memory goes through cross-memory attach; both verified")
+    func memfdAndHeapPaths() throws {
+        let target = try ServeProcess(bufferSize: "16MiB", environment: environment(), protocolName: "shm")
+        let heapOwner = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment())
+        defer { heapOwner.shutdown() }
+        let heap = TestBuffer(1 << 20)
+        try heapOwner.registerMemory(address: heap.address, length: UInt64(heap.count))
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment())
+        defer { engine.shutdown() }
+        let source = TestBuffer(1 << 20), sink = TestBuffer(1 << 20)
+        try engine.registerMemory(address: source.address, length: UInt64(source.count))
+        try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
+        let managed = try engine.openSegment(target.segment), plain = try engine.openSegment(heapOwner.segmentName)
+        let published = try #require(try engine.descriptor(of: managed).buffers.first)
+        #expect(published.extra["shm_memfd"]?.uint64Value != nil && published.extra["shm_memfd_size"]?.uint64Value == 16 << 20, "\(published.extra)")
+        #expect(try engine.descriptor(of: plain).buffers.first?.extra["shm_memfd"] == nil)
+        for (handle, remote) in [(managed, target.bufferAddress + 4097), (plain, heap.address + 4097)] {
+            for (seed, size) in [1, 4096, 65537, 1000_000].enumerated() {
+                source.fillPattern(seed: UInt8(seed + 7))
+                memset(sink.pointer, 0, size)
+                try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: remote, length: UInt64(size))
+                try engine.transferSync(.read, localAddress: sink.address, segment: handle, remoteAddress: remote, length: UInt64(size))
+                #expect(sink.equals(source, length: size), "size \(size)")
+            }
+        }
+        #expect(heap.bytes[4097] == source.bytes[0])  // the bytes landed in the heap owner's memory
     }
 
     @Test("concurrent batches from several threads, then a peer that exits mid-batch: requests fail, nothing hangs")

@@ -63,13 +63,25 @@ final class Signal: @unchecked Sendable {
 
 /// One plugin instance.
 final class SHMInstance: @unchecked Sendable {
+    /// A peer buffer, with the memfd behind it when the peer allocated it from this plugin.
+    struct PeerBuffer {
+        var address: UInt64
+        var length: UInt64
+        var memfd: (fd: Int32, inode: UInt64, offset: UInt64, size: UInt64)?
+    }
     struct Peer {
         var pid: pid_t
-        var buffers: [(address: UInt64, length: UInt64)]
+        var buffers: [PeerBuffer]
+        /// pidfd of the peer (-1 when the kernel has none): mapped memory outlives its owner, so
+        /// copies into a mapping check that the owner still runs.
+        var pidfd: Int32
     }
     struct Work {
         var request: te_request
         var pid: pid_t
+        /// Where remote_addr is mapped in this process (memfd buffers), nil for cross-memory attach.
+        var mapped: UInt64? = nil
+        var pidfd: Int32 = -1
     }
 
     let hostID: String
@@ -81,6 +93,10 @@ final class SHMInstance: @unchecked Sendable {
     var done: [te_completion] = []
     var stopping = false
     var workers = 0
+    /// Managed buffers this engine allocated as memfds, by address.
+    var allocations: [UInt64: (fd: Int32, length: UInt64, inode: UInt64)] = [:]
+    /// Peers' memfds mapped here: "pid:fd:inode" -> (address, size).
+    var mappings: [String: (address: UInt64, size: UInt64)] = [:]
     /// Fixed storage: last_error hands out a pointer into it without a lock (an array could move).
     let lastError: UnsafeMutablePointer<CChar> = {
         let storage = UnsafeMutablePointer<CChar>.allocate(capacity: 512)
@@ -150,9 +166,22 @@ final class SHMInstance: @unchecked Sendable {
     /// Requests up to this size are copied inside submit.
     static let inlineLimit: UInt64 = 64 << 10
 
-    /// Performs one copy with process_vm_* (the target process is not involved).
+    /// Performs one copy: memcpy through the peer's mapped memfd, else process_vm_* (the target
+    /// process is not involved either way).
     func copy(_ work: Work) -> te_completion {
         let r = work.request
+        if let target = work.mapped {
+            guard work.pidfd < 0 || shm_pidfd_exited(work.pidfd) == 0 else {
+                let text = "pid \(work.pid) has exited"
+                let bytes = Array(text.utf8.prefix(511))
+                for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
+                lastError[bytes.count] = 0
+                return te_completion(cookie: r.cookie, status: TE_ERR_PEER_UNREACHABLE, flags: 0, bytes: 0)
+            }
+            let local = UnsafeMutableRawPointer(bitPattern: UInt(r.local_addr))!, remote = UnsafeMutableRawPointer(bitPattern: UInt(target))!
+            if r.opcode == TE_OP_WRITE { shm_copy(remote, local, r.length) } else { shm_copy(local, remote, r.length) }
+            return te_completion(cookie: r.cookie, status: TE_OK, flags: 0, bytes: r.length)
+        }
         let moved = r.opcode == TE_OP_WRITE
             ? shm_write_to(work.pid, r.local_addr, r.remote_addr, r.length)
             : shm_read_from(work.pid, r.local_addr, r.remote_addr, r.length)
@@ -172,7 +201,23 @@ final class SHMInstance: @unchecked Sendable {
             stopping = true
             signal.broadcast()
             while workers > 0 { signal.waitForever() }
+            // Peers' mappings go; this engine's own memfd buffers stay mapped (the application may still use them).
+            for (_, mapping) in mappings { _ = shm_unmap(UnsafeMutableRawPointer(bitPattern: UInt(mapping.address)), mapping.size) }
+            mappings.removeAll()
+            for (_, peer) in peers where peer.pidfd >= 0 { _ = shm_close(peer.pidfd) }
+            peers.removeAll()
         }
+    }
+
+    /// Where a peer's memfd buffer is mapped here (mapping it on first use); caller holds the lock.
+    func mapping(pid: pid_t, _ memfd: (fd: Int32, inode: UInt64, offset: UInt64, size: UInt64)) -> UInt64? {
+        let key = "\(pid):\(memfd.fd):\(memfd.inode)"
+        if let known = mappings[key] { return known.address }
+        var address: UnsafeMutableRawPointer?
+        guard shm_map_peer(pid, memfd.fd, memfd.size, memfd.inode, &address) == 0, let address else { return nil }
+        let base = UInt64(UInt(bitPattern: address))
+        mappings[key] = (base, memfd.size)
+        return base
     }
 }
 
@@ -240,8 +285,38 @@ private func shmLocalDescriptor(_ pointer: OpaquePointer?, _ out: UnsafeMutableP
 
 private func shmRegister(_ pointer: OpaquePointer?, _ address: UInt64, _ length: UInt64, _ location: UnsafePointer<CChar>?,
                          _ out: UnsafeMutablePointer<te_buffer>?) -> Int32 {
-    guard instance(pointer) != nil else { return TE_ERR_INVALID_ARGUMENT }
-    return write("{}", out)  // cross-memory attach needs no per-buffer keys
+    guard let object = instance(pointer) else { return TE_ERR_INVALID_ARGUMENT }
+    // A buffer inside one of our memfds can be mapped by peers; any other needs no keys (cross-memory attach).
+    let owner = object.signal.locked {
+        object.allocations.first { address >= $0.key && address - $0.key <= $0.value.length && length <= $0.value.length - (address - $0.key) }
+    }
+    guard let (base, memfd) = owner else { return write("{}", out) }
+    return write("{\"shm_memfd\":\(memfd.fd),\"shm_memfd_inode\":\(memfd.inode),\"shm_memfd_offset\":\(address - base),\"shm_memfd_size\":\(memfd.length)}", out)
+}
+
+/// Managed buffers are memfds, so same-host peers can map them and copy with memcpy.
+private func shmAllocate(_ pointer: OpaquePointer?, _ length: UInt64, _ location: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<UInt64>?) -> Int32 {
+    guard let object = instance(pointer), let out, length > 0 else { return TE_ERR_INVALID_ARGUMENT }
+    var fd: Int32 = -1, inode: UInt64 = 0
+    var address: UnsafeMutableRawPointer?
+    let status = shm_memfd_alloc(length, &fd, &address, &inode)
+    guard status == 0, let address else {
+        object.setError("memfd of \(length) bytes: \(String(cString: strerror(-status)))")
+        return TE_ERR_NO_RESOURCES
+    }
+    let base = UInt64(UInt(bitPattern: address))
+    object.signal.locked { object.allocations[base] = (fd, length, inode) }
+    out.pointee = base
+    return TE_OK
+}
+
+private func shmFree(_ pointer: OpaquePointer?, _ address: UInt64) -> Int32 {
+    guard let object = instance(pointer), let memfd = object.signal.locked({ object.allocations.removeValue(forKey: address) }) else {
+        return TE_ERR_INVALID_ARGUMENT
+    }
+    _ = shm_unmap(UnsafeMutableRawPointer(bitPattern: UInt(address)), memfd.length)
+    _ = shm_close(memfd.fd)
+    return TE_OK
 }
 
 private func shmUnregister(_ pointer: OpaquePointer?, _ address: UInt64) -> Int32 { TE_OK }
@@ -251,6 +326,10 @@ private struct PeerDescriptor: Decodable {
     struct Buffer: Decodable {
         var addr: UInt64
         var length: UInt64
+        var shm_memfd: Int32?
+        var shm_memfd_inode: UInt64?
+        var shm_memfd_offset: UInt64?
+        var shm_memfd_size: UInt64?
     }
     var shm_host_id: String?
     var shm_pid: Int32?
@@ -269,11 +348,19 @@ private func shmOpenPeer(_ pointer: OpaquePointer?, _ segment: UnsafePointer<CCh
         object.setError("\(name) is not on this host (or does not run the shm transport)")
         return TE_ERR_PEER_UNREACHABLE
     }
-    let buffers = (peer.buffers ?? []).map { (address: $0.addr, length: $0.length) }
+    let buffers = (peer.buffers ?? []).map { buffer in
+        var entry = SHMInstance.PeerBuffer(address: buffer.addr, length: buffer.length)
+        if let fd = buffer.shm_memfd, let inode = buffer.shm_memfd_inode, let offset = buffer.shm_memfd_offset, let size = buffer.shm_memfd_size,
+           offset <= size, buffer.length <= size - offset {
+            entry.memfd = (fd, inode, offset, size)
+        }
+        return entry
+    }
+    let pidfd = shm_pidfd_open(pid)
     out.pointee = object.signal.locked {
         let handle = object.nextPeer
         object.nextPeer += 1
-        object.peers[handle] = SHMInstance.Peer(pid: pid, buffers: buffers)
+        object.peers[handle] = SHMInstance.Peer(pid: pid, buffers: buffers, pidfd: max(pidfd, -1))
         return handle
     }
     return TE_OK
@@ -281,7 +368,9 @@ private func shmOpenPeer(_ pointer: OpaquePointer?, _ segment: UnsafePointer<CCh
 
 private func shmClosePeer(_ pointer: OpaquePointer?, _ peer: UInt64) {
     guard let object = instance(pointer) else { return }
-    object.signal.locked { _ = object.peers.removeValue(forKey: peer) }
+    object.signal.locked {
+        if let closed = object.peers.removeValue(forKey: peer), closed.pidfd >= 0 { _ = shm_close(closed.pidfd) }
+    }
 }
 
 private func shmOnHandshake(_ pointer: OpaquePointer?, _ request: UnsafePointer<CChar>?, _ reply: UnsafeMutablePointer<te_buffer>?) -> Int32 {
@@ -303,19 +392,23 @@ private func shmSubmit(_ pointer: OpaquePointer?, _ requests: UnsafePointer<te_r
                 return TE_ERR_INVALID_ARGUMENT
             }
             // The same bounds rule as TCP: only inside one buffer the peer published.
-            let inside = peer.buffers.contains { buffer in
+            let buffer = peer.buffers.first { buffer in
                 request.length > 0 && request.remote_addr >= buffer.address
                     && request.remote_addr - buffer.address <= buffer.length && request.length <= buffer.length - (request.remote_addr - buffer.address)
             }
-            guard inside else {
+            guard let buffer else {
                 object.setError("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is outside the peer's buffers")
                 return TE_ERR_OUT_OF_RANGE
             }
+            var work = SHMInstance.Work(request: request, pid: peer.pid, pidfd: peer.pidfd)
+            if let memfd = buffer.memfd, let base = object.mapping(pid: peer.pid, memfd) {
+                work.mapped = base + memfd.offset + (request.remote_addr - buffer.address)
+            }
             if request.length <= SHMInstance.inlineLimit {
                 // A small copy costs about a microsecond: do it here rather than hand it to a worker.
-                object.done.append(object.copy(SHMInstance.Work(request: request, pid: peer.pid)))
+                object.done.append(object.copy(work))
             } else {
-                object.queue.append(SHMInstance.Work(request: request, pid: peer.pid))
+                object.queue.append(work)
             }
             accepted.pointee = i + 1
         }
@@ -356,7 +449,7 @@ nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descr
         probe: shmProbe, create: shmCreate, destroy: shmDestroy, local_descriptor: shmLocalDescriptor,
         register_memory: shmRegister, unregister_memory: shmUnregister, open_peer: shmOpenPeer, close_peer: shmClosePeer,
         on_handshake: shmOnHandshake, submit: shmSubmit, poll: shmPoll, last_error: shmLastError,
-        allocate_memory: nil, free_memory: nil))
+        allocate_memory: shmAllocate, free_memory: shmFree))
     return pointer
 }()
 

@@ -14,4 +14,21 @@ int64_t shm_read_from(pid_t pid, uint64_t local_addr, uint64_t remote_addr, uint
 void shm_allow_attach(void);
 /** This process's pid. */
 pid_t shm_getpid(void);
+/** A memfd of length bytes mapped shared read-write: *fd, *addr and the memfd's *inode. Returns 0 or -errno. */
+int shm_memfd_alloc(uint64_t length, int *fd, void **addr, uint64_t *inode);
+/**
+ * Maps length bytes of pid's descriptor fd (through /proc/pid/fd, which the kernel allows where
+ * ptrace would be allowed) after checking it is still the file with `inode`; -ESTALE if not.
+ */
+int shm_map_peer(pid_t pid, int fd, uint64_t length, uint64_t inode, void **addr);
+/** munmap; 0 or -errno. */
+int shm_unmap(void *addr, uint64_t length);
+/** close; 0 or -errno. */
+int shm_close(int fd);
+/** pidfd_open(pid): the fd or -errno. */
+int shm_pidfd_open(pid_t pid);
+/** 1 once the process behind pidfd has exited, else 0 (never blocks). */
+int shm_pidfd_exited(int pidfd);
+/** memcpy. */
+void shm_copy(void *destination, const void *source, uint64_t length);
 #endif
