@@ -19,3 +19,8 @@ const char *te_image_path(const void *addr) {
     if (dladdr(addr, &info) == 0) return NULL;
     return info.dli_fname;
 }
+
+void te_consume(void *pointer) {
+    /* An opaque use: the caller's compiler must assume the bytes behind pointer are read and may have changed. */
+    __asm__ volatile("" : : "r"(pointer) : "memory");
+}

@@ -10,4 +10,7 @@ int te_accept_cloexec(int fd);
 void te_set_thread_name(const char *name);
 /** Path of the ELF image (executable or shared library) that contains addr, or NULL. */
 const char *te_image_path(const void *addr);
+/** Does nothing, opaquely: the compiler must assume the bytes at `pointer` are read and may have changed (keeps benchmark copies real). */
+void te_consume(void *pointer);
+
 #endif
