@@ -34,16 +34,24 @@ enum HostIdentity {
     static let current: String? = read("/proc/sys/kernel/random/boot_id").map { "\($0)/\(namespace("pid"))/\(namespace("net"))" }
 }
 
-/// A small mutex + condition pair (the plugin shares no code with the host).
+/// A mutex with two conditions: completions (pollers wait on it) and queued work (copy threads
+/// wait on it), so an inline copy wakes no idle copy thread (the plugin shares no code with the host).
 final class Signal: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private let work = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     init() {
         mutex.initialize(to: pthread_mutex_t())
         condition.initialize(to: pthread_cond_t())
+        work.initialize(to: pthread_cond_t())
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(condition, nil)
+        pthread_cond_init(work, nil)
     }
+    /// Waits (lock held) until work is queued.
+    func waitForWork() { pthread_cond_wait(work, mutex) }
+    /// Wakes one copy thread (`all`: every one).
+    func wakeWorkers(all: Bool = false) { if all { pthread_cond_broadcast(work) } else { pthread_cond_signal(work) } }
     func locked<R>(_ body: () throws -> R) rethrows -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
@@ -68,6 +76,8 @@ final class SHMInstance: @unchecked Sendable {
         var address: UInt64
         var length: UInt64
         var memfd: (fd: Int32, inode: UInt64, offset: UInt64, size: UInt64)?
+        /// Where the memfd is mapped here, once it is.
+        var mappedBase: UInt64?
     }
     struct Peer {
         var pid: pid_t
@@ -144,7 +154,7 @@ final class SHMInstance: @unchecked Sendable {
     private func workerLoop() {
         while true {
             let work: Work? = signal.locked {
-                while queueHead >= queue.count && !stopping { signal.waitForever() }
+                while queueHead >= queue.count && !stopping { signal.waitForWork() }
                 if stopping && queueHead >= queue.count { return nil }
                 let item = queue[queueHead]
                 queueHead += 1
@@ -200,6 +210,7 @@ final class SHMInstance: @unchecked Sendable {
         signal.locked {
             stopping = true
             signal.broadcast()
+            signal.wakeWorkers(all: true)
             while workers > 0 { signal.waitForever() }
             // Peers' mappings go; this engine's own memfd buffers stay mapped (the application may still use them).
             for (_, mapping) in mappings { _ = shm_unmap(UnsafeMutableRawPointer(bitPattern: UInt(mapping.address)), mapping.size) }
@@ -385,6 +396,13 @@ private func shmSubmit(_ pointer: OpaquePointer?, _ requests: UnsafePointer<te_r
     accepted.pointee = 0
     let raw = UnsafeRawPointer(requests)
     return object.signal.locked {
+        let doneBefore = object.done.count, queuedBefore = object.queue.count
+        defer {
+            // Pollers learn of inline completions; copy threads only of queued work (also when a
+            // later request was refused and the earlier ones stay accepted).
+            if object.done.count > doneBefore { object.signal.broadcast() }
+            if object.queue.count > queuedBefore { object.signal.wakeWorkers(all: object.queue.count - queuedBefore > 1) }
+        }
         for i in 0..<count {
             let request = raw!.loadUnaligned(fromByteOffset: i * stride, as: te_request.self)
             guard let peer = object.peers[request.peer] else {
@@ -392,17 +410,23 @@ private func shmSubmit(_ pointer: OpaquePointer?, _ requests: UnsafePointer<te_r
                 return TE_ERR_INVALID_ARGUMENT
             }
             // The same bounds rule as TCP: only inside one buffer the peer published.
-            let buffer = peer.buffers.first { buffer in
+            let index = peer.buffers.firstIndex { buffer in
                 request.length > 0 && request.remote_addr >= buffer.address
                     && request.remote_addr - buffer.address <= buffer.length && request.length <= buffer.length - (request.remote_addr - buffer.address)
             }
-            guard let buffer else {
+            guard let index else {
                 object.setError("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is outside the peer's buffers")
                 return TE_ERR_OUT_OF_RANGE
             }
+            let buffer = peer.buffers[index]
             var work = SHMInstance.Work(request: request, pid: peer.pid, pidfd: peer.pidfd)
-            if let memfd = buffer.memfd, let base = object.mapping(pid: peer.pid, memfd) {
-                work.mapped = base + memfd.offset + (request.remote_addr - buffer.address)
+            if let memfd = buffer.memfd {
+                // The mapping is looked up once per peer buffer, then remembered in it.
+                let base = buffer.mappedBase ?? object.mapping(pid: peer.pid, memfd)
+                if let base {
+                    if buffer.mappedBase == nil { object.peers[request.peer]?.buffers[index].mappedBase = base }
+                    work.mapped = base + memfd.offset + (request.remote_addr - buffer.address)
+                }
             }
             if request.length <= SHMInstance.inlineLimit {
                 // A small copy costs about a microsecond: do it here rather than hand it to a worker.
@@ -412,7 +436,6 @@ private func shmSubmit(_ pointer: OpaquePointer?, _ requests: UnsafePointer<te_r
             }
             accepted.pointee = i + 1
         }
-        object.signal.broadcast()
         return TE_OK
     }
 }
