@@ -13,7 +13,24 @@ final class RedisProcess: @unchecked Sendable {
         try start()
     }
 
+    /// Starts etcd; a process that exits before serving (seen once under full-suite load on a
+    /// restart) is launched again, up to three times, before the test fails with its log.
     func start() throws {
+        var failure: Error?
+        for attempt in 0..<3 {
+            do {
+                try launch()
+                return
+            } catch {
+                failure = error
+                guard process?.isRunning == false else { break }  // still running: a real timeout
+                usleep(UInt32(500_000 * (attempt + 1)))
+            }
+        }
+        throw failure!
+    }
+
+    private func launch() throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try #require(Self.binary))
         process.arguments = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"]
@@ -53,7 +70,24 @@ final class EtcdProcess: @unchecked Sendable {
         try start()
     }
 
+    /// Starts etcd; a process that exits before serving (seen once under full-suite load on a
+    /// restart) is launched again, up to three times, before the test fails with its log.
     func start() throws {
+        var failure: Error?
+        for attempt in 0..<3 {
+            do {
+                try launch()
+                return
+            } catch {
+                failure = error
+                guard process?.isRunning == false else { break }  // still running: a real timeout
+                usleep(UInt32(500_000 * (attempt + 1)))
+            }
+        }
+        throw failure!
+    }
+
+    private func launch() throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try #require(Self.binary))
         let client = "http://127.0.0.1:\(port)", peer = "http://127.0.0.1:\(peerPort)"

@@ -72,15 +72,15 @@ static struct {
 static const char *cuda_error_name(int result);
 
 static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
-static int load_state = 1; /* 1: not tried; otherwise the result of the first load */
+static int load_state = 1; /* 0 once loaded; otherwise the result of the last attempt */
 
 static int cuda_load(const char *library, char *error, size_t capacity) {
     pthread_mutex_lock(&load_lock);
-    if (load_state != 1) {
-        int state = load_state;
+    /* Only success is final: a failed load is tried again (another library may be named, or the
+     * driver installed since), so the answer always describes the library asked for now. */
+    if (load_state == 0) {
         pthread_mutex_unlock(&load_lock);
-        if (state != 0 && error && capacity) snprintf(error, capacity, "%s", state == -1 ? "libcuda.so.1 could not be loaded" : cuda_error_name(state));
-        return state;
+        return 0;
     }
     const char *name = library && *library ? library : "libcuda.so.1";
     void *handle = dlopen(name, RTLD_NOW | RTLD_LOCAL);

@@ -33,7 +33,7 @@ static struct {
 } hip;
 
 static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
-static int load_state = 1;
+static int load_state = 1; /* 0 once loaded; otherwise the result of the last attempt */
 
 static const char *hip_error_name(int result) {
     static __thread char text[32];
@@ -44,11 +44,11 @@ static const char *hip_error_name(int result) {
 
 static int hip_load(const char *library, char *error, size_t capacity) {
     pthread_mutex_lock(&load_lock);
-    if (load_state != 1) {
-        int state = load_state;
+    /* Only success is final: a failed load is tried again (another library may be named, or the
+     * driver installed since), so the answer always describes the library asked for now. */
+    if (load_state == 0) {
         pthread_mutex_unlock(&load_lock);
-        if (state != 0 && error && capacity) snprintf(error, capacity, "%s", state == -1 ? "libamdhip64 could not be loaded" : hip_error_name(state));
-        return state;
+        return 0;
     }
     void *handle = NULL;
     if (library && *library) {
