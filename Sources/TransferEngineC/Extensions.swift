@@ -66,7 +66,8 @@ public func teProtocolAvailable(_ proto: UnsafePointer<CChar>?) -> Int32 {
     var environment = ProcessInfo.processInfo.environment
     environment["MC_STRICT_PROTOCOL"] = "1"
     let catalog = PluginCatalog(environment: environment)
-    let options = TransferEngine.pluginOptions(configuration: EngineConfiguration(), segmentName: "", environment: environment)
-    guard let selection = try? ProtocolSelector.select(requested: name, catalog: catalog, environment: environment, probeOptionsJSON: options) else { return 0 }
+    guard let selection = try? ProtocolSelector.select(requested: name, catalog: catalog, environment: environment, probeOptions: {
+        TransferEngine.pluginOptions(configuration: EngineConfiguration(), segmentName: "", environment: environment, protocolName: $0)
+    }) else { return 0 }
     return selection.plugin != nil ? 1 : 0
 }

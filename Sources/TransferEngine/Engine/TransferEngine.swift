@@ -143,9 +143,9 @@ public final class TransferEngine: @unchecked Sendable {
         if let bind = environment["MC_TCP_BIND_ADDRESS"], !bind.isEmpty { bindHost = bind } else { bindHost = local.host }
 
         let catalog = PluginCatalog(environment: environment)
-        let probeOptions = Self.pluginOptions(configuration: configuration, segmentName: "", environment: environment)
-        selection = try ProtocolSelector.select(requested: configuration.protocolName, catalog: catalog,
-                                                environment: environment, probeOptionsJSON: probeOptions)
+        selection = try ProtocolSelector.select(requested: configuration.protocolName, catalog: catalog, environment: environment) {
+            Self.pluginOptions(configuration: configuration, segmentName: "", environment: environment, protocolName: $0)
+        }
         if let warning = selection.warningLine { logger.warning("\(warning)") }
         if let notice = selection.notice { logger.info("\(notice)") }
 

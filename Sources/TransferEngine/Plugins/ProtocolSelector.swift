@@ -45,18 +45,18 @@ public enum ProtocolSelector {
     ///
     /// `rdma` follows upstream's rule: `MC_FORCE_MNNVL=true` asks for `nvlink` instead; without
     /// a usable RDMA NIC, `nvlink` (MNNVL) is used when it is available, else TCP.
+    /// `probeOptions` gives the options JSON a plugin is probed with, for the protocol it is probed for.
     public static func select(requested rawName: String, catalog: PluginCatalog, environment: [String: String],
-                              probeOptionsJSON: String) throws -> Selection {
+                              probeOptions: (String) -> String) throws -> Selection {
         var name = rawName.trimmingCharacters(in: .whitespaces).lowercased()
         if name == "rdma", truthy(environment["MC_FORCE_MNNVL"]) { name = "nvlink" }
         let strict = truthy(environment["MC_STRICT_PROTOCOL"])
         guard name == "rdma" else {
-            return try selectOne(name, rawName: rawName, catalog: catalog, strict: strict, probeOptionsJSON: probeOptionsJSON)
+            return try selectOne(name, rawName: rawName, catalog: catalog, strict: strict, probeOptions: probeOptions)
         }
-        let rdma = try selectOne(name, rawName: rawName, catalog: catalog, strict: false, probeOptionsJSON: probeOptionsJSON)
+        let rdma = try selectOne(name, rawName: rawName, catalog: catalog, strict: false, probeOptions: probeOptions)
         guard let reason = rdma.fallbackReason else { return rdma }
-        let mnnvl = try selectOne("nvlink", rawName: "nvlink", catalog: catalog, strict: false,
-                                  probeOptionsJSON: probeOptionsJSON.replacing(#""protocol":"rdma""#, with: #""protocol":"nvlink""#))
+        let mnnvl = try selectOne("nvlink", rawName: "nvlink", catalog: catalog, strict: false, probeOptions: probeOptions)
         if mnnvl.plugin != nil {
             var chosen = mnnvl
             chosen.requested = name
@@ -69,8 +69,14 @@ public enum ProtocolSelector {
         return rdma
     }
 
+    /// The same, with one options JSON for every probe.
+    public static func select(requested rawName: String, catalog: PluginCatalog, environment: [String: String],
+                              probeOptionsJSON: String) throws -> Selection {
+        try select(requested: rawName, catalog: catalog, environment: environment, probeOptions: { _ in probeOptionsJSON })
+    }
+
     private static func selectOne(_ name: String, rawName: String, catalog: PluginCatalog, strict: Bool,
-                                  probeOptionsJSON: String) throws -> Selection {
+                                  probeOptions: (String) -> String) throws -> Selection {
         if name == "tcp" { return Selection(requested: name, effective: "tcp") }
 
         var path = catalog.file(for: name)
@@ -111,7 +117,7 @@ public enum ProtocolSelector {
         guard plugin.info.protocols.contains(name) else {
             return try fallback("plugin \(path) serves \(plugin.info.protocols.joined(separator: ",")), not \(name)", "")
         }
-        let probe = plugin.probe(optionsJSON: probeOptionsJSON)
+        let probe = plugin.probe(optionsJSON: probeOptions(name))
         guard probe.available else {
             return try fallback("\(plugin.info.name) plugin: \(probe.statusWord): \(probe.reason)", probe.hint)
         }
