@@ -121,12 +121,13 @@ final class SHMInstance: @unchecked Sendable {
         for _ in 0..<workerCount { startWorker() }
     }
 
-    func setError(_ text: String) {
-        signal.locked {
-            let bytes = Array(text.utf8.prefix(511))
-            for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
-            lastError[bytes.count] = 0
-        }
+    func setError(_ text: String) { signal.locked { storeError(text) } }
+
+    /// Writes the last-error text; the caller holds the lock or is a copy thread (copy runs both ways).
+    private func storeError(_ text: String) {
+        let bytes = Array(text.utf8.prefix(511))
+        for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
+        lastError[bytes.count] = 0
     }
 
     func log(_ level: Int32, _ text: String) {
@@ -182,10 +183,7 @@ final class SHMInstance: @unchecked Sendable {
         let r = work.request
         if let target = work.mapped {
             guard work.pidfd < 0 || shm_pidfd_exited(work.pidfd) == 0 else {
-                let text = "pid \(work.pid) has exited"
-                let bytes = Array(text.utf8.prefix(511))
-                for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
-                lastError[bytes.count] = 0
+                storeError("pid \(work.pid) has exited")
                 return te_completion(cookie: r.cookie, status: TE_ERR_PEER_UNREACHABLE, flags: 0, bytes: 0)
             }
             let local = UnsafeMutableRawPointer(bitPattern: UInt(r.local_addr))!, remote = UnsafeMutableRawPointer(bitPattern: UInt(target))!
@@ -198,10 +196,7 @@ final class SHMInstance: @unchecked Sendable {
         var status = TE_OK
         if moved < 0 {
             status = moved == -Int64(ESRCH) ? TE_ERR_PEER_UNREACHABLE : TE_ERR_IO
-            let text = "process_vm \(r.opcode == TE_OP_WRITE ? "write" : "read") of \(r.length) bytes to pid \(work.pid): \(String(cString: strerror(Int32(-moved))))"
-            let bytes = Array(text.utf8.prefix(511))
-            for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
-            lastError[bytes.count] = 0
+            storeError("process_vm \(r.opcode == TE_OP_WRITE ? "write" : "read") of \(r.length) bytes to pid \(work.pid): \(String(cString: strerror(Int32(-moved))))")
         }
         return te_completion(cookie: r.cookie, status: status, flags: 0, bytes: moved > 0 ? UInt64(moved) : 0)
     }

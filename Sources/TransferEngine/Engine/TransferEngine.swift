@@ -355,12 +355,10 @@ public final class TransferEngine: @unchecked Sendable {
                                      length: region.length, extra: fragments[region.address] ?? [:])
         }
         var extra = (try? plugin?.localDescriptorFragment()) ?? [:]
-        // Ranges the plugin itself serves (e.g. NVMe namespaces) are listed after the registered memory.
-        let served = (extra.removeValue(forKey: "buffers")?.arrayValue ?? []).compactMap { entry -> SegmentDescriptor.Buffer? in
-            guard var members = entry.objectValue, let name = members.removeValue(forKey: "name")?.stringValue,
-                  let address = members.removeValue(forKey: "addr")?.uint64Value,
-                  let length = members.removeValue(forKey: "length")?.uint64Value else { return nil }
-            return SegmentDescriptor.Buffer(name: name, address: address, length: length, extra: members)
+        // Ranges the plugin itself serves (e.g. NVMe namespaces) are listed after the registered memory;
+        // an entry peers would refuse (and with it the whole descriptor) is left out.
+        let served = (extra.removeValue(forKey: "buffers")?.arrayValue ?? []).enumerated().compactMap {
+            try? SegmentDescriptor.Buffer.decode($1, index: $0)
         }
         return SegmentDescriptor(name: segmentName, protocolName: selection.effective, tcpDataPort: dataPort,
                                  buffers: buffers + served, extra: extra)

@@ -27,6 +27,20 @@ public struct SegmentDescriptor: Equatable, Sendable {
             self.extra = extra
         }
 
+        /// Decodes one `buffers` entry as strictly as the official engine: a non-empty name and
+        /// non-zero addr and length that do not wrap; other keys go to `extra`.
+        public static func decode(_ entry: JSONValue, index: Int) throws -> Buffer {
+            guard var members = entry.objectValue,
+                  let bufferName = members.removeValue(forKey: "name")?.stringValue, !bufferName.isEmpty,
+                  let address = members.removeValue(forKey: "addr")?.uint64Value, address != 0,
+                  let length = members.removeValue(forKey: "length")?.uint64Value, length != 0
+            else { throw EngineError.invalidArgument("segment descriptor buffer \(index) lacks a name, addr or length") }
+            guard address.addingReportingOverflow(length).overflow == false else {
+                throw EngineError.invalidArgument("segment descriptor buffer \(index) wraps the address space")
+            }
+            return Buffer(name: bufferName, address: address, length: length, extra: members)
+        }
+
         /// Whether [address, address+length) lies inside this buffer (overflow-safe).
         public func contains(address start: UInt64, length count: UInt64) -> Bool {
             guard count > 0, start >= address else { return false }
@@ -98,18 +112,7 @@ public struct SegmentDescriptor: Equatable, Sendable {
         guard port <= UInt64(UInt16.max) else { throw EngineError.invalidArgument("tcp_data_port \(port) out of range") }
         let version = object.removeValue(forKey: "tcp_proto_version")?.uint64Value ?? 1
         let timestamp = object.removeValue(forKey: "timestamp")?.stringValue ?? ""
-        var buffers: [Buffer] = []
-        for (index, entry) in (object.removeValue(forKey: "buffers")?.arrayValue ?? []).enumerated() {
-            guard var members = entry.objectValue,
-                  let bufferName = members.removeValue(forKey: "name")?.stringValue, !bufferName.isEmpty,
-                  let address = members.removeValue(forKey: "addr")?.uint64Value, address != 0,
-                  let length = members.removeValue(forKey: "length")?.uint64Value, length != 0
-            else { throw EngineError.invalidArgument("segment descriptor buffer \(index) lacks a name, addr or length") }
-            guard address.addingReportingOverflow(length).overflow == false else {
-                throw EngineError.invalidArgument("segment descriptor buffer \(index) wraps the address space")
-            }
-            buffers.append(Buffer(name: bufferName, address: address, length: length, extra: members))
-        }
+        let buffers = try (object.removeValue(forKey: "buffers")?.arrayValue ?? []).enumerated().map { try Buffer.decode($1, index: $0) }
         return SegmentDescriptor(name: name, protocolName: protocolName, tcpDataPort: UInt16(port),
                                  tcpProtocolVersion: Int(min(version, 1000)), timestamp: timestamp, buffers: buffers, extra: object)
     }
