@@ -7,12 +7,10 @@
 #   swift build --build-tests && scripts/vm/test-nvmeof.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-bin=$(swift build --show-bin-path)
-tests=$(ls -d "$bin"/*PackageTests.xctest | head -1)
-[ -f "$bin/libtransport_nvmeof.so" ] || { echo "error: libtransport_nvmeof.so was not built (install libnvme-dev)" >&2; exit 1; }
+. scripts/vm/guest-suite.sh
+guest_test_binary libtransport_nvmeof.so "install libnvme-dev"
 inner=$(mktemp -p "$PWD" .nvmeof-guest.XXXXXX.sh)
-log=$(mktemp)
-trap 'rm -f "$inner" "$log"' EXIT
+trap 'rm -f "$inner" "${guest_log:-}"' EXIT
 cat > "$inner" <<INNER
 set -u
 [ -s /etc/nvme/hostnqn ] || { mkdir -p /etc/nvme; nvme gen-hostnqn > /etc/nvme/hostnqn; }
@@ -22,12 +20,5 @@ TE_NVMEOF_GUEST=1 TE_NVMEOF_TCP=tcp://127.0.0.1:4420/nqn.2026-11.io.test:tcp TE_
 TE_NVMEOF_RDMA_DISCOVERY=rdma://\$RXE_IP:4421 TE_NVMEOF_RDMA_FILE=/tmp/ns-rdma.img \
     "$tests" --testing-library swift-testing --filter NVMeoFGuestTests
 INNER
-set +e
-scripts/vm/run-in-rxe-guest.sh -t "${TE_NVMEOF_TEST_TIMEOUT:-600}" --script "$inner" 2>&1 | tee "$log"
-rc=${PIPESTATUS[0]}
-set -e
-if [ "$rc" = 0 ] && ! grep -q 'Suite "nvmeof plugin on kernel NVMe-oF targets (in the guest)" passed' "$log"; then
-    echo "error: the nvmeof guest suite did not run" >&2
-    rc=1
-fi
+run_guest_suite "nvmeof plugin on kernel NVMe-oF targets (in the guest)" -t "${TE_NVMEOF_TEST_TIMEOUT:-600}" --script "$inner"
 exit "$rc"
