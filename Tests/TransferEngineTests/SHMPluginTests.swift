@@ -44,11 +44,11 @@ struct SHMPluginTests {
         let target = try ServeProcess(bufferSize: "16MiB", environment: environment(), protocolName: "shm")
         let heapOwner = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment())
         defer { heapOwner.shutdown() }
-        let heap = TestBuffer(1 << 20)
+        let heap = TestBuffer(10 << 20)
         try heapOwner.registerMemory(address: heap.address, length: UInt64(heap.count))
         let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment())
         defer { engine.shutdown() }
-        let source = TestBuffer(1 << 20), sink = TestBuffer(1 << 20)
+        let source = TestBuffer(10 << 20), sink = TestBuffer(10 << 20)
         try engine.registerMemory(address: source.address, length: UInt64(source.count))
         try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
         let managed = try engine.openSegment(target.segment), plain = try engine.openSegment(heapOwner.segmentName)
@@ -56,7 +56,9 @@ struct SHMPluginTests {
         #expect(published.extra["shm_memfd"]?.uint64Value != nil && published.extra["shm_memfd_size"]?.uint64Value == 16 << 20, "\(published.extra)")
         #expect(try engine.descriptor(of: plain).buffers.first?.extra["shm_memfd"] == nil)
         for (handle, remote) in [(managed, target.bufferAddress + 4097), (plain, heap.address + 4097)] {
-            for (seed, size) in [1, 4096, 65537, 1000_000].enumerated() {
+            // 9 MiB + 3 is cut into pieces for the copy threads and, mapped, copied with
+            // non-temporal stores (from 8 MiB): unaligned head and tail included.
+            for (seed, size) in [1, 4096, 65537, 1000_000, (9 << 20) + 3].enumerated() {
                 source.fillPattern(seed: UInt8(seed + 7))
                 memset(sink.pointer, 0, size)
                 try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: remote, length: UInt64(size))

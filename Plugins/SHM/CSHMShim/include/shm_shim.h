@@ -31,4 +31,10 @@ int shm_pidfd_open(pid_t pid);
 int shm_pidfd_exited(int pidfd);
 /** memcpy. */
 void shm_copy(void *destination, const void *source, uint64_t length);
+/**
+ * A copy with non-temporal (cache-bypassing) stores on x86-64 (AVX2 when the CPU has it, else
+ * SSE2), memcpy elsewhere: for blocks larger than the cache, where ordinary stores first read
+ * every destination line and evict the source. Stores are fenced before it returns.
+ */
+void shm_copy_streaming(void *destination, const void *source, uint64_t length);
 #endif
