@@ -99,6 +99,7 @@ final class RDMAInstance: @unchecked Sendable {
         signal.locked {
             stopping = true
             signal.broadcast()
+            signal.wakeRepair()
             while repairRunning { signal.wait(nanoseconds: 10_000_000) }
         }
         let regions = signal.locked { () -> [Registration] in defer { registrations.removeAll() }; return registrations }
@@ -437,6 +438,7 @@ final class RDMAInstance: @unchecked Sendable {
                 if var retry = part.retry, retry.retries < options.retryCount, !stopping {
                     retry.retries += 1
                     repairQueue.append(retry)
+                    signal.wakeRepair()
                     if let error = part.error { setErrorLocked(error) }
                     continue
                 }
@@ -462,7 +464,7 @@ final class RDMAInstance: @unchecked Sendable {
     private func repairLoop() {
         while true {
             let batch = signal.locked { () -> [Part]? in
-                while repairQueue.isEmpty && !stopping { signal.wait(nanoseconds: 100_000_000) }
+                while repairQueue.isEmpty && !stopping { signal.waitForRepair(nanoseconds: 100_000_000) }
                 if stopping { return nil }
                 defer { repairQueue.removeAll() }
                 return repairQueue

@@ -4,17 +4,21 @@ import Glibc
 import Musl
 #endif
 
-/// A mutex with a condition (the plugin shares no code with the host, so it
-/// carries its own). Heap-allocated: pthread objects must not move.
+/// A mutex with two conditions: completions (pollers wait on it) and repair work (the repair
+/// thread waits on it), so a completion wakes no repair thread. The plugin shares no code with
+/// the host, so it carries its own. Heap-allocated: pthread objects must not move.
 final class Signal: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private let repair = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
     init() {
         mutex.initialize(to: pthread_mutex_t())
         condition.initialize(to: pthread_cond_t())
+        repair.initialize(to: pthread_cond_t())
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(condition, nil)
+        pthread_cond_init(repair, nil)
     }
 
     /// Runs `body` with the mutex held.
@@ -31,17 +35,25 @@ final class Signal: @unchecked Sendable {
         return try body()
     }
 
-    /// Waits (mutex held by the caller) at most `nanoseconds`.
-    func wait(nanoseconds: UInt64) {
+    /// Waits (mutex held by the caller) at most `nanoseconds` for completions.
+    func wait(nanoseconds: UInt64) { timedWait(condition, nanoseconds) }
+
+    /// Waits (mutex held by the caller) at most `nanoseconds` for repair work.
+    func waitForRepair(nanoseconds: UInt64) { timedWait(repair, nanoseconds) }
+
+    private func timedWait(_ on: UnsafeMutablePointer<pthread_cond_t>, _ nanoseconds: UInt64) {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
         let total = UInt64(now.tv_nsec) + nanoseconds
         var deadline = timespec(tv_sec: now.tv_sec + Int(total / 1_000_000_000), tv_nsec: Int(total % 1_000_000_000))
-        pthread_cond_timedwait(condition, mutex, &deadline)
+        pthread_cond_timedwait(on, mutex, &deadline)
     }
 
-    /// Wakes every waiter.
+    /// Wakes every waiter for completions.
     func broadcast() { pthread_cond_broadcast(condition) }
+
+    /// Wakes the repair thread.
+    func wakeRepair() { pthread_cond_broadcast(repair) }
 }
 
 /// Starts a detached thread running `body`.

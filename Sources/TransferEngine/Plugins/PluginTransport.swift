@@ -28,6 +28,8 @@ final class PluginTransport: @unchecked Sendable {
     private let harvesting = ConditionLock<(callers: Int, lastEnd: UInt64)>((0, 0))
     /// How long after a synchronous caller the poller thread stays out of the plugin's poll.
     private static let harvestGraceNs: UInt64 = 200_000
+    /// How long the poller sleeps while synchronous callers harvest.
+    private static let harvestNapNs: UInt64 = 1_000_000
     private var d: te_plugin_descriptor { plugin.descriptor.pointee }
 
     /// Host-side state the C callbacks reach through `host_context`.
@@ -293,11 +295,15 @@ final class PluginTransport: @unchecked Sendable {
         while !inFlight.withLock({ $0.stopping }) {
             // While synchronous callers harvest (or just did), they drain every completion
             // themselves: stay out of the plugin's poll, whose wake-up per completion would take
-            // a core from them (measured: 4 KiB shm transfers bimodal at 3 or 7 us). Completions
-            // of other batches then wait at most the grace period plus one nap.
-            let quiet = harvesting.withLock { $0.callers == 0 && MonotonicClock.nanoseconds() &- $0.lastEnd > Self.harvestGraceNs }
-            if !quiet {
-                usleep(100)
+            // a core from them (measured: 4 KiB shm transfers bimodal at 3 or 7 us). The poller
+            // sleeps meanwhile, to the end of the grace period or for one nap while callers
+            // harvest (no wake-up per transfer: under emulation every thread switch costs about
+            // as much as the transfer); completions of other batches then wait at most a nap.
+            let now = MonotonicClock.nanoseconds()
+            let (callers, lastEnd) = harvesting.withLock { ($0.callers, $0.lastEnd) }
+            if callers > 0 || now &- lastEnd <= Self.harvestGraceNs {
+                let until = callers > 0 ? now + Self.harvestNapNs : lastEnd &+ Self.harvestGraceNs &+ 1
+                _ = harvesting.wait(deadline: until) { _ in nil as Bool? }
                 continue
             }
             let status = drain(timeoutNs: 10_000_000)
