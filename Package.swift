@@ -78,8 +78,11 @@ targets += [
 if pluginEnabled("RDMA", header: "/usr/include/infiniband/verbs.h") {
     products.append(.library(name: "transport_rdma", type: .dynamic, targets: ["RDMAPlugin"]))
     targets += [
-        .target(name: "CRDMAShim", path: "Plugins/RDMA/CRDMAShim", linkerSettings: [.linkedLibrary("ibverbs")]),
-        .target(name: "RDMAPlugin", dependencies: ["CTransportABI", "CRDMAShim"], path: "Plugins/RDMA/RDMAPlugin"),
+        .target(name: "CRDMAShim", path: "Plugins/RDMA/CRDMAShim", linkerSettings: [.linkedLibrary("ibverbs"), .linkedLibrary("dl")]),
+        // The plugin's PCI-tree logic, apart so its tests link without a second plugin entry point.
+        .target(name: "RDMATopology", path: "Plugins/RDMA/RDMATopology"),
+        .target(name: "RDMAPlugin", dependencies: ["CTransportABI", "CRDMAShim", "RDMATopology"], path: "Plugins/RDMA/RDMAPlugin"),
+        .testTarget(name: "RDMATopologyTests", dependencies: ["RDMATopology"], path: "Tests/RDMATopologyTests"),
     ]
 }
 

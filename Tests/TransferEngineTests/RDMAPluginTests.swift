@@ -99,6 +99,14 @@ struct RDMAGuestTests {
             try engine.transferSync(.write, localAddress: source.address, segment: handle,
                                     remoteAddress: target.bufferAddress + target.bufferLength - 8, length: 64)
         }
+        // A cuda:0 range the NIC cannot pin (no GPU, no nvidia-peermem, no CUDA driver here) is
+        // refused with what GPUDirect RDMA would need, after trying the dma-buf path.
+        let hole = try #require(mmap(nil, 1 << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        defer { munmap(hole, 1 << 20) }
+        let refusal = #expect(throws: EngineError.self) {
+            try engine.registerMemory(address: UInt64(UInt(bitPattern: hole)), length: 1 << 20, location: "cuda:0")
+        }
+        #expect("\(refusal.map { "\($0)" } ?? "")".contains("nvidia-peermem"), "\(String(describing: refusal))")
     }
 
     @Test("two soft-RoCE devices: slices are sprayed over both, bytes verified",

@@ -1,8 +1,10 @@
 #define _GNU_SOURCE
 #include "rdma_shim.h"
 #include <infiniband/verbs.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -256,4 +258,69 @@ int rdma_qp_to_error(rdma_qp *q) {
     memset(&attr, 0, sizeof attr);
     attr.qp_state = IBV_QPS_ERR;
     return -ibv_modify_qp(q->qp, &attr, IBV_QP_STATE);
+}
+
+/* The few CUDA driver entry points used here, declared with the driver API's types and values
+ * (cuda.h: CUresult and CUdevice are int, CUdeviceptr is unsigned long long,
+ * CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD is 1). */
+typedef int (*cu_init_fn)(unsigned int);
+typedef int (*cu_device_get_count_fn)(int *);
+typedef int (*cu_device_get_fn)(int *, int);
+typedef int (*cu_device_get_pci_bus_id_fn)(char *, int, int);
+typedef int (*cu_mem_get_handle_for_address_range_fn)(void *, unsigned long long, size_t, int, unsigned long long);
+
+static struct {
+    pthread_once_t once;
+    int ready;
+    cu_device_get_count_fn device_get_count;
+    cu_device_get_fn device_get;
+    cu_device_get_pci_bus_id_fn device_get_pci_bus_id;
+    cu_mem_get_handle_for_address_range_fn mem_get_handle_for_address_range;
+} cuda = { PTHREAD_ONCE_INIT, 0, NULL, NULL, NULL, NULL };
+
+static void cuda_load(void) {
+    void *library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!library) return;
+    cu_init_fn init = (cu_init_fn)dlsym(library, "cuInit");
+    cuda.device_get_count = (cu_device_get_count_fn)dlsym(library, "cuDeviceGetCount");
+    cuda.device_get = (cu_device_get_fn)dlsym(library, "cuDeviceGet");
+    cuda.device_get_pci_bus_id = (cu_device_get_pci_bus_id_fn)dlsym(library, "cuDeviceGetPCIBusId");
+    cuda.mem_get_handle_for_address_range = (cu_mem_get_handle_for_address_range_fn)dlsym(library, "cuMemGetHandleForAddressRange");
+    cuda.ready = init && cuda.device_get_count && cuda.device_get && cuda.device_get_pci_bus_id && init(0) == 0;
+}
+
+int rdma_cuda_bus_ids(char *ids, int capacity) {
+    pthread_once(&cuda.once, cuda_load);
+    if (!cuda.ready) return -1;
+    int count = 0, found = 0;
+    if (cuda.device_get_count(&count) != 0) return -1;
+    for (int i = 0; i < count && found < capacity; i++) {
+        int device;
+        char *id = ids + (size_t)found * RDMA_BUS_ID_SIZE;
+        if (cuda.device_get(&device, i) != 0 || cuda.device_get_pci_bus_id(id, RDMA_BUS_ID_SIZE, device) != 0) continue;
+        for (char *c = id; *c; c++) if (*c >= 'A' && *c <= 'F') *c += 'a' - 'A';
+        found++;
+    }
+    return found;
+}
+
+int rdma_reg_dmabuf_mr(rdma_context *c, void *addr, size_t length, void **mr_out, uint32_t *lkey, uint32_t *rkey) {
+    pthread_once(&cuda.once, cuda_load);
+    if (!cuda.ready || !cuda.mem_get_handle_for_address_range) return -ENOSYS;
+    /* The driver exports whole host pages: export the page-aligned range, register at the offset. */
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t base = (uintptr_t)addr & ~(page - 1);
+    size_t span = (((uintptr_t)addr + length + page - 1) & ~(page - 1)) - base;
+    int fd = -1;
+    if (cuda.mem_get_handle_for_address_range(&fd, (unsigned long long)base, span, 1, 0) != 0 || fd < 0) return -EINVAL;
+    errno = 0;
+    struct ibv_mr *mr = ibv_reg_dmabuf_mr(c->pd, (uint64_t)((uintptr_t)addr - base), length, (uint64_t)(uintptr_t)addr, fd,
+                                          IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ);
+    int status = mr ? 0 : neg_errno(EINVAL);
+    close(fd); /* the MR holds its own reference to the dma-buf */
+    if (!mr) return status;
+    *mr_out = mr;
+    *lkey = mr->lkey;
+    *rkey = mr->rkey;
+    return 0;
 }

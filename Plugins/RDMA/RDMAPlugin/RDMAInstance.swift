@@ -1,5 +1,6 @@
 import CRDMAShim
 import CTransportABI
+import RDMATopology
 import FoundationEssentials
 
 #if canImport(Glibc)
@@ -108,7 +109,8 @@ final class RDMAInstance: @unchecked Sendable {
         devices.removeAll()
     }
 
-    /// "cpu:N" for every NUMA node: the devices on that node first (all devices when none is).
+    /// "cpu:N" for every NUMA node: the devices on that node first (all devices when none is);
+    /// "cuda:N" for every CUDA device: the devices nearest to it on the PCI tree.
     static func priorityMatrix(_ devices: [RDMADevice]) -> [String: [Int]] {
         var nodes: [Int] = []
         if let directory = opendir("/sys/devices/system/node") {
@@ -124,6 +126,8 @@ final class RDMAInstance: @unchecked Sendable {
             let local = devices.filter { $0.discovered.numaNode == node }.map(\.index)
             matrix["cpu:\(node)"] = local.isEmpty ? Array(devices.indices) : local
         }
+        let positions = devices.map { PCITopology.hca($0.name) }
+        matrix.merge(PCITopology.gpuRows(gpuBusIDs: PCITopology.cudaBusIDs(), hcas: positions)) { _, gpu in gpu }
         return matrix
     }
 
@@ -171,14 +175,29 @@ final class RDMAInstance: @unchecked Sendable {
             location = "cpu:\(max(node, 0))"
         }
         var registration = Registration(address: address, length: length, location: location, regions: [], lkeys: [], rkeys: [])
+        let gpu = location.hasPrefix("cuda:")
         for device in devices {
             var region: UnsafeMutableRawPointer?
             var lkey: UInt32 = 0, rkey: UInt32 = 0
-            let status = rdma_reg_mr(device.handle, UnsafeMutableRawPointer(bitPattern: UInt(address)), Int(length), &region, &lkey, &rkey)
+            let pointer = UnsafeMutableRawPointer(bitPattern: UInt(address))
+            var status = rdma_reg_mr(device.handle, pointer, Int(length), &region, &lkey, &rkey)
+            var dmabuf: Int32 = 0
+            if status != 0 && gpu {
+                // GPU memory: ibv_reg_mr works where nvidia-peermem is loaded; else a dma-buf from the CUDA driver.
+                dmabuf = rdma_reg_dmabuf_mr(device.handle, pointer, Int(length), &region, &lkey, &rkey)
+                if dmabuf == 0 { status = 0 }
+            }
             guard status == 0 else {
                 for region in registration.regions { _ = rdma_dereg_mr(region) }
-                setError("ibv_reg_mr of \(length) bytes at 0x\(String(address, radix: 16)) on \(device.name): \(String(cString: strerror(-status)))"
-                         + (status == -ENOMEM || status == -EPERM ? " (check the memlock limit: ulimit -l)" : ""))
+                var text = "ibv_reg_mr of \(length) bytes at 0x\(String(address, radix: 16)) (\(location)) on \(device.name): \(String(cString: strerror(-status)))"
+                if gpu {
+                    text += dmabuf == -ENOSYS
+                        ? "; GPU memory needs the nvidia-peermem module, or the CUDA driver (>= 11.7) for a dma-buf registration, which it does not offer here"
+                        : "; the dma-buf registration failed too: \(String(cString: strerror(-dmabuf))) (GPUDirect RDMA needs nvidia-peermem or dma-buf support in the NIC driver)"
+                } else if status == -ENOMEM || status == -EPERM {
+                    text += " (check the memlock limit: ulimit -l)"
+                }
+                setError(text)
                 return (TE_ERR_NO_RESOURCES, "")
             }
             registration.regions.append(region)

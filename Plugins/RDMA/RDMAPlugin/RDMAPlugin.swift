@@ -136,7 +136,7 @@ nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descr
     pointer.initialize(to: te_plugin_descriptor(
         abi_major: UInt16(TE_ABI_MAJOR), abi_minor: UInt16(TE_ABI_MINOR), struct_size: UInt32(MemoryLayout<te_plugin_descriptor>.size),
         name: staticText("rdma"), version: staticText("0.1.0"), protocols: staticText("rdma"),
-        capabilities: TE_CAP_MEM_HOST | TE_CAP_OP_READ | TE_CAP_OP_WRITE | TE_CAP_NEEDS_HANDSHAKE | TE_CAP_SPLITS_REQUESTS,
+        capabilities: TE_CAP_MEM_HOST | TE_CAP_MEM_DEVICE | TE_CAP_OP_READ | TE_CAP_OP_WRITE | TE_CAP_NEEDS_HANDSHAKE | TE_CAP_SPLITS_REQUESTS,
         probe: rdmaProbe, create: rdmaCreate, destroy: rdmaDestroy, local_descriptor: rdmaLocalDescriptor,
         register_memory: rdmaRegister, unregister_memory: rdmaUnregister, open_peer: rdmaOpenPeer, close_peer: rdmaClosePeer,
         on_handshake: rdmaOnHandshake, submit: rdmaSubmit, poll: rdmaPoll, last_error: rdmaLastError,

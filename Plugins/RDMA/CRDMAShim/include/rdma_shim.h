@@ -108,4 +108,23 @@ void rdma_wake(rdma_context *context);
 
 /** NUMA node of the page at addr (move_pages), or -1. */
 int rdma_numa_node_of(const void *addr);
+
+/* GPU memory (GPUDirect RDMA). The CUDA driver is bound with dlopen, so the plugin builds and
+ * loads without it. */
+
+/**
+ * PCI bus ids ("0000:3b:00.0", lower case) of the CUDA devices, in CUDA's device order
+ * (CUDA_VISIBLE_DEVICES applies), into `ids` as `capacity` NUL-terminated entries of
+ * RDMA_BUS_ID_SIZE bytes: the count, or -1 when the CUDA driver cannot be loaded or initialised
+ * (then there are no cuda:N locations).
+ */
+int rdma_cuda_bus_ids(char *ids, int capacity);
+/** Bytes per entry of rdma_cuda_bus_ids. */
+#define RDMA_BUS_ID_SIZE 32
+/**
+ * Registers device memory through a dma-buf exported by the CUDA driver
+ * (cuMemGetHandleForAddressRange, CUDA >= 11.7) and ibv_reg_dmabuf_mr: the path that needs no
+ * nvidia-peermem module. 0 or -errno; -ENOSYS when the driver lacks the entry point.
+ */
+int rdma_reg_dmabuf_mr(rdma_context *context, void *addr, size_t length, void **mr, uint32_t *lkey, uint32_t *rkey);
 #endif
