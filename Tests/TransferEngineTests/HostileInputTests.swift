@@ -92,6 +92,25 @@ struct HostileInputTests {
         #expect(try target.stillServes())
     }
 
+    @Test("managed buffers at a GPU location come only from a plugin that allocates device memory, never from the heap")
+    func managedDeviceMemoryRefused() throws {
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path, "MC_STRICT_PROTOCOL": "1"])
+        for protocolName in ["tcp", "shm"] {  // no allocator; a host-memory allocator (memfds)
+            let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: protocolName), environment: environment)
+            defer { engine.shutdown() }
+            do {
+                _ = try engine.allocateManagedBuffer(length: 1 << 20, location: "cuda:0")
+                Issue.record("\(protocolName): a managed buffer at cuda:0 was handed out")
+            } catch EngineError.invalidArgument(let text) {
+                #expect(text.contains("managed buffers at cuda:0 need a transport that allocates device memory"), "\(text)")
+                #expect(text.contains("protocol \(protocolName) does not"), "\(text)")
+            }
+            #expect(try engine.descriptor(of: engine.openSegment(engine.segmentName)).buffers.isEmpty, "\(protocolName): nothing registered")
+            let host = try engine.allocateManagedBuffer(length: 1 << 20, location: "cpu:0")
+            try engine.freeManagedBuffer(address: host)
+        }
+    }
+
     @Test("truncated headers and payloads leave memory consistent and the server serving")
     func truncated() throws {
         let target = try Target()

@@ -318,6 +318,10 @@ public final class TransferEngine: @unchecked Sendable {
         let fromPlugin: Bool
         if let provided = try plugin?.allocate(length: length, location: location) {
             (address, fromPlugin) = (provided, true)
+        } else if !MemoryLocation.isHostAccessible(location) {
+            throw EngineError.invalidArgument("managed buffers at \(location) need a transport that allocates device memory "
+                + "(nvlink, nvlink_intra, hip); protocol \(activeProtocol) does not. Allocate the memory with the device's "
+                + "runtime and register it with location \(location) instead")
         } else {
             var pointer: UnsafeMutableRawPointer?
             let rc = posix_memalign(&pointer, 4096, Int(length))

@@ -123,6 +123,9 @@ final class PluginTransport: @unchecked Sendable {
         return try jsonObject(out.string, "local_descriptor")
     }
 
+    /// Whether the plugin moves accelerator memory (TE_CAP_MEM_DEVICE).
+    var movesDeviceMemory: Bool { plugin.info.capabilities & TE_CAP_MEM_DEVICE != 0 }
+
     /// Whether the plugin cuts large requests itself (TE_CAP_SPLITS_REQUESTS).
     var splitsRequests: Bool { plugin.info.capabilities & TE_CAP_SPLITS_REQUESTS != 0 }
 
@@ -144,7 +147,9 @@ final class PluginTransport: @unchecked Sendable {
 
     /// Memory the plugin allocates itself (ABI 1.1), or nil when it offers none.
     func allocate(length: UInt64, location: String) throws -> UInt64? {
-        guard plugin.allocatesMemory else { return nil }
+        // Device memory only from a plugin that moves it: a host-memory allocator (shm, cxl)
+        // would hand out host memory labelled as a GPU's.
+        guard plugin.allocatesMemory, MemoryLocation.isHostAccessible(location) || movesDeviceMemory else { return nil }
         try checkAlive("allocate_memory")
         var address: UInt64 = 0
         let status = location.withCString { d.allocate_memory!(instance, length, $0, &address) }
