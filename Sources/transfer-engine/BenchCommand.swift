@@ -25,7 +25,7 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Allocate this side's buffer on the heap instead of as a managed buffer (which a CXL pool serves from the pool).")
     var localHeap = false
 
-    @Option(help: "Memory location of the managed buffers (this side's and the loopback target's): cpu:0, or a GPU (cuda:0, hip:0) with a GPU plugin.")
+    @Option(help: "Memory location of the managed buffers (this side's and the loopback target's): cpu:0, or a GPU (cuda:0, hip:0) with a GPU plugin (cuda:0 also with rdma: GPUDirect RDMA).")
     var location: String = "cpu:0"
 
     @Flag(help: "Start a target process on this host and benchmark against it.")

@@ -19,7 +19,7 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "Size of the registered buffer (e.g. 512MiB, 1GB, 1073741824).")
     var bufferSize: String = "512MiB"
 
-    @Option(help: "Memory location of the buffer: cpu:0, or a GPU (cuda:0, hip:0) served by a GPU plugin.")
+    @Option(help: "Memory location of the buffer: cpu:0, or a GPU (cuda:0, hip:0) served by a GPU plugin, or cuda:0 with rdma (GPUDirect RDMA).")
     var location: String = "cpu:0"
 
     @Flag(help: "Exit when standard input reaches end of file (used by bench --loopback).")

@@ -107,6 +107,11 @@ struct RDMAGuestTests {
             try engine.registerMemory(address: UInt64(UInt(bitPattern: hole)), length: 1 << 20, location: "cuda:0")
         }
         #expect("\(refusal.map { "\($0)" } ?? "")".contains("nvidia-peermem"), "\(String(describing: refusal))")
+        // Managed buffers: host memory from the plugin (the target's came from it too), cuda:0 needs the driver.
+        let managed = try engine.allocateManagedBuffer(length: 1 << 20, location: "cpu:0")
+        try engine.freeManagedBuffer(address: managed)
+        let noDriver = #expect(throws: EngineError.self) { _ = try engine.allocateManagedBuffer(length: 1 << 20, location: "cuda:0") }
+        #expect("\(noDriver.map { "\($0)" } ?? "")".contains("needs the CUDA driver (libcuda.so.1)"), "\(String(describing: noDriver))")
     }
 
     @Test("two soft-RoCE devices: slices are sprayed over both, bytes verified",

@@ -268,6 +268,11 @@ typedef int (*cu_device_get_count_fn)(int *);
 typedef int (*cu_device_get_fn)(int *, int);
 typedef int (*cu_device_get_pci_bus_id_fn)(char *, int, int);
 typedef int (*cu_mem_get_handle_for_address_range_fn)(void *, unsigned long long, size_t, int, unsigned long long);
+typedef int (*cu_primary_ctx_retain_fn)(void **, int);
+typedef int (*cu_ctx_set_current_fn)(void *);
+typedef int (*cu_mem_alloc_fn)(unsigned long long *, size_t);
+typedef int (*cu_mem_free_fn)(unsigned long long);
+typedef int (*cu_pointer_set_attribute_fn)(const void *, int, unsigned long long);
 
 static struct {
     pthread_once_t once;
@@ -276,7 +281,12 @@ static struct {
     cu_device_get_fn device_get;
     cu_device_get_pci_bus_id_fn device_get_pci_bus_id;
     cu_mem_get_handle_for_address_range_fn mem_get_handle_for_address_range;
-} cuda = { PTHREAD_ONCE_INIT, 0, NULL, NULL, NULL, NULL };
+    cu_primary_ctx_retain_fn primary_ctx_retain;
+    cu_ctx_set_current_fn ctx_set_current;
+    cu_mem_alloc_fn mem_alloc;
+    cu_mem_free_fn mem_free;
+    cu_pointer_set_attribute_fn pointer_set_attribute;
+} cuda = { PTHREAD_ONCE_INIT, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL };
 
 static void cuda_load(void) {
     void *library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
@@ -286,6 +296,11 @@ static void cuda_load(void) {
     cuda.device_get = (cu_device_get_fn)dlsym(library, "cuDeviceGet");
     cuda.device_get_pci_bus_id = (cu_device_get_pci_bus_id_fn)dlsym(library, "cuDeviceGetPCIBusId");
     cuda.mem_get_handle_for_address_range = (cu_mem_get_handle_for_address_range_fn)dlsym(library, "cuMemGetHandleForAddressRange");
+    cuda.primary_ctx_retain = (cu_primary_ctx_retain_fn)dlsym(library, "cuDevicePrimaryCtxRetain");
+    cuda.ctx_set_current = (cu_ctx_set_current_fn)dlsym(library, "cuCtxSetCurrent");
+    cuda.mem_alloc = (cu_mem_alloc_fn)dlsym(library, "cuMemAlloc_v2");
+    cuda.mem_free = (cu_mem_free_fn)dlsym(library, "cuMemFree_v2");
+    cuda.pointer_set_attribute = (cu_pointer_set_attribute_fn)dlsym(library, "cuPointerSetAttribute");
     cuda.ready = init && cuda.device_get_count && cuda.device_get && cuda.device_get_pci_bus_id && init(0) == 0;
 }
 
@@ -323,4 +338,36 @@ int rdma_reg_dmabuf_mr(rdma_context *c, void *addr, size_t length, void **mr_out
     *lkey = mr->lkey;
     *rkey = mr->rkey;
     return 0;
+}
+
+/* Makes device `ordinal`'s primary context current on this thread (retained once per device). */
+static int cuda_use_device(int ordinal) {
+    static void *contexts[64];
+    static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    pthread_once(&cuda.once, cuda_load);
+    if (!cuda.ready || !cuda.primary_ctx_retain || !cuda.ctx_set_current || !cuda.mem_alloc || !cuda.mem_free) return -ENOSYS;
+    int count = 0, device;
+    if (ordinal < 0 || ordinal >= 64 || cuda.device_get_count(&count) != 0 || ordinal >= count || cuda.device_get(&device, ordinal) != 0) return -ENODEV;
+    pthread_mutex_lock(&lock);
+    int status = contexts[ordinal] || cuda.primary_ctx_retain(&contexts[ordinal], device) == 0 ? 0 : -ENODEV;
+    void *context = contexts[ordinal];
+    pthread_mutex_unlock(&lock);
+    if (status != 0) return status;
+    return cuda.ctx_set_current(context) == 0 ? 0 : -ENODEV;
+}
+
+int rdma_cuda_alloc(int ordinal, size_t length, void **addr) {
+    int status = cuda_use_device(ordinal);
+    if (status != 0) return status;
+    unsigned long long pointer = 0;
+    if (cuda.mem_alloc(&pointer, length) != 0) return -ENOMEM;
+    unsigned int one = 1;
+    if (cuda.pointer_set_attribute) (void)cuda.pointer_set_attribute(&one, 6 /* CU_POINTER_ATTRIBUTE_SYNC_MEMOPS */, pointer);
+    *addr = (void *)(uintptr_t)pointer;
+    return 0;
+}
+
+int rdma_cuda_free(int ordinal, void *addr) {
+    if (cuda_use_device(ordinal) != 0) return -EINVAL;
+    return cuda.mem_free((unsigned long long)(uintptr_t)addr) == 0 ? 0 : -EINVAL;
 }

@@ -168,6 +168,52 @@ final class RDMAInstance: @unchecked Sendable {
 
     // MARK: Memory
 
+    /// Managed buffers this plugin allocated: address -> CUDA ordinal (nil: host memory).
+    private var allocations: [UInt64: Int?] = [:]
+
+    /// A managed buffer: device memory for `cuda:N` (registered through GPUDirect RDMA),
+    /// page-aligned host memory for any other location.
+    func allocate(length: UInt64, location: String) -> (Int32, UInt64) {
+        var pointer: UnsafeMutableRawPointer?
+        var ordinal: Int? = nil
+        if location.hasPrefix("cuda:") {
+            guard let index = Int(location.dropFirst(5)), index >= 0 else {
+                setError("\(location): not a CUDA device location (cuda:N)")
+                return (TE_ERR_INVALID_ARGUMENT, 0)
+            }
+            let status = rdma_cuda_alloc(Int32(index), Int(length), &pointer)
+            guard status == 0, pointer != nil else {
+                switch status {
+                case -ENOSYS: setError("\(location) memory needs the CUDA driver (libcuda.so.1): not installed, or it found no usable GPU")
+                case -ENODEV: setError("no CUDA device \(index)")
+                default: setError("cuMemAlloc of \(length) bytes on \(location) failed")
+                }
+                return (status == -ENOMEM ? TE_ERR_NO_RESOURCES : TE_ERR_HARDWARE_ABSENT, 0)
+            }
+            ordinal = index
+        } else {
+            guard posix_memalign(&pointer, 4096, Int(length)) == 0, pointer != nil else {
+                setError("posix_memalign of \(length) bytes failed")
+                return (TE_ERR_NO_RESOURCES, 0)
+            }
+        }
+        let address = UInt64(UInt(bitPattern: pointer))
+        signal.locked { allocations[address] = ordinal }
+        return (TE_OK, address)
+    }
+
+    /// Frees a managed buffer (the host unregistered it first).
+    func free(address: UInt64) -> Int32 {
+        guard let ordinal = signal.locked({ allocations.removeValue(forKey: address) }) else {
+            setError("0x\(String(address, radix: 16)) was not allocated by this plugin")
+            return TE_ERR_INVALID_ARGUMENT
+        }
+        let pointer = UnsafeMutableRawPointer(bitPattern: UInt(address))
+        if let ordinal { return rdma_cuda_free(Int32(ordinal), pointer) == 0 ? TE_OK : TE_ERR_INTERNAL }
+        Glibc.free(pointer)
+        return TE_OK
+    }
+
     func register(address: UInt64, length: UInt64, location requested: String) -> (Int32, String) {
         var location = requested
         if location.isEmpty || location == "*" {

@@ -127,6 +127,18 @@ private func rdmaLastError(_ pointer: OpaquePointer?) -> UnsafePointer<CChar>? {
     return object.lastErrorText
 }
 
+private func rdmaAllocate(_ pointer: OpaquePointer?, _ length: UInt64, _ location: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<UInt64>?) -> Int32 {
+    guard let object = instance(pointer), let out, length > 0 else { return TE_ERR_INVALID_ARGUMENT }
+    let (status, address) = object.allocate(length: length, location: location.map { String(cString: $0) } ?? "")
+    out.pointee = address
+    return status
+}
+
+private func rdmaFree(_ pointer: OpaquePointer?, _ address: UInt64) -> Int32 {
+    guard let object = instance(pointer) else { return TE_ERR_INVALID_ARGUMENT }
+    return object.free(address: address)
+}
+
 private func staticText(_ text: StaticString) -> UnsafePointer<CChar> {
     UnsafeRawPointer(text.utf8Start).assumingMemoryBound(to: CChar.self)
 }
@@ -140,7 +152,7 @@ nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descr
         probe: rdmaProbe, create: rdmaCreate, destroy: rdmaDestroy, local_descriptor: rdmaLocalDescriptor,
         register_memory: rdmaRegister, unregister_memory: rdmaUnregister, open_peer: rdmaOpenPeer, close_peer: rdmaClosePeer,
         on_handshake: rdmaOnHandshake, submit: rdmaSubmit, poll: rdmaPoll, last_error: rdmaLastError,
-        allocate_memory: nil, free_memory: nil))
+        allocate_memory: rdmaAllocate, free_memory: rdmaFree))
     return pointer
 }()
 

@@ -127,4 +127,13 @@ int rdma_cuda_bus_ids(char *ids, int capacity);
  * nvidia-peermem module. 0 or -errno; -ENOSYS when the driver lacks the entry point.
  */
 int rdma_reg_dmabuf_mr(rdma_context *context, void *addr, size_t length, void **mr, uint32_t *lkey, uint32_t *rkey);
+/**
+ * Allocates `length` bytes on CUDA device `ordinal` (its primary context, cuMemAlloc) with
+ * synchronous memory operations set (CU_POINTER_ATTRIBUTE_SYNC_MEMOPS, so RDMA and CUDA copies
+ * see each other's writes in order). 0, -ENOSYS (no CUDA driver), -ENODEV (no such device) or
+ * -ENOMEM.
+ */
+int rdma_cuda_alloc(int ordinal, size_t length, void **addr);
+/** Frees memory from rdma_cuda_alloc on device `ordinal`; 0 or -EINVAL. */
+int rdma_cuda_free(int ordinal, void *addr);
 #endif
