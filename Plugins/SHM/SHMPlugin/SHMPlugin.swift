@@ -212,7 +212,7 @@ final class SHMInstance: @unchecked Sendable {
     func enqueue(_ work: Work) {
         let length = work.request.length
         // At most pieceSize, and at least one piece per copy thread (in 64-byte lines).
-        let size = min(SHMInstance.pieceSize, max(256 << 10, (length / UInt64(workers) + 63) & ~63))
+        let size = min(SHMInstance.pieceSize, max(256 << 10, (length / UInt64(max(workers, 1)) + 63) & ~63))
         guard length > size else { queue.append(work); return }
         let count = Int((length - 1) / size + 1)
         let pieces = Pieces(cookie: work.request.cookie, remaining: count)

@@ -320,7 +320,7 @@ public final class TransferEngine: @unchecked Sendable {
             (address, fromPlugin) = (provided, true)
         } else if !MemoryLocation.isHostAccessible(location) {
             throw EngineError.invalidArgument("managed buffers at \(location) need a transport that allocates device memory "
-                + "(nvlink, nvlink_intra, hip); protocol \(activeProtocol) does not. Allocate the memory with the device's "
+                + "(nvlink, nvlink_intra, hip, rdma for cuda:N); protocol \(activeProtocol) does not. Allocate the memory with the device's "
                 + "runtime and register it with location \(location) instead")
         } else {
             var pointer: UnsafeMutableRawPointer?
