@@ -67,6 +67,17 @@ struct SHMPluginTests {
             }
         }
         #expect(heap.bytes[4097] == source.bytes[0])  // the bytes landed in the heap owner's memory
+        // A batch that moves 9 MiB + in 1 MiB - 7 requests at odd offsets: streamed as a large request is.
+        let block: UInt64 = (1 << 20) - 7
+        source.fillPattern(seed: 99)
+        memset(sink.pointer, 0, sink.count)
+        for operation in [TransferRequest.Operation.write, .read] {
+            try engine.transferBatchSync((0..<9).map { i in
+                TransferRequest(operation: operation, localAddress: (operation == .write ? source.address : sink.address) + UInt64(i) * block,
+                                segment: managed, remoteAddress: target.bufferAddress + 3 + UInt64(i) * block, length: block)
+            })
+        }
+        #expect(sink.equals(source, length: Int(9 * block)))
     }
 
     @Test("concurrent batches from several threads, then a peer that exits mid-batch: requests fail, nothing hangs")

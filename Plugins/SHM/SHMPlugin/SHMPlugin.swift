@@ -92,7 +92,8 @@ final class SHMInstance: @unchecked Sendable {
         /// Where remote_addr is mapped in this process (memfd buffers), nil for cross-memory attach.
         var mapped: UInt64? = nil
         var pidfd: Int32 = -1
-        /// Copy with non-temporal stores (a mapped request at least `streamingMinimum` long).
+        /// Copy with non-temporal stores (a mapped request over the inline limit, at least
+        /// `streamingMinimum` long or in a submit of at least that much).
         var streaming = false
         /// The request this is a piece of, when it was cut for the copy threads.
         var pieces: Pieces? = nil
@@ -443,6 +444,11 @@ private func shmSubmit(_ pointer: OpaquePointer?, _ requests: UnsafePointer<te_r
     }
     accepted.pointee = 0
     let raw = UnsafeRawPointer(requests)
+    // A batch that moves more than the streaming minimum in total leaves the cache as a single
+    // large request does (64 x 1 MiB measured 6-10 GB/s with ordinary stores, 64 MiB x1 13).
+    var total: UInt64 = 0
+    for i in 0..<count { total &+= raw!.loadUnaligned(fromByteOffset: i * stride, as: te_request.self).length }
+    var checkedPeer: UInt64? = nil, checkedAlive = false
     return object.signal.locked {
         let doneBefore = object.done.count, queuedBefore = object.queue.count
         defer {
@@ -474,11 +480,18 @@ private func shmSubmit(_ pointer: OpaquePointer?, _ requests: UnsafePointer<te_r
                 if let base {
                     if buffer.mappedBase == nil { object.peers[request.peer]?.buffers[index].mappedBase = base }
                     work.mapped = base + memfd.offset + (request.remote_addr - buffer.address)
-                    work.streaming = request.length >= object.streamingMinimum
+                    work.streaming = request.length > SHMInstance.inlineLimit
+                        && (request.length >= object.streamingMinimum || total >= object.streamingMinimum)
                 }
             }
             if request.length <= SHMInstance.inlineLimit {
                 // A small copy costs about a microsecond: do it here rather than hand it to a worker.
+                // The owner's liveness (a poll on its pidfd, a system call) is checked once per peer
+                // per submit, not per request.
+                if work.mapped != nil && work.pidfd >= 0 {
+                    if checkedPeer != request.peer { (checkedPeer, checkedAlive) = (request.peer, shm_pidfd_exited(work.pidfd) == 0) }
+                    if checkedAlive { work.pidfd = -1 }
+                }
                 object.done.append(object.copy(work))
             } else {
                 object.enqueue(work)

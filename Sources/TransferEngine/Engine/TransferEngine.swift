@@ -495,26 +495,37 @@ public final class TransferEngine: @unchecked Sendable {
     /// Checks every request before any is dispatched, so a bad one loses nothing.
     private func plan(_ requests: [TransferRequest]) throws -> [Planned] {
         var refreshed = Set<SegmentHandle>()
+        // The requests of a batch mostly name one segment: its peer, descriptor and route are
+        // looked up once (each lookup takes the state lock and copies the descriptor).
+        var last: (segment: SegmentHandle, peer: Peer, descriptor: SegmentDescriptor, routes: [String: Bool])? = nil
         return try requests.map { request in
-            let peer = try self.peer(request.segment)
+            if last?.segment != request.segment {
+                let peer = try self.peer(request.segment)
+                last = (request.segment, peer, state.withLock { _ in peer.descriptor }, [:])
+            }
+            let peer = last!.peer
             if request.length == 0 { return Planned(request: request, peer: peer, viaPlugin: false) }
             guard registry.region(containing: request.localAddress, length: request.length) != nil else {
                 throw EngineError.addressNotRegistered(address: request.localAddress, length: request.length, side: "local")
             }
-            var descriptor = state.withLock { _ in peer.descriptor }
-            if descriptor.buffer(containing: request.remoteAddress, length: request.length) == nil,
+            if last!.descriptor.buffer(containing: request.remoteAddress, length: request.length) == nil,
                request.segment != 0, refreshed.insert(request.segment).inserted {
                 // The peer may have registered memory after we cached its descriptor.
                 try? refreshSegment(request.segment)
-                descriptor = state.withLock { _ in peer.descriptor }
+                last!.descriptor = state.withLock { _ in peer.descriptor }
             }
+            let descriptor = last!.descriptor
             guard let remote = descriptor.buffer(containing: request.remoteAddress, length: request.length) else {
                 throw EngineError.addressNotRegistered(address: request.remoteAddress, length: request.length, side: "remote (\(peer.name))")
             }
             // A buffer may name its own protocol (upstream's multi-protocol form), e.g. storage
             // served by a plugin next to memory served by TCP.
             let served = remote.extra["protocol"]?.stringValue ?? descriptor.protocolName
-            let viaPlugin = plugin != nil && served == plugin!.protocolName && usePlugin(for: peer)
+            let viaPlugin: Bool
+            if let known = last!.routes[served] { viaPlugin = known } else {
+                viaPlugin = plugin != nil && served == plugin!.protocolName && usePlugin(for: peer)
+                last!.routes[served] = viaPlugin
+            }
             if !viaPlugin && descriptor.tcpDataPort == 0 {
                 throw EngineError.segmentUnavailable(name: peer.name, reason: "it serves '\(descriptor.protocolName)' and publishes no TCP data port")
             }
