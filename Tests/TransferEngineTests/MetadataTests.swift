@@ -2,6 +2,24 @@ import Foundation
 import Testing
 @testable import TransferEngine
 
+/// Runs `launch` until a server answers: a process that exits before serving (seen once for etcd
+/// under full-suite load on a restart) is launched again, up to three times, before the test
+/// fails with the last error; one still running when `launch` gave up is a real timeout.
+func launchRetrying(_ launch: () throws -> Void, exited: () -> Bool) throws {
+    var failure: Error?
+    for attempt in 0..<3 {
+        do {
+            try launch()
+            return
+        } catch {
+            failure = error
+            guard exited() else { break }
+            usleep(UInt32(500_000 * (attempt + 1)))
+        }
+    }
+    throw failure!
+}
+
 /// A redis-server process on a free loopback port, for the tests.
 final class RedisProcess: @unchecked Sendable {
     static let binary: String? = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"].first { FileManager.default.isExecutableFile(atPath: $0) }
@@ -13,22 +31,8 @@ final class RedisProcess: @unchecked Sendable {
         try start()
     }
 
-    /// Starts etcd; a process that exits before serving (seen once under full-suite load on a
-    /// restart) is launched again, up to three times, before the test fails with its log.
-    func start() throws {
-        var failure: Error?
-        for attempt in 0..<3 {
-            do {
-                try launch()
-                return
-            } catch {
-                failure = error
-                guard process?.isRunning == false else { break }  // still running: a real timeout
-                usleep(UInt32(500_000 * (attempt + 1)))
-            }
-        }
-        throw failure!
-    }
+    /// Starts redis-server (see `launchRetrying`).
+    func start() throws { try launchRetrying(launch, exited: { self.process?.isRunning == false }) }
 
     private func launch() throws {
         let process = Process()
@@ -70,22 +74,8 @@ final class EtcdProcess: @unchecked Sendable {
         try start()
     }
 
-    /// Starts etcd; a process that exits before serving (seen once under full-suite load on a
-    /// restart) is launched again, up to three times, before the test fails with its log.
-    func start() throws {
-        var failure: Error?
-        for attempt in 0..<3 {
-            do {
-                try launch()
-                return
-            } catch {
-                failure = error
-                guard process?.isRunning == false else { break }  // still running: a real timeout
-                usleep(UInt32(500_000 * (attempt + 1)))
-            }
-        }
-        throw failure!
-    }
+    /// Starts etcd (see `launchRetrying`).
+    func start() throws { try launchRetrying(launch, exited: { self.process?.isRunning == false }) }
 
     private func launch() throws {
         let process = Process()
