@@ -90,7 +90,7 @@ static int cuda_load(const char *library, char *error, size_t capacity) {
         pthread_mutex_unlock(&load_lock);
         return -1;
     }
-    struct { void **slot; const char *symbol; } table[] = {
+    const gpu_symbol table[] = {
         {(void **)&cu.init, "cuInit"},
         {(void **)&cu.driverGetVersion, "cuDriverGetVersion"},
         {(void **)&cu.deviceGetCount, "cuDeviceGetCount"},
@@ -119,14 +119,10 @@ static int cuda_load(const char *library, char *error, size_t capacity) {
         {(void **)&cu.memcpy, "cuMemcpy"},
         {(void **)&cu.getErrorName, "cuGetErrorName"},
     };
-    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
-        *table[i].slot = dlsym(handle, table[i].symbol);
-        if (!*table[i].slot) {
-            if (error && capacity) snprintf(error, capacity, "%s has no %s (CUDA 12 or newer needed)", name, table[i].symbol);
-            load_state = -2;
-            pthread_mutex_unlock(&load_lock);
-            return -2;
-        }
+    if (gpu_bind_symbols(handle, table, sizeof table / sizeof table[0], name, " (CUDA 12 or newer needed)", error, capacity) != 0) {
+        load_state = -2;
+        pthread_mutex_unlock(&load_lock);
+        return -2;
     }
     int version = 0;
     if (cu.driverGetVersion(&version) == CUDA_SUCCESS && version < 12000) {

@@ -24,6 +24,19 @@ typedef struct gpu_backend {
     int (*has_fabric)(void);
 } gpu_backend;
 
+/** One entry point a runtime binds: where its address goes, and its name. */
+typedef struct gpu_symbol {
+    void **slot;
+    const char *symbol;
+} gpu_symbol;
+
+/**
+ * Fills every slot of `table` from `handle` (dlsym). On the first missing symbol writes
+ * "<library> has no <symbol><hint>" into error and returns -2; 0 when all were found.
+ */
+int gpu_bind_symbols(void *handle, const gpu_symbol *table, size_t count, const char *library, const char *hint,
+                     char *error, size_t capacity);
+
 extern const gpu_backend gpu_cuda_backend;
 /** NULL when built without HIP's headers. */
 extern const gpu_backend *const gpu_hip_backend;

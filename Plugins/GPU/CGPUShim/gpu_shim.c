@@ -2,6 +2,9 @@
 
 #include "gpu_backend.h"
 
+#include <dlfcn.h>
+#include <stdio.h>
+
 static const gpu_backend *runtime = &gpu_cuda_backend;
 
 int gpu_use(int which) {
@@ -36,3 +39,15 @@ int gpu_free(uint64_t addr) { return runtime->free(addr); }
 int gpu_copy(uint64_t destination, uint64_t source, uint64_t length) { return runtime->copy(destination, source, length); }
 const char *gpu_error_name(int result) { return runtime->error_name(result); }
 int gpu_has_fabric(void) { return runtime->has_fabric(); }
+
+int gpu_bind_symbols(void *handle, const gpu_symbol *table, size_t count, const char *library, const char *hint,
+                     char *error, size_t capacity) {
+    for (size_t i = 0; i < count; i++) {
+        *table[i].slot = dlsym(handle, table[i].symbol);
+        if (!*table[i].slot) {
+            if (error && capacity) snprintf(error, capacity, "%s has no %s%s", library, table[i].symbol, hint);
+            return -2;
+        }
+    }
+    return 0;
+}

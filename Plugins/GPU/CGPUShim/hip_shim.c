@@ -63,7 +63,7 @@ static int hip_load(const char *library, char *error, size_t capacity) {
         pthread_mutex_unlock(&load_lock);
         return -1;
     }
-    struct { void **slot; const char *symbol; } table[] = {
+    const gpu_symbol table[] = {
         {(void **)&hip.getDeviceCount, "hipGetDeviceCount"},
         {(void **)&hip.driverGetVersion, "hipDriverGetVersion"},
         {(void **)&hip.setDevice, "hipSetDevice"},
@@ -80,15 +80,11 @@ static int hip_load(const char *library, char *error, size_t capacity) {
         {(void **)&hip.deviceEnablePeerAccess, "hipDeviceEnablePeerAccess"},
         {(void **)&hip.getLastError, "hipGetLastError"},
     };
-    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
-        *table[i].slot = dlsym(handle, table[i].symbol);
-        if (!*table[i].slot) {
-            if (error && capacity) snprintf(error, capacity, "libamdhip64 has no %s", table[i].symbol);
-            memset(&hip, 0, sizeof hip);
-            load_state = -2;
-            pthread_mutex_unlock(&load_lock);
-            return -2;
-        }
+    if (gpu_bind_symbols(handle, table, sizeof table / sizeof table[0], "libamdhip64", "", error, capacity) != 0) {
+        memset(&hip, 0, sizeof hip);
+        load_state = -2;
+        pthread_mutex_unlock(&load_lock);
+        return -2;
     }
     /* HIP has no separate init: counting devices initialises it (hipErrorNoDevice = 100 without a GPU). */
     int count = 0;
