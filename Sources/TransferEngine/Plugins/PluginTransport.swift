@@ -308,7 +308,7 @@ final class PluginTransport: @unchecked Sendable {
             let (callers, lastEnd) = harvesting.withLock { ($0.callers, $0.lastEnd) }
             if callers > 0 || now &- lastEnd <= Self.harvestGraceNs {
                 let until = callers > 0 ? now + Self.harvestNapNs : lastEnd &+ Self.harvestGraceNs &+ 1
-                _ = harvesting.wait(deadline: until) { _ in nil as Bool? }
+                usleep(UInt32((until - now) / 1000))
                 continue
             }
             let status = drain(timeoutNs: 10_000_000)
