@@ -49,7 +49,9 @@ struct Part {
     var lkey: UInt32
     var remote: UInt64
     var rkey: UInt32
+    /// The parent request's record, or 0 for a request of one slice, which `cookie` completes.
     var parent: UInt64
+    var cookie: UInt64
     var connection: Connection
     var retries: Int = 0
     var queuedAt: UInt64 = 0
@@ -58,6 +60,7 @@ struct Part {
 /// A finished slice, reported outside the device lock.
 struct FinishedPart {
     var parent: UInt64
+    var cookie: UInt64
     var status: Int32
     var bytes: UInt64
     var error: String?
@@ -92,6 +95,8 @@ final class RDMADevice: @unchecked Sendable {
     var connections: [String: Connection] = [:]
     private var retired: [Endpoint] = []
     private var lastTimeoutScan: UInt64 = 0
+    /// When a caller last polled this CQ itself (0: none since the last blocking poll).
+    private var callerPolledAt: UInt64 = 0
     private var stopping = false
     private var running = false
     private var completions = [rdma_completion](repeating: rdma_completion(), count: 32)
@@ -196,7 +201,7 @@ final class RDMADevice: @unchecked Sendable {
 
     /// Stops the completion thread and releases the QPs, CQ and device.
     func close() {
-        lock.locked { stopping = true }
+        lock.locked { stopping = true; lock.broadcast() }
         rdma_wake(handle)
         lock.locked { while running { lock.wait(nanoseconds: 10_000_000) } }
         lock.locked {
@@ -227,11 +232,26 @@ final class RDMADevice: @unchecked Sendable {
         if !finished.isEmpty { onFinished(finished) }
     }
 
-    /// Reaps completions on the caller's thread if no one else is.
-    func tryProgress() {
+    /// Reaps completions on the caller's thread if no one else is. `polling`: the caller will
+    /// come back soon without waiting (a synchronous transfer), so the completion thread may
+    /// leave this CQ to it.
+    func tryProgress(polling: Bool) {
         var finished: [FinishedPart] = []
-        _ = lock.tryLocked { progressLocked(&finished) }
+        _ = lock.tryLocked { () -> Bool in
+            if polling { callerPolledAt = monotonicNanoseconds() }
+            return progressLocked(&finished)
+        }
         if !finished.isEmpty { onFinished(finished) }
+    }
+
+    /// A caller is about to wait for completions instead of polling: a completion thread napping
+    /// because of it goes back to the armed CQ now.
+    func callerWaits() {
+        lock.locked {
+            guard callerPolledAt != 0 else { return }
+            callerPolledAt = 0
+            lock.broadcast()
+        }
     }
 
     private enum PostResult {
@@ -241,7 +261,7 @@ final class RDMADevice: @unchecked Sendable {
     }
 
     private func failure(_ part: Part, _ text: String, retry: Bool) -> FinishedPart {
-        FinishedPart(parent: part.parent, status: TE_ERR_IO, bytes: 0,
+        FinishedPart(parent: part.parent, cookie: part.cookie, status: TE_ERR_IO, bytes: 0,
                      error: "RDMA \(part.isWrite ? "WRITE" : "READ") of \(part.length) bytes \(name) -> \(part.connection.peerNicPath): \(text)",
                      retry: retry ? part : nil)
     }
@@ -280,7 +300,7 @@ final class RDMADevice: @unchecked Sendable {
                 freeSlots.append(slotIndex)
                 slot.endpoint.outstanding[slot.queuePair] -= 1
                 if completion.status == 0 {
-                    finished.append(FinishedPart(parent: slot.part.parent, status: TE_OK, bytes: UInt64(slot.part.length), error: nil))
+                    finished.append(FinishedPart(parent: slot.part.parent, cookie: slot.part.cookie, status: TE_OK, bytes: UInt64(slot.part.length), error: nil))
                 } else {
                     // The QP is in the error state now; the rest of its work flushes. Rebuild, then retry.
                     slot.endpoint.broken = true
@@ -334,6 +354,18 @@ final class RDMADevice: @unchecked Sendable {
             let now = monotonicNanoseconds()
             if worked { lastActivity = now; continue }
             if now - lastActivity < options.spinNanoseconds { sched_yield(); continue }
+            // A synchronous caller polls the CQ itself: leave it unarmed, so its completions wake
+            // no thread (under emulation one wake-up costs about what a 4 KiB write does). The
+            // caller reaps every completion meanwhile; one that starts waiting (any blocking
+            // poll) ends the nap, so it can be long: a nap that ends is a wake-up and a lock
+            // taken from under the caller.
+            let napped = lock.locked { () -> Bool in
+                let window = options.callerWindowNanoseconds
+                guard window > 0, callerPolledAt != 0, monotonicNanoseconds() &- callerPolledAt < window, !stopping else { return false }
+                lock.wait(nanoseconds: 100_000_000)
+                return true
+            }
+            if napped { continue }
             _ = rdma_arm(handle)
             // A completion that arrived before arming raised no event: poll once more, then sleep.
             let missed = lock.locked { progressLocked(&finished) }

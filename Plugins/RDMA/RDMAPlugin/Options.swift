@@ -31,6 +31,9 @@ struct RDMAOptions {
     var sliceTimeoutNanoseconds: UInt64
     /// `MC_RDMA_SPIN_US` (10): how long a completion thread polls before it sleeps on the channel.
     var spinNanoseconds: UInt64
+    /// `MC_RDMA_CALLER_POLL_US` (1000): while a caller polled the CQ itself within this window (a
+    /// synchronous transfer), the completion thread leaves the CQ unarmed and naps; 0 turns that off.
+    var callerWindowNanoseconds: UInt64
 
     private struct Raw: Decodable {
         var device_name: String?
@@ -59,6 +62,7 @@ struct RDMAOptions {
         serviceLevel = UInt8(truncatingIfNeeded: number("MC_IB_SL", 0))
         retryCount = Int(min(number("MC_RETRY_CNT", 9), 100))
         spinNanoseconds = number("MC_RDMA_SPIN_US", 10) * 1000
+        callerWindowNanoseconds = min(number("MC_RDMA_CALLER_POLL_US", 1000), 1_000_000) * 1000
         sliceTimeoutNanoseconds = number("MC_SLICE_TIMEOUT", 30) * 1_000_000_000
     }
 

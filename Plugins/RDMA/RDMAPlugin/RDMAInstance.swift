@@ -20,6 +20,8 @@ final class RDMAInstance: @unchecked Sendable {
         var regions: [UnsafeMutableRawPointer?]
         var lkeys: [UInt32]
         var rkeys: [UInt32]
+        /// Local devices to spread its slices over (the priority matrix row of `location`).
+        var candidates: [Int] = []
     }
     struct RemoteBuffer {
         var address: UInt64
@@ -33,11 +35,18 @@ final class RDMAInstance: @unchecked Sendable {
         var gid: [UInt8]
     }
     /// An opened peer: its buffers and devices, and the connection each local device uses to reach it.
-    struct Peer {
-        var name: String
-        var buffers: [RemoteBuffer]
-        var devices: [PeerDevice]
-        var connections: [Connection]
+    /// A class: submit looks one up per request, and a reference costs one retain, a struct copy four.
+    final class Peer {
+        let name: String
+        let buffers: [RemoteBuffer]
+        let devices: [PeerDevice]
+        let connections: [Connection]
+        init(name: String, buffers: [RemoteBuffer], devices: [PeerDevice], connections: [Connection]) {
+            self.name = name
+            self.buffers = buffers
+            self.devices = devices
+            self.connections = connections
+        }
     }
     struct Parent {
         var cookie: UInt64
@@ -251,6 +260,7 @@ final class RDMAInstance: @unchecked Sendable {
             registration.rkeys.append(rkey)
         }
         signal.locked {
+            registration.candidates = preferred[location] ?? preferred["*"] ?? Array(devices.indices)
             registrations.removeAll { $0.address == address }
             let index = registrations.firstIndex { $0.address > address } ?? registrations.count
             registrations.insert(registration, at: index)
@@ -467,9 +477,12 @@ final class RDMAInstance: @unchecked Sendable {
                     setErrorLocked("local range [0x\(String(request.local_addr, radix: 16)), +\(request.length)) is not registered memory")
                     return TE_ERR_OUT_OF_RANGE
                 }
-                let candidates = preferred[local.location] ?? preferred["*"] ?? Array(devices.indices)
-                let parentID = nextParent
-                nextParent += 1
+                let candidates = local.candidates
+                // A request of one slice (most small ones) needs no parent record: its slice
+                // carries the cookie (parent 0) and completes it.
+                let single = request.length <= options.sliceSize + options.sliceSize / 4
+                let parentID = single ? 0 : nextParent
+                if !single { nextParent += 1 }
                 var offset: UInt64 = 0
                 var pieces = 0
                 let slice = options.sliceSize
@@ -483,11 +496,11 @@ final class RDMAInstance: @unchecked Sendable {
                     perDevice[device].append(Part(
                         isWrite: request.opcode == TE_OP_WRITE, local: request.local_addr + offset, length: UInt32(length),
                         lkey: local.lkeys[device], remote: request.remote_addr + offset, rkey: remote.rkeys[connection.peerDevice],
-                        parent: parentID, connection: connection, retries: 0, queuedAt: now))
+                        parent: parentID, cookie: request.cookie, connection: connection, retries: 0, queuedAt: now))
                     offset += length
                     pieces += 1
                 }
-                parents[parentID] = Parent(cookie: request.cookie, remaining: pieces, status: TE_OK, bytes: 0)
+                if !single { parents[parentID] = Parent(cookie: request.cookie, remaining: pieces, status: TE_OK, bytes: 0) }
                 accepted = i + 1
             }
             return TE_OK
@@ -505,6 +518,11 @@ final class RDMAInstance: @unchecked Sendable {
                     repairQueue.append(retry)
                     signal.wakeRepair()
                     if let error = part.error { setErrorLocked(error) }
+                    continue
+                }
+                if part.parent == 0 {
+                    if part.status != TE_OK, let error = part.error { setErrorLocked(error) }
+                    done.append(te_completion(cookie: part.cookie, status: part.status, flags: 0, bytes: part.status == TE_OK ? part.bytes : 0))
                     continue
                 }
                 guard var parent = parents[part.parent] else { continue }
@@ -542,7 +560,7 @@ final class RDMAInstance: @unchecked Sendable {
                 let connection = part.connection
                 let key = ObjectIdentifier(connection)
                 guard let device = devices.first(where: { candidate in candidate.lock.locked { candidate.connections[connection.peerNicPath] === connection } }) else {
-                    failed.append(FinishedPart(parent: part.parent, status: TE_ERR_PEER_UNREACHABLE, bytes: 0, error: "connection to \(connection.peerNicPath) is gone"))
+                    failed.append(FinishedPart(parent: part.parent, cookie: part.cookie, status: TE_ERR_PEER_UNREACHABLE, bytes: 0, error: "connection to \(connection.peerNicPath) is gone"))
                     continue
                 }
                 if repaired[key] == nil {
@@ -564,7 +582,7 @@ final class RDMAInstance: @unchecked Sendable {
                 if repaired[key] == true {
                     perDevice[device.index].append(part)
                 } else {
-                    failed.append(FinishedPart(parent: part.parent, status: TE_ERR_PEER_UNREACHABLE, bytes: 0,
+                    failed.append(FinishedPart(parent: part.parent, cookie: part.cookie, status: TE_ERR_PEER_UNREACHABLE, bytes: 0,
                                                error: "\(connection.peerNicPath) unreachable after a QP error"))
                 }
             }
@@ -576,7 +594,10 @@ final class RDMAInstance: @unchecked Sendable {
 
     /// Hands out finished requests, waiting at most `timeout` for the first.
     func poll(into raw: UnsafeMutableRawPointer?, capacity: Int, stride: Int, timeout: UInt64) -> Int {
-        if signal.locked({ done.isEmpty }) { for device in devices { device.tryProgress() } }
+        if signal.locked({ done.isEmpty }) {
+            for device in devices { device.tryProgress(polling: timeout == 0) }
+            if timeout > 0 { for device in devices { device.callerWaits() } }
+        }
         return signal.locked {
             if done.isEmpty && timeout > 0 { signal.wait(nanoseconds: timeout) }
             let n = min(capacity, done.count)

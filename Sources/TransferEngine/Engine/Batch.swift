@@ -40,33 +40,38 @@ final class Batch: @unchecked Sendable {
         }
     }
 
-    /// Records one finished slice of task `index`.
+    /// Records one finished slice of task `index` (no array built: a synchronous transfer
+    /// finishes one slice per call).
     func sliceFinished(task index: Int, bytes: UInt64, error: String?) {
-        slicesFinished([(index, bytes, error)])
+        let wake = state.withLock { state in Self.record(&state, task: index, bytes: bytes, error: error) }
+        if wake { state.withLock(notify: true) { _ in } }
     }
 
     /// Records several finished slices under one lock acquisition. Waiters are
     /// woken only when the last unfinished task completes (status polls need no wake-up).
     func slicesFinished(_ slices: [(task: Int, bytes: UInt64, error: String?)]) {
-        var wake = false
-        state.withLock { state in
-            for (index, bytes, error) in slices {
-                guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { continue }
-                state.tasks[index].pendingSlices -= 1
-                if let error {
-                    state.tasks[index].status.state = .failed
-                    if state.tasks[index].status.error == nil { state.tasks[index].status.error = error }
-                } else {
-                    state.tasks[index].status.transferredBytes += bytes
-                }
-                if state.tasks[index].pendingSlices == 0 {
-                    if state.tasks[index].status.state != .failed { state.tasks[index].status.state = .completed }
-                    state.unfinished -= 1
-                    if state.unfinished == 0 { wake = true }
-                }
-            }
+        let wake = state.withLock { state in
+            var wake = false
+            for (index, bytes, error) in slices where Self.record(&state, task: index, bytes: bytes, error: error) { wake = true }
+            return wake
         }
         if wake { state.withLock(notify: true) { _ in } }
+    }
+
+    /// One finished slice; true when it finished the batch's last unfinished task.
+    private static func record(_ state: inout State, task index: Int, bytes: UInt64, error: String?) -> Bool {
+        guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { return false }
+        state.tasks[index].pendingSlices -= 1
+        if let error {
+            state.tasks[index].status.state = .failed
+            if state.tasks[index].status.error == nil { state.tasks[index].status.error = error }
+        } else {
+            state.tasks[index].status.transferredBytes += bytes
+        }
+        guard state.tasks[index].pendingSlices == 0 else { return false }
+        if state.tasks[index].status.state != .failed { state.tasks[index].status.state = .completed }
+        state.unfinished -= 1
+        return state.unfinished == 0
     }
 
     /// The number of tasks submitted so far.

@@ -492,45 +492,68 @@ public final class TransferEngine: @unchecked Sendable {
         var viaPlugin: Bool
     }
 
+    /// What planning learned about the segment of the previous request: the requests of a
+    /// batch mostly name one segment, so its peer and route are looked up once.
+    private struct PlanCache {
+        var segment: SegmentHandle
+        var peer: Peer
+        /// The protocol last served and whether the plugin carries it.
+        var served: String?
+        var viaPlugin: Bool
+        var refreshed: Bool
+    }
+
     /// Checks every request before any is dispatched, so a bad one loses nothing.
     private func plan(_ requests: [TransferRequest]) throws -> [Planned] {
-        var refreshed = Set<SegmentHandle>()
-        // The requests of a batch mostly name one segment: its peer, descriptor and route are
-        // looked up once (each lookup takes the state lock and copies the descriptor).
-        var last: (segment: SegmentHandle, peer: Peer, descriptor: SegmentDescriptor, routes: [String: Bool])? = nil
-        return try requests.map { request in
-            if last?.segment != request.segment {
-                let peer = try self.peer(request.segment)
-                last = (request.segment, peer, state.withLock { _ in peer.descriptor }, [:])
-            }
-            let peer = last!.peer
-            if request.length == 0 { return Planned(request: request, peer: peer, viaPlugin: false) }
-            guard registry.region(containing: request.localAddress, length: request.length) != nil else {
-                throw EngineError.addressNotRegistered(address: request.localAddress, length: request.length, side: "local")
-            }
-            if last!.descriptor.buffer(containing: request.remoteAddress, length: request.length) == nil,
-               request.segment != 0, refreshed.insert(request.segment).inserted {
-                // The peer may have registered memory after we cached its descriptor.
-                try? refreshSegment(request.segment)
-                last!.descriptor = state.withLock { _ in peer.descriptor }
-            }
-            let descriptor = last!.descriptor
-            guard let remote = descriptor.buffer(containing: request.remoteAddress, length: request.length) else {
-                throw EngineError.addressNotRegistered(address: request.remoteAddress, length: request.length, side: "remote (\(peer.name))")
-            }
-            // A buffer may name its own protocol (upstream's multi-protocol form), e.g. storage
-            // served by a plugin next to memory served by TCP.
-            let served = remote.extra["protocol"]?.stringValue ?? descriptor.protocolName
-            let viaPlugin: Bool
-            if let known = last!.routes[served] { viaPlugin = known } else {
-                viaPlugin = plugin != nil && served == plugin!.protocolName && usePlugin(for: peer)
-                last!.routes[served] = viaPlugin
-            }
-            if !viaPlugin && descriptor.tcpDataPort == 0 {
-                throw EngineError.segmentUnavailable(name: peer.name, reason: "it serves '\(descriptor.protocolName)' and publishes no TCP data port")
-            }
-            return Planned(request: request, peer: peer, viaPlugin: viaPlugin)
+        var cache: PlanCache? = nil
+        var planned: [Planned] = []
+        planned.reserveCapacity(requests.count)
+        for request in requests { planned.append(try plan(request, cache: &cache)) }
+        return planned
+    }
+
+    /// Checks one request and binds it to its route (no arrays built: a synchronous transfer
+    /// plans one request per call, and under emulation each allocation shows).
+    private func plan(_ request: TransferRequest, cache: inout PlanCache?) throws -> Planned {
+        if cache?.segment != request.segment {
+            cache = PlanCache(segment: request.segment, peer: try peer(request.segment), served: nil, viaPlugin: false, refreshed: false)
         }
+        let peer = cache!.peer
+        if request.length == 0 { return Planned(request: request, peer: peer, viaPlugin: false) }
+        guard registry.region(containing: request.localAddress, length: request.length) != nil else {
+            throw EngineError.addressNotRegistered(address: request.localAddress, length: request.length, side: "local")
+        }
+        // Looked up under the lock, without copying the descriptor (its arrays and dictionaries).
+        func lookup() -> (protocolName: String, tcpDataPort: UInt16, served: String?)? {
+            state.withLock { _ in
+                guard let remote = peer.descriptor.buffer(containing: request.remoteAddress, length: request.length) else { return nil }
+                // A buffer may name its own protocol (upstream's multi-protocol form), e.g.
+                // storage served by a plugin next to memory served by TCP.
+                let own = remote.extra.isEmpty ? nil : remote.extra["protocol"]?.stringValue
+                return (peer.descriptor.protocolName, peer.descriptor.tcpDataPort, own)
+            }
+        }
+        var found = lookup()
+        if found == nil, request.segment != 0, !cache!.refreshed {
+            // The peer may have registered memory after we cached its descriptor.
+            cache!.refreshed = true
+            try? refreshSegment(request.segment)
+            found = lookup()
+        }
+        guard let found else {
+            throw EngineError.addressNotRegistered(address: request.remoteAddress, length: request.length, side: "remote (\(peer.name))")
+        }
+        let served = found.served ?? found.protocolName
+        let viaPlugin: Bool
+        if let known = cache!.served, known == served { viaPlugin = cache!.viaPlugin } else {
+            viaPlugin = plugin != nil && served == plugin!.protocolName && usePlugin(for: peer)
+            cache!.served = served
+            cache!.viaPlugin = viaPlugin
+        }
+        if !viaPlugin && found.tcpDataPort == 0 {
+            throw EngineError.segmentUnavailable(name: peer.name, reason: "it serves '\(found.protocolName)' and publishes no TCP data port")
+        }
+        return Planned(request: request, peer: peer, viaPlugin: viaPlugin)
     }
 
     private func channel(for peer: Peer) -> TCPChannel {
@@ -640,7 +663,8 @@ public final class TransferEngine: @unchecked Sendable {
     public func transferSync(_ operation: TransferRequest.Operation, localAddress: UInt64, segment: SegmentHandle,
                              remoteAddress: UInt64, length: UInt64) throws {
         let request = TransferRequest(operation: operation, localAddress: localAddress, segment: segment, remoteAddress: remoteAddress, length: length)
-        let planned = try plan([request])[0]
+        var cache: PlanCache? = nil
+        let planned = try plan(request, cache: &cache)
         if length == 0 { return }
         if !planned.viaPlugin && length <= settings.splitSize {
             do {
@@ -656,9 +680,10 @@ public final class TransferEngine: @unchecked Sendable {
             // harvested on this thread.
             let batch = Batch(id: 0, capacity: 1)
             _ = try batch.addTasks(sliceCounts: [1])
-            plugin.submit([(operation, localAddress, try pluginPeer(for: planned.peer), remoteAddress, length, batch, 0)])
+            let slice: PluginTransport.Slice = (operation, localAddress, try pluginPeer(for: planned.peer), remoteAddress, length, batch, 0)
             let deadline = MonotonicClock.nanoseconds() + syncTimeout(bytes: length)
-            plugin.harvest(until: { !batch.hasUnfinishedTasks }, spinNs: settings.pluginSyncSpinNs, deadline: deadline)
+            plugin.submitAndHarvest([slice], until: { !batch.hasUnfinishedTasks }, spinNs: settings.pluginSyncSpinNs,
+                                    small: length <= 65536, deadline: deadline)
             guard batch.waitAll(deadline: deadline) else {
                 throw EngineError.timeout("\(operation) of \(length) bytes to \(planned.peer.name)")
             }

@@ -1,5 +1,6 @@
 import CTransportABI
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -23,13 +24,27 @@ final class PluginTransport: @unchecked Sendable {
     private let instance: OpaquePointer
     private let logger: Logger
     private let services: UnsafeMutablePointer<te_host_services>
-    private let inFlight = ConditionLock<(next: UInt64, slices: [UInt64: InFlight], stopping: Bool, pollerDone: Bool)>((1, [:], false, false))
-    /// Synchronous callers polling the plugin themselves, and when the last one stopped.
-    private let harvesting = ConditionLock<(callers: Int, lastEnd: UInt64)>((0, 0))
-    /// How long after a synchronous caller the poller thread stays out of the plugin's poll.
-    private static let harvestGraceNs: UInt64 = 200_000
-    /// How long the poller sleeps while synchronous callers harvest.
-    private static let harvestNapNs: UInt64 = 1_000_000
+    /// One request for the plugin: where it goes, and the batch task it belongs to.
+    typealias Slice = (op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64, batch: Batch, task: Int)
+
+    /// What is in flight, and who polls the plugin for it.
+    private struct State {
+        var next: UInt64 = 1
+        var slices: [UInt64: InFlight] = [:]
+        var stopping = false
+        var pollerDone = false
+        /// Synchronous callers polling the plugin themselves: they finish every completion meanwhile.
+        var syncCallers = 0
+        /// The poller thread waits on the condition for work.
+        var pollerParked = false
+        /// The poller has work: slices in flight and no synchronous caller harvesting them.
+        var pollerNeeded: Bool { !slices.isEmpty && syncCallers == 0 }
+    }
+    private let inFlight = ConditionLock<State>(State())
+    /// Moving average of how long recent small synchronous transfers took to complete (ns).
+    private let syncAverageNs = Atomic<UInt64>(0)
+    /// The longest a synchronous caller busy-polls for, however slow its transfers are.
+    private static let maxAdaptiveSpinNs: UInt64 = 2_000_000
     private var d: te_plugin_descriptor { plugin.descriptor.pointee }
 
     /// Host-side state the C callbacks reach through `host_context`.
@@ -197,11 +212,11 @@ final class PluginTransport: @unchecked Sendable {
     }
 
     /// Submits slices; each finishes through the batch when the plugin completes it.
-    func submit(_ slices: [(op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64, batch: Batch, task: Int)]) {
+    func submit(_ slices: [Slice]) {
         var requests: [te_request] = []
         requests.reserveCapacity(slices.count)
-        let stopped = inFlight.withLock { state -> Bool in
-            if state.stopping { return true }
+        let (stopped, wakePoller) = inFlight.withLock { state -> (Bool, Bool) in
+            if state.stopping { return (true, false) }
             for slice in slices {
                 let cookie = state.next
                 state.next += 1
@@ -209,8 +224,9 @@ final class PluginTransport: @unchecked Sendable {
                 requests.append(te_request(opcode: slice.op == .read ? TE_OP_READ : TE_OP_WRITE, flags: 0, local_addr: slice.local,
                                            peer: slice.peer, remote_addr: slice.remote, length: slice.length, cookie: cookie))
             }
-            return false
+            return (false, state.pollerParked && state.pollerNeeded)
         }
+        if wakePoller { inFlight.withLock(notify: true) { _ in } }
         if stopped {
             for slice in slices { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "\(plugin.info.name): engine shut down") }
             return
@@ -263,15 +279,33 @@ final class PluginTransport: @unchecked Sendable {
         _ = drain(timeoutNs: 0)
     }
 
-    /// Polls the plugin on the caller's thread until `finished()` or the deadline: a synchronous
-    /// caller then gets its completion straight from the plugin, without waiting for the poller
-    /// thread to pass it on (each thread hand-off costs a wake-up).
-    /// It busy-polls (poll with no wait) for `spinNs` first, as verbs benchmarks do: a completion
-    /// reaped that way needs no thread wake-up at all.
-    func harvest(until finished: () -> Bool, spinNs: UInt64, deadline: UInt64) {
-        harvesting.withLock { $0.callers += 1 }
-        defer { harvesting.withLock { $0.callers -= 1; $0.lastEnd = MonotonicClock.nanoseconds() } }
-        let spinUntil = MonotonicClock.nanoseconds() + spinNs
+    /// Submits `slices` for a synchronous caller and polls the plugin on the caller's thread until
+    /// `finished()` or the deadline: the caller gets its completion straight from the plugin, and
+    /// the poller thread stays parked meanwhile (each thread hand-off costs a wake-up; under
+    /// emulation one costs about what a 4 KiB transfer does).
+    /// It busy-polls (poll with no wait) first, as verbs benchmarks do: a completion reaped that
+    /// way needs no thread wake-up at all. The busy-poll lasts `spinNs`; for a `small` transfer
+    /// (latency-bound: a wake-up would cost a share of it) twice the recent average of small
+    /// transfers where that is longer, up to 2 ms: a fabric that needs 300 us per 4 KiB
+    /// (soft-RoCE) keeps its callers polling, while on fast NICs nothing changes.
+    func submitAndHarvest(_ slices: [Slice], until finished: () -> Bool, spinNs: UInt64, small: Bool, deadline: UInt64) {
+        inFlight.withLock { $0.syncCallers += 1 }
+        let start = MonotonicClock.nanoseconds()
+        defer {
+            let wakePoller = inFlight.withLock { state -> Bool in
+                state.syncCallers -= 1
+                return state.pollerParked && state.pollerNeeded
+            }
+            if wakePoller { inFlight.withLock(notify: true) { _ in } }
+            if small && finished() {
+                let average = syncAverageNs.load(ordering: .relaxed)
+                let took = MonotonicClock.nanoseconds() &- start
+                syncAverageNs.store(average == 0 ? took : (average * 7 + took) / 8, ordering: .relaxed)
+            }
+        }
+        submit(slices)
+        let adaptive = small ? 2 * syncAverageNs.load(ordering: .relaxed) : 0
+        let spinUntil = start + (adaptive > spinNs && adaptive <= Self.maxAdaptiveSpinNs ? adaptive : spinNs)
         while !isShutDown && !finished() && MonotonicClock.nanoseconds() < spinUntil {
             if drain(timeoutNs: 0) != TE_OK { return }
             if !finished() { sched_yield() }
@@ -295,22 +329,18 @@ final class PluginTransport: @unchecked Sendable {
         }
     }
 
+    /// Polls the plugin while slices are in flight that no synchronous caller harvests; parked
+    /// otherwise, so a run of synchronous transfers wakes this thread not once.
     private func pollLoop() {
         defer { inFlight.withLock(notify: true) { $0.pollerDone = true } }
-        while !inFlight.withLock({ $0.stopping }) {
-            // While synchronous callers harvest (or just did), they drain every completion
-            // themselves: stay out of the plugin's poll, whose wake-up per completion would take
-            // a core from them (measured: 4 KiB shm transfers bimodal at 3 or 7 us). The poller
-            // sleeps meanwhile, to the end of the grace period or for one nap while callers
-            // harvest (no wake-up per transfer: under emulation every thread switch costs about
-            // as much as the transfer); completions of other batches then wait at most a nap.
-            let now = MonotonicClock.nanoseconds()
-            let (callers, lastEnd) = harvesting.withLock { ($0.callers, $0.lastEnd) }
-            if callers > 0 || now &- lastEnd <= Self.harvestGraceNs {
-                let until = callers > 0 ? now + Self.harvestNapNs : lastEnd &+ Self.harvestGraceNs &+ 1
-                usleep(UInt32((until - now) / 1000))
-                continue
+        while true {
+            let stop = inFlight.wait { state -> Bool? in
+                if state.stopping { return true }
+                if state.pollerNeeded { state.pollerParked = false; return false }
+                state.pollerParked = true
+                return nil
             }
+            if stop == true { break }
             let status = drain(timeoutNs: 10_000_000)
             if status != TE_OK {
                 logger.error("\(plugin.info.name): poll failed (\(PluginStatus.describe(status))): \(lastError)")
