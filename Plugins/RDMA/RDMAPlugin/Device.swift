@@ -95,8 +95,11 @@ final class RDMADevice: @unchecked Sendable {
     var connections: [String: Connection] = [:]
     private var retired: [Endpoint] = []
     private var lastTimeoutScan: UInt64 = 0
-    /// When a caller last polled this CQ itself (0: none since the last blocking poll).
+    /// When a caller last polled this CQ itself (0: none since the last blocking poll), and how
+    /// many of its polls in a row came within `MC_RDMA_CALLER_POLL_US` of the one before: one
+    /// poll (a batch's single look) is not a caller that keeps polling.
     private var callerPolledAt: UInt64 = 0
+    private var callerStreak = 0
     private var stopping = false
     private var running = false
     private var completions = [rdma_completion](repeating: rdma_completion(), count: 32)
@@ -238,7 +241,11 @@ final class RDMADevice: @unchecked Sendable {
     func tryProgress(polling: Bool) {
         var finished: [FinishedPart] = []
         _ = lock.tryLocked { () -> Bool in
-            if polling { callerPolledAt = monotonicNanoseconds() }
+            if polling {
+                let now = monotonicNanoseconds()
+                callerStreak = callerPolledAt != 0 && now &- callerPolledAt < options.callerWindowNanoseconds ? callerStreak + 1 : 1
+                callerPolledAt = now
+            }
             return progressLocked(&finished)
         }
         if !finished.isEmpty { onFinished(finished) }
@@ -250,6 +257,7 @@ final class RDMADevice: @unchecked Sendable {
         lock.locked {
             guard callerPolledAt != 0 else { return }
             callerPolledAt = 0
+            callerStreak = 0
             lock.broadcast()
         }
     }
@@ -361,7 +369,7 @@ final class RDMADevice: @unchecked Sendable {
             // taken from under the caller.
             let napped = lock.locked { () -> Bool in
                 let window = options.callerWindowNanoseconds
-                guard window > 0, callerPolledAt != 0, monotonicNanoseconds() &- callerPolledAt < window, !stopping else { return false }
+                guard window > 0, callerStreak >= 2, monotonicNanoseconds() &- callerPolledAt < window, !stopping else { return false }
                 lock.wait(nanoseconds: 100_000_000)
                 return true
             }
