@@ -80,6 +80,50 @@ struct SHMPluginTests {
         #expect(sink.equals(source, length: Int(9 * block)))
     }
 
+    @Test("synchronous transfers on one thread while another's batches run: the poller thread, parked while callers harvest, finishes them")
+    func syncCallersAndBatches() throws {
+        let target = try ServeProcess(bufferSize: "64MiB", environment: environment(), protocolName: "shm")
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment())
+        defer { engine.shutdown() }
+        let local = TestBuffer(64 << 20)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(target.segment)
+        let syncDone = LockedCounter(), failures = LockedCounter(), rounds = LockedCounter()
+        DispatchQueue.concurrentPerform(iterations: 2) { thread in
+            if thread == 0 {
+                // 4 KiB synchronous writes into the first MiB (bounded in count).
+                for i in 0..<3000 {
+                    let offset = UInt64(i % 256) * 4096
+                    do {
+                        try engine.transferSync(.write, localAddress: local.address + offset, segment: handle,
+                                                remoteAddress: target.bufferAddress + offset, length: 4096)
+                    } catch { failures.increment() }
+                }
+                syncDone.increment()
+                return
+            }
+            // Batches of 1 MiB requests (their slices outlive many 4 KiB transfers) until the
+            // synchronous thread is done, then more: each must finish, with or without callers.
+            var extra = 0
+            for round in 0..<400 {
+                if syncDone.value > 0 { extra += 1 }
+                if extra > 8 { break }
+                do {
+                    let batch = try engine.allocateBatch(capacity: 16)
+                    defer { try? engine.freeBatch(batch) }
+                    try engine.submit((0..<16).map { i in
+                        TransferRequest(operation: round % 2 == 0 ? .write : .read, localAddress: local.address + (UInt64(i) + 1) << 20,
+                                        segment: handle, remoteAddress: target.bufferAddress + (UInt64(i) + 1) << 20, length: 1 << 20)
+                    }, to: batch)
+                    if try !engine.wait(batch: batch, timeoutNs: 10_000_000_000) { failures.increment(); break }
+                    rounds.increment()
+                } catch { failures.increment(); break }
+            }
+        }
+        #expect(failures.value == 0)
+        #expect(syncDone.value == 1 && rounds.value >= 9)
+    }
+
     @Test("concurrent batches from several threads, then a peer that exits mid-batch: requests fail, nothing hangs")
     func concurrencyAndPeerExit() throws {
         let target = try ServeProcess(bufferSize: "128MiB", environment: environment(), protocolName: "shm")

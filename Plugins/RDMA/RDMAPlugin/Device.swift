@@ -11,12 +11,12 @@ import Musl
 final class Endpoint: @unchecked Sendable {
     let queuePairs: [OpaquePointer]
     let queuePairNumbers: [UInt32]
-    /// Work requests in flight per QP (guarded by the device lock).
-    var outstanding: [Int]
+    /// Work requests in flight per QP (guarded by the device lock, which makes access exclusive).
+    @exclusivity(unchecked) var outstanding: [Int]
     /// A QP reported an error: nothing more is posted here.
-    var broken = false
+    @exclusivity(unchecked) var broken = false
     /// Replaced by a newer endpoint: its QPs are destroyed once nothing is in flight.
-    var retired = false
+    @exclusivity(unchecked) var retired = false
 
     init(queuePairs: [OpaquePointer], numbers: [UInt32]) {
         self.queuePairs = queuePairs
@@ -32,7 +32,7 @@ final class Connection: @unchecked Sendable {
     let peerNicPath: String
     let peerSegment: String
     let peerDevice: Int
-    var current: Endpoint
+    @exclusivity(unchecked) var current: Endpoint
     init(peerNicPath: String, peerSegment: String, peerDevice: Int, endpoint: Endpoint) {
         self.peerNicPath = peerNicPath
         self.peerSegment = peerSegment
@@ -80,6 +80,8 @@ final class RDMADevice: @unchecked Sendable {
     let options: RDMAOptions
     let mtu: UInt32
 
+    /// Guards the state below; the properties opt out of runtime exclusivity checks, as the
+    /// instance's do.
     let lock = Signal()
     private struct Slot {
         var part: Part
@@ -87,22 +89,22 @@ final class RDMADevice: @unchecked Sendable {
         var queuePair: Int
         var postedAt: UInt64
     }
-    private var slots: [Slot?]
-    private var freeSlots: [Int]
-    private var backlog: [Part] = []
-    private var backlogHead = 0
+    @exclusivity(unchecked) private var slots: [Slot?]
+    @exclusivity(unchecked) private var freeSlots: [Int]
+    @exclusivity(unchecked) private var backlog: [Part] = []
+    @exclusivity(unchecked) private var backlogHead = 0
     /// Connections by peer NIC path (active and passive ones).
-    var connections: [String: Connection] = [:]
-    private var retired: [Endpoint] = []
-    private var lastTimeoutScan: UInt64 = 0
+    @exclusivity(unchecked) var connections: [String: Connection] = [:]
+    @exclusivity(unchecked) private var retired: [Endpoint] = []
+    @exclusivity(unchecked) private var lastTimeoutScan: UInt64 = 0
     /// When a caller last polled this CQ itself (0: none since the last blocking poll), and how
     /// many of its polls in a row came within `MC_RDMA_CALLER_POLL_US` of the one before: one
     /// poll (a batch's single look) is not a caller that keeps polling.
-    private var callerPolledAt: UInt64 = 0
-    private var callerStreak = 0
-    private var stopping = false
-    private var running = false
-    private var completions = [rdma_completion](repeating: rdma_completion(), count: 32)
+    @exclusivity(unchecked) private var callerPolledAt: UInt64 = 0
+    @exclusivity(unchecked) private var callerStreak = 0
+    @exclusivity(unchecked) private var stopping = false
+    @exclusivity(unchecked) private var running = false
+    @exclusivity(unchecked) private var completions = [rdma_completion](repeating: rdma_completion(), count: 32)
     private let onFinished: ([FinishedPart]) -> Void
 
     init(index: Int, handle: OpaquePointer, discovered: DiscoveredDevice, options: RDMAOptions, capacity: Int,

@@ -90,16 +90,18 @@ public final class TransferEngine: @unchecked Sendable {
         }
     }
 
-    /// A peer segment this engine has opened.
+    /// A peer segment this engine has opened. Its mutable fields change only under the
+    /// engine's state lock, which makes each access exclusive: they opt out of the runtime
+    /// exclusivity checks that every transfer would pay.
     final class Peer: @unchecked Sendable {
         let name: String
         let host: String
         let rpcPort: UInt16
-        var descriptor: SegmentDescriptor
-        var channel: TCPChannel?
-        var pluginPeer: UInt64?
+        @exclusivity(unchecked) var descriptor: SegmentDescriptor
+        @exclusivity(unchecked) var channel: TCPChannel?
+        @exclusivity(unchecked) var pluginPeer: UInt64?
         /// Set when the plugin cannot reach this peer (e.g. shm and a peer on another host): use TCP.
-        var pluginUnreachable = false
+        @exclusivity(unchecked) var pluginUnreachable = false
 
         init(name: String, host: String, rpcPort: UInt16, descriptor: SegmentDescriptor) {
             self.name = name
