@@ -108,14 +108,16 @@ final class SHMInstance: @unchecked Sendable {
     }
 
     let hostID: String
+    /// Guards the state below. The mutex makes each access exclusive, so the hot properties opt
+    /// out of Swift's runtime exclusivity checks (a thread-local lookup per access).
     let signal = Signal()
-    var peers: [UInt64: Peer] = [:]
-    var nextPeer: UInt64 = 1
-    var queue: [Work] = []
-    var queueHead = 0
-    var done: [te_completion] = []
-    var stopping = false
-    var workers = 0
+    @exclusivity(unchecked) var peers: [UInt64: Peer] = [:]
+    @exclusivity(unchecked) var nextPeer: UInt64 = 1
+    @exclusivity(unchecked) var queue: [Work] = []
+    @exclusivity(unchecked) var queueHead = 0
+    @exclusivity(unchecked) var done: [te_completion] = []
+    @exclusivity(unchecked) var stopping = false
+    @exclusivity(unchecked) var workers = 0
     /// Managed buffers this engine allocated as memfds, by address.
     var allocations: [UInt64: (fd: Int32, length: UInt64, inode: UInt64)] = [:]
     /// Peers' memfds mapped here: "pid:fd:inode" -> (address, size).
