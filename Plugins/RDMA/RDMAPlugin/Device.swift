@@ -54,7 +54,6 @@ struct Part {
     var cookie: UInt64
     var connection: Connection
     var retries: Int = 0
-    var queuedAt: UInt64 = 0
 }
 
 /// A finished slice, reported outside the device lock.
@@ -321,14 +320,17 @@ final class RDMADevice: @unchecked Sendable {
             if n < Int32(completions.count) { break }
         }
         if !retired.isEmpty { reapRetired() }
-        let now = monotonicNanoseconds()
-        if freeSlots.count < slots.count && now - lastTimeoutScan > 100_000_000 {
-            lastTimeoutScan = now
-            for case let slot? in slots where now - slot.postedAt > options.sliceTimeoutNanoseconds && !slot.endpoint.broken {
-                // Flush the endpoint: its work completes with errors, which rebuilds it and retries the slices.
-                slot.endpoint.broken = true
-                for qp in slot.endpoint.queuePairs { _ = rdma_qp_to_error(qp) }
-                worked = true
+        // The clock is read only with work in flight (a synchronous caller's reap leaves none).
+        if freeSlots.count < slots.count {
+            let now = monotonicNanoseconds()
+            if now - lastTimeoutScan > 100_000_000 {
+                lastTimeoutScan = now
+                for case let slot? in slots where now - slot.postedAt > options.sliceTimeoutNanoseconds && !slot.endpoint.broken {
+                    // Flush the endpoint: its work completes with errors, which rebuilds it and retries the slices.
+                    slot.endpoint.broken = true
+                    for qp in slot.endpoint.queuePairs { _ = rdma_qp_to_error(qp) }
+                    worked = true
+                }
             }
         }
         while backlogHead < backlog.count {

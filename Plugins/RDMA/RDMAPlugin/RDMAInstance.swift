@@ -462,7 +462,6 @@ final class RDMAInstance: @unchecked Sendable {
         accepted = 0
         guard !devices.isEmpty else { return TE_ERR_INTERNAL }
         var perDevice = [[Part]](repeating: [], count: devices.count)
-        let now = monotonicNanoseconds()
         let status = signal.locked { () -> Int32 in
             for i in 0..<count {
                 let request = raw!.loadUnaligned(fromByteOffset: i * stride, as: te_request.self)
@@ -499,7 +498,7 @@ final class RDMAInstance: @unchecked Sendable {
                     perDevice[device].append(Part(
                         isWrite: request.opcode == TE_OP_WRITE, local: request.local_addr + offset, length: UInt32(length),
                         lkey: local.lkeys[device], remote: request.remote_addr + offset, rkey: remote.rkeys[connection.peerDevice],
-                        parent: parentID, cookie: request.cookie, connection: connection, retries: 0, queuedAt: now))
+                        parent: parentID, cookie: request.cookie, connection: connection, retries: 0))
                     offset += length
                     pieces += 1
                 }
