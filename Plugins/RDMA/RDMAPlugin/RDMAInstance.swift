@@ -457,6 +457,13 @@ final class RDMAInstance: @unchecked Sendable {
         address >= base && address - base <= length && size <= length - (address - base)
     }
 
+    /// The next slice of a request with `remaining` bytes left: `MC_SLICE_SIZE`, with a short
+    /// tail merged into it, as upstream does (fragment limit slice/4).
+    private func sliceLength(remaining: UInt64) -> UInt64 {
+        let slice = options.sliceSize
+        return remaining > slice && remaining - slice <= slice / 4 ? remaining : min(slice, remaining)
+    }
+
     /// Validates, slices and queues requests; never blocks.
     func submit(_ raw: UnsafeRawPointer?, count: Int, stride: Int, accepted: inout Int) -> Int32 {
         accepted = 0
@@ -482,16 +489,13 @@ final class RDMAInstance: @unchecked Sendable {
                 let candidates = local.candidates
                 // A request of one slice (most small ones) needs no parent record: its slice
                 // carries the cookie (parent 0) and completes it.
-                let single = request.length <= options.sliceSize + options.sliceSize / 4
+                let single = sliceLength(remaining: request.length) == request.length
                 let parentID = single ? 0 : nextParent
                 if !single { nextParent += 1 }
                 var offset: UInt64 = 0
                 var pieces = 0
-                let slice = options.sliceSize
                 while offset < request.length {
-                    var length = min(slice, request.length - offset)
-                    // Merge a short tail into the last slice, as upstream does (fragment limit slice/4).
-                    if request.length - offset - length > 0 && request.length - offset - length <= slice / 4 { length = request.length - offset }
+                    let length = sliceLength(remaining: request.length - offset)
                     let device = candidates[nextDevice % candidates.count]
                     nextDevice &+= 1
                     let connection = peer.connections[device]
