@@ -44,7 +44,7 @@ final class Batch: @unchecked Sendable {
     /// finishes one slice per call).
     func sliceFinished(task index: Int, bytes: UInt64, error: String?) {
         let wake = state.withLock { state in Self.record(&state, task: index, bytes: bytes, error: error) }
-        if wake { state.withLock(notify: true) { _ in } }
+        if wake { state.notifyAll() }
     }
 
     /// Records several finished slices under one lock acquisition. Waiters are
@@ -55,7 +55,7 @@ final class Batch: @unchecked Sendable {
             for (index, bytes, error) in slices where Self.record(&state, task: index, bytes: bytes, error: error) { wake = true }
             return wake
         }
-        if wake { state.withLock(notify: true) { _ in } }
+        if wake { state.notifyAll() }
     }
 
     /// One finished slice; true when it finished the batch's last unfinished task.

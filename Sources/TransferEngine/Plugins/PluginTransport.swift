@@ -226,7 +226,7 @@ final class PluginTransport: @unchecked Sendable {
             }
             return (false, state.pollerParked && state.pollerNeeded)
         }
-        if wakePoller { inFlight.withLock(notify: true) { _ in } }
+        if wakePoller { inFlight.notifyAll() }
         if stopped {
             for slice in slices { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "\(plugin.info.name): engine shut down") }
             return
@@ -296,7 +296,7 @@ final class PluginTransport: @unchecked Sendable {
                 state.syncCallers -= 1
                 return state.pollerParked && state.pollerNeeded
             }
-            if wakePoller { inFlight.withLock(notify: true) { _ in } }
+            if wakePoller { inFlight.notifyAll() }
             if small && finished() {
                 let average = syncAverageNs.load(ordering: .relaxed)
                 let took = MonotonicClock.nanoseconds() &- start

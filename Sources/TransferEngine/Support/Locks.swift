@@ -57,6 +57,13 @@ final class ConditionLock<State>: @unchecked Sendable {
         pthread_mutex_unlock(mutex)
     }
 
+    /// Wakes every waiter (after a change decided under an earlier lock acquisition).
+    func notifyAll() {
+        pthread_mutex_lock(mutex)
+        pthread_cond_broadcast(condition)
+        pthread_mutex_unlock(mutex)
+    }
+
     /// Waits until `ready` returns a value or the monotonic deadline (ns) passes.
     func wait<R>(deadline: UInt64? = nil, until ready: (inout State) -> R?) -> R? {
         pthread_mutex_lock(mutex)
