@@ -126,6 +126,40 @@ struct SHMPluginTests {
         #expect(syncDone.value == 1 && roundsAfterSync.value == 8 && rounds.value >= 8)
     }
 
+    @Test("synchronous transfers from four threads at once: each returns when its own request is done, whichever thread reaped it")
+    func syncCallersReapEachOther() throws {
+        // A lost or misfiled completion shows as a timeout (5 s here) or as a read that returned early.
+        var env = environment()
+        env["MC_TRANSFER_TIMEOUT"] = "5"
+        let target = try ServeProcess(bufferSize: "16MiB", environment: env, protocolName: "shm")
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: env)
+        defer { engine.shutdown() }
+        let local = TestBuffer(8 << 20)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(target.segment)
+        let failures = LockedCounter(), mismatches = LockedCounter()
+        DispatchQueue.concurrentPerform(iterations: 4) { thread in
+            // Each thread owns 1 MiB to write from and 1 MiB to read into, and 1 MiB of the target.
+            let source = local.pointer + thread * (2 << 20), sink = source + (1 << 20)
+            let remote = target.bufferAddress + UInt64(thread) << 20
+            for i in 0..<1500 {
+                let offset = (i % 256) * 4096
+                memset(source + offset, Int32(truncatingIfNeeded: i &* 7 &+ thread), 4096)
+                memset(sink + offset, 0xEE, 4096)
+                do {
+                    try engine.transferSync(.write, localAddress: UInt64(UInt(bitPattern: source + offset)), segment: handle,
+                                            remoteAddress: remote + UInt64(offset), length: 4096)
+                    try engine.transferSync(.read, localAddress: UInt64(UInt(bitPattern: sink + offset)), segment: handle,
+                                            remoteAddress: remote + UInt64(offset), length: 4096)
+                } catch { failures.increment(); return }
+                if memcmp(source + offset, sink + offset, 4096) != 0 { mismatches.increment() }
+            }
+        }
+        #expect(failures.value == 0 && mismatches.value == 0)
+        print("shm: \(engine.syncCompletionsReapedElsewhere) of 12000 synchronous completions reaped by another caller")
+        #expect(engine.syncCompletionsReapedElsewhere > 0, "the cross-thread path was not exercised")
+    }
+
     @Test("concurrent batches from several threads, then a peer that exits mid-batch: requests fail, nothing hangs")
     func concurrencyAndPeerExit() throws {
         let target = try ServeProcess(bufferSize: "128MiB", environment: environment(), protocolName: "shm")

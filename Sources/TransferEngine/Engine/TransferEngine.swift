@@ -491,7 +491,9 @@ public final class TransferEngine: @unchecked Sendable {
     private struct Planned {
         var request: TransferRequest
         var peer: Peer
-        var viaPlugin: Bool
+        /// The plugin's handle of the peer when the plugin carries this request, else nil (TCP).
+        var pluginPeer: UInt64?
+        var viaPlugin: Bool { pluginPeer != nil }
     }
 
     /// What planning learned about the segment of the previous request: the requests of a
@@ -501,7 +503,7 @@ public final class TransferEngine: @unchecked Sendable {
         var peer: Peer
         /// The protocol last served and whether the plugin carries it.
         var served: String?
-        var viaPlugin: Bool
+        var pluginPeer: UInt64?
         var refreshed: Bool
     }
 
@@ -518,10 +520,10 @@ public final class TransferEngine: @unchecked Sendable {
     /// plans one request per call, and under emulation each allocation shows).
     private func plan(_ request: TransferRequest, cache: inout PlanCache?) throws -> Planned {
         if cache?.segment != request.segment {
-            cache = PlanCache(segment: request.segment, peer: try peer(request.segment), served: nil, viaPlugin: false, refreshed: false)
+            cache = PlanCache(segment: request.segment, peer: try peer(request.segment), served: nil, pluginPeer: nil, refreshed: false)
         }
         let peer = cache!.peer
-        if request.length == 0 { return Planned(request: request, peer: peer, viaPlugin: false) }
+        if request.length == 0 { return Planned(request: request, peer: peer, pluginPeer: nil) }
         guard registry.region(containing: request.localAddress, length: request.length) != nil else {
             throw EngineError.addressNotRegistered(address: request.localAddress, length: request.length, side: "local")
         }
@@ -531,8 +533,7 @@ public final class TransferEngine: @unchecked Sendable {
                 guard let remote = peer.descriptor.buffer(containing: request.remoteAddress, length: request.length) else { return nil }
                 // A buffer may name its own protocol (upstream's multi-protocol form), e.g.
                 // storage served by a plugin next to memory served by TCP.
-                let own = remote.extra.isEmpty ? nil : remote.extra["protocol"]?.stringValue
-                return (peer.descriptor.protocolName, peer.descriptor.tcpDataPort, own)
+                return (peer.descriptor.protocolName, peer.descriptor.tcpDataPort, remote.ownProtocol)
             }
         }
         var found = lookup()
@@ -546,16 +547,16 @@ public final class TransferEngine: @unchecked Sendable {
             throw EngineError.addressNotRegistered(address: request.remoteAddress, length: request.length, side: "remote (\(peer.name))")
         }
         let served = found.served ?? found.protocolName
-        let viaPlugin: Bool
-        if let known = cache!.served, known == served { viaPlugin = cache!.viaPlugin } else {
-            viaPlugin = plugin != nil && served == plugin!.protocolName && usePlugin(for: peer)
+        let pluginPeer: UInt64?
+        if let known = cache!.served, known == served { pluginPeer = cache!.pluginPeer } else {
+            pluginPeer = plugin != nil && served == plugin!.protocolName ? pluginRoute(for: peer) : nil
             cache!.served = served
-            cache!.viaPlugin = viaPlugin
+            cache!.pluginPeer = pluginPeer
         }
-        if !viaPlugin && found.tcpDataPort == 0 {
+        if pluginPeer == nil && found.tcpDataPort == 0 {
             throw EngineError.segmentUnavailable(name: peer.name, reason: "it serves '\(found.protocolName)' and publishes no TCP data port")
         }
-        return Planned(request: request, peer: peer, viaPlugin: viaPlugin)
+        return Planned(request: request, peer: peer, pluginPeer: pluginPeer)
     }
 
     private func channel(for peer: Peer) -> TCPChannel {
@@ -572,17 +573,19 @@ public final class TransferEngine: @unchecked Sendable {
         }
     }
 
-    /// Whether the plugin can reach `peer`; opens it on first use. A peer the plugin
-    /// reports unreachable (TE_ERR_PEER_UNREACHABLE) is served over TCP from then on.
-    private func usePlugin(for peer: Peer) -> Bool {
-        if state.withLock({ _ in peer.pluginUnreachable }) { return false }
+    /// The plugin's handle of `peer` when the plugin can reach it (opened on first use), else
+    /// nil: a peer the plugin reports unreachable (TE_ERR_PEER_UNREACHABLE) is served over TCP
+    /// from then on.
+    private func pluginRoute(for peer: Peer) -> UInt64? {
+        let (unreachable, known) = state.withLock { _ in (peer.pluginUnreachable, peer.pluginPeer) }
+        if unreachable { return nil }
+        if let known { return known }
         do {
-            _ = try pluginPeer(for: peer)
-            return true
+            return try pluginPeer(for: peer)
         } catch {
             state.withLock { _ in peer.pluginUnreachable = true }
             logger.info("\(plugin!.protocolName) cannot reach \(peer.name), using tcp for it: \(error)")
-            return false
+            return nil
         }
     }
 
@@ -602,7 +605,6 @@ public final class TransferEngine: @unchecked Sendable {
     /// Dispatches already validated requests.
     private func submit(planned: [Planned], to batchID: BatchID) throws {
         let batch = try self.batch(batchID)
-        let pluginPeers = try planned.map { $0.viaPlugin ? try pluginPeer(for: $0.peer) : 0 }
         // Plugins get the same pieces as TCP, so a large request spreads over their workers too,
         // unless they cut requests themselves (slices, max message size).
         let pluginPiece = plugin?.splitsRequests == true ? UInt64.max : settings.splitSize
@@ -620,7 +622,7 @@ public final class TransferEngine: @unchecked Sendable {
                 var offset: UInt64 = 0
                 while offset < r.length {
                     let size = min(pluginPiece, r.length - offset)
-                    pluginWork.append((r.operation, r.localAddress + offset, pluginPeers[index], r.remoteAddress + offset, size, batch, first + index))
+                    pluginWork.append((r.operation, r.localAddress + offset, p.pluginPeer!, r.remoteAddress + offset, size, batch, first + index))
                     offset += size
                 }
                 continue
@@ -677,25 +679,21 @@ public final class TransferEngine: @unchecked Sendable {
                 throw EngineError.transferFailed("\(operation) of \(length) bytes to \(planned.peer.name): \(error)")
             }
         }
-        if planned.viaPlugin, let plugin, length <= settings.splitSize || plugin.splitsRequests {
-            // One piece through the plugin: a private one-task batch, no batch table, completion
-            // harvested on this thread.
-            let batch = Batch(id: 0, capacity: 1)
-            _ = try batch.addTasks(sliceCounts: [1])
-            let slice: PluginTransport.Slice = (operation, localAddress, try pluginPeer(for: planned.peer), remoteAddress, length, batch, 0)
+        if let pluginPeer = planned.pluginPeer, let plugin, length <= settings.splitSize || plugin.splitsRequests {
+            // One request through the plugin, harvested on this thread: no batch, no hand-off.
             let deadline = MonotonicClock.nanoseconds() + syncTimeout(bytes: length)
-            plugin.submitAndHarvest([slice], until: { !batch.hasUnfinishedTasks }, spinNs: settings.pluginSyncSpinNs,
-                                    small: length <= 65536, deadline: deadline)
-            guard batch.waitAll(deadline: deadline) else {
-                throw EngineError.timeout("\(operation) of \(length) bytes to \(planned.peer.name)")
+            switch plugin.transferOne(operation, local: localAddress, peer: pluginPeer, remote: remoteAddress, length: length,
+                                      spinNs: settings.pluginSyncSpinNs, small: length <= 65536, deadline: deadline) {
+            case .completed: return
+            case .failed(let reason): throw EngineError.transferFailed(reason)
+            case .timedOut: throw EngineError.timeout("\(operation) of \(length) bytes to \(planned.peer.name)")
             }
-            if let status = batch.status(task: 0), status.state != .completed {
-                throw EngineError.transferFailed(status.error ?? "\(status.state)")
-            }
-            return
         }
         try runSync([planned])
     }
+
+    /// How many synchronous plugin transfers were completed by a thread other than their caller.
+    var syncCompletionsReapedElsewhere: Int { plugin?.syncReapedElsewhere.load(ordering: .relaxed) ?? 0 }
 
     /// Submits requests in a temporary batch and waits for all of them.
     public func transferBatchSync(_ requests: [TransferRequest]) throws {

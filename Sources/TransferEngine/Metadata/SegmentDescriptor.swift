@@ -17,7 +17,12 @@ public struct SegmentDescriptor: Equatable, Sendable {
         /// Length in bytes.
         public var length: UInt64
         /// Plugin-specific keys (e.g. `rkey`, `lkey`).
-        public var extra: [String: JSONValue]
+        public var extra: [String: JSONValue] {
+            didSet { ownProtocol = Self.protocolName(in: extra) }
+        }
+        /// The protocol this buffer names for itself (upstream's multi-protocol form, `extra`'s
+        /// "protocol"), else nil: the segment's. Kept beside `extra` because every transfer asks.
+        public private(set) var ownProtocol: String?
 
         /// Creates a buffer entry.
         public init(name: String, address: UInt64, length: UInt64, extra: [String: JSONValue] = [:]) {
@@ -25,6 +30,11 @@ public struct SegmentDescriptor: Equatable, Sendable {
             self.address = address
             self.length = length
             self.extra = extra
+            ownProtocol = Self.protocolName(in: extra)
+        }
+
+        private static func protocolName(in extra: [String: JSONValue]) -> String? {
+            extra.isEmpty ? nil : extra["protocol"]?.stringValue
         }
 
         /// Decodes one `buffers` entry as strictly as the official engine: a non-empty name and

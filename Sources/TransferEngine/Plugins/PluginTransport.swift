@@ -12,11 +12,28 @@ import Musl
 /// peers, submission, and a poller thread that turns completions into task
 /// progress.
 final class PluginTransport: @unchecked Sendable {
-    /// A slice in flight inside the plugin, keyed by its cookie.
+    /// A batch task's slice in flight inside the plugin, keyed by its cookie.
     private struct InFlight {
         var batch: Batch
         var task: Int
         var length: UInt64
+    }
+    /// Marks the cookie of a synchronous caller's request (`transferOne`): it is not in `slices`
+    /// (a dictionary insert and removal hash the key: a share of a small transfer), but in
+    /// `syncWaiting`, a short list (one entry per thread inside `transferOne`).
+    private static let syncCookie: UInt64 = 1 << 63
+    /// A synchronous request's result that a thread other than its caller reaped.
+    private struct SyncResult {
+        var cookie: UInt64
+        var status: Int32
+        var reason: String?
+    }
+
+    /// How a synchronous transfer (`transferOne`) ended.
+    enum SyncOutcome: Equatable {
+        case completed
+        case failed(String)
+        case timedOut
     }
 
     let plugin: LoadedPlugin
@@ -35,12 +52,20 @@ final class PluginTransport: @unchecked Sendable {
         var pollerDone = false
         /// Synchronous callers polling the plugin themselves: they finish every completion meanwhile.
         var syncCallers = 0
+        /// Cookies of the synchronous callers' requests in flight, and the results of those
+        /// that another thread reaped.
+        var syncWaiting: [UInt64] = []
+        var syncResults: [SyncResult] = []
         /// The poller thread waits on the condition for work.
         var pollerParked = false
         /// The poller has work: slices in flight and no synchronous caller harvesting them.
         var pollerNeeded: Bool { !slices.isEmpty && syncCallers == 0 }
     }
     private let inFlight = ConditionLock<State>(State())
+    /// Set once by shutdown(): read without the lock by callers that spin.
+    private let stopped = Atomic<Bool>(false)
+    /// Synchronous requests whose completion another thread reaped (tests read it).
+    let syncReapedElsewhere = Atomic<Int>(0)
     /// Moving average of how long recent small synchronous transfers took to complete (ns).
     private let syncAverageNs = Atomic<UInt64>(0)
     /// The longest a synchronous caller busy-polls for, however slow its transfers are.
@@ -145,7 +170,7 @@ final class PluginTransport: @unchecked Sendable {
     var splitsRequests: Bool { plugin.info.capabilities & TE_CAP_SPLITS_REQUESTS != 0 }
 
     /// Whether shutdown() ran: the instance is destroyed and no call may reach the plugin.
-    private var isShutDown: Bool { inFlight.withLock { $0.stopping } }
+    private var isShutDown: Bool { stopped.load(ordering: .acquiring) }
 
     private func checkAlive(_ what: String) throws {
         if isShutDown { throw EngineError.plugin("\(plugin.info.name): \(what) after the engine shut down") }
@@ -231,29 +256,52 @@ final class PluginTransport: @unchecked Sendable {
             for slice in slices { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "\(plugin.info.name): engine shut down") }
             return
         }
+        let (offset, status) = requests.withUnsafeBufferPointer { submitRequests($0) }
+        guard status != TE_OK else { return }
+        let reason = submitFailure(status)
+        for request in requests[offset...] { finish(cookie: request.cookie, status: status, bytes: 0, reason: reason) }
+    }
+
+    /// Hands `requests` to the plugin, retrying while it has no room (the poller or a synchronous
+    /// caller drains completions meanwhile). Returns how many it took and the status that stopped it.
+    private func submitRequests(_ requests: UnsafeBufferPointer<te_request>) -> (accepted: Int, status: Int32) {
         var offset = 0
         var idleRounds = 0
         while offset < requests.count {
             var accepted = 0
-            let status = requests.withUnsafeBufferPointer { buffer in
-                d.submit!(instance, buffer.baseAddress! + offset, requests.count - offset, MemoryLayout<te_request>.stride, &accepted)
-            }
+            let status = d.submit!(instance, requests.baseAddress! + offset, requests.count - offset, MemoryLayout<te_request>.stride, &accepted)
             offset += min(accepted, requests.count - offset)
             if status == TE_OK && accepted > 0 { idleRounds = 0; continue }
             if status == TE_ERR_AGAIN || (status == TE_OK && accepted == 0) {
                 idleRounds += 1
-                if idleRounds < 100_000 { usleep(idleRounds < 100 ? 10 : 1000); continue }  // the poller drains completions meanwhile
+                if idleRounds < 100_000 { usleep(idleRounds < 100 ? 10 : 1000); continue }
             }
-            let reason = "\(plugin.info.name): submit failed (\(PluginStatus.describe(status))): \(lastError)"
-            for request in requests[offset...] { finish(cookie: request.cookie, status: status, bytes: 0, reason: reason) }
-            return
+            return (offset, status)
         }
+        return (offset, TE_OK)
+    }
+
+    private func submitFailure(_ status: Int32) -> String {
+        "\(plugin.info.name): submit failed (\(PluginStatus.describe(status))): \(lastError)"
     }
 
     private func finish(cookie: UInt64, status: Int32, bytes: UInt64, reason: String? = nil) {
-        guard let slice = inFlight.withLock({ $0.slices.removeValue(forKey: cookie) }) else { return }
-        let error = status == TE_OK ? nil : (reason ?? "\(plugin.info.name): \(PluginStatus.describe(status))")
-        slice.batch.sliceFinished(task: slice.task, bytes: status == TE_OK ? slice.length : 0, error: error)
+        guard let slice = inFlight.withLock({ state -> InFlight? in
+            if cookie & Self.syncCookie != 0 {
+                // A synchronous caller's (still waiting, unless it timed out): it looks here.
+                if state.syncWaiting.contains(cookie) {
+                    state.syncResults.append(SyncResult(cookie: cookie, status: status, reason: reason))
+                    syncReapedElsewhere.add(1, ordering: .relaxed)
+                }
+                return nil
+            }
+            return state.slices.removeValue(forKey: cookie)
+        }) else { return }
+        slice.batch.sliceFinished(task: slice.task, bytes: status == TE_OK ? slice.length : 0, error: failureText(status, reason))
+    }
+
+    private func failureText(_ status: Int32, _ reason: String?) -> String? {
+        status == TE_OK ? nil : (reason ?? "\(plugin.info.name): \(PluginStatus.describe(status))")
     }
 
     /// Stops polling, fails what is still in flight, and destroys the instance.
@@ -263,6 +311,7 @@ final class PluginTransport: @unchecked Sendable {
             return !state.stopping
         }
         guard first else { return }
+        stopped.store(true, ordering: .releasing)
         _ = inFlight.wait(deadline: MonotonicClock.nanoseconds() + 5_000_000_000) { $0.pollerDone ? true : nil }
         let orphans = inFlight.withLock { state -> [InFlight] in
             defer { state.slices.removeAll() }
@@ -279,51 +328,95 @@ final class PluginTransport: @unchecked Sendable {
         _ = drain(timeoutNs: 0)
     }
 
-    /// Submits `slices` for a synchronous caller and polls the plugin on the caller's thread until
-    /// `finished()` or the deadline: the caller gets its completion straight from the plugin, and
-    /// the poller thread stays parked meanwhile (each thread hand-off costs a wake-up; under
-    /// emulation one costs about what a 4 KiB transfer does).
+    /// One request for a synchronous caller, polled for on the caller's thread until it completes
+    /// or the deadline passes: the caller gets its completion straight from the plugin, with no
+    /// batch, and the poller thread stays parked meanwhile (each thread hand-off costs a wake-up;
+    /// under emulation one costs about what a 4 KiB transfer does).
     /// It busy-polls (poll with no wait) first, as verbs benchmarks do: a completion reaped that
     /// way needs no thread wake-up at all. The busy-poll lasts `spinNs`; for a `small` transfer
     /// (latency-bound: a wake-up would cost a share of it) twice the recent average of small
     /// transfers where that is longer, up to 2 ms: a fabric that needs 300 us per 4 KiB
     /// (soft-RoCE) keeps its callers polling, while on fast NICs nothing changes.
-    func submitAndHarvest(_ slices: [Slice], until finished: () -> Bool, spinNs: UInt64, small: Bool, deadline: UInt64) {
-        inFlight.withLock { $0.syncCallers += 1 }
+    func transferOne(_ op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64,
+                     spinNs: UInt64, small: Bool, deadline: UInt64) -> SyncOutcome {
         let start = MonotonicClock.nanoseconds()
-        defer {
-            let wakePoller = inFlight.withLock { state -> Bool in
-                state.syncCallers -= 1
-                return state.pollerParked && state.pollerNeeded
+        guard let cookie = inFlight.withLock({ state -> UInt64? in
+            if state.stopping { return nil }
+            state.syncCallers += 1
+            defer { state.next += 1 }
+            let cookie = state.next | Self.syncCookie
+            state.syncWaiting.append(cookie)
+            return cookie
+        }) else { return .failed("\(plugin.info.name): engine shut down") }
+        var request = te_request(opcode: op == .read ? TE_OP_READ : TE_OP_WRITE, flags: 0, local_addr: local, peer: peer,
+                                 remote_addr: remote, length: length, cookie: cookie)
+        // Set when this thread reaps its own completion; another thread's reap lands in syncResults.
+        var own: (status: Int32, reason: String?)? = nil
+        let (accepted, submitted) = withUnsafePointer(to: &request) { submitRequests(UnsafeBufferPointer(start: $0, count: 1)) }
+        if accepted == 0 { own = (submitted, submitFailure(submitted)) }
+        if own == nil {
+            let adaptive = small ? 2 * syncAverageNs.load(ordering: .relaxed) : 0
+            let spinUntil = start + (adaptive > spinNs && adaptive <= Self.maxAdaptiveSpinNs ? adaptive : spinNs)
+            var waited = false
+            while own == nil && !isShutDown {
+                let now = MonotonicClock.nanoseconds()
+                if now >= deadline { break }
+                let spinning = now < spinUntil
+                if drain(timeoutNs: spinning ? 0 : 200_000, mine: cookie, own: &own) != TE_OK { break }
+                if own != nil { break }
+                // Another thread may have reaped it: look once the busy-poll is over, and then per wait.
+                if !spinning || waited {
+                    if inFlight.withLock({ state in state.syncResults.contains { $0.cookie == cookie } }) { break }
+                    waited = true
+                } else {
+                    sched_yield()
+                }
             }
-            if wakePoller { inFlight.notifyAll() }
-            if small && finished() {
-                let average = syncAverageNs.load(ordering: .relaxed)
-                let took = MonotonicClock.nanoseconds() &- start
-                syncAverageNs.store(average == 0 ? took : (average * 7 + took) / 8, ordering: .relaxed)
+        }
+        let (result, wakePoller) = inFlight.withLock { state -> ((status: Int32, reason: String?)?, Bool) in
+            state.syncCallers -= 1
+            if let index = state.syncWaiting.firstIndex(of: cookie) { state.syncWaiting.remove(at: index) }
+            var theirs: (status: Int32, reason: String?)? = nil
+            if let index = state.syncResults.firstIndex(where: { $0.cookie == cookie }) {
+                let reaped = state.syncResults.remove(at: index)
+                theirs = (reaped.status, reaped.reason)
             }
+            return (own ?? theirs, state.pollerParked && state.pollerNeeded)
         }
-        submit(slices)
-        let adaptive = small ? 2 * syncAverageNs.load(ordering: .relaxed) : 0
-        let spinUntil = start + (adaptive > spinNs && adaptive <= Self.maxAdaptiveSpinNs ? adaptive : spinNs)
-        while !isShutDown && !finished() && MonotonicClock.nanoseconds() < spinUntil {
-            if drain(timeoutNs: 0) != TE_OK { return }
-            if !finished() { sched_yield() }
+        if wakePoller { inFlight.notifyAll() }
+        guard let result else {
+            return isShutDown ? .failed("\(plugin.info.name): engine shut down") : .timedOut
         }
-        while !isShutDown && !finished() && MonotonicClock.nanoseconds() < deadline {
-            if drain(timeoutNs: 200_000) != TE_OK { return }
+        guard result.status == TE_OK else { return .failed(failureText(result.status, result.reason)!) }
+        if small {
+            let average = syncAverageNs.load(ordering: .relaxed)
+            let took = MonotonicClock.nanoseconds() &- start
+            syncAverageNs.store(average == 0 ? took : (average * 7 + took) / 8, ordering: .relaxed)
         }
+        return .completed
     }
 
     /// One poll call; finishes every completion it returns. Returns the poll status.
     private func drain(timeoutNs: UInt64) -> Int32 {
-        // Stack storage: a synchronous caller spins through here, and a heap array per call showed up.
-        withUnsafeTemporaryAllocation(of: te_completion.self, capacity: 64) { buffer in
+        var unused: (status: Int32, reason: String?)? = nil
+        return drain(timeoutNs: timeoutNs, mine: 0, own: &unused)
+    }
+
+    /// One poll call; finishes every completion it returns, except that of cookie `mine` (a
+    /// synchronous caller's, not 0), whose status goes to `own` without taking the lock.
+    private func drain(timeoutNs: UInt64, mine: UInt64, own: inout (status: Int32, reason: String?)?) -> Int32 {
+        // Stack storage (the standard library keeps up to 1 KiB on the stack): a synchronous
+        // caller spins through here, and a heap allocation per call showed up.
+        withUnsafeTemporaryAllocation(of: te_completion.self, capacity: 32) { buffer in
             var count = 0
             let status = d.poll!(instance, buffer.baseAddress, buffer.count, MemoryLayout<te_completion>.stride, timeoutNs, &count)
             guard status == TE_OK else { return status }
             for completion in buffer.prefix(min(count, buffer.count)) {
-                finish(cookie: completion.cookie, status: completion.status, bytes: completion.bytes)
+                if mine != 0 && completion.cookie == mine {
+                    own = (completion.status, nil)
+                } else {
+                    finish(cookie: completion.cookie, status: completion.status, bytes: completion.bytes)
+                }
             }
             return TE_OK
         }
