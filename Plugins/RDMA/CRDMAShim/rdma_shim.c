@@ -3,8 +3,10 @@
 #include <infiniband/verbs.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -89,6 +91,9 @@ int rdma_open(const char *name, uint32_t port, int cq_depth, rdma_context **out)
     else if (!(c->pd = ibv_alloc_pd(c->ctx))) r = neg_errno(ENOMEM);
     else if (!(c->channel = ibv_create_comp_channel(c->ctx))) r = neg_errno(ENOMEM);
     else if (!(c->cq = ibv_create_cq(c->ctx, cq_depth, NULL, c->channel, 0))) r = neg_errno(ENOMEM);
+    /* Non-blocking: several threads may sleep on the channel (the completion thread and a
+     * synchronous caller); the one that loses the event must not block in its read. */
+    else if (fcntl(c->channel->fd, F_SETFL, fcntl(c->channel->fd, F_GETFL) | O_NONBLOCK) != 0) r = neg_errno(EINVAL);
     ibv_free_device_list(list);
     if (r) { rdma_close(c); return r; }
     *out = c;
@@ -220,6 +225,15 @@ const char *rdma_wc_status_text(int32_t status) { return ibv_wc_status_str((enum
 
 int rdma_arm(rdma_context *c) { return -ibv_req_notify_cq(c->cq, 0); }
 
+/* Consumes and acknowledges one completion event if there is one; returns 1 if so. */
+static int take_event(rdma_context *c) {
+    struct ibv_cq *cq;
+    void *cq_context;
+    if (ibv_get_cq_event(c->channel, &cq, &cq_context) != 0) return 0;
+    ibv_ack_cq_events(cq, 1);
+    return 1;
+}
+
 int rdma_sleep(rdma_context *c, int timeout_ms) {
     struct pollfd fds[2] = { { .fd = c->wake_fd, .events = POLLIN }, { .fd = c->channel->fd, .events = POLLIN } };
     int r = poll(fds, 2, timeout_ms);
@@ -229,21 +243,27 @@ int rdma_sleep(rdma_context *c, int timeout_ms) {
         ssize_t ignored = read(c->wake_fd, &value, sizeof value);
         (void)ignored;
     }
-    if (fds[1].revents & POLLIN) {
-        struct ibv_cq *cq;
-        void *cq_context;
-        if (ibv_get_cq_event(c->channel, &cq, &cq_context) == 0) {
-            ibv_ack_cq_events(cq, 1);
-            return 1;
-        }
-    }
-    return 0;
+    return (fds[1].revents & POLLIN) ? take_event(c) : 0;
+}
+
+int rdma_wait_event(rdma_context *c, int64_t timeout_us) {
+    struct pollfd fd = { .fd = c->channel->fd, .events = POLLIN };
+    struct timespec timeout = { .tv_sec = timeout_us / 1000000, .tv_nsec = (timeout_us % 1000000) * 1000 };
+    int r = ppoll(&fd, 1, &timeout, NULL);
+    if (r < 0) return errno == EINTR ? 0 : -errno;
+    return (fd.revents & POLLIN) ? take_event(c) : 0;
 }
 
 void rdma_wake(rdma_context *c) {
     uint64_t one = 1;
     ssize_t ignored = write(c->wake_fd, &one, sizeof one);
     (void)ignored;
+}
+
+void rdma_name_thread(const char *name) {
+    char shortened[16];
+    snprintf(shortened, sizeof shortened, "%s", name);
+    pthread_setname_np(pthread_self(), shortened);
 }
 
 int rdma_numa_node_of(const void *addr) {

@@ -1,5 +1,6 @@
 import CRDMAShim
 import CTransportABI
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -96,11 +97,14 @@ final class RDMADevice: @unchecked Sendable {
     @exclusivity(unchecked) var connections: [String: Connection] = [:]
     @exclusivity(unchecked) private var retired: [Endpoint] = []
     @exclusivity(unchecked) private var lastTimeoutScan: UInt64 = 0
-    /// When a caller last polled this CQ itself (0: none since the last blocking poll), and how
-    /// many of its polls in a row came within `MC_RDMA_CALLER_POLL_US` of the one before: one
-    /// poll (a batch's single look) is not a caller that keeps polling.
-    @exclusivity(unchecked) private var callerPolledAt: UInt64 = 0
-    @exclusivity(unchecked) private var callerStreak = 0
+    /// When a caller last polled (0: none since the last blocking poll), and how many of its
+    /// polls in a row came within `MC_RDMA_CALLER_POLL_US` of the one before: one poll (a batch's
+    /// single look) is not a caller that keeps polling. Atomics, written without the lock: every
+    /// poll counts, also one that finds the completion already reaped or the lock taken; a
+    /// caller seen only when it got the lock lost the CQ to the completion thread for good once
+    /// they shared a CPU (the thread, woken by each completion's event, reaped it first).
+    private let callerPolledAt = Atomic<UInt64>(0)
+    private let callerStreak = Atomic<Int>(0)
     @exclusivity(unchecked) private var stopping = false
     @exclusivity(unchecked) private var running = false
     @exclusivity(unchecked) private var completions = [rdma_completion](repeating: rdma_completion(), count: 32)
@@ -198,7 +202,7 @@ final class RDMADevice: @unchecked Sendable {
 
     func start() -> Bool {
         lock.locked { running = true }
-        let started = startThread { [self] in completionLoop() }
+        let started = startThread(name: "te-rdma-cq\(index)") { [self] in completionLoop() }
         if !started { lock.locked { running = false } }
         return started
     }
@@ -236,29 +240,59 @@ final class RDMADevice: @unchecked Sendable {
         if !finished.isEmpty { onFinished(finished) }
     }
 
-    /// Reaps completions on the caller's thread if no one else is. `polling`: the caller will
-    /// come back soon without waiting (a synchronous transfer), so the completion thread may
-    /// leave this CQ to it.
-    func tryProgress(polling: Bool) {
+    /// A caller polled without waiting (a synchronous transfer): it will come back soon, so the
+    /// completion thread may leave this CQ to it.
+    func callerPolled() {
+        let now = monotonicNanoseconds()
+        let last = callerPolledAt.load(ordering: .relaxed)
+        let streak = last != 0 && now &- last < options.callerWindowNanoseconds ? callerStreak.load(ordering: .relaxed) + 1 : 1
+        callerStreak.store(min(streak, 1 << 20), ordering: .relaxed)
+        callerPolledAt.store(now, ordering: .relaxed)
+    }
+
+    /// Whether a caller keeps polling this CQ (two polls or more in a row, the last one within
+    /// the window).
+    var callerPolling: Bool {
+        let window = options.callerWindowNanoseconds
+        return window > 0 && callerStreak.load(ordering: .relaxed) >= 2
+            && monotonicNanoseconds() &- callerPolledAt.load(ordering: .relaxed) < window
+    }
+
+    /// Reaps completions on the caller's thread if no one else is.
+    func tryProgress() {
         var finished: [FinishedPart] = []
-        _ = lock.tryLocked { () -> Bool in
-            if polling {
-                let now = monotonicNanoseconds()
-                callerStreak = callerPolledAt != 0 && now &- callerPolledAt < options.callerWindowNanoseconds ? callerStreak + 1 : 1
-                callerPolledAt = now
-            }
+        _ = lock.tryLocked { progressLocked(&finished) }
+        if !finished.isEmpty { onFinished(finished) }
+    }
+
+    /// A caller that kept polling waits for a completion now: it sleeps on the CQ's channel
+    /// itself, at most `nanoseconds`, and the completion thread naps on (waking it would be a
+    /// second wake-up and a hand-off of the completion, and it re-armed the CQ, so the caller's
+    /// later completions raised events that woke it again: under emulation, with both threads on
+    /// one CPU, that cascade doubled a 4 KiB write's time).
+    func waitAsCaller(nanoseconds: UInt64) {
+        var finished: [FinishedPart] = []
+        // Armed before the last look: a completion after it raises the event slept on below.
+        let found = lock.locked { () -> Bool in
+            _ = rdma_arm(handle)
             return progressLocked(&finished)
         }
+        if !found {
+            _ = rdma_wait_event(handle, Int64(clamping: max(nanoseconds / 1000, 1)))
+            _ = lock.locked { progressLocked(&finished) }
+        }
+        callerPolled()
         if !finished.isEmpty { onFinished(finished) }
     }
 
     /// A caller is about to wait for completions instead of polling: a completion thread napping
-    /// because of it goes back to the armed CQ now.
+    /// because of it goes back to the armed CQ now. (Under the lock: the thread decides to nap
+    /// and starts waiting under it, so this cannot slip between the two.)
     func callerWaits() {
+        guard callerPolledAt.load(ordering: .relaxed) != 0 else { return }
         lock.locked {
-            guard callerPolledAt != 0 else { return }
-            callerPolledAt = 0
-            callerStreak = 0
+            callerPolledAt.store(0, ordering: .relaxed)
+            callerStreak.store(0, ordering: .relaxed)
             lock.broadcast()
         }
     }
@@ -353,31 +387,29 @@ final class RDMADevice: @unchecked Sendable {
 
     /// Polls while busy or briefly after activity, then arms the CQ and sleeps on the channel:
     /// a spinning poller would starve soft-RoCE, whose "NIC" is kernel work on the same CPUs.
+    /// While a synchronous caller polls the CQ itself, it naps instead, leaving the CQ unarmed.
     private func completionLoop() {
         var lastActivity = monotonicNanoseconds()
         while true {
-            var finished: [FinishedPart] = []
-            let (stop, worked) = lock.locked { () -> (Bool, Bool) in
-                if stopping { return (true, false) }
-                return (false, progressLocked(&finished))
-            }
-            if !finished.isEmpty { onFinished(finished) }
-            if stop { break }
-            let now = monotonicNanoseconds()
-            if worked { lastActivity = now; continue }
-            if now - lastActivity < options.spinNanoseconds { sched_yield(); continue }
             // A synchronous caller polls the CQ itself: leave it unarmed, so its completions wake
-            // no thread (under emulation one wake-up costs about what a 4 KiB write does). The
-            // caller reaps every completion meanwhile; one that starts waiting (any blocking
-            // poll) ends the nap, so it can be long: a nap that ends is a wake-up and a lock
-            // taken from under the caller.
-            let napped = lock.locked { () -> Bool in
-                let window = options.callerWindowNanoseconds
-                guard window > 0, callerStreak >= 2, monotonicNanoseconds() &- callerPolledAt < window, !stopping else { return false }
+            // no thread (under emulation one wake-up costs about what a 4 KiB write does), and do
+            // not reap them either, also when an event woke this thread (the CQ was armed when
+            // the caller began): a completion taken from under the caller is a hand-off. One that
+            // starts waiting (any blocking poll) ends the nap, so it can be long.
+            let napped = lock.locked { () -> Bool? in
+                if stopping { return nil }
+                guard callerPolling else { return false }
                 lock.wait(nanoseconds: 100_000_000)
                 return true
             }
+            guard let napped else { break }
             if napped { continue }
+            var finished: [FinishedPart] = []
+            let worked = lock.locked { progressLocked(&finished) }
+            if !finished.isEmpty { onFinished(finished) }
+            let now = monotonicNanoseconds()
+            if worked { lastActivity = now; continue }
+            if now - lastActivity < options.spinNanoseconds { sched_yield(); continue }
             _ = rdma_arm(handle)
             // A completion that arrived before arming raised no event: poll once more, then sleep.
             let missed = lock.locked { progressLocked(&finished) }

@@ -104,7 +104,7 @@ final class RDMAInstance: @unchecked Sendable {
         }
         preferred = Self.priorityMatrix(devices)
         signal.locked { repairRunning = true }
-        guard startThread({ [self] in repairLoop() }) else { close(); return "cannot start the repair thread" }
+        guard startThread(name: "te-rdma-repair", { [self] in repairLoop() }) else { close(); return "cannot start the repair thread" }
         return nil
     }
 
@@ -600,12 +600,22 @@ final class RDMAInstance: @unchecked Sendable {
 
     /// Hands out finished requests, waiting at most `timeout` for the first.
     func poll(into raw: UnsafeMutableRawPointer?, capacity: Int, stride: Int, timeout: UInt64) -> Int {
+        if timeout == 0 { for device in devices { device.callerPolled() } }
+        var waited = false
         if signal.locked({ done.isEmpty }) {
-            for device in devices { device.tryProgress(polling: timeout == 0) }
-            if timeout > 0 { for device in devices { device.callerWaits() } }
+            for device in devices { device.tryProgress() }
+            if timeout > 0 && signal.locked({ done.isEmpty }) {
+                if devices.count == 1 && devices[0].callerPolling {
+                    // A caller that was polling waits on the CQ itself (one device: one channel).
+                    devices[0].waitAsCaller(nanoseconds: timeout)
+                    waited = true
+                } else {
+                    for device in devices { device.callerWaits() }
+                }
+            }
         }
         return signal.locked {
-            if done.isEmpty && timeout > 0 { signal.wait(nanoseconds: timeout) }
+            if done.isEmpty && timeout > 0 && !waited { signal.wait(nanoseconds: timeout) }
             let n = min(capacity, done.count)
             for i in 0..<n { raw!.storeBytes(of: done[i], toByteOffset: i * stride, as: te_completion.self) }
             done.removeFirst(n)

@@ -1,3 +1,5 @@
+import CRDMAShim
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -56,13 +58,20 @@ final class Signal: @unchecked Sendable {
     func wakeRepair() { pthread_cond_broadcast(repair) }
 }
 
-/// Starts a detached thread running `body`.
-func startThread(_ body: @escaping () -> Void) -> Bool {
-    final class Box { let body: () -> Void; init(_ body: @escaping () -> Void) { self.body = body } }
-    let box = Unmanaged.passRetained(Box(body)).toOpaque()
+/// Starts a detached thread running `body`, named `name` (at most 15 bytes: what `top -H` and
+/// /proc/<pid>/task/*/comm show).
+func startThread(name: String, _ body: @escaping () -> Void) -> Bool {
+    final class Box {
+        let name: String
+        let body: () -> Void
+        init(_ name: String, _ body: @escaping () -> Void) { self.name = name; self.body = body }
+    }
+    let box = Unmanaged.passRetained(Box(name, body)).toOpaque()
     var thread = pthread_t()
     let started = pthread_create(&thread, nil, { raw in
-        Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
+        let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
+        rdma_name_thread(box.name)
+        box.body()
         return nil
     }, box) == 0
     if started { pthread_detach(thread) } else { Unmanaged<Box>.fromOpaque(box).release() }

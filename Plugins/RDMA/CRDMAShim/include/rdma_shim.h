@@ -103,8 +103,17 @@ int rdma_arm(rdma_context *context);
  * and acknowledges the event. Returns 1 (event), 0 (woken / timed out) or -errno.
  */
 int rdma_sleep(rdma_context *context, int timeout_ms);
+/**
+ * Sleeps on the completion channel alone (not the wake fd) at most timeout_us; consumes and
+ * acknowledges the event. Returns 1 (event), 0 (timed out, or another thread took the event)
+ * or -errno. For a synchronous caller that waits for its own completion.
+ */
+int rdma_wait_event(rdma_context *context, int64_t timeout_us);
 /** Wakes a thread in rdma_sleep. */
 void rdma_wake(rdma_context *context);
+
+/** Names the calling thread (at most 15 bytes are kept), for top -H and /proc. */
+void rdma_name_thread(const char *name);
 
 /** NUMA node of the page at addr (move_pages), or -1. */
 int rdma_numa_node_of(const void *addr);
