@@ -221,21 +221,32 @@ final class RDMADevice: @unchecked Sendable {
         rdma_close(handle)
     }
 
-    /// Queues slices and posts what the send queues accept now. The completion thread is not
-    /// woken: it sleeps only with the CQ armed, so the completions of this work wake it (and a
-    /// backlog exists only while earlier work is in flight). A wake-up per submit cost a thread
-    /// switch and a spin on the CPUs soft-RoCE needs.
+    /// Queues slices and posts them one at a time, each outside the lock, until the backlog is
+    /// empty or the send queues are full. The completion thread does the same as completions
+    /// come in, so two threads post at once: on soft-RoCE a post runs the whole exchange inside
+    /// the system call (milliseconds for 64 KiB under emulation), and posting under the lock
+    /// left all that work to one CPU. The completion thread is not woken here: it sleeps only
+    /// with the CQ armed, so the completions of this work wake it (a wake-up per submit cost a
+    /// thread switch on the CPUs soft-RoCE needs).
     func enqueue(_ parts: [Part]) {
         var finished: [FinishedPart] = []
-        lock.locked {
-            for part in parts {
-                guard backlogHead == backlog.count else { backlog.append(part); continue }
-                switch post(part) {
-                case .posted: break
-                case .full: backlog.append(part)
+        if parts.count == 1 {
+            // One slice (a small synchronous transfer): straight to its QP unless others wait.
+            let reserved = lock.locked { () -> Reserved? in
+                guard backlogHead == backlog.count else { backlog.append(parts[0]); return nil }
+                switch reserveLocked(parts[0]) {
+                case .reserved(let reserved): return reserved
+                case .full: backlog.append(parts[0])
                 case .failed(let result): finished.append(result)
                 }
+                return nil
             }
+            if let reserved { _ = post(reserved, finished: &finished) }
+        } else {
+            lock.locked { backlog.append(contentsOf: parts) }
+        }
+        while let next = lock.locked({ nextFromBacklogLocked(&finished) }) {
+            if !post(next, finished: &finished) { break }
         }
         if !finished.isEmpty { onFinished(finished) }
     }
@@ -261,7 +272,9 @@ final class RDMADevice: @unchecked Sendable {
     /// Reaps completions on the caller's thread if no one else is.
     func tryProgress() {
         var finished: [FinishedPart] = []
-        _ = lock.tryLocked { progressLocked(&finished) }
+        var next: Reserved? = nil
+        _ = lock.tryLocked { progressLocked(&finished, &next) }
+        if let next { _ = post(next, finished: &finished) }
         if !finished.isEmpty { onFinished(finished) }
     }
 
@@ -272,15 +285,17 @@ final class RDMADevice: @unchecked Sendable {
     /// one CPU, that cascade doubled a 4 KiB write's time).
     func waitAsCaller(nanoseconds: UInt64) {
         var finished: [FinishedPart] = []
+        var next: Reserved? = nil
         // Armed before the last look: a completion after it raises the event slept on below.
         let found = lock.locked { () -> Bool in
             _ = rdma_arm(handle)
-            return progressLocked(&finished)
+            return progressLocked(&finished, &next)
         }
         if !found {
             _ = rdma_wait_event(handle, Int64(clamping: max(nanoseconds / 1000, 1)))
-            _ = lock.locked { progressLocked(&finished) }
+            _ = lock.locked { progressLocked(&finished, &next) }
         }
+        if let next { _ = post(next, finished: &finished) }
         callerPolled()
         if !finished.isEmpty { onFinished(finished) }
     }
@@ -297,8 +312,16 @@ final class RDMADevice: @unchecked Sendable {
         }
     }
 
-    private enum PostResult {
-        case posted
+    /// A slice with its slot and QP taken under the lock, to be posted outside it.
+    private struct Reserved {
+        var part: Part
+        var endpoint: Endpoint
+        var queuePair: Int
+        var slot: Int
+    }
+
+    private enum ReserveResult {
+        case reserved(Reserved)
         case full
         case failed(FinishedPart)
     }
@@ -309,8 +332,9 @@ final class RDMADevice: @unchecked Sendable {
                      retry: retry ? part : nil)
     }
 
-    /// Posts on the least-loaded QP of the connection's endpoint. Lock held.
-    private func post(_ part: Part) -> PostResult {
+    /// Takes a slot and the least-loaded QP of the connection's endpoint for `part` (counted as
+    /// outstanding from now: a retired endpoint is not destroyed under it). Lock held.
+    private func reserveLocked(_ part: Part) -> ReserveResult {
         let endpoint = part.connection.current
         if endpoint.broken { return .failed(failure(part, "the endpoint is being rebuilt after an error", retry: true)) }
         guard let slot = freeSlots.last else { return .full }
@@ -319,18 +343,57 @@ final class RDMADevice: @unchecked Sendable {
             best = i
         }
         guard best >= 0 else { return .full }
-        let status = rdma_post(endpoint.queuePairs[best], part.isWrite ? 1 : 0, part.local, part.length, part.lkey, part.remote, part.rkey,
-                               UInt64(slot), 64)
-        if status == -ENOMEM { return .full }
-        if status != 0 { return .failed(failure(part, "ibv_post_send: \(String(cString: strerror(-status)))", retry: true)) }
         freeSlots.removeLast()
         endpoint.outstanding[best] += 1
         slots[slot] = Slot(part: part, endpoint: endpoint, queuePair: best, postedAt: monotonicNanoseconds())
-        return .posted
+        return .reserved(Reserved(part: part, endpoint: endpoint, queuePair: best, slot: slot))
     }
 
-    /// Polls the CQ, then posts waiting slices. Lock held. Returns whether anything happened.
-    private func progressLocked(_ finished: inout [FinishedPart]) -> Bool {
+    /// The next waiting slice, reserved, if the send queues have room. Lock held.
+    private func nextFromBacklogLocked(_ finished: inout [FinishedPart]) -> Reserved? {
+        while backlogHead < backlog.count {
+            let result = reserveLocked(backlog[backlogHead])
+            if case .full = result { return nil }
+            backlogHead += 1
+            if backlogHead == backlog.count {
+                backlog.removeAll(keepingCapacity: true)
+                backlogHead = 0
+            } else if backlogHead > 1024 && backlogHead * 2 > backlog.count {
+                backlog.removeFirst(backlogHead)
+                backlogHead = 0
+            }
+            switch result {
+            case .reserved(let reserved): return reserved
+            case .failed(let failed): finished.append(failed)
+            case .full: return nil
+            }
+        }
+        return nil
+    }
+
+    /// Posts a reserved slice, without the lock (ibv_post_send is thread-safe). Returns false
+    /// when the send queue refused it for room (it waits in the backlog again: stop posting).
+    private func post(_ reserved: Reserved, finished: inout [FinishedPart]) -> Bool {
+        let part = reserved.part
+        let status = rdma_post(reserved.endpoint.queuePairs[reserved.queuePair], part.isWrite ? 1 : 0, part.local, part.length, part.lkey,
+                               part.remote, part.rkey, UInt64(reserved.slot), 64)
+        if status == 0 { return true }
+        lock.locked {
+            slots[reserved.slot] = nil
+            freeSlots.append(reserved.slot)
+            reserved.endpoint.outstanding[reserved.queuePair] -= 1
+            if status == -ENOMEM {
+                backlog.append(part)
+            } else {
+                finished.append(failure(part, "ibv_post_send: \(String(cString: strerror(-status)))", retry: true))
+            }
+        }
+        return status != -ENOMEM
+    }
+
+    /// Polls the CQ and reserves the next waiting slice for the caller to post (`next`) once it
+    /// has let go of the lock. Lock held. Returns whether anything happened.
+    private func progressLocked(_ finished: inout [FinishedPart], _ next: inout Reserved?) -> Bool {
         var worked = false
         while true {
             let n = completions.withUnsafeMutableBufferPointer { rdma_poll(handle, $0.baseAddress, Int32($0.count)) }
@@ -367,22 +430,12 @@ final class RDMADevice: @unchecked Sendable {
                 }
             }
         }
-        while backlogHead < backlog.count {
-            let part = backlog[backlogHead]
-            let result = post(part)
-            if case .full = result { break }
-            if case .failed(let failed) = result { finished.append(failed) }
-            backlogHead += 1
+        let failedBefore = finished.count
+        if next == nil, let reserved = nextFromBacklogLocked(&finished) {
+            next = reserved
             worked = true
         }
-        if backlogHead == backlog.count {
-            backlog.removeAll(keepingCapacity: true)
-            backlogHead = 0
-        } else if backlogHead > 1024 && backlogHead * 2 > backlog.count {
-            backlog.removeFirst(backlogHead)
-            backlogHead = 0
-        }
-        return worked
+        return worked || finished.count > failedBefore
     }
 
     /// Polls while busy or briefly after activity, then arms the CQ and sleeps on the channel:
@@ -405,14 +458,19 @@ final class RDMADevice: @unchecked Sendable {
             guard let napped else { break }
             if napped { continue }
             var finished: [FinishedPart] = []
-            let worked = lock.locked { progressLocked(&finished) }
+            var next: Reserved? = nil
+            let worked = lock.locked { progressLocked(&finished, &next) }
+            if let next { _ = post(next, finished: &finished) }
             if !finished.isEmpty { onFinished(finished) }
             let now = monotonicNanoseconds()
             if worked { lastActivity = now; continue }
             if now - lastActivity < options.spinNanoseconds { sched_yield(); continue }
             _ = rdma_arm(handle)
             // A completion that arrived before arming raised no event: poll once more, then sleep.
-            let missed = lock.locked { progressLocked(&finished) }
+            finished.removeAll()
+            var nextAfterArming: Reserved? = nil
+            let missed = lock.locked { progressLocked(&finished, &nextAfterArming) }
+            if let nextAfterArming { _ = post(nextAfterArming, finished: &finished) }
             if !finished.isEmpty { onFinished(finished) }
             if missed { lastActivity = monotonicNanoseconds(); continue }
             _ = rdma_sleep(handle, 100)
