@@ -229,26 +229,34 @@ final class RDMADevice: @unchecked Sendable {
     /// with the CQ armed, so the completions of this work wake it (a wake-up per submit cost a
     /// thread switch on the CPUs soft-RoCE needs).
     func enqueue(_ parts: [Part]) {
+        if parts.count == 1 { return enqueue(parts[0]) }
         var finished: [FinishedPart] = []
-        if parts.count == 1 {
-            // One slice (a small synchronous transfer): straight to its QP unless others wait.
-            let reserved = lock.locked { () -> Reserved? in
-                guard backlogHead == backlog.count else { backlog.append(parts[0]); return nil }
-                switch reserveLocked(parts[0]) {
-                case .reserved(let reserved): return reserved
-                case .full: backlog.append(parts[0])
-                case .failed(let result): finished.append(result)
-                }
-                return nil
+        lock.locked { backlog.append(contentsOf: parts) }
+        postBacklog(&finished)
+        if !finished.isEmpty { onFinished(finished) }
+    }
+
+    /// Queues one slice (a small synchronous transfer): straight to its QP unless others wait.
+    func enqueue(_ part: Part) {
+        var finished: [FinishedPart] = []
+        let reserved = lock.locked { () -> Reserved? in
+            guard backlogHead == backlog.count else { backlog.append(part); return nil }
+            switch reserveLocked(part) {
+            case .reserved(let reserved): return reserved
+            case .full: backlog.append(part)
+            case .failed(let result): finished.append(result)
             }
-            if let reserved { _ = post(reserved, finished: &finished) }
-        } else {
-            lock.locked { backlog.append(contentsOf: parts) }
+            return nil
         }
+        if let reserved { _ = post(reserved, finished: &finished) } else { postBacklog(&finished) }
+        if !finished.isEmpty { onFinished(finished) }
+    }
+
+    /// Posts waiting slices one at a time until none is left or the send queues are full.
+    private func postBacklog(_ finished: inout [FinishedPart]) {
         while let next = lock.locked({ nextFromBacklogLocked(&finished) }) {
             if !post(next, finished: &finished) { break }
         }
-        if !finished.isEmpty { onFinished(finished) }
     }
 
     /// A caller polled without waiting (a synchronous transfer): it will come back soon, so the

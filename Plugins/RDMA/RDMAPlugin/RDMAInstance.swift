@@ -468,7 +468,10 @@ final class RDMAInstance: @unchecked Sendable {
     func submit(_ raw: UnsafeRawPointer?, count: Int, stride: Int, accepted: inout Int) -> Int32 {
         accepted = 0
         guard !devices.isEmpty else { return TE_ERR_INTERNAL }
-        var perDevice = [[Part]](repeating: [], count: devices.count)
+        // The first slice waits in `lone` and the rest go to per-device lists, made only once a
+        // second slice exists: a synchronous transfer's one slice allocates no arrays.
+        var lone: (device: Int, part: Part)? = nil
+        var perDevice: [[Part]] = []
         let status = signal.locked { () -> Int32 in
             for i in 0..<count {
                 let request = raw!.loadUnaligned(fromByteOffset: i * stride, as: te_request.self)
@@ -499,10 +502,20 @@ final class RDMAInstance: @unchecked Sendable {
                     let device = candidates[nextDevice % candidates.count]
                     nextDevice &+= 1
                     let connection = peer.connections[device]
-                    perDevice[device].append(Part(
+                    let part = Part(
                         isWrite: request.opcode == TE_OP_WRITE, local: request.local_addr + offset, length: UInt32(length),
                         lkey: local.lkeys[device], remote: request.remote_addr + offset, rkey: remote.rkeys[connection.peerDevice],
-                        parent: parentID, cookie: request.cookie, connection: connection, retries: 0))
+                        parent: parentID, cookie: request.cookie, connection: connection, retries: 0)
+                    if lone == nil && perDevice.isEmpty {
+                        lone = (device, part)
+                    } else {
+                        if let first = lone {
+                            perDevice = Array(repeating: [], count: devices.count)
+                            perDevice[first.device].append(first.part)
+                            lone = nil
+                        }
+                        perDevice[device].append(part)
+                    }
                     offset += length
                     pieces += 1
                 }
@@ -511,6 +524,7 @@ final class RDMAInstance: @unchecked Sendable {
             }
             return TE_OK
         }
+        if let lone { devices[lone.device].enqueue(lone.part) }
         for (index, parts) in perDevice.enumerated() where !parts.isEmpty { devices[index].enqueue(parts) }
         return status
     }
