@@ -149,6 +149,36 @@ struct PluginTests {
             try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address + 1, length: UInt64(remote.count))
         }
     }
+
+    @Test("a synchronous transfer whose completion another caller reaps still returns, with its own result")
+    func syncCompletionReapedByAnotherCaller() throws {
+        // The fixture hides a completion from its submitting thread for 20 ms, so two threads of
+        // synchronous transfers reap each other's: a lost hand-over shows as a 5 s timeout.
+        let directory = try TestSupport.temporaryDirectory()
+        try FixturePlugins.build("libtransport_loopcopy.so", defines: ["FIXTURE_HANDOFF"], in: directory)
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": directory.path, "MC_TRANSFER_TIMEOUT": "5"])
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
+        defer { target.shutdown(); initiator.shutdown() }
+        let remote = TestBuffer(1 << 20), local = TestBuffer(1 << 20)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
+        let handle = try initiator.openSegment(target.segmentName)
+        let failures = LockedCounter(), mismatches = LockedCounter()
+        DispatchQueue.concurrentPerform(iterations: 2) { thread in
+            let offset = thread * (512 << 10)
+            for i in 0..<100 {
+                memset(local.pointer + offset, Int32(truncatingIfNeeded: i &+ thread), 4096)
+                do {
+                    try initiator.transferSync(.write, localAddress: local.address + UInt64(offset), segment: handle,
+                                               remoteAddress: remote.address + UInt64(offset), length: 4096)
+                } catch { failures.increment(); return }
+                if memcmp(local.pointer + offset, remote.pointer + offset, 4096) != 0 { mismatches.increment() }
+            }
+        }
+        #expect(failures.value == 0 && mismatches.value == 0)
+        #expect(initiator.syncCompletionsReapedElsewhere > 0, "no completion changed threads")
+    }
 }
 
 /// Upstream's rdma/MNNVL rule over real plugin files: fixtures standing in for hardware that is absent here.

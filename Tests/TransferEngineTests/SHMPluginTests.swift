@@ -156,8 +156,9 @@ struct SHMPluginTests {
             }
         }
         #expect(failures.value == 0 && mismatches.value == 0)
+        // How often another caller reaped a completion depends on scheduling (often ~10% here,
+        // none in a loaded CI run); PluginTests forces that path with a fixture plugin.
         print("shm: \(engine.syncCompletionsReapedElsewhere) of 12000 synchronous completions reaped by another caller")
-        #expect(engine.syncCompletionsReapedElsewhere > 0, "the cross-thread path was not exercised")
     }
 
     @Test("concurrent batches from several threads, then a peer that exits mid-batch: requests fail, nothing hangs")

@@ -275,6 +275,8 @@ final class PluginTransport: @unchecked Sendable {
             if status == TE_ERR_AGAIN || (status == TE_OK && accepted == 0) {
                 idleRounds += 1
                 if idleRounds < 100_000 { usleep(idleRounds < 100 ? 10 : 1000); continue }
+                // Still no room after ~100 s: fail what is left (an OK that took nothing is no success).
+                return (offset, TE_ERR_AGAIN)
             }
             return (offset, status)
         }

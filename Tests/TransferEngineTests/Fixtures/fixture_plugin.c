@@ -10,12 +10,15 @@
  *   FIXTURE_NEWER        a larger descriptor with an appended field (newer minor)
  *   FIXTURE_NO_ENTRY     the entry symbol is not exported
  *   FIXTURE_NEEDS_LIB    links a library the test deletes afterwards
+ *   FIXTURE_HANDOFF      a completion is hidden from the thread that submitted it for
+ *                        20 ms: another thread's poll reaps it first (cross-thread hand-over)
  */
 #include "te_transport_abi.h"
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef FIXTURE_PROTOCOL
@@ -32,10 +35,19 @@ int fixture_use_dependency(void) { return fixture_dependency_function(); }
 struct te_instance {
     pthread_mutex_t lock;
     te_completion done[MAX_DONE];
+    /* FIXTURE_HANDOFF: who submitted each completion, and when (ns). */
+    pthread_t submitter[MAX_DONE];
+    uint64_t submitted_ns[MAX_DONE];
     size_t done_count;
     const te_host_services *host;
     char last_error[256];
 };
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static int32_t put(te_buffer *out, const char *text) {
     size_t n = strlen(text);
@@ -113,6 +125,8 @@ static int32_t fx_submit(te_instance *i, const te_request *reqs, size_t count, s
         if (r->opcode == TE_OP_WRITE) memcpy((void *)(uintptr_t)r->remote_addr, (void *)(uintptr_t)r->local_addr, r->length);
         else memcpy((void *)(uintptr_t)r->local_addr, (void *)(uintptr_t)r->remote_addr, r->length);
         te_completion c = { r->cookie, TE_OK, 0, r->length };
+        i->submitter[i->done_count] = pthread_self();
+        i->submitted_ns[i->done_count] = now_ns();
         i->done[i->done_count++] = c;
     }
     pthread_mutex_unlock(&i->lock);
@@ -122,10 +136,21 @@ static int32_t fx_submit(te_instance *i, const te_request *reqs, size_t count, s
 
 static int32_t fx_poll(te_instance *i, te_completion *out, size_t capacity, size_t stride, uint64_t timeout_ns, size_t *count) {
     pthread_mutex_lock(&i->lock);
-    size_t n = i->done_count < capacity ? i->done_count : capacity;
-    for (size_t k = 0; k < n; k++) *(te_completion *)((char *)out + k * stride) = i->done[k];
-    memmove(i->done, i->done + n, (i->done_count - n) * sizeof(te_completion));
-    i->done_count -= n;
+    size_t n = 0, kept = 0;
+    for (size_t k = 0; k < i->done_count; k++) {
+        int visible = n < capacity;
+#ifdef FIXTURE_HANDOFF
+        if (pthread_equal(i->submitter[k], pthread_self()) && now_ns() - i->submitted_ns[k] < 20000000) visible = 0;
+#endif
+        if (visible) {
+            *(te_completion *)((char *)out + n++ * stride) = i->done[k];
+        } else {
+            i->done[kept] = i->done[k];
+            i->submitter[kept] = i->submitter[k];
+            i->submitted_ns[kept++] = i->submitted_ns[k];
+        }
+    }
+    i->done_count = kept;
     pthread_mutex_unlock(&i->lock);
     *count = n;
     if (n == 0 && timeout_ns) usleep(200);
