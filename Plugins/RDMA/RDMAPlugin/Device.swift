@@ -360,23 +360,30 @@ final class RDMADevice: @unchecked Sendable {
     /// The next waiting slice, reserved, if the send queues have room. Lock held.
     private func nextFromBacklogLocked(_ finished: inout [FinishedPart]) -> Reserved? {
         while backlogHead < backlog.count {
-            let result = reserveLocked(backlog[backlogHead])
-            if case .full = result { return nil }
-            backlogHead += 1
-            if backlogHead == backlog.count {
-                backlog.removeAll(keepingCapacity: true)
-                backlogHead = 0
-            } else if backlogHead > 1024 && backlogHead * 2 > backlog.count {
-                backlog.removeFirst(backlogHead)
-                backlogHead = 0
-            }
-            switch result {
-            case .reserved(let reserved): return reserved
-            case .failed(let failed): finished.append(failed)
-            case .full: return nil
+            switch reserveLocked(backlog[backlogHead]) {
+            case .full:
+                return nil
+            case .reserved(let reserved):
+                dropBacklogHeadLocked()
+                return reserved
+            case .failed(let failed):
+                dropBacklogHeadLocked()
+                finished.append(failed)
             }
         }
         return nil
+    }
+
+    /// Takes the backlog's first slice off, compacting the storage now and then. Lock held.
+    private func dropBacklogHeadLocked() {
+        backlogHead += 1
+        if backlogHead == backlog.count {
+            backlog.removeAll(keepingCapacity: true)
+            backlogHead = 0
+        } else if backlogHead > 1024 && backlogHead * 2 > backlog.count {
+            backlog.removeFirst(backlogHead)
+            backlogHead = 0
+        }
     }
 
     /// Posts a reserved slice, without the lock (ibv_post_send is thread-safe). Returns false

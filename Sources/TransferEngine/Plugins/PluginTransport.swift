@@ -22,6 +22,8 @@ final class PluginTransport: @unchecked Sendable {
     /// (a dictionary insert and removal hash the key: a share of a small transfer), but in
     /// `syncWaiting`, a short list (one entry per thread inside `transferOne`).
     private static let syncCookie: UInt64 = 1 << 63
+    /// How a request ended in the plugin: its status, and the host's reason text if it has one.
+    private typealias Ending = (status: Int32, reason: String?)
     /// A synchronous request's result that a thread other than its caller reaped.
     private struct SyncResult {
         var cookie: UInt64
@@ -353,32 +355,29 @@ final class PluginTransport: @unchecked Sendable {
         var request = te_request(opcode: op == .read ? TE_OP_READ : TE_OP_WRITE, flags: 0, local_addr: local, peer: peer,
                                  remote_addr: remote, length: length, cookie: cookie)
         // Set when this thread reaps its own completion; another thread's reap lands in syncResults.
-        var own: (status: Int32, reason: String?)? = nil
+        var own: Ending? = nil
         let (accepted, submitted) = withUnsafePointer(to: &request) { submitRequests(UnsafeBufferPointer(start: $0, count: 1)) }
         if accepted == 0 { own = (submitted, submitFailure(submitted)) }
         if own == nil {
             let adaptive = small ? 2 * syncAverageNs.load(ordering: .relaxed) : 0
             let spinUntil = start + (adaptive > spinNs && adaptive <= Self.maxAdaptiveSpinNs ? adaptive : spinNs)
-            var waited = false
             while own == nil && !isShutDown {
                 let now = MonotonicClock.nanoseconds()
                 if now >= deadline { break }
                 let spinning = now < spinUntil
                 if drain(timeoutNs: spinning ? 0 : 200_000, mine: cookie, own: &own) != TE_OK { break }
                 if own != nil { break }
-                // Another thread may have reaped it: look once the busy-poll is over, and then per wait.
-                if !spinning || waited {
-                    if inFlight.withLock({ state in state.syncResults.contains { $0.cookie == cookie } }) { break }
-                    waited = true
-                } else {
+                if spinning {
                     sched_yield()
+                } else if inFlight.withLock({ state in state.syncResults.contains { $0.cookie == cookie } }) {
+                    break  // another thread reaped it (looked for once the busy-poll is over, then per wait)
                 }
             }
         }
-        let (result, wakePoller) = inFlight.withLock { state -> ((status: Int32, reason: String?)?, Bool) in
+        let (result, wakePoller) = inFlight.withLock { state -> (Ending?, Bool) in
             state.syncCallers -= 1
             if let index = state.syncWaiting.firstIndex(of: cookie) { state.syncWaiting.remove(at: index) }
-            var theirs: (status: Int32, reason: String?)? = nil
+            var theirs: Ending? = nil
             if let index = state.syncResults.firstIndex(where: { $0.cookie == cookie }) {
                 let reaped = state.syncResults.remove(at: index)
                 theirs = (reaped.status, reaped.reason)
@@ -400,13 +399,13 @@ final class PluginTransport: @unchecked Sendable {
 
     /// One poll call; finishes every completion it returns. Returns the poll status.
     private func drain(timeoutNs: UInt64) -> Int32 {
-        var unused: (status: Int32, reason: String?)? = nil
+        var unused: Ending? = nil
         return drain(timeoutNs: timeoutNs, mine: 0, own: &unused)
     }
 
     /// One poll call; finishes every completion it returns, except that of cookie `mine` (a
     /// synchronous caller's, not 0), whose status goes to `own` without taking the lock.
-    private func drain(timeoutNs: UInt64, mine: UInt64, own: inout (status: Int32, reason: String?)?) -> Int32 {
+    private func drain(timeoutNs: UInt64, mine: UInt64, own: inout Ending?) -> Int32 {
         // Stack storage (the standard library keeps up to 1 KiB on the stack): a synchronous
         // caller spins through here, and a heap allocation per call showed up.
         withUnsafeTemporaryAllocation(of: te_completion.self, capacity: 32) { buffer in
