@@ -121,11 +121,16 @@ products += [
     .library(name: "transport_nvlink", type: .dynamic, targets: ["GPUPlugin"]),
     .library(name: "transport_nvlink_intra", type: .dynamic, targets: ["GPUPlugin"]),
 ]
-if pluginEnabled("HIP", header: "/usr/include/hip/hip_runtime_api.h") {
+// Whether the HIP header is there reaches the C shim as a define, not `__has_include`: a changed
+// define changes the compile command, so installing or removing libamdhip64-dev rebuilds the shim
+// (a header that merely appears is invisible to the build's dependency tracking).
+let hipHeaders = pluginEnabled("HIP", header: "/usr/include/hip/hip_runtime_api.h")
+if hipHeaders {
     products.append(.library(name: "transport_hip", type: .dynamic, targets: ["GPUPlugin"]))
 }
 targets += [
-    .target(name: "CGPUShim", path: "Plugins/GPU/CGPUShim", linkerSettings: [.linkedLibrary("dl")]),
+    .target(name: "CGPUShim", path: "Plugins/GPU/CGPUShim",
+            cSettings: [.define("TE_HAVE_HIP_HEADERS", to: hipHeaders ? "1" : "0")], linkerSettings: [.linkedLibrary("dl")]),
     .target(name: "GPUPlugin", dependencies: ["CTransportABI", "CGPUShim"], path: "Plugins/GPU/GPUPlugin"),
     .testTarget(name: "GPUPluginTests", dependencies: ["GPUPlugin"], path: "Tests/GPUPluginTests"),
 ]

@@ -96,6 +96,33 @@ struct EFAPluginTests {
         }
     }
 
+    @Test("with a metadata server the plugin's handshake reaches the peer through its rpc_meta entry, not the segment name")
+    func handshakeThroughMetadataServer() throws {
+        let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
+        defer { server.stop() }
+        let url = "http://127.0.0.1:\(server.port)/metadata"
+        func engine(_ name: String) throws -> (TransferEngine, LogCapture) {
+            let (logger, capture) = TestSupport.capturingLogger()
+            let engine = try TransferEngine(configuration: EngineConfiguration(localHostname: name, metadataServer: url, protocolName: "efa"),
+                                            environment: environment(provider: "tcp;ofi_rxm", ["MC_TCP_BIND_ADDRESS": "127.0.0.1"]), logger: logger)
+            return (engine, capture)
+        }
+        let (target, _) = try engine("efa-node-a")
+        let (initiator, capture) = try engine("efa-node-b")
+        defer { initiator.shutdown(); target.shutdown() }
+        let remote = TestBuffer(1 << 20), local = TestBuffer(1 << 20), back = TestBuffer(1 << 20)
+        local.fillPattern(seed: 5)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count))
+        for buffer in [local, back] { try initiator.registerMemory(address: buffer.address, length: UInt64(buffer.count)) }
+        let handle = try initiator.openSegment("efa-node-a")
+        try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 1 << 20)
+        try initiator.transferSync(.read, localAddress: back.address, segment: handle, remoteAddress: remote.address, length: 1 << 20)
+        #expect(remote.equals(local, length: 1 << 20) && back.equals(local, length: 1 << 20))
+        // The bytes went over efa: a failed handshake would have sent them over TCP with this line.
+        let fallbacks = capture.messages(at: .info).filter { $0.contains("cannot reach") }
+        #expect(fallbacks.isEmpty, "\(fallbacks)")
+    }
+
     @Test("requests split into provider-sized pieces (MC_EFA_SLICE_SIZE=4096) reassemble into one completion each")
     func splitting() throws {
         let provider = "tcp;ofi_rxm"

@@ -143,6 +143,22 @@ struct MetadataTests {
         return (target, initiator, remote)
     }
 
+    /// Probes find peers as openSegment does, through the server's rpc_meta entry: the live
+    /// peer and the engine itself answer; an unknown name and a published peer that is gone (its
+    /// rpc_meta names a port nobody listens on) fail with the reason.
+    private func expectProbes(_ initiator: TransferEngine, store: MetadataStore, environment: [String: String]) throws {
+        let keys = MetadataKeys(environment: environment)
+        try initiator.probe(segmentName: "node-a")
+        try initiator.probe(segmentName: initiator.segmentName)
+        #expect(throws: EngineError.self) { try initiator.probe(segmentName: "node-unknown") }
+        let closed = try Socket.listen(host: "127.0.0.1", port: 0)
+        let port = closed.localAddress.port
+        closed.close()
+        try store.put(keys.rpcMeta("node-dead"), #"{"ip_or_host_name":"127.0.0.1","rpc_port":\#(port)}"#, ttlSeconds: nil)
+        #expect(throws: EngineError.self) { try initiator.probe(segmentName: "node-dead") }
+        try store.delete(keys.rpcMeta("node-dead"))
+    }
+
     /// A fresh engine ("node-c") finds node-a through `url` and reads the first 4 KiB of `remote`.
     private func expectNewEngineReads(_ remote: TestBuffer, through url: String) throws {
         let third = try TransferEngine(configuration: EngineConfiguration(localHostname: "node-c", metadataServer: url), environment: environment())
@@ -193,6 +209,7 @@ struct MetadataTests {
         let url = "http://127.0.0.1:\(server.port)/metadata"
         let (target, initiator, remote) = try transferThrough(url, environment: environment(["MC_METADATA_CLUSTER_ID": "c1"]))
         let store = try HTTPMetadataStore(url: url, timeoutMs: 2000)
+        try expectProbes(initiator, store: store, environment: environment(["MC_METADATA_CLUSTER_ID": "c1"]))
         let rpc = try JSONValue.parse(try #require(try store.get("mooncake/c1/rpc_meta/node-a")))
         #expect(rpc["rpc_port"]?.uint64Value == UInt64(target.rpcPort) && rpc["ip_or_host_name"]?.stringValue == "127.0.0.1")
         let descriptor = try SegmentDescriptor.decode(try JSONValue.parse(try #require(try store.get("mooncake/c1/ram/node-a"))))
@@ -212,6 +229,7 @@ struct MetadataTests {
         defer { target.shutdown(); initiator.shutdown() }
         let store = try RedisMetadataStore(address: "127.0.0.1:\(redis.port)", environment: [:], timeoutMs: 2000)
         #expect(try store.get("mooncake/ram/node-a") != nil)
+        try expectProbes(initiator, store: store, environment: environment())
         // Restart redis empty: the engines' refresh (every TTL/3 = 1 s) puts their keys back.
         redis.kill()
         #expect(throws: EngineError.self) { _ = try initiator.openSegment("node-c") }
@@ -234,6 +252,7 @@ struct MetadataTests {
         defer { target.shutdown(); initiator.shutdown() }
         let store = try EtcdMetadataStore(endpoints: ["127.0.0.1:\(etcd.port)"], timeoutMs: 2000)
         #expect(try store.get("mooncake/ram/node-a") != nil)
+        try expectProbes(initiator, store: store, environment: environment())
 
         // A crashed engine (SIGKILL, no cleanup): its keys go with its lease after the TTL (3 s).
         var childEnvironment = environment()

@@ -144,3 +144,30 @@ def test_remaining_methods(peer):
     assert e.batch_unregister_memory(addresses) == 0
     assert e.batch_unregister_memory(addresses) != 0
     assert e.free_managed_buffer(b, block) == 0
+
+
+def test_repeated_transfers_to_own_segment():
+    """An engine copying within its own segment, as Mooncake Store does; the second transfer once hung."""
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    name = f"127.0.0.1:{e.get_rpc_port()}"
+    a = e.allocate_managed_buffer(1 << 20)
+    b = e.allocate_managed_buffer(1 << 20)
+    for round_ in range(100):
+        data = bytes((i + round_) % 251 for i in range(4096))
+        assert e.write_bytes_to_buffer(a, data, len(data)) == 0
+        assert e.transfer_sync_write(name, a, b + round_, 4096) == 0, round_
+        assert e.read_bytes_from_buffer(b + round_, 4096) == data
+        assert e.write_bytes_to_buffer(a, bytes(4096), 4096) == 0
+        assert e.transfer_sync_read(name, a, b + round_, 4096) == 0, round_
+        assert e.read_bytes_from_buffer(a, 4096) == data
+    sources = [a + i * 1024 for i in range(8)]
+    targets = [b + (1 << 19) + i * 1024 for i in range(8)]
+    for round_ in range(20):
+        assert e.batch_transfer_sync_write(name, sources, targets, [1000] * 8) == 0, round_
+        batch = e.batch_transfer_async_read(name, sources, targets, [1000] * 8)
+        assert batch != 0 and e.get_batch_transfer_status([batch]) == 0, round_
+    assert e.read_bytes_from_buffer(b + (1 << 19), 1000) == e.read_bytes_from_buffer(a, 1000)
+    assert e.send_probe(name) == 0
+    e.free_managed_buffer(a, 1 << 20)
+    e.free_managed_buffer(b, 1 << 20)

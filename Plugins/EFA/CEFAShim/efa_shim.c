@@ -185,10 +185,17 @@ int efa_av_remove(efa_context *c, uint64_t fi_addr) {
     return fi_av_remove(c->av, &handle, 1, 0);
 }
 
+/* A write completes only once its bytes are in the target's memory (FI_DELIVERY_COMPLETE): the
+ * default completion level of some providers (tcp;ofi_rxm) is "sent", so a caller told "done"
+ * could read the target before the bytes land there. */
 ssize_t efa_post(efa_context *c, int is_write, void *local, size_t length, void *desc, uint64_t peer,
                  uint64_t remote_addr, uint64_t key, void *op_context) {
-    return is_write ? fi_write(c->ep, local, length, desc, peer, remote_addr, key, op_context)
-                    : fi_read(c->ep, local, length, desc, peer, remote_addr, key, op_context);
+    if (!is_write) return fi_read(c->ep, local, length, desc, peer, remote_addr, key, op_context);
+    struct iovec iov = { .iov_base = local, .iov_len = length };
+    struct fi_rma_iov rma = { .addr = remote_addr, .len = length, .key = key };
+    struct fi_msg_rma msg = { .msg_iov = &iov, .desc = &desc, .iov_count = 1, .addr = peer,
+                              .rma_iov = &rma, .rma_iov_count = 1, .context = op_context, .data = 0 };
+    return fi_writemsg(c->ep, &msg, FI_COMPLETION | FI_DELIVERY_COMPLETE);
 }
 
 ssize_t efa_cq_read(efa_context *c, void **op_contexts, size_t capacity, efa_failure *failure) {

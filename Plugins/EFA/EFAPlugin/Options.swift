@@ -11,7 +11,8 @@ import Musl
 struct EFAOptions {
     /// The libfabric provider: `MC_EFA_PROVIDER`, else `FI_PROVIDER`, else `efa`.
     var provider: String
-    /// Source address for IP-based providers (`MC_EFA_NODE`, else local_hostname when it is an IP literal).
+    /// Source address for IP-based providers (`MC_EFA_NODE`, else local_hostname when it is an IP literal,
+    /// else `MC_TCP_BIND_ADDRESS` when it names one address).
     var node: String?
     /// Requested devices; nil means every domain the provider offers (empty or `auto-discovery`).
     var devices: [String]?
@@ -49,6 +50,10 @@ struct EFAOptions {
             node = explicit
         } else if ipBased, let host = raw?.local_hostname.map(EFAOptions.hostPart), EFAOptions.isIPLiteral(host) {
             node = host
+        } else if ipBased, let bind = setting("MC_TCP_BIND_ADDRESS"), EFAOptions.isIPLiteral(bind), !["0.0.0.0", "::"].contains(bind) {
+            // With a metadata server local_hostname is a name, not an address: follow the
+            // engine's listeners, so peers reach both over the same interface.
+            node = bind
         } else {
             node = nil
         }

@@ -1,11 +1,12 @@
 /* HIP (ROCm) behind the gpu_* calls, bound with dlopen so one build serves
  * Debian's HIP 5 (libamdhip64.so.5) and ROCm 6 (libamdhip64.so.6). The entry
  * points are typed from Debian's hip_runtime_api.h (libamdhip64-dev), so a
- * mismatch is a compile error; without the header the hip backend is left out. */
+ * mismatch is a compile error; without the header (TE_HAVE_HIP_HEADERS=0, decided by
+ * Package.swift) the hip backend is left out. */
 #define _GNU_SOURCE
 #include "gpu_backend.h"
 
-#if __has_include(<hip/hip_runtime_api.h>)
+#if TE_HAVE_HIP_HEADERS /* set by Package.swift from the header's presence */
 #define __HIP_PLATFORM_AMD__ 1
 #include <hip/hip_runtime_api.h>
 

@@ -34,6 +34,8 @@ public final class TransferEngine: @unchecked Sendable {
     let registry = MemoryRegistry()
     private let metadataStore: MetadataStore?
     private let keys: MetadataKeys
+    /// Where a named segment's handshake port is (P2P name or the metadata server's rpc_meta).
+    private let handshakeAddresses: HandshakeAddressResolver
     let settings: Settings
     private let bindHost: String
     private let dataServer: TCPDataServer
@@ -140,6 +142,7 @@ public final class TransferEngine: @unchecked Sendable {
             metadataStore = try RedisMetadataStore(address: address, environment: environment, timeoutMs: settings.metadataTimeoutMs)
         case .etcd(let endpoints): metadataStore = try EtcdMetadataStore(endpoints: endpoints, timeoutMs: settings.metadataTimeoutMs)
         }
+        handshakeAddresses = HandshakeAddressResolver(store: metadataStore, keys: keys, budgetMs: settings.metadataTimeoutMs)
 
         let local = try HostPort.parse(configuration.localHostname)
         if let bind = environment["MC_TCP_BIND_ADDRESS"], !bind.isEmpty { bindHost = bind } else { bindHost = local.host }
@@ -151,7 +154,13 @@ public final class TransferEngine: @unchecked Sendable {
         if let warning = selection.warningLine { logger.warning("\(warning)") }
         if let notice = selection.notice { logger.info("\(notice)") }
 
-        let handshakeListener = try PortAllocator.listen(host: bindHost, range: settings.portRange)
+        // P2P: a port written in local_hostname is used when free (upstream always picks one at
+        // random); the name peers use is host:rpc_port either way, and get_rpc_port reports it.
+        let (handshakeListener, portTaken) = try PortAllocator.listen(host: bindHost, preferred: metadataStore == nil ? local.port : nil,
+                                                                      range: settings.portRange)
+        if let portTaken, let port = local.port {
+            logger.info("handshake port \(port) from local_hostname is not free (\(portTaken)); using \(handshakeListener.localAddress.port)")
+        }
         let dataListener = try PortAllocator.listen(host: bindHost, range: settings.portRange)
         rpcPort = handshakeListener.localAddress.port
         // P2P: the segment name is host:rpc_port. With a metadata server it is local_hostname as given.
@@ -165,10 +174,11 @@ public final class TransferEngine: @unchecked Sendable {
                                              protocolName: selection.effective)
             let handshakeTimeouts = HandshakeClient.Timeouts(connectMs: settings.connectTimeoutMs, replyMs: settings.handshakeReplyMs)
             let maxLength = settings.handshakeMaxLength
+            let addresses = handshakeAddresses
             plugin = try PluginTransport(plugin: loaded, protocolName: selection.effective, optionsJSON: options, logger: logger) { peer, request in
-                let target = try HostPort.parse(peer)
-                guard let port = target.port else { throw EngineError.invalidArgument("segment name '\(peer)' has no port") }
-                return try HandshakeClient.exchange(host: target.host, port: port, message: .init(kind: .connection, json: request),
+                // The plugin names the peer by segment name; with a metadata server that is a key, not an address.
+                let target = try addresses.resolve(peer)
+                return try HandshakeClient.exchange(host: target.host, port: target.port, message: .init(kind: .connection, json: request),
                                                     timeouts: handshakeTimeouts, maxLength: maxLength).json
             }
         }
@@ -217,11 +227,8 @@ public final class TransferEngine: @unchecked Sendable {
     /// Where a named segment is and what it holds: over the handshake port (P2P) or from the metadata server.
     private func locate(_ name: String) throws -> (host: String, port: UInt16, descriptor: SegmentDescriptor) {
         guard let store = metadataStore else {
-            let target = try HostPort.parse(name)
-            guard let port = target.port else {
-                throw EngineError.segmentUnavailable(name: name, reason: "P2P segment names are host:rpc_port")
-            }
-            return (target.host, port, try fetchDescriptor(host: target.host, port: port, name: name))
+            let target = try handshakeAddresses.resolve(name)
+            return (target.host, target.port, try fetchDescriptor(host: target.host, port: target.port, name: name))
         }
         do {
             return try withRetries(budgetMs: settings.metadataTimeoutMs) {
@@ -231,11 +238,8 @@ public final class TransferEngine: @unchecked Sendable {
                 guard let descriptorText = try store.get(keys.segment(name)) else {
                     throw MetadataRejection(description: "no key '\(keys.segment(name))' on \(store.serverDescription)")
                 }
-                let rpc = try JSONValue.parse(rpcText)
-                guard let host = rpc["ip_or_host_name"]?.stringValue, let port = rpc["rpc_port"]?.uint64Value, port > 0, port <= 65535 else {
-                    throw MetadataRejection(description: "malformed rpc_meta for '\(name)': \(rpcText.prefix(200))")
-                }
-                return (host, UInt16(port), try SegmentDescriptor.decode(try JSONValue.parse(descriptorText)))
+                let rpc = try HandshakeAddressResolver.decodeRPCMeta(rpcText, segment: name)
+                return (rpc.host, rpc.port, try SegmentDescriptor.decode(try JSONValue.parse(descriptorText)))
             }
         } catch {
             throw EngineError.segmentUnavailable(name: name, reason: "\(error)")
@@ -428,11 +432,13 @@ public final class TransferEngine: @unchecked Sendable {
 
     private func peer(_ handle: SegmentHandle) throws -> Peer {
         if handle == 0 {
+            // Built before taking `state`: localDescriptor takes that lock itself.
+            let descriptor = localDescriptor
             if let peer = state.withLock({ $0.peers[0] }) {
-                state.withLock { _ in peer.descriptor = localDescriptor }
+                state.withLock { _ in peer.descriptor = descriptor }
                 return peer
             }
-            let peer = Peer(name: segmentName, host: bindHost, rpcPort: rpcPort, descriptor: localDescriptor)
+            let peer = Peer(name: segmentName, host: bindHost, rpcPort: rpcPort, descriptor: descriptor)
             return state.withLock { state in
                 if let existing = state.peers[0] { return existing }
                 state.peers[0] = peer
@@ -749,11 +755,17 @@ public final class TransferEngine: @unchecked Sendable {
         }
     }
 
-    /// Sends a Probe to a segment's handshake port (liveness check, as SGLang uses it).
+    /// Sends a Probe to a segment's handshake port (liveness check, as SGLang uses it). The
+    /// port is found as for opening the segment: from the P2P name or the peer's rpc_meta entry.
     public func probe(segmentName name: String) throws {
-        let target = try HostPort.parse(name)
-        guard let port = target.port else { throw EngineError.invalidArgument("segment name '\(name)' has no port") }
-        let reply = try HandshakeClient.exchange(host: target.host, port: port, message: .init(kind: .probe, json: "{}"), timeouts: handshakeTimeouts)
+        let target = name == segmentName ? (host: bindHost, port: rpcPort) : try handshakeAddresses.resolve(name)
+        let reply: HandshakeWire.Message
+        do {
+            reply = try HandshakeClient.exchange(host: target.host, port: target.port, message: .init(kind: .probe, json: "{}"),
+                                                 timeouts: handshakeTimeouts)
+        } catch {
+            throw EngineError.segmentUnavailable(name: name, reason: "probe of \(target.host):\(target.port): \(error)")
+        }
         guard (try? JSONValue.parse(reply.json))?["status"]?.stringValue == "success" else {
             throw EngineError.transferFailed("probe of \(name) answered \(reply.json)")
         }

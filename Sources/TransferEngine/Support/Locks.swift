@@ -4,6 +4,16 @@ import Glibc
 import Musl
 #endif
 
+// Lock rules (the host library's locks are not recursive):
+// - never call, from inside a `withLock`/`withReadLock`/`withWriteLock` body, anything that takes
+//   the same lock (e.g. `TransferEngine.localDescriptor` or `peer(_:)` inside the engine's state
+//   lock): compute such values before taking the lock;
+// - never hold a lock across network I/O or a call into a plugin that may block;
+// - order, where two are held at once: a batch's or channel's own lock may be taken under the
+//   engine's state lock, never the other way round; the registry's lock is never held with another.
+// Debug builds catch a re-entry on one thread at the moment it happens (an error-checking mutex,
+// and a per-thread record for the reader-writer lock) instead of hanging.
+
 /// A mutex plus condition variable, for threads that block until state changes.
 ///
 /// Swift's `Mutex` has no condition variable; the data path blocks real
@@ -22,7 +32,15 @@ final class ConditionLock<State>: @unchecked Sendable {
         state.initialize(to: initial)
         mutex.initialize(to: pthread_mutex_t())
         condition.initialize(to: pthread_cond_t())
+        #if DEBUG
+        var mutexAttributes = pthread_mutexattr_t()
+        pthread_mutexattr_init(&mutexAttributes)
+        pthread_mutexattr_settype(&mutexAttributes, Int32(PTHREAD_MUTEX_ERRORCHECK))
+        pthread_mutex_init(mutex, &mutexAttributes)
+        pthread_mutexattr_destroy(&mutexAttributes)
+        #else
         pthread_mutex_init(mutex, nil)
+        #endif
         var attributes = pthread_condattr_t()
         pthread_condattr_init(&attributes)
         pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
@@ -42,7 +60,7 @@ final class ConditionLock<State>: @unchecked Sendable {
     /// Runs `body` with the lock held; with `notify`, wakes every waiter afterwards.
     @discardableResult
     func withLock<R>(notify: Bool = false, _ body: (inout State) throws -> R) rethrows -> R {
-        pthread_mutex_lock(mutex)
+        lock()
         defer {
             if notify { pthread_cond_broadcast(condition) }
             pthread_mutex_unlock(mutex)
@@ -52,21 +70,21 @@ final class ConditionLock<State>: @unchecked Sendable {
 
     /// Wakes one waiter (for hand-offs where any single waiter can take the work).
     func signalOne() {
-        pthread_mutex_lock(mutex)
+        lock()
         pthread_cond_signal(condition)
         pthread_mutex_unlock(mutex)
     }
 
     /// Wakes every waiter (after a change decided under an earlier lock acquisition).
     func notifyAll() {
-        pthread_mutex_lock(mutex)
+        lock()
         pthread_cond_broadcast(condition)
         pthread_mutex_unlock(mutex)
     }
 
     /// Waits until `ready` returns a value or the monotonic deadline (ns) passes.
     func wait<R>(deadline: UInt64? = nil, until ready: (inout State) -> R?) -> R? {
-        pthread_mutex_lock(mutex)
+        lock()
         defer { pthread_mutex_unlock(mutex) }
         while true {
             if let value = ready(&state.pointee) { return value }
@@ -80,6 +98,16 @@ final class ConditionLock<State>: @unchecked Sendable {
                 pthread_cond_wait(condition, mutex)
             }
         }
+    }
+}
+
+extension ConditionLock {
+    /// Takes the mutex; in debug builds a second acquisition on the same thread stops the
+    /// process with the reason instead of deadlocking.
+    @inline(__always)
+    private func lock() {
+        let rc = pthread_mutex_lock(mutex)
+        assert(rc != EDEADLK, "ConditionLock<\(State.self)> taken again by the thread that holds it (see the lock rules in Locks.swift)")
     }
 }
 
@@ -103,17 +131,56 @@ final class ReadWriteLock: @unchecked Sendable {
     }
 
     func withReadLock<R>(_ body: () throws -> R) rethrows -> R {
+        #if DEBUG
+        holders.enter(mode: "read")
+        defer { holders.leave() }
+        #endif
         pthread_rwlock_rdlock(lock)
         defer { pthread_rwlock_unlock(lock) }
         return try body()
     }
 
     func withWriteLock<R>(_ body: () throws -> R) rethrows -> R {
+        #if DEBUG
+        holders.enter(mode: "write")
+        defer { holders.leave() }
+        #endif
         pthread_rwlock_wrlock(lock)
         defer { pthread_rwlock_unlock(lock) }
         return try body()
     }
+
+    #if DEBUG
+    /// The threads holding (or about to take) this lock. A second read lock on one thread hangs
+    /// as soon as a writer queues between the two (the lock prefers writers), which a test
+    /// rarely hits; this record catches every re-entry.
+    private let holders = LockHolders()
+    #endif
 }
+
+#if DEBUG
+/// Debug-build record of which threads hold a lock, to stop on a re-entry with its reason.
+final class LockHolders: @unchecked Sendable {
+    private let table = ConditionLock<[UInt: String]>([:])
+
+    /// Records the calling thread; stops the process when it already holds the lock.
+    func enter(mode: String) {
+        let thread = UInt(pthread_self())
+        table.withLock { holders in
+            if let held = holders[thread] {
+                preconditionFailure("ReadWriteLock: \(mode) lock requested by a thread that holds its \(held) lock (see the lock rules in Locks.swift)")
+            }
+            holders[thread] = mode
+        }
+    }
+
+    /// Forgets the calling thread.
+    func leave() {
+        let thread = UInt(pthread_self())
+        table.withLock { _ = $0.removeValue(forKey: thread) }
+    }
+}
+#endif
 
 /// The monotonic clock in nanoseconds.
 public enum MonotonicClock {

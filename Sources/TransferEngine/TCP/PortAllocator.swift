@@ -7,6 +7,15 @@ import Musl
 /// Chooses listener ports the way the official engine does: random in
 /// [MC_MIN_RPC_PORT, MC_MAX_RPC_PORT] (default 15000-17000), up to 500 tries.
 enum PortAllocator {
+    /// Binds a listener on `host` at `preferred` when given and free, else at a random port of the range.
+    static func listen(host: String, preferred: UInt16?, range: ClosedRange<UInt16>) throws -> (socket: Socket, preferredTaken: Error?) {
+        guard let preferred, preferred != 0 else { return (try listen(host: host, range: range), nil) }
+        do { return (try Socket.listen(host: host, port: preferred), nil) } catch {
+            if case SocketError.resolve = error { throw error }
+            return (try listen(host: host, range: range), error)
+        }
+    }
+
     /// Binds a listener on `host` at a random port of the range.
     static func listen(host: String, range: ClosedRange<UInt16>, attempts: Int = 500) throws -> Socket {
         var lastError: Error = EngineError.invalidConfiguration("empty port range")

@@ -13,6 +13,21 @@ static int passed, failed;
 
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
 
+/* One request in its own batch, polled to completion (10 s at most): 0 when it completed. */
+static int run_one(transfer_engine_t engine, segment_id_t segment, int opcode, void *local, uint64_t remote, uint64_t length) {
+    batch_id_t batch = allocateBatchID(engine, 1);
+    if (batch == INVALID_BATCH) return -1;
+    struct transfer_request request = { opcode, local, segment, remote, length };
+    int rc = submitTransfer(engine, batch, &request, 1);
+    struct transfer_status status = { STATUS_WAITING, 0 };
+    for (double deadline = now() + 10; rc == 0 && now() < deadline; usleep(100)) {
+        if (getTransferStatus(engine, batch, 0, &status) != 0) { rc = -1; break; }
+        if (status.status != STATUS_WAITING && status.status != STATUS_PENDING) break;
+    }
+    freeBatchID(engine, batch);
+    return rc == 0 && status.status == STATUS_COMPLETED ? 0 : -1;
+}
+
 int main(void) {
     enum { SIZE = 1 << 20, BLOCK = 64 << 10 };
     /* Bad arguments first: errors, never crashes. */
@@ -82,6 +97,23 @@ int main(void) {
     freeNotifsMsgBuf(notes, count);
     CHECK(genNotifyInEngine(initiator, (uint64_t)peer, note) == 0);
     CHECK(genNotifyInEngine(initiator, 9999, note) == ERR_INVALID_ARGUMENT);
+
+    /* The engine's own segment, opened by its own name (local copies): many rounds, each checked. */
+    char *scratch = aligned_alloc(4096, BLOCK);
+    CHECK(registerLocalMemory(target, scratch, BLOCK, "cpu:0", 1) == 0);
+    segment_id_t self = openSegment(target, name);
+    CHECK(self == 0);
+    int self_ok = 0;
+    for (int round = 0; round < 20; round++) {
+        for (int i = 0; i < 4096; i++) scratch[i] = (char)(i + round);
+        int wrote = run_one(target, self, OPCODE_WRITE, scratch, (uint64_t)(uintptr_t)(remote + round * 8), 4096) == 0;
+        memset(scratch, 0, 4096);
+        int read = run_one(target, self, OPCODE_READ, scratch, (uint64_t)(uintptr_t)(remote + round * 8), 4096) == 0;
+        if (wrote && read && scratch[0] == (char)round && scratch[4095] == (char)(4095 + round)) self_ok++;
+    }
+    CHECK(self_ok == 20);
+    CHECK(unregisterLocalMemory(target, scratch) == 0);
+    free(scratch);
 
     CHECK(freeBatchID(initiator, batch) == 0);
     CHECK(freeBatchID(initiator, batch) == STATUS_CODE_INVALID_ARGUMENT);
