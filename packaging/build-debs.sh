@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds the Debian packages from this checkout:
-#   transfer-engine_<version>_<arch>.deb                 CLI, C API library + header, Python package, Swift runtime
+#   transfer-engine_<version>_<arch>.deb                 CLI, C API library (SONAME libtransfer_engine_c.so.0),
+#                                                        Swift runtime, metadata-server systemd unit (disabled)
+#   transfer-engine-dev_<version>_<arch>.deb             C header, libtransfer_engine_c.so link, pkg-config file
+#   python3-transfer-engine_<version>_all.deb            the Python package
 #   transfer-engine-plugin-<protocol>_<version>_<arch>.deb  one per transport plugin that built here
 # into out/debs/ (or $1). The version comes from Sources/TransferEngine/Support/Version.swift.
 # Needs: the Swift toolchain, dpkg-dev (dpkg-shlibdeps), patchelf, file; lintian runs when installed.
@@ -77,7 +80,9 @@ write_docs() {  # stage package
 build_deb() {  # stage package depends short-description long-description [architecture]
     local stage=$1 package=$2 architecture=${6:-$arch}
     mkdir -p "$stage/DEBIAN"
-    (cd "$stage" && find usr -type f -print0 | sort -z | xargs -0 md5sum > DEBIAN/md5sums)
+    # Conffiles (under etc/) are listed as such, not in md5sums.
+    (cd "$stage" && find usr lib -type f -print0 2>/dev/null | sort -z | xargs -0 -r md5sum > DEBIAN/md5sums)
+    if [ -d "$stage/etc" ]; then (cd "$stage" && find etc -type f | sort | sed 's|^|/|') > "$stage/DEBIAN/conffiles"; fi
     {
         echo "Package: $package"
         echo "Version: $version"
@@ -99,11 +104,15 @@ build_deb() {  # stage package depends short-description long-description [archi
 
 echo "== staging the host package"
 host=$work/transfer-engine
-mkdir -p "$host/usr/bin" "$host/$private/swift" "$host/$private/plugins" "$host/usr/include/transfer-engine" \
-    "$host/usr/share/man/man1"
+soname=libtransfer_engine_c.so.0
+mkdir -p "$host/usr/bin" "$host/$private/swift" "$host/$private/plugins" "$host/usr/share/man/man1" \
+    "$host/lib/systemd/system" "$host/etc/transfer-engine"
 install -m 0755 "$bin/transfer-engine" "$host/usr/bin/transfer-engine"
-install -m 0644 "$bin/libtransfer_engine_c.so" "$host/$private/libtransfer_engine_c.so"
-install -m 0644 Sources/CTransferEngineC/include/transfer_engine_c.h "$host/usr/include/transfer-engine/"
+install -m 0644 "$bin/libtransfer_engine_c.so" "$host/$private/$soname"
+patchelf --set-soname "$soname" "$host/$private/$soname"
+# The metadata server as a service, installed disabled (no maintainer script enables it).
+install -m 0644 packaging/systemd/transfer-engine-metadata.service "$host/lib/systemd/system/"
+install -m 0644 packaging/etc/metadata-server.env "$host/etc/transfer-engine/"
 plugins=("$bin"/libtransport_*.so)
 for lib in $(runtime_closure "$bin/transfer-engine" "$bin/libtransfer_engine_c.so" "${plugins[@]}"); do
     install -m 0644 "$toolchain_lib/$lib" "$host/$private/swift/$lib"
@@ -111,16 +120,38 @@ for lib in $(runtime_closure "$bin/transfer-engine" "$bin/libtransfer_engine_c.s
 done
 fix_elf "$host/usr/bin/transfer-engine" '$ORIGIN/../lib/transfer-engine/swift'
 chmod 0755 "$host/usr/bin/transfer-engine"
-fix_elf "$host/$private/libtransfer_engine_c.so" '$ORIGIN/swift'
+fix_elf "$host/$private/$soname" '$ORIGIN/swift'
 # The manual page comes from the CLI's own --help text (swift-argument-parser's generate-manual).
 mkdir -p "$work/man"
 swift package --allow-writing-to-directory "$work/man" generate-manual --output-directory "$work/man" >/dev/null
 sed '/^$/d' "$work/man/transfer-engine.1" | gzip -9n > "$host/usr/share/man/man1/transfer-engine.1.gz"
 write_docs "$host" transfer-engine
-depends=$(shlib_depends "$host" "$host/usr/bin/transfer-engine" "$host/$private/libtransfer_engine_c.so" "$host/$private/swift/"*.so)
+depends=$(shlib_depends "$host" "$host/usr/bin/transfer-engine" "$host/$private/$soname" "$host/$private/swift/"*.so)
 build_deb "$host" transfer-engine "$depends" \
     "Mooncake-compatible transfer engine (host, CLI, C API)" \
-    "Moves memory between processes and machines for LLM inference systems (KV-cache transfer), compatible with the Mooncake Transfer Engine's TCP wire format, metadata and APIs. TCP is built in; hardware transports come as separate transfer-engine-plugin-<protocol> packages found in /usr/lib/transfer-engine/plugins. Contains the transfer-engine command, the C API library and header, and the Swift runtime libraries they need (in a private directory)."
+    "Moves memory between processes and machines for LLM inference systems (KV-cache transfer), compatible with the Mooncake Transfer Engine's TCP wire format, metadata and APIs. TCP is built in; hardware transports come as separate transfer-engine-plugin-<protocol> packages found in /usr/lib/transfer-engine/plugins. Contains the transfer-engine command, the C API library, the Swift runtime libraries they need (in a private directory) and a systemd unit for the HTTP metadata server (transfer-engine-metadata, disabled until enabled; settings in /etc/transfer-engine/metadata-server.env)."
+
+echo "== staging transfer-engine-dev"
+dev=$work/transfer-engine-dev
+multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH)
+mkdir -p "$dev/usr/include/transfer-engine" "$dev/$private" "$dev/usr/lib/$multiarch/pkgconfig"
+install -m 0644 Sources/CTransferEngineC/include/transfer_engine_c.h "$dev/usr/include/transfer-engine/"
+ln -s "$soname" "$dev/$private/libtransfer_engine_c.so"
+cat > "$dev/usr/lib/$multiarch/pkgconfig/transfer-engine.pc" <<PC
+prefix=/usr
+includedir=\${prefix}/include/transfer-engine
+libdir=\${prefix}/lib/transfer-engine
+
+Name: transfer-engine
+Description: C API of the Mooncake-compatible transfer engine (transfer_engine_c.h)
+Version: $version
+Cflags: -I\${includedir}
+Libs: -L\${libdir} -Wl,-rpath,\${libdir} -ltransfer_engine_c
+PC
+write_docs "$dev" transfer-engine-dev
+build_deb "$dev" transfer-engine-dev "transfer-engine (= $version)" \
+    "Mooncake-compatible transfer engine (C development files)" \
+    "The C API header transfer_engine_c.h (upstream's names, types and return codes), the libtransfer_engine_c.so link for the linker and a pkg-config file: cc prog.c \$(pkg-config --cflags --libs transfer-engine)."
 
 echo "== staging python3-transfer-engine"
 python=$work/python3-transfer-engine
@@ -129,7 +160,7 @@ install -m 0644 python/transfer_engine/*.py "$python/usr/lib/python3/dist-packag
 write_docs "$python" python3-transfer-engine
 build_deb "$python" python3-transfer-engine "python3, transfer-engine (= $version)" \
     "Python binding of the Swift transfer engine" \
-    "The transfer_engine module: a TransferEngine class with the methods of mooncake.engine.TransferEngine, over the engine's C API library (/usr/lib/transfer-engine/libtransfer_engine_c.so)." all
+    "The transfer_engine module: a TransferEngine class with the methods of mooncake.engine.TransferEngine, over the engine's C API library (/usr/lib/transfer-engine/libtransfer_engine_c.so.0)." all
 
 for plugin in "${plugins[@]}"; do
     name=$(basename "$plugin" .so)

@@ -59,6 +59,37 @@ for elf in $(in_root sh -c 'find /usr/bin/transfer-engine /usr/lib/transfer-engi
     if in_root sh -c "ldd $elf" | grep -q "not found"; then fail "$elf has unresolved libraries"; fi
 done
 
+echo "== the C API: SONAME, header, link and pkg-config file (transfer-engine-dev)"
+readelf -d "$root/usr/lib/transfer-engine/libtransfer_engine_c.so.0" | grep -q "SONAME.*\[libtransfer_engine_c.so.0\]" || fail "no SONAME libtransfer_engine_c.so.0"
+[ "$(readlink "$root/usr/lib/transfer-engine/libtransfer_engine_c.so")" = libtransfer_engine_c.so.0 ] || fail "no libtransfer_engine_c.so link"
+# Built here with the installed -dev files (the root has no compiler), run in the root: the program
+# must find libtransfer_engine_c.so.0 by its SONAME and create an engine.
+cat > "$root/tmp/capi.c" <<'C'
+#include <transfer_engine_c.h>
+#include <stdio.h>
+int main(void) {
+    transfer_engine_t engine = createTransferEngine("P2PHANDSHAKE", "127.0.0.1", NULL, 0, 0);
+    if (!engine) return 1;
+    destroyTransferEngine(engine);
+    puts("C API: engine created and destroyed");
+    return 0;
+}
+C
+cc -o "$root/tmp/capi" "$root/tmp/capi.c" $(PKG_CONFIG_SYSROOT_DIR="$root" PKG_CONFIG_LIBDIR="$root/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH)/pkgconfig" \
+    pkg-config --cflags --libs transfer-engine) -Wl,-rpath,/usr/lib/transfer-engine || fail "compiling against transfer-engine-dev"
+readelf -d "$root/tmp/capi" | grep -q "NEEDED.*\[libtransfer_engine_c.so.0\]" || fail "a program linked with -ltransfer_engine_c does not need the SONAME"
+in_root /tmp/capi || fail "a C program against the installed library"
+
+echo "== the metadata server's systemd unit: installed, disabled, its command serves"
+unit=$root/lib/systemd/system/transfer-engine-metadata.service
+[ -f "$unit" ] && [ -f "$root/etc/transfer-engine/metadata-server.env" ] || fail "unit or its settings missing"
+! ls "$root"/etc/systemd/system/*/transfer-engine-metadata.service >/dev/null 2>&1 || fail "the unit is enabled by default"
+grep -qx /etc/transfer-engine/metadata-server.env "$root/var/lib/dpkg/info/transfer-engine.conffiles" || fail "settings not a conffile"
+# The unit's own command line, with its own settings file, as systemd would run it.
+exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
+in_root sh -c "set -a; . /etc/transfer-engine/metadata-server.env; set +a; TE_METADATA_PORT=0; timeout 5 $exec_start" > /tmp/te-meta.txt 2>&1 || true
+grep -q "^READY metadata-server http://127.0.0.1:" /tmp/te-meta.txt || { cat /tmp/te-meta.txt; fail "the unit's command did not serve"; }
+
 echo "== transfer-engine plugins"
 in_root transfer-engine plugins | tee /tmp/te-plugins.txt
 grep -q "^efa .*/usr/lib/transfer-engine/plugins/libtransport_efa.so" /tmp/te-plugins.txt || fail "efa plugin not listed"

@@ -3,40 +3,49 @@
 # two engine processes (TCP, P2PHANDSHAKE), beside reference figures measured in the
 # same run, then print every result as a ratio to its reference.
 #
-#   scripts/bench.sh                  # about two minutes
+#   scripts/bench.sh                  # about ten minutes with the guests (root), two without
+#   scripts/bench.sh --quick          # every case once, briefly (CI runs this before the tests)
 #   scripts/bench.sh --duration 3     # extra arguments go to `transfer-engine bench`
 #
 # References: iperf3 single stream; raw libfabric RMA over tcp;ofi_rxm and shm (when
 # libfabric-dev and ../shared/reference/probes/fi_rma_probe.c are present), for the TCP
 # transport and the efa plugin over those providers; the official Mooncake engine
 # (PyPI wheel, installed into .build-interop-venv unless TE_SKIP_OFFICIAL=1).
-# Output: tables on stdout, out/*.json.
+# Output: tables on stdout, out/*.json, and out/transports.txt (which transports ran, and why
+# the others did not), which the summary prints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+quick=0
+args=()
+for a in "$@"; do
+    if [ "$a" = --quick ]; then quick=1; else args+=("$a"); fi
+done
+set -- ${args[@]+"${args[@]}"}
 mkdir -p out
 rm -f out/*.json out/*.txt
-
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    missing=()
-    command -v iperf3 >/dev/null || missing+=(iperf3)
-    command -v cc >/dev/null || missing+=(gcc libc6-dev)
-    command -v python3 >/dev/null || missing+=(python3 python3-venv)
-    command -v fio >/dev/null || missing+=(fio)   # the nvmeof guest benchmark's reference
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "== installing ${missing[*]}"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+# Quick mode: every case, each briefly (seconds per case for bench, perftest and fio iterations).
+if [ $quick = 1 ]; then
+    export TE_DURATION=0.3 TE_QUICK=1 TE_FIO_SECONDS=1 RXE_VM_ENV="${RXE_VM_ENV:-} TE_DURATION TE_QUICK TE_FIO_SECONDS"
+    set -- --duration 0.3 "$@"
 fi
+iperf_seconds=$([ $quick = 1 ] && echo 1 || echo 3)
+official_seconds=$([ $quick = 1 ] && echo 0.3 || echo 2)
+
+# Which transports ran (and why the others did not), for the summary.
+status() { echo "$1|$2" >> out/transports.txt; }
+
+scripts/setup.sh
 
 echo "== building (release)"
 swift build -c release --manifest-cache none 2>&1 | grep -E "error|warning:|Build complete" | tail -3
 bin=$(swift build -c release --show-bin-path)/transfer-engine
+built() { [ -f "$(dirname "$bin")/libtransport_$1.so" ]; }
 
 if command -v iperf3 >/dev/null; then
     echo "== reference: iperf3, one stream over loopback (3 s)"
     iperf3 -s -1 -B 127.0.0.1 -p 15999 >/dev/null 2>&1 &
     sleep 0.5
-    iperf3 -c 127.0.0.1 -p 15999 -t 3 -J > out/iperf3.json || true
+    iperf3 -c 127.0.0.1 -p 15999 -t "$iperf_seconds" -J > out/iperf3.json || true
     wait || true
 fi
 
@@ -57,43 +66,57 @@ if [ "${TE_SKIP_OFFICIAL:-0}" != 1 ]; then
     fi
     if "$venv/bin/python" -c "import mooncake.engine" 2>/dev/null; then
         echo "== reference: the official Mooncake engine, TCP, official initiator and target"
-        timeout 300 "$venv/bin/python" scripts/official_bench.py --duration 2 2>/dev/null | tee out/official.txt | grep -v '^{' || true
+        timeout 300 "$venv/bin/python" scripts/official_bench.py --duration "$official_seconds" 2>/dev/null | tee out/official.txt | grep -v '^{' || true
         grep '^{' out/official.txt > out/official.json || rm -f out/official.json
     fi
 fi
 
 echo "== transfer-engine bench --loopback"
 "$bin" bench --loopback --json out/bench.json "$@"
+status tcp "ran"
 echo "== transfer-engine bench --loopback, 8 MiB working set (the libfabric probe's buffer size)"
 "$bin" bench --loopback --json out/bench-ws8.json --working-set 8MiB --block-sizes 4KiB,64KiB,1MiB,4MiB --batch-sizes 64 --no-reference "$@"
 
 echo "== transfer-engine bench --loopback --protocol shm (same-host plugin), with memcpy as the ceiling"
 "$bin" bench --loopback --protocol shm --json out/bench-shm.json --memcpy-reference --no-reference \
-    --block-sizes 4KiB,64KiB,1MiB,64MiB --batch-sizes 1,64 "$@" || echo "(shm plugin unavailable)"
+    --block-sizes 4KiB,64KiB,1MiB,64MiB --batch-sizes 1,64 "$@" && status shm "ran" || { echo "(shm plugin unavailable)"; status shm "failed (see the log above)"; }
 
 if [ -f "$(dirname "$bin")/libtransport_efa.so" ]; then
     for provider in 'tcp;ofi_rxm' shm; do
         tag=${provider%%;*}
         echo "== transfer-engine bench --loopback --protocol efa over libfabric $provider (the probe's sizes, 64 in flight, 8 MiB working set)"
         MC_EFA_PROVIDER=$provider "$bin" bench --loopback --protocol efa --json "out/bench-efa-$tag.json" --working-set 8MiB \
-            --block-sizes 4KiB,64KiB,1MiB,4MiB --batch-sizes 64 --no-reference "$@" || echo "(efa over $provider unavailable)"
+            --block-sizes 4KiB,64KiB,1MiB,4MiB --batch-sizes 64 --no-reference "$@" && status "efa over $provider" "ran" ||
+            { echo "(efa over $provider unavailable)"; status "efa over $provider" "failed (see the log above)"; }
     done
+else
+    status "efa" "not run: libtransport_efa.so was not built (install libfabric-dev, then rebuild)"
 fi
 
-if [ "$(id -u)" = 0 ] && [ -f "$(dirname "$bin")/libtransport_rdma.so" ] && [ "${TE_SKIP_VM:-0}" != 1 ]; then
-    echo "== rdma in the soft-RoCE guest: perftest and transfer-engine bench in the same boot (TE_SKIP_VM=1 skips)"
-    TE_BIN=$(dirname "$bin") scripts/vm/run-in-rxe-guest.sh -t 600 --script scripts/vm/rdma-bench.sh | grep -v '^\[rxe-vm' || echo "(rdma guest benchmark failed)"
-fi
-
-if [ "$(id -u)" = 0 ] && [ -f "$(dirname "$bin")/libtransport_cxl.so" ] && [ "${TE_SKIP_VM:-0}" != 1 ]; then
-    echo "== cxl on QEMU's emulated CXL device: memcpy on /dev/dax0.0 and transfer-engine bench in the same boot"
-    TE_BIN=$(dirname "$bin") scripts/vm/cxl-bench.sh || echo "(cxl guest benchmark failed)"
-fi
-
-if [ "$(id -u)" = 0 ] && [ -f "$(dirname "$bin")/libtransport_nvmeof.so" ] && [ "${TE_SKIP_VM:-0}" != 1 ]; then
-    echo "== nvmeof on a kernel NVMe/RDMA target over rxe in the guest: fio and transfer-engine bench on the same namespace, same boot"
-    TE_BIN=$(dirname "$bin") scripts/vm/nvmeof-bench.sh || echo "(nvmeof guest benchmark failed)"
-fi
+# A guest benchmark: runs when its plugin was built, as root, unless TE_SKIP_VM=1; it ran when it
+# wrote its JSON.
+guest_bench() {  # name plugin json title command...
+    local name=$1 plugin=$2 json=$3 title=$4
+    shift 4
+    if ! built "$plugin"; then status "$name" "not run: libtransport_$plugin.so was not built (install its -dev package; scripts/setup.sh lists it)"; return; fi
+    if [ "${TE_SKIP_VM:-0}" = 1 ]; then status "$name" "not run: TE_SKIP_VM=1"; return; fi
+    if [ "$(id -u)" != 0 ]; then status "$name" "not run: the QEMU guest needs root"; return; fi
+    echo "== $title"
+    "$@" || true
+    if [ -f "$json" ]; then status "$name" "ran"; else echo "($name guest benchmark failed)"; status "$name" "failed (see the log above)"; fi
+}
+rdma_guest() { TE_BIN=$(dirname "$bin") scripts/vm/run-in-rxe-guest.sh -t 600 --script scripts/vm/rdma-bench.sh | grep -v '^\[rxe-vm'; }
+guest_bench "rdma (soft-RoCE guest)" rdma out/bench-rdma.json \
+    "rdma in the soft-RoCE guest: perftest and transfer-engine bench in the same boot (TE_SKIP_VM=1 skips)" rdma_guest
+guest_bench "cxl (emulated CXL device)" cxl out/bench-cxl.json \
+    "cxl on QEMU's emulated CXL device: memcpy on /dev/dax0.0 and transfer-engine bench in the same boot" \
+    env TE_BIN="$(dirname "$bin")" scripts/vm/cxl-bench.sh
+guest_bench "nvmeof (NVMe/RDMA guest)" nvmeof out/bench-nvmeof.json \
+    "nvmeof on a kernel NVMe/RDMA target over rxe in the guest: fio and transfer-engine bench on the same namespace, same boot" \
+    env TE_BIN="$(dirname "$bin")" scripts/vm/nvmeof-bench.sh
+for gpu in nvlink nvlink_intra hip; do
+    status "$gpu" "not run: no GPU benchmark on this machine (scripts/device/gpu-check.sh runs one where a GPU is)"
+done
 
 echo "== summary"
 python3 scripts/bench_summary.py out

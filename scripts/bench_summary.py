@@ -170,3 +170,12 @@ widths = [max(len(x[i]) for x in rows + [("measure", "ours", "reference", "ratio
 for line in [("measure", "ours", "reference", "ratio")] + rows:
     print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)))
 print("ratio > 1 means this engine is ahead of the reference (for latency: lower is better).")
+
+# Which transports this run measured, and why the others were not (written by scripts/bench.sh).
+status_path = os.path.join(out, "transports.txt")
+if os.path.exists(status_path):
+    print()
+    print("transports:")
+    for line in open(status_path):
+        name, _, state = line.rstrip("\n").partition("|")
+        print(f"  {name:28} {state}")

@@ -12,33 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v swift >/dev/null || { echo "error: swift is not on PATH (Swift 6 toolchain expected, e.g. /opt/swift/usr/bin)" >&2; exit 1; }
-# Debian packages the tests use: a C compiler (ABI fixtures), redis-server and etcd (metadata
-# tests), libfabric-dev (the efa plugin builds against it; its tests use libfabric's software providers).
-need=()
-command -v cc >/dev/null || need+=(gcc libc6-dev)
-command -v redis-server >/dev/null || need+=(redis-server)
-command -v etcd >/dev/null || need+=(etcd-server)
-[ -f /usr/include/rdma/fabric.h ] || need+=(libfabric-dev)
-[ -f /usr/include/infiniband/verbs.h ] || need+=(libibverbs-dev)
-[ -f /usr/include/daxctl/libdaxctl.h ] || need+=(libdaxctl-dev)
-[ -f /usr/include/cxl/libcxl.h ] || need+=(libcxl-dev)
-command -v cxl >/dev/null || need+=(ndctl)     # cxl/ndctl tools: the CXL guest test makes /dev/dax0.0 with them
-[ -f /usr/include/libnvme.h ] || need+=(libnvme-dev)
-command -v nvme >/dev/null || need+=(nvme-cli)  # the NVMe-oF guest test makes the host NQN with it
-[ -f /usr/include/hip/hip_runtime_api.h ] || need+=(libamdhip64-dev)  # the hip plugin's entry points are typed from it
-# The packaging test (packaging/test-debs.sh): build tools for .debs and a Debian root to install them in.
-if [ "${TE_SKIP_PACKAGING:-0}" != 1 ]; then
-    for tool in debootstrap patchelf lintian file; do command -v $tool >/dev/null || need+=($tool); done
-    command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
-fi
-if [ ${#need[@]} -gt 0 ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "== installing ${need[*]}"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    else
-        echo "warning: missing ${need[*]} (install them as root with apt-get); dependent tests will be skipped" >&2
-    fi
-fi
+# The packages the build and the tests use (plugins' -dev packages, etcd, redis, packaging tools),
+# installed before anything is built; without root it lists what is missing and what is skipped.
+scripts/setup.sh
 command -v cc >/dev/null || { echo "error: a C compiler (cc) is needed to build the ABI fixture plugins: apt-get install gcc libc6-dev" >&2; exit 1; }
 
 wheel="mooncake-transfer-engine-non-cuda==0.3.13.post1"
@@ -63,6 +39,9 @@ fi
 [ -f /usr/include/daxctl/libdaxctl.h ] && [ -f /usr/include/cxl/libcxl.h ] && export TE_REQUIRE_CXL=1
 [ -f /usr/include/libnvme.h ] && export TE_REQUIRE_NVMEOF=1
 [ -f /usr/include/hip/hip_runtime_api.h ] && export TE_REQUIRE_HIP=1
+
+# A plugin's optional support follows the headers installed now (root, libamdhip64-dev).
+scripts/check-feature-detection.sh
 
 swift test --manifest-cache none "$@"
 

@@ -33,7 +33,8 @@ def _find_library():
     repo = os.path.dirname(os.path.dirname(here))
     for config in ("release", "debug"):
         candidates.append(os.path.join(repo, ".build", config, "libtransfer_engine_c.so"))
-    candidates.append("/usr/lib/transfer-engine/libtransfer_engine_c.so")
+    # The Debian package's library (SONAME libtransfer_engine_c.so.0; the unversioned link is in -dev).
+    candidates.append("/usr/lib/transfer-engine/libtransfer_engine_c.so.0")
     for path in candidates:
         if os.path.exists(path):
             return path

@@ -16,7 +16,7 @@ set -u
 bash scripts/vm/cxl-setup.sh || exit \$?
 out/dax_memcpy /dev/dax0.0 | tee out/dax-memcpy.txt
 MC_STRICT_PROTOCOL=1 MC_TRANSPORT_PLUGIN_PATH=\$PWD/$bin $bin/transfer-engine bench --loopback --protocol cxl --buffer-size 96MiB \
-    --block-sizes 4KiB,1MiB,64MiB --batch-sizes 1 --duration 1 --no-reference --local-heap --json out/bench-cxl.json 2>&1 | grep -E "^(op|write|read|-----)"
+    --block-sizes 4KiB,1MiB,64MiB --batch-sizes 1 --duration ${TE_DURATION:-1} --no-reference --local-heap --json out/bench-cxl.json 2>&1 | grep -E "^(op|write|read|-----)"
 INNER
 RXE_VM_MACHINE='q35,cxl=on,cxl-fmw.0.targets.0=cxl.1,cxl-fmw.0.size=4G' RXE_VM_EXTRA_QEMU="$(cat scripts/vm/cxl-qemu-args)" \
     scripts/vm/run-in-rxe-guest.sh -t 600 --script "$inner" 2>&1 | grep -v '^\[rxe-vm'

@@ -23,10 +23,11 @@ pair() { # output-file command args... (server, then client to $IP)
 echo "== perftest on $DEV (GID index $GIDX)"
 for size in 65536 1048576; do
     n=$((size > 65536 ? 300 : 2000))
+    [ "${TE_QUICK:-0}" = 1 ] && n=$((n / 10))  # scripts/bench.sh --quick
     echo -n "ib_write_bw $size: "; pair out/perftest-write-bw-$size.txt ib_write_bw -d "$DEV" -x "$GIDX" -s $size -n $n --report_gbits -F
     echo -n "ib_read_bw $size: "; pair out/perftest-read-bw-$size.txt ib_read_bw -d "$DEV" -x "$GIDX" -s $size -n $n --report_gbits -F
 done
-echo -n "ib_write_lat 4096: "; pair out/perftest-write-lat-4096.txt ib_write_lat -d "$DEV" -x "$GIDX" -s 4096 -n 2000 -F
+echo -n "ib_write_lat 4096: "; pair out/perftest-write-lat-4096.txt ib_write_lat -d "$DEV" -x "$GIDX" -s 4096 -n $([ "${TE_QUICK:-0}" = 1 ] && echo 200 || echo 2000) -F
 echo "== transfer-engine bench --protocol rdma ($BIN)"
 MC_STRICT_PROTOCOL=1 MC_TRANSPORT_PLUGIN_PATH=$PWD/$BIN timeout 600 "$BIN/transfer-engine" bench --loopback --protocol rdma \
     --block-sizes 4KiB,64KiB,1MiB --batch-sizes 1,64 --duration ${TE_DURATION:-2} --working-set 8MiB --no-reference \

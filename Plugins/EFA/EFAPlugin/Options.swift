@@ -11,8 +11,8 @@ import Musl
 struct EFAOptions {
     /// The libfabric provider: `MC_EFA_PROVIDER`, else `FI_PROVIDER`, else `efa`.
     var provider: String
-    /// Source address for IP-based providers (`MC_EFA_NODE`, else local_hostname when it is an IP literal,
-    /// else `MC_TCP_BIND_ADDRESS` when it names one address).
+    /// Source address for IP-based providers (`MC_EFA_NODE`, else `MC_TCP_BIND_ADDRESS` when it names
+    /// one address, else local_hostname when it is an IP literal), as the engine binds its listeners.
     var node: String?
     /// Requested devices; nil means every domain the provider offers (empty or `auto-discovery`).
     var devices: [String]?
@@ -48,12 +48,13 @@ struct EFAOptions {
         let ipBased = ["tcp", "sockets", "udp", "verbs"].contains { provider.contains($0) }
         if let explicit = setting("MC_EFA_NODE") {
             node = explicit
+        } else if ipBased, let bind = setting("MC_TCP_BIND_ADDRESS"), EFAOptions.isIPLiteral(bind), !["0.0.0.0", "::"].contains(bind) {
+            // The engine's listeners bind here (before local_hostname, as the engine decides), so
+            // peers reach both over the same interface; with a metadata server local_hostname
+            // is often a name, not an address.
+            node = bind
         } else if ipBased, let host = raw?.local_hostname.map(EFAOptions.hostPart), EFAOptions.isIPLiteral(host) {
             node = host
-        } else if ipBased, let bind = setting("MC_TCP_BIND_ADDRESS"), EFAOptions.isIPLiteral(bind), !["0.0.0.0", "::"].contains(bind) {
-            // With a metadata server local_hostname is a name, not an address: follow the
-            // engine's listeners, so peers reach both over the same interface.
-            node = bind
         } else {
             node = nil
         }

@@ -123,6 +123,10 @@ public final class TransferEngine: @unchecked Sendable {
         var managed: [UInt64: (length: UInt64, fromPlugin: Bool)] = [:]
         var bufferFragments: [UInt64: [String: JSONValue]] = [:]
         var stopped = false
+        /// Bumped by every registration change: the own segment's cached descriptor is replaced
+        /// only by one built at the same or a later generation (two threads may rebuild it at once).
+        var registrationGeneration: UInt64 = 0
+        var selfDescriptorGeneration: UInt64 = 0
     }
 
     /// Starts an engine: validates the configuration, binds the handshake and
@@ -174,10 +178,9 @@ public final class TransferEngine: @unchecked Sendable {
                                              protocolName: selection.effective)
             let handshakeTimeouts = HandshakeClient.Timeouts(connectMs: settings.connectTimeoutMs, replyMs: settings.handshakeReplyMs)
             let maxLength = settings.handshakeMaxLength
-            let addresses = handshakeAddresses
-            plugin = try PluginTransport(plugin: loaded, protocolName: selection.effective, optionsJSON: options, logger: logger) { peer, request in
-                // The plugin names the peer by segment name; with a metadata server that is a key, not an address.
-                let target = try addresses.resolve(peer)
+            plugin = try PluginTransport(plugin: loaded, protocolName: selection.effective, optionsJSON: options, logger: logger) { [weak self] peer, request in
+                guard let self else { throw EngineError.invalidArgument("the engine is shutting down") }
+                let target = try self.handshakeAddress(of: peer)
                 return try HandshakeClient.exchange(host: target.host, port: target.port, message: .init(kind: .connection, json: request),
                                                     timeouts: handshakeTimeouts, maxLength: maxLength).json
             }
@@ -201,6 +204,17 @@ public final class TransferEngine: @unchecked Sendable {
             }
         }
         logger.info("engine ready: segment \(segmentName), protocol \(selection.effective), data port \(dataPort), bound to \(bindHost)")
+    }
+
+    /// The handshake address of a segment named by a plugin: this engine's own listener, an
+    /// opened peer's known address, else a lookup (P2P name or the metadata server's rpc_meta).
+    private func handshakeAddress(of name: String) throws -> (host: String, port: UInt16) {
+        if name == segmentName { return (bindHost, rpcPort) }
+        let known: (host: String, port: UInt16)? = state.withLock { state in
+            guard let handle = state.handles[name], let peer = state.peers[handle] else { return nil }
+            return (peer.host, peer.rpcPort)
+        }
+        return try known ?? handshakeAddresses.resolve(name)
     }
 
     /// Writes our rpc_meta entry and segment descriptor to the metadata server (with retries).
@@ -291,6 +305,7 @@ public final class TransferEngine: @unchecked Sendable {
     /// `location` is Mooncake's memory location ("cpu:0", "cuda:1", "*").
     public func registerMemory(address: UInt64, length: UInt64, location: String = "*") throws {
         try registry.register(address: address, length: length, location: location)
+        state.withLock { $0.registrationGeneration += 1 }
         do {
             if let plugin {
                 let fragment = try plugin.register(address: address, length: length, location: location)
@@ -309,6 +324,7 @@ public final class TransferEngine: @unchecked Sendable {
     /// Unregisters the buffer starting at `address`; returns after in-flight peer access to it ended.
     public func unregisterMemory(address: UInt64) throws {
         try registry.unregister(address: address)
+        state.withLock { $0.registrationGeneration += 1 }
         state.withLock { _ = $0.bufferFragments.removeValue(forKey: address) }
         try plugin?.unregister(address: address)
         do { try republishDescriptor() } catch {
@@ -432,16 +448,22 @@ public final class TransferEngine: @unchecked Sendable {
 
     private func peer(_ handle: SegmentHandle) throws -> Peer {
         if handle == 0 {
-            // Built before taking `state`: localDescriptor takes that lock itself.
+            // Built before taking `state` (localDescriptor takes that lock itself), from the
+            // registrations of `generation` or later; a slower thread's older build never
+            // replaces a newer one.
+            let generation = state.withLock { $0.registrationGeneration }
             let descriptor = localDescriptor
-            if let peer = state.withLock({ $0.peers[0] }) {
-                state.withLock { _ in peer.descriptor = descriptor }
-                return peer
-            }
-            let peer = Peer(name: segmentName, host: bindHost, rpcPort: rpcPort, descriptor: descriptor)
             return state.withLock { state in
-                if let existing = state.peers[0] { return existing }
-                state.peers[0] = peer
+                guard let peer = state.peers[0] else {
+                    let peer = Peer(name: segmentName, host: bindHost, rpcPort: rpcPort, descriptor: descriptor)
+                    state.peers[0] = peer
+                    state.selfDescriptorGeneration = generation
+                    return peer
+                }
+                if generation >= state.selfDescriptorGeneration {
+                    peer.descriptor = descriptor
+                    state.selfDescriptorGeneration = generation
+                }
                 return peer
             }
         }

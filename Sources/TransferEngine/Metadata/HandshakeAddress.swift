@@ -25,8 +25,6 @@ struct HandshakeAddressResolver: Sendable {
                 }
                 return try Self.decodeRPCMeta(text, segment: name)
             }
-        } catch let error as EngineError {
-            throw error
         } catch {
             throw EngineError.segmentUnavailable(name: name, reason: "\(error)")
         }

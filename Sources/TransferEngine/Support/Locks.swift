@@ -8,7 +8,10 @@ import Musl
 // - never call, from inside a `withLock`/`withReadLock`/`withWriteLock` body, anything that takes
 //   the same lock (e.g. `TransferEngine.localDescriptor` or `peer(_:)` inside the engine's state
 //   lock): compute such values before taking the lock;
-// - never hold a lock across network I/O or a call into a plugin that may block;
+// - never hold a lock across network I/O or a call into a plugin that may block. Known exceptions,
+//   to be removed: the TCP data server copies to and from the socket under the registry's read
+//   lock (that is what keeps a buffer registered while a peer uses it), and the redis client
+//   keeps its connection lock for one exchange (its total deadline bounds the wait);
 // - order, where two are held at once: a batch's or channel's own lock may be taken under the
 //   engine's state lock, never the other way round; the registry's lock is never held with another.
 // Debug builds catch a re-entry on one thread at the moment it happens (an error-checking mutex,

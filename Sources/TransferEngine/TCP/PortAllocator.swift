@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import SystemPackage
 
 /// Chooses listener ports the way the official engine does: random in
 /// [MC_MIN_RPC_PORT, MC_MAX_RPC_PORT] (default 15000-17000), up to 500 tries.
@@ -11,7 +12,9 @@ enum PortAllocator {
     static func listen(host: String, preferred: UInt16?, range: ClosedRange<UInt16>) throws -> (socket: Socket, preferredTaken: Error?) {
         guard let preferred, preferred != 0 else { return (try listen(host: host, range: range), nil) }
         do { return (try Socket.listen(host: host, port: preferred), nil) } catch {
-            if case SocketError.resolve = error { throw error }
+            // Only a port in use moves to another; any other failure (bad address, no
+            // permission) would fail at every port as well.
+            guard case SocketError.system(_, let errno) = error, errno == .addressInUse else { throw error }
             return (try listen(host: host, range: range), error)
         }
     }
