@@ -117,11 +117,14 @@ int efa_open(const char *provider, const char *node, const char *domain, efa_con
     int r = getinfo(provider, node, domain, &c->info);
     if (r) return fail(c, err, err_len, "fi_getinfo", r);
     summarise(c->info, &c->summary);
-    /* libfabric's shm provider delivers a small write only when the target's progress runs, and a
-     * passive target's progress thread sleeps on a CQ that incoming RMA never signals: asking for
-     * delivery completion there stalls each write until that thread wakes (4 KiB writes fell from
-     * GB/s to MB/s). It keeps its transmit-complete writes (see the plugin README). */
-    if (strstr(c->summary.provider, "shm")) c->plain_writes = 1;
+    /* Delivery completion only where a plain write's completion means "sent": the socket-based
+     * providers (tcp;ofi_rxm, sockets, udp). EFA's device writes complete on the peer's
+     * acknowledgement (upstream posts plain fi_write there). libfabric's shm provider delivers a
+     * small write only when the target's progress runs, and a passive target's progress thread
+     * sleeps on a CQ that incoming RMA never signals: asking for delivery there stalled each
+     * 4 KiB write until that thread woke (GB/s fell to MB/s). See the plugin README. */
+    const char *p = c->summary.provider;
+    if (!strstr(p, "tcp") && !strstr(p, "sockets") && !strstr(p, "udp")) c->plain_writes = 1;
     if ((r = fi_fabric(c->info->fabric_attr, &c->fabric, NULL))) return fail(c, err, err_len, "fi_fabric", r);
     if ((r = fi_domain(c->fabric, c->info, &c->domain, NULL))) return fail(c, err, err_len, "fi_domain", r);
     struct fi_av_attr av = { .type = FI_AV_TABLE };
