@@ -45,3 +45,36 @@ def test_pip_install_bundles_the_runtime(tmp_path):
     environment = {k: v for k, v in os.environ.items() if k != "TRANSFER_ENGINE_LIBRARY"}
     out = subprocess.check_output([python, "-c", CHECK], cwd=tmp_path, text=True, env=environment, timeout=120)
     assert "installed package ok" in out
+
+
+REPO = os.path.dirname(PYTHON_DIR)
+
+
+@pytest.mark.skipif(os.environ.get("TE_SKIP_PACKAGING") == "1", reason="TE_SKIP_PACKAGING=1")
+def test_manylinux_wheel_runs_without_the_toolchain(tmp_path):
+    """scripts/build-wheel.sh's wheel in a fresh venv whose PATH has no Swift toolchain: the console
+    script lists the bundled plugins and runs a verified loopback benchmark; Python moves bytes."""
+    out = tmp_path / "wheel"
+    subprocess.check_call([os.path.join(REPO, "scripts", "build-wheel.sh"), str(out)], cwd=REPO, timeout=1800)
+    wheels = [name for name in os.listdir(out) if name.endswith(".whl")]
+    assert len(wheels) == 1 and "-py3-none-manylinux_2_" in wheels[0] and wheels[0].endswith("_x86_64.whl"), wheels
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    venv = tmp_path / "venv"
+    subprocess.check_call(["/usr/bin/python3", "-m", "venv", str(venv)], env=bare)
+    python, cli = str(venv / "bin" / "python"), str(venv / "bin" / "transfer-engine")
+    subprocess.check_call([python, "-m", "pip", "install", "-q", "--no-index", "--disable-pip-version-check", str(out / wheels[0])],
+                          env=bare, timeout=300)
+    site = subprocess.check_output([python, "-c", "import transfer_engine, os; print(os.path.dirname(transfer_engine.__file__))"],
+                                   cwd=tmp_path, env=bare, text=True).strip()
+    assert os.path.exists(os.path.join(site, "py.typed")) and os.path.exists(os.path.join(site, "__init__.pyi"))
+    plugins = subprocess.run([cli, "plugins"], cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=60)
+    assert plugins.returncode == 0, plugins.stderr
+    bundled = os.path.join(site, "_lib", "libtransport_shm.so")
+    assert any(line.startswith("shm ") and bundled in line and "available" in line for line in plugins.stdout.splitlines()), plugins.stdout
+    bench = subprocess.run([cli, "bench", "--loopback", "--block-sizes", "4KiB,1MiB", "--batch-sizes", "1,8", "--duration", "0.2",
+                            "--verify", "--no-reference"], cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    rows = [line for line in bench.stdout.splitlines() if line.startswith(("write ", "read "))]
+    assert rows and all(line.rstrip().endswith("ok") for line in rows), bench.stdout
+    out_text = subprocess.check_output([python, "-c", CHECK], cwd=tmp_path, env=bare, text=True, timeout=120)
+    assert "installed package ok" in out_text and site in out_text

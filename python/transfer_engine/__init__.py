@@ -207,16 +207,19 @@ class TransferEngine:
 
     # -- memory --------------------------------------------------------------
     def register_memory(self, buffer_addr, capacity, location="*"):
+        """Registers [buffer_addr, +capacity) so peers may read and write it; 0 on success, a negative code on failure."""
         if not self._handle or not _addresses_ok(buffer_addr, capacity):
             return -1
         return _register(self._handle, buffer_addr, capacity, location.encode(), 1)
 
     def unregister_memory(self, buffer_addr):
+        """Unregisters the buffer that starts at buffer_addr; 0 on success, a negative code on failure."""
         if not self._handle:
             return -1
         return _unregister(self._handle, buffer_addr)
 
     def batch_register_memory(self, buffer_addresses, capacities, location="*"):
+        """Registers each (address, capacity) pair; 0 when all succeeded, else the first failure's code."""
         if len(buffer_addresses) != len(capacities):
             return -1
         for address, capacity in zip(buffer_addresses, capacities):
@@ -226,6 +229,7 @@ class TransferEngine:
         return 0
 
     def batch_unregister_memory(self, buffer_addresses):
+        """Unregisters each address; 0 when all succeeded, else the first failure's code."""
         result = 0
         for address in buffer_addresses:
             rc = self.unregister_memory(address)
@@ -247,6 +251,7 @@ class TransferEngine:
         return pointer.value
 
     def free_managed_buffer(self, buffer_addr, length):
+        """Unregisters and frees a buffer from allocate_managed_buffer; 0, or -1 when it is not one."""
         if buffer_addr not in self._managed:
             return -1
         del self._managed[buffer_addr]
@@ -255,10 +260,12 @@ class TransferEngine:
         return 0
 
     def write_bytes_to_buffer(self, dest_address, src_ptr, length):
+        """Copies length bytes of src_ptr (bytes) to local memory at dest_address; 0."""
         ctypes.memmove(dest_address, src_ptr, length)
         return 0
 
     def read_bytes_from_buffer(self, source_address, length):
+        """The length bytes of local memory at source_address, as bytes."""
         return ctypes.string_at(source_address, length)
 
     # -- segments ------------------------------------------------------------
@@ -274,22 +281,27 @@ class TransferEngine:
         return segment
 
     def get_first_buffer_address(self, segment_name):
+        """The address of the first buffer the named segment registered (opening it first); 0 on failure."""
         segment = self._segment(segment_name)
         return 0 if segment < 0 else _first_buffer(self._handle, segment)
 
     def send_probe(self, peer_server_name):
+        """Checks that the named peer's engine answers on its handshake port; 0 if it does, -1 otherwise."""
         if not self._handle:
             return -1
         return 0 if _probe(self._handle, peer_server_name.encode()) == 0 else -1
 
     # -- transfers -----------------------------------------------------------
     def transfer_sync_write(self, target_hostname, buffer, peer_buffer_address, length, transport_hint=""):
+        """Writes length bytes from local buffer to the peer's address and waits; 0 on success, -1 on failure."""
         return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.Write)
 
     def transfer_sync_read(self, target_hostname, buffer, peer_buffer_address, length, transport_hint=""):
+        """Reads length bytes from the peer's address into local buffer and waits; 0 on success, -1 on failure."""
         return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.Read)
 
     def transfer_sync(self, target_hostname, buffer, peer_buffer_address, length, opcode, notify=None, transport_hint=""):
+        """One transfer in the direction of opcode (TransferOpcode), then notify if given; 0 on success, -1 on failure."""
         if not _addresses_ok(buffer, peer_buffer_address, length):
             return -1
         segment = self._segment(target_hostname)
@@ -336,12 +348,15 @@ class TransferEngine:
         return 1 if rc == 1 else -1
 
     def batch_transfer_sync_write(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
+        """Writes every (buffer, peer address, length) triple in one batch and waits; 0 on success, -1 on failure."""
         return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write)
 
     def batch_transfer_sync_read(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
+        """Reads every (buffer, peer address, length) triple in one batch and waits; 0 on success, -1 on failure."""
         return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Read)
 
     def batch_transfer_sync(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify=None, transport_hint=""):
+        """One batch in the direction of opcode, waited for, then notify if given; 0 on success, -1 on failure."""
         segment = self._segment(target_hostname)
         if segment < 0:
             return -1
@@ -351,9 +366,11 @@ class TransferEngine:
         return self._notify(segment, notify)
 
     def batch_transfer_async_write(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
+        """Submits the writes as one batch and returns its id at once (0 on failure)."""
         return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write)
 
     def batch_transfer_async_read(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
+        """Submits the reads as one batch and returns its id at once (0 on failure)."""
         return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Read)
 
     def batch_transfer_async(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, transport_hint=""):
