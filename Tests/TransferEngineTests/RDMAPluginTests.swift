@@ -114,6 +114,35 @@ struct RDMAGuestTests {
         #expect("\(noDriver.map { "\($0)" } ?? "")".contains("needs the CUDA driver (libcuda.so.1)"), "\(String(describing: noDriver))")
     }
 
+    @Test("the engine's own segment over rxe0: repeated sync and batched writes and reads, carried by rdma")
+    func selfTransfer() throws {
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(localHostname: "127.0.0.1", protocolName: "rdma", deviceName: "rxe0"),
+                                        environment: environment(), logger: logger)
+        defer { engine.shutdown() }
+        let a = TestBuffer(1 << 20), b = TestBuffer(1 << 20)
+        try engine.registerMemory(address: a.address, length: 1 << 20)
+        try engine.registerMemory(address: b.address, length: 1 << 20)
+        let handle = try engine.openSegment(engine.segmentName)
+        for round in 0..<20 {
+            a.fillPattern(seed: UInt8(round + 1))
+            memset(b.pointer, 0, b.count)
+            let length = UInt64([4096, 65537, 1, 300_000][round % 4])
+            if round % 2 == 0 {
+                try engine.transferSync(.write, localAddress: a.address, segment: handle, remoteAddress: b.address + 3, length: length)
+            } else {
+                try engine.transferBatchSync([TransferRequest(operation: .write, localAddress: a.address, segment: handle,
+                                                              remoteAddress: b.address + 3, length: length)])
+            }
+            #expect(b.equals(a, offset: 3, length: Int(length)), "round \(round): write")
+            memset(a.pointer, 0, Int(length))
+            try engine.transferSync(.read, localAddress: a.address, segment: handle, remoteAddress: b.address + 3, length: length)
+            #expect(a.equals(b, otherOffset: 3, length: Int(length)), "round \(round): read")
+        }
+        let fallbacks = capture.messages(at: .info).filter { $0.contains("cannot reach") }
+        #expect(fallbacks.isEmpty, "\(fallbacks)")
+    }
+
     @Test("two soft-RoCE devices: slices are sprayed over both, bytes verified",
           .enabled(if: RDMAEnvironment.devices.count >= 2))
     func twoDevices() throws {

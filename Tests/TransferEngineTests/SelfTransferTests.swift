@@ -29,13 +29,17 @@ struct SelfTransferTests {
             Case(protocolName: "efa", settings: plugin.merging(["MC_EFA_PROVIDER": "shm"]) { $1 },
                  unavailable: EFAPluginBuild.present ? nil : "libtransport_efa.so was not built (install libfabric-dev)"),
             Case(protocolName: "cxl", settings: plugin, unavailable: CXLPluginBuild.present ? nil : "libtransport_cxl.so was not built (install libcxl-dev libdaxctl-dev)"),
+            // An engine that owns a (file-backed) namespace: its memory goes over TCP, beside the plugin.
+            Case(protocolName: "nvmeof", settings: plugin,
+                 unavailable: NVMeoFPluginBuild.present ? nil : "libtransport_nvmeof.so was not built (install libnvme-dev)"),
         ]
     }()
 
-    /// A cxl pool file for the cxl case (the others need none).
+    /// A cxl pool file or an nvmeof namespace file for those cases (the others need none).
     private static func environment(for item: Case, pool: String) -> [String: String] {
         var settings = item.settings
-        if item.protocolName == "cxl" { settings["MC_CXL_DEV_PATH"] = pool }
+        if item.protocolName == "cxl" || item.protocolName == "nvmeof" { settings["MC_CXL_DEV_PATH"] = pool }
+        if item.protocolName == "nvmeof" { settings["MC_NVMEOF_NAMESPACES"] = pool }
         var environment = TestSupport.cleanEnvironment(settings)
         environment.removeValue(forKey: "FI_PROVIDER")
         return environment
@@ -49,7 +53,7 @@ struct SelfTransferTests {
             return
         }
         let pool = "/dev/shm/te-test-self-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        if item.protocolName == "cxl" {
+        if item.protocolName == "cxl" || item.protocolName == "nvmeof" {
             let fd = open(pool, O_CREAT | O_RDWR | O_TRUNC, 0o600)
             guard fd >= 0, ftruncate(fd, 64 << 20) == 0 else { throw TestFailure("cannot create \(pool)") }
             close(fd)
