@@ -57,26 +57,36 @@ enum HTTPWire {
             guard let colon = line.firstIndex(of: ":") else { throw Failure.malformed("header '\(line)'") }
             headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
         }
-        // Body.
+        // Body. Every length from the wire is checked against the cap before any arithmetic uses
+        // it, and a message that frames its body twice (both headers) is refused, as a strict
+        // server does: the two framings could disagree about where the next request starts.
         var body: [UInt8] = []
-        if headers["transfer-encoding"]?.lowercased().contains("chunked") == true {
+        let chunked = headers["transfer-encoding"].map { $0.lowercased().contains("chunked") } ?? false
+        if headers["transfer-encoding"] != nil, headers["content-length"] != nil {
+            throw Failure.malformed("both Transfer-Encoding and Content-Length")
+        }
+        if chunked {
             while true {
                 while buffered.firstRange(of: [13, 10]) == nil {
                     if buffered.count > maxHead { throw Failure.tooLarge("chunk size line") }
                     if try !fill() { throw Failure.malformed("connection closed inside a chunked body") }
                 }
                 let lineEnd = buffered.firstRange(of: [13, 10])!.lowerBound
-                let sizeText = String(decoding: buffered[0..<lineEnd], as: UTF8.self).split(separator: ";").first.map(String.init) ?? ""
-                guard let size = Int(sizeText.trimmingCharacters(in: .whitespaces), radix: 16), size >= 0 else { throw Failure.malformed("chunk size '\(sizeText)'") }
+                let sizeText = (String(decoding: buffered[0..<lineEnd], as: UTF8.self).split(separator: ";", omittingEmptySubsequences: false).first
+                    .map(String.init) ?? "").trimmingCharacters(in: .whitespaces)
+                guard let size = hexLength(sizeText, limit: maxBody - body.count) else {
+                    throw sizeText.isEmpty || sizeText.contains(where: { !$0.isHexDigit })
+                        ? Failure.malformed("chunk size '\(sizeText.prefix(40))'") : Failure.tooLarge("body")
+                }
                 buffered.removeSubrange(0..<(lineEnd + 2))
-                guard body.count + size <= maxBody else { throw Failure.tooLarge("body") }
                 while buffered.count < size + 2 { if try !fill() { throw Failure.malformed("connection closed inside a chunk") } }
+                guard buffered[size] == 13, buffered[size + 1] == 10 else { throw Failure.malformed("chunk not followed by CRLF") }
                 body += buffered[0..<size]
                 buffered.removeSubrange(0..<(size + 2))
                 if size == 0 { break }
             }
         } else if let lengthText = headers["content-length"] {
-            guard let length = Int(lengthText), length >= 0 else { throw Failure.malformed("Content-Length '\(lengthText)'") }
+            guard let length = decimalLength(lengthText) else { throw Failure.malformed("Content-Length '\(lengthText.prefix(40))'") }
             guard length <= maxBody else { throw Failure.tooLarge("body") }
             while buffered.count < length { if try !fill() { throw Failure.malformed("connection closed inside the body") } }
             body = Array(buffered[0..<length])
@@ -88,6 +98,25 @@ enum HTTPWire {
             buffered.removeAll()
         }
         return Message(startLine: startLine, headers: headers, body: body)
+    }
+
+    /// A chunk size: hex digits only, at most `limit`; nil when malformed or larger (never traps:
+    /// the digits are accumulated with an explicit bound, not parsed into an unbounded integer).
+    static func hexLength(_ text: String, limit: Int) -> Int? {
+        guard !text.isEmpty, text.count <= 16 else { return nil }
+        var value = 0
+        for character in text {
+            guard let digit = character.hexDigitValue else { return nil }
+            value = value * 16 + digit
+            if value > limit { return nil }
+        }
+        return value
+    }
+
+    /// A Content-Length: decimal digits only (no sign, no spaces inside); nil otherwise.
+    static func decimalLength(_ text: String) -> Int? {
+        guard !text.isEmpty, text.count <= 18, text.allSatisfy({ $0.isASCII && $0.isNumber }) else { return nil }
+        return Int(text)
     }
 
     /// Serialises a message head and body.

@@ -1,0 +1,62 @@
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// Hostile HTTP framing against the embedded metadata server and the HTTP metadata client: lengths
+/// from the wire never reach arithmetic unchecked (a chunk size of 7fffffffffffffff once trapped
+/// the server, and a hostile server's reply every engine using it).
+@Suite("HTTP framing from a hostile peer", .serialized)
+struct HTTPFramingTests {
+    /// Sends `request` raw and returns what the server answered before closing (at most 64 KiB, 5 s).
+    private func exchange(_ request: String, port: UInt16) throws -> String {
+        let socket = try Socket.connect(host: "127.0.0.1", port: port, timeoutMs: 2000)
+        defer { socket.close() }
+        socket.setTimeouts(receiveMs: 5000, sendMs: 5000)
+        try Array(request.utf8).withUnsafeBytes { try socket.sendAll([$0]) }
+        var reply = [UInt8](repeating: 0, count: 64 << 10)
+        let n = (try? reply.withUnsafeMutableBytes { try socket.receiveSome($0.baseAddress!, count: $0.count) }) ?? 0
+        return String(decoding: reply[0..<n], as: UTF8.self)
+    }
+
+    @Test("the metadata server refuses oversized, malformed and doubly framed bodies with 400 and keeps serving")
+    func serverRefuses() throws {
+        let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
+        defer { server.stop() }
+        let head = "PUT /metadata?key=k HTTP/1.1\r\nHost: x\r\n"
+        let cases = [
+            head + "Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n7fffffffffffffff\r\n",   // the second size overflowed body.count + size
+            head + "Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n",           // more digits than any length
+            head + "Transfer-Encoding: chunked\r\n\r\n-1\r\n",
+            head + "Transfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+            head + "Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",            // chunk data not followed by CRLF
+            head + "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            head + "Content-Length: +5\r\n\r\nhello",
+            head + "Content-Length: 99999999999999999999999\r\n\r\n",
+        ]
+        for request in cases {
+            let reply = try exchange(request, port: server.port)
+            #expect(reply.hasPrefix("HTTP/1.1 400"), "\(request.debugDescription) -> \(reply.prefix(120).debugDescription)")
+        }
+        #expect(server.keyCount == 0)
+        #expect(try exchange("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", port: server.port).hasPrefix("HTTP/1.1 200"))
+    }
+
+    @Test("the HTTP metadata client refuses a hostile server's oversized chunk with an error, not a trap")
+    func clientRefuses() throws {
+        let listener = try Socket.listen(host: "127.0.0.1", port: 0)
+        let port = listener.localAddress.port
+        let served = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            defer { listener.close(); served.signal() }
+            guard let connection = try? listener.accept() else { return }
+            defer { connection.close() }
+            var request = [UInt8](repeating: 0, count: 4096)
+            _ = try? request.withUnsafeMutableBytes { try connection.receiveSome($0.baseAddress!, count: $0.count) }
+            let reply = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n7fffffffffffffff\r\n"
+            _ = try? Array(reply.utf8).withUnsafeBytes { try connection.sendAll([$0]) }
+        }
+        let store = try HTTPMetadataStore(url: "http://127.0.0.1:\(port)/metadata", timeoutMs: 2000)
+        #expect(throws: (any Error).self) { _ = try store.get("mooncake/ram/x") }
+        _ = served.wait(timeout: .now() + 10)
+    }
+}
