@@ -41,7 +41,7 @@ public final class TransferEngine: @unchecked Sendable {
     private let dataServer: TCPDataServer
     private var handshakeServer: HandshakeServer?
     private var plugin: PluginTransport?
-    private let state = ConditionLock(State())
+    private let state: ConditionLock<State>
 
     /// Tunables read from the environment (upstream's MC_* names where they exist).
     struct Settings: Sendable {
@@ -60,6 +60,9 @@ public final class TransferEngine: @unchecked Sendable {
         var pluginSyncSpinNs: UInt64 = 50_000
         var metadataTimeoutMs = 5000
         var metadataTTLSeconds = 30
+        /// Notifications held until taken (MC_NOTIFY_MAX_COUNT / MC_NOTIFY_MAX_BYTES); the oldest go first.
+        var notifyMaxCount = 4096
+        var notifyMaxBytes = 64 << 20
 
         init(environment: [String: String]) throws {
             func integer(_ names: [String], _ range: ClosedRange<Int>) throws -> Int? {
@@ -85,6 +88,8 @@ public final class TransferEngine: @unchecked Sendable {
             if let v = try integer(["MC_PLUGIN_SYNC_SPIN_US"], 0...10_000) { pluginSyncSpinNs = UInt64(v) * 1000 }
             if let v = try integer(["MC_METADATA_TIMEOUT_MS"], 100...600_000) { metadataTimeoutMs = v }
             if let v = try integer(["MC_METADATA_TTL_SECONDS"], 2...86_400) { metadataTTLSeconds = v }
+            if let v = try integer(["MC_NOTIFY_MAX_COUNT"], 1...1_000_000) { notifyMaxCount = v }
+            if let v = try integer(["MC_NOTIFY_MAX_BYTES"], 1024...(1 << 34)) { notifyMaxBytes = v }
             let low = try integer(["MC_MIN_RPC_PORT", "MC_MIN_PRC_PORT"], 1...65535) ?? 15000
             let high = try integer(["MC_MAX_RPC_PORT", "MC_MAX_PRC_PORT"], 1...65535) ?? 17000
             guard low <= high else { throw EngineError.invalidConfiguration("MC_MIN_RPC_PORT \(low) is above MC_MAX_RPC_PORT \(high)") }
@@ -119,7 +124,7 @@ public final class TransferEngine: @unchecked Sendable {
         var nextHandle: SegmentHandle = 1
         var batches: [BatchID: Batch] = [:]
         var nextBatch: BatchID = 1
-        var notifications: [TransferNotification] = []
+        var notifications: NotificationQueue
         var managed: [UInt64: (length: UInt64, fromPlugin: Bool)] = [:]
         var bufferFragments: [UInt64: [String: JSONValue]] = [:]
         var stopped = false
@@ -137,6 +142,7 @@ public final class TransferEngine: @unchecked Sendable {
         self.configuration = configuration
         self.logger = logger
         self.settings = try Settings(environment: environment)
+        state = ConditionLock(State(notifications: NotificationQueue(maxCount: settings.notifyMaxCount, maxBytes: settings.notifyMaxBytes)))
 
         keys = MetadataKeys(environment: environment)
         switch try MetadataServer.parse(configuration.metadataServer) {
@@ -745,12 +751,12 @@ public final class TransferEngine: @unchecked Sendable {
 
     // MARK: - Notifications and probes
 
+    /// Notifications dropped because the queue was full (the oldest go first).
+    public var droppedNotifications: UInt64 { state.withLock { $0.notifications.dropped } }
+
     /// Notifications received since the last call.
     public func takeNotifications() -> [TransferNotification] {
-        state.withLock { state in
-            defer { state.notifications.removeAll() }
-            return state.notifications
-        }
+        state.withLock { $0.notifications.takeAll() }
     }
 
     /// Sends a notification to an opened segment's handshake port.
@@ -803,7 +809,16 @@ public final class TransferEngine: @unchecked Sendable {
         case .notify:
             guard let body = try? JSONValue.parse(message.json) else { return nil }
             let notification = TransferNotification(name: body["name"]?.stringValue ?? "", message: body["notify_msg"]?.stringValue ?? "")
-            state.withLock { $0.notifications.append(notification) }
+            let report: UInt64? = state.withLock { state in
+                guard state.notifications.append(notification) > 0 else { return nil }
+                let now = MonotonicClock.nanoseconds()
+                guard now &- state.notifications.lastDropWarning >= 10_000_000_000 || state.notifications.lastDropWarning == 0 else { return nil }
+                state.notifications.lastDropWarning = now
+                return state.notifications.dropped
+            }
+            if let report {
+                logger.warning("notification queue full (\(settings.notifyMaxCount) notifications, \(settings.notifyMaxBytes) bytes): dropped the oldest; \(report) dropped so far (take them with getNotifs / get_notifies, or raise MC_NOTIFY_MAX_COUNT / MC_NOTIFY_MAX_BYTES)")
+            }
             return #"{"name":"","notify_msg":"success"}"#
         case .connection:
             if let plugin { return plugin.handleHandshake(message.json) }
