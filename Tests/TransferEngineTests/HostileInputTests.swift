@@ -77,6 +77,25 @@ struct HostileInputTests {
         #expect(try target.stillServes())
     }
 
+    @Test("unknown opcodes on the data port are refused (v2: a rejection status), never served as a READ of registered memory")
+    func unknownOpcodes() throws {
+        let target = try Target()
+        for opcode: UInt8 in [2, 0x7F, 0x82, 0xFF] {
+            var bytes = TCPWire.Header(size: 64, address: target.buffer.address, operation: .read, acknowledged: false).bytes
+            bytes[16] = opcode
+            let socket = try target.connectData()
+            try bytes.withUnsafeBytes { try socket.sendAll([$0]) }
+            var reply: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 256)
+            while let n = try? chunk.withUnsafeMutableBytes({ try socket.receiveSome($0.baseAddress!, count: 256) }), n > 0 { reply += chunk[0..<n] }
+            socket.close()
+            let rejection = withUnsafeBytes(of: TCPWire.statusFrame(.addressRejected)) { Array($0) }
+            #expect(reply == (opcode & 0x80 != 0 ? rejection : []), "opcode 0x\(String(opcode, radix: 16)): \(reply.count) bytes back")
+        }
+        #expect(target.untouched)
+        #expect(try target.stillServes())
+    }
+
     @Test("memory registered as device memory (cuda:N) is never served over TCP: the CPU must not dereference it")
     func deviceMemoryNotServed() throws {
         let target = try Target()

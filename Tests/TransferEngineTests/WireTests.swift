@@ -16,15 +16,18 @@ struct WireTests {
         #expect(v1Read[16] == 0)
     }
 
-    @Test("decoding ignores padding and treats any non-WRITE op as READ")
+    @Test("decoding ignores padding and refuses any opcode but READ and WRITE")
     func headerDecode() {
         var bytes = TCPWire.Header(size: 4096, address: 0xdead_beef, operation: .write, acknowledged: false).bytes
         for i in 17..<24 { bytes[i] = 0xAB }  // upstream sends uninitialised padding
         let decoded = bytes.withUnsafeBytes { TCPWire.Header.decode($0) }
         #expect(decoded == TCPWire.Header(size: 4096, address: 0xdead_beef, operation: .write, acknowledged: false))
-        bytes[16] = 0x85
-        let odd = bytes.withUnsafeBytes { TCPWire.Header.decode($0) }
-        #expect(odd.operation == .read && odd.acknowledged)
+        bytes[16] = 0x80
+        #expect(bytes.withUnsafeBytes { TCPWire.Header.decode($0) } == TCPWire.Header(size: 4096, address: 0xdead_beef, operation: .read, acknowledged: true))
+        for opcode: UInt8 in [2, 0x7F, 0x82, 0x85, 0xFF] {
+            bytes[16] = opcode
+            #expect(bytes.withUnsafeBytes { TCPWire.Header.decode($0) } == nil, "opcode \(opcode)")
+        }
     }
 
     @Test("v2 status frames carry the MCTV magic in the high half")

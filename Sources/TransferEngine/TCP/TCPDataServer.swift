@@ -95,7 +95,16 @@ final class TCPDataServer: @unchecked Sendable {
                 }
                 carried = 0
                 defer { lastDone = MonotonicClock.nanoseconds() }
-                let header = TCPWire.Header.decode(UnsafeRawBufferPointer(headerBytes))
+                guard let header = TCPWire.Header.decode(UnsafeRawBufferPointer(headerBytes)) else {
+                    // An opcode no engine sends: refused (v2 framing gets a rejection status),
+                    // then the connection closes; one line per connection.
+                    let opcode = TCPWire.Header.opcode(UnsafeRawBufferPointer(headerBytes))
+                    logger.warning("tcp data: refused unknown opcode 0x\(String(opcode, radix: 16)) from \(peer); closing the connection")
+                    if opcode & TCPWire.v2Flag != 0 { pendingAcks.append(TCPWire.statusFrame(.addressRejected)) }
+                    try? flushAcks()
+                    connection.shutdownWrite()
+                    return
+                }
                 if header.operation == .read, header.acknowledged, try serveReadGroup(first: header, on: connection, flushAcks: flushAcks) {
                     continue
                 }
@@ -173,7 +182,7 @@ final class TCPDataServer: @unchecked Sendable {
         var offset = 0
         while offset + TCPWire.headerSize <= peeked {
             let next = queued.withUnsafeBytes { TCPWire.Header.decode(UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + TCPWire.headerSize)])) }
-            guard next.operation == .read, next.acknowledged else { break }
+            guard let next, next.operation == .read, next.acknowledged else { break }
             group.append(next)
             offset += TCPWire.headerSize
         }

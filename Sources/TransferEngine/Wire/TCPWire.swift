@@ -1,7 +1,7 @@
 /// The official engine's TCP data-port format, shared by the client and server sides.
 ///
 /// Each request is a 24-byte header: u64 LE payload size, u64 LE remote
-/// address, u8 opcode (READ 0, WRITE 1; bit 7 set = acknowledged "v2"
+/// address, u8 opcode (READ 0, WRITE 1, nothing else; bit 7 set = acknowledged "v2"
 /// framing), 7 padding bytes sent as zeros. v2 adds 8-byte LE status frames
 /// whose high 32 bits are the magic "MCTV": before READ data, after a WRITE
 /// is applied, or ADDR_REJECTED before the connection is closed.
@@ -64,15 +64,20 @@ public enum TCPWire {
             return out
         }
 
-        /// Decodes 24 wire bytes. As upstream, any op other than WRITE is a READ; padding is ignored.
-        public static func decode(_ buffer: UnsafeRawBufferPointer) -> Header {
+        /// Decodes 24 wire bytes; nil for an opcode other than READ or WRITE (with or without the
+        /// v2 bit), which no engine sends: it is refused, never served as a READ. Padding is
+        /// ignored (upstream sends it uninitialised).
+        public static func decode(_ buffer: UnsafeRawBufferPointer) -> Header? {
             precondition(buffer.count >= TCPWire.headerSize)
             let size = UInt64(littleEndian: buffer.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
             let address = UInt64(littleEndian: buffer.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
             let opcode = buffer[16]
-            let operation: Operation = (opcode & 0x7F) == Operation.write.rawValue ? .write : .read
+            guard let operation = Operation(rawValue: opcode & 0x7F) else { return nil }
             return Header(size: size, address: address, operation: operation, acknowledged: opcode & TCPWire.v2Flag != 0)
         }
+
+        /// The opcode byte of 24 wire bytes (for reporting a refused one).
+        public static func opcode(_ buffer: UnsafeRawBufferPointer) -> UInt8 { buffer[16] }
     }
 
     /// Encodes a status frame (little-endian u64: magic | status).
