@@ -96,6 +96,35 @@ struct HostileInputTests {
         #expect(try target.stillServes())
     }
 
+    @Test("a peer streaming small acknowledged writes without reading gets its acknowledgements in bounded batches")
+    func pipelinedAcknowledgements() throws {
+        let target = try Target()
+        let socket = try target.connectData()
+        defer { socket.close() }
+        // 20 000 one-byte v2 writes in one stream, the last payload byte held back: the server
+        // always has more input queued, and used to keep every acknowledgement until it had none.
+        let count = 20_000
+        var stream: [UInt8] = []
+        stream.reserveCapacity(count * (TCPWire.headerSize + 1))
+        for i in 0..<count {
+            stream += TCPWire.Header(size: 1, address: target.buffer.address + 8192 + UInt64(i % 4096), operation: .write, acknowledged: true).bytes
+            stream.append(0x11)
+        }
+        try stream.withUnsafeBytes { try socket.sendAll([UnsafeRawBufferPointer(rebasing: $0.dropLast())]) }
+        var received = 0
+        var chunk = [UInt8](repeating: 0, count: 64 << 10)
+        let deadline = Date().addingTimeInterval(5)
+        socket.setTimeouts(receiveMs: 200, sendMs: 5000)
+        while Date() < deadline, received < (count / TCPDataServer.maxPendingAcks) * TCPDataServer.maxPendingAcks * 8 {
+            guard let n = try? chunk.withUnsafeMutableBytes({ try socket.receiveSome($0.baseAddress!, count: $0.count) }), n > 0 else { continue }
+            received += n
+        }
+        #expect(received >= (count / TCPDataServer.maxPendingAcks) * TCPDataServer.maxPendingAcks * 8,
+                "\(received / 8) acknowledgements arrived while the last write was incomplete")
+        try [UInt8(0x11)].withUnsafeBytes { try socket.sendAll([$0]) }
+        #expect(try target.stillServes())
+    }
+
     @Test("memory registered as device memory (cuda:N) is never served over TCP: the CPU must not dereference it")
     func deviceMemoryNotServed() throws {
         let target = try Target()

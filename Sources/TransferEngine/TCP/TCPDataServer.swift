@@ -119,7 +119,12 @@ final class TCPDataServer: @unchecked Sendable {
                         } else {
                             try connection.receiveAll(memory, count: count, deadline: payloadDeadline(count))
                         }
-                        if header.acknowledged { pendingAcks.append(TCPWire.statusFrame(.ok)) }
+                        if header.acknowledged {
+                            pendingAcks.append(TCPWire.statusFrame(.ok))
+                            // A peer that streams small writes without reading its acknowledgements
+                            // must not grow them without bound: send them at the limit.
+                            if pendingAcks.count >= Self.maxPendingAcks { try flushAcks() }
+                        }
                     case .read:  // v1 read (v2 reads are served in groups above)
                         try flushAcks()
                         try connection.sendAll(memory, count: count)
@@ -153,6 +158,10 @@ final class TCPDataServer: @unchecked Sendable {
 
     /// Writes up to this size read their payload and the start of the next header in one call.
     private static let smallWrite = 256 << 10
+
+    /// Acknowledgements held back while more requests are queued (8 KiB of frames) before they are
+    /// sent anyway.
+    static let maxPendingAcks = 1024
 
     /// Receives a write's payload straight into `memory`, letting the same system call
     /// also take whatever part of the next request header already arrived (pipelined
