@@ -54,4 +54,23 @@ struct GPUDescriptorTests {
         #expect(peer.unreachableReason(mode: .hip, localBootID: "b1")?.contains("runs hip (hip_ipc)") == true)
         #expect(throws: GPUError.self) { try PeerSegment(json: "not json") }
     }
+
+    @Test("hostile numbers in a peer descriptor leave the buffer out instead of trapping or reaching past the allocation")
+    func hostileNumbers() throws {
+        let handle = HandleText.encode([UInt8](repeating: 0xCD, count: 64))
+        let max = UInt64.max
+        let entries = [
+            #""addr":1000,"length":4096,"gpu_offset":\#(max - 10),"gpu_alloc_size":\#(max)"#,   // offset + length overflows
+            #""addr":\#(max - 100),"length":4096"#,                                                 // addr + length wraps
+            #""addr":1000,"length":4096,"gpu_offset":512,"gpu_alloc_size":4096"#,                    // past the allocation
+            #""addr":1000,"length":0"#,
+            #""addr":1000,"length":\#(max),"gpu_offset":1"#,
+        ]
+        for entry in entries {
+            let peer = try PeerSegment(json: #"{"buffers":[{"shm_name":"\#(handle)",\#(entry)}]}"#)
+            #expect(peer.buffers.isEmpty, "\(entry)")
+        }
+        let fine = try PeerSegment(json: #"{"buffers":[{"shm_name":"\#(handle)","addr":1000,"length":4096,"gpu_offset":512,"gpu_alloc_size":4608}]}"#)
+        #expect(fine.buffers.count == 1)
+    }
 }

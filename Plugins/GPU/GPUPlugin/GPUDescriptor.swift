@@ -140,7 +140,9 @@ public struct PeerSegment: Equatable, Sendable {
         var buffers: [Buffer]?
     }
 
-    /// Parses a descriptor; buffers without a well-formed 64-byte handle are not reachable and left out.
+    /// Parses a descriptor; buffers without a well-formed 64-byte handle, or whose numbers do not
+    /// fit together (the address range wraps, `gpu_offset + length` overflows or passes
+    /// `gpu_alloc_size`), are not reachable and left out: a descriptor is the peer's word, never trusted.
     public init(json: String) throws {
         guard let raw = try? JSONDecoder().decode(Raw.self, from: Data(json.utf8)) else { throw GPUError("malformed segment descriptor") }
         bootID = raw.gpu_boot_id
@@ -148,8 +150,11 @@ public struct PeerSegment: Equatable, Sendable {
         buffers = (raw.buffers ?? []).compactMap { entry in
             guard let text = entry.shm_name, let handle = HandleText.decode(text), handle.count == 64 else { return nil }
             let offset = entry.gpu_offset ?? 0  // upstream registers allocation bases
-            return PeerBuffer(address: entry.addr, length: entry.length, handle: handle, offset: offset,
-                              allocationSize: entry.gpu_alloc_size ?? (offset + entry.length))
+            let (end, overflow) = offset.addingReportingOverflow(entry.length)
+            guard entry.length > 0, !overflow, !entry.addr.addingReportingOverflow(entry.length).overflow else { return nil }
+            let allocationSize = entry.gpu_alloc_size ?? end
+            guard end <= allocationSize else { return nil }
+            return PeerBuffer(address: entry.addr, length: entry.length, handle: handle, offset: offset, allocationSize: allocationSize)
         }
     }
 

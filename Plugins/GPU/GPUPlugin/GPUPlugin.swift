@@ -141,25 +141,34 @@ final class GPUInstance: @unchecked Sendable {
     func closePeer(_ handle: UInt64) { queue.locked { _ = peers.removeValue(forKey: handle) } }
 
     /// Where a peer buffer's allocation is mapped in this process (mapping it on first use).
-    private func mapping(of buffer: PeerBuffer) -> (UInt64?, Int32) {
+    /// Returns the mapping's start and size: for an IPC handle the size of the allocation the
+    /// driver actually opened (the descriptor's `gpu_alloc_size` is only the peer's word), for a
+    /// fabric import the size mapped.
+    private func mapping(of buffer: PeerBuffer) -> (address: UInt64?, size: UInt64, status: Int32) {
         let key = HandleText.encode(buffer.handle)
-        if let known = queue.locked({ mapped[key] }) { return (known.address, 0) }
+        if let known = queue.locked({ mapped[key] }) { return (known.address, known.size, 0) }
         var status = gpu_bind_device(options.device)
         var address: UInt64 = 0
+        var size = buffer.allocationSize
         if status == 0 {
             status = buffer.handle.withUnsafeBufferPointer { handle in
                 options.mode.sameHostOnly ? gpu_ipc_open(handle.baseAddress!, &address)
                     : gpu_fabric_import(handle.baseAddress!, buffer.allocationSize, options.device, &address)
             }
         }
-        guard status == 0 else { return (nil, status) }
+        if status == 0, options.mode.sameHostOnly {
+            var isDevice: Int32 = 0, device: Int32 = 0, base: UInt64 = 0, opened: UInt64 = 0
+            status = gpu_pointer_info(address, &isDevice, &device, &base, &opened)
+            if status == 0 { size = opened } else { _ = gpu_ipc_close(address) }
+        }
+        guard status == 0 else { return (nil, 0, status) }
         return queue.locked {
             if let raced = mapped[key] {  // another thread mapped it meanwhile: keep one
                 if options.mode.sameHostOnly { _ = gpu_ipc_close(address) } else { _ = gpu_fabric_unmap(address, buffer.allocationSize) }
-                return (raced.address, 0)
+                return (raced.address, raced.size, 0)
             }
-            mapped[key] = (address, buffer.allocationSize)
-            return (address, 0)
+            mapped[key] = (address, size)
+            return (address, size, 0)
         }
     }
 
@@ -177,12 +186,20 @@ final class GPUInstance: @unchecked Sendable {
                 setError("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is not inside one of the peer's GPU buffers")
                 return TE_ERR_OUT_OF_RANGE
             }
-            let (base, status) = mapping(of: buffer)
-            guard let base else {
+            let (mappedBase, mappedSize, status) = mapping(of: buffer)
+            guard let base = mappedBase else {
                 setError("cannot map the peer's GPU buffer: \(runtimeError(status))")
                 return TE_ERR_PEER_UNREACHABLE
             }
-            let remote = base + buffer.offset + (request.remote_addr - buffer.address)
+            // The descriptor checked offset + length against its own gpu_alloc_size; the mapping
+            // must hold them too, and the address sum must not wrap.
+            let inside = request.remote_addr - buffer.address
+            let (start, wrapped) = base.addingReportingOverflow(buffer.offset + inside)
+            guard buffer.offset + buffer.length <= mappedSize, !wrapped, !start.addingReportingOverflow(request.length).overflow else {
+                setError("the peer's GPU buffer (offset \(buffer.offset), \(buffer.length) bytes) lies outside the \(mappedSize)-byte allocation opened")
+                return TE_ERR_OUT_OF_RANGE
+            }
+            let remote = start
             let write = request.opcode == TE_OP_WRITE
             batch.append(Job(cookie: request.cookie, destination: write ? remote : request.local_addr,
                              source: write ? request.local_addr : remote, length: request.length))
