@@ -123,6 +123,38 @@ struct EFAPluginTests {
         #expect(fallbacks.isEmpty, "\(fallbacks)")
     }
 
+    @Test("hostile Connection handshakes: a short efa_addr is refused before libfabric reads it; many addresses stay bounded")
+    func hostileHandshakes() throws {
+        let (target, _) = try engine(provider: "tcp;ofi_rxm", ["MC_EFA_MAX_ADDRESSES": "4"])
+        defer { target.shutdown() }
+        func handshake(_ address: String) throws -> JSONValue {
+            let request = #"{"local_nic_path":"evil@lo","peer_nic_path":"","efa_addr":"\#(address)"}"#
+            let reply = try HandshakeClient.exchange(host: "127.0.0.1", port: target.rpcPort, message: .init(kind: .connection, json: request),
+                                                     timeouts: .init(connectMs: 2000, replyMs: 5000))
+            return try JSONValue.parse(reply.json)
+        }
+        let short = try handshake("01")
+        #expect(short["reply_msg"]?.stringValue?.contains("1-byte efa_addr") == true, "\(short)")
+        // The target's own address has the provider's length; variants of its port bytes are well-formed peers.
+        let own = try #require(try handshake("")["efa_addr"]?.stringValue)
+        #expect(own.count >= 8)
+        for port in 0..<12 {
+            var bytes = Array(own)
+            let text = String(format: "%04x", 40000 + port)
+            bytes.replaceSubrange(4..<8, with: Array(text))
+            let answer = try handshake(String(bytes))
+            #expect(answer["reply_msg"]?.stringValue == "", "\(answer)")
+        }
+        // Still serving real peers after twelve addresses went through a four-entry vector.
+        let peer = try ServeProcess(bufferSize: "1MiB", environment: environment(provider: "tcp;ofi_rxm"), protocolName: "efa")
+        let local = TestBuffer(4096)
+        local.fillPattern(seed: 3)
+        try target.registerMemory(address: local.address, length: 4096)
+        let handle = try target.openSegment(peer.segment)
+        try target.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: peer.bufferAddress, length: 4096)
+        try target.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: peer.bufferAddress, length: 4096)
+    }
+
     @Test("requests split into provider-sized pieces (MC_EFA_SLICE_SIZE=4096) reassemble into one completion each")
     func splitting() throws {
         let provider = "tcp;ofi_rxm"

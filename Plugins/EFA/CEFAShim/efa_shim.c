@@ -181,7 +181,11 @@ int efa_mr_reg(efa_context *c, void *addr, size_t length, uint64_t requested_key
 int efa_mr_close(void *mr) { return mr ? fi_close(&((struct fid_mr *)mr)->fid) : 0; }
 
 int efa_av_insert(efa_context *c, const uint8_t *addr, size_t length, uint64_t *fi_addr) {
-    (void)length;
+    /* The address comes from a peer: fi_av_insert reads the provider's address length from it,
+     * so anything shorter (or longer) is refused before libfabric touches it. */
+    size_t expected = 0;
+    fi_getname(&c->ep->fid, NULL, &expected);
+    if (expected == 0 || length != expected) return -FI_EINVAL;
     fi_addr_t handle = FI_ADDR_UNSPEC;
     int n = fi_av_insert(c->av, addr, 1, &handle, 0, NULL);
     if (n != 1) return n < 0 ? n : -FI_EINVAL;

@@ -53,8 +53,8 @@ final class EFAInstance: @unchecked Sendable {
     private var queuedParts = 0
     private var nextKey: UInt64 = 1
     private var nextDevice = 0
-    /// Peer addresses already in each device's address vector (hex -> handle).
-    private var knownAddresses: [[String: UInt64]] = []
+    /// Peer addresses already in each device's address vector (hex -> handle), bounded.
+    private var knownAddresses: [AddressBook] = []
     /// Fixed storage: last_error hands out a pointer into it without a lock.
     private let lastError: UnsafeMutablePointer<CChar> = {
         let storage = UnsafeMutablePointer<CChar>.allocate(capacity: 512)
@@ -93,7 +93,7 @@ final class EFAInstance: @unchecked Sendable {
             partSize = min(partSize, max(4096, context.info.max_msg_size))
         }
         if options.sliceSize > 0 { partSize = min(partSize, options.sliceSize) }
-        knownAddresses = Array(repeating: [:], count: contexts.count)
+        knownAddresses = Array(repeating: AddressBook(capacity: options.maxAddresses), count: contexts.count)
     }
 
     /// Stops every device; registrations are released first.
@@ -217,14 +217,29 @@ final class EFAInstance: @unchecked Sendable {
             + "\"local_gid\":\"\",\"qp_num\":[],\"efa_addr\":\(JSONText.string(address)),\"reply_msg\":\(JSONText.string(reply))}"
     }
 
-    /// Puts a peer's address into a device's address vector once.
+    /// Puts a peer's address into a device's address vector once. The address comes from an
+    /// unauthenticated handshake: its length must be the provider's (the shim checks), and the
+    /// vector stays bounded (the oldest address no open peer uses makes room).
     private func insertAddress(_ hex: String, into context: DeviceContext) -> Result<UInt64, LibfabricFailure> {
-        if let known = signal.locked({ knownAddresses[context.index][hex] }) { return .success(known) }
-        guard let bytes = JSONText.unhex(hex) else { return .failure(LibfabricFailure(code: 0, text: "malformed efa_addr '\(hex.prefix(80))'")) }
+        if let known = signal.locked({ knownAddresses[context.index].handle(of: hex) }) { return .success(known) }
+        guard let bytes = JSONText.unhex(hex), !bytes.isEmpty else {
+            return .failure(LibfabricFailure(code: 0, text: "malformed efa_addr '\(hex.prefix(80))'"))
+        }
+        let evict: [UInt64]? = signal.locked {
+            // An open peer holds one handle per local device, in device order.
+            let inUse = Set(peers.values.compactMap { $0.addressHandle.indices.contains(context.index) ? $0.addressHandle[context.index] : nil })
+            return knownAddresses[context.index].makeRoom(keeping: inUse)
+        }
+        guard let evict else {
+            return .failure(LibfabricFailure(code: 0, text: "the address vector of \(context.name) is full (\(options.maxAddresses) peers in use; MC_EFA_MAX_ADDRESSES)"))
+        }
+        for handle in evict { _ = efa_av_remove(context.handle, handle) }
         var handle: UInt64 = 0
         let status = efa_av_insert(context.handle, bytes, bytes.count, &handle)
-        guard status == 0 else { return .failure(LibfabricFailure(code: status, text: "fi_av_insert on \(context.name): \(LibfabricError(code: status))")) }
-        signal.locked { knownAddresses[context.index][hex] = handle }
+        guard status == 0 else {
+            return .failure(LibfabricFailure(code: status, text: "fi_av_insert of a \(bytes.count)-byte efa_addr on \(context.name): \(LibfabricError(code: status))"))
+        }
+        signal.locked { knownAddresses[context.index].insert(hex, handle: handle) }
         return .success(handle)
     }
 

@@ -24,6 +24,9 @@ struct EFAOptions {
     var maxOutstanding: Int
     /// How long a progress thread polls after activity before it sleeps (`MC_EFA_SPIN_US`, 20).
     var spinNanoseconds: UInt64
+    /// Peer addresses kept in each device's address vector (`MC_EFA_MAX_ADDRESSES`, 4096); past it the
+    /// oldest one no open peer uses is removed.
+    var maxAddresses: Int
     /// An operation not completed after this long fails with TE_ERR_TIMEOUT (`MC_EFA_TIMEOUT_MS`, 30 s; 0 = never).
     var timeoutNanoseconds: UInt64
 
@@ -69,6 +72,7 @@ struct EFAOptions {
         maxOutstanding = setting("MC_EFA_MAX_OUTSTANDING").flatMap { Int($0) }.map { max(1, $0) } ?? 256
         timeoutNanoseconds = (setting("MC_EFA_TIMEOUT_MS").flatMap { UInt64($0) } ?? 30_000) * 1_000_000
         spinNanoseconds = (setting("MC_EFA_SPIN_US").flatMap { UInt64($0) } ?? 20) * 1000
+        maxAddresses = setting("MC_EFA_MAX_ADDRESSES").flatMap { Int($0) }.map { min(max(2, $0), 1 << 20) } ?? 4096
     }
 
     static func trimmed(_ text: String) -> String {
