@@ -42,7 +42,7 @@ bin=$(swift build -c release --show-bin-path)/transfer-engine
 built() { [ -f "$(dirname "$bin")/libtransport_$1.so" ]; }
 
 if command -v iperf3 >/dev/null; then
-    echo "== reference: iperf3, one stream over loopback (3 s)"
+    echo "== reference: iperf3, one stream over loopback ($iperf_seconds s)"
     iperf3 -s -1 -B 127.0.0.1 -p 15999 >/dev/null 2>&1 &
     sleep 0.5
     iperf3 -c 127.0.0.1 -p 15999 -t "$iperf_seconds" -J > out/iperf3.json || true

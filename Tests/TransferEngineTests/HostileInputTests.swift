@@ -125,6 +125,77 @@ struct HostileInputTests {
         #expect(try target.stillServes())
     }
 
+    @Test("the handshake port answers a probe within a second while 300 idle and 8 trickling connections are open; limits evict the oldest")
+    func handshakeFlood() throws {
+        let engine = try TransferEngine(configuration: EngineConfiguration(),
+                                        environment: TestSupport.cleanEnvironment(["MC_HANDSHAKE_MAX_PER_ADDRESS": "1000",
+                                                                                   "MC_HANDSHAKE_FRAME_TIMEOUT_MS": "3000"]))
+        defer { engine.shutdown() }
+        let port = engine.rpcPort
+        var idle: [Socket] = []
+        for _ in 0..<300 { idle.append(try Socket.connect(host: "127.0.0.1", port: port, timeoutMs: 2000)) }
+        // Tricklers: a 1000-byte request announced, then one byte at a time (the workers' old trap).
+        var tricklers: [Socket] = []
+        for _ in 0..<8 {
+            let socket = try Socket.connect(host: "127.0.0.1", port: port, timeoutMs: 2000)
+            var length: UInt64 = 1000
+            try socket.sendAll(&length, count: 8)
+            tricklers.append(socket)
+        }
+        var slowest = 0.0
+        for round in 0..<10 {
+            for socket in tricklers { var byte: UInt8 = 0x7B; try? socket.sendAll(&byte, count: 1) }
+            let started = Date()
+            try engine.probe(segmentName: engine.segmentName)
+            slowest = max(slowest, Date().timeIntervalSince(started))
+            if round % 3 == 0 { usleep(50_000) }
+        }
+        print("handshake flood: slowest probe \(Int(slowest * 1e6)) us with 300 idle and 8 trickling connections")
+        #expect(slowest < 1.0)
+        // The frame deadline (3 s here) closes the tricklers: they read EOF.
+        tricklers[0].setTimeouts(receiveMs: 6000, sendMs: 1000)
+        var byte: UInt8 = 0
+        #expect((try? tricklers[0].receiveSome(&byte, count: 1)) == 0)
+
+        // A per-address limit of 16: forty idle connections from one address, and a probe from
+        // the same address still gets through (the oldest idle one makes room).
+        let strict = try TransferEngine(configuration: EngineConfiguration(),
+                                        environment: TestSupport.cleanEnvironment(["MC_HANDSHAKE_MAX_PER_ADDRESS": "16"]))
+        defer { strict.shutdown() }
+        var crowd: [Socket] = []
+        for _ in 0..<40 { crowd.append(try Socket.connect(host: "127.0.0.1", port: strict.rpcPort, timeoutMs: 2000)) }
+        try strict.probe(segmentName: strict.segmentName)
+        crowd[0].setTimeouts(receiveMs: 3000, sendMs: 1000)
+        #expect((try? crowd[0].receiveSome(&byte, count: 1)) == 0, "the oldest idle connection was not closed")
+        _ = idle
+    }
+
+    @Test("the data port closes idle connections after MC_TCP_IDLE_TIMEOUT_SEC and limits connections per address")
+    func dataPortIdleAndPerAddress() throws {
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(),
+                                        environment: TestSupport.cleanEnvironment(["MC_TCP_IDLE_TIMEOUT_SEC": "1",
+                                                                                   "MC_TCP_MAX_CONNECTIONS_PER_ADDRESS": "4"]), logger: logger)
+        defer { engine.shutdown() }
+        var byte: UInt8 = 0
+        let idle = try Socket.connect(host: "127.0.0.1", port: engine.dataPort, timeoutMs: 2000)
+        idle.setTimeouts(receiveMs: 5000, sendMs: 1000)
+        let started = Date()
+        #expect((try? idle.receiveSome(&byte, count: 1)) == 0, "the idle connection was not closed")
+        #expect(Date().timeIntervalSince(started) < 4)
+        idle.close()
+        usleep(100_000)
+        // Four from one address are served; the fifth is closed at once, with one warning.
+        var open: [Socket] = []
+        for _ in 0..<4 { open.append(try Socket.connect(host: "127.0.0.1", port: engine.dataPort, timeoutMs: 2000)) }
+        usleep(100_000)
+        let fifth = try Socket.connect(host: "127.0.0.1", port: engine.dataPort, timeoutMs: 2000)
+        fifth.setTimeouts(receiveMs: 2000, sendMs: 1000)
+        #expect((try? fifth.receiveSome(&byte, count: 1)) == 0)
+        #expect(capture.messages(at: .warning).contains { $0.contains("4 connections from 127.0.0.1 already open") })
+        open.forEach { $0.close() }
+    }
+
     @Test("memory registered as device memory (cuda:N) is never served over TCP: the CPU must not dereference it")
     func deviceMemoryNotServed() throws {
         let target = try Target()

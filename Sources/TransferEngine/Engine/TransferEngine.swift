@@ -56,6 +56,10 @@ public final class TransferEngine: @unchecked Sendable {
         var useV2Client = true
         var portRange: ClosedRange<UInt16> = 15000...17000
         var serverSpinNs: UInt64 = 50_000
+        /// The data port closes a connection idle this long (MC_TCP_IDLE_TIMEOUT_SEC).
+        var dataIdleTimeoutMs = 300_000
+        /// Data connections at once from one address (MC_TCP_MAX_CONNECTIONS_PER_ADDRESS).
+        var dataMaxPerAddress = 256
         /// How long a synchronous plugin transfer busy-polls the plugin before it waits (MC_PLUGIN_SYNC_SPIN_US).
         var pluginSyncSpinNs: UInt64 = 50_000
         var metadataTimeoutMs = 5000
@@ -63,6 +67,8 @@ public final class TransferEngine: @unchecked Sendable {
         /// Notifications held until taken (MC_NOTIFY_MAX_COUNT / MC_NOTIFY_MAX_BYTES); the oldest go first.
         var notifyMaxCount = 4096
         var notifyMaxBytes = 64 << 20
+        /// What handshake-port peers can hold (MC_HANDSHAKE_FRAME_TIMEOUT_MS, _MAX_CONNECTIONS, _MAX_PER_ADDRESS).
+        var handshakeLimits = HandshakeServer.Limits()
 
         init(environment: [String: String]) throws {
             func integer(_ names: [String], _ range: ClosedRange<Int>) throws -> Int? {
@@ -85,9 +91,14 @@ public final class TransferEngine: @unchecked Sendable {
             if let v = try integer(["MC_TRANSFER_TIMEOUT"], 1...86_400) { transferTimeoutNs = UInt64(max(5, v)) * 1_000_000_000 }
             useV2Client = environment["MC_TCP_PROTO"] != "1"
             if let v = try integer(["MC_TCP_SERVER_SPIN_US"], 0...10_000) { serverSpinNs = UInt64(v) * 1000 }
+            if let v = try integer(["MC_TCP_IDLE_TIMEOUT_SEC"], 1...86_400) { dataIdleTimeoutMs = v * 1000 }
+            if let v = try integer(["MC_TCP_MAX_CONNECTIONS_PER_ADDRESS"], 1...TCPDataServer.maxConnections) { dataMaxPerAddress = v }
             if let v = try integer(["MC_PLUGIN_SYNC_SPIN_US"], 0...10_000) { pluginSyncSpinNs = UInt64(v) * 1000 }
             if let v = try integer(["MC_METADATA_TIMEOUT_MS"], 100...600_000) { metadataTimeoutMs = v }
             if let v = try integer(["MC_METADATA_TTL_SECONDS"], 2...86_400) { metadataTTLSeconds = v }
+            if let v = try integer(["MC_HANDSHAKE_FRAME_TIMEOUT_MS"], 100...600_000) { handshakeLimits.frameDeadlineMs = v }
+            if let v = try integer(["MC_HANDSHAKE_MAX_CONNECTIONS"], 1...65_536) { handshakeLimits.maxConnections = v }
+            if let v = try integer(["MC_HANDSHAKE_MAX_PER_ADDRESS"], 1...65_536) { handshakeLimits.maxPerAddress = v }
             if let v = try integer(["MC_NOTIFY_MAX_COUNT"], 1...1_000_000) { notifyMaxCount = v }
             if let v = try integer(["MC_NOTIFY_MAX_BYTES"], 1024...(1 << 34)) { notifyMaxBytes = v }
             let low = try integer(["MC_MIN_RPC_PORT", "MC_MIN_PRC_PORT"], 1...65535) ?? 15000
@@ -176,7 +187,8 @@ public final class TransferEngine: @unchecked Sendable {
         // P2P: the segment name is host:rpc_port. With a metadata server it is local_hostname as given.
         segmentName = metadataStore == nil ? HostPort(host: local.host, port: rpcPort).description : configuration.localHostname
         dataServer = try TCPDataServer(listener: dataListener, registry: registry, logger: logger, payloadTimeoutMs: settings.statusTimeoutMs,
-                                      spinNanoseconds: settings.serverSpinNs)
+                                      spinNanoseconds: settings.serverSpinNs, idleTimeoutMs: settings.dataIdleTimeoutMs,
+                                      maxPerAddress: settings.dataMaxPerAddress)
         dataPort = dataServer.port
 
         if let loaded = selection.plugin {
@@ -191,7 +203,8 @@ public final class TransferEngine: @unchecked Sendable {
                                                     timeouts: handshakeTimeouts, maxLength: maxLength).json
             }
         }
-        handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, logger: logger) { [weak self] message in
+        handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, limits: settings.handshakeLimits,
+                                              logger: logger) { [weak self] message in
             self?.answerHandshake(message)
         }
         if let store = metadataStore {

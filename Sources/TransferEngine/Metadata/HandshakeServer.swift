@@ -1,71 +1,319 @@
+import DequeModule
 import Logging
 
-/// The handshake (RPC) port: answers Metadata, Notify, Probe and Connection
-/// messages in the official framing, one request per connection.
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CTransferEngineShims
+
+/// The handshake (RPC) port: answers Metadata, Notify, Probe and Connection messages in the
+/// official framing, one request per connection.
 ///
-/// Unlike upstream's serial loop, each connection is served on its own thread
-/// (up to `maxConcurrent`), so one slow client cannot stall the others.
+/// One I/O thread reads every connection's request without blocking (poll), each within a total
+/// deadline; complete requests go to a few worker threads, since a handler may block (a plugin's
+/// connection setup). An idle or trickling connection costs a table entry, not a thread, so new
+/// peers are answered while hundreds of them are open. Limits: connections being read in all and
+/// per source address (past either, the oldest such connection is closed to admit the new one),
+/// bytes buffered, requests queued for the workers.
 final class HandshakeServer: @unchecked Sendable {
     typealias Handler = @Sendable (HandshakeWire.Message) -> String?
 
-    private let listener: Socket
-    private let handler: Handler
-    private let logger: Logger
-    private let maxLength: Int
-    private let stopped = ConditionLock(false)
+    /// Bounds on what peers can hold (MC_HANDSHAKE_* settings).
+    struct Limits: Sendable {
+        /// A request must arrive whole within this (MC_HANDSHAKE_FRAME_TIMEOUT_MS).
+        var frameDeadlineMs = 10_000
+        /// Connections being read at once (MC_HANDSHAKE_MAX_CONNECTIONS).
+        var maxConnections = 1024
+        /// Of those, from one address (MC_HANDSHAKE_MAX_PER_ADDRESS).
+        var maxPerAddress = 64
+        /// Request bytes buffered over all connections.
+        var maxBufferedBytes = 64 << 20
+        /// Complete requests waiting for a worker.
+        var maxQueued = 64
+    }
 
-    /// Threads that each accept and serve connections. Persistent workers avoid
-    /// creating a thread per handshake (a large part of a first connection's cost);
-    /// several of them keep one slow client from stalling the rest (upstream serves
-    /// connections one at a time).
+    /// Threads that run handlers and send replies.
     static let workers = 4
 
     /// The bound port.
     let port: UInt16
 
-    init(listener: Socket, maxLength: Int, logger: Logger, handler: @escaping Handler) throws {
+    private let listener: Socket
+    private let handler: Handler
+    private let logger: Logger
+    private let maxLength: Int
+    private let limits: Limits
+    /// A pipe that wakes the I/O thread from poll (stop, replied connections handed back).
+    private let wakeRead: Int32
+    private let wakeWrite: Int32
+    private let shared = ConditionLock(Shared())
+
+    /// State the I/O thread and the workers share.
+    private struct Shared {
+        var stopped = false
+        var queue: Deque<(Socket, [UInt8], String)> = []
+        /// Replied connections handed back to the I/O thread to wait for the client's close.
+        var lingering: [Socket] = []
+        var lastLimitWarning: UInt64 = 0
+    }
+
+    /// A connection whose request is being read (I/O thread only).
+    private final class Reading {
+        let socket: Socket
+        let peer: String
+        let address: String
+        let deadline: UInt64
+        var header: [UInt8] = []
+        var body: [UInt8] = []
+        var expected: Int?
+        init(socket: Socket, peer: SocketAddress, deadline: UInt64) {
+            self.socket = socket
+            self.peer = peer.description
+            self.address = peer.host
+            self.deadline = deadline
+        }
+    }
+
+    init(listener: Socket, maxLength: Int, limits: Limits = Limits(), logger: Logger, handler: @escaping Handler) throws {
         self.listener = listener
         self.handler = handler
         self.logger = logger
         self.maxLength = maxLength
+        self.limits = limits
         self.port = listener.localAddress.port
+        _ = fcntl(listener.fd, F_SETFL, fcntl(listener.fd, F_GETFL) | O_NONBLOCK)
+        var pipeFDs: [Int32] = [-1, -1]
+        guard pipe(&pipeFDs) == 0 else { throw SocketError.system(call: "pipe", errno: .init(rawValue: errno)) }
+        for fd in pipeFDs {
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        }
+        (wakeRead, wakeWrite) = (pipeFDs[0], pipeFDs[1])
+        try OSThread.spawn(name: "te-handshake-io") { [self] in ioLoop() }
         for _ in 0..<Self.workers {
-            try OSThread.spawn(name: "te-handshake") { [self] in acceptLoop() }
+            try OSThread.spawn(name: "te-handshake") { [self] in workerLoop() }
         }
     }
 
+    deinit {
+        // Here, not when the I/O thread ends: a worker may still wake it after that.
+        Glibc.close(wakeRead)
+        Glibc.close(wakeWrite)
+    }
+
+    /// Stops reading and answering; connections still open are closed by the I/O thread.
     func stop() {
-        stopped.withLock { $0 = true }
-        listener.shutdownBoth()
+        let already = shared.withLock(notify: true) { state -> Bool in defer { state.stopped = true }; return state.stopped }
+        if !already { wake() }
     }
 
-    private func acceptLoop() {
+    private func wake() {
+        var one: UInt8 = 1
+        _ = Glibc.write(wakeWrite, &one, 1)
+    }
+
+    // MARK: - I/O thread
+
+    private func ioLoop() {
+        var reading: [Reading] = []
+        var lingering: [(socket: Socket, deadline: UInt64)] = []
+        var buffered = 0
+        defer {
+            reading.forEach { $0.socket.close() }
+            lingering.forEach { $0.socket.close() }
+            listener.close()
+        }
+        func drop(_ index: Int) {
+            buffered -= reading[index].header.count + reading[index].body.count
+            reading[index].socket.close()
+            reading.remove(at: index)
+        }
         while true {
-            guard let connection = try? listener.accept() else { return }
-            if stopped.withLock({ $0 }) { connection.close(); return }
-            serve(connection)
+            let (stopped, handedBack) = shared.withLock { state -> (Bool, [Socket]) in
+                defer { state.lingering.removeAll() }
+                return (state.stopped, state.lingering)
+            }
+            if stopped { return }
+            let now = MonotonicClock.nanoseconds()
+            lingering += handedBack.map { ($0, now + 1_000_000_000) }
+            // Deadlines: a request not whole in time, a client that never closes after its reply.
+            for index in reading.indices.reversed() where reading[index].deadline <= now {
+                logger.debug("handshake: \(reading[index].peer) did not send a whole request within \(limits.frameDeadlineMs) ms")
+                drop(index)
+            }
+            lingering.removeAll { entry in
+                if entry.deadline <= now { entry.socket.close(); return true }
+                return false
+            }
+            var fds = [pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0), pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0)]
+            fds += reading.map { pollfd(fd: $0.socket.fd, events: Int16(POLLIN), revents: 0) }
+            fds += lingering.map { pollfd(fd: $0.socket.fd, events: Int16(POLLIN), revents: 0) }
+            let nearest = (reading.map(\.deadline) + lingering.map(\.deadline)).min().map { $0 > now ? $0 - now : 0 } ?? 1_000_000_000
+            let timeoutMs = Int32(min(1000, nearest / 1_000_000 + 1))
+            let ready = fds.withUnsafeMutableBufferPointer { Glibc.poll($0.baseAddress, nfds_t($0.count), timeoutMs) }
+            if ready < 0 { if errno == EINTR { continue }; logger.error("handshake: poll failed (errno \(errno))"); return }
+            if fds[0].revents != 0 {
+                var drain = [UInt8](repeating: 0, count: 64)
+                while drain.withUnsafeMutableBytes({ Glibc.read(wakeRead, $0.baseAddress, 64) }) > 0 {}
+            }
+            // Lingering connections: any input or hang-up means the client is done.
+            let lingerBase = 2 + reading.count
+            for index in lingering.indices.reversed() where fds[lingerBase + index].revents != 0 {
+                lingering[index].socket.close()
+                lingering.remove(at: index)
+            }
+            // Reading connections (indices match the poll array until something is removed).
+            var finished: [Int] = []
+            for index in reading.indices where fds[2 + index].revents != 0 {
+                switch receive(reading[index], buffered: &buffered) {
+                case .more: break
+                case .complete, .failed: finished.append(index)
+                }
+            }
+            for index in finished.reversed() {
+                let connection = reading[index]
+                if connection.expected != nil, connection.body.count == connection.expected {
+                    buffered -= connection.header.count + connection.body.count
+                    reading.remove(at: index)
+                    enqueue(connection)
+                } else {
+                    drop(index)
+                }
+            }
+            if fds[1].revents != 0 { acceptAll(into: &reading, buffered: &buffered) }
         }
     }
 
-    private func serve(_ connection: Socket) {
-        defer { connection.close() }
-        connection.setTimeouts(receiveMs: 5000, sendMs: 5000)
-        let peer = connection.peerAddress.description
+    private enum ReadOutcome { case more, complete, failed }
+
+    /// Reads what has arrived for one connection, without blocking.
+    private func receive(_ connection: Reading, buffered: inout Int) -> ReadOutcome {
+        var chunk = [UInt8](repeating: 0, count: 64 << 10)
+        while true {
+            let want: Int
+            if let expected = connection.expected { want = min(chunk.count, expected - connection.body.count) } else { want = 8 - connection.header.count }
+            if want == 0 { return .complete }
+            let n = chunk.withUnsafeMutableBytes { Glibc.recv(connection.socket.fd, $0.baseAddress, want, Int32(MSG_DONTWAIT)) }
+            if n < 0 {
+                if errno == EAGAIN || errno == EWOULDBLOCK { return .more }
+                if errno == EINTR { continue }
+                return .failed
+            }
+            if n == 0 { return .failed }  // closed before a whole request
+            guard buffered + n <= limits.maxBufferedBytes else {
+                warnLimit("handshake: \(limits.maxBufferedBytes) bytes of requests already buffered; closing \(connection.peer)")
+                return .failed
+            }
+            buffered += n
+            if connection.expected == nil {
+                connection.header += chunk[0..<n]
+                if connection.header.count == 8 {
+                    let length = connection.header.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+                    do {
+                        connection.expected = try HandshakeWire.checkLength(length, limit: maxLength)
+                        connection.body.reserveCapacity(min(connection.expected!, 64 << 10))
+                    } catch {
+                        logger.warning("handshake: bad message from \(connection.peer): \(error)")
+                        return .failed
+                    }
+                }
+            } else {
+                connection.body += chunk[0..<n]
+            }
+        }
+    }
+
+    /// Accepts every pending connection, making room within the limits by closing the oldest
+    /// connection being read (from the same address first).
+    private func acceptAll(into reading: inout [Reading], buffered: inout Int) {
+        while true {
+            let fd = te_accept_cloexec(listener.fd)
+            if fd < 0 {
+                if errno == EINTR || errno == ECONNABORTED { continue }
+                if errno == EMFILE || errno == ENFILE { warnLimit("handshake: out of file descriptors; connections wait in the backlog") }
+                return
+            }
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            let socket = Socket(descriptor: .init(rawValue: fd))
+            let connection = Reading(socket: socket, peer: socket.peerAddress,
+                                     deadline: MonotonicClock.nanoseconds() + UInt64(limits.frameDeadlineMs) * 1_000_000)
+            if let oldest = reading.firstIndex(where: { $0.address == connection.address }),
+               reading.lazy.filter({ $0.address == connection.address }).count >= limits.maxPerAddress {
+                warnLimit("handshake: \(limits.maxPerAddress) connections from \(connection.address) are being read; closing its oldest")
+                buffered -= reading[oldest].header.count + reading[oldest].body.count
+                reading[oldest].socket.close()
+                reading.remove(at: oldest)
+            } else if reading.count >= limits.maxConnections {
+                warnLimit("handshake: \(limits.maxConnections) connections are being read; closing the oldest")
+                buffered -= reading[0].header.count + reading[0].body.count
+                reading[0].socket.close()
+                reading.removeFirst()
+            }
+            reading.append(connection)
+        }
+    }
+
+    /// Hands a whole request to the workers (or refuses it when they are that far behind).
+    private func enqueue(_ connection: Reading) {
+        let accepted = shared.withLock { state -> Bool in
+            guard state.queue.count < limits.maxQueued else { return false }
+            state.queue.append((connection.socket, connection.body, connection.peer))
+            return true
+        }
+        if accepted { shared.signalOne() } else {
+            warnLimit("handshake: \(limits.maxQueued) requests already wait for an answer; closing \(connection.peer)")
+            connection.socket.close()
+        }
+    }
+
+    /// A warning at most every 10 s (a flood must not flood the log too).
+    private func warnLimit(_ message: String) {
+        let now = MonotonicClock.nanoseconds()
+        let due = shared.withLock { state -> Bool in
+            guard state.lastLimitWarning == 0 || now - state.lastLimitWarning >= 10_000_000_000 else { return false }
+            state.lastLimitWarning = now
+            return true
+        }
+        if due { logger.warning("\(message) (further limit warnings in the next 10 s are not shown)") }
+    }
+
+    // MARK: - Workers
+
+    private func workerLoop() {
+        while true {
+            let next = shared.wait(until: { state -> (Socket, [UInt8], String)?? in
+                if state.stopped { return .some(nil) }
+                return state.queue.popFirst().map { .some($0) }
+            })
+            guard let item = next ?? nil else { return }
+            answer(item.0, body: item.1, peer: item.2)
+        }
+    }
+
+    private func answer(_ connection: Socket, body: [UInt8], peer: String) {
+        _ = fcntl(connection.fd, F_SETFL, fcntl(connection.fd, F_GETFL) & ~O_NONBLOCK)
+        connection.setTimeouts(receiveMs: 1000, sendMs: 5000)
         do {
-            let request = try HandshakeClient.receive(on: connection, maxLength: maxLength)
+            let request = try HandshakeWire.decodeBody(body)
             guard let replyJSON = handler(request) else {
                 logger.warning("handshake: refused a \(request.kind) message from \(peer)")
+                connection.close()
                 return
             }
             let reply = HandshakeWire.Message(kind: request.kind, json: replyJSON, legacy: request.legacy)
             try reply.encoded.withUnsafeBytes { try connection.sendAll([$0]) }
             connection.shutdownWrite()
-            // Upstream clients close first; wait briefly for that so the reply is not reset.
-            connection.setTimeouts(receiveMs: 1000, sendMs: 1000)
-            var scratch: UInt8 = 0
-            _ = try? connection.receiveSome(&scratch, count: 1)
         } catch {
             logger.warning("handshake: bad message from \(peer): \(error)")
+            connection.close()
+            return
         }
+        // Upstream clients close first; the I/O thread waits (briefly) for that, so the reply
+        // is not reset and no worker is held by a client that never closes.
+        _ = fcntl(connection.fd, F_SETFL, fcntl(connection.fd, F_GETFL) | O_NONBLOCK)
+        shared.withLock { $0.lingering.append(connection) }
+        wake()
     }
 }

@@ -20,7 +20,8 @@ public final class MetadataHTTPServer: @unchecked Sendable {
         let listener = try Socket.listen(host: host, port: port, backlog: 1024)
         self.logger = logger
         self.port = listener.localAddress.port
-        acceptor = try ConnectionAcceptor(listener: listener, limit: Self.maxConnections, name: "metadata http", logger: logger,
+        acceptor = try ConnectionAcceptor(listener: listener, limit: Self.maxConnections, perAddressLimit: Self.maxConnections,
+                                          name: "metadata http", logger: logger,
             refuse: { connection in
                 let busy = HTTPWire.encode(startLine: "HTTP/1.1 503 Service Unavailable", headers: [("Connection", "close")], body: Array("too many connections".utf8))
                 _ = try? busy.withUnsafeBytes { try connection.sendAll([$0]) }

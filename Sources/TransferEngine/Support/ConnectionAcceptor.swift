@@ -1,23 +1,34 @@
 import Logging
 
 /// Accepts connections on a listener and serves each on its own thread, at
-/// most `limit` at once (a peer must not be able to exhaust threads). Shared
-/// by the TCP data server and the HTTP metadata server.
+/// most `limit` at once and `perAddressLimit` from one address (a peer must not be
+/// able to exhaust threads, nor one address every slot). Shared by the TCP data
+/// server and the HTTP metadata server.
 final class ConnectionAcceptor: @unchecked Sendable {
     private let listener: Socket
     private let limit: Int
+    private let perAddressLimit: Int
     private let name: String
     private let logger: Logger
     private let refuse: @Sendable (Socket) -> Void
     private let serve: @Sendable (Socket) -> Void
-    private let connections = ConditionLock<[Int32: Socket]>([:])
+    private let connections = ConditionLock(Table())
     private let stopped = ConditionLock(false)
 
+    /// Open connections, and how many come from each address.
+    private struct Table {
+        var sockets: [Int32: (socket: Socket, address: String)] = [:]
+        var perAddress: [String: Int] = [:]
+        var lastRefusalLog: UInt64 = 0
+        var refusedSinceLog = 0
+    }
+
     /// Starts the accept thread. `refuse` answers a connection over the limit before it is closed.
-    init(listener: Socket, limit: Int, name: String, logger: Logger,
+    init(listener: Socket, limit: Int, perAddressLimit: Int, name: String, logger: Logger,
          refuse: @escaping @Sendable (Socket) -> Void, serve: @escaping @Sendable (Socket) -> Void) throws {
         self.listener = listener
         self.limit = limit
+        self.perAddressLimit = perAddressLimit
         self.name = name
         self.logger = logger
         self.refuse = refuse
@@ -29,14 +40,14 @@ final class ConnectionAcceptor: @unchecked Sendable {
     var isStopped: Bool { stopped.withLock { $0 } }
 
     /// Connections being served.
-    var count: Int { connections.withLock { $0.count } }
+    var count: Int { connections.withLock { $0.sockets.count } }
 
     /// Stops accepting and shuts every open connection down (idempotent).
     func stop() {
         let already = stopped.withLock { state -> Bool in defer { state = true }; return state }
         if already { return }
         listener.shutdownBoth()
-        connections.withLock { $0.values.forEach { $0.shutdownBoth() } }
+        connections.withLock { $0.sockets.values.forEach { $0.socket.shutdownBoth() } }
     }
 
     private func acceptLoop() {
@@ -48,13 +59,29 @@ final class ConnectionAcceptor: @unchecked Sendable {
             }
             guard let connection = accepted else { return }
             if isStopped { connection.close(); return }
-            let admitted = connections.withLock { table -> Bool in
-                guard table.count < limit else { return false }
-                table[connection.fd] = connection
-                return true
+            let address = connection.peerAddress.host
+            // nil: admitted; else why not, and whether to log it now (at most every 10 s, with a count).
+            let refusal = connections.withLock { table -> (reason: String, log: Int?)? in
+                let reason: String
+                if table.sockets.count >= limit {
+                    reason = "\(limit) connections already open"
+                } else if table.perAddress[address, default: 0] >= perAddressLimit {
+                    reason = "\(perAddressLimit) connections from \(address) already open"
+                } else {
+                    table.sockets[connection.fd] = (connection, address)
+                    table.perAddress[address, default: 0] += 1
+                    return nil
+                }
+                table.refusedSinceLog += 1
+                let now = MonotonicClock.nanoseconds()
+                guard table.lastRefusalLog == 0 || now - table.lastRefusalLog >= 10_000_000_000 else { return (reason, nil) }
+                defer { table.lastRefusalLog = now; table.refusedSinceLog = 0 }
+                return (reason, table.refusedSinceLog)
             }
-            if !admitted {
-                logger.warning("\(name): refusing a connection from \(connection.peerAddress): \(limit) connections already open")
+            if let refusal {
+                if let count = refusal.log {
+                    logger.warning("\(name): refusing connections (\(count) since the last such line), latest from \(connection.peerAddress): \(refusal.reason)")
+                }
                 refuse(connection)
                 connection.close()
                 continue
@@ -62,14 +89,22 @@ final class ConnectionAcceptor: @unchecked Sendable {
             do {
                 try OSThread.spawn(name: "te-serve") { [self] in
                     serve(connection)
-                    connections.withLock { _ = $0.removeValue(forKey: connection.fd) }
+                    forget(connection)
                     connection.close()
                 }
             } catch {
                 logger.error("\(name): cannot start a thread for a connection: \(error)")
-                connections.withLock { _ = $0.removeValue(forKey: connection.fd) }
+                forget(connection)
                 connection.close()
             }
+        }
+    }
+
+    private func forget(_ connection: Socket) {
+        connections.withLock { table in
+            guard let entry = table.sockets.removeValue(forKey: connection.fd) else { return }
+            table.perAddress[entry.address, default: 1] -= 1
+            if table.perAddress[entry.address] == 0 { table.perAddress.removeValue(forKey: entry.address) }
         }
     }
 }

@@ -243,6 +243,20 @@ final class Socket: @unchecked Sendable {
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
     }
 
+    /// Detects a peer that vanished without closing (crashed host, partition): keepalive probes
+    /// after `idleSeconds` of silence, every `intervalSeconds`, `count` times; and unacknowledged
+    /// sent data fails the connection after `userTimeoutMs` (TCP_USER_TIMEOUT).
+    func setKeepAlive(idleSeconds: Int32 = 30, intervalSeconds: Int32 = 10, count: Int32 = 3, userTimeoutMs: UInt32) {
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, socklen_t(MemoryLayout<Int32>.size))
+        for (option, value) in [(TCP_KEEPIDLE, idleSeconds), (TCP_KEEPINTVL, intervalSeconds), (TCP_KEEPCNT, count)] {
+            var v = value
+            setsockopt(fd, Int32(IPPROTO_TCP), option, &v, socklen_t(MemoryLayout<Int32>.size))
+        }
+        var timeout = userTimeoutMs
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, &timeout, socklen_t(MemoryLayout<UInt32>.size))
+    }
+
     /// Bounds every blocking receive/send; 0 disables the bound.
     func setTimeouts(receiveMs: Int, sendMs: Int) {
         for (option, ms) in [(SO_RCVTIMEO, receiveMs), (SO_SNDTIMEO, sendMs)] {

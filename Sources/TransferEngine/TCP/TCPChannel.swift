@@ -131,6 +131,7 @@ final class TCPChannel: @unchecked Sendable {
         if let socket = state.withLock({ $0.idleSockets.popLast() }) { return socket }
         let socket = try Socket.connect(host: host, port: port, timeoutMs: settings.connectTimeoutMs)
         socket.setTimeouts(receiveMs: settings.statusTimeoutMs, sendMs: settings.statusTimeoutMs)
+        socket.setKeepAlive(userTimeoutMs: UInt32(settings.statusTimeoutMs))
         return socket
     }
 

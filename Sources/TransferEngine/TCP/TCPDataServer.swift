@@ -18,6 +18,7 @@ final class TCPDataServer: @unchecked Sendable {
     private let registry: MemoryRegistry
     private let logger: Logger
     private let payloadTimeoutMs: Int
+    private let idleTimeoutNs: UInt64
     private let spinNanoseconds: UInt64
     /// At most one connection thread spins at a time, so busy-waiting never
     /// competes with threads that are moving data (this host may have 2 cores).
@@ -28,13 +29,18 @@ final class TCPDataServer: @unchecked Sendable {
     let port: UInt16
 
     /// Binds the listener (see `PortAllocator` for the port choice) and starts accepting.
-    init(listener: Socket, registry: MemoryRegistry, logger: Logger, payloadTimeoutMs: Int, spinNanoseconds: UInt64) throws {
+    /// `idleTimeoutMs`: a connection with no request for this long is closed (MC_TCP_IDLE_TIMEOUT_SEC);
+    /// `maxPerAddress`: connections served at once for one peer address (MC_TCP_MAX_CONNECTIONS_PER_ADDRESS).
+    init(listener: Socket, registry: MemoryRegistry, logger: Logger, payloadTimeoutMs: Int, spinNanoseconds: UInt64,
+         idleTimeoutMs: Int = 300_000, maxPerAddress: Int = 256) throws {
         self.spinNanoseconds = spinNanoseconds
         self.registry = registry
         self.logger = logger
         self.payloadTimeoutMs = payloadTimeoutMs
+        self.idleTimeoutNs = UInt64(idleTimeoutMs) * 1_000_000
         self.port = listener.localAddress.port
-        acceptor = try ConnectionAcceptor(listener: listener, limit: Self.maxConnections, name: "tcp data", logger: logger,
+        acceptor = try ConnectionAcceptor(listener: listener, limit: Self.maxConnections, perAddressLimit: maxPerAddress,
+                                          name: "tcp data", logger: logger,
                                           refuse: { _ in }, serve: { [weak self] connection in self?.serve(connection) })
     }
 
@@ -52,8 +58,10 @@ final class TCPDataServer: @unchecked Sendable {
     /// client sees them in request order either way.
     private func serve(_ connection: Socket) {
         let peer = connection.peerAddress.description
-        // Timeouts bound every payload transfer; an idle wait between requests is not an error.
-        connection.setTimeouts(receiveMs: payloadTimeoutMs, sendMs: payloadTimeoutMs)
+        // Timeouts bound every payload transfer; an idle wait between requests is not an error
+        // until the idle timeout. Keepalive finds peers that vanished without closing.
+        connection.setTimeouts(receiveMs: min(payloadTimeoutMs, Int(idleTimeoutNs / 1_000_000)), sendMs: payloadTimeoutMs)
+        connection.setKeepAlive(userTimeoutMs: UInt32(payloadTimeoutMs))
         let headerBytes = UnsafeMutableRawBufferPointer.allocate(byteCount: TCPWire.headerSize, alignment: 8)
         defer { headerBytes.deallocate() }
         // Bytes of the next header that arrived together with the previous write's payload.
@@ -83,7 +91,13 @@ final class TCPDataServer: @unchecked Sendable {
                             first = try connection.receiveSome(headerBytes.baseAddress!, count: TCPWire.headerSize)
                             break
                         } catch SocketError.timedOut("receive") {
-                            continue  // idle between requests
+                            // Idle between requests: fine until the idle timeout.
+                            if MonotonicClock.nanoseconds() - lastDone >= idleTimeoutNs {
+                                logger.debug("tcp data: closing \(peer) after \(idleTimeoutNs / 1_000_000_000) s without a request")
+                                try? flushAcks()
+                                return
+                            }
+                            continue
                         }
                     }
                     if first == 0 { return }  // clean EOF between requests
