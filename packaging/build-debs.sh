@@ -81,7 +81,7 @@ build_deb() {  # stage package depends short-description long-description [archi
     local stage=$1 package=$2 architecture=${6:-$arch}
     mkdir -p "$stage/DEBIAN"
     # Conffiles (under etc/) are listed as such, not in md5sums.
-    (cd "$stage" && find usr lib -type f -print0 2>/dev/null | sort -z | xargs -0 -r md5sum > DEBIAN/md5sums)
+    (cd "$stage" && find usr $([ -d lib ] && echo lib) -type f -print0 | sort -z | xargs -0 -r md5sum > DEBIAN/md5sums)
     if [ -d "$stage/etc" ]; then (cd "$stage" && find etc -type f | sort | sed 's|^|/|') > "$stage/DEBIAN/conffiles"; fi
     {
         echo "Package: $package"
