@@ -156,11 +156,15 @@ class TransferEngine:
         self._managed = {}
 
     def __del__(self):
+        # The engine goes first: its listeners, lanes and plugin threads stop (no peer or
+        # in-flight transfer can touch managed memory any more), then that memory is freed.
         try:
             if self._handle:
+                handle, self._handle = self._handle, None
+                _destroy(handle)
                 for address in list(self._managed):
-                    self.free_managed_buffer(address, self._managed[address])
-                _destroy(self._handle)
+                    _libc.free(_vp(address))
+                self._managed.clear()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 

@@ -42,12 +42,17 @@ final class ConnectionAcceptor: @unchecked Sendable {
     /// Connections being served.
     var count: Int { connections.withLock { $0.sockets.count } }
 
-    /// Stops accepting and shuts every open connection down (idempotent).
-    func stop() {
+    /// Stops accepting, shuts every open connection down and waits (at most `waitMs`) until their
+    /// threads have ended, so no peer's request touches memory after this returns (idempotent).
+    func stop(waitMs: Int = 5000) {
         let already = stopped.withLock { state -> Bool in defer { state = true }; return state }
         if already { return }
         listener.shutdownBoth()
         connections.withLock { $0.sockets.values.forEach { $0.socket.shutdownBoth() } }
+        let deadline = MonotonicClock.nanoseconds() + UInt64(waitMs) * 1_000_000
+        if connections.wait(deadline: deadline, until: { $0.sockets.isEmpty ? true : nil }) == nil {
+            logger.warning("\(name): \(count) connection threads still running \(waitMs) ms after stop")
+        }
     }
 
     private func acceptLoop() {
@@ -101,7 +106,7 @@ final class ConnectionAcceptor: @unchecked Sendable {
     }
 
     private func forget(_ connection: Socket) {
-        connections.withLock { table in
+        connections.withLock(notify: true) { table in
             guard let entry = table.sockets.removeValue(forKey: connection.fd) else { return }
             table.perAddress[entry.address, default: 1] -= 1
             if table.perAddress[entry.address] == 0 { table.perAddress.removeValue(forKey: entry.address) }

@@ -45,6 +45,8 @@ final class TCPChannel: @unchecked Sendable {
         /// that rotate over the lanes measured 2-3x slower for 1-4 MiB batches).
         var idle: [LaneWakeup] = []
         var idleSockets: [Socket] = []
+        /// Connections lanes are using now (shut down by `close` so their I/O ends at once).
+        var busySockets: [ObjectIdentifier: Socket] = [:]
         var closed = false
     }
 
@@ -115,16 +117,23 @@ final class TCPChannel: @unchecked Sendable {
         if let error = outcome.errors[0] { throw error }
     }
 
-    /// Stops the lanes after their current request and fails queued work.
-    func close() {
-        let (pending, sockets, idle): ([TCPSlice], [Socket], [LaneWakeup]) = state.withLock { state in
+    /// Fails queued work, ends the lanes' current requests (their connections are shut down) and
+    /// waits (at most `waitMs`) until every lane has stopped, so none writes into local memory
+    /// after this returns.
+    func close(waitMs: Int = 5000) {
+        let (pending, sockets, busy, idle): ([TCPSlice], [Socket], [Socket], [LaneWakeup]) = state.withLock { state in
             state.closed = true
             defer { state.queue.removeAll(); state.idleSockets.removeAll(); state.idle.removeAll() }
-            return (Array(state.queue), state.idleSockets, state.idle)
+            return (Array(state.queue), state.idleSockets, Array(state.busySockets.values), state.idle)
         }
         sockets.forEach { $0.close() }
+        busy.forEach { $0.shutdownBoth() }
         idle.forEach { lane in lane.woken.withLock(notify: true) { $0 = true } }
         for slice in pending { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "tcp channel to \(host):\(port) closed") }
+        let deadline = MonotonicClock.nanoseconds() + UInt64(waitMs) * 1_000_000
+        if state.wait(deadline: deadline, until: { $0.lanes == 0 ? true : nil }) == nil {
+            logger.warning("tcp channel to \(host):\(port): lanes still running \(waitMs) ms after close")
+        }
     }
 
     private func takeSocket() throws -> Socket {
@@ -189,6 +198,7 @@ final class TCPChannel: @unchecked Sendable {
             }
             switch next {
             case .closed:
+                state.notifyAll()  // a closing channel waits for lanes == 0
                 return
             case .idle:
                 let deadline = MonotonicClock.nanoseconds() + UInt64(settings.laneIdleMs) * 1_000_000
@@ -200,7 +210,7 @@ final class TCPChannel: @unchecked Sendable {
                         state.lanes -= 1
                         return true
                     }
-                    if retire { return }
+                    if retire { state.notifyAll(); return }
                 }
                 continue
             case .run(let run, let helper, let spawn):
@@ -219,7 +229,18 @@ final class TCPChannel: @unchecked Sendable {
                 return
             }
         }
+        let id = ObjectIdentifier(socket!)
+        let admitted = state.withLock { state -> Bool in
+            guard !state.closed else { return false }
+            state.busySockets[id] = socket!
+            return true
+        }
+        guard admitted else {
+            for slice in run { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "tcp channel to \(host):\(port) closed") }
+            return
+        }
         let outcome = performRun(run.map { Step(operation: $0.operation, localAddress: $0.localAddress, remoteAddress: $0.remoteAddress, length: $0.length) }, on: socket!)
+        state.withLock { _ = $0.busySockets.removeValue(forKey: id) }
         // Report per batch, so each batch takes its lock once per run.
         var reports: [ObjectIdentifier: (Batch, [(task: Int, bytes: UInt64, error: String?)])] = [:]
         for (slice, error) in zip(run, outcome.errors) {
