@@ -135,6 +135,13 @@ targets += [
     .testTarget(name: "GPUPluginTests", dependencies: ["GPUPlugin"], path: "Tests/GPUPluginTests"),
 ]
 
+// libFuzzer harnesses (Fuzz/): built only by scripts/fuzz.sh, with TE_FUZZ=1 and -sanitize=fuzzer,address
+// (libFuzzer provides main; an ordinary build would fail to link them).
+if environment["TE_FUZZ"] == "1" {
+    products.append(.executable(name: "te-fuzz", targets: ["te-fuzz"]))
+    targets.append(.executableTarget(name: "te-fuzz", dependencies: ["TransferEngine", "GPUPlugin"], path: "Fuzz/Sources"))
+}
+
 let package = Package(
     name: "swift-transfer-engine",
     products: products,

@@ -138,13 +138,26 @@ struct EFAPluginTests {
         // The target's own address has the provider's length; variants of its port bytes are well-formed peers.
         let own = try #require(try handshake("")["efa_addr"]?.stringValue)
         #expect(own.count >= 8)
-        for port in 0..<12 {
+        func variant(_ port: Int) -> String {
             var bytes = Array(own)
-            let text = String(format: "%04x", 40000 + port)
-            bytes.replaceSubrange(4..<8, with: Array(text))
-            let answer = try handshake(String(bytes))
-            #expect(answer["reply_msg"]?.stringValue == "", "\(answer)")
+            bytes.replaceSubrange(4..<8, with: Array(String(format: "%04x", 40000 + port)))
+            return String(bytes)
         }
+        // Four fit; a fifth within two seconds of their arrival is refused (nothing may be evicted
+        // yet); after that the oldest make room, in groups of four.
+        for group in 0..<3 {
+            for port in (group * 4)..<(group * 4 + 4) {
+                let answer = try handshake(variant(port))
+                #expect(answer["reply_msg"]?.stringValue == "", "\(answer)")
+            }
+            if group == 0 {
+                let refused = try handshake(variant(99))
+                #expect(refused["reply_msg"]?.stringValue?.contains("address vector of lo is full") == true, "\(refused)")
+            }
+            usleep(2_100_000)
+        }
+        // The same address in upper case is the same entry, not a fifth one.
+        #expect(try handshake(variant(11).uppercased())["reply_msg"]?.stringValue == "")
         // Still serving real peers after twelve addresses went through a four-entry vector.
         let peer = try ServeProcess(bufferSize: "1MiB", environment: environment(provider: "tcp;ofi_rxm"), protocolName: "efa")
         let local = TestBuffer(4096)

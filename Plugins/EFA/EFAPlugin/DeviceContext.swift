@@ -87,6 +87,10 @@ final class DeviceContext: @unchecked Sendable {
         self.onFinished = onFinished
     }
 
+    /// Runs domain operations (address-vector changes) under the lock that serialises this
+    /// domain's calls, as FI_THREAD_DOMAIN requires.
+    func serialized<R>(_ body: () -> R) -> R { lock.locked(body) }
+
     /// Starts the progress thread.
     func start() -> Bool {
         lock.locked { running = true }

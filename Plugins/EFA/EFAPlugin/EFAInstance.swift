@@ -219,28 +219,33 @@ final class EFAInstance: @unchecked Sendable {
 
     /// Puts a peer's address into a device's address vector once. The address comes from an
     /// unauthenticated handshake: its length must be the provider's (the shim checks), and the
-    /// vector stays bounded (the oldest address no open peer uses makes room).
-    private func insertAddress(_ hex: String, into context: DeviceContext) -> Result<UInt64, LibfabricFailure> {
-        if let known = signal.locked({ knownAddresses[context.index].handle(of: hex) }) { return .success(known) }
+    /// vector stays bounded (the oldest address that no open peer uses and nobody used in the last
+    /// two seconds makes room). Lookup, eviction and insertion happen under one lock, the domain's own
+    /// (FI_THREAD_DOMAIN) taken inside it, so concurrent handshakes cannot race.
+    private func insertAddress(_ text: String, into context: DeviceContext) -> Result<UInt64, LibfabricFailure> {
+        let hex = text.lowercased()
         guard let bytes = JSONText.unhex(hex), !bytes.isEmpty else {
-            return .failure(LibfabricFailure(code: 0, text: "malformed efa_addr '\(hex.prefix(80))'"))
+            return .failure(LibfabricFailure(code: 0, text: "malformed efa_addr '\(text.prefix(80))'"))
         }
-        let evict: [UInt64]? = signal.locked {
+        let now = monotonicNanoseconds()
+        return signal.locked {
+            if let known = knownAddresses[context.index].handle(of: hex, now: now) { return .success(known) }
             // An open peer holds one handle per local device, in device order.
             let inUse = Set(peers.values.compactMap { $0.addressHandle.indices.contains(context.index) ? $0.addressHandle[context.index] : nil })
-            return knownAddresses[context.index].makeRoom(keeping: inUse)
+            guard let evict = knownAddresses[context.index].makeRoom(keeping: inUse, now: now) else {
+                return .failure(LibfabricFailure(code: 0, text: "the address vector of \(context.name) is full (\(options.maxAddresses) peers in use; MC_EFA_MAX_ADDRESSES)"))
+            }
+            var handle: UInt64 = 0
+            let status = context.serialized { () -> Int32 in
+                for old in evict { _ = efa_av_remove(context.handle, old) }
+                return efa_av_insert(context.handle, bytes, bytes.count, &handle)
+            }
+            guard status == 0 else {
+                return .failure(LibfabricFailure(code: status, text: "fi_av_insert of a \(bytes.count)-byte efa_addr on \(context.name): \(LibfabricError(code: status))"))
+            }
+            knownAddresses[context.index].insert(hex, handle: handle, now: now)
+            return .success(handle)
         }
-        guard let evict else {
-            return .failure(LibfabricFailure(code: 0, text: "the address vector of \(context.name) is full (\(options.maxAddresses) peers in use; MC_EFA_MAX_ADDRESSES)"))
-        }
-        for handle in evict { _ = efa_av_remove(context.handle, handle) }
-        var handle: UInt64 = 0
-        let status = efa_av_insert(context.handle, bytes, bytes.count, &handle)
-        guard status == 0 else {
-            return .failure(LibfabricFailure(code: status, text: "fi_av_insert of a \(bytes.count)-byte efa_addr on \(context.name): \(LibfabricError(code: status))"))
-        }
-        signal.locked { knownAddresses[context.index].insert(hex, handle: handle) }
-        return .success(handle)
     }
 
     /// Opens a peer: one Connection handshake per local device (upstream's address exchange).

@@ -159,7 +159,11 @@ final class GPUInstance: @unchecked Sendable {
         if status == 0, options.mode.sameHostOnly {
             var isDevice: Int32 = 0, device: Int32 = 0, base: UInt64 = 0, opened: UInt64 = 0
             status = gpu_pointer_info(address, &isDevice, &device, &base, &opened)
-            if status == 0 { size = opened } else { _ = gpu_ipc_close(address) }
+            // The handle may open an interior pointer of its allocation: what lies past `address`.
+            if status == 0, base <= address, address - base <= opened { size = opened - (address - base) } else {
+                if status == 0 { status = -1 }
+                _ = gpu_ipc_close(address)
+            }
         }
         guard status == 0 else { return (nil, 0, status) }
         return queue.locked {

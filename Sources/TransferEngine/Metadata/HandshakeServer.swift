@@ -28,8 +28,12 @@ final class HandshakeServer: @unchecked Sendable {
         var maxConnections = 1024
         /// Of those, from one address (MC_HANDSHAKE_MAX_PER_ADDRESS).
         var maxPerAddress = 64
-        /// Request bytes buffered over all connections.
+        /// Request bytes buffered over all connections; past it the connection holding the most goes.
         var maxBufferedBytes = 64 << 20
+        /// Of those, from one address.
+        var maxBufferedPerAddress = 8 << 20
+        /// A reply must be sent whole within this.
+        var replyDeadlineMs = 5000
         /// Complete requests waiting for a worker.
         var maxQueued = 64
     }
@@ -57,6 +61,8 @@ final class HandshakeServer: @unchecked Sendable {
         /// Replied connections handed back to the I/O thread to wait for the client's close.
         var lingering: [Socket] = []
         var lastLimitWarning: UInt64 = 0
+        /// Workers still running (stop waits for them).
+        var workers = 0
     }
 
     /// A connection whose request is being read (I/O thread only).
@@ -68,6 +74,17 @@ final class HandshakeServer: @unchecked Sendable {
         var header: [UInt8] = []
         var body: [UInt8] = []
         var expected: Int?
+        /// Set when the connection was cut short to make room; the I/O loop drops it.
+        var discarded = false
+        /// Request bytes held.
+        var held: Int { header.count + body.count }
+        /// Frees the bytes and closes the connection (the loop removes it from its table).
+        func discard() {
+            discarded = true
+            header = []
+            body = []
+            socket.close()
+        }
         init(socket: Socket, peer: SocketAddress, deadline: UInt64) {
             self.socket = socket
             self.peer = peer.description
@@ -92,8 +109,12 @@ final class HandshakeServer: @unchecked Sendable {
         }
         (wakeRead, wakeWrite) = (pipeFDs[0], pipeFDs[1])
         try OSThread.spawn(name: "te-handshake-io") { [self] in ioLoop() }
+        shared.withLock { $0.workers = Self.workers }
         for _ in 0..<Self.workers {
-            try OSThread.spawn(name: "te-handshake") { [self] in workerLoop() }
+            try OSThread.spawn(name: "te-handshake") { [self] in
+                workerLoop()
+                shared.withLock(notify: true) { $0.workers -= 1 }
+            }
         }
     }
 
@@ -103,10 +124,20 @@ final class HandshakeServer: @unchecked Sendable {
         Glibc.close(wakeWrite)
     }
 
-    /// Stops reading and answering; connections still open are closed by the I/O thread.
-    func stop() {
-        let already = shared.withLock(notify: true) { state -> Bool in defer { state.stopped = true }; return state.stopped }
-        if !already { wake() }
+    /// Stops reading and answering, and waits (at most `waitMs`) for handlers still running, so
+    /// none is inside a plugin the engine shuts down next; connections still open are closed.
+    func stop(waitMs: Int = 5000) {
+        let (already, queued) = shared.withLock(notify: true) { state -> (Bool, [Socket]) in
+            defer { state.stopped = true; state.queue.removeAll() }
+            return (state.stopped, state.queue.map(\.0))
+        }
+        if already { return }
+        wake()
+        queued.forEach { $0.close() }
+        let deadline = MonotonicClock.nanoseconds() + UInt64(waitMs) * 1_000_000
+        if shared.wait(deadline: deadline, until: { $0.workers == 0 ? true : nil }) == nil {
+            logger.warning("handshake: answers still running \(waitMs) ms after stop")
+        }
     }
 
     private func wake() {
@@ -126,7 +157,7 @@ final class HandshakeServer: @unchecked Sendable {
             listener.close()
         }
         func drop(_ index: Int) {
-            buffered -= reading[index].header.count + reading[index].body.count
+            buffered -= reading[index].held
             reading[index].socket.close()
             reading.remove(at: index)
         }
@@ -166,30 +197,33 @@ final class HandshakeServer: @unchecked Sendable {
             }
             // Reading connections (indices match the poll array until something is removed).
             var finished: [Int] = []
-            for index in reading.indices where fds[2 + index].revents != 0 {
-                switch receive(reading[index], buffered: &buffered) {
+            for index in reading.indices where fds[2 + index].revents != 0 && !reading[index].discarded {
+                switch receive(reading[index], buffered: &buffered, reading: reading) {
                 case .more: break
                 case .complete, .failed: finished.append(index)
                 }
             }
-            for index in finished.reversed() {
+            for index in finished.reversed() where !reading[index].discarded {
                 let connection = reading[index]
                 if connection.expected != nil, connection.body.count == connection.expected {
-                    buffered -= connection.header.count + connection.body.count
+                    buffered -= connection.held
                     reading.remove(at: index)
                     enqueue(connection)
                 } else {
                     drop(index)
                 }
             }
+            reading.removeAll { $0.discarded }  // cut short to make room; bytes already given back
             if fds[1].revents != 0 { acceptAll(into: &reading, buffered: &buffered) }
         }
     }
 
     private enum ReadOutcome { case more, complete, failed }
 
-    /// Reads what has arrived for one connection, without blocking.
-    private func receive(_ connection: Reading, buffered: inout Int) -> ReadOutcome {
+    /// Reads what has arrived for one connection, without blocking. Past the byte budgets the
+    /// connection fails; past the total one the connection holding the most bytes is cut short
+    /// first (`evictLargest`), so one address cannot keep everyone else's requests out.
+    private func receive(_ connection: Reading, buffered: inout Int, reading: [Reading]) -> ReadOutcome {
         var chunk = [UInt8](repeating: 0, count: 64 << 10)
         while true {
             let want: Int
@@ -202,6 +236,17 @@ final class HandshakeServer: @unchecked Sendable {
                 return .failed
             }
             if n == 0 { return .failed }  // closed before a whole request
+            let fromAddress = reading.reduce(0) { $0 + ($1.address == connection.address ? $1.held : 0) }
+            guard fromAddress + n <= limits.maxBufferedPerAddress else {
+                warnLimit("handshake: \(limits.maxBufferedPerAddress) bytes of requests from \(connection.address) already buffered; closing \(connection.peer)")
+                return .failed
+            }
+            if buffered + n > limits.maxBufferedBytes, let largest = reading.max(by: { $0.held < $1.held }), largest !== connection,
+               largest.held > connection.held {
+                warnLimit("handshake: \(limits.maxBufferedBytes) bytes of requests buffered; closing \(largest.peer), which holds the most")
+                buffered -= largest.held
+                largest.discard()
+            }
             guard buffered + n <= limits.maxBufferedBytes else {
                 warnLimit("handshake: \(limits.maxBufferedBytes) bytes of requests already buffered; closing \(connection.peer)")
                 return .failed
@@ -228,11 +273,23 @@ final class HandshakeServer: @unchecked Sendable {
     /// Accepts every pending connection, making room within the limits by closing the oldest
     /// connection being read (from the same address first).
     private func acceptAll(into reading: inout [Reading], buffered: inout Int) {
-        while true {
+        // Bounded per pass, so a connect flood cannot keep the thread from reading and from deadlines.
+        for _ in 0..<64 {
             let fd = te_accept_cloexec(listener.fd)
             if fd < 0 {
                 if errno == EINTR || errno == ECONNABORTED { continue }
-                if errno == EMFILE || errno == ENFILE { warnLimit("handshake: out of file descriptors; connections wait in the backlog") }
+                if errno == EMFILE || errno == ENFILE {
+                    // The listener stays readable: free a descriptor (the oldest connection being
+                    // read) instead of spinning on it.
+                    warnLimit("handshake: out of file descriptors; closing the oldest connection being read")
+                    if !reading.isEmpty {
+                        buffered -= reading[0].held
+                        reading[0].socket.close()
+                        reading.removeFirst()
+                    } else {
+                        usleep(10_000)
+                    }
+                }
                 return
             }
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
@@ -242,12 +299,12 @@ final class HandshakeServer: @unchecked Sendable {
             if let oldest = reading.firstIndex(where: { $0.address == connection.address }),
                reading.lazy.filter({ $0.address == connection.address }).count >= limits.maxPerAddress {
                 warnLimit("handshake: \(limits.maxPerAddress) connections from \(connection.address) are being read; closing its oldest")
-                buffered -= reading[oldest].header.count + reading[oldest].body.count
+                buffered -= reading[oldest].held
                 reading[oldest].socket.close()
                 reading.remove(at: oldest)
             } else if reading.count >= limits.maxConnections {
                 warnLimit("handshake: \(limits.maxConnections) connections are being read; closing the oldest")
-                buffered -= reading[0].header.count + reading[0].body.count
+                buffered -= reading[0].held
                 reading[0].socket.close()
                 reading.removeFirst()
             }
@@ -272,7 +329,7 @@ final class HandshakeServer: @unchecked Sendable {
     private func warnLimit(_ message: String) {
         let now = MonotonicClock.nanoseconds()
         let due = shared.withLock { state -> Bool in
-            guard state.lastLimitWarning == 0 || now - state.lastLimitWarning >= 10_000_000_000 else { return false }
+            guard state.lastLimitWarning == 0 || now &- state.lastLimitWarning >= 10_000_000_000 else { return false }
             state.lastLimitWarning = now
             return true
         }
@@ -294,7 +351,7 @@ final class HandshakeServer: @unchecked Sendable {
 
     private func answer(_ connection: Socket, body: [UInt8], peer: String) {
         _ = fcntl(connection.fd, F_SETFL, fcntl(connection.fd, F_GETFL) & ~O_NONBLOCK)
-        connection.setTimeouts(receiveMs: 1000, sendMs: 5000)
+        connection.setTimeouts(receiveMs: 1000, sendMs: min(1000, limits.replyDeadlineMs))
         do {
             let request = try HandshakeWire.decodeBody(body)
             guard let replyJSON = handler(request) else {
@@ -303,7 +360,8 @@ final class HandshakeServer: @unchecked Sendable {
                 return
             }
             let reply = HandshakeWire.Message(kind: request.kind, json: replyJSON, legacy: request.legacy)
-            try reply.encoded.withUnsafeBytes { try connection.sendAll([$0]) }
+            let deadline = MonotonicClock.nanoseconds() + UInt64(limits.replyDeadlineMs) * 1_000_000
+            try reply.encoded.withUnsafeBytes { try connection.sendAll([$0], deadline: deadline) }
             connection.shutdownWrite()
         } catch {
             logger.warning("handshake: bad message from \(peer): \(error)")

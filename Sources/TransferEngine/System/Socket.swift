@@ -272,11 +272,13 @@ final class Socket: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &value, socklen_t(MemoryLayout<Int32>.size))
     }
 
-    /// Sends every byte of the given regions in order, gathering them into as few syscalls as possible.
-    func sendAll(_ parts: [UnsafeRawBufferPointer]) throws {
+    /// Sends every byte of the given regions in order, gathering them into as few syscalls as possible;
+    /// with a `deadline` (monotonic ns) the whole send fails once it passes, not only one call.
+    func sendAll(_ parts: [UnsafeRawBufferPointer], deadline: UInt64? = nil) throws {
         var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
         var index = 0
         while index < vectors.count {
+            if let deadline, MonotonicClock.nanoseconds() >= deadline { throw SocketError.timedOut("send") }
             let sent = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
                 var message = msghdr()
                 message.msg_iov = buffer.baseAddress! + index

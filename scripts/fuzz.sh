@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Fuzzes every decoder of peer, descriptor and metadata-server input with libFuzzer and
+# AddressSanitizer (Fuzz/Sources/Fuzz.swift): JSON, segment descriptors, handshake frames, HTTP
+# messages, RESP replies, TCP data headers, names/sizes/metadata URLs, GPU peer descriptors.
+#
+#   scripts/fuzz.sh                    # each target for 60 s
+#   scripts/fuzz.sh --seconds 20       # scripts/test.sh runs this short form
+#   scripts/fuzz.sh --seconds 600 http # one target, longer
+#
+# Seeds come from Fuzz/corpus/<target>/; what libFuzzer finds on top goes to .build-fuzz/corpus
+# (kept between runs). A crash stops the script with the reproducer's path (crash-*, in out/fuzz).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=60
+if [ "${1:-}" = --seconds ]; then seconds=$2; shift 2; fi
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(json descriptor handshake http resp tcp-header segment-name gpu-descriptor)
+echo "== building the fuzz harness (libFuzzer + AddressSanitizer, scratch .build-fuzz)"
+TE_FUZZ=1 swift build --manifest-cache none --scratch-path .build-fuzz --product te-fuzz \
+    -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library 2>&1 | grep -v "Cannot export local symbol" | grep -E "error|warning:|complete" | tail -5
+binary=$(TE_FUZZ=1 swift build --scratch-path .build-fuzz --show-bin-path)/te-fuzz
+mkdir -p out/fuzz
+for target in "${targets[@]}"; do
+    corpus=.build-fuzz/corpus/$target
+    mkdir -p "$corpus" "Fuzz/corpus/$target"
+    echo "== $target: $seconds s"
+    if ! TE_FUZZ_TARGET=$target ASAN_OPTIONS=detect_leaks=0 "$binary" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+        -artifact_prefix="out/fuzz/$target-" -print_final_stats=1 "$corpus" "Fuzz/corpus/$target" > "out/fuzz/$target.log" 2>&1; then
+        tail -40 "out/fuzz/$target.log" >&2
+        echo "FAIL: $target crashed; reproducer: $(ls out/fuzz/$target-* 2>/dev/null | head -1)" >&2
+        exit 1
+    fi
+    grep -E "stat::number_of_executed_units|stat::new_units_added" "out/fuzz/$target.log" | tr '\n' ' '
+    echo
+done
+echo "PASS: no crash in ${#targets[@]} targets"
