@@ -49,6 +49,14 @@ swift test --manifest-cache none "$@"
 python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --disable-pip-version-check pytest
 TRANSFER_ENGINE_LIBRARY="$(swift build --show-bin-path)/libtransfer_engine_c.so" python3 -m pytest -q python/tests
 
+# Every decoder of peer and metadata-server input under libFuzzer + AddressSanitizer, briefly
+# (scripts/fuzz.sh runs longer on demand). TE_SKIP_FUZZ=1 skips it.
+if [ "${TE_SKIP_FUZZ:-0}" = 1 ]; then
+    echo "fuzzing skipped (TE_SKIP_FUZZ=1)"
+else
+    scripts/fuzz.sh --seconds "${TE_FUZZ_SECONDS:-10}"
+fi
+
 # The rdma, cxl and nvmeof plugins on real kernel stacks: QEMU guests with Debian's kernel (software
 # emulation, no KVM needed; the scripts install qemu, rdma-core and ndctl tools as root): soft-RoCE
 # for rdma, an emulated CXL type-3 device for cxl, nvmet targets over TCP and rxe for nvmeof. TE_SKIP_VM=1 skips them.
