@@ -286,6 +286,46 @@ struct HostileInputTests {
         #expect(closedAfter.value < 60, "the server kept reading the trickle for \(Double(closedAfter.value) / 10) s")
     }
 
+    @Test("a peer inside one buffer while it is unregistered holds up neither other peers nor local planning")
+    func unregisterDoesNotFreezeOthers() throws {
+        let target = try Target()
+        let slow = TestBuffer(1 << 20)
+        try target.engine.registerMemory(address: slow.address, length: UInt64(slow.count))
+        let trickler = try target.connectData()
+        let header = TCPWire.Header(size: 65536, address: slow.address, operation: .write, acknowledged: true).bytes
+        try header.withUnsafeBytes { try trickler.sendAll([$0]) }
+        let stop = LockedCounter()
+        DispatchQueue.global().async {
+            var byte: UInt8 = 1
+            while stop.value == 0, (try? trickler.sendAll(&byte, count: 1)) != nil { usleep(100_000) }
+        }
+        defer { stop.increment() }
+        usleep(200_000)
+        let unregistered = DispatchSemaphore(value: 0)
+        let waited = LockedCounter()
+        let engine = target.engine, address = slow.address
+        DispatchQueue.global().async {
+            let started = Date()
+            _ = try? engine.unregisterMemory(address: address)
+            for _ in 0..<Int(Date().timeIntervalSince(started) * 1000) { waited.increment() }
+            unregistered.signal()
+        }
+        usleep(200_000)  // the unregister now waits for the trickler
+        // Another peer's read of another buffer, and local planning, go on meanwhile.
+        var slowest = 0.0
+        for _ in 0..<5 {
+            let started = Date()
+            #expect(try target.stillServes())
+            _ = try target.engine.descriptor(of: 0)
+            slowest = max(slowest, Date().timeIntervalSince(started))
+        }
+        #expect(slowest < 0.5, "served others in \(slowest) s while an unregister waited")
+        #expect(unregistered.wait(timeout: .now() + 10) == .success)
+        // The grace period (2 s), then the trickler's connection is shut down and the unregister ends.
+        #expect(waited.value < 4000, "unregister took \(waited.value) ms")
+        #expect(target.untouched)
+    }
+
     @Test("malformed handshakes are dropped and the handshake port keeps answering")
     func malformedHandshakes() throws {
         let target = try Target()

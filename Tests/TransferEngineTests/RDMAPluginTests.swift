@@ -114,7 +114,7 @@ struct RDMAGuestTests {
         #expect("\(noDriver.map { "\($0)" } ?? "")".contains("needs the CUDA driver (libcuda.so.1)"), "\(String(describing: noDriver))")
     }
 
-    @Test("the engine's own segment over rxe0: repeated sync and batched writes and reads, carried by rdma")
+    @Test("an rdma engine's own segment: repeated sync and batched writes and reads (host memory: local copies)")
     func selfTransfer() throws {
         let (logger, capture) = TestSupport.capturingLogger()
         let engine = try TransferEngine(configuration: EngineConfiguration(localHostname: "127.0.0.1", protocolName: "rdma", deviceName: "rxe0"),

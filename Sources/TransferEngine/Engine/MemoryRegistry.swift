@@ -1,9 +1,11 @@
 /// The table of locally registered memory, the single authority on which
 /// bytes a peer (or a local request) may touch.
 ///
-/// Lookups happen on every request, so the ranges are kept sorted and
-/// searched by bisection. The data server holds the read lock while it copies,
-/// so `unregister` returns only after no transfer touches the range any more.
+/// Lookups happen on every request, so the ranges are kept sorted and searched by bisection.
+/// A peer's request pins the region it uses for the duration of its copy (a count taken and
+/// dropped under a short lock, never held across network I/O); `unregister` revokes the region
+/// at once (no new pins) and returns only after every pin is gone, shutting down the connections
+/// of peers still inside it after a grace period, so no transfer touches the range afterwards.
 final class MemoryRegistry: @unchecked Sendable {
     /// One registered range.
     struct Region: Equatable {
@@ -15,8 +17,20 @@ final class MemoryRegistry: @unchecked Sendable {
         var hostAccessible: Bool { MemoryLocation.isHostAccessible(location) }
     }
 
-    private let lock = ReadWriteLock()
-    private var regions: [Region] = []
+    /// A region and who is inside it now.
+    private struct Entry {
+        var region: Region
+        var pins = 0
+        var revoked = false
+        /// Connections of the peers that hold pins (shut down when they outstay the grace period).
+        var holders: [ObjectIdentifier: (socket: Socket, count: Int)] = [:]
+    }
+
+    private let entries = ConditionLock<[Entry]>([])
+    /// How long `unregister` lets peers finish before it shuts their connections down.
+    let graceMs: Int
+
+    init(graceMs: Int = 2000) { self.graceMs = graceMs }
 
     /// Adds a range; rejects zero length, wrap-around and overlap with an existing range.
     func register(address: UInt64, length: UInt64, location: String) throws {
@@ -25,72 +39,125 @@ final class MemoryRegistry: @unchecked Sendable {
         guard !address.addingReportingOverflow(length).overflow else {
             throw EngineError.invalidArgument("buffer at 0x\(String(address, radix: 16)) of \(length) bytes wraps the address space")
         }
-        try lock.withWriteLock {
-            let index = insertionIndex(address)
-            if index > 0, regions[index - 1].end > address {
-                throw EngineError.registrationConflict("[0x\(String(address, radix: 16)), +\(length)) overlaps the buffer at 0x\(String(regions[index - 1].address, radix: 16))")
+        try entries.withLock { entries in
+            let index = Self.insertionIndex(entries, address)
+            if index > 0, entries[index - 1].region.end > address {
+                throw EngineError.registrationConflict("[0x\(String(address, radix: 16)), +\(length)) overlaps the buffer at 0x\(String(entries[index - 1].region.address, radix: 16))")
             }
-            if index < regions.count, regions[index].address < address + length {
-                throw EngineError.registrationConflict("[0x\(String(address, radix: 16)), +\(length)) overlaps the buffer at 0x\(String(regions[index].address, radix: 16))")
+            if index < entries.count, entries[index].region.address < address + length {
+                throw EngineError.registrationConflict("[0x\(String(address, radix: 16)), +\(length)) overlaps the buffer at 0x\(String(entries[index].region.address, radix: 16))")
             }
-            regions.insert(Region(address: address, length: length, location: location), at: index)
+            entries.insert(Entry(region: Region(address: address, length: length, location: location)), at: index)
         }
     }
 
-    /// Removes the range that starts at `address`; waits for transfers that use it.
+    /// Removes the range that starts at `address`; returns once no transfer uses it any more
+    /// (peers still inside after `graceMs` have their connections shut down first).
     @discardableResult
     func unregister(address: UInt64) throws -> Region {
-        try lock.withWriteLock {
-            let index = insertionIndex(address)
-            guard index < regions.count, regions[index].address == address else {
+        try entries.withLock { entries in
+            guard let index = Self.index(entries, startingAt: address), !entries[index].revoked else {
                 throw EngineError.invalidArgument("no buffer is registered at 0x\(String(address, radix: 16))")
             }
-            return regions.remove(at: index)
+            entries[index].revoked = true
+        }
+        func drained(_ entries: inout [Entry]) -> Bool? {
+            guard let index = Self.index(entries, startingAt: address) else { return true }
+            return entries[index].pins == 0 ? true : nil
+        }
+        let grace = MonotonicClock.nanoseconds() + UInt64(graceMs) * 1_000_000
+        if entries.wait(deadline: grace, until: drained) == nil {
+            // Outstayed the grace period: end those peers' connections, which ends their copies.
+            let holders = entries.withLock { entries in
+                Self.index(entries, startingAt: address).map { entries[$0].holders.values.map(\.socket) } ?? []
+            }
+            holders.forEach { $0.shutdownBoth() }
+            _ = entries.wait(until: drained)
+        }
+        return try entries.withLock { entries in
+            guard let index = Self.index(entries, startingAt: address) else {
+                throw EngineError.invalidArgument("no buffer is registered at 0x\(String(address, radix: 16))")
+            }
+            return entries.remove(at: index).region
         }
     }
 
-    /// All registered ranges, in address order.
-    var all: [Region] { lock.withReadLock { regions } }
+    /// All registered ranges, in address order (those being unregistered left out).
+    var all: [Region] { entries.withLock { $0.filter { !$0.revoked }.map(\.region) } }
 
     /// The region holding [address, address+length), if one does.
     func region(containing address: UInt64, length: UInt64) -> Region? {
-        lock.withReadLock { find(address, length) }
+        entries.withLock { entries in Self.find(entries, address, length).map { entries[$0].region } }
     }
 
-    /// Runs `body` while [address, address+length) is guaranteed to stay registered;
-    /// returns nil without running it when the range is not inside one region.
-    /// Device memory counts as unregistered here: the TCP server must never dereference it.
-    func withRegistered<R>(address: UInt64, length: UInt64, _ body: () throws -> R) rethrows -> R? {
-        try lock.withReadLock {
-            guard find(address, length)?.hostAccessible == true else { return nil }
-            return try body()
+    /// Runs `body` while [address, address+length) is pinned (it stays registered until `body`
+    /// returns; `holder`'s connection is shut down if it outstays an unregister's grace period);
+    /// returns nil without running it when the range is not inside one region. Device memory
+    /// counts as unregistered here: the TCP server must never dereference it.
+    func withRegistered<R>(address: UInt64, length: UInt64, holder: Socket? = nil, _ body: () throws -> R) rethrows -> R? {
+        guard let pinned = pin(address, length, holder: holder) else { return nil }
+        defer { unpin(pinned, holder: holder) }
+        return try body()
+    }
+
+    /// Runs `body` with a check that pins each range it accepts until `body` returns (several
+    /// ranges, as for a group of reads answered in one send); device memory counts as unregistered.
+    func withStableRegistrations<R>(holder: Socket? = nil, _ body: (_ isRegistered: (UInt64, UInt64) -> Bool) throws -> R) rethrows -> R {
+        var pinned: [UInt64] = []
+        defer { pinned.forEach { unpin($0, holder: holder) } }
+        return try body { address, length in
+            guard let region = self.pin(address, length, holder: holder) else { return false }
+            pinned.append(region)
+            return true
         }
     }
 
-    /// Runs `body` under the read lock with a lookup that checks ranges against the
-    /// registrations held stable for the duration (several ranges, one lock acquisition);
-    /// device memory counts as unregistered, as in `withRegistered`.
-    func withStableRegistrations<R>(_ body: (_ isRegistered: (UInt64, UInt64) -> Bool) throws -> R) rethrows -> R {
-        try lock.withReadLock { try body { self.find($0, $1)?.hostAccessible == true } }
+    /// Pins the host-accessible region holding the range; its start address, or nil.
+    private func pin(_ address: UInt64, _ length: UInt64, holder: Socket?) -> UInt64? {
+        entries.withLock { entries in
+            guard let index = Self.find(entries, address, length), entries[index].region.hostAccessible else { return nil }
+            entries[index].pins += 1
+            if let holder { entries[index].holders[ObjectIdentifier(holder), default: (holder, 0)].count += 1 }
+            return entries[index].region.address
+        }
     }
 
-    private func find(_ address: UInt64, _ length: UInt64) -> Region? {
+    private func unpin(_ start: UInt64, holder: Socket?) {
+        let drained = entries.withLock { entries -> Bool in
+            guard let index = Self.index(entries, startingAt: start) else { return false }
+            entries[index].pins -= 1
+            if let holder, let held = entries[index].holders[ObjectIdentifier(holder)] {
+                entries[index].holders[ObjectIdentifier(holder)] = held.count > 1 ? (held.socket, held.count - 1) : nil
+            }
+            return entries[index].revoked && entries[index].pins == 0
+        }
+        if drained { entries.notifyAll() }  // an unregister waits for this
+    }
+
+    /// The entry holding [address, address+length), not being unregistered.
+    private static func find(_ entries: [Entry], _ address: UInt64, _ length: UInt64) -> Int? {
         guard length > 0 else { return nil }
-        let index = insertionIndex(address &+ 1)  // first region starting after `address`
+        let index = insertionIndex(entries, address &+ 1)  // first region starting after `address`
         guard index > 0 else { return nil }
-        let region = regions[index - 1]
-        guard address >= region.address else { return nil }
+        let region = entries[index - 1].region
+        guard address >= region.address, !entries[index - 1].revoked else { return nil }
         let offset = address - region.address
         guard offset < region.length, length <= region.length - offset else { return nil }
-        return region
+        return index - 1
+    }
+
+    /// The entry that starts at `address` (revoked or not).
+    private static func index(_ entries: [Entry], startingAt address: UInt64) -> Int? {
+        let index = insertionIndex(entries, address)
+        return index < entries.count && entries[index].region.address == address ? index : nil
     }
 
     /// Index of the first region whose start is >= address.
-    private func insertionIndex(_ address: UInt64) -> Int {
-        var low = 0, high = regions.count
+    private static func insertionIndex(_ entries: [Entry], _ address: UInt64) -> Int {
+        var low = 0, high = entries.count
         while low < high {
             let mid = (low + high) / 2
-            if regions[mid].address < address { low = mid + 1 } else { high = mid }
+            if entries[mid].region.address < address { low = mid + 1 } else { high = mid }
         }
         return low
     }

@@ -540,6 +540,8 @@ public final class TransferEngine: @unchecked Sendable {
         var peer: Peer
         /// The plugin's handle of the peer when the plugin carries this request, else nil (TCP).
         var pluginPeer: UInt64?
+        /// Between two ranges of this engine's own host memory: a memmove, no transport.
+        var local = false
         var viaPlugin: Bool { pluginPeer != nil }
     }
 
@@ -571,6 +573,9 @@ public final class TransferEngine: @unchecked Sendable {
         }
         let peer = cache!.peer
         if request.length == 0 { return Planned(request: request, peer: peer, pluginPeer: nil) }
+        if request.segment == 0, registry.isLocalHostCopy(request) {
+            return Planned(request: request, peer: peer, pluginPeer: nil, local: true)
+        }
         guard registry.region(containing: request.localAddress, length: request.length) != nil else {
             throw EngineError.addressNotRegistered(address: request.localAddress, length: request.length, side: "local")
         }
@@ -657,6 +662,7 @@ public final class TransferEngine: @unchecked Sendable {
         let pluginPiece = plugin?.splitsRequests == true ? UInt64.max : settings.splitSize
         let sliceCounts = planned.map { p -> Int in
             if p.request.length == 0 { return 0 }
+            if p.local { return 1 }
             let piece = p.viaPlugin ? pluginPiece : settings.splitSize
             return Int((p.request.length - 1) / piece + 1)
         }
@@ -665,6 +671,12 @@ public final class TransferEngine: @unchecked Sendable {
         var pluginWork: [(op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64, batch: Batch, task: Int)] = []
         for (index, p) in planned.enumerated() where p.request.length > 0 {
             let r = p.request
+            if p.local {
+                let copied = registry.copyLocally(r)
+                batch.sliceFinished(task: first + index, bytes: copied ? r.length : 0,
+                                    error: copied ? nil : "local copy of \(r.length) bytes: a range was unregistered meanwhile")
+                continue
+            }
             if p.viaPlugin {
                 var offset: UInt64 = 0
                 while offset < r.length {
@@ -717,6 +729,12 @@ public final class TransferEngine: @unchecked Sendable {
         var cache: PlanCache? = nil
         let planned = try plan(request, cache: &cache)
         if length == 0 { return }
+        if planned.local {
+            guard registry.copyLocally(request) else {
+                throw EngineError.addressNotRegistered(address: remoteAddress, length: length, side: "local (unregistered during the copy)")
+            }
+            return
+        }
         if !planned.viaPlugin && length <= settings.splitSize {
             do {
                 try channel(for: planned.peer).performInline(operation: operation == .read ? .read : .write, localAddress: localAddress,

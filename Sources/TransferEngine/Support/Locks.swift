@@ -8,14 +8,14 @@ import Musl
 // - never call, from inside a `withLock`/`withReadLock`/`withWriteLock` body, anything that takes
 //   the same lock (e.g. `TransferEngine.localDescriptor` or `peer(_:)` inside the engine's state
 //   lock): compute such values before taking the lock;
-// - never hold a lock across network I/O or a call into a plugin that may block. Known exceptions,
-//   to be removed: the TCP data server copies to and from the socket under the registry's read
-//   lock (that is what keeps a buffer registered while a peer uses it), and the redis client
-//   keeps its connection lock for one exchange (its total deadline bounds the wait);
+// - never hold a lock across network I/O or a call into a plugin that may block (a buffer in use
+//   by a peer is pinned with a count instead, see MemoryRegistry). Known exception, to be
+//   removed: the redis client keeps its connection lock for one exchange (its total deadline
+//   bounds the wait);
 // - order, where two are held at once: a batch's or channel's own lock may be taken under the
 //   engine's state lock, never the other way round; the registry's lock is never held with another.
-// Debug builds catch a re-entry on one thread at the moment it happens (an error-checking mutex,
-// and a per-thread record for the reader-writer lock) instead of hanging.
+// Debug builds catch a re-entry on one thread at the moment it happens (an error-checking mutex)
+// instead of hanging.
 
 /// A mutex plus condition variable, for threads that block until state changes.
 ///
@@ -113,77 +113,6 @@ extension ConditionLock {
         assert(rc != EDEADLK, "ConditionLock<\(State.self)> taken again by the thread that holds it (see the lock rules in Locks.swift)")
     }
 }
-
-/// A reader-writer lock that prefers writers, so an unregistration is not
-/// starved by a stream of transfers that read the registration table.
-final class ReadWriteLock: @unchecked Sendable {
-    private let lock = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
-
-    init() {
-        lock.initialize(to: pthread_rwlock_t())
-        var attributes = pthread_rwlockattr_t()
-        pthread_rwlockattr_init(&attributes)
-        pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
-        pthread_rwlock_init(lock, &attributes)
-        pthread_rwlockattr_destroy(&attributes)
-    }
-
-    deinit {
-        pthread_rwlock_destroy(lock)
-        lock.deallocate()
-    }
-
-    func withReadLock<R>(_ body: () throws -> R) rethrows -> R {
-        #if DEBUG
-        holders.enter(mode: "read")
-        defer { holders.leave() }
-        #endif
-        pthread_rwlock_rdlock(lock)
-        defer { pthread_rwlock_unlock(lock) }
-        return try body()
-    }
-
-    func withWriteLock<R>(_ body: () throws -> R) rethrows -> R {
-        #if DEBUG
-        holders.enter(mode: "write")
-        defer { holders.leave() }
-        #endif
-        pthread_rwlock_wrlock(lock)
-        defer { pthread_rwlock_unlock(lock) }
-        return try body()
-    }
-
-    #if DEBUG
-    /// The threads holding (or about to take) this lock. A second read lock on one thread hangs
-    /// as soon as a writer queues between the two (the lock prefers writers), which a test
-    /// rarely hits; this record catches every re-entry.
-    private let holders = LockHolders()
-    #endif
-}
-
-#if DEBUG
-/// Debug-build record of which threads hold a lock, to stop on a re-entry with its reason.
-final class LockHolders: @unchecked Sendable {
-    private let table = ConditionLock<[UInt: String]>([:])
-
-    /// Records the calling thread; stops the process when it already holds the lock.
-    func enter(mode: String) {
-        let thread = UInt(pthread_self())
-        table.withLock { holders in
-            if let held = holders[thread] {
-                preconditionFailure("ReadWriteLock: \(mode) lock requested by a thread that holds its \(held) lock (see the lock rules in Locks.swift)")
-            }
-            holders[thread] = mode
-        }
-    }
-
-    /// Forgets the calling thread.
-    func leave() {
-        let thread = UInt(pthread_self())
-        table.withLock { _ = $0.removeValue(forKey: thread) }
-    }
-}
-#endif
 
 /// The monotonic clock in nanoseconds.
 public enum MonotonicClock {

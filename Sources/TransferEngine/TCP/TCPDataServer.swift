@@ -122,7 +122,7 @@ final class TCPDataServer: @unchecked Sendable {
                 if header.operation == .read, header.acknowledged, try serveReadGroup(first: header, on: connection, flushAcks: flushAcks) {
                     continue
                 }
-                let served: Bool? = try registry.withRegistered(address: header.address, length: header.size) {
+                let served: Bool? = try registry.withRegistered(address: header.address, length: header.size, holder: connection) {
                     let memory = UnsafeMutableRawPointer(bitPattern: UInt(header.address))!
                     let count = Int(header.size)
                     switch header.operation {
@@ -209,7 +209,7 @@ final class TCPDataServer: @unchecked Sendable {
             group.append(next)
             offset += TCPWire.headerSize
         }
-        return try registry.withStableRegistrations { isRegistered in
+        return try registry.withStableRegistrations(holder: connection) { isRegistered in
             guard isRegistered(first.address, first.size) else { return false }
             // Stop before the first unregistered range: it is consumed and rejected on its own.
             let valid = group.prefix { isRegistered($0.address, $0.size) }
