@@ -41,9 +41,13 @@ var targets: [Target] = [
             .product(name: "Logging", package: "swift-log"),
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "DequeModule", package: "swift-collections"),
+            "TransferEngineCrypto",
         ],
         path: "Sources/TransferEngine"
     ),
+    // HMAC for peer authentication (swift-crypto), apart so Foundation does not leak into the engine.
+    .target(name: "TransferEngineCrypto", dependencies: [.product(name: "Crypto", package: "swift-crypto")],
+            path: "Sources/TransferEngineCrypto"),
     .target(name: "CTransferEngineC", path: "Sources/CTransferEngineC"),
     .target(
         name: "TransferEngineC",
@@ -150,6 +154,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.0.0"),
     ],
     targets: targets
 )

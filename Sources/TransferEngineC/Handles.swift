@@ -53,7 +53,7 @@ enum CResult {
         case .batchBusy: return -4
         case .protocolUnavailable: return -6
         case .registrationConflict: return -7
-        case .segmentUnavailable: return -200
+        case .segmentUnavailable, .authenticationFailed: return -200
         case .plugin: return -202
         case .transferFailed, .system, .timeout: return -102
         }
@@ -69,7 +69,7 @@ enum CResult {
         case .batchBusy: return 4
         case .protocolUnavailable: return 8
         case .registrationConflict: return 7
-        case .segmentUnavailable: return 200
+        case .segmentUnavailable, .authenticationFailed: return 200
         case .plugin: return 202
         case .transferFailed, .system, .timeout: return 102
         }

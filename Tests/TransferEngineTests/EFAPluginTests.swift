@@ -123,6 +123,23 @@ struct EFAPluginTests {
         #expect(fallbacks.isEmpty, "\(fallbacks)")
     }
 
+    @Test("with a shared secret the plugin's handshakes ride on the authenticated handshake port")
+    func authenticatedHandshake() throws {
+        let secret = ["MC_AUTH_SECRET": "correct horse battery staple"]
+        let target = try ServeProcess(bufferSize: "1MiB", environment: environment(provider: "tcp;ofi_rxm", secret), protocolName: "efa")
+        let (engine, capture) = try engine(provider: "tcp;ofi_rxm", secret)
+        defer { engine.shutdown() }
+        let local = TestBuffer(65536)
+        local.fillPattern(seed: 8)
+        try engine.registerMemory(address: local.address, length: 65536)
+        let handle = try engine.openSegment(target.segment)
+        try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 65536)
+        memset(local.pointer, 0, 65536)
+        try engine.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 65536)
+        #expect(local.bytes[1] == UInt8(truncatingIfNeeded: 31 + 8))
+        #expect(capture.messages(at: .info).filter { $0.contains("cannot reach") }.isEmpty)
+    }
+
     @Test("hostile Connection handshakes: a short efa_addr is refused before libfabric reads it; many addresses stay bounded")
     func hostileHandshakes() throws {
         let (target, _) = try engine(provider: "tcp;ofi_rxm", ["MC_EFA_MAX_ADDRESSES": "4"])

@@ -237,8 +237,11 @@ final class NVMeoFInstance: @unchecked Sendable {
                 case .direct: piece = options.ioSize
                 case .relay: piece = options.relayChunk
                 }
+                // `pending` belongs to the `finished` lock (workers complete jobs under it): the
+                // entry goes in there, before any of its jobs can be taken (lock order: queue, then finished).
+                let pieces = Int((request.length - 1) / piece + 1)
+                finished.locked { pending[id] = Pending(cookie: request.cookie, remaining: pieces, status: TE_OK, bytes: 0) }
                 var offset: UInt64 = 0
-                var pieces = 0
                 while offset < request.length {
                     let length = min(piece, request.length - offset)
                     let target: UInt64
@@ -249,9 +252,7 @@ final class NVMeoFInstance: @unchecked Sendable {
                     jobs.append(Job(request: id, write: request.opcode == TE_OP_WRITE, memory: request.local_addr + offset,
                                     length: length, target: target, access: range.access))
                     offset += length
-                    pieces += 1
                 }
-                pending[id] = Pending(cookie: request.cookie, remaining: pieces, status: TE_OK, bytes: 0)
                 return TE_OK
             }
             if status != TE_OK { return status }

@@ -18,6 +18,9 @@ public struct EngineConfiguration: Sendable, Equatable {
     public var globalSegmentSize: UInt64
     /// Mooncake Store local buffer size in bytes.
     public var localBufferSize: UInt64
+    /// Shared secret that turns peer authentication on (config key `auth_secret`; MC_AUTH_SECRET
+    /// and MC_AUTH_SECRET_FILE take precedence). Nil: off, as upstream.
+    public var authSecret: String? = nil
 
     /// Defaults: loopback host, P2PHANDSHAKE, TCP, upstream's Store sizes.
     public init(localHostname: String = "127.0.0.1", metadataServer: String = "P2PHANDSHAKE", protocolName: String = "tcp",
@@ -59,7 +62,7 @@ public struct EngineConfiguration: Sendable, Equatable {
     /// Config-file keys the engine uses.
     static let fileKeys: Set<String> = [
         "local_hostname", "metadata_server", "protocol", "device_name", "master_server_address",
-        "global_segment_size", "local_buffer_size",
+        "global_segment_size", "local_buffer_size", "auth_secret",
     ]
     /// Keys of upstream's Store/vLLM configs that are accepted silently.
     static let toleratedKeys: Set<String> = [
@@ -144,6 +147,7 @@ public struct EngineConfiguration: Sendable, Equatable {
         if let v = try string("master_server_address") { masterServerAddress = v }
         if let v = try size("global_segment_size") { globalSegmentSize = v }
         if let v = try size("local_buffer_size") { localBufferSize = v }
+        if let v = try string("auth_secret") { authSecret = v }
         return warnings
     }
 }

@@ -29,6 +29,8 @@ public final class TransferEngine: @unchecked Sendable {
     public let dataPort: UInt16
     /// The protocol selection (effective protocol, fallback reason).
     public let selection: ProtocolSelector.Selection
+    /// Set when peers must prove the shared secret (MC_AUTH_SECRET); nil: authentication off.
+    let authenticator: PeerAuthenticator?
 
     let logger: Logger
     let registry = MemoryRegistry()
@@ -154,6 +156,7 @@ public final class TransferEngine: @unchecked Sendable {
         self.logger = logger
         self.settings = try Settings(environment: environment)
         state = ConditionLock(State(notifications: NotificationQueue(maxCount: settings.notifyMaxCount, maxBytes: settings.notifyMaxBytes)))
+        authenticator = try PeerAuthenticator.secret(environment: environment, configured: configuration.authSecret).map(PeerAuthenticator.init(secret:))
 
         keys = MetadataKeys(environment: environment)
         switch try MetadataServer.parse(configuration.metadataServer) {
@@ -188,13 +191,13 @@ public final class TransferEngine: @unchecked Sendable {
         segmentName = metadataStore == nil ? HostPort(host: local.host, port: rpcPort).description : configuration.localHostname
         dataServer = try TCPDataServer(listener: dataListener, registry: registry, logger: logger, payloadTimeoutMs: settings.statusTimeoutMs,
                                       spinNanoseconds: settings.serverSpinNs, idleTimeoutMs: settings.dataIdleTimeoutMs,
-                                      maxPerAddress: settings.dataMaxPerAddress)
+                                      maxPerAddress: settings.dataMaxPerAddress, auth: authenticator)
         dataPort = dataServer.port
 
         if let loaded = selection.plugin {
             let options = Self.pluginOptions(configuration: configuration, segmentName: segmentName, environment: environment,
                                              protocolName: selection.effective)
-            let handshakeTimeouts = HandshakeClient.Timeouts(connectMs: settings.connectTimeoutMs, replyMs: settings.handshakeReplyMs)
+            let handshakeTimeouts = HandshakeClient.Timeouts(connectMs: settings.connectTimeoutMs, replyMs: settings.handshakeReplyMs, auth: authenticator)
             let maxLength = settings.handshakeMaxLength
             plugin = try PluginTransport(plugin: loaded, protocolName: selection.effective, optionsJSON: options, logger: logger) { [weak self] peer, request in
                 guard let self else { throw EngineError.invalidArgument("the engine is shutting down") }
@@ -204,7 +207,7 @@ public final class TransferEngine: @unchecked Sendable {
             }
         }
         handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, limits: settings.handshakeLimits,
-                                              logger: logger) { [weak self] message in
+                                              auth: authenticator, logger: logger) { [weak self] message in
             self?.answerHandshake(message)
         }
         if let store = metadataStore {
@@ -222,7 +225,8 @@ public final class TransferEngine: @unchecked Sendable {
                 }
             }
         }
-        logger.info("engine ready: segment \(segmentName), protocol \(selection.effective), data port \(dataPort), bound to \(bindHost)")
+        let authNote = authenticator != nil ? ", peers must authenticate (shared secret)" : ""
+        logger.info("engine ready: segment \(segmentName), protocol \(selection.effective), data port \(dataPort), bound to \(bindHost)\(authNote)")
     }
 
     /// The handshake address of a segment named by a plugin: this engine's own listener, an
@@ -493,7 +497,7 @@ public final class TransferEngine: @unchecked Sendable {
     }
 
     private var handshakeTimeouts: HandshakeClient.Timeouts {
-        HandshakeClient.Timeouts(connectMs: settings.connectTimeoutMs, replyMs: settings.handshakeReplyMs)
+        HandshakeClient.Timeouts(connectMs: settings.connectTimeoutMs, replyMs: settings.handshakeReplyMs, auth: authenticator)
     }
 
     private func fetchDescriptor(host: String, port: UInt16, name: String) throws -> SegmentDescriptor {
@@ -618,7 +622,7 @@ public final class TransferEngine: @unchecked Sendable {
             let channel = TCPChannel(host: host, port: peer.descriptor.tcpDataPort,
                                      acknowledged: settings.useV2Client && peer.descriptor.tcpProtocolVersion >= 2,
                                      settings: .init(maxLanes: settings.lanesPerPeer, connectTimeoutMs: settings.connectTimeoutMs,
-                                                     statusTimeoutMs: settings.statusTimeoutMs, laneIdleMs: 30_000),
+                                                     statusTimeoutMs: settings.statusTimeoutMs, laneIdleMs: 30_000, auth: authenticator),
                                      logger: logger)
             peer.channel = channel
             return channel

@@ -1,9 +1,10 @@
 /// Sends one handshake message to a peer's handshake port and reads the reply.
 enum HandshakeClient {
-    /// Timeouts for one exchange.
+    /// Timeouts for one exchange (and the shared secret, when authentication is on).
     struct Timeouts: Sendable {
         var connectMs: Int
         var replyMs: Int
+        var auth: PeerAuthenticator? = nil
     }
 
     /// Connects, sends `message`, and returns the reply (which must have the same kind).
@@ -12,6 +13,11 @@ enum HandshakeClient {
         let socket = try Socket.connect(host: host, port: port, timeoutMs: timeouts.connectMs)
         defer { socket.close() }
         socket.setTimeouts(receiveMs: timeouts.replyMs, sendMs: timeouts.replyMs)
+        if let auth = timeouts.auth {
+            // Bounded by the connect timeout: a server without authentication never sends a
+            // challenge, and the exchange should fail as fast as an unreachable peer does.
+            try auth.authenticateAsClient(socket, channel: .handshake, deadline: MonotonicClock.nanoseconds() + UInt64(timeouts.connectMs) * 1_000_000)
+        }
         let bytes = message.encoded
         try bytes.withUnsafeBytes { try socket.sendAll([$0]) }
         let reply = try receive(on: socket, maxLength: maxLength)

@@ -49,6 +49,7 @@ final class HandshakeServer: @unchecked Sendable {
     private let logger: Logger
     private let maxLength: Int
     private let limits: Limits
+    private let auth: PeerAuthenticator?
     /// A pipe that wakes the I/O thread from poll (stop, replied connections handed back).
     private let wakeRead: Int32
     private let wakeWrite: Int32
@@ -76,8 +77,11 @@ final class HandshakeServer: @unchecked Sendable {
         var expected: Int?
         /// Set when the connection was cut short to make room; the I/O loop drops it.
         var discarded = false
+        /// With authentication on: the challenge sent, until the peer's response checked out.
+        var challenge: [UInt8]?
+        var response: [UInt8] = []
         /// Request bytes held.
-        var held: Int { header.count + body.count }
+        var held: Int { header.count + body.count + response.count }
         /// Frees the bytes and closes the connection (the loop removes it from its table).
         func discard() {
             discarded = true
@@ -93,8 +97,11 @@ final class HandshakeServer: @unchecked Sendable {
         }
     }
 
-    init(listener: Socket, maxLength: Int, limits: Limits = Limits(), logger: Logger, handler: @escaping Handler) throws {
+    /// With `auth`, every connection must pass the shared-secret exchange before its request is read.
+    init(listener: Socket, maxLength: Int, limits: Limits = Limits(), auth: PeerAuthenticator? = nil, logger: Logger,
+         handler: @escaping Handler) throws {
         self.listener = listener
+        self.auth = auth
         self.handler = handler
         self.logger = logger
         self.maxLength = maxLength
@@ -227,7 +234,9 @@ final class HandshakeServer: @unchecked Sendable {
         var chunk = [UInt8](repeating: 0, count: 64 << 10)
         while true {
             let want: Int
-            if let expected = connection.expected { want = min(chunk.count, expected - connection.body.count) } else { want = 8 - connection.header.count }
+            if connection.challenge != nil {
+                want = PeerAuthenticator.responseSize - connection.response.count
+            } else if let expected = connection.expected { want = min(chunk.count, expected - connection.body.count) } else { want = 8 - connection.header.count }
             if want == 0 { return .complete }
             let n = chunk.withUnsafeMutableBytes { Glibc.recv(connection.socket.fd, $0.baseAddress, want, Int32(MSG_DONTWAIT)) }
             if n < 0 {
@@ -252,7 +261,19 @@ final class HandshakeServer: @unchecked Sendable {
                 return .failed
             }
             buffered += n
-            if connection.expected == nil {
+            if let challenge = connection.challenge, let auth {
+                connection.response += chunk[0..<n]
+                guard connection.response.count == PeerAuthenticator.responseSize else { continue }
+                buffered -= connection.response.count
+                guard let proof = auth.verify(response: connection.response, to: challenge, channel: .handshake),
+                      proof.withUnsafeBytes({ Glibc.send(connection.socket.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }) == proof.count else {
+                    warnLimit("handshake: \(connection.peer) failed authentication; connection closed")
+                    connection.response = []
+                    return .failed
+                }
+                connection.challenge = nil
+                connection.response = []
+            } else if connection.expected == nil {
                 connection.header += chunk[0..<n]
                 if connection.header.count == 8 {
                     let length = connection.header.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
@@ -296,6 +317,15 @@ final class HandshakeServer: @unchecked Sendable {
             let socket = Socket(descriptor: .init(rawValue: fd))
             let connection = Reading(socket: socket, peer: socket.peerAddress,
                                      deadline: MonotonicClock.nanoseconds() + UInt64(limits.frameDeadlineMs) * 1_000_000)
+            if let auth {
+                // The server speaks first; 36 bytes fit any fresh socket's send buffer.
+                let challenge = auth.challenge()
+                guard challenge.withUnsafeBytes({ Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }) == challenge.count else {
+                    socket.close()
+                    continue
+                }
+                connection.challenge = challenge
+            }
             if let oldest = reading.firstIndex(where: { $0.address == connection.address }),
                reading.lazy.filter({ $0.address == connection.address }).count >= limits.maxPerAddress {
                 warnLimit("handshake: \(limits.maxPerAddress) connections from \(connection.address) are being read; closing its oldest")

@@ -31,6 +31,8 @@ public enum EngineError: Error, CustomStringConvertible, Equatable, Sendable {
     case plugin(String)
     /// The operation did not finish in time.
     case timeout(String)
+    /// A peer failed (or refused) the shared-secret authentication.
+    case authenticationFailed(String)
 
     public var description: String {
         switch self {
@@ -51,6 +53,7 @@ public enum EngineError: Error, CustomStringConvertible, Equatable, Sendable {
         case .system(let call, let errno): return "\(call) failed: \(String(cString: strerror(errno))) (errno \(errno))"
         case .plugin(let text): return "plugin error: \(text)"
         case .timeout(let text): return "timed out: \(text)"
+        case .authenticationFailed(let text): return "authentication failed: \(text)"
         }
     }
 }

@@ -30,6 +30,8 @@ final class TCPChannel: @unchecked Sendable {
         var connectTimeoutMs: Int
         var statusTimeoutMs: Int
         var laneIdleMs: Int
+        /// Authenticates every new connection when set.
+        var auth: PeerAuthenticator? = nil
     }
 
     /// A lane's private wake-up: set and signalled when the channel hands it work.
@@ -141,6 +143,9 @@ final class TCPChannel: @unchecked Sendable {
         let socket = try Socket.connect(host: host, port: port, timeoutMs: settings.connectTimeoutMs)
         socket.setTimeouts(receiveMs: settings.statusTimeoutMs, sendMs: settings.statusTimeoutMs)
         socket.setKeepAlive(userTimeoutMs: UInt32(settings.statusTimeoutMs))
+        if let auth = settings.auth {
+            try auth.authenticateAsClient(socket, channel: .data, deadline: MonotonicClock.nanoseconds() + UInt64(settings.connectTimeoutMs) * 1_000_000)
+        }
         return socket
     }
 

@@ -19,6 +19,7 @@ final class TCPDataServer: @unchecked Sendable {
     private let logger: Logger
     private let payloadTimeoutMs: Int
     private let idleTimeoutNs: UInt64
+    private let auth: PeerAuthenticator?
     private let spinNanoseconds: UInt64
     /// At most one connection thread spins at a time, so busy-waiting never
     /// competes with threads that are moving data (this host may have 2 cores).
@@ -32,7 +33,8 @@ final class TCPDataServer: @unchecked Sendable {
     /// `idleTimeoutMs`: a connection with no request for this long is closed (MC_TCP_IDLE_TIMEOUT_SEC);
     /// `maxPerAddress`: connections served at once for one peer address (MC_TCP_MAX_CONNECTIONS_PER_ADDRESS).
     init(listener: Socket, registry: MemoryRegistry, logger: Logger, payloadTimeoutMs: Int, spinNanoseconds: UInt64,
-         idleTimeoutMs: Int = 300_000, maxPerAddress: Int = 256) throws {
+         idleTimeoutMs: Int = 300_000, maxPerAddress: Int = 256, auth: PeerAuthenticator? = nil) throws {
+        self.auth = auth
         self.spinNanoseconds = spinNanoseconds
         self.registry = registry
         self.logger = logger
@@ -62,6 +64,10 @@ final class TCPDataServer: @unchecked Sendable {
         // until the idle timeout. Keepalive finds peers that vanished without closing.
         connection.setTimeouts(receiveMs: min(payloadTimeoutMs, Int(idleTimeoutNs / 1_000_000)), sendMs: payloadTimeoutMs)
         connection.setKeepAlive(userTimeoutMs: UInt32(payloadTimeoutMs))
+        if let auth, !auth.authenticateAsServer(connection, channel: .data, deadline: MonotonicClock.nanoseconds() + 5_000_000_000) {
+            logger.warning("tcp data: \(peer) failed authentication; connection closed")
+            return
+        }
         let headerBytes = UnsafeMutableRawBufferPointer.allocate(byteCount: TCPWire.headerSize, alignment: 8)
         defer { headerBytes.deallocate() }
         // Bytes of the next header that arrived together with the previous write's payload.
