@@ -16,11 +16,20 @@ struct MetadataServerCommand: ParsableCommand {
     @Option(help: "Port to listen on (0: any free port).")
     var port: UInt16 = 8080
 
+    @Option(help: "Token required on PUT and DELETE as 'Authorization: Bearer TOKEN' (default: MC_METADATA_TOKEN; none: anyone may write). Engines send MC_METADATA_TOKEN.")
+    var token: String?
+
+    @Flag(help: "Require the token on GET as well.")
+    var tokenForGet = false
+
     func run() throws {
         try runReportingErrors {
             let logger = CLILogging.logger()
             let server: MetadataHTTPServer
-            do { server = try MetadataHTTPServer(host: host, port: port, logger: logger) } catch {
+            let token = token ?? ProcessInfo.processInfo.environment["MC_METADATA_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
+            if tokenForGet && token == nil { throw EngineError.invalidConfiguration("--token-for-get needs --token or MC_METADATA_TOKEN") }
+            let options = MetadataHTTPServer.Options(token: token, tokenForGet: tokenForGet)
+            do { server = try MetadataHTTPServer(host: host, port: port, options: options, logger: logger) } catch {
                 throw EngineError.invalidConfiguration("cannot listen on \(host):\(port): \(error)")
             }
             print("READY metadata-server http://\(host.contains(":") ? "[\(host)]" : host):\(server.port)/metadata")

@@ -41,6 +41,48 @@ struct HTTPFramingTests {
         #expect(try exchange("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", port: server.port).hasPrefix("HTTP/1.1 200"))
     }
 
+    @Test("a token guards writes (and reads when asked); only /metadata and /health are served; keys, values and their number are bounded")
+    func tokenAndLimits() throws {
+        var options = MetadataHTTPServer.Options(token: "s3cret-token")
+        options.maxKeys = 3
+        let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0, options: options)
+        defer { server.stop() }
+        let url = "http://127.0.0.1:\(server.port)/metadata"
+        let anonymous = try HTTPMetadataStore(url: url, timeoutMs: 2000)
+        let wrong = try HTTPMetadataStore(url: url, timeoutMs: 2000, token: "s3cret-tokeN")
+        let owner = try HTTPMetadataStore(url: url, timeoutMs: 2000, token: "s3cret-token")
+        #expect(throws: MetadataRejection.self) { try anonymous.put("mooncake/ram/a", "{}", ttlSeconds: nil) }
+        #expect(throws: MetadataRejection.self) { try wrong.put("mooncake/ram/a", "{}", ttlSeconds: nil) }
+        try owner.put("mooncake/ram/a", "{}", ttlSeconds: nil)
+        #expect(try anonymous.get("mooncake/ram/a") == "{}")  // reads stay open unless --token-for-get
+        #expect(throws: (any Error).self) { try anonymous.delete("mooncake/ram/a") }
+        #expect(server.keyCount == 1)
+        #expect(server.answer(method: "GET", target: "/anything?key=mooncake/ram/a", body: []).0 == 404)
+        let bearer = "Bearer s3cret-token"
+        #expect(server.answer(method: "PUT", target: "/metadata?key=" + String(repeating: "k", count: 5000), body: [], authorization: bearer).0 == 400)
+        #expect(server.answer(method: "PUT", target: "/metadata?key=big", body: [UInt8](repeating: 0x20, count: (16 << 20) + 1), authorization: bearer).0 == 413)
+        try owner.put("mooncake/ram/b", "{}", ttlSeconds: nil)
+        try owner.put("mooncake/ram/c", "{}", ttlSeconds: nil)
+        #expect(server.answer(method: "PUT", target: "/metadata?key=mooncake/ram/d", body: [], authorization: bearer).0 == 507)
+        try owner.put("mooncake/ram/c", #"{"v":2}"#, ttlSeconds: nil)  // replacing a key needs no room
+        // Reads guarded too.
+        let guarded = try MetadataHTTPServer(host: "127.0.0.1", port: 0, options: MetadataHTTPServer.Options(token: "s3cret-token", tokenForGet: true))
+        defer { guarded.stop() }
+        #expect(guarded.answer(method: "GET", target: "/metadata?key=x", body: []).0 == 401)
+        #expect(guarded.answer(method: "GET", target: "/metadata?key=x", body: [], authorization: bearer).0 == 404)
+        #expect(guarded.answer(method: "GET", target: "/health", body: []).0 == 200)
+        // Engines send MC_METADATA_TOKEN: one with it publishes (and reads), one without cannot start.
+        let guardedURL = "http://127.0.0.1:\(guarded.port)/metadata"
+        let engine = try TransferEngine(configuration: EngineConfiguration(localHostname: "tok-a", metadataServer: guardedURL),
+                                        environment: TestSupport.cleanEnvironment(["MC_METADATA_TOKEN": "s3cret-token", "MC_METADATA_TIMEOUT_MS": "1000",
+                                                                                   "MC_TCP_BIND_ADDRESS": "127.0.0.1"]))
+        engine.shutdown()
+        #expect(throws: EngineError.self) {
+            _ = try TransferEngine(configuration: EngineConfiguration(localHostname: "tok-b", metadataServer: guardedURL),
+                                   environment: TestSupport.cleanEnvironment(["MC_METADATA_TIMEOUT_MS": "1000", "MC_TCP_BIND_ADDRESS": "127.0.0.1"]))
+        }
+    }
+
     @Test("the HTTP metadata client refuses a hostile server's oversized chunk with an error, not a trap")
     func clientRefuses() throws {
         let listener = try Socket.listen(host: "127.0.0.1", port: 0)

@@ -161,7 +161,9 @@ public final class TransferEngine: @unchecked Sendable {
         keys = MetadataKeys(environment: environment)
         switch try MetadataServer.parse(configuration.metadataServer) {
         case .p2pHandshake: metadataStore = nil
-        case .http(let url): metadataStore = try HTTPMetadataStore(url: url, timeoutMs: settings.metadataTimeoutMs)
+        case .http(let url):
+            metadataStore = try HTTPMetadataStore(url: url, timeoutMs: settings.metadataTimeoutMs,
+                                                  token: environment["MC_METADATA_TOKEN"].flatMap { $0.isEmpty ? nil : $0 })
         case .redis(let address):
             metadataStore = try RedisMetadataStore(address: address, environment: environment, timeoutMs: settings.metadataTimeoutMs)
         case .etcd(let endpoints): metadataStore = try EtcdMetadataStore(endpoints: endpoints, timeoutMs: settings.metadataTimeoutMs)

@@ -6,8 +6,11 @@ struct HTTPMetadataStore: MetadataStore {
     let port: UInt16
     let path: String
     let timeoutMs: Int
+    /// Sent as `Authorization: Bearer <token>` when set (MC_METADATA_TOKEN).
+    let token: String?
 
-    init(url: String, timeoutMs: Int) throws {
+    init(url: String, timeoutMs: Int, token: String? = nil) throws {
+        self.token = token
         guard url.lowercased().hasPrefix("http://") else {
             throw EngineError.invalidMetadataServer("'\(url)': https:// metadata servers are not supported yet (no TLS in this build); use http://")
         }
@@ -30,6 +33,7 @@ struct HTTPMetadataStore: MetadataStore {
         socket.setTimeouts(receiveMs: timeoutMs, sendMs: timeoutMs)
         var headers = [("Host", "\(host):\(port)"), ("Connection", "close")]
         if body != nil { headers.append(("Content-Type", "application/json")) }
+        if let token { headers.append(("Authorization", "Bearer \(token)")) }
         let message = HTTPWire.encode(startLine: "\(method) \(target) HTTP/1.1", headers: headers, body: Array((body ?? "").utf8))
         try message.withUnsafeBytes { try socket.sendAll([$0]) }
         var buffered: [UInt8] = []
