@@ -10,7 +10,7 @@ import Glibc
 #endif
 
 /// The harness TE_FUZZ_TARGET names, read once.
-nonisolated(unsafe) private let target: String = ProcessInfo.processInfo.environment["TE_FUZZ_TARGET"] ?? ""
+private let target: String = ProcessInfo.processInfo.environment["TE_FUZZ_TARGET"] ?? ""
 
 /// A connected socket pair whose one end already holds `data` and is closed: readers that take a
 /// Socket see exactly these bytes, then EOF.

@@ -18,6 +18,26 @@ struct HTTPFramingTests {
         return String(decoding: reply[0..<n], as: UTF8.self)
     }
 
+    @Test("a chunked body with trailer fields (etcd's gateway sends one) is read whole; the next message follows")
+    func trailers() throws {
+        let (a, b) = try Self.socketPair()
+        let text = "HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nGrpc-Trailer-Content-Type: application/grpc\r\n\r\n"
+            + "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        try Array(text.utf8).withUnsafeBytes { try b.sendAll([$0]) }
+        b.close()
+        var buffered: [UInt8] = []
+        let first = try #require(try HTTPWire.read(from: a, buffered: &buffered))
+        #expect(first.body == Array("hello".utf8))
+        let second = try #require(try HTTPWire.read(from: a, buffered: &buffered))
+        #expect(second.startLine[1] == "200" && second.body == Array("ok".utf8))
+    }
+
+    static func socketPair() throws -> (Socket, Socket) {
+        var fds: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { throw TestFailure("socketpair failed") }
+        return (Socket(descriptor: .init(rawValue: fds[0])), Socket(descriptor: .init(rawValue: fds[1])))
+    }
+
     @Test("the metadata server refuses oversized, malformed and doubly framed bodies with 400 and keeps serving")
     func serverRefuses() throws {
         let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)

@@ -283,6 +283,46 @@ struct MetadataTests {
         try expectNewEngineReads(remote, through: url)
     }
 
+    @Test("etcd with authentication on: MC_ETCD_USERNAME/MC_ETCD_PASSWORD work; none or a wrong password fail with etcd's reason",
+          .enabled(if: EtcdProcess.binary != nil || ProcessInfo.processInfo.environment["CI"] != nil))
+    func etcdCredentials() throws {
+        let etcd = try EtcdProcess()
+        // Turn authentication on through the v3 JSON gateway: a root user with the root role.
+        func post(_ path: String, _ body: String) throws -> (Int, String) {
+            let socket = try Socket.connect(host: "127.0.0.1", port: etcd.port, timeoutMs: 2000)
+            defer { socket.close() }
+            socket.setTimeouts(receiveMs: 5000, sendMs: 5000)
+            let request = HTTPWire.encode(startLine: "POST \(path) HTTP/1.1", headers: [("Host", "127.0.0.1"), ("Connection", "close")], body: Array(body.utf8))
+            try request.withUnsafeBytes { try socket.sendAll([$0]) }
+            var buffered: [UInt8] = []
+            let response = try #require(try HTTPWire.read(from: socket, buffered: &buffered))
+            return (Int(response.startLine[1]) ?? 0, String(decoding: response.body, as: UTF8.self))
+        }
+        #expect(try post("/v3/auth/user/add", #"{"name":"root","password":"rootpw"}"#).0 == 200)
+        _ = try post("/v3/auth/role/add", #"{"name":"root"}"#)
+        _ = try post("/v3/auth/user/grant", #"{"user":"root","role":"root"}"#)
+        let enabled = try post("/v3/auth/enable", "{}")
+        #expect(enabled.0 == 200, "\(enabled)")
+        let url = "etcd://127.0.0.1:\(etcd.port)"
+        let credentials = environment(["MC_ETCD_USERNAME": "root", "MC_ETCD_PASSWORD": "rootpw"])
+        let (target, initiator, _) = try transferThrough(url, environment: credentials)
+        initiator.shutdown()
+        target.shutdown()
+        for (extra, reason) in [([String: String](), "user name is empty"), (["MC_ETCD_USERNAME": "root", "MC_ETCD_PASSWORD": "wrong"], "authentication failed")] {
+            do {
+                _ = try TransferEngine(configuration: EngineConfiguration(localHostname: "node-x", metadataServer: url),
+                                       environment: environment(extra.merging(["MC_METADATA_TIMEOUT_MS": "800"]) { $1 }))
+                Issue.record("expected an error with \(extra)")
+            } catch {
+                #expect("\(error)".contains(reason), "\(error)")
+            }
+        }
+        #expect(throws: EngineError.self) {
+            _ = try TransferEngine(configuration: EngineConfiguration(localHostname: "node-y", metadataServer: url),
+                                   environment: environment(["MC_ETCD_USERNAME": "root"]))
+        }
+    }
+
     @Test("an unreachable metadata server fails within the configured time, naming the server and the key")
     func unreachable() throws {
         let probe = try Socket.listen(host: "127.0.0.1", port: 0)

@@ -166,7 +166,9 @@ public final class TransferEngine: @unchecked Sendable {
                                                   token: environment["MC_METADATA_TOKEN"].flatMap { $0.isEmpty ? nil : $0 })
         case .redis(let address):
             metadataStore = try RedisMetadataStore(address: address, environment: environment, timeoutMs: settings.metadataTimeoutMs)
-        case .etcd(let endpoints): metadataStore = try EtcdMetadataStore(endpoints: endpoints, timeoutMs: settings.metadataTimeoutMs)
+        case .etcd(let endpoints):
+            metadataStore = try EtcdMetadataStore(endpoints: endpoints, timeoutMs: settings.metadataTimeoutMs,
+                                                  credentials: try EtcdMetadataStore.credentials(environment: environment))
         }
         handshakeAddresses = HandshakeAddressResolver(store: metadataStore, keys: keys, budgetMs: settings.metadataTimeoutMs)
 

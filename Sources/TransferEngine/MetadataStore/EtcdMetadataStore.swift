@@ -8,28 +8,64 @@ final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     let endpoints: [HostPort]
     let timeoutMs: Int
     private let lease = ConditionLock<Int64?>(nil)
+    /// User and password for an etcd with authentication on (MC_ETCD_USERNAME / MC_ETCD_PASSWORD).
+    private let credentials: (user: String, password: String)?
+    /// The token etcd handed out for them (renewed when etcd says it is no longer valid).
+    private let token = ConditionLock<String?>(nil)
 
-    init(endpoints: [String], timeoutMs: Int) throws {
+    init(endpoints: [String], timeoutMs: Int, credentials: (user: String, password: String)? = nil) throws {
         self.endpoints = try endpoints.map { text in
             let location = try HostPort.parse(text.hasPrefix("http://") ? String(text.dropFirst(7)) : text)
             return HostPort(host: location.host, port: location.port ?? 2379)
         }
         self.timeoutMs = timeoutMs
+        self.credentials = credentials
+    }
+
+    /// Credentials from MC_ETCD_USERNAME and MC_ETCD_PASSWORD (both or neither).
+    static func credentials(environment: [String: String]) throws -> (user: String, password: String)? {
+        let user = environment["MC_ETCD_USERNAME"].flatMap { $0.isEmpty ? nil : $0 }
+        let password = environment["MC_ETCD_PASSWORD"].flatMap { $0.isEmpty ? nil : $0 }
+        switch (user, password) {
+        case (nil, nil): return nil
+        case let (user?, password?): return (user, password)
+        default: throw EngineError.invalidConfiguration("set both MC_ETCD_USERNAME and MC_ETCD_PASSWORD, or neither")
+        }
+    }
+
+    /// POSTs with the auth token when etcd wants one; an expired or revoked token is renewed once.
+    private func call(_ path: String, _ body: JSONValue) throws -> JSONValue {
+        guard let credentials else { return try send(path, body, token: nil) }
+        func current() throws -> String {
+            if let known = token.withLock({ $0 }) { return known }
+            let reply = try send("/v3/auth/authenticate", .object(["name": .string(credentials.user), "password": .string(credentials.password)]), token: nil)
+            guard let fresh = reply["token"]?.stringValue, !fresh.isEmpty else {
+                throw MetadataRejection(description: "etcd did not issue a token for user '\(credentials.user)'")
+            }
+            token.withLock { $0 = fresh }
+            return fresh
+        }
+        do {
+            return try send(path, body, token: try current())
+        } catch let error as EtcdError where error.message.contains("token") {
+            token.withLock { $0 = nil }
+            return try send(path, body, token: try current())
+        }
     }
 
     var serverDescription: String { "etcd \(endpoints.map(\.description).joined(separator: ","))" }
 
     /// POSTs a JSON body to the first endpoint that answers.
-    private func call(_ path: String, _ body: JSONValue) throws -> JSONValue {
+    private func send(_ path: String, _ body: JSONValue, token: String?) throws -> JSONValue {
         var lastError: Error = MetadataRejection(description: "no etcd endpoint")
         for endpoint in endpoints {
             do {
                 let socket = try Socket.connect(host: endpoint.host, port: endpoint.port ?? 2379, timeoutMs: timeoutMs)
                 defer { socket.close() }
                 socket.setTimeouts(receiveMs: timeoutMs, sendMs: timeoutMs)
-                let request = HTTPWire.encode(startLine: "POST \(path) HTTP/1.1",
-                                              headers: [("Host", endpoint.description), ("Connection", "close"), ("Content-Type", "application/json")],
-                                              body: Array(body.compactText.utf8))
+                var headers = [("Host", endpoint.description), ("Connection", "close"), ("Content-Type", "application/json")]
+                if let token { headers.append(("Authorization", token)) }
+                let request = HTTPWire.encode(startLine: "POST \(path) HTTP/1.1", headers: headers, body: Array(body.compactText.utf8))
                 try request.withUnsafeBytes { try socket.sendAll([$0]) }
                 var buffered: [UInt8] = []
                 guard let response = try HTTPWire.read(from: socket, buffered: &buffered), let status = Int(response.startLine[1]) else {

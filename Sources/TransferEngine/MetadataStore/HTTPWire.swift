@@ -79,11 +79,26 @@ enum HTTPWire {
                         ? Failure.malformed("chunk size '\(sizeText.prefix(40))'") : Failure.tooLarge("body")
                 }
                 buffered.removeSubrange(0..<(lineEnd + 2))
+                if size == 0 {
+                    // The last chunk: trailer fields (etcd's gateway sends one) up to an empty line.
+                    var trailerBytes = 0
+                    while true {
+                        while buffered.firstRange(of: [13, 10]) == nil {
+                            if buffered.count > maxHead { throw Failure.tooLarge("trailer") }
+                            if try !fill() { throw Failure.malformed("connection closed inside the trailer") }
+                        }
+                        let end = buffered.firstRange(of: [13, 10])!.lowerBound
+                        buffered.removeSubrange(0..<(end + 2))
+                        trailerBytes += end + 2
+                        if end == 0 { break }
+                        if trailerBytes > maxHead { throw Failure.tooLarge("trailer") }
+                    }
+                    break
+                }
                 while buffered.count < size + 2 { if try !fill() { throw Failure.malformed("connection closed inside a chunk") } }
                 guard buffered[size] == 13, buffered[size + 1] == 10 else { throw Failure.malformed("chunk not followed by CRLF") }
                 body += buffered[0..<size]
                 buffered.removeSubrange(0..<(size + 2))
-                if size == 0 { break }
             }
         } else if let lengthText = headers["content-length"] {
             guard let length = decimalLength(lengthText) else { throw Failure.malformed("Content-Length '\(lengthText.prefix(40))'") }
