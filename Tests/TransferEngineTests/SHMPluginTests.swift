@@ -266,3 +266,71 @@ struct SHMPluginTests {
         #expect(probe.available, "\(probe.reason)")
     }
 }
+
+/// A descriptor is the peer's word: one that names another same-user process (or this one) as its
+/// owner must not aim the shm plugin's writes at it. The pid has to prove itself (it must hold a
+/// nonce sent through the segment's own handshake port) before any byte moves.
+@Suite("shm plugin against hostile descriptors", .serialized)
+struct SHMHostileDescriptorTests {
+    /// A fake peer: its handshake port answers Metadata with `descriptor` and a proof request with
+    /// `proofAddress` (an attacker cannot place the nonce in the victim's memory).
+    final class FakePeer: @unchecked Sendable {
+        let listener: Socket
+        let port: UInt16
+        init(descriptor: @escaping @Sendable () -> String, proofAddress: UInt64) throws {
+            listener = try Socket.listen(host: "127.0.0.1", port: 0)
+            port = listener.localAddress.port
+            let listener = self.listener
+            Thread.detachNewThread {
+                while let connection = try? listener.accept() {
+                    connection.setTimeouts(receiveMs: 2000, sendMs: 2000)
+                    guard let request = try? HandshakeClient.receive(on: connection, maxLength: 1 << 20) else { connection.close(); continue }
+                    let json = request.kind == .metadata ? descriptor() : #"{"reply_msg":"","shm_proof_addr":\#(proofAddress)}"#
+                    let reply = HandshakeWire.Message(kind: request.kind, json: json, legacy: request.legacy)
+                    _ = try? reply.encoded.withUnsafeBytes { try connection.sendAll([$0]) }
+                    connection.close()
+                }
+            }
+        }
+        deinit { listener.shutdownBoth() }
+    }
+
+    @Test("a descriptor naming another process or this one as owner is refused; the victim's memory is untouched")
+    func hostileOwner() throws {
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path])
+        let victim = try ServeProcess(bufferSize: "1MiB", environment: environment, protocolName: "shm")
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment, logger: logger)
+        defer { engine.shutdown() }
+        let hostID = try #require(try engine.descriptor(of: 0).extra["shm_host_id"]?.stringValue)
+        let source = TestBuffer(4096, fill: 0xEE), own = TestBuffer(4096, fill: 0x11)
+        try engine.registerMemory(address: source.address, length: 4096)
+        try engine.registerMemory(address: own.address, length: 4096)
+        // The victim's buffer as a clean engine reads it over TCP, before and after.
+        let reader = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
+        defer { reader.shutdown() }
+        let before = TestBuffer(4096), after = TestBuffer(4096)
+        try reader.registerMemory(address: before.address, length: 4096)
+        try reader.registerMemory(address: after.address, length: 4096)
+        let victimHandle = try reader.openSegment(victim.segment)
+        try reader.transferSync(.read, localAddress: before.address, segment: victimHandle, remoteAddress: victim.bufferAddress, length: 4096)
+        let closed = try Socket.listen(host: "127.0.0.1", port: 0)
+        let deadPort = closed.localAddress.port
+        closed.close()
+        for (pid, address) in [(victim.process.processIdentifier, victim.bufferAddress), (getpid(), own.address)] {
+            let descriptor = #"{"name":"fake","protocol":"shm","tcp_data_port":\#(deadPort),"shm_host_id":"\#(hostID)","shm_pid":\#(pid),"buffers":[{"name":"cpu:0","addr":\#(address),"length":4096}]}"#
+            let fake = try FakePeer(descriptor: { descriptor }, proofAddress: address)
+            let handle = try engine.openSegment("127.0.0.1:\(fake.port)")
+            #expect(throws: EngineError.self) {
+                try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: address, length: 4096)
+            }
+            try engine.closeSegment(handle)
+        }
+        #expect(capture.messages(at: .info).contains { $0.contains("did not prove to be the peer") }, "\(capture.messages(at: .info))")
+        #expect(capture.messages(at: .info).contains { $0.contains("names this process") })
+        #expect(own.bytes.allSatisfy { $0 == 0x11 })
+        try reader.transferSync(.read, localAddress: after.address, segment: victimHandle, remoteAddress: victim.bufferAddress, length: 4096)
+        #expect(after.equals(before, length: 4096), "the victim's memory changed")
+        #expect(!before.bytes.allSatisfy { $0 == 0xEE })
+    }
+}

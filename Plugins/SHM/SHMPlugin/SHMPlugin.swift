@@ -129,6 +129,9 @@ final class SHMInstance: @unchecked Sendable {
         return storage
     }()
     let host: UnsafePointer<te_host_services>?
+    /// Where this process answers ownership proofs: a peer that opens us writes nothing until it
+    /// has read, from the pid our descriptor names, a nonce it sent us at this address.
+    let proofs = ProofSlots()
     /// Mapped requests at least this long are copied with non-temporal stores (MC_SHM_STREAMING_MIN).
     let streamingMinimum: UInt64
 
@@ -410,6 +413,19 @@ private func shmOpenPeer(_ pointer: OpaquePointer?, _ segment: UnsafePointer<CCh
         object.setError("\(name) is not on this host (or does not run the shm transport)")
         return TE_ERR_PEER_UNREACHABLE
     }
+    // A descriptor is the peer's word: the pid must be the peer's own process, proven before any
+    // byte moves (else a descriptor naming another same-user process, or ours, would aim our
+    // writes at it), and held by a pidfd opened before the proof (a reused pid cannot stand in).
+    guard pid != shm_getpid() else {
+        object.setError("\(name) names this process (pid \(pid)) as its owner: refused")
+        return TE_ERR_REJECTED
+    }
+    let pidfd = shm_pidfd_open(pid)
+    if let failure = object.proveOwnership(of: name, pid: pid) {
+        if pidfd >= 0 { _ = shm_close(pidfd) }
+        object.setError("\(name): pid \(pid) did not prove to be the peer: \(failure)")
+        return TE_ERR_REJECTED
+    }
     let buffers = (peer.buffers ?? []).map { buffer in
         var entry = SHMInstance.PeerBuffer(address: buffer.addr, length: buffer.length)
         if let fd = buffer.shm_memfd, let inode = buffer.shm_memfd_inode, let offset = buffer.shm_memfd_offset, let size = buffer.shm_memfd_size,
@@ -418,7 +434,6 @@ private func shmOpenPeer(_ pointer: OpaquePointer?, _ segment: UnsafePointer<CCh
         }
         return entry
     }
-    let pidfd = shm_pidfd_open(pid)
     out.pointee = object.signal.locked {
         let handle = object.nextPeer
         object.nextPeer += 1
@@ -436,7 +451,15 @@ private func shmClosePeer(_ pointer: OpaquePointer?, _ peer: UInt64) {
 }
 
 private func shmOnHandshake(_ pointer: OpaquePointer?, _ request: UnsafePointer<CChar>?, _ reply: UnsafeMutablePointer<te_buffer>?) -> Int32 {
-    write("{\"reply_msg\":\"\"}", reply)
+    guard let object = instance(pointer), let request else { return TE_ERR_INVALID_ARGUMENT }
+    // An ownership proof: put the nonce in our memory and say where; the asker reads it back
+    // through the pid our descriptor names, which proves that pid is this process.
+    if let asked = try? JSONDecoder().decode(ProofRequest.self, from: Data(String(cString: request).utf8)),
+       let nonce = JSONHex.decode(asked.shm_proof_nonce), nonce.count == ProofSlots.nonceSize {
+        let address = object.proofs.store(nonce)
+        return write("{\"reply_msg\":\"\",\"shm_proof_addr\":\(address)}", reply)
+    }
+    return write("{\"reply_msg\":\"\"}", reply)
 }
 
 private func shmSubmit(_ pointer: OpaquePointer?, _ requests: UnsafePointer<te_request>?, _ count: Int, _ stride: Int,
