@@ -143,6 +143,47 @@ struct RDMAGuestTests {
         #expect(fallbacks.isEmpty, "\(fallbacks)")
     }
 
+    @Test("a handshake claiming a live peer's path mid-transfer costs it a reconnect, not bytes; endpoints stop at MC_RDMA_MAX_ENDPOINTS")
+    func hostileHandshakes() throws {
+        let limits = ["MC_RDMA_MAX_ENDPOINTS": "3"]
+        let target = try TransferEngine(configuration: EngineConfiguration(localHostname: "127.0.0.1", protocolName: "rdma", deviceName: "rxe0"),
+                                        environment: environment(limits))
+        defer { target.shutdown() }
+        let (initiator, _) = try { () throws -> (TransferEngine, LogCapture) in
+            let (logger, capture) = TestSupport.capturingLogger()
+            return (try TransferEngine(configuration: EngineConfiguration(localHostname: "127.0.0.1", protocolName: "rdma", deviceName: "rxe0"),
+                                       environment: environment(), logger: logger), capture)
+        }()
+        defer { initiator.shutdown() }
+        let size = 48 << 20
+        let remote = TestBuffer(size), local = TestBuffer(size)
+        local.fillPattern(seed: 21)
+        try target.registerMemory(address: remote.address, length: UInt64(size))
+        try initiator.registerMemory(address: local.address, length: UInt64(size))
+        let gid = try #require(try target.descriptor(of: 0).extra["devices"]?.arrayValue?.first?["gid"]?.stringValue)
+        func handshake(from path: String) throws -> String {
+            let request = #"{"local_nic_path":"\#(path)","peer_nic_path":"\#(target.segmentName)@rxe0","local_lid":0,"local_gid":"\#(gid)","qp_num":[4242,4243]}"#
+            let reply = try HandshakeClient.exchange(host: "127.0.0.1", port: target.rpcPort, message: .init(kind: .connection, json: request),
+                                                     timeouts: .init(connectMs: 2000, replyMs: 10_000))
+            return (try JSONValue.parse(reply.json))["reply_msg"]?.stringValue ?? "?"
+        }
+        // A long write; meanwhile a handshake claims the initiator's path and replaces the target's
+        // endpoint for it. The initiator's failed slices rebuild its connection; every byte arrives.
+        let handle = try initiator.openSegment(target.segmentName)
+        let batch = try initiator.allocateBatch(capacity: 1)
+        try initiator.submit([TransferRequest(operation: .write, localAddress: local.address, segment: handle, remoteAddress: remote.address,
+                                              length: UInt64(size))], to: batch)
+        usleep(200_000)
+        _ = try handshake(from: "\(initiator.segmentName)@rxe0")
+        #expect(try initiator.wait(batch: batch, timeoutNs: 120_000_000_000))
+        #expect(try initiator.statuses(batch: batch).allSatisfy { $0.state == .completed })
+        #expect(remote.equals(local, length: size))
+        // The bound: the initiator holds one of three endpoints; two more fit, the next is refused.
+        #expect(try handshake(from: "fake-1@rxe0") == "")
+        #expect(try handshake(from: "fake-2@rxe0") == "")
+        #expect(try handshake(from: "fake-3@rxe0").contains("MC_RDMA_MAX_ENDPOINTS"))
+    }
+
     @Test("two soft-RoCE devices: slices are sprayed over both, bytes verified",
           .enabled(if: RDMAEnvironment.devices.count >= 2))
     func twoDevices() throws {

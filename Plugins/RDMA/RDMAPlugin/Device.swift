@@ -168,15 +168,22 @@ final class RDMADevice: @unchecked Sendable {
         lock.locked { replaceLocked(connection, with: endpoint) }
     }
 
-    /// Adds a connection (or replaces the endpoint of an existing one with the same peer path).
-    func register(_ connection: Connection) -> Connection {
+    /// Adds a connection (or replaces the endpoint of an existing one with the same peer path, as
+    /// a reconnecting peer needs); the reason when it may not: no handshake adds connections past
+    /// `MC_RDMA_MAX_ENDPOINTS`. A peer path is public (segment@device); without authentication a
+    /// handshake claiming a live peer's path costs that peer a reconnect (its next slice fails and
+    /// the endpoint is rebuilt), never bytes, since the responder checks every key and range.
+    func register(_ connection: Connection) -> Result<Connection, FailureText> {
         lock.locked {
             if let existing = connections[connection.peerNicPath] {
                 replaceLocked(existing, with: connection.current)
-                return existing
+                return .success(existing)
+            }
+            guard connections.count < options.maxEndpoints else {
+                return .failure(FailureText("\(name) already has \(options.maxEndpoints) endpoints (MC_RDMA_MAX_ENDPOINTS)"))
             }
             connections[connection.peerNicPath] = connection
-            return connection
+            return .success(connection)
         }
     }
 

@@ -34,6 +34,8 @@ struct RDMAOptions {
     /// `MC_RDMA_CALLER_POLL_US` (1000): while a caller polled the CQ itself within this window (a
     /// synchronous transfer), the completion thread leaves the CQ unarmed and naps; 0 turns that off.
     var callerWindowNanoseconds: UInt64
+    /// `MC_RDMA_MAX_ENDPOINTS` (1024): connections per device; a handshake past it is refused.
+    var maxEndpoints: Int
 
     private struct Raw: Decodable {
         var device_name: String?
@@ -64,6 +66,7 @@ struct RDMAOptions {
         spinNanoseconds = number("MC_RDMA_SPIN_US", 10) * 1000
         callerWindowNanoseconds = min(number("MC_RDMA_CALLER_POLL_US", 1000), 1_000_000) * 1000
         sliceTimeoutNanoseconds = number("MC_SLICE_TIMEOUT", 30) * 1_000_000_000
+        maxEndpoints = Int(min(max(number("MC_RDMA_MAX_ENDPOINTS", 1024), 1), 1 << 20))
     }
 
     static func trimmed(_ text: String) -> String {

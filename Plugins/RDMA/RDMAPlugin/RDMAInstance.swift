@@ -382,7 +382,10 @@ final class RDMAInstance: @unchecked Sendable {
             return handshakeJSON(local: nicPath(device), peer: peerPath, device: device, queuePairs: [], reply: "ibv_modify_qp: \(String(cString: strerror(-status)))")
         }
         let peerSegment = String(peerPath[..<peerPath.lastIndex(of: "@")!])
-        _ = device.register(Connection(peerNicPath: peerPath, peerSegment: peerSegment, peerDevice: 0, endpoint: endpoint))
+        if case .failure(let refusal) = device.register(Connection(peerNicPath: peerPath, peerSegment: peerSegment, peerDevice: 0, endpoint: endpoint)) {
+            endpoint.destroy()
+            return handshakeJSON(local: nicPath(device), peer: peerPath, device: device, queuePairs: [], reply: refusal.text)
+        }
         return handshakeJSON(local: nicPath(device), peer: peerPath, device: device, queuePairs: endpoint.queuePairNumbers, reply: "")
     }
 
@@ -434,7 +437,13 @@ final class RDMAInstance: @unchecked Sendable {
             }
             switch establish(device, peerSegment: segment, peerPath: peerPath) {
             case .success(let endpoint):
-                connections.append(device.register(Connection(peerNicPath: peerPath, peerSegment: segment, peerDevice: target, endpoint: endpoint)))
+                switch device.register(Connection(peerNicPath: peerPath, peerSegment: segment, peerDevice: target, endpoint: endpoint)) {
+                case .success(let connection): connections.append(connection)
+                case .failure(let refusal):
+                    endpoint.destroy()
+                    setError(refusal.text)
+                    return (TE_ERR_PEER_UNREACHABLE, 0)
+                }
             case .failure(let failure):
                 setError(failure.text)
                 return (TE_ERR_PEER_UNREACHABLE, 0)

@@ -200,7 +200,7 @@ public final class TransferEngine: @unchecked Sendable {
 
         if let loaded = selection.plugin {
             let options = Self.pluginOptions(configuration: configuration, segmentName: segmentName, environment: environment,
-                                             protocolName: selection.effective)
+                                             protocolName: selection.effective, peerAuthentication: authenticator != nil)
             let handshakeTimeouts = HandshakeClient.Timeouts(connectMs: settings.connectTimeoutMs, replyMs: settings.handshakeReplyMs, auth: authenticator)
             let maxLength = settings.handshakeMaxLength
             plugin = try PluginTransport(plugin: loaded, protocolName: selection.effective, optionsJSON: options, logger: logger) { [weak self] peer, request in
@@ -310,15 +310,20 @@ public final class TransferEngine: @unchecked Sendable {
 
     /// The options JSON a plugin gets at probe and create.
     /// `protocol` is the protocol the plugin is loaded for (one plugin file may serve several).
+    /// `peerAuthentication`: peers must pass the shared-secret exchange before any of their
+    /// handshakes reach the plugin (passed on as `peer_authentication`).
+    /// Secrets (MC_AUTH_SECRET, passwords, tokens) are not passed on: plugins have no use for them.
     public static func pluginOptions(configuration: EngineConfiguration, segmentName: String, environment: [String: String],
-                                     protocolName: String? = nil) -> String {
+                                     protocolName: String? = nil, peerAuthentication: Bool = false) -> String {
+        let secrets: Set<String> = ["MC_AUTH_SECRET", "MC_AUTH_SECRET_FILE", "MC_METADATA_TOKEN", "MC_ETCD_PASSWORD", "MC_REDIS_PASSWORD"]
         var options: [String: JSONValue] = [:]
-        for (key, value) in environment where key.hasPrefix("MC_") { options[key] = .string(value) }
+        for (key, value) in environment where key.hasPrefix("MC_") && !secrets.contains(key) { options[key] = .string(value) }
         return JSONValue.object([
             "protocol": .string(protocolName ?? configuration.protocolName.lowercased()),
             "device_name": .string(configuration.deviceName),
             "local_hostname": .string(configuration.localHostname),
             "segment_name": .string(segmentName),
+            "peer_authentication": .bool(peerAuthentication),
             "options": .object(options),
         ]).compactText
     }
