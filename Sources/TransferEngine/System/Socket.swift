@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import CTransferEngineShims
+import Synchronization
 import SystemPackage
 
 /// Errors raised by `Socket`.
@@ -139,6 +140,9 @@ extension Optional where Wrapped == String {
 /// caller's memory (registered buffers), never through an intermediate copy.
 final class Socket: @unchecked Sendable {
     private(set) var descriptor: FileDescriptor?
+    /// Orders `close` (the owner) against `shutdownBoth` (any thread, e.g. an unregister ending a
+    /// peer's copy): the only calls made on a socket from two threads.
+    private let lifecycle = Mutex(())
 
     init(descriptor: FileDescriptor) { self.descriptor = descriptor }
 
@@ -412,14 +416,22 @@ final class Socket: @unchecked Sendable {
     /// Stops further sends; the peer sees EOF.
     func shutdownWrite() { Glibc.shutdown(fd, Int32(SHUT_WR)) }
 
-    /// Wakes any thread blocked on this socket (accept/recv) and stops both directions.
-    func shutdownBoth() { Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+    /// Wakes any thread blocked on this socket (accept/recv) and stops both directions. Safe from
+    /// another thread than the owner's, also while the owner closes it: under the same lock as
+    /// `close`, so it never reaches a descriptor number the kernel has handed to someone else.
+    func shutdownBoth() {
+        lifecycle.withLock { _ in
+            if let descriptor { Glibc.shutdown(descriptor.rawValue, Int32(SHUT_RDWR)) }
+        }
+    }
 
     /// Closes the descriptor (idempotent).
     func close() {
-        if let descriptor {
-            try? descriptor.close()
-            self.descriptor = nil
+        lifecycle.withLock { _ in
+            if let descriptor {
+                try? descriptor.close()
+                self.descriptor = nil
+            }
         }
     }
 }
