@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes every decoder of peer, descriptor and metadata-server input with libFuzzer and
 # AddressSanitizer (Fuzz/Sources/Fuzz.swift): JSON, segment descriptors, handshake frames, HTTP
-# messages, RESP replies, TCP data headers, names/sizes/metadata URLs, GPU peer descriptors.
+# messages, RESP replies, TCP data headers, a live data server's request loop (one connection per
+# input), names/sizes/metadata URLs, GPU peer descriptors.
 #
 #   scripts/fuzz.sh                    # each target for 60 s
 #   scripts/fuzz.sh --seconds 20       # scripts/test.sh runs this short form
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 seconds=60
 if [ "${1:-}" = --seconds ]; then seconds=$2; shift 2; fi
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(json descriptor handshake http resp tcp-header segment-name gpu-descriptor)
+[ ${#targets[@]} -gt 0 ] || targets=(json descriptor handshake http resp tcp-header data-server segment-name gpu-descriptor)
 echo "== building the fuzz harness (libFuzzer + AddressSanitizer, scratch .build-fuzz)"
 TE_FUZZ=1 swift build --manifest-cache none --scratch-path .build-fuzz --product te-fuzz \
     -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library 2>&1 | grep -v "Cannot export local symbol" | grep -E "error|warning:|complete" | tail -5

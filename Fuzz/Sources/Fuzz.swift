@@ -3,6 +3,7 @@
 // built only with TE_FUZZ=1 and -sanitize=fuzzer,address (see Package.swift and scripts/fuzz.sh).
 import Foundation
 import GPUPlugin
+import Logging
 @testable import TransferEngine
 
 #if canImport(Glibc)
@@ -64,12 +65,14 @@ public func fuzzOneInput(_ bytes: UnsafePointer<UInt8>, _ count: Int) -> Int32 {
         _ = try? HostPort.parse(String(decoding: array, as: UTF8.self))
         _ = try? MetadataServer.parse(String(decoding: array, as: UTF8.self))
         _ = try? ByteSize.parse(String(decoding: array, as: UTF8.self))
+    case "data-server":
+        DataServerHarness.shared.run(data)
     case "gpu-descriptor":
         if let peer = try? PeerSegment(json: String(decoding: array, as: UTF8.self)) {
             _ = peer.buffer(containing: UInt64(count) << 16, length: UInt64(count))
         }
     default:
-        fatalError("TE_FUZZ_TARGET must name a harness (json, descriptor, handshake, http, resp, tcp-header, segment-name, gpu-descriptor)")
+        fatalError("TE_FUZZ_TARGET must name a harness (json, descriptor, handshake, http, resp, tcp-header, data-server, segment-name, gpu-descriptor)")
     }
     return 0
 }
@@ -85,4 +88,44 @@ public func fuzzMain(_ argc: Int32, _ argv: UnsafeMutablePointer<UnsafeMutablePo
     var count = argc
     var vector = argv
     return LLVMFuzzerRunDriver(&count, &vector) { fuzzOneInput($0, $1) }
+}
+
+/// A real TCP data server over a registered 1 MiB buffer. Each input is one connection's bytes;
+/// when its first byte is odd, the address of every 24-byte header is moved into the buffer
+/// (offset = address mod buffer size), so the fuzzer reaches the serving paths, not only refusals.
+final class DataServerHarness: @unchecked Sendable {
+    static let shared = DataServerHarness()
+    let registry = MemoryRegistry(graceMs: 100)
+    let buffer = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+    let server: TCPDataServer
+
+    init() {
+        buffer.initializeMemory(as: UInt8.self, repeating: 0x5A, count: 1 << 20)
+        try! registry.register(address: UInt64(UInt(bitPattern: buffer)), length: 1 << 20, location: "cpu:0")
+        var logger = Logger(label: "fuzz")
+        logger.logLevel = .critical
+        server = try! TCPDataServer(listener: try! Socket.listen(host: "127.0.0.1", port: 0), registry: registry, logger: logger,
+                                    payloadTimeoutMs: 200, spinNanoseconds: 0, idleTimeoutMs: 200)
+    }
+
+    func run(_ data: UnsafeRawBufferPointer) {
+        var bytes = Array(data)
+        if let first = bytes.first, first & 1 == 1 {
+            let base = UInt64(UInt(bitPattern: buffer))
+            var offset = 1
+            while offset + TCPWire.headerSize <= bytes.count {
+                let address = bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset + 8, as: UInt64.self) }
+                let moved = base + address % (1 << 20)
+                withUnsafeBytes(of: moved.littleEndian) { for i in 0..<8 { bytes[offset + 8 + i] = $0[i] } }
+                offset += TCPWire.headerSize
+            }
+        }
+        guard let socket = try? Socket.connect(host: "127.0.0.1", port: server.port, timeoutMs: 1000) else { return }
+        defer { socket.close() }
+        socket.setTimeouts(receiveMs: 300, sendMs: 300)
+        _ = try? bytes.withUnsafeBytes { try socket.sendAll([$0]) }
+        socket.shutdownWrite()
+        var sink = [UInt8](repeating: 0, count: 64 << 10)
+        while let n = try? sink.withUnsafeMutableBytes({ try socket.receiveSome($0.baseAddress!, count: $0.count) }), n > 0 {}
+    }
 }

@@ -74,44 +74,13 @@ struct NetworkFaultTests {
         }
     }
 
-    /// `transfer-engine serve` inside the namespace.
-    final class Target: @unchecked Sendable {
-        let process = Process()
-        let input = Pipe()
-        let segment: String
-        let bufferAddress: UInt64
-
-        init(in namespace: Namespace, environment: [String: String]) throws {
-            process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-            process.arguments = ["netns", "exec", namespace.name, TestSupport.cli, "serve", "--exit-on-stdin-close", "--buffer-size", "64MiB",
-                                 "--local-hostname", namespace.peerAddress]
-            process.environment = environment
-            let output = Pipe()
-            process.standardInput = input
-            process.standardOutput = output
-            process.standardError = FileHandle.nullDevice
-            try process.run()
-            let line = LineReader(output.fileHandleForReading).line(timeout: 30) ?? ""
-            let fields = ServeProcess.readyFields(line)
-            guard let segment = fields["segment"], let buffer = fields["buffer"], let address = UInt64(buffer.dropFirst(2), radix: 16) else {
-                process.terminate()
-                throw TestFailure("serve in the namespace did not print READY: \(line)")
-            }
-            self.segment = segment
-            bufferAddress = address
-        }
-
-        deinit {
-            if process.isRunning { process.terminate(); process.waitUntilExit() }
-        }
-    }
-
     private static let settings = ["MC_TCP_STATUS_TIMEOUT_SEC": "3", "MC_HANDSHAKE_CONNECT_TIMEOUT": "2", "MC_TRANSFER_TIMEOUT": "5"]
 
     @Test("a partition mid-batch ends every task within the deadline with a reason, other peers are served meanwhile, and after healing new transfers succeed; a vanished peer is detected")
     func partitionAndVanish() throws {
         let namespace = try Namespace()
-        let target = try Target(in: namespace, environment: TestSupport.cleanEnvironment(Self.settings))
+        let target = try ServeProcess(bufferSize: "64MiB", environment: TestSupport.cleanEnvironment(Self.settings),
+                                      localHostname: namespace.peerAddress, launcher: ["/usr/sbin/ip", "netns", "exec", namespace.name])
         let engine = try TransferEngine(configuration: EngineConfiguration(localHostname: namespace.hostAddress),
                                         environment: TestSupport.cleanEnvironment(Self.settings))
         defer { engine.shutdown() }

@@ -154,10 +154,13 @@ final class ServeProcess: @unchecked Sendable {
     let bufferAddress: UInt64
     let bufferLength: UInt64
 
+    /// `launcher` runs the CLI through another command (e.g. `ip netns exec NAME`).
     init(bufferSize: String = "128MiB", environment: [String: String] = TestSupport.cleanEnvironment(), protocolName: String = "tcp",
-         deviceName: String? = nil) throws {
-        process.executableURL = URL(fileURLWithPath: TestSupport.cli)
-        process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--local-hostname", "127.0.0.1", "--protocol", protocolName]
+         deviceName: String? = nil, localHostname: String = "127.0.0.1", launcher: [String] = []) throws {
+        let command = launcher + [TestSupport.cli]
+        process.executableURL = URL(fileURLWithPath: command[0])
+        process.arguments = Array(command.dropFirst())
+            + ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--local-hostname", localHostname, "--protocol", protocolName]
             + (deviceName.map { ["--device-name", $0] } ?? [])
         process.environment = environment
         let output = Pipe()
