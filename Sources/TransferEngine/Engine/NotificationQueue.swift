@@ -11,8 +11,8 @@ struct NotificationQueue {
     private var bytes = 0
     /// Notifications dropped since the engine started.
     private(set) var dropped: UInt64 = 0
-    /// When a drop was last reported (monotonic ns), for a rate-limited warning.
-    var lastDropWarning: UInt64 = 0
+    /// Drop warnings, at most every 10 s.
+    var dropWarnings = WarningThrottle()
 
     init(maxCount: Int, maxBytes: Int) {
         self.maxCount = maxCount

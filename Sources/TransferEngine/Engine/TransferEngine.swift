@@ -356,8 +356,10 @@ public final class TransferEngine: @unchecked Sendable {
     /// Unregisters the buffer starting at `address`; returns after in-flight peer access to it ended.
     public func unregisterMemory(address: UInt64) throws {
         try registry.unregister(address: address)
-        state.withLock { $0.registrationGeneration += 1 }
-        state.withLock { _ = $0.bufferFragments.removeValue(forKey: address) }
+        state.withLock { state in
+            state.registrationGeneration += 1
+            _ = state.bufferFragments.removeValue(forKey: address)
+        }
         try plugin?.unregister(address: address)
         do { try republishDescriptor() } catch {
             logger.warning("unregistered 0x\(String(address, radix: 16)) locally; publishing the descriptor failed (retried by the refresh): \(error)")
@@ -854,10 +856,8 @@ public final class TransferEngine: @unchecked Sendable {
             guard let body = try? JSONValue.parse(message.json) else { return nil }
             let notification = TransferNotification(name: body["name"]?.stringValue ?? "", message: body["notify_msg"]?.stringValue ?? "")
             let report: UInt64? = state.withLock { state in
-                guard state.notifications.append(notification) > 0 else { return nil }
-                let now = MonotonicClock.nanoseconds()
-                guard now &- state.notifications.lastDropWarning >= 10_000_000_000 || state.notifications.lastDropWarning == 0 else { return nil }
-                state.notifications.lastDropWarning = now
+                guard state.notifications.append(notification) > 0,
+                      state.notifications.dropWarnings.record(now: MonotonicClock.nanoseconds()) != nil else { return nil }
                 return state.notifications.dropped
             }
             if let report {

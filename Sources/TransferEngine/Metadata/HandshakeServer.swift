@@ -61,7 +61,7 @@ final class HandshakeServer: @unchecked Sendable {
         var queue: Deque<(Socket, [UInt8], String)> = []
         /// Replied connections handed back to the I/O thread to wait for the client's close.
         var lingering: [Socket] = []
-        var lastLimitWarning: UInt64 = 0
+        var limitWarnings = WarningThrottle()
         /// Workers still running (stop waits for them).
         var workers = 0
     }
@@ -358,12 +358,9 @@ final class HandshakeServer: @unchecked Sendable {
     /// A warning at most every 10 s (a flood must not flood the log too).
     private func warnLimit(_ message: String) {
         let now = MonotonicClock.nanoseconds()
-        let due = shared.withLock { state -> Bool in
-            guard state.lastLimitWarning == 0 || now &- state.lastLimitWarning >= 10_000_000_000 else { return false }
-            state.lastLimitWarning = now
-            return true
+        if shared.withLock({ $0.limitWarnings.record(now: now) }) != nil {
+            logger.warning("\(message) (further limit warnings in the next 10 s are not shown)")
         }
-        if due { logger.warning("\(message) (further limit warnings in the next 10 s are not shown)") }
     }
 
     // MARK: - Workers

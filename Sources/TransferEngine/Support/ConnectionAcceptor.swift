@@ -19,8 +19,7 @@ final class ConnectionAcceptor: @unchecked Sendable {
     private struct Table {
         var sockets: [Int32: (socket: Socket, address: String)] = [:]
         var perAddress: [String: Int] = [:]
-        var lastRefusalLog: UInt64 = 0
-        var refusedSinceLog = 0
+        var refusals = WarningThrottle()
     }
 
     /// Starts the accept thread. `refuse` answers a connection over the limit before it is closed.
@@ -77,11 +76,7 @@ final class ConnectionAcceptor: @unchecked Sendable {
                     table.perAddress[address, default: 0] += 1
                     return nil
                 }
-                table.refusedSinceLog += 1
-                let now = MonotonicClock.nanoseconds()
-                guard table.lastRefusalLog == 0 || now - table.lastRefusalLog >= 10_000_000_000 else { return (reason, nil) }
-                defer { table.lastRefusalLog = now; table.refusedSinceLog = 0 }
-                return (reason, table.refusedSinceLog)
+                return (reason, table.refusals.record(now: MonotonicClock.nanoseconds()))
             }
             if let refusal {
                 if let count = refusal.log {
