@@ -150,6 +150,32 @@ struct PluginTests {
         }
     }
 
+    @Test("an ABI 1.0 descriptor ending right before a PROT_NONE page loads and moves data (the host reads only struct_size bytes)")
+    func olderDescriptorAtPageEnd() throws {
+        let directory = try TestSupport.temporaryDirectory()
+        let path = try FixturePlugins.build("libtransport_loopcopy.so", defines: ["FIXTURE_V10_GUARDED"], in: directory)
+        let plugin = try PluginLoader.load(path: path).get()
+        #expect(plugin.info.abiVersion == "\(TE_ABI_MAJOR).0")
+        #expect(plugin.info.descriptorSize < MemoryLayout<te_plugin_descriptor>.size)
+        #expect(!plugin.allocatesMemory)
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": directory.path])
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
+        defer { target.shutdown(); initiator.shutdown() }
+        #expect(target.activeProtocol == "loopcopy")
+        let remote = TestBuffer(1 << 16)
+        let local = TestBuffer(1 << 16)
+        local.fillPattern(seed: 3)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
+        let handle = try initiator.openSegment(target.segmentName)
+        try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: UInt64(local.count))
+        #expect(remote.equals(local, length: local.count))
+        // A managed buffer falls back to host memory: the 1.0 plugin has no allocate_memory.
+        let managed = try initiator.allocateManagedBuffer(length: 4096)
+        try initiator.freeManagedBuffer(address: managed)
+    }
+
     @Test("a synchronous transfer whose completion another caller reaps still returns, with its own result")
     func syncCompletionReapedByAnotherCaller() throws {
         // The fixture hides a completion from its submitting thread for 20 ms, so two threads of

@@ -69,17 +69,30 @@ public enum PluginStatus {
 public final class LoadedPlugin: @unchecked Sendable {
     /// Descriptor facts.
     public let info: PluginInfo
+    /// The host's own copy of the plugin's descriptor: the first `struct_size` bytes of the
+    /// plugin's, the rest zero. An older plugin's smaller descriptor is never read past its
+    /// end, and entries it does not have are nil here.
     let descriptor: UnsafePointer<te_plugin_descriptor>
 
-    /// Whether the plugin offers allocate_memory/free_memory (ABI 1.1, checked against struct_size).
+    /// Whether the plugin offers allocate_memory/free_memory (ABI 1.1; nil in the copy when
+    /// struct_size does not cover them).
     var allocatesMemory: Bool {
-        let end = MemoryLayout<te_plugin_descriptor>.offset(of: \te_plugin_descriptor.free_memory)! + MemoryLayout<UnsafeRawPointer>.size
-        return info.descriptorSize >= end && descriptor.pointee.allocate_memory != nil && descriptor.pointee.free_memory != nil
+        descriptor.pointee.allocate_memory != nil && descriptor.pointee.free_memory != nil
     }
 
-    init(info: PluginInfo, descriptor: UnsafePointer<te_plugin_descriptor>) {
+    /// Keeps `descriptor` (the host's copy). Never freed: a loaded plugin lives as long as the process.
+    init(info: PluginInfo, descriptor: te_plugin_descriptor) {
         self.info = info
-        self.descriptor = descriptor
+        let copy = UnsafeMutablePointer<te_plugin_descriptor>.allocate(capacity: 1)
+        copy.initialize(to: descriptor)
+        self.descriptor = UnsafePointer(copy)
+    }
+
+    /// The first `size` bytes of the plugin's descriptor in a zeroed current-size struct.
+    static func copyDescriptor(_ plugin: UnsafeRawPointer, size: Int) -> te_plugin_descriptor {
+        var copy = te_plugin_descriptor()
+        withUnsafeMutableBytes(of: &copy) { $0.baseAddress!.copyMemory(from: plugin, byteCount: min(size, $0.count)) }
+        return copy
     }
 
     /// Asks the plugin whether it can run here.
@@ -178,7 +191,8 @@ public enum PluginLoader {
         guard size >= minimum else {
             return .failure(LoadError(path: path, reason: "descriptor of \(size) bytes is smaller than the ABI \(TE_ABI_MAJOR).0 minimum of \(minimum) bytes; the plugin was built against an incompatible header"))
         }
-        let d = descriptor.pointee
+        // From here on only the host's copy is read: struct_size bytes, zero beyond.
+        let d = LoadedPlugin.copyDescriptor(raw, size: size)
         guard let name = d.name.map({ String(cString: $0) }), !name.isEmpty,
               let protocolsText = d.protocols.map({ String(cString: $0) }) else {
             return .failure(LoadError(path: path, reason: "its descriptor has no name or protocol list"))
@@ -197,7 +211,7 @@ public enum PluginLoader {
         }
         let info = PluginInfo(path: path, name: name, version: d.version.map { String(cString: $0) } ?? "",
                               protocols: protocols, capabilities: d.capabilities, abiVersion: "\(major).\(minor)", descriptorSize: size)
-        return .success(LoadedPlugin(info: info, descriptor: descriptor))
+        return .success(LoadedPlugin(info: info, descriptor: d))
     }
 
     /// Turns "libX.so.1: cannot open shared object file" into "the P plugin needs libX.so.1 (package ...)".

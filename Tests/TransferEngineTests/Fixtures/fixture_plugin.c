@@ -10,11 +10,16 @@
  *   FIXTURE_NEWER        a larger descriptor with an appended field (newer minor)
  *   FIXTURE_NO_ENTRY     the entry symbol is not exported
  *   FIXTURE_NEEDS_LIB    links a library the test deletes afterwards
+ *   FIXTURE_V10_GUARDED  an ABI 1.0-sized descriptor (no allocate/free entries) placed at
+ *                        the very end of a mapped page whose next page is PROT_NONE:
+ *                        a host that reads past struct_size faults
  *   FIXTURE_HANDOFF      a completion is hidden from the thread that submitted it for
  *                        20 ms: another thread's poll reaps it first (cross-thread hand-over)
  */
 #include "te_transport_abi.h"
 #include <pthread.h>
+#include <stddef.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -204,7 +209,27 @@ static te_plugin_descriptor descriptor = {
 #define DESCRIPTOR (&descriptor)
 #endif
 
-#ifndef FIXTURE_NO_ENTRY
+#if defined(FIXTURE_V10_GUARDED)
+__attribute__((visibility("default"))) const te_plugin_descriptor *te_transport_plugin_entry(void) {
+    static const te_plugin_descriptor *placed;
+    static pthread_mutex_t once = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&once);
+    if (!placed) {
+        long page = sysconf(_SC_PAGESIZE);
+        char *pages = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (pages != MAP_FAILED && mprotect(pages + page, page, PROT_NONE) == 0) {
+            size_t size = TE_PLUGIN_DESCRIPTOR_V1_SIZE;
+            char *at = pages + page - size;
+            memcpy(at, DESCRIPTOR, size);
+            ((te_plugin_descriptor *)at)->abi_minor = 0;
+            ((te_plugin_descriptor *)at)->struct_size = (uint32_t)size;
+            placed = (const te_plugin_descriptor *)at;
+        }
+    }
+    pthread_mutex_unlock(&once);
+    return placed;
+}
+#elif !defined(FIXTURE_NO_ENTRY)
 __attribute__((visibility("default"))) const te_plugin_descriptor *te_transport_plugin_entry(void) { return DESCRIPTOR; }
 #else
 __attribute__((visibility("default"))) const te_plugin_descriptor *some_other_symbol(void) { return DESCRIPTOR; }
