@@ -8,7 +8,7 @@ struct ServeCommand: ParsableCommand {
         commandName: "serve",
         abstract: "Register a buffer, print the segment name and buffer address, and serve peers until stopped.",
         discussion: """
-        Prints one line: READY segment=<name> buffer=0x<address> length=<bytes> protocol=<protocol>
+        Prints one line: READY segment=<name> buffer=0x<address> length=<bytes> protocol=<first> protocols=<every transport, tcp last>
         and serves until SIGINT/SIGTERM (or until standard input closes, with --exit-on-stdin-close).
         The buffer is filled with a position-dependent pattern so readers can verify bytes.
         """
@@ -33,7 +33,7 @@ struct ServeCommand: ParsableCommand {
             let transferEngine = try TransferEngine(configuration: configuration, logger: logger)
             let address = try transferEngine.allocateManagedBuffer(length: size, location: location)
             if MemoryLocation.isHostAccessible(location) { BenchPattern.fill(address: address, length: size, seed: 0) }
-            print("READY segment=\(transferEngine.segmentName) buffer=0x\(String(address, radix: 16)) length=\(size) protocol=\(transferEngine.activeProtocol)")
+            print("READY segment=\(transferEngine.segmentName) buffer=0x\(String(address, radix: 16)) length=\(size) protocol=\(transferEngine.activeProtocol) protocols=\(transferEngine.activeProtocols.joined(separator: ","))")
             fflush(nil)
 
             let stop = SignalSources.stopOnTermination()

@@ -15,13 +15,15 @@ struct TransferEngineCommand: ParsableCommand {
           transfer-engine bench --segment 127.0.0.1:15123 --operation write --block-sizes 64KiB --batch-sizes 64
           transfer-engine plugins                           # list transport plugins and whether they can run here
           MOONCAKE_PROTOCOL=rdma transfer-engine serve      # ask for RDMA; falls back to TCP with one warning
+          MOONCAKE_PROTOCOL=rdma,nvmeof transfer-engine serve  # several transports; tcp is always the last resort
+          transfer-engine route --segment 127.0.0.1:15123   # which transport requests to a peer take, and why
 
         Settings come from flags, then environment (MOONCAKE_PROTOCOL, MOONCAKE_DEVICE,
         MOONCAKE_LOCAL_HOSTNAME, MOONCAKE_TE_META_DATA_SERVER, MC_*), then the JSON file
         given by --config or MOONCAKE_CONFIG_PATH. Log level: MC_LOG_LEVEL (TRACE, DEBUG, INFO, WARNING, ERROR).
         """,
         version: TransferEngineVersion.string,
-        subcommands: [ServeCommand.self, BenchCommand.self, BenchMetadataCommand.self, PluginsCommand.self, MetadataServerCommand.self]
+        subcommands: [ServeCommand.self, BenchCommand.self, BenchMetadataCommand.self, PluginsCommand.self, RouteCommand.self, MetadataServerCommand.self]
     )
 }
 
@@ -33,7 +35,7 @@ struct EngineOptions: ParsableArguments {
     @Option(help: "Metadata service: P2PHANDSHAKE (default), etcd://h:p, redis://h:p, http://h:p/metadata.")
     var metadataServer: String?
 
-    @Option(name: .customLong("protocol"), help: "Transport protocol: tcp (default), rdma, efa, nvmeof, nvlink, nvlink_intra, hip, barex, cxl, ascend.")
+    @Option(name: .customLong("protocol"), help: "Transport protocols, a comma list in order of preference (tcp is always last): tcp (default), rdma, efa, nvmeof, shm, nvlink, nvlink_intra, hip, barex, cxl, ascend.")
     var protocolName: String?
 
     @Option(help: "Devices for the plugin: comma list or auto-discovery.")

@@ -1,16 +1,21 @@
 /// The tasks of one batch and their completion state.
 ///
 /// Transports report finished slices through `sliceFinished`; a task with
-/// several slices completes when the last one does, and fails if any did.
+/// several slices completes when the last one does, and fails if any did. A task
+/// still pending at its deadline ends as `timeout`; slices that end later are ignored.
 final class Batch: @unchecked Sendable {
     private struct Task {
         var status = TransferStatus(state: .waiting)
         var pendingSlices = 0
+        /// Monotonic ns after which the task is reported as timed out (0: none).
+        var deadline: UInt64 = 0
     }
 
     private struct State {
         var tasks: [Task] = []
         var unfinished = 0
+        /// The earliest deadline of an unfinished task (UInt64.max: none), so expiry costs one compare.
+        var earliestDeadline = UInt64.max
     }
 
     let id: BatchID
@@ -22,8 +27,9 @@ final class Batch: @unchecked Sendable {
         self.capacity = capacity
     }
 
-    /// Reserves `sliceCounts.count` new tasks; returns the index of the first.
-    func addTasks(sliceCounts: [Int]) throws -> Int {
+    /// Reserves `sliceCounts.count` new tasks that must end by `deadline` (monotonic ns, 0: never);
+    /// returns the index of the first.
+    func addTasks(sliceCounts: [Int], deadline: UInt64 = 0) throws -> Int {
         try state.withLock { state in
             guard state.tasks.count + sliceCounts.count <= capacity else {
                 throw EngineError.batchBusy("batch \(id) holds \(state.tasks.count) of \(capacity) tasks; cannot add \(sliceCounts.count)")
@@ -33,10 +39,25 @@ final class Batch: @unchecked Sendable {
                 var task = Task()
                 task.status.state = slices == 0 ? .completed : .pending
                 task.pendingSlices = slices
+                if slices > 0 {
+                    state.unfinished += 1
+                    if deadline != 0 {
+                        task.deadline = deadline
+                        state.earliestDeadline = min(state.earliestDeadline, deadline)
+                    }
+                }
                 state.tasks.append(task)
-                if slices > 0 { state.unfinished += 1 }
             }
             return first
+        }
+    }
+
+    /// Announces `count` more slices of a pending task (a failed slice resubmitted in pieces).
+    func addSlices(task index: Int, count: Int) {
+        guard count > 0 else { return }
+        state.withLock { state in
+            guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { return }
+            state.tasks[index].pendingSlices += count
         }
     }
 
@@ -74,22 +95,64 @@ final class Batch: @unchecked Sendable {
         return state.unfinished == 0
     }
 
+    /// Ends every unfinished task whose deadline passed as `timeout`; true when that finished the batch.
+    private static func expire(_ state: inout State, now: UInt64) -> Bool {
+        guard now >= state.earliestDeadline else { return false }
+        var earliest = UInt64.max
+        for index in state.tasks.indices where state.tasks[index].pendingSlices > 0 {
+            let deadline = state.tasks[index].deadline
+            if deadline == 0 { continue }
+            if deadline > now { earliest = min(earliest, deadline); continue }
+            state.tasks[index].pendingSlices = 0
+            state.tasks[index].status.state = .timeout
+            state.tasks[index].status.error = "did not finish within its deadline"
+            state.unfinished -= 1
+        }
+        state.earliestDeadline = earliest
+        return state.unfinished == 0
+    }
+
     /// The number of tasks submitted so far.
     var taskCount: Int { state.withLock { $0.tasks.count } }
 
     /// Status of task `index`, or nil if there is no such task.
     func status(task index: Int) -> TransferStatus? {
-        state.withLock { state in index >= 0 && index < state.tasks.count ? state.tasks[index].status : nil }
+        let now = MonotonicClock.nanoseconds()
+        return state.withLock { state in
+            _ = Self.expire(&state, now: now)
+            return index >= 0 && index < state.tasks.count ? state.tasks[index].status : nil
+        }
     }
 
     /// Statuses of all tasks.
-    var statuses: [TransferStatus] { state.withLock { $0.tasks.map(\.status) } }
+    var statuses: [TransferStatus] {
+        let now = MonotonicClock.nanoseconds()
+        return state.withLock { state in
+            _ = Self.expire(&state, now: now)
+            return state.tasks.map(\.status)
+        }
+    }
 
     /// Whether any task is still in flight.
-    var hasUnfinishedTasks: Bool { state.withLock { $0.unfinished > 0 } }
+    var hasUnfinishedTasks: Bool {
+        let now = MonotonicClock.nanoseconds()
+        return state.withLock { state in
+            _ = Self.expire(&state, now: now)
+            return state.unfinished > 0
+        }
+    }
 
-    /// Blocks until every task finished or the monotonic deadline passes; true when all finished.
+    /// Blocks until every task finished (or timed out) or the monotonic deadline passes; true when all finished.
     func waitAll(deadline: UInt64?) -> Bool {
-        state.wait(deadline: deadline) { $0.unfinished == 0 ? true : nil } ?? false
+        while true {
+            let now = MonotonicClock.nanoseconds()
+            let (done, wakeAt) = state.withLock { state -> (Bool, UInt64) in
+                (Self.expire(&state, now: now) || state.unfinished == 0, state.earliestDeadline)
+            }
+            if done { return true }
+            if let deadline, now >= deadline { return false }
+            let until = min(deadline ?? UInt64.max, wakeAt)
+            if state.wait(deadline: until == UInt64.max ? nil : until, until: { $0.unfinished == 0 ? true : nil }) == true { return true }
+        }
     }
 }

@@ -11,13 +11,7 @@ import Musl
 /// A running plugin instance seen through the C vtable: registration,
 /// peers, submission, and a poller thread that turns completions into task
 /// progress.
-final class PluginTransport: @unchecked Sendable {
-    /// A batch task's slice in flight inside the plugin, keyed by its cookie.
-    private struct InFlight {
-        var batch: Batch
-        var task: Int
-        var length: UInt64
-    }
+final class PluginTransport: Transport, @unchecked Sendable {
     /// Marks the cookie of a synchronous caller's request (`transferOne`): it is not in `slices`
     /// (a dictionary insert and removal hash the key: a share of a small transfer), but in
     /// `syncWaiting`, a short list (one entry per thread inside `transferOne`).
@@ -31,25 +25,20 @@ final class PluginTransport: @unchecked Sendable {
         var reason: String?
     }
 
-    /// How a synchronous transfer (`transferOne`) ended.
-    enum SyncOutcome: Equatable {
-        case completed
-        case failed(String)
-        case timedOut
-    }
-
     let plugin: LoadedPlugin
     let protocolName: String
     private let instance: OpaquePointer
     private let logger: Logger
     private let services: UnsafeMutablePointer<te_host_services>
-    /// One request for the plugin: where it goes, and the batch task it belongs to.
-    typealias Slice = (op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64, batch: Batch, task: Int)
+    /// How long a synchronous caller busy-polls the plugin before it waits (MC_PLUGIN_SYNC_SPIN_US).
+    private let syncSpinNs: UInt64
+    /// Requests up to this size run synchronously on the caller's thread unless the plugin splits requests itself.
+    private let inlineLimit: UInt64
 
     /// What is in flight, and who polls the plugin for it.
     private struct State {
         var next: UInt64 = 1
-        var slices: [UInt64: InFlight] = [:]
+        var slices: [UInt64: TransferSlice] = [:]
         var stopping = false
         var pollerDone = false
         /// Synchronous callers polling the plugin themselves: they finish every completion meanwhile.
@@ -85,10 +74,12 @@ final class PluginTransport: @unchecked Sendable {
     }
 
     /// Creates the instance (`create`) and starts polling.
-    init(plugin: LoadedPlugin, protocolName: String, optionsJSON: String, logger: Logger,
+    init(plugin: LoadedPlugin, protocolName: String, optionsJSON: String, syncSpinNs: UInt64, inlineLimit: UInt64, logger: Logger,
          handshake: @escaping @Sendable (_ peerSegment: String, _ requestJSON: String) throws -> String) throws {
         self.plugin = plugin
         self.protocolName = protocolName
+        self.syncSpinNs = syncSpinNs
+        self.inlineLimit = inlineLimit
         self.logger = logger
         let context = Unmanaged.passRetained(HostContext(logger: logger, handshake: handshake)).toOpaque()
         let services = UnsafeMutablePointer<te_host_services>.allocate(capacity: 1)
@@ -211,6 +202,10 @@ final class PluginTransport: @unchecked Sendable {
         try check(d.unregister_memory!(instance, address), "unregister_memory")
     }
 
+    func connect(segment: String, view: SegmentDescriptor, host: String) throws -> any TransportPeer {
+        PluginPeer(transport: self, handle: try openPeer(segment: segment, descriptor: view), segment: segment)
+    }
+
     /// Opens a peer from its descriptor.
     func openPeer(segment: String, descriptor: SegmentDescriptor) throws -> UInt64 {
         try checkAlive("open_peer")
@@ -238,8 +233,8 @@ final class PluginTransport: @unchecked Sendable {
         return out.string
     }
 
-    /// Submits slices; each finishes through the batch when the plugin completes it.
-    func submit(_ slices: [Slice]) {
+    /// Submits slices to `peer` (a handle from open_peer); each ends through its token when the plugin completes it.
+    func submit(_ slices: [TransferSlice], peer: UInt64) {
         var requests: [te_request] = []
         requests.reserveCapacity(slices.count)
         let (stopped, wakePoller) = inFlight.withLock { state -> (Bool, Bool) in
@@ -247,15 +242,15 @@ final class PluginTransport: @unchecked Sendable {
             for slice in slices {
                 let cookie = state.next
                 state.next += 1
-                state.slices[cookie] = InFlight(batch: slice.batch, task: slice.task, length: slice.length)
-                requests.append(te_request(opcode: slice.op == .read ? TE_OP_READ : TE_OP_WRITE, flags: 0, local_addr: slice.local,
-                                           peer: slice.peer, remote_addr: slice.remote, length: slice.length, cookie: cookie))
+                state.slices[cookie] = slice
+                requests.append(te_request(opcode: slice.operation == .read ? TE_OP_READ : TE_OP_WRITE, flags: 0, local_addr: slice.localAddress,
+                                           peer: peer, remote_addr: slice.remoteAddress, length: slice.length, cookie: cookie))
             }
             return (false, state.pollerParked && state.pollerNeeded)
         }
         if wakePoller { inFlight.notifyAll() }
         if stopped {
-            for slice in slices { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "\(plugin.info.name): engine shut down") }
+            for slice in slices { slice.token.finish(slice, on: protocolName, error: "\(plugin.info.name): engine shut down") }
             return
         }
         let (offset, status) = requests.withUnsafeBufferPointer { submitRequests($0) }
@@ -290,7 +285,7 @@ final class PluginTransport: @unchecked Sendable {
     }
 
     private func finish(cookie: UInt64, status: Int32, bytes: UInt64, reason: String? = nil) {
-        guard let slice = inFlight.withLock({ state -> InFlight? in
+        guard let slice = inFlight.withLock({ state -> TransferSlice? in
             if cookie & Self.syncCookie != 0 {
                 // A synchronous caller's (still waiting, unless it timed out): it looks here.
                 if state.syncWaiting.contains(cookie) {
@@ -301,7 +296,7 @@ final class PluginTransport: @unchecked Sendable {
             }
             return state.slices.removeValue(forKey: cookie)
         }) else { return }
-        slice.batch.sliceFinished(task: slice.task, bytes: status == TE_OK ? slice.length : 0, error: failureText(status, reason))
+        slice.token.finish(slice, on: protocolName, error: failureText(status, reason))
     }
 
     private func failureText(_ status: Int32, _ reason: String?) -> String? {
@@ -317,11 +312,11 @@ final class PluginTransport: @unchecked Sendable {
         guard first else { return }
         stopped.store(true, ordering: .releasing)
         _ = inFlight.wait(deadline: MonotonicClock.nanoseconds() + 5_000_000_000) { $0.pollerDone ? true : nil }
-        let orphans = inFlight.withLock { state -> [InFlight] in
+        let orphans = inFlight.withLock { state -> [TransferSlice] in
             defer { state.slices.removeAll() }
             return Array(state.slices.values)
         }
-        for slice in orphans { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "\(plugin.info.name): engine shut down") }
+        for slice in orphans { slice.token.finish(slice, on: protocolName, error: "\(plugin.info.name): engine shut down") }
         d.destroy!(instance)
     }
 
@@ -330,6 +325,15 @@ final class PluginTransport: @unchecked Sendable {
     func harvest() {
         if isShutDown { return }
         _ = drain(timeoutNs: 0)
+    }
+
+    /// A synchronous request: harvested on this thread when the plugin splits requests itself
+    /// or the request is small; nil (run it through submit) otherwise.
+    func transferSync(_ op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64,
+                      deadline: UInt64) -> SyncOutcome? {
+        guard length <= inlineLimit || splitsRequests else { return nil }
+        return transferOne(op, local: local, peer: peer, remote: remote, length: length, spinNs: syncSpinNs, small: length <= 65536,
+                           deadline: deadline)
     }
 
     /// One request for a synchronous caller, polled for on the caller's thread until it completes
@@ -442,4 +446,26 @@ final class PluginTransport: @unchecked Sendable {
             }
         }
     }
+}
+
+/// A peer opened in a plugin (its open_peer handle), seen as a transport peer.
+final class PluginPeer: TransportPeer, @unchecked Sendable {
+    private let transport: PluginTransport
+    let handle: UInt64
+    private let segment: String
+
+    init(transport: PluginTransport, handle: UInt64, segment: String) {
+        self.transport = transport
+        self.handle = handle
+        self.segment = segment
+    }
+
+    func submit(_ slices: [TransferSlice]) { transport.submit(slices, peer: handle) }
+
+    func transferSync(_ operation: TransferRequest.Operation, localAddress: UInt64, remoteAddress: UInt64, length: UInt64,
+                      deadline: UInt64) -> SyncOutcome? {
+        transport.transferSync(operation, local: localAddress, peer: handle, remote: remoteAddress, length: length, deadline: deadline)
+    }
+
+    func close() { transport.closePeer(handle) }
 }

@@ -20,11 +20,13 @@ public enum ProtocolSelector {
         public var fallbackHint: String?
         /// An informational line when another plugin stands in for the requested one (rdma -> nvlink).
         public var notice: String?
+        /// What runs instead after a fallback ("tcp", or the other transports of a list).
+        public var fallbackTarget = "tcp"
 
         /// The single warning line for a fallback.
         public var warningLine: String? {
             guard let fallbackReason else { return nil }
-            var line = "protocol '\(requested)' is unavailable (\(fallbackReason)); falling back to tcp."
+            var line = "protocol '\(requested)' is unavailable (\(fallbackReason)); falling back to \(fallbackTarget)."
             if let fallbackHint, !fallbackHint.isEmpty { line += " Fix: \(fallbackHint)." }
             line += " Set MC_STRICT_PROTOCOL=1 to make this an error."
             return line
@@ -67,6 +69,47 @@ public enum ProtocolSelector {
             throw EngineError.protocolUnavailable(protocolName: name, reason: reason + ((rdma.fallbackHint ?? "").isEmpty ? "" : "; \(rdma.fallbackHint!)"))
         }
         return rdma
+    }
+
+    /// A protocol list as given ("rdma,nvmeof"): names in order, lower-cased. Empty elements and
+    /// repeats are dropped, and tcp goes last wherever it was written (it is always the last
+    /// resort); `notes` says what was changed, for one info line.
+    public static func parseList(_ raw: String) -> (names: [String], notes: [String]) {
+        var names: [String] = []
+        var notes: [String] = []
+        let parts = raw.split(separator: ",", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces).lowercased() }
+        if parts.count > 1, parts.contains(where: \.isEmpty) { notes.append("empty entries in '\(raw)' are ignored") }
+        for name in parts where !name.isEmpty {
+            if names.contains(name) { notes.append("'\(name)' is listed twice; the first place counts"); continue }
+            names.append(name)
+        }
+        if let index = names.firstIndex(of: "tcp"), index != names.count - 1 {
+            names.remove(at: index)
+            names.append("tcp")
+            notes.append("tcp is always tried last, wherever it is listed")
+        }
+        if names.isEmpty { names = ["tcp"] }
+        return (names, notes)
+    }
+
+    /// Resolves a protocol list: one selection per name (tcp excluded: it is always installed),
+    /// each loaded and probed as `select` does. An unknown name is an error; a name whose plugin
+    /// or hardware is missing falls back (its warning names what still runs), unless strict.
+    public static func selectList(requested rawList: String, catalog: PluginCatalog, environment: [String: String],
+                                  probeOptions: (String) -> String) throws -> (selections: [Selection], notes: [String]) {
+        let (names, notes) = parseList(rawList)
+        var selections: [Selection] = []
+        for name in names where name != "tcp" {
+            var selection = try select(requested: name, catalog: catalog, environment: environment, probeOptions: probeOptions)
+            if selection.plugin != nil, selections.contains(where: { $0.plugin != nil && $0.effective == selection.effective }) { continue }
+            selection.fallbackTarget = "tcp"
+            selections.append(selection)
+        }
+        let running = selections.filter { $0.plugin != nil }.map(\.effective) + ["tcp"]
+        for index in selections.indices where selections[index].plugin == nil {
+            selections[index].fallbackTarget = running.count == 1 ? "tcp" : "the other transports (\(running.joined(separator: ", ")))"
+        }
+        return (selections, notes)
     }
 
     /// The same, with one options JSON for every probe.

@@ -7,16 +7,6 @@ import Glibc
 import Musl
 #endif
 
-/// One piece of a task sent as one TCP request.
-struct TCPSlice: @unchecked Sendable {
-    var operation: TCPWire.Operation
-    var localAddress: UInt64
-    var remoteAddress: UInt64
-    var length: UInt64
-    var batch: Batch
-    var task: Int
-}
-
 /// Client side of the TCP transport towards one peer data port.
 ///
 /// Slices queue on the channel and up to `maxLanes` lane threads, each with
@@ -40,7 +30,7 @@ final class TCPChannel: @unchecked Sendable {
     }
 
     private struct State {
-        var queue = Deque<TCPSlice>()
+        var queue = Deque<TransferSlice>()
         var lanes = 0
         /// Idle lanes, most recently idle last. Work goes to the most recent one, so a
         /// light load keeps reusing one warm connection and server thread (FIFO wake-ups
@@ -68,7 +58,7 @@ final class TCPChannel: @unchecked Sendable {
     }
 
     /// Queues slices; lanes pick them up. Never blocks on I/O.
-    func enqueue(_ slices: [TCPSlice]) {
+    func enqueue(_ slices: [TransferSlice]) {
         enum Action { case rejected, wake(LaneWakeup), spawn, none }
         let action: Action = state.withLock { state in
             if state.closed { return .rejected }
@@ -82,7 +72,7 @@ final class TCPChannel: @unchecked Sendable {
         }
         switch action {
         case .rejected:
-            for slice in slices { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "tcp channel to \(host):\(port) is closed") }
+            fail(slices, "tcp channel to \(host):\(port) is closed")
         case .wake(let lane):
             lane.woken.withLock(notify: true) { $0 = true }
         case .spawn:
@@ -92,19 +82,24 @@ final class TCPChannel: @unchecked Sendable {
         }
     }
 
+    /// Ends slices this channel will not run, each through its token.
+    private func fail(_ slices: [TransferSlice], _ reason: String) {
+        for slice in slices { slice.token.finish(slice, on: "tcp", error: reason) }
+    }
+
     private func startLane() {
         do {
             try OSThread.spawn(name: "te-tcp-lane") { [self] in laneLoop() }
         } catch {
             logger.error("cannot start a tcp lane thread: \(error)")
             // Fail the work instead of leaving it queued forever when no lane runs at all.
-            let orphaned: [TCPSlice] = state.withLock { state in
+            let orphaned: [TransferSlice] = state.withLock { state in
                 state.lanes -= 1
                 guard state.lanes == 0 else { return [] }
                 defer { state.queue.removeAll() }
                 return Array(state.queue)
             }
-            for slice in orphaned { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "no tcp lane thread could be started") }
+            fail(orphaned, "no tcp lane thread could be started")
         }
     }
 
@@ -123,7 +118,7 @@ final class TCPChannel: @unchecked Sendable {
     /// waits (at most `waitMs`) until every lane has stopped, so none writes into local memory
     /// after this returns.
     func close(waitMs: Int = 5000) {
-        let (pending, sockets, busy, idle): ([TCPSlice], [Socket], [Socket], [LaneWakeup]) = state.withLock { state in
+        let (pending, sockets, busy, idle): ([TransferSlice], [Socket], [Socket], [LaneWakeup]) = state.withLock { state in
             state.closed = true
             defer { state.queue.removeAll(); state.idleSockets.removeAll(); state.idle.removeAll() }
             return (Array(state.queue), state.idleSockets, Array(state.busySockets.values), state.idle)
@@ -131,7 +126,7 @@ final class TCPChannel: @unchecked Sendable {
         sockets.forEach { $0.close() }
         busy.forEach { $0.shutdownBoth() }
         idle.forEach { lane in lane.woken.withLock(notify: true) { $0 = true } }
-        for slice in pending { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "tcp channel to \(host):\(port) closed") }
+        fail(pending, "tcp channel to \(host):\(port) closed")
         let deadline = MonotonicClock.nanoseconds() + UInt64(waitMs) * 1_000_000
         if state.wait(deadline: deadline, until: { $0.lanes == 0 ? true : nil }) == nil {
             logger.warning("tcp channel to \(host):\(port): lanes still running \(waitMs) ms after close")
@@ -169,7 +164,7 @@ final class TCPChannel: @unchecked Sendable {
     private static let maxRunBytes: UInt64 = 16 << 20
 
     /// Takes the next run: the first queued slice plus following slices of the same direction.
-    private static func takeRun(from state: inout State) -> [TCPSlice]? {
+    private static func takeRun(from state: inout State) -> [TransferSlice]? {
         guard let first = state.queue.popFirst() else { return nil }
         var run = [first]
         var bytes = first.length
@@ -187,7 +182,7 @@ final class TCPChannel: @unchecked Sendable {
         let wakeup = LaneWakeup()
         while true {
             // Take work, or register as idle; a lane that leaves work queued wakes another.
-            enum Next { case run([TCPSlice], helper: LaneWakeup?, spawn: Bool), idle, closed }
+            enum Next { case run([TransferSlice], helper: LaneWakeup?, spawn: Bool), idle, closed }
             let next: Next = state.withLock { state in
                 if let run = Self.takeRun(from: &state) {
                     guard !state.queue.isEmpty else { return .run(run, helper: nil, spawn: false) }
@@ -227,10 +222,10 @@ final class TCPChannel: @unchecked Sendable {
     }
 
     /// Executes one run on the lane's connection and reports each slice.
-    private func process(_ run: [TCPSlice], socket: inout Socket?) {
+    private func process(_ run: [TransferSlice], socket: inout Socket?) {
         if socket == nil {
             do { socket = try takeSocket() } catch {
-                for slice in run { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "connect to \(host):\(port): \(error)") }
+                fail(run, "connect to \(host):\(port): \(error)")
                 return
             }
         }
@@ -241,17 +236,21 @@ final class TCPChannel: @unchecked Sendable {
             return true
         }
         guard admitted else {
-            for slice in run { slice.batch.sliceFinished(task: slice.task, bytes: 0, error: "tcp channel to \(host):\(port) closed") }
+            fail(run, "tcp channel to \(host):\(port) closed")
             return
         }
-        let outcome = performRun(run.map { Step(operation: $0.operation, localAddress: $0.localAddress, remoteAddress: $0.remoteAddress, length: $0.length) }, on: socket!)
+        let outcome = performRun(run.map { Step(operation: $0.operation == .read ? .read : .write, localAddress: $0.localAddress,
+                                                remoteAddress: $0.remoteAddress, length: $0.length) }, on: socket!)
         state.withLock { _ = $0.busySockets.removeValue(forKey: id) }
-        // Report per batch, so each batch takes its lock once per run.
+        // Successes are reported per batch, so each batch takes its lock once per run; a failure
+        // goes through its token (which may resubmit it on another path).
         var reports: [ObjectIdentifier: (Batch, [(task: Int, bytes: UInt64, error: String?)])] = [:]
         for (slice, error) in zip(run, outcome.errors) {
-            let report = (slice.task, error == nil ? slice.length : 0,
-                          error.map { "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \($0)" })
-            reports[ObjectIdentifier(slice.batch), default: (slice.batch, [])].1.append(report)
+            if let error {
+                slice.token.finish(slice, on: "tcp", error: "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \(error)")
+            } else {
+                reports[ObjectIdentifier(slice.token.batch), default: (slice.token.batch, [])].1.append((slice.token.task, slice.length, nil))
+            }
         }
         for (batch, slices) in reports.values { batch.slicesFinished(slices) }
         if !outcome.healthy {

@@ -1,0 +1,164 @@
+/// Opened peer segments: their descriptors, their links over each transport, and the route
+/// cached for their plain host-memory buffers.
+extension TransferEngine {
+    /// A peer segment this engine has opened. Its mutable fields change only under the
+    /// engine's state lock, which makes each access exclusive: they opt out of the runtime
+    /// exclusivity checks that every transfer would pay.
+    final class Peer: @unchecked Sendable {
+        let name: String
+        let host: String
+        let rpcPort: UInt16
+        @exclusivity(unchecked) var descriptor: SegmentDescriptor
+        /// Links opened so far, per protocol.
+        @exclusivity(unchecked) var links: [String: any TransportPeer] = [:]
+        /// Transports that cannot reach this peer (connect failed, e.g. shm to another host), with why.
+        @exclusivity(unchecked) var unreachable: [String: String] = [:]
+        /// The order for buffers with no protocol of their own, in host memory, without a hint.
+        @exclusivity(unchecked) var route: CachedRoute?
+
+        init(name: String, host: String, rpcPort: UInt16, descriptor: SegmentDescriptor) {
+            self.name = name
+            self.host = host
+            self.rpcPort = rpcPort
+            self.descriptor = descriptor
+        }
+    }
+
+    /// A route decision kept while nothing it depends on changed.
+    struct CachedRoute {
+        var generation: UInt64
+        var validUntil: UInt64
+        var order: [any Transport]
+    }
+
+    /// Opens a peer segment by name (P2P: `host:rpc_port`), fetching its descriptor.
+    /// Opening this engine's own name returns the local segment handle 0.
+    public func openSegment(_ name: String) throws -> SegmentHandle {
+        if name == segmentName { return 0 }
+        if let handle = state.withLock({ $0.handles[name] }) { return handle }
+        let location = try locate(name)
+        let peer = Peer(name: name, host: location.host, rpcPort: location.port, descriptor: location.descriptor)
+        return state.withLock { state in
+            if let existing = state.handles[name] { return existing }
+            let handle = state.nextHandle
+            state.nextHandle += 1
+            state.peers[handle] = peer
+            state.handles[name] = handle
+            return handle
+        }
+    }
+
+    /// Forgets an opened segment and closes its links.
+    public func closeSegment(_ handle: SegmentHandle) throws {
+        guard handle != 0 else { return }
+        guard let peer = state.withLock({ state -> Peer? in
+            guard let peer = state.peers.removeValue(forKey: handle) else { return nil }
+            state.handles.removeValue(forKey: peer.name)
+            return peer
+        }) else { throw EngineError.invalidArgument("unknown segment handle \(handle)") }
+        let links = state.withLock { _ in peer.links.values }
+        for link in links { link.close() }
+    }
+
+    /// The descriptor of an opened segment (cached).
+    public func descriptor(of handle: SegmentHandle) throws -> SegmentDescriptor {
+        if handle == 0 { return localDescriptor }
+        return try peer(handle).descriptor
+    }
+
+    /// Re-fetches an opened segment's descriptor (after the peer registered more memory or
+    /// restarted). Links are kept while the peer's ports and transport fields are unchanged;
+    /// otherwise (a restarted peer) they are closed and reopened on next use.
+    public func refreshSegment(_ handle: SegmentHandle) throws {
+        guard handle != 0 else { return }
+        let peer = try peer(handle)
+        let fresh = try locate(peer.name).descriptor
+        let stale: [any TransportPeer] = state.withLock { _ in
+            let restarted = fresh.tcpDataPort != peer.descriptor.tcpDataPort || fresh.extra != peer.descriptor.extra
+            peer.descriptor = fresh
+            peer.route = nil
+            guard restarted else { return [] }
+            defer { peer.links.removeAll(); peer.unreachable.removeAll() }
+            return Array(peer.links.values)
+        }
+        for link in stale { link.close() }
+    }
+
+    /// Re-fetches the descriptor of every opened segment (Mooncake's syncSegmentCache).
+    /// Every segment is attempted; the first failure is rethrown at the end.
+    public func refreshAllSegments() throws {
+        let handles = state.withLock { Array($0.peers.keys.filter { $0 != 0 }) }
+        var firstError: Error?
+        for handle in handles {
+            do { try refreshSegment(handle) } catch { if firstError == nil { firstError = error } }
+        }
+        if let firstError { throw firstError }
+    }
+
+    func peer(_ handle: SegmentHandle) throws -> Peer {
+        if handle == 0 {
+            // Built before taking `state` (localDescriptor takes that lock itself), from the
+            // registrations of `generation` or later; a slower thread's older build never
+            // replaces a newer one.
+            let generation = state.withLock { $0.registrationGeneration }
+            let descriptor = localDescriptor
+            return state.withLock { state in
+                guard let peer = state.peers[0] else {
+                    let peer = Peer(name: segmentName, host: bindHost, rpcPort: rpcPort, descriptor: descriptor)
+                    state.peers[0] = peer
+                    state.selfDescriptorGeneration = generation
+                    return peer
+                }
+                if generation >= state.selfDescriptorGeneration {
+                    peer.descriptor = descriptor
+                    peer.route = nil
+                    state.selfDescriptorGeneration = generation
+                }
+                return peer
+            }
+        }
+        guard let peer = state.withLock({ $0.peers[handle] }) else {
+            throw EngineError.invalidArgument("unknown segment handle \(handle); open the segment first")
+        }
+        return peer
+    }
+
+    /// The link to `peer` over `transport`, opened on first use. A transport that cannot reach
+    /// the peer is remembered as unreachable for it (until the segment is refreshed or reopened).
+    func link(to peer: Peer, over transport: any Transport) throws -> any TransportPeer {
+        let name = transport.protocolName
+        let (known, unreachable, view) = state.withLock { _ in (peer.links[name], peer.unreachable[name], peer.descriptor) }
+        if let known { return known }
+        if let unreachable { throw EngineError.segmentUnavailable(name: peer.name, reason: "\(name): \(unreachable)") }
+        let host = peer.name == segmentName ? bindHost : peer.host
+        do {
+            let opened = try transport.connect(segment: peer.name, view: view.view(for: name), host: host)
+            let (kept, extra) = state.withLock { _ -> (any TransportPeer, (any TransportPeer)?) in
+                if let raced = peer.links[name] { return (raced, opened) }
+                peer.links[name] = opened
+                return (opened, nil)
+            }
+            extra?.close()
+            return kept
+        } catch {
+            state.withLock { state in
+                peer.unreachable[name] = "\(error)"
+                peer.route = nil
+            }
+            let others = activeProtocols.filter { $0 != name }.joined(separator: "/")
+            logger.info("\(name) cannot reach \(peer.name), using \(others) for it: \(error)")
+            throw error
+        }
+    }
+
+    /// The handshake address of a segment named by a plugin: this engine's own listener, an
+    /// opened peer's known address, else a lookup (P2P name or the metadata server's rpc_meta).
+    func handshakeAddress(of name: String) throws -> (host: String, port: UInt16) {
+        if name == segmentName { return (bindHost, rpcPort) }
+        let known: (host: String, port: UInt16)? = state.withLock { state in
+            guard let handle = state.handles[name], let peer = state.peers[handle] else { return nil }
+            return (peer.host, peer.rpcPort)
+        }
+        return try known ?? handshakeAddresses.resolve(name)
+    }
+}

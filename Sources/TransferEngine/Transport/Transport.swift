@@ -1,0 +1,86 @@
+/// A way to move bytes between this engine and its peers: the built-in TCP transport and every
+/// loaded plugin implement it, and the engine reaches each of them only through it. Routing,
+/// failover and completion handling live in the engine, once.
+protocol Transport: AnyObject, Sendable {
+    /// The protocol name peers see in descriptors ("tcp", "rdma", ...).
+    var protocolName: String { get }
+    /// Whether it moves accelerator memory (GPU, NPU); TCP does not.
+    var movesDeviceMemory: Bool { get }
+    /// Whether it cuts large requests itself (the engine then hands it whole requests).
+    var splitsRequests: Bool { get }
+
+    /// Makes [address, address+length) reachable; returns keys for the buffer's descriptor entry.
+    func register(address: UInt64, length: UInt64, location: String) throws -> [String: JSONValue]
+    /// Undoes `register`.
+    func unregister(address: UInt64) throws
+    /// Memory the transport provides itself (a CXL pool, device memory), or nil when it has none.
+    func allocate(length: UInt64, location: String) throws -> UInt64?
+    /// Returns memory from `allocate`.
+    func free(address: UInt64) throws
+    /// Keys this transport adds to the published segment descriptor.
+    func localDescriptorFragment() throws -> [String: JSONValue]
+    /// Prepares to move data to a peer. `view` is the peer's descriptor as this transport reads it;
+    /// `host` is where the peer's listeners are.
+    func connect(segment: String, view: SegmentDescriptor, host: String) throws -> any TransportPeer
+    /// Answers a connection handshake that a peer sent to this transport; nil refuses it.
+    func handleHandshake(_ request: String) -> String?
+    /// Ends every request in flight (with an error) and releases the transport.
+    func shutdown()
+}
+
+/// One transport's link to one peer segment.
+protocol TransportPeer: AnyObject, Sendable {
+    /// Queues slices; each ends through its token. Never blocks on I/O.
+    func submit(_ slices: [TransferSlice])
+    /// Runs one request on the calling thread until it ends or `deadline` (monotonic ns)
+    /// passes; nil when this transport runs a request of this size better through `submit`.
+    func transferSync(_ operation: TransferRequest.Operation, localAddress: UInt64, remoteAddress: UInt64, length: UInt64,
+                      deadline: UInt64) -> SyncOutcome?
+    /// Forgets the peer; requests still queued end with an error.
+    func close()
+}
+
+/// How a synchronous request on one path ended.
+enum SyncOutcome: Equatable {
+    /// Every byte moved.
+    case completed
+    /// The path failed; the text says why.
+    case failed(String)
+    /// The deadline passed first.
+    case timedOut
+}
+
+/// One piece of a request as every transport carries it.
+struct TransferSlice: @unchecked Sendable {
+    var operation: TransferRequest.Operation
+    var localAddress: UInt64
+    var remoteAddress: UInt64
+    var length: UInt64
+    /// Where its end is reported.
+    var token: CompletionToken
+}
+
+/// Where a slice's end goes: its batch task, and, when the request has other paths left, the
+/// failover that resubmits a failed slice on the next one. A struct of references: a request
+/// with a single path allocates nothing for it.
+struct CompletionToken: @unchecked Sendable {
+    /// The batch that owns the task.
+    let batch: Batch
+    /// The task's index in the batch.
+    let task: Int
+    /// The request's remaining paths; nil when it has one path.
+    let failover: Failover?
+
+    /// Reports one slice's end; a failure goes to the failover when there is one.
+    func finish(_ slice: TransferSlice, on protocolName: String, error: String?) {
+        guard let error else {
+            batch.sliceFinished(task: task, bytes: slice.length, error: nil)
+            return
+        }
+        if let failover {
+            failover.sliceFailed(slice, on: protocolName, reason: error)
+        } else {
+            batch.sliceFinished(task: task, bytes: 0, error: error)
+        }
+    }
+}
