@@ -28,10 +28,11 @@ public func destroyTransferEngine(_ handle: UnsafeMutableRawPointer?) {
 public func installTransport(_ handle: UnsafeMutableRawPointer?, _ proto: UnsafePointer<CChar>?,
                              _ args: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> UnsafeMutableRawPointer? {
     guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return nil }
-    guard let name = CResult.string(proto, "proto")?.lowercased() else { return nil }
-    // The engine chose its transport at creation (MOONCAKE_PROTOCOL); TCP is always there.
-    guard name == engine.activeProtocol || name == "tcp" else {
-        CResult.fail("protocol '\(name)' is not running in this engine (running: \(engine.activeProtocol)); set MOONCAKE_PROTOCOL before createTransferEngine")
+    guard let name = CResult.string(proto, "proto") else { return nil }
+    do {
+        try engine.installTransport(name)
+    } catch {
+        CResult.fail("\(error)")
         return nil
     }
     CResult.clear()
@@ -39,7 +40,15 @@ public func installTransport(_ handle: UnsafeMutableRawPointer?, _ proto: Unsafe
 }
 
 @_cdecl("uninstallTransport")
-public func uninstallTransport(_ handle: UnsafeMutableRawPointer?, _ proto: UnsafePointer<CChar>?) -> Int32 { 0 }
+public func uninstallTransport(_ handle: UnsafeMutableRawPointer?, _ proto: UnsafePointer<CChar>?) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    guard let name = CResult.string(proto, "proto") else { return -1 }
+    do {
+        try engine.uninstallTransport(name)
+        CResult.clear()
+        return 0
+    } catch { return CResult.errorCode(error) }
+}
 
 @_cdecl("getLocalIpAndPort")
 public func getLocalIpAndPort(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutablePointer<CChar>?, _ length: Int) -> Int32 {
@@ -127,7 +136,7 @@ public func allocateBatchID(_ handle: UnsafeMutableRawPointer?, _ size: Int) -> 
 }
 
 /// Converts C requests to engine requests, validating the opcode and pointers.
-private func requests(_ entries: UnsafeMutablePointer<transfer_request>?, _ count: Int) throws -> [TransferRequest] {
+func requests(_ entries: UnsafeMutablePointer<transfer_request>?, _ count: Int) throws -> [TransferRequest] {
     guard count >= 0, count <= 1 << 20 else { throw EngineError.invalidArgument("count \(count)") }
     guard count == 0 || entries != nil else { throw EngineError.invalidArgument("entries is NULL") }
     return try (0..<count).map { i in

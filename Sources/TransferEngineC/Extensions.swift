@@ -33,6 +33,34 @@ public func teTransferSync(_ handle: UnsafeMutableRawPointer?, _ segment: Int32,
     } catch { return CResult.errorCode(error) }
 }
 
+@_cdecl("te_transfer_sync_hint")
+public func teTransferSyncHint(_ handle: UnsafeMutableRawPointer?, _ segment: Int32, _ opcode: Int32, _ local: UnsafeMutableRawPointer?,
+                               _ remote: UInt64, _ length: UInt64, _ hint: UnsafePointer<CChar>?) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    guard let operation = TransferRequest.Operation(rawValue: opcode) else { CResult.fail("opcode \(opcode) (0 READ, 1 WRITE)"); return -1 }
+    do {
+        try engine.transferSync(operation, localAddress: UInt64(UInt(bitPattern: local)), segment: segment, remoteAddress: remote, length: length,
+                                transportHint: hint.flatMap { String(validatingCString: $0) })
+        return 0
+    } catch { return CResult.errorCode(error) }
+}
+
+@_cdecl("te_submit_transfer_hint")
+public func teSubmitTransferHint(_ handle: UnsafeMutableRawPointer?, _ batch: UInt64, _ entries: UnsafeMutablePointer<transfer_request>?,
+                                 _ count: Int, _ hint: UnsafePointer<CChar>?) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return 1 }
+    do {
+        try engine.submit(try requests(entries, count), to: batch, transportHint: hint.flatMap { String(validatingCString: $0) })
+        return 0
+    } catch { return CResult.statusCode(error) }
+}
+
+@_cdecl("te_active_protocols")
+public func teActiveProtocols(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutablePointer<CChar>?, _ length: Int) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    return copyOut(engine.activeProtocols.joined(separator: ","), to: buffer, length: length)
+}
+
 @_cdecl("te_wait_batch")
 public func teWaitBatch(_ handle: UnsafeMutableRawPointer?, _ batch: UInt64, _ timeoutMs: UInt64) -> Int32 {
     guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }

@@ -80,7 +80,11 @@ _status = _signature("getTransferStatus", _int, _vp, _u64, _sz, ctypes.POINTER(_
 _free_batch = _signature("freeBatchID", _int, _vp, _u64)
 _get_notifs = _signature("getNotifsFromEngine", ctypes.POINTER(_NotifyMsg), _vp, ctypes.POINTER(_int))
 _free_notifs = _signature("freeNotifsMsgBuf", _int, ctypes.POINTER(_NotifyMsg), _int)
-_transfer_sync = _signature("te_transfer_sync", _int, _vp, _i32, _int, _vp, _u64, _u64)
+_transfer_sync = _signature("te_transfer_sync_hint", _int, _vp, _i32, _int, _vp, _u64, _u64, _cp)
+_submit_hint = _signature("te_submit_transfer_hint", _int, _vp, _u64, ctypes.POINTER(_TransferRequest), _sz, _cp)
+_active_protocols = _signature("te_active_protocols", _int, _vp, ctypes.c_char_p, _sz)
+_install_transport = _signature("installTransport", _vp, _vp, _cp, _vp)
+_uninstall_transport = _signature("uninstallTransport", _int, _vp, _cp)
 _wait_batch = _signature("te_wait_batch", _int, _vp, _u64, _u64)
 _first_buffer = _signature("te_first_buffer_address", _u64, _vp, _i32)
 _probe = _signature("te_send_probe", _int, _vp, _cp)
@@ -93,6 +97,11 @@ _libc = ctypes.CDLL(None)
 _libc.posix_memalign.restype = _int
 _libc.posix_memalign.argtypes = [ctypes.POINTER(_vp), _sz, _sz]
 _libc.free.argtypes = [_vp]
+
+
+def _hint(transport_hint):
+    """A transport_hint for the C API: None routes as usual."""
+    return transport_hint.encode() if transport_hint else None
 
 
 def last_error():
@@ -186,6 +195,25 @@ class TransferEngine:
             return -1
         self._handle = handle
         return 0
+
+    def install_transport(self, protocol):
+        """Adds a transport ("shm", "efa", ...) at run time; 0, or -1 when its plugin or hardware is missing."""
+        if not self._handle or not _install_transport(self._handle, protocol.encode(), None):
+            return -1
+        return 0
+
+    def uninstall_transport(self, protocol):
+        """Removes an installed transport (not tcp); requests route over the others. 0 or -1."""
+        if not self._handle:
+            return -1
+        return 0 if _uninstall_transport(self._handle, protocol.encode()) == 0 else -1
+
+    def get_active_protocols(self):
+        """Installed transports in routing order, tcp last (e.g. ["shm", "efa", "tcp"])."""
+        buffer = ctypes.create_string_buffer(1024)
+        if not self._handle or _active_protocols(self._handle, buffer, 1024) != 0:
+            return []
+        return buffer.value.decode().split(",")
 
     def get_rpc_port(self):
         """The handshake (RPC) port: the port of this engine's segment name."""
@@ -298,11 +326,11 @@ class TransferEngine:
     # -- transfers -----------------------------------------------------------
     def transfer_sync_write(self, target_hostname, buffer, peer_buffer_address, length, transport_hint=""):
         """Writes length bytes from local buffer to the peer's address and waits; 0 on success, -1 on failure."""
-        return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.Write)
+        return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.Write, transport_hint=transport_hint)
 
     def transfer_sync_read(self, target_hostname, buffer, peer_buffer_address, length, transport_hint=""):
         """Reads length bytes from the peer's address into local buffer and waits; 0 on success, -1 on failure."""
-        return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.Read)
+        return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.Read, transport_hint=transport_hint)
 
     def transfer_sync(self, target_hostname, buffer, peer_buffer_address, length, opcode, notify=None, transport_hint=""):
         """One transfer in the direction of opcode (TransferOpcode), then notify if given; 0 on success, -1 on failure."""
@@ -311,7 +339,7 @@ class TransferEngine:
         segment = self._segment(target_hostname)
         if segment < 0:
             return -1
-        if _transfer_sync(self._handle, segment, int(opcode), buffer, peer_buffer_address, length) != 0:
+        if _transfer_sync(self._handle, segment, int(opcode), buffer, peer_buffer_address, length, _hint(transport_hint)) != 0:
             return -1
         return self._notify(segment, notify)
 
@@ -322,7 +350,7 @@ class TransferEngine:
         message = _NotifyMsg(notify.name.encode(), notify.msg.encode())
         return 0 if _gen_notify(self._handle, segment, message) == 0 else -1
 
-    def _submit(self, segment, buffers, peer_addresses, lengths, opcode, notify=None):
+    def _submit(self, segment, buffers, peer_addresses, lengths, opcode, notify=None, transport_hint=""):
         count = len(buffers)
         if count == 0 or count != len(peer_addresses) or count != len(lengths):
             return 0
@@ -335,7 +363,7 @@ class TransferEngine:
         for i in range(count):
             requests[i] = _TransferRequest(int(opcode), buffers[i], segment, peer_addresses[i], lengths[i])
         if notify is None:
-            rc = _submit(self._handle, batch, requests, count)
+            rc = _submit_hint(self._handle, batch, requests, count, _hint(transport_hint))
         else:
             rc = _submit_notify(self._handle, batch, requests, count, _NotifyMsg(notify.name.encode(), notify.msg.encode()))
         if rc != 0:
@@ -353,36 +381,40 @@ class TransferEngine:
 
     def batch_transfer_sync_write(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
         """Writes every (buffer, peer address, length) triple in one batch and waits; 0 on success, -1 on failure."""
-        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write)
+        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write,
+                                        transport_hint=transport_hint)
 
     def batch_transfer_sync_read(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
         """Reads every (buffer, peer address, length) triple in one batch and waits; 0 on success, -1 on failure."""
-        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Read)
+        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Read,
+                                        transport_hint=transport_hint)
 
     def batch_transfer_sync(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify=None, transport_hint=""):
         """One batch in the direction of opcode, waited for, then notify if given; 0 on success, -1 on failure."""
         segment = self._segment(target_hostname)
         if segment < 0:
             return -1
-        batch = self._submit(segment, buffers, peer_buffer_addresses, lengths, opcode)
+        batch = self._submit(segment, buffers, peer_buffer_addresses, lengths, opcode, transport_hint=transport_hint)
         if not batch or self._finish(batch, _timeout_seconds(sum(lengths))) != 1:
             return -1
         return self._notify(segment, notify)
 
     def batch_transfer_async_write(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
         """Submits the writes as one batch and returns its id at once (0 on failure)."""
-        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write)
+        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write,
+                                         transport_hint=transport_hint)
 
     def batch_transfer_async_read(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""):
         """Submits the reads as one batch and returns its id at once (0 on failure)."""
-        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Read)
+        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Read,
+                                         transport_hint=transport_hint)
 
     def batch_transfer_async(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, transport_hint=""):
         """Submits and returns the batch id at once (0 on failure)."""
         segment = self._segment(target_hostname)
         if segment < 0:
             return 0
-        batch = self._submit(segment, buffers, peer_buffer_addresses, lengths, opcode)
+        batch = self._submit(segment, buffers, peer_buffer_addresses, lengths, opcode, transport_hint=transport_hint)
         if batch:
             self._pending = getattr(self, "_pending", {})
             self._pending[batch] = sum(lengths)
@@ -399,7 +431,8 @@ class TransferEngine:
 
     def transfer_submit_write(self, target_hostname, buffer, peer_buffer_address, length, transport_hint=""):
         """Submits one write; its batch id (0 on failure), to poll with transfer_check_status."""
-        return self.batch_transfer_async(target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.Write)
+        return self.batch_transfer_async(target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.Write,
+                                         transport_hint=transport_hint)
 
     def transfer_check_status(self, batch_id):
         """1 completed (batch freed), 0 pending, -1 failed (freed), -2 timeout."""

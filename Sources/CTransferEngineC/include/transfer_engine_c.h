@@ -116,10 +116,19 @@ typedef struct buffer_entry buffer_entry_t;
 transfer_engine_t createTransferEngine(const char *metadata_conn_string, const char *local_server_name,
                                        const char *ip_or_host_name, uint64_t rpc_port, int auto_discover);
 
-/** Returns a non-NULL token when proto is the engine's running protocol or "tcp". */
+/**
+ * Installs the transport proto ("rdma", "shm", ...) next to those the engine runs: its plugin
+ * is loaded and probed, every registered buffer is registered with it, and the published
+ * descriptor lists it. Installing one already installed (tcp included) does nothing. Returns
+ * a non-NULL token, or NULL when the plugin or its hardware is missing (the reason is logged).
+ * args is ignored.
+ */
 transport_t installTransport(transfer_engine_t engine, const char *proto, void **args);
 
-/** No-op kept for source compatibility; returns 0. */
+/**
+ * Removes an installed transport: its peer links close and requests route over the others.
+ * tcp cannot be removed. 0, or ERR_INVALID_ARGUMENT when proto is not installed.
+ */
 int uninstallTransport(transfer_engine_t engine, const char *proto);
 
 /** Writes "host:rpc_port" (the P2P segment name) into buf. 0 or ERR_*. */
@@ -192,6 +201,21 @@ int te_active_protocol(transfer_engine_t engine, char *buf, size_t buf_len);
 
 /** One blocking transfer (opcode OPCODE_READ/OPCODE_WRITE). 0 or ERR_*. */
 int te_transfer_sync(transfer_engine_t engine, segment_id_t segment, int opcode, void *local, uint64_t remote, uint64_t length);
+
+/**
+ * te_transfer_sync with a transport hint (upstream's transport_hint): that transport is tried
+ * first when installed and the peer offers it; a name not installed is ignored with one
+ * warning (an error under MC_STRICT_PROTOCOL=1). NULL or "" routes as usual.
+ */
+int te_transfer_sync_hint(transfer_engine_t engine, segment_id_t segment, int opcode, void *local, uint64_t remote,
+                          uint64_t length, const char *hint);
+
+/** submitTransfer with a transport hint, as te_transfer_sync_hint. 0 or a status code. */
+int te_submit_transfer_hint(transfer_engine_t engine, batch_id_t batch_id, struct transfer_request *entries, size_t count,
+                            const char *hint);
+
+/** Writes every installed transport, comma-separated in routing order (tcp last), into buf. */
+int te_active_protocols(transfer_engine_t engine, char *buf, size_t buf_len);
 
 /**
  * Waits until every task of the batch finished or timeout_ms passed.

@@ -13,6 +13,10 @@
  *   FIXTURE_V10_GUARDED  an ABI 1.0-sized descriptor (no allocate/free entries) placed at
  *                        the very end of a mapped page whose next page is PROT_NONE:
  *                        a host that reads past struct_size faults
+ * Fault switches (any variant), checked at each submit: while the file named by the
+ * option MC_FIXTURE_FAULT_FILE exists, every request completes with TE_ERR_IO and
+ * moves nothing; while MC_FIXTURE_STALL_FILE exists, requests are accepted and never
+ * complete.
  *   FIXTURE_HANDOFF      a completion is hidden from the thread that submitted it for
  *                        20 ms: another thread's poll reaps it first (cross-thread hand-over)
  */
@@ -46,6 +50,8 @@ struct te_instance {
     size_t done_count;
     const te_host_services *host;
     char last_error[256];
+    char fault_file[512];
+    char stall_file[512];
 };
 
 static uint64_t now_ns(void) {
@@ -63,6 +69,23 @@ static int32_t put(te_buffer *out, const char *text) {
     return TE_OK;
 }
 
+static int switch_on(const char *path) {
+    return path[0] && access(path, F_OK) == 0;
+}
+
+/* Copies the string value of "key" in the options JSON (no escapes expected) into out. */
+static void option(const char *options, const char *key, char *out, size_t size) {
+    char needle[128];
+    snprintf(needle, sizeof needle, "\"%s\":\"", key);
+    const char *at = options ? strstr(options, needle) : NULL;
+    out[0] = 0;
+    if (!at) return;
+    at += strlen(needle);
+    size_t n = 0;
+    while (at[n] && at[n] != '"' && n + 1 < size) { out[n] = at[n]; n++; }
+    out[n] = 0;
+}
+
 static int32_t fx_probe(const char *options, te_buffer *reason, te_buffer *hint) {
     (void)options;
 #ifdef FIXTURE_ABSENT
@@ -77,9 +100,10 @@ static int32_t fx_probe(const char *options, te_buffer *reason, te_buffer *hint)
 }
 
 static int32_t fx_create(const char *options, const te_host_services *host, te_instance **out) {
-    (void)options;
     te_instance *i = calloc(1, sizeof *i);
     if (!i) return TE_ERR_NO_RESOURCES;
+    option(options, "MC_FIXTURE_FAULT_FILE", i->fault_file, sizeof i->fault_file);
+    option(options, "MC_FIXTURE_STALL_FILE", i->stall_file, sizeof i->stall_file);
     pthread_mutex_init(&i->lock, NULL);
     i->host = host;
     if (host && host->log) host->log(host->host_context, TE_LOG_INFO, "fixture plugin instance created");
@@ -123,10 +147,19 @@ static int32_t fx_on_handshake(te_instance *i, const char *request, te_buffer *r
 }
 
 static int32_t fx_submit(te_instance *i, const te_request *reqs, size_t count, size_t stride, size_t *accepted) {
+    if (switch_on(i->stall_file)) { *accepted = count; return TE_OK; }
+    int fault = switch_on(i->fault_file);
     pthread_mutex_lock(&i->lock);
     size_t n = 0;
     for (; n < count && i->done_count < MAX_DONE; n++) {
         const te_request *r = (const te_request *)((const char *)reqs + n * stride);
+        if (fault) {
+            te_completion c = { r->cookie, TE_ERR_IO, 0, 0 };
+            i->submitter[i->done_count] = pthread_self();
+            i->submitted_ns[i->done_count] = now_ns();
+            i->done[i->done_count++] = c;
+            continue;
+        }
         if (r->opcode == TE_OP_WRITE) memcpy((void *)(uintptr_t)r->remote_addr, (void *)(uintptr_t)r->local_addr, r->length);
         else memcpy((void *)(uintptr_t)r->local_addr, (void *)(uintptr_t)r->remote_addr, r->length);
         te_completion c = { r->cookie, TE_OK, 0, r->length };

@@ -1,0 +1,266 @@
+import CTransportABI
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// Several transports in one engine: protocol lists, the router's order, failover to the next
+/// path, run-time install and removal, transport hints and deadlines. The fixture plugin
+/// ("loopcopy", Fixtures/fixture_plugin.c) has fault switches: while a file exists, its requests
+/// fail (MC_FIXTURE_FAULT_FILE) or never complete (MC_FIXTURE_STALL_FILE).
+@Suite("Several transports in one engine", .serialized)
+struct MultiTransportTests {
+    private struct Fixture {
+        let directory: URL
+        let fault: URL
+        let stall: URL
+        var environment: [String: String]
+    }
+
+    private func fixture(_ extra: [String: String] = [:]) throws -> Fixture {
+        let directory = try TestSupport.temporaryDirectory()
+        try FixturePlugins.build("libtransport_loopcopy.so", in: directory)
+        let fault = directory.appendingPathComponent("fault")
+        let stall = directory.appendingPathComponent("stall")
+        var environment = TestSupport.cleanEnvironment([
+            "MC_TRANSPORT_PLUGIN_PATH": "\(directory.path):\(TestSupport.productsDirectory.path)",
+            "MC_FIXTURE_FAULT_FILE": fault.path, "MC_FIXTURE_STALL_FILE": stall.path,
+        ])
+        for (key, value) in extra { environment[key] = value }
+        return Fixture(directory: directory, fault: fault, stall: stall, environment: environment)
+    }
+
+    @Test("protocol lists: empty entries and repeats dropped, tcp always last, unknown names refused with the valid ones")
+    func listParsing() throws {
+        #expect(ProtocolSelector.parseList("rdma,nvmeof").names == ["rdma", "nvmeof"])
+        #expect(ProtocolSelector.parseList(" SHM , efa ").names == ["shm", "efa"])
+        let messy = ProtocolSelector.parseList("tcp,shm,,shm")
+        #expect(messy.names == ["shm", "tcp"])
+        #expect(messy.notes.count == 3, "\(messy.notes)")
+        #expect(ProtocolSelector.parseList("").names == ["tcp"])
+        let environment = try fixture().environment
+        #expect {
+            try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy,warpdrive"), environment: environment)
+        } throws: { error in
+            "\(error)".contains("warpdrive") && "\(error)".contains("rdma") && "\(error)".contains("loopcopy")
+        }
+    }
+
+    @Test("shm,loopcopy: both run beside tcp, the descriptor lists them, same-host peers get shm first, bytes move")
+    func twoPluginsAndTCP() throws {
+        let setup = try fixture()
+        let (logger, _) = TestSupport.capturingLogger()
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm,loopcopy"), environment: setup.environment, logger: logger)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy,shm"), environment: setup.environment, logger: logger)
+        defer { target.shutdown(); initiator.shutdown() }
+        #expect(target.activeProtocols == ["shm", "loopcopy", "tcp"])
+        #expect(initiator.activeProtocols == ["loopcopy", "shm", "tcp"])
+        let remote = TestBuffer(1 << 20), local = TestBuffer(1 << 20)
+        local.fillPattern(seed: 5)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
+        let published = target.localDescriptor
+        #expect(published.protocolName == "shm")
+        #expect(published.extra["protocols"] == .array([.string("shm"), .string("loopcopy"), .string("tcp")]))
+        // The second transport's fields ride under te_transports, at segment level and per buffer.
+        #expect(published.extra["te_transports"]?["loopcopy"]?["fixture_pid"] != nil)
+        #expect(published.buffers.first?.extra["te_transports"]?["loopcopy"]?["fixture_key"] == .array([.uint(7)]))
+        let view = published.view(for: "loopcopy")
+        #expect(view.protocolName == "loopcopy" && view.extra["fixture_pid"] != nil && view.buffers.first?.extra["fixture_key"] != nil)
+
+        let handle = try initiator.openSegment(target.segmentName)
+        let routes = try initiator.routes(segment: handle)
+        #expect(routes.first?.order.map(\.protocolName) == ["shm", "loopcopy", "tcp"], "\(routes)")
+        #expect(routes.first?.order.first?.why.contains("same host") == true)
+        let hinted = try initiator.routes(segment: handle, hint: "loopcopy")
+        #expect(hinted.first?.order.map(\.protocolName) == ["loopcopy", "shm", "tcp"])
+
+        try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 65536)
+        try initiator.transferSync(.write, localAddress: local.address + 65536, segment: handle, remoteAddress: remote.address + 65536,
+                                   length: 65536, transportHint: "loopcopy")
+        let rest = (2..<16).map { i in
+            TransferRequest(operation: .write, localAddress: local.address + UInt64(i) * 65536, segment: handle,
+                            remoteAddress: remote.address + UInt64(i) * 65536, length: 65536)
+        }
+        try initiator.transferBatchSync(rest, transportHint: "tcp")
+        #expect(remote.equals(local, length: local.count))
+    }
+
+    @Test("a failing plugin path fails over to tcp, sync and batched, every byte verified; the path returns after its cooldown")
+    func failoverToTCP() throws {
+        let setup = try fixture(["MC_PATH_COOLDOWN_MS": "400"])
+        let (logger, capture) = TestSupport.capturingLogger()
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment, logger: logger)
+        defer { target.shutdown(); initiator.shutdown() }
+        let remote = TestBuffer(4 << 20), local = TestBuffer(4 << 20)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
+        let handle = try initiator.openSegment(target.segmentName)
+        #expect(try initiator.routes(segment: handle).first?.order.map(\.protocolName) == ["loopcopy", "tcp"])
+
+        // The path dies: every request on it fails from now on.
+        _ = FileManager.default.createFile(atPath: setup.fault.path, contents: Data())
+        local.fillPattern(seed: 11)
+        let died = Date()
+        try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096)
+        let firstOnFallback = Date().timeIntervalSince(died)
+        print("failover: path death to first request completed on tcp: \(String(format: "%.0f", firstOnFallback * 1e6)) us")
+        #expect(remote.equals(local, length: 4096))
+        #expect(capture.messages(at: .warning).contains { $0.contains("loopcopy path to") && $0.contains("failing over to tcp") })
+        let cooling = try initiator.routes(segment: handle).first!
+        #expect(cooling.order.map(\.protocolName) == ["tcp", "loopcopy"], "\(cooling)")
+        #expect(cooling.order.last?.why.contains("failed recently") == true)
+
+        // A batch submitted while the path is cooling down starts on tcp; after the cooldown a
+        // batch starts on the failing path again and every slice fails over.
+        for round in 0..<2 {
+            if round == 1 { usleep(500_000) }
+            local.fillPattern(seed: UInt8(20 + round))
+            let requests = (0..<64).map { i in
+                TransferRequest(operation: .write, localAddress: local.address + UInt64(i) * 65536, segment: handle,
+                                remoteAddress: remote.address + UInt64(i) * 65536, length: 65536)
+            }
+            let batch = try initiator.allocateBatch(capacity: 64)
+            try initiator.submit(requests, to: batch)
+            #expect(try initiator.wait(batch: batch, timeoutNs: 20_000_000_000))
+            #expect(try initiator.statuses(batch: batch).allSatisfy { $0.state == .completed && $0.transferredBytes == 65536 })
+            try initiator.freeBatch(batch)
+            #expect(remote.equals(local, length: 64 * 65536), "round \(round)")
+        }
+
+        // Healed: after the cooldown the plugin carries requests again (a read, verified).
+        try FileManager.default.removeItem(at: setup.fault)
+        usleep(500_000)
+        #expect(try initiator.routes(segment: handle).first?.order.map(\.protocolName) == ["loopcopy", "tcp"])
+        let sink = TestBuffer(65536)
+        try initiator.registerMemory(address: sink.address, length: UInt64(sink.count), location: "cpu:0")
+        try initiator.transferSync(.read, localAddress: sink.address, segment: handle, remoteAddress: remote.address, length: 65536)
+        #expect(sink.equals(local, length: 65536))
+    }
+
+    @Test("a request with no path left fails naming every path tried and why")
+    func everyPathFails() throws {
+        let setup = try fixture()
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment)
+        defer { initiator.shutdown() }
+        let remote = TestBuffer(65536), local = TestBuffer(65536)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
+        let handle = try initiator.openSegment(target.segmentName)
+        _ = FileManager.default.createFile(atPath: setup.fault.path, contents: Data())
+        target.shutdown()  // tcp to it is gone too
+        #expect {
+            try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096)
+        } throws: { error in
+            let text = "\(error)"
+            return text.contains("every path failed") && text.contains("loopcopy:") && text.contains("tcp:")
+        }
+        let batch = try initiator.allocateBatch(capacity: 1)
+        try initiator.submit([TransferRequest(operation: .write, localAddress: local.address, segment: handle, remoteAddress: remote.address,
+                                              length: 8192)], to: batch)
+        #expect(try initiator.wait(batch: batch, timeoutNs: 20_000_000_000))
+        let status = try initiator.status(batch: batch, task: 0)
+        #expect(status.state == .failed)
+        #expect(status.error?.contains("loopcopy:") == true && status.error?.contains("tcp:") == true, "\(status.error ?? "")")
+    }
+
+    @Test("installTransport and uninstallTransport change what runs and what peers see, at run time")
+    func installAndUninstall() throws {
+        let setup = try fixture()
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "tcp"), environment: setup.environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "tcp"), environment: setup.environment)
+        defer { target.shutdown(); initiator.shutdown() }
+        let remote = TestBuffer(65536), local = TestBuffer(65536)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
+        try target.installTransport("loopcopy")
+        try initiator.installTransport("loopcopy")
+        try initiator.installTransport("loopcopy")  // a repeat does nothing
+        try initiator.installTransport("tcp")
+        #expect(target.activeProtocols == ["loopcopy", "tcp"] && initiator.activeProtocols == ["loopcopy", "tcp"])
+        // Memory registered before the install is registered with the new transport too.
+        #expect(target.localDescriptor.buffers.first?.extra["fixture_key"] != nil)
+        let handle = try initiator.openSegment(target.segmentName)
+        #expect(try initiator.routes(segment: handle).first?.order.map(\.protocolName) == ["loopcopy", "tcp"])
+        local.fillPattern(seed: 3)
+        try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 65536)
+        #expect(remote.equals(local, length: 65536))
+
+        try initiator.uninstallTransport("loopcopy")
+        #expect(initiator.activeProtocols == ["tcp"])
+        #expect(try initiator.routes(segment: handle).first?.order.map(\.protocolName) == ["tcp"])
+        local.fillPattern(seed: 4)
+        try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 65536)
+        #expect(remote.equals(local, length: 65536))
+        #expect(throws: EngineError.self) { try initiator.uninstallTransport("tcp") }
+        #expect(throws: EngineError.self) { try initiator.uninstallTransport("loopcopy") }
+        #expect(throws: EngineError.self) { try initiator.installTransport("rdma") }  // no plugin file here
+    }
+
+    @Test("a transport hint naming nothing installed warns once and routes as usual; strict mode refuses it")
+    func unknownHint() throws {
+        let setup = try fixture()
+        let (logger, capture) = TestSupport.capturingLogger()
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "tcp"), environment: setup.environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "tcp"), environment: setup.environment, logger: logger)
+        defer { target.shutdown(); initiator.shutdown() }
+        let remote = TestBuffer(65536), local = TestBuffer(65536)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count))
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try initiator.openSegment(target.segmentName)
+        for _ in 0..<3 {
+            try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096, transportHint: "rdma")
+        }
+        #expect(capture.messages(at: .warning).filter { $0.contains("transport_hint 'rdma'") }.count == 1)
+        var strict = setup.environment
+        strict["MC_STRICT_PROTOCOL"] = "1"
+        let strictEngine = try TransferEngine(configuration: EngineConfiguration(protocolName: "tcp"), environment: strict)
+        defer { strictEngine.shutdown() }
+        try strictEngine.registerMemory(address: local.address + 8192, length: 8192)
+        let strictHandle = try strictEngine.openSegment(target.segmentName)
+        #expect(throws: EngineError.self) {
+            try strictEngine.transferSync(.write, localAddress: local.address + 8192, segment: strictHandle, remoteAddress: remote.address,
+                                          length: 4096, transportHint: "rdma")
+        }
+    }
+
+    @Test("a missing protocol in a list falls back to the others with one warning; strict mode makes it an error")
+    func missingMember() throws {
+        let setup = try fixture()
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy,rdma"), environment: setup.environment, logger: logger)
+        defer { engine.shutdown() }
+        #expect(engine.activeProtocols == ["loopcopy", "tcp"])
+        let warnings = capture.messages(at: .warning)
+        #expect(warnings.count == 1 && warnings[0].contains("'rdma' is unavailable") && warnings[0].contains("loopcopy, tcp"), "\(warnings)")
+        var strict = setup.environment
+        strict["MC_STRICT_PROTOCOL"] = "1"
+        #expect(throws: EngineError.self) {
+            try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy,rdma"), environment: strict)
+        }
+    }
+
+    @Test("a request that never completes ends as TIMEOUT at its deadline; the batch can then be freed")
+    func deadline() throws {
+        let setup = try fixture(["MC_TRANSFER_TIMEOUT": "5"])
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment)
+        defer { target.shutdown(); initiator.shutdown() }
+        let remote = TestBuffer(65536), local = TestBuffer(65536)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
+        let handle = try initiator.openSegment(target.segmentName)
+        _ = FileManager.default.createFile(atPath: setup.stall.path, contents: Data())
+        let batch = try initiator.allocateBatch(capacity: 1)
+        let started = Date()
+        try initiator.submit([TransferRequest(operation: .write, localAddress: local.address, segment: handle, remoteAddress: remote.address,
+                                              length: 4096)], to: batch)
+        #expect(try initiator.status(batch: batch, task: 0).state == .pending)
+        #expect(try initiator.wait(batch: batch, timeoutNs: 15_000_000_000))
+        let waited = Date().timeIntervalSince(started)
+        #expect(try initiator.status(batch: batch, task: 0).state == .timeout)
+        #expect(waited >= 4.9 && waited < 8, "\(waited) s")
+        try initiator.freeBatch(batch)
+    }
+}
