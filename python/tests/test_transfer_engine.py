@@ -171,3 +171,26 @@ def test_repeated_transfers_to_own_segment():
     assert e.send_probe(name) == 0
     e.free_managed_buffer(a, 1 << 20)
     e.free_managed_buffer(b, 1 << 20)
+
+
+def test_install_uninstall_and_transport_hint(peer):
+    """Transports added and removed at run time; a hint the peer cannot honour still routes (over tcp)."""
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    assert e.get_active_protocols() == ["tcp"]
+    assert e.install_transport("shm") == 0, transfer_engine.last_error()
+    assert e.install_transport("shm") == 0
+    assert e.get_active_protocols() == ["shm", "tcp"]
+    local = e.allocate_managed_buffer(1 << 20)
+    data = os.urandom(1 << 20)
+    e.write_bytes_to_buffer(local, data, len(data))
+    # The peer runs tcp only: the shm hint falls back to tcp, and so does a hint naming nothing installed.
+    assert e.transfer_sync_write(peer.segment, local, peer.address, 1 << 20, transport_hint="shm") == 0
+    assert e.batch_transfer_sync_read(peer.segment, [local], [peer.address], [4096], transport_hint="rdma") == 0
+    assert e.read_bytes_from_buffer(local, 4096) == data[:4096]
+    assert e.uninstall_transport("shm") == 0
+    assert e.get_active_protocols() == ["tcp"]
+    assert e.uninstall_transport("tcp") == -1
+    assert e.install_transport("warpdrive") == -1
+    assert e.transfer_sync_read(peer.segment, local, peer.address, 4096) == 0
+    e.free_managed_buffer(local, 1 << 20)
