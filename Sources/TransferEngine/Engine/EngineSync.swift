@@ -17,34 +17,40 @@ extension TransferEngine {
             return
         }
         let deadline = MonotonicClock.nanoseconds() + syncTimeout(bytes: length)
+        let order = planned.order
         var failures: [String] = []
-        for (index, transport) in planned.order.enumerated() {
+        var index = 0
+        while index < order.count {
             if index > 0 && MonotonicClock.nanoseconds() >= deadline { break }
             let link: any TransportPeer
-            do { link = try self.link(to: planned.peer, over: transport) } catch {
-                failures.append("\(transport.protocolName): \(error)")
-                continue
+            if index == 0, let known = planned.firstLink {
+                link = known
+            } else {
+                do { link = try self.link(to: planned.peer, over: order[index]) } catch {
+                    failures.append("\(order[index].protocolName): \(error)")
+                    index += 1
+                    continue
+                }
             }
             guard let outcome = link.transferSync(operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length,
                                                   deadline: deadline) else {
                 // This transport runs a request of this size through its queue: a temporary batch from here on.
                 var rest = planned
-                rest.order = Array(planned.order[index...])
+                rest.route = index == 0 ? planned.route : RouteOrder(Array(order[index...]))
                 return try runSync([rest], earlierFailures: failures)
             }
-            switch outcome {
-            case .completed:
-                return
-            case .timedOut:
-                throw EngineError.timeout("\(operation) of \(length) bytes to \(planned.peer.name) over \(transport.protocolName)")
-            case .failed(let reason):
-                failures.append(planned.order.count > 1 ? "\(transport.protocolName): \(reason)" : reason)
-                if router.markFailed(transport.protocolName, segment: planned.peer.name), index + 1 < planned.order.count {
-                    logger.warning("\(transport.protocolName) path to \(planned.peer.name) failed (\(reason)); failing over to \(planned.order[index + 1].protocolName), \(transport.protocolName) tried last for \(settings.pathCooldownMs) ms")
-                }
+            if outcome == .completed { return }
+            let name = order[index].protocolName
+            guard case .failed(let reason) = outcome else {
+                throw EngineError.timeout("\(operation) of \(length) bytes to \(planned.peer.name) over \(name)")
             }
+            failures.append(order.count > 1 ? "\(name): \(reason)" : reason)
+            if router.markFailed(name, segment: planned.peer.name), index + 1 < order.count {
+                logger.warning("\(name) path to \(planned.peer.name) failed (\(reason)); failing over to \(order[index + 1].protocolName), \(name) tried last for \(settings.pathCooldownMs) ms")
+            }
+            index += 1
         }
-        if failures.count == 1 && planned.order.count == 1 { throw EngineError.transferFailed(failures[0]) }
+        if failures.count == 1 && order.count == 1 { throw EngineError.transferFailed(failures[0]) }
         throw EngineError.transferFailed("\(operation) of \(length) bytes to \(planned.peer.name): every path failed (\(failures.joined(separator: "; ")))")
     }
 

@@ -7,9 +7,12 @@ extension TransferEngine {
         var request: TransferRequest
         var peer: Peer
         /// The transports to try, best first (empty for a zero-length or local request).
-        var order: [any Transport]
+        var route: RouteOrder
+        var order: [any Transport] { route.transports }
         /// Between two ranges of this engine's own host memory: a memmove, no transport.
         var local = false
+        /// The link over the first transport of the order, when planning found it already open.
+        var firstLink: (any TransportPeer)? = nil
     }
 
     /// What planning learned about the segment of the previous request: the requests of a
@@ -35,18 +38,31 @@ extension TransferEngine {
             cache = PlanCache(segment: request.segment, peer: try peer(request.segment), refreshed: false)
         }
         let peer = cache!.peer
-        if request.length == 0 { return Planned(request: request, peer: peer, order: []) }
+        if request.length == 0 { return Planned(request: request, peer: peer, route: .none) }
         if request.segment == 0, registry.isLocalHostCopy(request) {
-            return Planned(request: request, peer: peer, order: [], local: true)
+            return Planned(request: request, peer: peer, route: .none, local: true)
         }
         guard let region = registry.region(containing: request.localAddress, length: request.length) else {
             throw EngineError.addressNotRegistered(address: request.localAddress, length: request.length, side: "local")
         }
-        // Looked up under the lock, without copying the descriptor (its arrays and dictionaries).
-        func lookup() -> (own: String?, device: Bool)? {
-            state.withLock { _ in
-                guard let remote = peer.descriptor.buffer(containing: request.remoteAddress, length: request.length) else { return nil }
-                return (remote.ownProtocol, !MemoryLocation.isHostAccessible(remote.name))
+        // Looked up under one lock acquisition, without copying the descriptor (its arrays and
+        // dictionaries): the buffer's own protocol and memory kind, and the peer's cached route
+        // when this request can use it.
+        let routerGeneration = router.generation.load(ordering: .relaxed)
+        let plainLocal = region.hostAccessible && (hint ?? "").isEmpty
+        func lookup() -> (own: String?, device: Bool, cached: RouteOrder?, link: (any TransportPeer)?)? {
+            state.withLock { state in
+                // Fields read in place: copying the buffer entry (its name, keys) costs retains per request.
+                guard let index = peer.descriptor.buffers.firstIndex(where: { $0.contains(address: request.remoteAddress, length: request.length) })
+                else { return nil }
+                let own = peer.descriptor.buffers[index].ownProtocol
+                let hostMemory = peer.descriptor.buffers[index].hostAccessible
+                if plainLocal, own == nil, hostMemory, let route = peer.route,
+                   route.generation == state.routeGeneration &+ routerGeneration,
+                   route.validUntil == UInt64.max || MonotonicClock.nanoseconds() < route.validUntil {
+                    return (nil, false, route.order, route.firstLink)
+                }
+                return (own, !hostMemory, nil, nil)
             }
         }
         var found = lookup()
@@ -59,32 +75,34 @@ extension TransferEngine {
         guard let found else {
             throw EngineError.addressNotRegistered(address: request.remoteAddress, length: request.length, side: "remote (\(peer.name))")
         }
-        let order = try route(to: peer, remoteProtocol: found.own, deviceMemory: found.device || !region.hostAccessible, hint: hint)
-        return Planned(request: request, peer: peer, order: order)
+        if let cached = found.cached { return Planned(request: request, peer: peer, route: cached, firstLink: found.link) }
+        let route = try route(to: peer, remoteProtocol: found.own, deviceMemory: found.device || !region.hostAccessible, hint: hint)
+        return Planned(request: request, peer: peer, route: route)
     }
 
     /// The router's order for one request; the common case (host memory, no protocol of its own,
     /// no hint) is kept per peer until a transport is installed or removed or a path fails.
-    func route(to peer: Peer, remoteProtocol: String?, deviceMemory: Bool, hint: String?) throws -> [any Transport] {
+    func route(to peer: Peer, remoteProtocol: String?, deviceMemory: Bool, hint: String?) throws -> RouteOrder {
         let hint = try checkedHint(hint)
         let plain = remoteProtocol == nil && !deviceMemory && hint == nil
         let now = MonotonicClock.nanoseconds()
         let routerGeneration = router.generation.load(ordering: .relaxed)
-        if plain, let cached = state.withLock({ state -> [any Transport]? in
+        if plain, let cached = state.withLock({ state -> RouteOrder? in
             guard let route = peer.route, route.generation == state.routeGeneration &+ routerGeneration, now < route.validUntil else { return nil }
             return route.order
         }) {
             return cached
         }
         let decision = routeDecision(to: peer, remoteProtocol: remoteProtocol, deviceMemory: deviceMemory, hint: hint, now: now)
-        let order = decision.order.map(\.transport)
-        guard !order.isEmpty else {
+        let order = RouteOrder(decision.order.map(\.transport))
+        guard !order.transports.isEmpty else {
             let reasons = decision.skipped.map { "\($0.protocolName): \($0.why)" }.joined(separator: "; ")
             throw EngineError.segmentUnavailable(name: peer.name, reason: "no installed transport can reach this buffer (\(reasons))")
         }
         if plain {
             state.withLock { state in
-                peer.route = CachedRoute(generation: state.routeGeneration &+ routerGeneration, validUntil: decision.validUntil, order: order)
+                peer.route = CachedRoute(generation: state.routeGeneration &+ routerGeneration, validUntil: decision.validUntil, order: order,
+                                         firstLink: peer.links[ObjectIdentifier(order.transports[0])])
             }
         }
         return order
@@ -132,70 +150,95 @@ extension TransferEngine {
         try submit(planned: try plan(requests, hint: transportHint), to: batchID)
     }
 
+    /// Where the requests of one (peer, order) go: the link of the first transport of the order
+    /// that opened, how it takes requests, and the failover over the rest of the order.
+    private struct Lane {
+        var link: any TransportPeer
+        /// The largest slice the transport takes (UInt64.max: whole requests).
+        var piece: UInt64
+        /// The failover over the transports after this one; nil when none is left.
+        var failover: Failover?
+        /// The slices for the link.
+        var slices: [TransferSlice] = []
+    }
+
     /// Dispatches already validated requests.
     func submit(planned: [Planned], to batchID: BatchID) throws {
         let batch = try self.batch(batchID)
-        // Each request goes to the first transport of its order whose link opens.
-        var firstLink: [(index: Int, link: any TransportPeer)?] = []
-        var failures: [String?] = []
-        firstLink.reserveCapacity(planned.count)
-        for p in planned {
-            var chosen: (Int, any TransportPeer)?
-            var why: [String] = []
-            for (index, transport) in p.order.enumerated() {
-                do { chosen = (index, try link(to: p.peer, over: transport)); break } catch { why.append("\(transport.protocolName): \(error)") }
-            }
-            firstLink.append(chosen)
-            failures.append(chosen == nil && !p.order.isEmpty ? why.joined(separator: "; ") : nil)
-        }
-        let sliceCounts = planned.indices.map { i -> Int in
-            let p = planned[i]
-            if p.request.length == 0 { return 0 }
-            guard !p.local, let (index, _) = firstLink[i] else { return 1 }
-            let piece = p.order[index].splitsRequests ? UInt64.max : settings.splitSize
-            return Int((p.request.length - 1) / piece + 1)
-        }
         let longest = planned.reduce(UInt64(0)) { max($0, $1.request.length) }
         let deadline = MonotonicClock.nanoseconds() + syncTimeout(bytes: longest)
-        let first = try batch.addTasks(sliceCounts: sliceCounts, deadline: deadline)
-        var work: [ObjectIdentifier: (any TransportPeer, [TransferSlice])] = [:]
-        for (i, p) in planned.enumerated() where p.request.length > 0 {
-            let r = p.request
-            let task = first + i
-            if p.local {
-                let copied = registry.copyLocally(r)
-                batch.sliceFinished(task: task, bytes: copied ? r.length : 0,
-                                    error: copied ? nil : "local copy of \(r.length) bytes: a range was unregistered meanwhile")
-                continue
-            }
-            guard let (index, link) = firstLink[i] else {
-                batch.sliceFinished(task: task, bytes: 0, error: "\(r.operation) of \(r.length) bytes to \(p.peer.name): no path opened (\(failures[i] ?? ""))")
-                continue
-            }
-            let transport = p.order[index]
-            let token: CompletionToken
-            if index + 1 < p.order.count {
-                token = failover(batch: batch, task: task, order: Array(p.order[index...]), peer: p.peer, deadline: deadline).token
+        // Each request goes to the first transport of its order whose link opens. The requests
+        // of a batch mostly share a peer and an order: they share a lane, found once.
+        var lanes: [Lane] = []
+        var laneOf = [Int](repeating: -1, count: planned.count)
+        var failures: [Int: String] = [:]
+        var sliceCounts = [Int](repeating: 0, count: planned.count)
+        var last: (peer: ObjectIdentifier, route: ObjectIdentifier, lane: Int)?
+        for i in planned.indices {
+            let length = planned[i].request.length
+            if length == 0 { continue }
+            if planned[i].local { sliceCounts[i] = 1; continue }
+            let peerID = ObjectIdentifier(planned[i].peer), routeID = ObjectIdentifier(planned[i].route)
+            var lane = -1
+            if let last, last.peer == peerID, last.route == routeID {
+                lane = last.lane
             } else {
-                token = CompletionToken(batch: batch, task: task, failover: nil)
+                let p = planned[i]
+                var why: [String] = []
+                for (index, transport) in p.order.enumerated() {
+                    do {
+                        let link = try link(to: p.peer, over: transport)
+                        let rest = index + 1 < p.order.count ? Array(p.order[index...]) : []
+                        lanes.append(Lane(link: link, piece: transport.splitsRequests ? UInt64.max : settings.splitSize,
+                                          failover: rest.isEmpty ? nil : failover(batch: batch, order: rest, peer: p.peer, deadline: deadline)))
+                        lane = lanes.count - 1
+                        break
+                    } catch { why.append("\(transport.protocolName): \(error)") }
+                }
+                if lane >= 0 { last = (peerID, routeID, lane) } else { failures[i] = why.joined(separator: "; ") }
             }
-            let piece = transport.splitsRequests ? UInt64.max : settings.splitSize
+            laneOf[i] = lane
+            sliceCounts[i] = lane < 0 ? 1 : Int((length - 1) / lanes[lane].piece + 1)
+        }
+        let first = try batch.addTasks(sliceCounts: sliceCounts, deadline: deadline)
+        for i in planned.indices where planned[i].request.length > 0 {
+            let r = planned[i].request
+            let task = first + i
+            let lane = laneOf[i]
+            guard lane >= 0 else {
+                if planned[i].local {
+                    let copied = registry.copyLocally(r)
+                    batch.sliceFinished(task: task, bytes: copied ? r.length : 0,
+                                        error: copied ? nil : "local copy of \(r.length) bytes: a range was unregistered meanwhile")
+                } else {
+                    batch.sliceFinished(task: task, bytes: 0, error: "\(r.operation) of \(r.length) bytes to \(planned[i].peer.name): no path opened (\(failures[i] ?? ""))")
+                }
+                continue
+            }
+            let token = lanes[lane].failover.map { $0.token(task: task) } ?? CompletionToken(batch: batch, task: task)
+            let piece = lanes[lane].piece
             var offset: UInt64 = 0
-            var slices: [TransferSlice] = []
             while offset < r.length {
                 let size = min(piece, r.length - offset)
-                slices.append(TransferSlice(operation: r.operation, localAddress: r.localAddress + offset, remoteAddress: r.remoteAddress + offset,
-                                            length: size, token: token))
+                lanes[lane].slices.append(TransferSlice(operation: r.operation, localAddress: r.localAddress + offset,
+                                                        remoteAddress: r.remoteAddress + offset, length: size, token: token))
                 offset += size
             }
-            work[ObjectIdentifier(link), default: (link, [])].1 += slices
         }
-        for (link, slices) in work.values { link.submit(slices) }
+        // Lanes on the same link (another order that starts with the same transport) go in one call each.
+        var submitted: Set<ObjectIdentifier> = []
+        for index in lanes.indices where !lanes[index].slices.isEmpty {
+            let link = lanes[index].link
+            guard submitted.insert(ObjectIdentifier(link)).inserted else { continue }
+            var slices = lanes[index].slices
+            for other in lanes.indices where other > index && lanes[other].link === link { slices += lanes[other].slices }
+            link.submit(slices)
+        }
     }
 
     /// The failover of one batched request over `order` (its first entry is where it starts).
-    private func failover(batch: Batch, task: Int, order: [any Transport], peer: Peer, deadline: UInt64) -> Failover {
-        Failover(batch: batch, task: task, order: order, segment: peer.name, deadline: deadline, router: router, splitSize: settings.splitSize,
+    private func failover(batch: Batch, order: [any Transport], peer: Peer, deadline: UInt64) -> Failover {
+        Failover(batch: batch, order: order, segment: peer.name, deadline: deadline, router: router, splitSize: settings.splitSize,
                  connector: { [weak self] transport in
                      guard let self else { throw EngineError.invalidArgument("the engine shut down") }
                      return try self.link(to: peer, over: transport)

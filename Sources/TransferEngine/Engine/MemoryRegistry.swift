@@ -9,12 +9,19 @@
 final class MemoryRegistry: @unchecked Sendable {
     /// One registered range.
     struct Region: Equatable {
-        var address: UInt64
-        var length: UInt64
-        var location: String
+        let address: UInt64
+        let length: UInt64
+        let location: String
+        /// Whether the CPU can touch it: device memory is only moved by its plugin (kept: every transfer asks).
+        let hostAccessible: Bool
         var end: UInt64 { address + length }
-        /// Whether the CPU can touch it: device memory is only moved by its plugin.
-        var hostAccessible: Bool { MemoryLocation.isHostAccessible(location) }
+
+        init(address: UInt64, length: UInt64, location: String) {
+            self.address = address
+            self.length = length
+            self.location = location
+            hostAccessible = MemoryLocation.isHostAccessible(location)
+        }
     }
 
     /// A region and who is inside it now.

@@ -9,8 +9,8 @@ extension TransferEngine {
         let host: String
         let rpcPort: UInt16
         @exclusivity(unchecked) var descriptor: SegmentDescriptor
-        /// Links opened so far, per protocol.
-        @exclusivity(unchecked) var links: [String: any TransportPeer] = [:]
+        /// Links opened so far, per transport (keyed by the transport object: no string hashing per request).
+        @exclusivity(unchecked) var links: [ObjectIdentifier: any TransportPeer] = [:]
         /// Transports that cannot reach this peer (connect failed, e.g. shm to another host), with why.
         @exclusivity(unchecked) var unreachable: [String: String] = [:]
         /// The order for buffers with no protocol of their own, in host memory, without a hint.
@@ -28,7 +28,9 @@ extension TransferEngine {
     struct CachedRoute {
         var generation: UInt64
         var validUntil: UInt64
-        var order: [any Transport]
+        var order: RouteOrder
+        /// The link over the order's first transport, when it was open when the route was kept.
+        var firstLink: (any TransportPeer)?
     }
 
     /// Opens a peer segment by name (P2P: `host:rpc_port`), fetching its descriptor.
@@ -126,16 +128,18 @@ extension TransferEngine {
     /// The link to `peer` over `transport`, opened on first use. A transport that cannot reach
     /// the peer is remembered as unreachable for it (until the segment is refreshed or reopened).
     func link(to peer: Peer, over transport: any Transport) throws -> any TransportPeer {
+        let key = ObjectIdentifier(transport)
+        if let known = state.withLock({ _ in peer.links[key] }) { return known }
         let name = transport.protocolName
-        let (known, unreachable, view) = state.withLock { _ in (peer.links[name], peer.unreachable[name], peer.descriptor) }
-        if let known { return known }
+        let (unreachable, view) = state.withLock { _ in (peer.unreachable[name], peer.descriptor) }
         if let unreachable { throw EngineError.segmentUnavailable(name: peer.name, reason: "\(name): \(unreachable)") }
         let host = peer.name == segmentName ? bindHost : peer.host
         do {
             let opened = try transport.connect(segment: peer.name, view: view.view(for: name), host: host)
             let (kept, extra) = state.withLock { _ -> (any TransportPeer, (any TransportPeer)?) in
-                if let raced = peer.links[name] { return (raced, opened) }
-                peer.links[name] = opened
+                if let raced = peer.links[key] { return (raced, opened) }
+                peer.links[key] = opened
+                peer.route = nil  // kept again with this link
                 return (opened, nil)
             }
             extra?.close()

@@ -72,7 +72,7 @@ extension TransferEngine {
             state.routeGeneration += 1
             var links: [any TransportPeer] = []
             for peer in state.peers.values {
-                if let link = peer.links.removeValue(forKey: wanted) { links.append(link) }
+                if let link = peer.links.removeValue(forKey: ObjectIdentifier(transport)) { links.append(link) }
                 peer.unreachable.removeValue(forKey: wanted)
                 peer.route = nil
             }

@@ -11,7 +11,11 @@ public struct SegmentDescriptor: Equatable, Sendable {
     /// One registered buffer.
     public struct Buffer: Equatable, Sendable {
         /// For tcp: the segment name; for rdma-like plugins: the memory location.
-        public var name: String
+        public var name: String {
+            didSet { hostAccessible = MemoryLocation.isHostAccessible(name) }
+        }
+        /// Whether `name` is not an accelerator's memory location (kept: every transfer asks).
+        public private(set) var hostAccessible: Bool
         /// Absolute start address in the owner's process.
         public var address: UInt64
         /// Length in bytes.
@@ -27,6 +31,7 @@ public struct SegmentDescriptor: Equatable, Sendable {
         /// Creates a buffer entry.
         public init(name: String, address: UInt64, length: UInt64, extra: [String: JSONValue] = [:]) {
             self.name = name
+            self.hostAccessible = MemoryLocation.isHostAccessible(name)
             self.address = address
             self.length = length
             self.extra = extra

@@ -63,16 +63,6 @@ final class PluginTransport: Transport, @unchecked Sendable {
     private static let maxAdaptiveSpinNs: UInt64 = 2_000_000
     private var d: te_plugin_descriptor { plugin.descriptor.pointee }
 
-    /// Host-side state the C callbacks reach through `host_context`.
-    final class HostContext {
-        let logger: Logger
-        let handshake: @Sendable (String, String) throws -> String
-        init(logger: Logger, handshake: @escaping @Sendable (String, String) throws -> String) {
-            self.logger = logger
-            self.handshake = handshake
-        }
-    }
-
     /// Creates the instance (`create`) and starts polling.
     init(plugin: LoadedPlugin, protocolName: String, optionsJSON: String, syncSpinNs: UInt64, inlineLimit: UInt64, logger: Logger,
          handshake: @escaping @Sendable (_ peerSegment: String, _ requestJSON: String) throws -> String) throws {
@@ -81,35 +71,8 @@ final class PluginTransport: Transport, @unchecked Sendable {
         self.syncSpinNs = syncSpinNs
         self.inlineLimit = inlineLimit
         self.logger = logger
-        let context = Unmanaged.passRetained(HostContext(logger: logger, handshake: handshake)).toOpaque()
-        let services = UnsafeMutablePointer<te_host_services>.allocate(capacity: 1)
+        let services = PluginHostServices.make(logger: logger, handshake: handshake)
         self.services = services
-        services.initialize(to: te_host_services(
-            struct_size: UInt32(MemoryLayout<te_host_services>.size), reserved: 0, host_context: context,
-            log: { context, level, message in
-                guard let context, let message else { return }
-                let host = Unmanaged<HostContext>.fromOpaque(context).takeUnretainedValue()
-                let text = String(cString: message)
-                switch level {
-                case TE_LOG_TRACE: host.logger.trace("\(text)")
-                case TE_LOG_DEBUG: host.logger.debug("\(text)")
-                case TE_LOG_INFO: host.logger.info("\(text)")
-                case TE_LOG_WARNING: host.logger.warning("\(text)")
-                default: host.logger.error("\(text)")
-                }
-            },
-            handshake_send: { context, peer, request, reply in
-                guard let context, let peer, let request, let reply else { return TE_ERR_INVALID_ARGUMENT }
-                let host = Unmanaged<HostContext>.fromOpaque(context).takeUnretainedValue()
-                do {
-                    let answer = try host.handshake(String(cString: peer), String(cString: request))
-                    return PluginTransport.write(answer, into: reply)
-                } catch {
-                    host.logger.warning("plugin handshake to \(String(cString: peer)) failed: \(error)")
-                    return TE_ERR_PEER_UNREACHABLE
-                }
-            },
-            now_ns: { _ in MonotonicClock.nanoseconds() }))
         var created: OpaquePointer?
         let status = optionsJSON.withCString { plugin.descriptor.pointee.create!($0, services, &created) }
         guard status == TE_OK, let created else {
@@ -117,18 +80,6 @@ final class PluginTransport: Transport, @unchecked Sendable {
         }
         instance = created
         try OSThread.spawn(name: "te-plugin-poll") { [self] in pollLoop() }
-    }
-
-    /// Copies `text` into a te_buffer per the ABI's rules.
-    static func write(_ text: String, into buffer: UnsafeMutablePointer<te_buffer>) -> Int32 {
-        let bytes = Array(text.utf8)
-        buffer.pointee.length = bytes.count
-        guard let data = buffer.pointee.data, buffer.pointee.capacity > bytes.count else { return TE_ERR_BUFFER_TOO_SMALL }
-        bytes.withUnsafeBufferPointer { source in
-            UnsafeMutableRawPointer(data).copyMemory(from: source.baseAddress!, byteCount: bytes.count)
-        }
-        data[bytes.count] = 0
-        return TE_OK
     }
 
     /// The plugin's last error text on this thread.
@@ -446,26 +397,4 @@ final class PluginTransport: Transport, @unchecked Sendable {
             }
         }
     }
-}
-
-/// A peer opened in a plugin (its open_peer handle), seen as a transport peer.
-final class PluginPeer: TransportPeer, @unchecked Sendable {
-    private let transport: PluginTransport
-    let handle: UInt64
-    private let segment: String
-
-    init(transport: PluginTransport, handle: UInt64, segment: String) {
-        self.transport = transport
-        self.handle = handle
-        self.segment = segment
-    }
-
-    func submit(_ slices: [TransferSlice]) { transport.submit(slices, peer: handle) }
-
-    func transferSync(_ operation: TransferRequest.Operation, localAddress: UInt64, remoteAddress: UInt64, length: UInt64,
-                      deadline: UInt64) -> SyncOutcome? {
-        transport.transferSync(operation, local: localAddress, peer: handle, remote: remoteAddress, length: length, deadline: deadline)
-    }
-
-    func close() { transport.closePeer(handle) }
 }

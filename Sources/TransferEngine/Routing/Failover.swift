@@ -1,14 +1,18 @@
 import Synchronization
 
-/// A request's remaining paths: when a slice fails on one transport, it is resubmitted on the
-/// next one in the request's order (within the request's deadline), and the failed path is
-/// marked for cooldown. The task fails only when no path is left or the deadline passed; its
-/// error names every path tried and why each failed.
+/// The remaining paths of the requests one submit sent to one peer with one order: when a
+/// slice fails on a transport, it is resubmitted on the next one in the order (within the
+/// deadline), and the failed path is marked for cooldown. A task fails only when no path is
+/// left or the deadline passed; its error names every path tried and why each failed.
+///
+/// One object serves every request of the submit that shares the order (no allocation per
+/// request); a request's own failover state exists only once one of its slices failed.
 final class Failover: @unchecked Sendable {
     /// Opens (or finds) the link to the peer over one transport.
     typealias Connector = (any Transport) throws -> any TransportPeer
 
-    private struct State {
+    /// One failed-over task's progress along the order.
+    private struct TaskState {
         /// Index in `order` of the path new retries go to.
         var current = 0
         /// "protocol: reason" for every path that failed, in order.
@@ -23,16 +27,15 @@ final class Failover: @unchecked Sendable {
     private let connector: Connector
     private let splitSize: UInt64
     private let onFailover: @Sendable (String, String, String) -> Void
-    private let state = Mutex(State())
-    private let batch: Batch
-    private let task: Int
+    private let tasks = Mutex<[Int: TaskState]>([:])
+    /// The batch its requests belong to.
+    let batch: Batch
 
-    /// `order` is the request's paths, the first being the one its slices go to first.
-    /// `onFailover(from, to, reason)` is told about each move (logging).
-    init(batch: Batch, task: Int, order: [any Transport], segment: String, deadline: UInt64, router: Router, splitSize: UInt64,
+    /// `order` is the requests' paths, the first being the one their slices go to first.
+    /// `onFailover(from, to, reason)` is told about each path's first failure (logging).
+    init(batch: Batch, order: [any Transport], segment: String, deadline: UInt64, router: Router, splitSize: UInt64,
          connector: @escaping Connector, onFailover: @escaping @Sendable (String, String, String) -> Void) {
         self.batch = batch
-        self.task = task
         self.order = order
         self.segment = segment
         self.deadline = deadline
@@ -42,15 +45,17 @@ final class Failover: @unchecked Sendable {
         self.onFailover = onFailover
     }
 
-    /// The token for the request's slices.
-    var token: CompletionToken { CompletionToken(batch: batch, task: task, failover: self) }
+    /// The token for the slices of task `task`.
+    func token(task: Int) -> CompletionToken { CompletionToken(failover: self, task: task) }
 
-    /// A slice failed on `protocolName`: resubmit it on the next path, or end its task.
-    func sliceFailed(_ slice: TransferSlice, on protocolName: String, reason: String) {
+    /// A slice of `task` failed on `protocolName`: resubmit it on the next path, or end its task.
+    func sliceFailed(_ slice: TransferSlice, task: Int, on protocolName: String, reason: String) {
         var failedOn = protocolName
         var why = reason
         while true {
-            let next: (any Transport)? = state.withLock { state in
+            let next: (any Transport)? = tasks.withLock { tasks in
+                var state = tasks[task] ?? TaskState()
+                defer { tasks[task] = state }
                 if !state.failedProtocols.contains(failedOn) {
                     state.failedProtocols.insert(failedOn)
                     state.failures.append("\(failedOn): \(why)")
@@ -62,7 +67,7 @@ final class Failover: @unchecked Sendable {
             }
             let newlyFailed = router.markFailed(failedOn, segment: segment)
             guard let next, MonotonicClock.nanoseconds() < deadline else {
-                let summary = state.withLock { $0.failures.joined(separator: "; ") }
+                let summary = tasks.withLock { $0[task]?.failures.joined(separator: "; ") ?? "" }
                 let ending = next == nil ? "every path failed" : "the deadline passed before another path could be tried"
                 batch.sliceFinished(task: task, bytes: 0, error: "\(slice.operation) of \(slice.length) bytes to \(segment): \(ending) (\(summary))")
                 return
@@ -70,7 +75,7 @@ final class Failover: @unchecked Sendable {
             if newlyFailed { onFailover(failedOn, next.protocolName, why) }
             do {
                 let link = try connector(next)
-                link.submit(pieces(of: slice, for: next))
+                link.submit(pieces(of: slice, task: task, for: next))
                 return
             } catch {
                 failedOn = next.protocolName
@@ -80,7 +85,7 @@ final class Failover: @unchecked Sendable {
     }
 
     /// The slice cut to the sizes `transport` takes (a plugin that splits requests took it whole).
-    private func pieces(of slice: TransferSlice, for transport: any Transport) -> [TransferSlice] {
+    private func pieces(of slice: TransferSlice, task: Int, for transport: any Transport) -> [TransferSlice] {
         if transport.splitsRequests || slice.length <= splitSize { return [slice] }
         // The task expects one end per original slice: extra pieces are announced first.
         var pieces: [TransferSlice] = []

@@ -139,6 +139,17 @@ final class Router: Sendable {
     }
 }
 
+/// A request's transports in the order to try them, shared by every request routed the same
+/// way (the engine compares orders by identity, without touching the transports).
+final class RouteOrder: @unchecked Sendable {
+    let transports: [any Transport]
+
+    init(_ transports: [any Transport]) { self.transports = transports }
+
+    /// The order of a request that needs no transport (zero length, or a local copy).
+    static let none = RouteOrder([])
+}
+
 extension SegmentDescriptor {
     /// The protocols this descriptor's owner offers: its "protocols" list (this engine's
     /// multi-transport form) or its single protocol, plus tcp when it has a data port.

@@ -60,27 +60,51 @@ struct TransferSlice: @unchecked Sendable {
     var token: CompletionToken
 }
 
-/// Where a slice's end goes: its batch task, and, when the request has other paths left, the
-/// failover that resubmits a failed slice on the next one. A struct of references: a request
-/// with a single path allocates nothing for it.
+/// Where a slice's end goes: its batch task, straight or through the failover that resubmits a
+/// failed slice on the next path. One reference and an index: slices are copied several times
+/// on their way, and each reference copied is a retain and a release.
 struct CompletionToken: @unchecked Sendable {
-    /// The batch that owns the task.
-    let batch: Batch
+    /// The batch itself (a request with one path), or the failover of the request's remaining paths.
+    enum Sink {
+        case batch(Batch)
+        case failover(Failover)
+    }
+
+    let sink: Sink
     /// The task's index in the batch.
     let task: Int
-    /// The request's remaining paths; nil when it has one path.
-    let failover: Failover?
+
+    /// A token that reports straight to the batch.
+    init(batch: Batch, task: Int) {
+        sink = .batch(batch)
+        self.task = task
+    }
+
+    /// A token whose failures go to `failover`.
+    init(failover: Failover, task: Int) {
+        sink = .failover(failover)
+        self.task = task
+    }
+
+    /// The batch that owns the task.
+    var batch: Batch {
+        switch sink {
+        case .batch(let batch): return batch
+        case .failover(let failover): return failover.batch
+        }
+    }
 
     /// Reports one slice's end; a failure goes to the failover when there is one.
     func finish(_ slice: TransferSlice, on protocolName: String, error: String?) {
-        guard let error else {
-            batch.sliceFinished(task: task, bytes: slice.length, error: nil)
-            return
-        }
-        if let failover {
-            failover.sliceFailed(slice, on: protocolName, reason: error)
-        } else {
-            batch.sliceFinished(task: task, bytes: 0, error: error)
+        switch sink {
+        case .batch(let batch):
+            batch.sliceFinished(task: task, bytes: error == nil ? slice.length : 0, error: error)
+        case .failover(let failover):
+            if let error {
+                failover.sliceFailed(slice, task: task, on: protocolName, reason: error)
+            } else {
+                failover.batch.sliceFinished(task: task, bytes: slice.length, error: nil)
+            }
         }
     }
 }
