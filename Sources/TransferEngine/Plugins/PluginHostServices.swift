@@ -38,7 +38,7 @@ enum PluginHostServices {
                 let host = Unmanaged<HostContext>.fromOpaque(context).takeUnretainedValue()
                 do {
                     let answer = try host.handshake(String(cString: peer), String(cString: request))
-                    return write(answer, into: reply)
+                    return PluginHostServices.write(answer, into: reply)
                 } catch {
                     host.logger.warning("plugin handshake to \(String(cString: peer)) failed: \(error)")
                     return TE_ERR_PEER_UNREACHABLE
