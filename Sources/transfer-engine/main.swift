@@ -23,7 +23,7 @@ struct TransferEngineCommand: ParsableCommand {
         given by --config or MOONCAKE_CONFIG_PATH. Log level: MC_LOG_LEVEL (TRACE, DEBUG, INFO, WARNING, ERROR).
         """,
         version: TransferEngineVersion.string,
-        subcommands: [ServeCommand.self, BenchCommand.self, BenchMetadataCommand.self, PluginsCommand.self, RouteCommand.self, MetadataServerCommand.self]
+        subcommands: [ServeCommand.self, BenchCommand.self, BenchMetadataCommand.self, BenchRouterCommand.self, PluginsCommand.self, RouteCommand.self, MetadataServerCommand.self]
     )
 }
 

@@ -80,15 +80,19 @@ extension TransferEngine {
         return Planned(request: request, peer: peer, route: route)
     }
 
-    /// The router's order for one request; the common case (host memory, no protocol of its own,
-    /// no hint) is kept per peer until a transport is installed or removed or a path fails.
+    /// The router's order for one request, kept per peer (and per hint, buffer protocol and
+    /// memory kind) until a transport is installed or removed, the peer's descriptor changes or a
+    /// path fails. The common case (host memory, no protocol of its own, no hint) is looked up by
+    /// `plan` without hashing.
     func route(to peer: Peer, remoteProtocol: String?, deviceMemory: Bool, hint: String?) throws -> RouteOrder {
         let hint = try checkedHint(hint)
         let plain = remoteProtocol == nil && !deviceMemory && hint == nil
+        let key = RouteKey(hint: hint, remoteProtocol: remoteProtocol, deviceMemory: deviceMemory)
         let now = MonotonicClock.nanoseconds()
         let routerGeneration = router.generation.load(ordering: .relaxed)
-        if plain, let cached = state.withLock({ state -> RouteOrder? in
-            guard let route = peer.route, route.generation == state.routeGeneration &+ routerGeneration, now < route.validUntil else { return nil }
+        if let cached = state.withLock({ state -> RouteOrder? in
+            guard let route = plain ? peer.route : peer.otherRoutes[key], route.generation == state.routeGeneration &+ routerGeneration,
+                  now < route.validUntil else { return nil }
             return route.order
         }) {
             return cached
@@ -96,14 +100,13 @@ extension TransferEngine {
         let decision = routeDecision(to: peer, remoteProtocol: remoteProtocol, deviceMemory: deviceMemory, hint: hint, now: now)
         let order = RouteOrder(decision.order.map(\.transport))
         guard !order.transports.isEmpty else {
-            let reasons = decision.skipped.map { "\($0.protocolName): \($0.why)" }.joined(separator: "; ")
+            let reasons = decision.skipped.map { "\($0.protocolName): \($0.reason)" }.joined(separator: "; ")
             throw EngineError.segmentUnavailable(name: peer.name, reason: "no installed transport can reach this buffer (\(reasons))")
         }
-        if plain {
-            state.withLock { state in
-                peer.route = CachedRoute(generation: state.routeGeneration &+ routerGeneration, validUntil: decision.validUntil, order: order,
-                                         firstLink: peer.links[ObjectIdentifier(order.transports[0])])
-            }
+        state.withLock { state in
+            let kept = CachedRoute(generation: state.routeGeneration &+ routerGeneration, validUntil: decision.validUntil, order: order,
+                                   firstLink: peer.links[ObjectIdentifier(order.transports[0])])
+            if plain { peer.route = kept } else if peer.otherRoutes.count < 64 { peer.otherRoutes[key] = kept }
         }
         return order
     }
@@ -112,19 +115,17 @@ extension TransferEngine {
     func routeDecision(to peer: Peer, remoteProtocol: String?, deviceMemory: Bool, hint: String?,
                        now: UInt64 = MonotonicClock.nanoseconds()) -> Router.Decision {
         let (installed, target) = state.withLock { state in
-            (state.transports, Router.Target(segment: peer.name, offered: peer.descriptor.offeredProtocols,
-                                             sameHost: isSameHost(peer), unreachable: peer.unreachable))
+            (state.transports, Router.Target(segment: peer.name, offered: peer.offered, sameHost: peer.sameHost, unreachable: peer.unreachable))
         }
         return router.decide(installed: installed, target: target, remoteProtocol: remoteProtocol, deviceMemory: deviceMemory,
                              hint: hint, now: now)
     }
 
-    /// Whether the peer runs on this host (shm goes first for it).
-    func isSameHost(_ peer: Peer) -> Bool {
-        if peer.name == segmentName { return true }
+    /// Whether a peer reached at `host` runs on this host (shm goes first for it).
+    func isSameHost(_ host: String) -> Bool {
         func loopback(_ host: String) -> Bool { host == "localhost" || host.hasPrefix("127.") || host == "::1" }
         let localHost = (try? HostPort.parse(configuration.localHostname).host) ?? bindHost
-        return peer.host == bindHost || peer.host == localHost || (loopback(peer.host) && (loopback(bindHost) || loopback(localHost)))
+        return host == bindHost || host == localHost || (loopback(host) && (loopback(bindHost) || loopback(localHost)))
     }
 
     /// A transport hint naming no installed transport is dropped with one warning per name (an

@@ -8,20 +8,43 @@ extension TransferEngine {
         let name: String
         let host: String
         let rpcPort: UInt16
-        @exclusivity(unchecked) var descriptor: SegmentDescriptor
+        @exclusivity(unchecked) var descriptor: SegmentDescriptor {
+            didSet { offered = descriptor.offeredProtocols }
+        }
+        /// The protocols its descriptor offers (kept: routing asks for every new route).
+        @exclusivity(unchecked) private(set) var offered: Set<String>
+        /// Whether it runs on this host.
+        let sameHost: Bool
         /// Links opened so far, per transport (keyed by the transport object: no string hashing per request).
         @exclusivity(unchecked) var links: [ObjectIdentifier: any TransportPeer] = [:]
         /// Transports that cannot reach this peer (connect failed, e.g. shm to another host), with why.
         @exclusivity(unchecked) var unreachable: [String: String] = [:]
         /// The order for buffers with no protocol of their own, in host memory, without a hint.
         @exclusivity(unchecked) var route: CachedRoute?
+        /// The orders for the other cases (a hint, a buffer protocol, device memory), at most 64.
+        @exclusivity(unchecked) var otherRoutes: [RouteKey: CachedRoute] = [:]
 
-        init(name: String, host: String, rpcPort: UInt16, descriptor: SegmentDescriptor) {
+        init(name: String, host: String, rpcPort: UInt16, descriptor: SegmentDescriptor, sameHost: Bool) {
             self.name = name
             self.host = host
             self.rpcPort = rpcPort
             self.descriptor = descriptor
+            self.offered = descriptor.offeredProtocols
+            self.sameHost = sameHost
         }
+
+        /// Drops every kept route (call under the engine's state lock).
+        func forgetRoutes() {
+            route = nil
+            otherRoutes.removeAll()
+        }
+    }
+
+    /// What a kept route other than the common one depends on.
+    struct RouteKey: Hashable {
+        var hint: String?
+        var remoteProtocol: String?
+        var deviceMemory: Bool
     }
 
     /// A route decision kept while nothing it depends on changed.
@@ -39,7 +62,8 @@ extension TransferEngine {
         if name == segmentName { return 0 }
         if let handle = state.withLock({ $0.handles[name] }) { return handle }
         let location = try locate(name)
-        let peer = Peer(name: name, host: location.host, rpcPort: location.port, descriptor: location.descriptor)
+        let peer = Peer(name: name, host: location.host, rpcPort: location.port, descriptor: location.descriptor,
+                        sameHost: isSameHost(location.host))
         return state.withLock { state in
             if let existing = state.handles[name] { return existing }
             let handle = state.nextHandle
@@ -78,7 +102,7 @@ extension TransferEngine {
         let stale: [any TransportPeer] = state.withLock { _ in
             let restarted = fresh.tcpDataPort != peer.descriptor.tcpDataPort || fresh.extra != peer.descriptor.extra
             peer.descriptor = fresh
-            peer.route = nil
+            peer.forgetRoutes()
             guard restarted else { return [] }
             defer { peer.links.removeAll(); peer.unreachable.removeAll() }
             return Array(peer.links.values)
@@ -106,14 +130,14 @@ extension TransferEngine {
             let descriptor = localDescriptor
             return state.withLock { state in
                 guard let peer = state.peers[0] else {
-                    let peer = Peer(name: segmentName, host: bindHost, rpcPort: rpcPort, descriptor: descriptor)
+                    let peer = Peer(name: segmentName, host: bindHost, rpcPort: rpcPort, descriptor: descriptor, sameHost: true)
                     state.peers[0] = peer
                     state.selfDescriptorGeneration = generation
                     return peer
                 }
                 if generation >= state.selfDescriptorGeneration {
                     peer.descriptor = descriptor
-                    peer.route = nil
+                    peer.forgetRoutes()
                     state.selfDescriptorGeneration = generation
                 }
                 return peer
@@ -139,7 +163,7 @@ extension TransferEngine {
             let (kept, extra) = state.withLock { _ -> (any TransportPeer, (any TransportPeer)?) in
                 if let raced = peer.links[key] { return (raced, opened) }
                 peer.links[key] = opened
-                peer.route = nil  // kept again with this link
+                peer.forgetRoutes()  // kept again with this link
                 return (opened, nil)
             }
             extra?.close()
@@ -147,7 +171,7 @@ extension TransferEngine {
         } catch {
             state.withLock { state in
                 peer.unreachable[name] = "\(error)"
-                peer.route = nil
+                peer.forgetRoutes()
             }
             let others = activeProtocols.filter { $0 != name }.joined(separator: "/")
             logger.info("\(name) cannot reach \(peer.name), using \(others) for it: \(error)")

@@ -74,7 +74,7 @@ extension TransferEngine {
             for peer in state.peers.values {
                 if let link = peer.links.removeValue(forKey: ObjectIdentifier(transport)) { links.append(link) }
                 peer.unreachable.removeValue(forKey: wanted)
-                peer.route = nil
+                peer.forgetRoutes()
             }
             for address in state.bufferFragments.keys { state.bufferFragments[address]?.removeValue(forKey: wanted) }
             return (transport, links)

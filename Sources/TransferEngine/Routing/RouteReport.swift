@@ -38,7 +38,7 @@ extension TransferEngine {
                                          deviceMemory: !MemoryLocation.isHostAccessible(buffer.name), hint: hint?.lowercased())
             return RouteReport(address: buffer.address, length: buffer.length, location: buffer.name, ownProtocol: buffer.ownProtocol,
                                order: decision.order.map { .init(protocolName: $0.transport.protocolName, why: $0.why) },
-                               skipped: decision.skipped.map { .init(protocolName: $0.protocolName, why: $0.why) })
+                               skipped: decision.skipped.map { .init(protocolName: $0.protocolName, why: $0.reason.description) })
         }
     }
 }

@@ -12,16 +12,49 @@ import Synchronization
 /// Device memory (GPU, NPU) goes only to transports that move it. A path that failed stays at
 /// the end of the order for `cooldownNs`, then takes its place again.
 final class Router: Sendable {
+    /// Why a transport stands where it does in an order, or why it was left out. Kept as a
+    /// value and worded only when shown: a decision is made on the request path.
+    enum Reason: CustomStringConvertible {
+        case ownProtocol(String)
+        case hint
+        case sameHost
+        case configured(position: Int)
+        case lastResort
+        case cooling(msLeft: UInt64)
+        case onlyOwn(String)
+        case ownNotInstalled(String)
+        case notOffered(segment: String, protocolName: String)
+        case noDeviceMemory
+        case unreachable(segment: String, reason: String)
+
+        var description: String {
+            switch self {
+            case .ownProtocol(let name): return "the buffer is served by \(name)"
+            case .hint: return "the request's transport hint"
+            case .sameHost: return "same host: shm first"
+            case .configured(let position): return "configured order, position \(position)"
+            case .lastResort: return "tcp is the last resort"
+            case .cooling(let ms): return "failed recently; tried last for \(ms) ms more"
+            case .onlyOwn(let name): return "the buffer is served only by \(name)"
+            case .ownNotInstalled(let name): return "the buffer is served by \(name), which is not installed here"
+            case .notOffered(let segment, let name): return "\(segment) does not offer \(name)"
+            case .noDeviceMemory: return "it does not move device memory"
+            case .unreachable(let segment, let reason): return "cannot reach \(segment): \(reason)"
+            }
+        }
+    }
+
     /// One transport in a decision, and why it stands where it does.
     struct Choice {
         var transport: any Transport
-        var why: String
+        var reason: Reason
+        var why: String { reason.description }
     }
 
     /// The outcome for one (peer, buffer) pair: the order to try, and the transports left out with the reason.
     struct Decision {
         var order: [Choice]
-        var skipped: [(protocolName: String, why: String)]
+        var skipped: [(protocolName: String, reason: Reason)]
         /// The earliest time (monotonic ns) a path in cooldown returns; the decision holds until then.
         var validUntil: UInt64
     }
@@ -81,44 +114,45 @@ final class Router: Sendable {
     func decide(installed: [any Transport], target: Target, remoteProtocol: String?, deviceMemory: Bool, hint: String?,
                 now: UInt64 = MonotonicClock.nanoseconds()) -> Decision {
         var order: [Choice] = []
-        var skipped: [(protocolName: String, why: String)] = []
+        var skipped: [(protocolName: String, reason: Reason)] = []
         if let own = remoteProtocol {
             for transport in installed where transport.protocolName != own {
-                skipped.append((transport.protocolName, "the buffer is served only by \(own)"))
+                skipped.append((transport.protocolName, .onlyOwn(own)))
             }
             if let transport = installed.first(where: { $0.protocolName == own }) {
-                order.append(Choice(transport: transport, why: "the buffer is served by \(own)"))
+                order.append(Choice(transport: transport, reason: .ownProtocol(own)))
             } else {
-                skipped.append((own, "the buffer is served by \(own), which is not installed here"))
+                skipped.append((own, .ownNotInstalled(own)))
             }
         } else {
             for (rank, transport) in installed.enumerated() {
                 let name = transport.protocolName
                 if !target.offered.contains(name) {
-                    skipped.append((name, "\(target.segment) does not offer \(name)"))
+                    skipped.append((name, .notOffered(segment: target.segment, protocolName: name)))
                 } else if deviceMemory && !transport.movesDeviceMemory {
-                    skipped.append((name, "it does not move device memory"))
+                    skipped.append((name, .noDeviceMemory))
                 } else {
-                    order.append(Choice(transport: transport, why: name == "tcp" ? "tcp is the last resort"
-                                        : "configured order, position \(rank + 1)"))
+                    order.append(Choice(transport: transport, reason: transport is TCPTransport ? .lastResort : .configured(position: rank + 1)))
                 }
             }
             if target.sameHost, let index = order.firstIndex(where: { $0.transport.protocolName == "shm" }), index > 0 {
                 var shm = order.remove(at: index)
-                shm.why = "same host: shm first"
+                shm.reason = .sameHost
                 order.insert(shm, at: 0)
             }
             if let hint, !hint.isEmpty, let index = order.firstIndex(where: { $0.transport.protocolName == hint }) {
                 var hinted = order.remove(at: index)
-                hinted.why = "the request's transport hint"
+                hinted.reason = .hint
                 order.insert(hinted, at: 0)
             }
         }
         // Transports that could not connect to this peer are left out; those cooling down go last.
-        order.removeAll { choice in
-            guard let reason = target.unreachable[choice.transport.protocolName] else { return false }
-            skipped.append((choice.transport.protocolName, "cannot reach \(target.segment): \(reason)"))
-            return true
+        if !target.unreachable.isEmpty {
+            order.removeAll { choice in
+                guard let reason = target.unreachable[choice.transport.protocolName] else { return false }
+                skipped.append((choice.transport.protocolName, .unreachable(segment: target.segment, reason: reason)))
+                return true
+            }
         }
         var validUntil = UInt64.max
         if anyCooling {
@@ -127,7 +161,7 @@ final class Router: Sendable {
             for var choice in order {
                 if let until = coolingUntil(choice.transport.protocolName, segment: target.segment, now: now) {
                     validUntil = min(validUntil, until)
-                    choice.why = "failed recently; tried last for \((until - now) / 1_000_000) ms more"
+                    choice.reason = .cooling(msLeft: (until - now) / 1_000_000)
                     cooling.append(choice)
                 } else {
                     healthy.append(choice)
