@@ -55,6 +55,13 @@ public func teSubmitTransferHint(_ handle: UnsafeMutableRawPointer?, _ batch: UI
     } catch { return CResult.statusCode(error) }
 }
 
+@_cdecl("te_allocate_batch_timeout")
+public func teAllocateBatchTimeout(_ handle: UnsafeMutableRawPointer?, _ size: Int, _ timeoutMs: UInt64) -> UInt64 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return UInt64.max }
+    guard timeoutMs >= 1, timeoutMs <= 86_400_000 else { CResult.fail("timeout_ms \(timeoutMs) (1 ... 86400000)"); return UInt64.max }
+    do { return try engine.allocateBatch(capacity: size, timeoutNs: timeoutMs * 1_000_000) } catch { _ = CResult.errorCode(error); return UInt64.max }
+}
+
 @_cdecl("te_active_protocols")
 public func teActiveProtocols(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutablePointer<CChar>?, _ length: Int) -> Int32 {
     guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }

@@ -174,7 +174,11 @@ int submitTransferWithNotify(transfer_engine_t engine, batch_id_t batch_id, stru
 /** Reads a task's status. Status code. */
 int getTransferStatus(transfer_engine_t engine, batch_id_t batch_id, size_t task_id, struct transfer_status *status);
 
-/** Frees a batch (refused while tasks are in flight). Status code. */
+/**
+ * Frees a batch. Requests still in flight are canceled (they read STATUS_CANCELED) and this
+ * waits up to MC_FREE_BATCH_WAIT_MS (5000) until no transport holds a slice of the batch; if
+ * one still does, the batch is kept and the batch-busy status is returned (free it again later).
+ */
 int freeBatchID(transfer_engine_t engine, batch_id_t batch_id);
 
 /** Received notifications as a malloc'd array (free with freeNotifsMsgBuf); NULL when none. */
@@ -213,6 +217,13 @@ int te_transfer_sync_hint(transfer_engine_t engine, segment_id_t segment, int op
 /** submitTransfer with a transport hint, as te_transfer_sync_hint. 0 or a status code. */
 int te_submit_transfer_hint(transfer_engine_t engine, batch_id_t batch_id, struct transfer_request *entries, size_t count,
                             const char *hint);
+
+/**
+ * allocateBatchID whose requests must end within timeout_ms of their submission (instead of
+ * MC_TRANSFER_TIMEOUT plus 1 ns per byte); a request still pending then reads STATUS_TIMEOUT.
+ * INVALID_BATCH on a bad size or a timeout outside 1 ms .. 24 h.
+ */
+batch_id_t te_allocate_batch_timeout(transfer_engine_t engine, size_t batch_size, uint64_t timeout_ms);
 
 /** Writes every installed transport, comma-separated in routing order (tcp last), into buf. */
 int te_active_protocols(transfer_engine_t engine, char *buf, size_t buf_len);

@@ -1,31 +1,49 @@
+import Synchronization
+
 /// The tasks of one batch and their completion state.
 ///
-/// Transports report finished slices through `sliceFinished`; a task with
-/// several slices completes when the last one does, and fails if any did. A task
-/// still pending at its deadline ends as `timeout`; slices that end later are ignored.
+/// Transports report finished slices through `sliceFinished`; a task with several slices
+/// completes when the last one does, and fails if any did. A task still pending at its
+/// deadline ends as `timeout`, and `cancel` ends every pending task as `canceled`; slices of
+/// an ended task that end later change nothing, but are still counted, so `waitQuiet` can
+/// tell when no transport holds any slice of the batch.
 final class Batch: @unchecked Sendable {
     private struct Task {
         var status = TransferStatus(state: .waiting)
+        /// Slices a transport still holds (reported or not yet).
         var pendingSlices = 0
         /// Monotonic ns after which the task is reported as timed out (0: none).
         var deadline: UInt64 = 0
+        /// Timed out or canceled: its status is final while slices may still be out.
+        var ended = false
     }
 
     private struct State {
         var tasks: [Task] = []
+        /// Tasks neither finished nor ended.
         var unfinished = 0
+        /// Slices transports still hold, for every task.
+        var outstanding = 0
         /// The earliest deadline of an unfinished task (UInt64.max: none), so expiry costs one compare.
         var earliestDeadline = UInt64.max
     }
 
     let id: BatchID
     let capacity: Int
+    /// The deadline of its requests, from submission (nil: the engine's default).
+    let timeoutNs: UInt64?
     private let state = ConditionLock(State())
+    /// Set by `cancel`; transports check it before they start a slice.
+    private let canceled = Atomic<Bool>(false)
 
-    init(id: BatchID, capacity: Int) {
+    init(id: BatchID, capacity: Int, timeoutNs: UInt64? = nil) {
         self.id = id
         self.capacity = capacity
+        self.timeoutNs = timeoutNs
     }
+
+    /// Whether the batch was canceled: queued slices of it need not run.
+    var isCanceled: Bool { canceled.load(ordering: .relaxed) }
 
     /// Reserves `sliceCounts.count` new tasks that must end by `deadline` (monotonic ns, 0: never);
     /// returns the index of the first.
@@ -41,6 +59,7 @@ final class Batch: @unchecked Sendable {
                 task.pendingSlices = slices
                 if slices > 0 {
                     state.unfinished += 1
+                    state.outstanding += slices
                     if deadline != 0 {
                         task.deadline = deadline
                         state.earliestDeadline = min(state.earliestDeadline, deadline)
@@ -58,6 +77,7 @@ final class Batch: @unchecked Sendable {
         state.withLock { state in
             guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { return }
             state.tasks[index].pendingSlices += count
+            state.outstanding += count
         }
     }
 
@@ -79,10 +99,13 @@ final class Batch: @unchecked Sendable {
         if wake { state.notifyAll() }
     }
 
-    /// One finished slice; true when it finished the batch's last unfinished task.
+    /// One finished slice; true when waiters should look again (the last unfinished task
+    /// finished, or the last slice of the batch came back).
     private static func record(_ state: inout State, task index: Int, bytes: UInt64, error: String?) -> Bool {
         guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { return false }
         state.tasks[index].pendingSlices -= 1
+        state.outstanding -= 1
+        if state.tasks[index].ended { return state.outstanding == 0 }
         if let error {
             state.tasks[index].status.state = .failed
             if state.tasks[index].status.error == nil { state.tasks[index].status.error = error }
@@ -92,18 +115,18 @@ final class Batch: @unchecked Sendable {
         guard state.tasks[index].pendingSlices == 0 else { return false }
         if state.tasks[index].status.state != .failed { state.tasks[index].status.state = .completed }
         state.unfinished -= 1
-        return state.unfinished == 0
+        return state.unfinished == 0 || state.outstanding == 0
     }
 
     /// Ends every unfinished task whose deadline passed as `timeout`; true when that finished the batch.
     private static func expire(_ state: inout State, now: UInt64) -> Bool {
         guard now >= state.earliestDeadline else { return false }
         var earliest = UInt64.max
-        for index in state.tasks.indices where state.tasks[index].pendingSlices > 0 {
+        for index in state.tasks.indices where state.tasks[index].pendingSlices > 0 && !state.tasks[index].ended {
             let deadline = state.tasks[index].deadline
             if deadline == 0 { continue }
             if deadline > now { earliest = min(earliest, deadline); continue }
-            state.tasks[index].pendingSlices = 0
+            state.tasks[index].ended = true
             state.tasks[index].status.state = .timeout
             state.tasks[index].status.error = "did not finish within its deadline"
             state.unfinished -= 1
@@ -111,6 +134,35 @@ final class Batch: @unchecked Sendable {
         state.earliestDeadline = earliest
         return state.unfinished == 0
     }
+
+    /// Ends every unfinished task as `canceled`; transports skip its slices they have not started.
+    /// Returns how many tasks it ended.
+    @discardableResult
+    func cancel() -> Int {
+        canceled.store(true, ordering: .relaxed)
+        let ended = state.withLock { state -> Int in
+            var ended = 0
+            for index in state.tasks.indices where state.tasks[index].pendingSlices > 0 && !state.tasks[index].ended {
+                state.tasks[index].ended = true
+                state.tasks[index].status.state = .canceled
+                state.tasks[index].status.error = "canceled: the batch was freed"
+                ended += 1
+            }
+            state.unfinished = 0
+            state.earliestDeadline = UInt64.max
+            return ended
+        }
+        state.notifyAll()
+        return ended
+    }
+
+    /// Waits until no transport holds a slice of this batch or `deadline` passes; true when none does.
+    func waitQuiet(deadline: UInt64) -> Bool {
+        state.wait(deadline: deadline) { $0.outstanding == 0 ? true : nil } ?? false
+    }
+
+    /// Slices transports still hold.
+    var outstandingSlices: Int { state.withLock { $0.outstanding } }
 
     /// The number of tasks submitted so far.
     var taskCount: Int { state.withLock { $0.tasks.count } }
@@ -142,7 +194,7 @@ final class Batch: @unchecked Sendable {
         }
     }
 
-    /// Blocks until every task finished (or timed out) or the monotonic deadline passes; true when all finished.
+    /// Blocks until every task finished (or ended) or the monotonic deadline passes; true when all did.
     func waitAll(deadline: UInt64?) -> Bool {
         while true {
             let now = MonotonicClock.nanoseconds()

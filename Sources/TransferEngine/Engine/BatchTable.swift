@@ -1,20 +1,36 @@
 /// Batches: allocation, status and waiting. Submission is in `EngineTransfers`.
 extension TransferEngine {
-    /// Allocates a batch that can hold `capacity` tasks.
-    public func allocateBatch(capacity: Int) throws -> BatchID {
+    /// Allocates a batch that can hold `capacity` tasks. `timeoutNs` is the deadline of each of
+    /// its requests from submission (nil: MC_TRANSFER_TIMEOUT plus 1 ns per byte); a request
+    /// still pending then reads `timeout`.
+    public func allocateBatch(capacity: Int, timeoutNs: UInt64? = nil) throws -> BatchID {
         guard capacity > 0, capacity <= 1 << 20 else { throw EngineError.invalidArgument("batch capacity \(capacity) (1...1048576)") }
+        if let timeoutNs, timeoutNs == 0 || timeoutNs > 86_400_000_000_000 {
+            throw EngineError.invalidArgument("batch timeout \(timeoutNs) ns (1 ns ... 24 h)")
+        }
         return state.withLock { state in
             let id = state.nextBatch
             state.nextBatch += 1
-            state.batches[id] = Batch(id: id, capacity: capacity)
+            state.batches[id] = Batch(id: id, capacity: capacity, timeoutNs: timeoutNs)
             return id
         }
     }
 
-    /// Frees a batch; refuses while tasks are in flight (as upstream).
+    /// Frees a batch. Requests still in flight are canceled: they read `canceled`, slices not yet
+    /// started are dropped, and this waits (up to MC_FREE_BATCH_WAIT_MS) until no transport holds
+    /// a slice of the batch, so nothing lands in memory the caller was told is done. When a
+    /// transport still holds some then, the batch is kept and `batchBusy` says so (free it again later).
     public func freeBatch(_ id: BatchID) throws {
         guard let batch = state.withLock({ $0.batches[id] }) else { throw EngineError.invalidBatch(id) }
-        if batch.hasUnfinishedTasks { throw EngineError.batchBusy("batch \(id) still has tasks in flight") }
+        if batch.outstandingSlices > 0 {
+            let canceled = batch.cancel()
+            if canceled > 0 { logger.info("batch \(id) freed with \(canceled) requests in flight: canceled") }
+            let deadline = MonotonicClock.nanoseconds() + UInt64(settings.freeBatchWaitMs) * 1_000_000
+            guard batch.waitQuiet(deadline: deadline) else {
+                throw EngineError.batchBusy("batch \(id): its requests are canceled, but \(batch.outstandingSlices) slices are still inside transports "
+                                            + "after \(settings.freeBatchWaitMs) ms; free it again later")
+            }
+        }
         state.withLock { _ = $0.batches.removeValue(forKey: id) }
     }
 

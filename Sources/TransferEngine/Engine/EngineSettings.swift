@@ -24,6 +24,8 @@ extension TransferEngine {
         var dataMaxPerAddress = 256
         /// How long a synchronous plugin transfer busy-polls the plugin before it waits (MC_PLUGIN_SYNC_SPIN_US).
         var pluginSyncSpinNs: UInt64 = 50_000
+        /// How long freeing a batch waits for its canceled requests to leave the transports (MC_FREE_BATCH_WAIT_MS).
+        var freeBatchWaitMs = 5000
         /// How long a failed path (transport, peer) is tried last (MC_PATH_COOLDOWN_MS).
         var pathCooldownMs = 5000
         /// A protocol that cannot run is an error instead of a warning (MC_STRICT_PROTOCOL).
@@ -62,6 +64,7 @@ extension TransferEngine {
             if let v = try integer(["MC_PLUGIN_SYNC_SPIN_US"], 0...10_000) { pluginSyncSpinNs = UInt64(v) * 1000 }
             if let v = try integer(["MC_METADATA_TIMEOUT_MS"], 100...600_000) { metadataTimeoutMs = v }
             if let v = try integer(["MC_PATH_COOLDOWN_MS"], 0...3_600_000) { pathCooldownMs = v }
+            if let v = try integer(["MC_FREE_BATCH_WAIT_MS"], 0...600_000) { freeBatchWaitMs = v }
             strictProtocol = ProtocolSelector.truthy(environment["MC_STRICT_PROTOCOL"])
             if let v = try integer(["MC_METADATA_TTL_SECONDS"], 2...86_400) { metadataTTLSeconds = v }
             if let v = try integer(["MC_HANDSHAKE_FRAME_TIMEOUT_MS"], 100...600_000) { handshakeLimits.frameDeadlineMs = v }

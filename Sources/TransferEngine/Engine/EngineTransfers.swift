@@ -167,7 +167,7 @@ extension TransferEngine {
     func submit(planned: [Planned], to batchID: BatchID) throws {
         let batch = try self.batch(batchID)
         let longest = planned.reduce(UInt64(0)) { max($0, $1.request.length) }
-        let deadline = MonotonicClock.nanoseconds() + syncTimeout(bytes: longest)
+        let deadline = MonotonicClock.nanoseconds() + (batch.timeoutNs ?? syncTimeout(bytes: longest))
         // Each request goes to the first transport of its order whose link opens. The requests
         // of a batch mostly share a peer and an order: they share a lane, found once.
         var lanes: [Lane] = []

@@ -50,6 +50,10 @@ final class Failover: @unchecked Sendable {
 
     /// A slice of `task` failed on `protocolName`: resubmit it on the next path, or end its task.
     func sliceFailed(_ slice: TransferSlice, task: Int, on protocolName: String, reason: String) {
+        if batch.isCanceled {
+            batch.sliceFinished(task: task, bytes: 0, error: reason)
+            return
+        }
         var failedOn = protocolName
         var why = reason
         while true {

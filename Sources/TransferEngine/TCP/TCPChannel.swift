@@ -221,8 +221,15 @@ final class TCPChannel: @unchecked Sendable {
         }
     }
 
-    /// Executes one run on the lane's connection and reports each slice.
+    /// Executes one run on the lane's connection and reports each slice. Slices of a canceled
+    /// batch are dropped unsent.
     private func process(_ run: [TransferSlice], socket: inout Socket?) {
+        var run = run
+        if run.contains(where: { $0.token.batch.isCanceled }) {
+            fail(run.filter { $0.token.batch.isCanceled }, "canceled before it was sent")
+            run.removeAll { $0.token.batch.isCanceled }
+            if run.isEmpty { return }
+        }
         if socket == nil {
             do { socket = try takeSocket() } catch {
                 fail(run, "connect to \(host):\(port): \(error)")

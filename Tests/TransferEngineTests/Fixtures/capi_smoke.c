@@ -43,6 +43,16 @@ int main(void) {
     if (!target || !initiator) { printf("capi: %d passed, %d failed\n", passed, failed); return 1; }
     CHECK(installTransport(initiator, "tcp", NULL) != NULL);
     CHECK(installTransport(initiator, "rdma", NULL) == NULL);
+    CHECK(uninstallTransport(initiator, "tcp") != 0);
+    CHECK(uninstallTransport(initiator, "rdma") != 0);
+    {
+        char protocols[64];
+        CHECK(te_active_protocols(initiator, protocols, sizeof protocols) == 0 && strcmp(protocols, "tcp") == 0);
+        CHECK(te_allocate_batch_timeout(initiator, 4, 0) == INVALID_BATCH);
+        batch_id_t timed = te_allocate_batch_timeout(initiator, 4, 1000);
+        CHECK(timed != INVALID_BATCH);
+        CHECK(freeBatchID(initiator, timed) == 0);
+    }
 
     char *remote = aligned_alloc(4096, SIZE), *local = aligned_alloc(4096, SIZE);
     memset(remote, 0, SIZE);
@@ -88,6 +98,16 @@ int main(void) {
     CHECK(memcmp(local, remote, SIZE) == 0);
     struct transfer_status status;
     CHECK(getTransferStatus(initiator, batch, 999, &status) == STATUS_CODE_INVALID_ARGUMENT);
+    /* Transport hints: one naming nothing installed routes as usual. */
+    CHECK(te_transfer_sync_hint(initiator, peer, OPCODE_READ, local, (uint64_t)(uintptr_t)remote, BLOCK, "rdma") == 0);
+    CHECK(te_transfer_sync_hint(initiator, peer, OPCODE_WRITE, local, (uint64_t)(uintptr_t)remote, BLOCK, NULL) == 0);
+    batch_id_t hinted = allocateBatchID(initiator, 2);
+    CHECK(te_submit_transfer_hint(initiator, hinted, requests, 2, "tcp") == 0);
+    for (double deadline = now() + 10; now() < deadline; usleep(1000)) {
+        if (getTransferStatus(initiator, hinted, 1, &status) == 0 && status.status == STATUS_COMPLETED) break;
+    }
+    CHECK(status.status == STATUS_COMPLETED);
+    CHECK(freeBatchID(initiator, hinted) == 0);
     CHECK(getTransferStatus(initiator, batch, 0, NULL) == STATUS_CODE_INVALID_ARGUMENT);
 
     int count = 0;

@@ -1,0 +1,73 @@
+import Foundation
+import Testing
+@testable import TransferEngine
+
+/// Per-batch deadlines and freeing batches with requests in flight. The fixture plugin's stall
+/// switch (MC_FIXTURE_STALL_FILE) makes requests that never complete.
+@Suite("Deadlines and cancellation", .serialized)
+struct CancellationTests {
+    @Test("a batch's own timeout ends a request that never completes as TIMEOUT; freeing it waits for the transport, then says it cannot")
+    func batchTimeoutAndStuckFree() throws {
+        let directory = try TestSupport.temporaryDirectory()
+        try FixturePlugins.build("libtransport_loopcopy.so", in: directory)
+        let stall = directory.appendingPathComponent("stall")
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": directory.path, "MC_FIXTURE_STALL_FILE": stall.path,
+                                                        "MC_FREE_BATCH_WAIT_MS": "300"])
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
+        defer { target.shutdown(); initiator.shutdown() }
+        let remote = TestBuffer(65536), local = TestBuffer(65536)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
+        let handle = try initiator.openSegment(target.segmentName)
+        _ = FileManager.default.createFile(atPath: stall.path, contents: Data())
+        #expect(throws: EngineError.self) { try initiator.allocateBatch(capacity: 1, timeoutNs: 0) }
+        let batch = try initiator.allocateBatch(capacity: 2, timeoutNs: 300_000_000)
+        let started = Date()
+        try initiator.submit([TransferRequest(operation: .write, localAddress: local.address, segment: handle, remoteAddress: remote.address,
+                                              length: 4096)], to: batch)
+        #expect(try initiator.wait(batch: batch, timeoutNs: 10_000_000_000))
+        let waited = Date().timeIntervalSince(started)
+        #expect(try initiator.status(batch: batch, task: 0).state == .timeout)
+        #expect(waited >= 0.29 && waited < 2, "\(waited) s")
+        // The plugin still holds the request: freeing waits MC_FREE_BATCH_WAIT_MS, then refuses.
+        #expect {
+            try initiator.freeBatch(batch)
+        } throws: { error in
+            "\(error)".contains("still inside transports")
+        }
+        // A second batch in flight when freed: its request reads canceled.
+        let second = try initiator.allocateBatch(capacity: 1)
+        try initiator.submit([TransferRequest(operation: .write, localAddress: local.address, segment: handle, remoteAddress: remote.address,
+                                              length: 4096)], to: second)
+        #expect(throws: EngineError.self) { try initiator.freeBatch(second) }
+        #expect(try initiator.status(batch: second, task: 0).state == .canceled)
+    }
+
+    @Test("freeing a batch of reads in flight over tcp cancels what has not started and returns only when nothing more can land")
+    func freeInFlightOverTCP() throws {
+        let target = try ServeProcess(bufferSize: "64MiB")
+        let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
+        defer { engine.shutdown() }
+        let local = TestBuffer(64 << 20)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(target.segment)
+        for round in 0..<5 {
+            let batch = try engine.allocateBatch(capacity: 64)
+            let requests = (0..<64).map { i in
+                TransferRequest(operation: .read, localAddress: local.address + UInt64(i) << 20, segment: handle,
+                                remoteAddress: target.bufferAddress + UInt64(i) << 20, length: 1 << 20)
+            }
+            try engine.submit(requests, to: batch)
+            usleep(UInt32(round) * 2000)
+            try engine.freeBatch(batch)
+            // Nothing of the freed batch may land now: fill with a sentinel and look again later.
+            memset(local.pointer, 0xee, local.count)
+            usleep(100_000)
+            #expect(local.bytes.allSatisfy { $0 == 0xee }, "round \(round): a canceled read landed after freeBatch returned")
+            #expect(throws: EngineError.self) { try engine.statuses(batch: batch) }
+        }
+        // The engine still works.
+        try engine.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 4096)
+    }
+}
