@@ -81,4 +81,27 @@ struct CLITests {
         let (s4, _, e4) = try TestSupport.run(TestSupport.cli, ["bench", "--segment", "127.0.0.1:1"], environment: environment)
         #expect(s4 != 0 && e4.contains("segment '127.0.0.1:1' unavailable"))
     }
+
+    @Test("serve lists every transport in READY; route explains the order and what is left out; bench-router prints its table")
+    func routeAndProtocols() throws {
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": TestSupport.productsDirectory.path])
+        let target = try ServeProcess(bufferSize: "8MiB", environment: environment, protocolName: "shm")
+        #expect(target.ready["protocol"] == "shm" && target.ready["protocols"] == "shm,tcp", "\(target.ready)")
+        let (status, out, err) = try TestSupport.run(TestSupport.cli, ["route", "--segment", target.segment], environment: environment)
+        #expect(status == 0, "\(err)")
+        #expect(out.contains("installed here: tcp") && out.contains("uses  tcp: tcp is the last resort"), "\(out)")
+        #expect(out.contains("not   shm: \(target.segment) offers it, but it is not installed here"), "\(out)")
+        let (s2, json, _) = try TestSupport.run(TestSupport.cli, ["route", "--segment", target.segment, "--protocol", "shm", "--json",
+                                                                 "--address", "0x" + String(target.bufferAddress + 10, radix: 16)],
+                                                environment: environment)
+        let body = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
+        let order = ((body?["buffers"] as? [[String: Any]])?.first?["order"] as? [[String: Any]])?.compactMap { $0["protocol"] as? String }
+        #expect(s2 == 0 && order == ["shm", "tcp"], "\(json)")
+        let (s3, _, e3) = try TestSupport.run(TestSupport.cli, ["route", "--segment", target.segment, "--address", "0x10"], environment: environment)
+        #expect(s3 != 0 && e3.contains("not inside one registered buffer"), "\(e3)")
+        let (s4, _, e4) = try TestSupport.run(TestSupport.cli, ["route", "--segment", target.segment, "--address", "nowhere"], environment: environment)
+        #expect(s4 != 0 && e4.contains("--address"), "\(e4)")
+        let (s5, table, _) = try TestSupport.run(TestSupport.cli, ["bench-router", "--iterations", "1000"], environment: environment)
+        #expect(s5 == 0 && table.contains("plan, route kept") && table.contains("ns per request"), "\(table)")
+    }
 }

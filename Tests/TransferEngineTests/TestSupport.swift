@@ -153,6 +153,8 @@ final class ServeProcess: @unchecked Sendable {
     let segment: String
     let bufferAddress: UInt64
     let bufferLength: UInt64
+    /// Every key=value field of the READY line.
+    let ready: [String: String]
 
     /// `launcher` runs the CLI through another command (e.g. `ip netns exec NAME`).
     init(bufferSize: String = "128MiB", environment: [String: String] = TestSupport.cleanEnvironment(), protocolName: String = "tcp",
@@ -184,6 +186,7 @@ final class ServeProcess: @unchecked Sendable {
         self.segment = segment
         self.bufferAddress = address
         self.bufferLength = length
+        self.ready = fields
     }
 
     /// The key=value fields of serve's READY line.

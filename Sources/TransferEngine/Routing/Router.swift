@@ -25,6 +25,7 @@ final class Router: Sendable {
         case ownNotInstalled(String)
         case notOffered(segment: String, protocolName: String)
         case noDeviceMemory
+        case notInstalled(segment: String)
         case unreachable(segment: String, reason: String)
 
         var description: String {
@@ -39,6 +40,7 @@ final class Router: Sendable {
             case .ownNotInstalled(let name): return "the buffer is served by \(name), which is not installed here"
             case .notOffered(let segment, let name): return "\(segment) does not offer \(name)"
             case .noDeviceMemory: return "it does not move device memory"
+            case .notInstalled(let segment): return "\(segment) offers it, but it is not installed here"
             case .unreachable(let segment, let reason): return "cannot reach \(segment): \(reason)"
             }
         }
@@ -135,7 +137,10 @@ final class Router: Sendable {
                     order.append(Choice(transport: transport, reason: transport is TCPTransport ? .lastResort : .configured(position: rank + 1)))
                 }
             }
-            if target.sameHost, let index = order.firstIndex(where: { $0.transport.protocolName == "shm" }), index > 0 {
+            for name in target.offered.sorted() where name != "tcp" && !installed.contains(where: { $0.protocolName == name }) {
+                skipped.append((name, .notInstalled(segment: target.segment)))
+            }
+            if target.sameHost, let index = order.firstIndex(where: { $0.transport.protocolName == "shm" }) {
                 var shm = order.remove(at: index)
                 shm.reason = .sameHost
                 order.insert(shm, at: 0)
