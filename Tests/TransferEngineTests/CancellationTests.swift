@@ -13,13 +13,9 @@ struct CancellationTests {
         let stall = directory.appendingPathComponent("stall")
         let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": directory.path, "MC_FIXTURE_STALL_FILE": stall.path,
                                                         "MC_FREE_BATCH_WAIT_MS": "300"])
-        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
-        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: environment)
-        defer { target.shutdown(); initiator.shutdown() }
-        let remote = TestBuffer(65536), local = TestBuffer(65536)
-        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
-        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
-        let handle = try initiator.openSegment(target.segmentName)
+        let engines = try EnginePair(protocolName: "loopcopy", environment: environment)
+        defer { engines.shutdown() }
+        let (initiator, remote, local, handle) = (engines.initiator, engines.remote, engines.local, engines.handle)
         _ = FileManager.default.createFile(atPath: stall.path, contents: Data())
         #expect(throws: EngineError.self) { try initiator.allocateBatch(capacity: 1, timeoutNs: 0) }
         let batch = try initiator.allocateBatch(capacity: 2, timeoutNs: 300_000_000)

@@ -1,5 +1,6 @@
 import CTransportABI
 import Foundation
+import Logging
 import Testing
 @testable import TransferEngine
 
@@ -27,6 +28,11 @@ struct MultiTransportTests {
         ])
         for (key, value) in extra { environment[key] = value }
         return Fixture(directory: directory, fault: fault, stall: stall, environment: environment)
+    }
+
+    /// Two engines of `protocolName` in this process, a registered buffer on each, the target opened.
+    private func pair(_ setup: Fixture, _ protocolName: String, size: Int = 65536, logger: Logger? = nil) throws -> EnginePair {
+        try EnginePair(protocolName: protocolName, environment: setup.environment, size: size, logger: logger)
     }
 
     @Test("protocol lists: empty entries and repeats dropped, tcp always last, unknown names refused with the valid ones")
@@ -89,13 +95,9 @@ struct MultiTransportTests {
     func failoverToTCP() throws {
         let setup = try fixture(["MC_PATH_COOLDOWN_MS": "400"])
         let (logger, capture) = TestSupport.capturingLogger()
-        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment)
-        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment, logger: logger)
-        defer { target.shutdown(); initiator.shutdown() }
-        let remote = TestBuffer(4 << 20), local = TestBuffer(4 << 20)
-        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
-        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
-        let handle = try initiator.openSegment(target.segmentName)
+        let engines = try pair(setup, "loopcopy", size: 4 << 20, logger: logger)
+        defer { engines.shutdown() }
+        let (initiator, remote, local, handle) = (engines.initiator, engines.remote, engines.local, engines.handle)
         #expect(try initiator.routes(segment: handle).first?.order.map(\.protocolName) == ["loopcopy", "tcp"])
 
         // The path dies: every request on it fails from now on.
@@ -141,13 +143,9 @@ struct MultiTransportTests {
     @Test("a request with no path left fails naming every path tried and why")
     func everyPathFails() throws {
         let setup = try fixture()
-        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment)
-        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment)
-        defer { initiator.shutdown() }
-        let remote = TestBuffer(65536), local = TestBuffer(65536)
-        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
-        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
-        let handle = try initiator.openSegment(target.segmentName)
+        let engines = try pair(setup, "loopcopy")
+        defer { engines.shutdown() }
+        let (target, initiator, remote, local, handle) = (engines.target, engines.initiator, engines.remote, engines.local, engines.handle)
         _ = FileManager.default.createFile(atPath: setup.fault.path, contents: Data())
         target.shutdown()  // tcp to it is gone too
         #expect {
@@ -202,13 +200,9 @@ struct MultiTransportTests {
     func unknownHint() throws {
         let setup = try fixture()
         let (logger, capture) = TestSupport.capturingLogger()
-        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "tcp"), environment: setup.environment)
-        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "tcp"), environment: setup.environment, logger: logger)
-        defer { target.shutdown(); initiator.shutdown() }
-        let remote = TestBuffer(65536), local = TestBuffer(65536)
-        try target.registerMemory(address: remote.address, length: UInt64(remote.count))
-        try initiator.registerMemory(address: local.address, length: UInt64(local.count))
-        let handle = try initiator.openSegment(target.segmentName)
+        let engines = try pair(setup, "tcp", logger: logger)
+        defer { engines.shutdown() }
+        let (target, initiator, remote, local, handle) = (engines.target, engines.initiator, engines.remote, engines.local, engines.handle)
         for _ in 0..<3 {
             try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096, transportHint: "rdma")
         }
@@ -244,13 +238,9 @@ struct MultiTransportTests {
     @Test("a request that never completes ends as TIMEOUT at MC_TRANSFER_TIMEOUT")
     func deadline() throws {
         let setup = try fixture(["MC_TRANSFER_TIMEOUT": "5"])
-        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment)
-        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "loopcopy"), environment: setup.environment)
-        defer { target.shutdown(); initiator.shutdown() }
-        let remote = TestBuffer(65536), local = TestBuffer(65536)
-        try target.registerMemory(address: remote.address, length: UInt64(remote.count), location: "cpu:0")
-        try initiator.registerMemory(address: local.address, length: UInt64(local.count), location: "cpu:0")
-        let handle = try initiator.openSegment(target.segmentName)
+        let engines = try pair(setup, "loopcopy")
+        defer { engines.shutdown() }
+        let (initiator, remote, local, handle) = (engines.initiator, engines.remote, engines.local, engines.handle)
         _ = FileManager.default.createFile(atPath: setup.stall.path, contents: Data())
         let batch = try initiator.allocateBatch(capacity: 1)
         let started = Date()
@@ -261,5 +251,30 @@ struct MultiTransportTests {
         let waited = Date().timeIntervalSince(started)
         #expect(try initiator.status(batch: batch, task: 0).state == .timeout)
         #expect(waited >= 4.9 && waited < 8, "\(waited) s")
+    }
+}
+
+/// Two engines in this process, a registered buffer on each, the target's segment opened.
+struct EnginePair {
+    let target: TransferEngine
+    let initiator: TransferEngine
+    let remote: TestBuffer
+    let local: TestBuffer
+    let handle: SegmentHandle
+
+    init(protocolName: String, environment: [String: String], size: Int = 65536, logger: Logger? = nil) throws {
+        target = try TransferEngine(configuration: EngineConfiguration(protocolName: protocolName), environment: environment)
+        initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: protocolName), environment: environment,
+                                       logger: logger ?? Logger(label: "transfer-engine"))
+        remote = TestBuffer(size)
+        local = TestBuffer(size)
+        try target.registerMemory(address: remote.address, length: UInt64(size), location: "cpu:0")
+        try initiator.registerMemory(address: local.address, length: UInt64(size), location: "cpu:0")
+        handle = try initiator.openSegment(target.segmentName)
+    }
+
+    func shutdown() {
+        target.shutdown()
+        initiator.shutdown()
     }
 }

@@ -244,4 +244,58 @@ struct RDMAGuestTests {
             try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 4096)
         }
     }
+
+    @Test("rxe0's RoCE address disappears mid-batch: every request fails over to tcp and completes, bytes verified")
+    func failoverWhenTheRoCEPathDies() throws {
+        // Two engines on one rxe device loop back inside it whatever its link does; removing the
+        // netdev's address takes away the RoCE v2 GID their queue pairs use, while tcp runs on 127.0.0.1.
+        let env = ProcessInfo.processInfo.environment
+        guard let netdev = env["RXE_NETDEV"], let address = env["RXE_IP"], !netdev.isEmpty, !address.isEmpty else {
+            Issue.record("RXE_NETDEV / RXE_IP are not set in the guest")
+            return
+        }
+        func roceAddress(_ verb: String) throws {
+            let (status, _, err) = try TestSupport.run("/usr/sbin/ip", ["addr", verb, "\(address)/24", "dev", netdev])
+            guard status == 0 else { throw TestFailure("ip addr \(verb) \(address)/24 dev \(netdev): \(err)") }
+        }
+        let (target, engine, capture) = try pair(devices: "rxe0", ["MC_SLICE_TIMEOUT": "3", "MC_PATH_COOLDOWN_MS": "60000"])
+        var restored = false
+        defer {
+            engine.shutdown()
+            if !restored { try? roceAddress("add") }
+        }
+        let source = TestBuffer(32 << 20), sink = TestBuffer(32 << 20)
+        try engine.registerMemory(address: source.address, length: UInt64(source.count))
+        try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
+        source.fillPattern(seed: 42)
+        let handle = try engine.openSegment(target.segment)
+        #expect(try engine.routes(segment: handle).first?.order.map(\.protocolName) == ["rdma", "tcp"])
+        try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: target.bufferAddress, length: 4096)
+        let batch = try engine.allocateBatch(capacity: 32)
+        try engine.submit((0..<32).map { i in
+            TransferRequest(operation: .write, localAddress: source.address + UInt64(i) << 20, segment: handle,
+                            remoteAddress: target.bufferAddress + UInt64(i) << 20, length: 1 << 20)
+        }, to: batch)
+        let died = Date()
+        try roceAddress("del")
+        #expect(try engine.wait(batch: batch, timeoutNs: 60_000_000_000), "tasks still pending after the link died")
+        let statuses = try engine.statuses(batch: batch)
+        print("rdma: RoCE address removed -> in-flight batch done in \(String(format: "%.2f", Date().timeIntervalSince(died))) s: \(statuses.filter { $0.state == .completed }.count) of 32 completed")
+        #expect(statuses.allSatisfy { $0.state == .completed }, "\(statuses.first { $0.state != .completed }?.error ?? "")")
+        // With the link down, new requests start on tcp once rdma failed: read everything back.
+        let started = Date()
+        try engine.transferBatchSync((0..<32).map { i in
+            TransferRequest(operation: .read, localAddress: sink.address + UInt64(i) << 20, segment: handle,
+                            remoteAddress: target.bufferAddress + UInt64(i) << 20, length: 1 << 20)
+        })
+        print("rdma: 32 MiB read back in \(String(format: "%.2f", Date().timeIntervalSince(started))) s without the RoCE address")
+        #expect(sink.equals(source, length: sink.count))
+        // Whichever of the two batches met the dead link first failed over (once per path).
+        let failovers = capture.messages(at: .warning).filter { $0.contains("rdma path to") && $0.contains("failing over to tcp") }
+        for line in capture.messages(at: .warning) { print("rdma log: \(line)") }
+        #expect(failovers.count == 1, "\(failovers)")
+        #expect(try engine.routes(segment: handle).first?.order.map(\.protocolName) == ["tcp", "rdma"])
+        try roceAddress("add")
+        restored = true
+    }
 }
