@@ -34,6 +34,11 @@ final class Connection: @unchecked Sendable {
     let peerSegment: String
     let peerDevice: Int
     @exclusivity(unchecked) var current: Endpoint
+    /// Opened peers (open_peer handles) that use it.
+    let users = Atomic<Int>(0)
+    /// Every peer that used it was closed (the host does so when a peer restarted under the same
+    /// name): the next open_peer connects afresh instead of trusting the old queue pairs.
+    let stale = Atomic<Bool>(false)
     init(peerNicPath: String, peerSegment: String, peerDevice: Int, endpoint: Endpoint) {
         self.peerNicPath = peerNicPath
         self.peerSegment = peerSegment

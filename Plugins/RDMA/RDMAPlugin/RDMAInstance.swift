@@ -431,14 +431,19 @@ final class RDMAInstance: @unchecked Sendable {
         for device in devices {
             let target = peerDevices.firstIndex { $0.name == device.name } ?? device.index % peerDevices.count
             let peerPath = "\(segment)@\(peerDevices[target].name)"
-            if let existing = device.lock.locked({ device.connections[peerPath] }), !existing.current.broken, existing.peerDevice == target {
+            if let existing = device.lock.locked({ device.connections[peerPath] }), !existing.current.broken, existing.peerDevice == target,
+               !existing.stale.load(ordering: .acquiring) {
+                existing.users.add(1, ordering: .relaxed)
                 connections.append(existing)
                 continue
             }
             switch establish(device, peerSegment: segment, peerPath: peerPath) {
             case .success(let endpoint):
                 switch device.register(Connection(peerNicPath: peerPath, peerSegment: segment, peerDevice: target, endpoint: endpoint)) {
-                case .success(let connection): connections.append(connection)
+                case .success(let connection):
+                    connection.stale.store(false, ordering: .releasing)
+                    connection.users.add(1, ordering: .relaxed)
+                    connections.append(connection)
                 case .failure(let refusal):
                     endpoint.destroy()
                     setError(refusal.text)
@@ -458,7 +463,13 @@ final class RDMAInstance: @unchecked Sendable {
         return (TE_OK, handle)
     }
 
-    func closePeer(_ handle: UInt64) { signal.locked { _ = peers.removeValue(forKey: handle) } }
+    /// Forgets a peer; a connection no open peer uses any more is reconnected by the next open_peer.
+    func closePeer(_ handle: UInt64) {
+        guard let peer = signal.locked({ peers.removeValue(forKey: handle) }) else { return }
+        for connection in peer.connections where connection.users.subtract(1, ordering: .relaxed).newValue <= 0 {
+            connection.stale.store(true, ordering: .releasing)
+        }
+    }
 
     // MARK: Data path
 

@@ -23,6 +23,8 @@ struct ConformanceCase: CustomStringConvertible, Sendable {
     /// Nil when the case runs here; else why not (plugin not built).
     let unavailable: String?
     let kind: TargetKind
+    /// The device_name both engines get (nil: none).
+    var deviceName: String? = nil
     /// Why the bytes stay reachable after the target process died (a shared pool or file), if they do.
     var sharedMedium: String? = nil
     /// Scenarios this transport skips, with the reason.
@@ -44,8 +46,19 @@ struct ConformanceCase: CustomStringConvertible, Sendable {
         return environment
     }
 
-    /// The reason this case skips `scenario`, or nil when it runs it.
-    func skipReason(_ scenario: Scenario) -> String? { unavailable ?? skips[scenario] }
+    /// The reason this case skips `scenario`, or nil when it runs it. CONFORMANCE_ONLY (a
+    /// substring of case names, e.g. "rdma" in the soft-RoCE guest) runs only the matching cases.
+    func skipReason(_ scenario: Scenario) -> String? {
+        if let only = ProcessInfo.processInfo.environment["CONFORMANCE_ONLY"], !only.isEmpty, !name.contains(only) {
+            return "CONFORMANCE_ONLY=\(only) selects other cases here"
+        }
+        return unavailable ?? skips[scenario]
+    }
+
+    /// The engine configuration both sides use.
+    var configuration: EngineConfiguration {
+        EngineConfiguration(localHostname: "127.0.0.1", protocolName: protocolName, deviceName: deviceName ?? "")
+    }
 
     private static func built(_ file: String, _ package: String) -> String? {
         FileManager.default.fileExists(atPath: TestSupport.productsDirectory.appendingPathComponent(file).path)
@@ -76,6 +89,10 @@ struct ConformanceCase: CustomStringConvertible, Sendable {
                         kind: .process, sharedMedium: "the pool outlives its processes", skips: [:]) { directory in
             ["MC_CXL_DEV_PATH": try file(in: directory, "pool", size: 256 << 20)]
         },
+        ConformanceCase(name: "rdma on soft-RoCE (rxe0)", protocolName: "rdma",
+                        unavailable: ProcessInfo.processInfo.environment["RXE_VM"] == "1" ? built("libtransport_rdma.so", "libibverbs-dev")
+                            : "needs the soft-RoCE guest (scripts/vm/test-rdma.sh runs this case there)",
+                        kind: .process, deviceName: "rxe0", skips: [:]) { _ in ["MC_SLICE_TIMEOUT": "5"] },
         ConformanceCase(name: "nvmeof on a file namespace", protocolName: "nvmeof", unavailable: built("libtransport_nvmeof.so", "libnvme-dev"),
                         kind: .storage, sharedMedium: "a same-host peer writes the namespace file directly",
                         skips: [.restartedPeer: "a restarted owner publishes the same namespace range; nothing stale to refresh"]) { directory in
@@ -97,20 +114,20 @@ final class ConformanceTarget: @unchecked Sendable {
         switch testCase.kind {
         case .process:
             let process = try ServeProcess(bufferSize: "\(size)", environment: environment, protocolName: testCase.protocolName,
-                                           localHostname: localHostname)
+                                           deviceName: testCase.deviceName, localHostname: localHostname)
             (segment, base, length) = (process.segment, process.bufferAddress, process.bufferLength)
             self.process = process
         case .storage:
             let process = try ServeProcess(bufferSize: "1MiB", environment: environment, protocolName: testCase.protocolName,
                                            localHostname: localHostname)
-            let probe = try TransferEngine(configuration: EngineConfiguration(protocolName: testCase.protocolName), environment: environment)
+            let probe = try TransferEngine(configuration: testCase.configuration, environment: environment)
             defer { probe.shutdown() }
             let range = try probe.descriptor(of: try probe.openSegment(process.segment)).buffers.first { $0.ownProtocol == testCase.protocolName }
             guard let range else { throw TestFailure("the \(testCase.name) target publishes no storage range") }
             (segment, base, length) = (process.segment, range.address, range.length)
             self.process = process
         case .inProcess:
-            let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: testCase.protocolName), environment: environment)
+            let engine = try TransferEngine(configuration: testCase.configuration, environment: environment)
             let buffer = TestBuffer(size)
             try engine.registerMemory(address: buffer.address, length: UInt64(size), location: "cpu:0")
             (segment, base, length) = (engine.segmentName, buffer.address, UInt64(size))

@@ -19,7 +19,7 @@ struct ConformanceTests {
     }
 
     private func initiator(_ testCase: ConformanceCase, _ environment: [String: String]) throws -> TransferEngine {
-        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: testCase.protocolName), environment: environment)
+        let engine = try TransferEngine(configuration: testCase.configuration, environment: environment)
         #expect(engine.activeProtocol == testCase.protocolName)
         return engine
     }
