@@ -38,9 +38,10 @@ public func teTransferSyncHint(_ handle: UnsafeMutableRawPointer?, _ segment: In
                                _ remote: UInt64, _ length: UInt64, _ hint: UnsafePointer<CChar>?) -> Int32 {
     guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
     guard let operation = TransferRequest.Operation(rawValue: opcode) else { CResult.fail("opcode \(opcode) (0 READ, 1 WRITE)"); return -1 }
+    guard let hint = checkedHint(hint) else { return -1 }
     do {
         try engine.transferSync(operation, localAddress: UInt64(UInt(bitPattern: local)), segment: segment, remoteAddress: remote, length: length,
-                                transportHint: hint.flatMap { String(validatingCString: $0) })
+                                transportHint: hint)
         return 0
     } catch { return CResult.errorCode(error) }
 }
@@ -49,10 +50,21 @@ public func teTransferSyncHint(_ handle: UnsafeMutableRawPointer?, _ segment: In
 public func teSubmitTransferHint(_ handle: UnsafeMutableRawPointer?, _ batch: UInt64, _ entries: UnsafeMutablePointer<transfer_request>?,
                                  _ count: Int, _ hint: UnsafePointer<CChar>?) -> Int32 {
     guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return 1 }
+    guard let hint = checkedHint(hint) else { return CResult.statusCode(EngineError.invalidArgument("hint is not UTF-8")) }
     do {
-        try engine.submit(try requests(entries, count), to: batch, transportHint: hint.flatMap { String(validatingCString: $0) })
+        try engine.submit(try requests(entries, count), to: batch, transportHint: hint)
         return 0
     } catch { return CResult.statusCode(error) }
+}
+
+/// A C transport hint: "" for none (NULL), nil (with the error set) when it is not UTF-8.
+private func checkedHint(_ hint: UnsafePointer<CChar>?) -> String? {
+    guard let hint else { return "" }
+    guard let text = String(validatingCString: hint) else {
+        CResult.fail("transport hint is not valid UTF-8")
+        return nil
+    }
+    return text
 }
 
 @_cdecl("te_allocate_batch_timeout")

@@ -1,6 +1,7 @@
 import CTransportABI
 import Foundation
 import Logging
+import Synchronization
 import Testing
 @testable import TransferEngine
 
@@ -72,6 +73,9 @@ struct MultiTransportTests {
         #expect(published.buffers.first?.extra["te_transports"]?["loopcopy"]?["fixture_key"] == .array([.uint(7)]))
         let view = published.view(for: "loopcopy")
         #expect(view.protocolName == "loopcopy" && view.extra["fixture_pid"] != nil && view.buffers.first?.extra["fixture_key"] != nil)
+        // A second transport's view holds its own keys only, never the first transport's.
+        #expect(Set(view.extra.keys) == Set(published.extra["te_transports"]?["loopcopy"]?.objectValue?.keys ?? [:].keys), "\(view.extra.keys)")
+        #expect(Set(view.buffers.first?.extra.keys ?? [:].keys) == ["fixture_key"])
 
         let handle = try initiator.openSegment(target.segmentName)
         let routes = try initiator.routes(segment: handle)
@@ -217,6 +221,61 @@ struct MultiTransportTests {
             try strictEngine.transferSync(.write, localAddress: local.address + 8192, segment: strictHandle, remoteAddress: remote.address,
                                           length: 4096, transportHint: "rdma")
         }
+    }
+
+    @Test("uninstalling a transport while threads move data through it: no call reaches the destroyed instance, every transfer completes")
+    func uninstallUnderLoad() throws {
+        let setup = try fixture()
+        let engines = try pair(setup, "loopcopy", size: 1 << 20)
+        defer { engines.shutdown() }
+        let (initiator, remote, local, handle) = (engines.initiator, engines.remote, engines.local, engines.handle)
+        local.fillPattern(seed: 8)
+        let failures = Failures()
+        let stop = Date().addingTimeInterval(1.0)
+        let uninstalled = Mutex<(done: Bool, roundsAfter: Int)>((false, 0))
+        let uninstallDone = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            usleep(200_000)
+            let began = Date()
+            do { try initiator.uninstallTransport("loopcopy") } catch { failures.add("uninstall: \(error)") }
+            print("uninstall under load took \(String(format: "%.1f", Date().timeIntervalSince(began) * 1000)) ms")
+            uninstalled.withLock { $0.done = true }
+            uninstallDone.signal()
+        }
+        DispatchQueue.concurrentPerform(iterations: 2) { worker in
+            var rounds = 0
+            while Date() < stop && rounds < 1_000_000 {
+                uninstalled.withLock { if $0.done { $0.roundsAfter += 1 } }
+                let at = UInt64(worker) * 65536
+                do {
+                    if rounds % 2 == 0 {
+                        try initiator.transferSync(.write, localAddress: local.address + at, segment: handle, remoteAddress: remote.address + at, length: 65536)
+                    } else {
+                        try initiator.transferBatchSync([TransferRequest(operation: .write, localAddress: local.address + at, segment: handle,
+                                                                         remoteAddress: remote.address + at, length: 65536)])
+                    }
+                } catch { failures.add("worker \(worker) round \(rounds): \(error)") }
+                rounds += 1
+            }
+        }
+        uninstallDone.wait()
+        #expect(failures.all.isEmpty, "\(failures.all.prefix(3))")
+        #expect(uninstalled.withLock { $0.roundsAfter } > 0, "no transfer ran after the uninstall")
+        #expect(initiator.activeProtocols == ["tcp"])
+        #expect(remote.equals(local, length: 2 * 65536))
+    }
+
+    @Test("a peer buffer naming its own protocol never gets device memory from a transport that cannot move it")
+    func ownProtocolAndDeviceMemory() throws {
+        let router = Router(cooldownNs: 1_000_000)
+        let tcp = TCPTransport(channelSettings: .init(maxLanes: 1, connectTimeoutMs: 100, statusTimeoutMs: 100, laneIdleMs: 100),
+                               useV2: true, inlineLimit: 1 << 20, logger: Logger(label: "test"))
+        let target = Router.Target(segment: "peer", offered: ["tcp"], sameHost: false, unreachable: [:])
+        let device = router.decide(installed: [tcp], target: target, remoteProtocol: "tcp", deviceMemory: true, hint: nil)
+        #expect(device.order.isEmpty)
+        #expect(device.skipped.contains { $0.protocolName == "tcp" && "\($0.reason)".contains("device memory") })
+        let host = router.decide(installed: [tcp], target: target, remoteProtocol: "tcp", deviceMemory: false, hint: nil)
+        #expect(host.order.map(\.transport.protocolName) == ["tcp"])
     }
 
     @Test("a missing protocol in a list falls back to the others with one warning; strict mode makes it an error")

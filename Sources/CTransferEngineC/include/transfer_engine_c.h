@@ -126,7 +126,9 @@ transfer_engine_t createTransferEngine(const char *metadata_conn_string, const c
 transport_t installTransport(transfer_engine_t engine, const char *proto, void **args);
 
 /**
- * Removes an installed transport: its peer links close and requests route over the others.
+ * Removes an installed transport: its peer links close and new requests route over the others;
+ * requests it still held end (and fail over to the next transport when one can reach the peer).
+ * Blocks until the plugin instance is destroyed (calls in progress into it return first).
  * tcp cannot be removed. 0, or ERR_INVALID_ARGUMENT when proto is not installed.
  */
 int uninstallTransport(transfer_engine_t engine, const char *proto);

@@ -49,6 +49,7 @@ final class Batch: @unchecked Sendable {
     /// returns the index of the first.
     func addTasks(sliceCounts: [Int], deadline: UInt64 = 0) throws -> Int {
         try state.withLock { state in
+            guard !isCanceled else { throw EngineError.batchBusy("batch \(id) is being freed; allocate another") }
             guard state.tasks.count + sliceCounts.count <= capacity else {
                 throw EngineError.batchBusy("batch \(id) holds \(state.tasks.count) of \(capacity) tasks; cannot add \(sliceCounts.count)")
             }
@@ -139,8 +140,8 @@ final class Batch: @unchecked Sendable {
     /// Returns how many tasks it ended.
     @discardableResult
     func cancel() -> Int {
-        canceled.store(true, ordering: .relaxed)
         let ended = state.withLock { state -> Int in
+            canceled.store(true, ordering: .relaxed)
             var ended = 0
             for index in state.tasks.indices where state.tasks[index].pendingSlices > 0 && !state.tasks[index].ended {
                 state.tasks[index].ended = true

@@ -14,44 +14,61 @@ extension TransferEngine {
     /// Registers [address, address+length) so peers may read and write it, with every transport.
     /// `location` is Mooncake's memory location ("cpu:0", "cuda:1", "*").
     public func registerMemory(address: UInt64, length: UInt64, location: String = "*") throws {
-        try registry.register(address: address, length: length, location: location)
-        let transports = state.withLock { state -> [any Transport] in
-            state.registrationGeneration += 1
-            return state.transports
-        }
-        var registered: [any Transport] = []
-        do {
-            for transport in transports where !(transport is TCPTransport) {
-                let fragment = try transport.register(address: address, length: length, location: location)
-                registered.append(transport)
-                state.withLock { $0.bufferFragments[address, default: [:]][transport.protocolName] = fragment }
+        try membership.withLock { _ in
+            try registry.register(address: address, length: length, location: location)
+            let transports = state.withLock { state -> [any Transport] in
+                state.registrationGeneration += 1
+                return state.transports
             }
-            try republishDescriptor()
-        } catch {
-            // Lose nothing: a registration peers cannot see is rolled back.
-            _ = try? registry.unregister(address: address)
-            state.withLock { _ = $0.bufferFragments.removeValue(forKey: address) }
-            for transport in registered { try? transport.unregister(address: address) }
+            var registered: [any Transport] = []
+            do {
+                for transport in transports where !(transport is TCPTransport) {
+                    let fragment = try transport.register(address: address, length: length, location: location)
+                    registered.append(transport)
+                    state.withLock { $0.bufferFragments[address, default: [:]][transport.protocolName] = fragment }
+                }
+            } catch {
+                // Lose nothing: a registration peers cannot see is rolled back.
+                _ = try? registry.unregister(address: address)
+                state.withLock { _ = $0.bufferFragments.removeValue(forKey: address) }
+                for transport in registered { try? transport.unregister(address: address) }
+                throw error
+            }
+        }
+        do { try republishDescriptor() } catch {
+            try? unregisterLocally(address: address)
             throw error
+        }
+    }
+
+    /// Unregisters from the registry and every transport (membership held).
+    private func unregisterLocally(address: UInt64) throws {
+        try membership.withLock { _ in
+            try registry.unregister(address: address)
+            let transports = state.withLock { state -> [any Transport] in
+                state.registrationGeneration += 1
+                _ = state.bufferFragments.removeValue(forKey: address)
+                return state.transports
+            }
+            var firstError: Error?
+            for transport in transports {
+                do { try transport.unregister(address: address) } catch { if firstError == nil { firstError = error } }
+            }
+            if let firstError { throw firstError }
         }
     }
 
     /// Unregisters the buffer starting at `address`; returns after in-flight peer access to it ended.
     public func unregisterMemory(address: UInt64) throws {
-        try registry.unregister(address: address)
-        let transports = state.withLock { state -> [any Transport] in
-            state.registrationGeneration += 1
-            _ = state.bufferFragments.removeValue(forKey: address)
-            return state.transports
-        }
-        var firstError: Error?
-        for transport in transports {
-            do { try transport.unregister(address: address) } catch { if firstError == nil { firstError = error } }
+        var failure: Error?
+        do { try unregisterLocally(address: address) } catch let error as EngineError {
+            guard case .plugin = error else { throw error }  // not registered: nothing happened
+            failure = error
         }
         do { try republishDescriptor() } catch {
             logger.warning("unregistered 0x\(String(address, radix: 16)) locally; publishing the descriptor failed (retried by the refresh): \(error)")
         }
-        if let firstError { throw firstError }
+        if let failure { throw failure }
     }
 
     /// Allocates memory and registers it; free it with `freeManagedBuffer`. A transport with
@@ -118,6 +135,7 @@ extension TransferEngine {
         let (fragments, transports) = state.withLock { ($0.bufferFragments, $0.transports) }
         let primary = transports.first!
         let usePlugin = !(primary is TCPTransport)
+        let installedNames = Set(transports.map(\.protocolName))
         var extra: [String: JSONValue] = [:]
         var served: [SegmentDescriptor.Buffer] = []
         var others: [String: JSONValue] = [:]
@@ -139,7 +157,9 @@ extension TransferEngine {
             let perTransport = fragments[region.address] ?? [:]
             var keys = perTransport[primary.protocolName] ?? [:]
             var secondary: [String: JSONValue] = [:]
-            for (name, fragment) in perTransport where name != primary.protocolName && !fragment.isEmpty { secondary[name] = .object(fragment) }
+            for (name, fragment) in perTransport where name != primary.protocolName && !fragment.isEmpty && installedNames.contains(name) {
+                secondary[name] = .object(fragment)
+            }
             if !secondary.isEmpty { keys[Self.transportFieldsKey] = .object(secondary) }
             return SegmentDescriptor.Buffer(name: usePlugin ? region.location : segmentName, address: region.address,
                                             length: region.length, extra: keys)
@@ -150,26 +170,30 @@ extension TransferEngine {
 }
 
 extension SegmentDescriptor {
-    /// The descriptor as transport `protocolName` reads it: for a transport other than the
-    /// publisher's first, its own fields (under `te_transports`) replace the first transport's,
-    /// at segment level and in each buffer; buffers that name another protocol are left out.
+    /// The descriptor as transport `protocolName` reads it. The publisher's first transport sees
+    /// it as published (less `te_transports`). Any other transport sees only its own fields
+    /// (from `te_transports.<protocol>`, at segment level and per buffer) besides the standard
+    /// ones: never another transport's keys under its name. Buffers that name another protocol
+    /// are left out.
     func view(for protocolName: String) -> SegmentDescriptor {
         var view = self
         let key = TransferEngine.transportFieldsKey
         let isPrimary = protocolName == self.protocolName
-        let segmentFields = extra[key]?[protocolName]?.objectValue
-        view.extra.removeValue(forKey: key)
-        if !isPrimary {
+        if isPrimary {
+            view.extra.removeValue(forKey: key)
+        } else {
             view.protocolName = protocolName
-            if let segmentFields { for (name, value) in segmentFields { view.extra[name] = value } }
+            view.extra = extra[key]?[protocolName]?.objectValue ?? [:]
         }
         view.buffers = buffers.compactMap { buffer in
             if let own = buffer.ownProtocol, own != protocolName { return nil }
-            guard buffer.extra[key] != nil || !isPrimary else { return buffer }
             var copy = buffer
-            let fields = buffer.extra[key]?[protocolName]?.objectValue
-            copy.extra.removeValue(forKey: key)
-            if !isPrimary, let fields { for (name, value) in fields { copy.extra[name] = value } }
+            if isPrimary || buffer.ownProtocol == protocolName {
+                // Its keys are this transport's own (a range the transport serves names it).
+                if buffer.extra[key] != nil { copy.extra.removeValue(forKey: key) }
+            } else {
+                copy.extra = buffer.extra[key]?[protocolName]?.objectValue ?? [:]
+            }
             return copy
         }
         return view

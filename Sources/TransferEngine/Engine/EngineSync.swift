@@ -69,14 +69,26 @@ extension TransferEngine {
     /// Submits validated requests in a temporary batch and waits for all of them.
     func runSync(_ planned: [Planned], earlierFailures: [String] = []) throws {
         let id = try allocateBatch(capacity: max(1, planned.count))
-        defer { try? freeBatch(id) }
+        // The caller may reuse its buffers once this returns: a batch a transport still holds part
+        // of is not freed quietly; the error says so (the batch stays until it can be freed).
+        var freed = false
+        defer { if !freed { try? freeBatch(id) } }
+        func release() throws {
+            freed = true
+            do { try freeBatch(id) } catch {
+                throw EngineError.transferFailed("a transport still holds part of this request after it ended; do not reuse its buffers yet: \(error)")
+            }
+        }
         try submit(planned: planned, to: id)
         for transport in state.withLock({ $0.transports }) { (transport as? PluginTransport)?.harvest() }
         let bytes = planned.reduce(0) { $0 + $1.request.length }
         guard try wait(batch: id, timeoutNs: syncTimeout(bytes: bytes)) else {
+            try release()
             throw EngineError.timeout("batch of \(planned.count) transfers (\(bytes) bytes)")
         }
-        for status in try statuses(batch: id) where status.state != .completed {
+        let statuses = try statuses(batch: id)
+        try release()
+        for status in statuses where status.state != .completed {
             let text = status.error ?? "\(status.state)"
             let full = earlierFailures.isEmpty ? text : "\(earlierFailures.joined(separator: "; ")); \(text)"
             if status.state == .timeout { throw EngineError.timeout("batch of \(planned.count) transfers (\(bytes) bytes): \(full)") }

@@ -58,7 +58,7 @@ extension TransferEngine {
                 let own = peer.descriptor.buffers[index].ownProtocol
                 let hostMemory = peer.descriptor.buffers[index].hostAccessible
                 if plainLocal, own == nil, hostMemory, let route = peer.route,
-                   route.generation == state.routeGeneration &+ routerGeneration,
+                   route.generation == state.routeGeneration, route.routerGeneration == routerGeneration,
                    route.validUntil == UInt64.max || MonotonicClock.nanoseconds() < route.validUntil {
                     return (nil, false, route.order, route.firstLink)
                 }
@@ -91,20 +91,23 @@ extension TransferEngine {
         let now = MonotonicClock.nanoseconds()
         let routerGeneration = router.generation.load(ordering: .relaxed)
         if let cached = state.withLock({ state -> RouteOrder? in
-            guard let route = plain ? peer.route : peer.otherRoutes[key], route.generation == state.routeGeneration &+ routerGeneration,
-                  now < route.validUntil else { return nil }
+            guard let route = plain ? peer.route : peer.otherRoutes[key], route.generation == state.routeGeneration,
+                  route.routerGeneration == routerGeneration, now < route.validUntil else { return nil }
             return route.order
         }) {
             return cached
         }
-        let decision = routeDecision(to: peer, remoteProtocol: remoteProtocol, deviceMemory: deviceMemory, hint: hint, now: now)
+        let (decision, generation) = routeDecisionAndGeneration(to: peer, remoteProtocol: remoteProtocol, deviceMemory: deviceMemory,
+                                                                hint: hint, now: now)
         let order = RouteOrder(decision.order.map(\.transport))
         guard !order.transports.isEmpty else {
             let reasons = decision.skipped.map { "\($0.protocolName): \($0.reason)" }.joined(separator: "; ")
             throw EngineError.segmentUnavailable(name: peer.name, reason: "no installed transport can reach this buffer (\(reasons))")
         }
         state.withLock { state in
-            let kept = CachedRoute(generation: state.routeGeneration &+ routerGeneration, validUntil: decision.validUntil, order: order,
+            // Kept only if no transport was installed or removed since the decision's snapshot.
+            guard state.routeGeneration == generation else { return }
+            let kept = CachedRoute(generation: generation, routerGeneration: routerGeneration, validUntil: decision.validUntil, order: order,
                                    firstLink: peer.links[ObjectIdentifier(order.transports[0])])
             if plain { peer.route = kept } else if peer.otherRoutes.count < 64 { peer.otherRoutes[key] = kept }
         }
@@ -114,11 +117,18 @@ extension TransferEngine {
     /// The full decision with reasons (also what `transfer-engine route` prints).
     func routeDecision(to peer: Peer, remoteProtocol: String?, deviceMemory: Bool, hint: String?,
                        now: UInt64 = MonotonicClock.nanoseconds()) -> Router.Decision {
-        let (installed, target) = state.withLock { state in
-            (state.transports, Router.Target(segment: peer.name, offered: peer.offered, sameHost: peer.sameHost, unreachable: peer.unreachable))
+        routeDecisionAndGeneration(to: peer, remoteProtocol: remoteProtocol, deviceMemory: deviceMemory, hint: hint, now: now).0
+    }
+
+    /// The decision and the engine's route generation of the transports it was made from.
+    private func routeDecisionAndGeneration(to peer: Peer, remoteProtocol: String?, deviceMemory: Bool, hint: String?,
+                                            now: UInt64) -> (Router.Decision, UInt64) {
+        let (installed, target, generation) = state.withLock { state in
+            (state.transports, Router.Target(segment: peer.name, offered: peer.offered, sameHost: peer.sameHost, unreachable: peer.unreachable),
+             state.routeGeneration)
         }
-        return router.decide(installed: installed, target: target, remoteProtocol: remoteProtocol, deviceMemory: deviceMemory,
-                             hint: hint, now: now)
+        return (router.decide(installed: installed, target: target, remoteProtocol: remoteProtocol, deviceMemory: deviceMemory,
+                              hint: hint, now: now), generation)
     }
 
     /// Whether a peer reached at `host` runs on this host (shm goes first for it).
@@ -138,7 +148,7 @@ extension TransferEngine {
             throw EngineError.protocolUnavailable(protocolName: name, reason: "transport_hint names a transport this engine has not installed "
                                                   + "(installed: \(activeProtocols.joined(separator: ",")))")
         }
-        let first = state.withLock { $0.warnedHints.insert(name).inserted }
+        let first = state.withLock { state in state.warnedHints.count < 64 && state.warnedHints.insert(name).inserted }
         if first {
             logger.warning("transport_hint '\(name)' names no installed transport (installed: \(activeProtocols.joined(separator: ","))); routing as usual. Set MC_STRICT_PROTOCOL=1 to make this an error")
         }

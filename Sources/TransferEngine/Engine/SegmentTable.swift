@@ -49,7 +49,9 @@ extension TransferEngine {
 
     /// A route decision kept while nothing it depends on changed.
     struct CachedRoute {
+        /// The engine's and the router's generations it was decided at.
         var generation: UInt64
+        var routerGeneration: UInt64
         var validUntil: UInt64
         var order: RouteOrder
         /// The link over the order's first transport, when it was open when the route was kept.
@@ -137,7 +139,7 @@ extension TransferEngine {
                 }
                 if generation >= state.selfDescriptorGeneration {
                     peer.descriptor = descriptor
-                    peer.forgetRoutes()
+                    if generation > state.selfDescriptorGeneration { peer.forgetRoutes() }
                     state.selfDescriptorGeneration = generation
                 }
                 return peer
@@ -155,24 +157,32 @@ extension TransferEngine {
         let key = ObjectIdentifier(transport)
         if let known = state.withLock({ _ in peer.links[key] }) { return known }
         let name = transport.protocolName
-        let (unreachable, view) = state.withLock { _ in (peer.unreachable[name], peer.descriptor) }
+        func installed(_ state: State) -> Bool { !state.stopped && state.transports.contains { $0 === transport } }
+        let (unreachable, view, live) = state.withLock { state in (peer.unreachable[name], peer.descriptor, installed(state)) }
+        guard live else { throw EngineError.segmentUnavailable(name: peer.name, reason: "\(name) is no longer installed") }
         if let unreachable { throw EngineError.segmentUnavailable(name: peer.name, reason: "\(name): \(unreachable)") }
         let host = peer.name == segmentName ? bindHost : peer.host
         do {
             let opened = try transport.connect(segment: peer.name, view: view.view(for: name), host: host)
-            let (kept, extra) = state.withLock { _ -> (any TransportPeer, (any TransportPeer)?) in
+            // Kept only while the transport is still installed (it may be removed meanwhile).
+            let (kept, extra) = state.withLock { state -> ((any TransportPeer)?, (any TransportPeer)?) in
+                guard installed(state) else { return (nil, opened) }
                 if let raced = peer.links[key] { return (raced, opened) }
                 peer.links[key] = opened
                 peer.forgetRoutes()  // kept again with this link
                 return (opened, nil)
             }
             extra?.close()
+            guard let kept else { throw EngineError.segmentUnavailable(name: peer.name, reason: "\(name) was removed while connecting") }
             return kept
         } catch {
-            state.withLock { state in
+            let marked = state.withLock { state -> Bool in
+                guard installed(state) else { return false }
                 peer.unreachable[name] = "\(error)"
                 peer.forgetRoutes()
+                return true
             }
+            guard marked else { throw error }
             let others = activeProtocols.filter { $0 != name }.joined(separator: "/")
             logger.info("\(name) cannot reach \(peer.name), using \(others) for it: \(error)")
             throw error

@@ -55,6 +55,10 @@ public final class TransferEngine: @unchecked Sendable {
     private let dataServer: TCPDataServer
     private var handshakeServer: HandshakeServer?
     let state: ConditionLock<State>
+    /// Serializes changes of what is registered with which transport (registrations, installs,
+    /// removals), so every buffer is registered with exactly the installed transports. Held across
+    /// local plugin calls, never across network I/O (the descriptor is republished after it).
+    let membership = ConditionLock(())
 
     struct State {
         var peers: [SegmentHandle: Peer] = [:]
@@ -176,7 +180,7 @@ public final class TransferEngine: @unchecked Sendable {
         }
         handshakeServer?.stop()
         dataServer.stop()
-        for peer in peers { for link in peer.links.values { link.close() } }
+        for links in state.withLock({ _ in peers.map { Array($0.links.values) } }) { links.forEach { $0.close() } }
         transports.forEach { $0.shutdown() }
         if let store = metadataStore {
             // A clean shutdown removes our keys (a crash leaves them to their TTL).

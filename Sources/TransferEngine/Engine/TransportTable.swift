@@ -8,7 +8,8 @@ extension TransferEngine {
     static let handshakeTransportKey = "te_transport"
 
     /// Creates a plugin instance for `protocolName` and installs it before tcp. Existing
-    /// registrations are registered with it too (rolled back if one fails).
+    /// registrations are registered with it too (rolled back if one fails). Callers after start
+    /// hold `membership`.
     func install(plugin loaded: LoadedPlugin, protocolName: String) throws {
         let options = Self.pluginOptions(configuration: configuration, segmentName: segmentName, environment: environment,
                                          protocolName: protocolName, peerAuthentication: authenticator != nil)
@@ -38,9 +39,15 @@ extension TransferEngine {
             transport.shutdown()
             throw error
         }
-        state.withLock { state in
+        let added = state.withLock { state -> Bool in
+            guard !state.stopped else { return false }
             state.transports.insert(transport, at: state.transports.count - 1)
             state.routeGeneration += 1
+            return true
+        }
+        if !added {
+            transport.shutdown()
+            throw EngineError.invalidArgument("the engine is shutting down")
         }
     }
 
@@ -55,10 +62,17 @@ extension TransferEngine {
             Self.pluginOptions(configuration: self.configuration, segmentName: "", environment: self.environment, protocolName: $0)
         }
         guard let loaded = chosen.plugin else { return }
-        if activeProtocols.contains(chosen.effective) { return }
-        try install(plugin: loaded, protocolName: chosen.effective)
-        try republishDescriptor()
-        logger.info("installed transport \(chosen.effective); protocols now \(activeProtocols.joined(separator: ","))")
+        let installed = try membership.withLock { _ -> Bool in
+            if activeProtocols.contains(chosen.effective) { return false }  // a concurrent install won
+            try install(plugin: loaded, protocolName: chosen.effective)
+            return true
+        }
+        guard installed else { return }
+        logger.info("installed transport \(chosen.effective) (for '\(wanted)'); protocols now \(activeProtocols.joined(separator: ","))")
+        // Installed even if publishing fails: the refresh publishes it later.
+        do { try republishDescriptor() } catch {
+            logger.warning("installed \(chosen.effective); publishing the descriptor failed (retried by the refresh): \(error)")
+        }
     }
 
     /// Removes an installed plugin transport at run time: its peer links close and requests
@@ -66,6 +80,13 @@ extension TransferEngine {
     public func uninstallTransport(_ name: String) throws {
         let wanted = name.trimmingCharacters(in: .whitespaces).lowercased()
         guard wanted != "tcp" else { throw EngineError.invalidArgument("tcp is built in and cannot be uninstalled") }
+        try membership.withLock { _ in try removeTransport(wanted) }
+        do { try republishDescriptor() } catch { logger.warning("uninstalled \(wanted); publishing the descriptor failed: \(error)") }
+        logger.info("uninstalled transport \(wanted); protocols now \(activeProtocols.joined(separator: ","))")
+    }
+
+    /// Takes `wanted` out of the installed set, closes its links and shuts it down (membership held).
+    private func removeTransport(_ wanted: String) throws {
         let (removed, links): ((any Transport)?, [any TransportPeer]) = state.withLock { state in
             guard let index = state.transports.firstIndex(where: { $0.protocolName == wanted }) else { return (nil, []) }
             let transport = state.transports.remove(at: index)
@@ -84,8 +105,6 @@ extension TransferEngine {
         }
         links.forEach { $0.close() }
         removed.shutdown()
-        do { try republishDescriptor() } catch { logger.warning("uninstalled \(wanted); publishing the descriptor failed: \(error)") }
-        logger.info("uninstalled transport \(wanted); protocols now \(activeProtocols.joined(separator: ","))")
     }
 
     /// The installed transport serving `name`, if any.

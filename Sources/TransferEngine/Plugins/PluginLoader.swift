@@ -88,10 +88,12 @@ public final class LoadedPlugin: @unchecked Sendable {
         self.descriptor = UnsafePointer(copy)
     }
 
-    /// The first `size` bytes of the plugin's descriptor in a zeroed current-size struct.
+    /// The first `size` bytes of the plugin's descriptor in a zeroed current-size struct, cut to
+    /// whole pointer-sized fields (an odd size must not leave half a function pointer behind).
     static func copyDescriptor(_ plugin: UnsafeRawPointer, size: Int) -> te_plugin_descriptor {
         var copy = te_plugin_descriptor()
-        withUnsafeMutableBytes(of: &copy) { $0.baseAddress!.copyMemory(from: plugin, byteCount: min(size, $0.count)) }
+        let whole = size / MemoryLayout<UnsafeRawPointer>.size * MemoryLayout<UnsafeRawPointer>.size
+        withUnsafeMutableBytes(of: &copy) { $0.baseAddress!.copyMemory(from: plugin, byteCount: min(whole, $0.count)) }
         return copy
     }
 

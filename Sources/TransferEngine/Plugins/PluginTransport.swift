@@ -55,6 +55,8 @@ final class PluginTransport: Transport, @unchecked Sendable {
     private let inFlight = ConditionLock<State>(State())
     /// Set once by shutdown(): read without the lock by callers that spin.
     private let stopped = Atomic<Bool>(false)
+    /// Calls into the instance in progress (see `entered`).
+    private let calls = Atomic<Int>(0)
     /// Synchronous requests whose completion another thread reaped (tests read it).
     let syncReapedElsewhere = Atomic<Int>(0)
     /// Moving average of how long recent small synchronous transfers took to complete (ns).
@@ -83,7 +85,26 @@ final class PluginTransport: Transport, @unchecked Sendable {
     }
 
     /// The plugin's last error text on this thread.
-    var lastError: String { d.last_error.flatMap { $0(instance) }.map { String(cString: $0) } ?? "" }
+    var lastError: String {
+        entered { () -> String in d.last_error.flatMap { $0(instance) }.map { String(cString: $0) } ?? "" } ?? ""
+    }
+
+    /// Runs `body`, a call into the instance, unless shutdown began (then nil). `shutdown` waits
+    /// for every call in progress to return before it destroys the instance, so no call ever
+    /// reaches a destroyed one; no lock is held across the call.
+    @inline(__always)
+    private func entered<R>(_ body: () throws -> R) rethrows -> R? {
+        // Checked before counting too: once shutdown began, callers leave the count alone and it drains.
+        if stopped.load(ordering: .sequentiallyConsistent) { return nil }
+        calls.add(1, ordering: .sequentiallyConsistent)
+        defer { calls.subtract(1, ordering: .sequentiallyConsistent) }
+        if stopped.load(ordering: .sequentiallyConsistent) { return nil }
+        return try body()
+    }
+
+    private func shutDownError(_ what: String) -> EngineError {
+        EngineError.plugin("\(plugin.info.name): \(what) after the transport was shut down")
+    }
 
     private func check(_ status: Int32, _ what: String) throws {
         guard status == TE_OK else {
@@ -102,7 +123,7 @@ final class PluginTransport: Transport, @unchecked Sendable {
     /// Keys to merge into the local segment descriptor.
     func localDescriptorFragment() throws -> [String: JSONValue] {
         var out = CStringBuffer(capacity: 4096)
-        let status = out.withRetry { d.local_descriptor!(instance, $0) }
+        guard let status = entered({ out.withRetry { d.local_descriptor!(instance, $0) } }) else { throw shutDownError("local_descriptor") }
         try check(status, "local_descriptor")
         return try jsonObject(out.string, "local_descriptor")
     }
@@ -113,18 +134,14 @@ final class PluginTransport: Transport, @unchecked Sendable {
     /// Whether the plugin cuts large requests itself (TE_CAP_SPLITS_REQUESTS).
     var splitsRequests: Bool { plugin.info.capabilities & TE_CAP_SPLITS_REQUESTS != 0 }
 
-    /// Whether shutdown() ran: the instance is destroyed and no call may reach the plugin.
+    /// Whether shutdown() began: no new call may reach the plugin.
     private var isShutDown: Bool { stopped.load(ordering: .acquiring) }
-
-    private func checkAlive(_ what: String) throws {
-        if isShutDown { throw EngineError.plugin("\(plugin.info.name): \(what) after the engine shut down") }
-    }
 
     /// Registers memory; returns keys for the buffer's descriptor entry.
     func register(address: UInt64, length: UInt64, location: String) throws -> [String: JSONValue] {
-        try checkAlive("register_memory")
         var out = CStringBuffer(capacity: 1024)
-        let status = location.withCString { loc in out.withRetry { d.register_memory!(instance, address, length, loc, $0) } }
+        guard let status = entered({ location.withCString { loc in out.withRetry { d.register_memory!(instance, address, length, loc, $0) } } })
+        else { throw shutDownError("register_memory") }
         try check(status, "register_memory")
         return try jsonObject(out.string, "register_memory fragment")
     }
@@ -134,23 +151,24 @@ final class PluginTransport: Transport, @unchecked Sendable {
         // Device memory only from a plugin that moves it: a host-memory allocator (shm, cxl)
         // would hand out host memory labelled as a GPU's.
         guard plugin.allocatesMemory, MemoryLocation.isHostAccessible(location) || movesDeviceMemory else { return nil }
-        try checkAlive("allocate_memory")
         var address: UInt64 = 0
-        let status = location.withCString { d.allocate_memory!(instance, length, $0, &address) }
+        guard let status = entered({ location.withCString { d.allocate_memory!(instance, length, $0, &address) } })
+        else { throw shutDownError("allocate_memory") }
         try check(status, "allocate_memory(\(length))")
         return address
     }
 
     /// Returns memory from `allocate`.
     func free(address: UInt64) throws {
-        guard plugin.allocatesMemory, !isShutDown else { return }
-        try check(d.free_memory!(instance, address), "free_memory")
+        guard plugin.allocatesMemory, let status = entered({ d.free_memory!(instance, address) }) else { return }
+        try check(status, "free_memory")
     }
 
     /// Unregisters memory.
     func unregister(address: UInt64) throws {
-        if isShutDown { return }  // destroy released every registration
-        try check(d.unregister_memory!(instance, address), "unregister_memory")
+        // After shutdown: destroy released every registration.
+        guard let status = entered({ d.unregister_memory!(instance, address) }) else { return }
+        try check(status, "unregister_memory")
     }
 
     func connect(segment: String, view: SegmentDescriptor, host: String) throws -> any TransportPeer {
@@ -159,24 +177,23 @@ final class PluginTransport: Transport, @unchecked Sendable {
 
     /// Opens a peer from its descriptor.
     func openPeer(segment: String, descriptor: SegmentDescriptor) throws -> UInt64 {
-        try checkAlive("open_peer")
         var handle: UInt64 = 0
-        let status = segment.withCString { name in
-            descriptor.json.compactText.withCString { d.open_peer!(instance, name, $0, &handle) }
-        }
+        let json = descriptor.json.compactText
+        guard let status = entered({ segment.withCString { name in json.withCString { d.open_peer!(instance, name, $0, &handle) } } })
+        else { throw shutDownError("open_peer") }
         try check(status, "open_peer(\(segment))")
         return handle
     }
 
     /// Forgets a peer.
     func closePeer(_ handle: UInt64) {
-        if !isShutDown { d.close_peer!(instance, handle) }
+        _ = entered { d.close_peer!(instance, handle) }
     }
 
     /// Answers a Connection handshake addressed to this plugin.
     func handleHandshake(_ request: String) -> String? {
         var out = CStringBuffer(capacity: 4096)
-        let status = request.withCString { req in out.withRetry { d.on_handshake!(instance, req, $0) } }
+        guard let status = entered({ request.withCString { req in out.withRetry { d.on_handshake!(instance, req, $0) } } }) else { return nil }
         if status != TE_OK {
             logger.warning("\(plugin.info.name): on_handshake failed (\(PluginStatus.describe(status))): \(lastError)")
             return nil
@@ -217,7 +234,8 @@ final class PluginTransport: Transport, @unchecked Sendable {
         var idleRounds = 0
         while offset < requests.count {
             var accepted = 0
-            let status = d.submit!(instance, requests.baseAddress! + offset, requests.count - offset, MemoryLayout<te_request>.stride, &accepted)
+            guard let status = entered({ d.submit!(instance, requests.baseAddress! + offset, requests.count - offset,
+                                                   MemoryLayout<te_request>.stride, &accepted) }) else { return (offset, TE_ERR_INTERNAL) }
             offset += min(accepted, requests.count - offset)
             if status == TE_OK && accepted > 0 { idleRounds = 0; continue }
             if status == TE_ERR_AGAIN || (status == TE_OK && accepted == 0) {
@@ -254,21 +272,30 @@ final class PluginTransport: Transport, @unchecked Sendable {
         status == TE_OK ? nil : (reason ?? "\(plugin.info.name): \(PluginStatus.describe(status))")
     }
 
-    /// Stops polling, fails what is still in flight, and destroys the instance.
+    /// Stops polling, waits for every call into the instance to return, destroys the instance
+    /// (which stops its work), and only then fails what it still held: a slice failed over to
+    /// another transport can no longer be moved by this one too.
     func shutdown() {
         let first = inFlight.withLock(notify: true) { state -> Bool in
             defer { state.stopping = true }
             return !state.stopping
         }
         guard first else { return }
-        stopped.store(true, ordering: .releasing)
+        stopped.store(true, ordering: .sequentiallyConsistent)
         _ = inFlight.wait(deadline: MonotonicClock.nanoseconds() + 5_000_000_000) { $0.pollerDone ? true : nil }
+        let giveUp = MonotonicClock.nanoseconds() + 10_000_000_000
+        while calls.load(ordering: .sequentiallyConsistent) > 0 && MonotonicClock.nanoseconds() < giveUp { usleep(100) }
+        if calls.load(ordering: .sequentiallyConsistent) > 0 {
+            // A call that never returns: destroying under it would be worse than leaking the instance.
+            logger.error("\(plugin.info.name): a call into the plugin did not return within 10 s of shutdown; the instance is left undestroyed")
+        } else {
+            d.destroy!(instance)
+        }
         let orphans = inFlight.withLock { state -> [TransferSlice] in
             defer { state.slices.removeAll() }
             return Array(state.slices.values)
         }
         for slice in orphans { slice.token.finish(slice, on: protocolName, error: "\(plugin.info.name): engine shut down") }
-        d.destroy!(instance)
     }
 
     /// Collects completions that are already available, on the caller's thread (a
@@ -365,7 +392,8 @@ final class PluginTransport: Transport, @unchecked Sendable {
         // caller spins through here, and a heap allocation per call showed up.
         withUnsafeTemporaryAllocation(of: te_completion.self, capacity: 32) { buffer in
             var count = 0
-            let status = d.poll!(instance, buffer.baseAddress, buffer.count, MemoryLayout<te_completion>.stride, timeoutNs, &count)
+            guard let status = entered({ d.poll!(instance, buffer.baseAddress, buffer.count, MemoryLayout<te_completion>.stride, timeoutNs, &count) })
+            else { return TE_OK }
             guard status == TE_OK else { return status }
             for completion in buffer.prefix(min(count, buffer.count)) {
                 if mine != 0 && completion.cookie == mine {

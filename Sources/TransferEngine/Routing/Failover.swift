@@ -28,6 +28,10 @@ final class Failover: @unchecked Sendable {
     private let splitSize: UInt64
     private let onFailover: @Sendable (String, String, String) -> Void
     private let tasks = Mutex<[Int: TaskState]>([:])
+    /// Failed slices waiting for the worker, and whether it runs. The thread that reports a
+    /// failure (a plugin's poller, a TCP lane, a synchronous caller harvesting) must not block on
+    /// opening the next path (a handshake can take seconds): a worker thread does it.
+    private let queue = Mutex<(pending: [(slice: TransferSlice, task: Int, protocolName: String, reason: String)], running: Bool)>(([], false))
     /// The batch its requests belong to.
     let batch: Batch
 
@@ -48,8 +52,41 @@ final class Failover: @unchecked Sendable {
     /// The token for the slices of task `task`.
     func token(task: Int) -> CompletionToken { CompletionToken(failover: self, task: task) }
 
-    /// A slice of `task` failed on `protocolName`: resubmit it on the next path, or end its task.
+    /// A slice of `task` failed on `protocolName`: resubmit it on the next path (on the worker
+    /// thread), or end its task.
     func sliceFailed(_ slice: TransferSlice, task: Int, on protocolName: String, reason: String) {
+        if batch.isCanceled {
+            batch.sliceFinished(task: task, bytes: 0, error: reason)
+            return
+        }
+        let start = queue.withLock { queue -> Bool in
+            queue.pending.append((slice, task, protocolName, reason))
+            if queue.running { return false }
+            queue.running = true
+            return true
+        }
+        guard start else { return }
+        do {
+            try OSThread.spawn(name: "te-failover") { [self] in drainQueue() }
+        } catch {
+            drainQueue()  // no thread: do it here rather than lose the slices
+        }
+    }
+
+    /// Moves every queued slice to its next path; stops when the queue is empty.
+    private func drainQueue() {
+        while let item = queue.withLock({ queue -> (slice: TransferSlice, task: Int, protocolName: String, reason: String)? in
+            if queue.pending.isEmpty {
+                queue.running = false
+                return nil
+            }
+            return queue.pending.removeFirst()
+        }) {
+            move(item.slice, task: item.task, failedOn: item.protocolName, reason: item.reason)
+        }
+    }
+
+    private func move(_ slice: TransferSlice, task: Int, failedOn protocolName: String, reason: String) {
         if batch.isCanceled {
             batch.sliceFinished(task: task, bytes: 0, error: reason)
             return

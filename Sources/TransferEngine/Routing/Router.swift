@@ -122,7 +122,11 @@ final class Router: Sendable {
                 skipped.append((transport.protocolName, .onlyOwn(own)))
             }
             if let transport = installed.first(where: { $0.protocolName == own }) {
-                order.append(Choice(transport: transport, reason: .ownProtocol(own)))
+                if deviceMemory && !transport.movesDeviceMemory {
+                    skipped.append((own, .noDeviceMemory))
+                } else {
+                    order.append(Choice(transport: transport, reason: .ownProtocol(own)))
+                }
             } else {
                 skipped.append((own, .ownNotInstalled(own)))
             }

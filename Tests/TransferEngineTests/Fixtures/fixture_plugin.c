@@ -52,7 +52,12 @@ struct te_instance {
     char last_error[256];
     char fault_file[512];
     char stall_file[512];
+    int destroyed;
 };
+
+/* The ABI says no call follows destroy: the instance is kept (leaked) with a mark, and any
+ * call that reaches it afterwards aborts the process, so a host that breaks the rule fails. */
+#define LIVE(i) do { if ((i) && (i)->destroyed) { fprintf(stderr, "fixture: %s called after destroy\n", __func__); abort(); } } while (0)
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -111,9 +116,10 @@ static int32_t fx_create(const char *options, const te_host_services *host, te_i
     return TE_OK;
 }
 
-static void fx_destroy(te_instance *i) { free(i); }
+static void fx_destroy(te_instance *i) { LIVE(i); i->destroyed = 1; }
 
 static int32_t fx_local_descriptor(te_instance *i, te_buffer *out) {
+    LIVE(i);
     (void)i;
     char text[64];
     snprintf(text, sizeof text, "{\"fixture_pid\":%ld}", (long)getpid());
@@ -121,13 +127,15 @@ static int32_t fx_local_descriptor(te_instance *i, te_buffer *out) {
 }
 
 static int32_t fx_register(te_instance *i, uint64_t addr, uint64_t len, const char *loc, te_buffer *out) {
+    LIVE(i);
     (void)i; (void)addr; (void)len; (void)loc;
     return put(out, "{\"fixture_key\":[7]}");
 }
 
-static int32_t fx_unregister(te_instance *i, uint64_t addr) { (void)i; (void)addr; return TE_OK; }
+static int32_t fx_unregister(te_instance *i, uint64_t addr) { LIVE(i); (void)addr; return TE_OK; }
 
 static int32_t fx_open_peer(te_instance *i, const char *segment, const char *descriptor, uint64_t *peer) {
+    LIVE(i);
     (void)segment;
     char needle[64];
     snprintf(needle, sizeof needle, "\"fixture_pid\":%ld", (long)getpid());
@@ -139,14 +147,16 @@ static int32_t fx_open_peer(te_instance *i, const char *segment, const char *des
     return TE_OK;
 }
 
-static void fx_close_peer(te_instance *i, uint64_t peer) { (void)i; (void)peer; }
+static void fx_close_peer(te_instance *i, uint64_t peer) { LIVE(i); (void)peer; }
 
 static int32_t fx_on_handshake(te_instance *i, const char *request, te_buffer *reply) {
+    LIVE(i);
     (void)i; (void)request;
     return put(reply, "{\"reply_msg\":\"\"}");
 }
 
 static int32_t fx_submit(te_instance *i, const te_request *reqs, size_t count, size_t stride, size_t *accepted) {
+    LIVE(i);
     if (switch_on(i->stall_file)) { *accepted = count; return TE_OK; }
     int fault = switch_on(i->fault_file);
     pthread_mutex_lock(&i->lock);
@@ -173,6 +183,7 @@ static int32_t fx_submit(te_instance *i, const te_request *reqs, size_t count, s
 }
 
 static int32_t fx_poll(te_instance *i, te_completion *out, size_t capacity, size_t stride, uint64_t timeout_ns, size_t *count) {
+    LIVE(i);
     pthread_mutex_lock(&i->lock);
     size_t n = 0, kept = 0;
     for (size_t k = 0; k < i->done_count; k++) {
@@ -195,7 +206,7 @@ static int32_t fx_poll(te_instance *i, te_completion *out, size_t capacity, size
     return TE_OK;
 }
 
-static const char *fx_last_error(te_instance *i) { return i ? i->last_error : ""; }
+static const char *fx_last_error(te_instance *i) { LIVE(i); return i ? i->last_error : ""; }
 
 #ifdef FIXTURE_NEWER
 typedef struct { te_plugin_descriptor v1; uint64_t appended_field; } newer_descriptor;
