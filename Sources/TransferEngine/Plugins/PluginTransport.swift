@@ -15,11 +15,11 @@ final class PluginTransport: Transport, @unchecked Sendable {
     /// Marks the cookie of a synchronous caller's request (`transferOne`): it is not in `slices`
     /// (a dictionary insert and removal hash the key: a share of a small transfer), but in
     /// `syncWaiting`, a short list (one entry per thread inside `transferOne`).
-    private static let syncCookie: UInt64 = 1 << 63
+    static let syncCookie: UInt64 = 1 << 63
     /// How a request ended in the plugin: its status, and the host's reason text if it has one.
-    private typealias Ending = (status: Int32, reason: String?)
+    typealias Ending = (status: Int32, reason: String?)
     /// A synchronous request's result that a thread other than its caller reaped.
-    private struct SyncResult {
+    struct SyncResult {
         var cookie: UInt64
         var status: Int32
         var reason: String?
@@ -27,16 +27,16 @@ final class PluginTransport: Transport, @unchecked Sendable {
 
     let plugin: LoadedPlugin
     let protocolName: String
-    private let instance: OpaquePointer
-    private let logger: Logger
-    private let services: UnsafeMutablePointer<te_host_services>
+    let instance: OpaquePointer
+    let logger: Logger
+    let services: UnsafeMutablePointer<te_host_services>
     /// How long a synchronous caller busy-polls the plugin before it waits (MC_PLUGIN_SYNC_SPIN_US).
-    private let syncSpinNs: UInt64
+    let syncSpinNs: UInt64
     /// Requests up to this size run synchronously on the caller's thread unless the plugin splits requests itself.
-    private let inlineLimit: UInt64
+    let inlineLimit: UInt64
 
     /// What is in flight, and who polls the plugin for it.
-    private struct State {
+    struct State {
         var next: UInt64 = 1
         var slices: [UInt64: TransferSlice] = [:]
         var stopping = false
@@ -52,18 +52,18 @@ final class PluginTransport: Transport, @unchecked Sendable {
         /// The poller has work: slices in flight and no synchronous caller harvesting them.
         var pollerNeeded: Bool { !slices.isEmpty && syncCallers == 0 }
     }
-    private let inFlight = ConditionLock<State>(State())
+    let inFlight = ConditionLock<State>(State())
     /// Set once by shutdown(): read without the lock by callers that spin.
-    private let stopped = Atomic<Bool>(false)
+    let stopped = Atomic<Bool>(false)
     /// Calls into the instance in progress (see `entered`).
-    private let calls = Atomic<Int>(0)
+    let calls = Atomic<Int>(0)
     /// Synchronous requests whose completion another thread reaped (tests read it).
     let syncReapedElsewhere = Atomic<Int>(0)
     /// Moving average of how long recent small synchronous transfers took to complete (ns).
-    private let syncAverageNs = Atomic<UInt64>(0)
+    let syncAverageNs = Atomic<UInt64>(0)
     /// The longest a synchronous caller busy-polls for, however slow its transfers are.
-    private static let maxAdaptiveSpinNs: UInt64 = 2_000_000
-    private var d: te_plugin_descriptor { plugin.descriptor.pointee }
+    static let maxAdaptiveSpinNs: UInt64 = 2_000_000
+    var d: te_plugin_descriptor { plugin.descriptor.pointee }
 
     /// Creates the instance (`create`) and starts polling.
     init(plugin: LoadedPlugin, protocolName: String, optionsJSON: String, syncSpinNs: UInt64, inlineLimit: UInt64, logger: Logger,
@@ -93,7 +93,7 @@ final class PluginTransport: Transport, @unchecked Sendable {
     /// for every call in progress to return before it destroys the instance, so no call ever
     /// reaches a destroyed one; no lock is held across the call.
     @inline(__always)
-    private func entered<R>(_ body: () throws -> R) rethrows -> R? {
+    func entered<R>(_ body: () throws -> R) rethrows -> R? {
         // Checked before counting too: once shutdown began, callers leave the count alone and it drains.
         if stopped.load(ordering: .sequentiallyConsistent) { return nil }
         calls.add(1, ordering: .sequentiallyConsistent)
@@ -102,17 +102,17 @@ final class PluginTransport: Transport, @unchecked Sendable {
         return try body()
     }
 
-    private func shutDownError(_ what: String) -> EngineError {
+    func shutDownError(_ what: String) -> EngineError {
         EngineError.plugin("\(plugin.info.name): \(what) after the transport was shut down")
     }
 
-    private func check(_ status: Int32, _ what: String) throws {
+    func check(_ status: Int32, _ what: String) throws {
         guard status == TE_OK else {
             throw EngineError.plugin("\(plugin.info.name): \(what) failed (\(PluginStatus.describe(status))): \(lastError)")
         }
     }
 
-    private func jsonObject(_ text: String, _ what: String) throws -> [String: JSONValue] {
+    func jsonObject(_ text: String, _ what: String) throws -> [String: JSONValue] {
         if text.isEmpty { return [:] }
         guard let object = try JSONValue.parse(text).objectValue else {
             throw EngineError.plugin("\(plugin.info.name): \(what) is not a JSON object")
@@ -135,7 +135,7 @@ final class PluginTransport: Transport, @unchecked Sendable {
     var splitsRequests: Bool { plugin.info.capabilities & TE_CAP_SPLITS_REQUESTS != 0 }
 
     /// Whether shutdown() began: no new call may reach the plugin.
-    private var isShutDown: Bool { stopped.load(ordering: .acquiring) }
+    var isShutDown: Bool { stopped.load(ordering: .acquiring) }
 
     /// Registers memory; returns keys for the buffer's descriptor entry.
     func register(address: UInt64, length: UInt64, location: String) throws -> [String: JSONValue] {
@@ -229,13 +229,20 @@ final class PluginTransport: Transport, @unchecked Sendable {
 
     /// Hands `requests` to the plugin, retrying while it has no room (the poller or a synchronous
     /// caller drains completions meanwhile). Returns how many it took and the status that stopped it.
-    private func submitRequests(_ requests: UnsafeBufferPointer<te_request>) -> (accepted: Int, status: Int32) {
+    /// `gated: false` when the caller is already inside `entered`.
+    func submitRequests(_ requests: UnsafeBufferPointer<te_request>, gated: Bool = true) -> (accepted: Int, status: Int32) {
         var offset = 0
         var idleRounds = 0
         while offset < requests.count {
             var accepted = 0
-            guard let status = entered({ d.submit!(instance, requests.baseAddress! + offset, requests.count - offset,
-                                                   MemoryLayout<te_request>.stride, &accepted) }) else { return (offset, TE_ERR_INTERNAL) }
+            let start = requests.baseAddress! + offset, left = requests.count - offset, stride = MemoryLayout<te_request>.stride
+            let result: Int32?
+            if gated {
+                result = entered { d.submit!(instance, start, left, stride, &accepted) }
+            } else {
+                result = d.submit!(instance, start, left, stride, &accepted)
+            }
+            guard let status = result else { return (offset, TE_ERR_INTERNAL) }
             offset += min(accepted, requests.count - offset)
             if status == TE_OK && accepted > 0 { idleRounds = 0; continue }
             if status == TE_ERR_AGAIN || (status == TE_OK && accepted == 0) {
@@ -249,11 +256,11 @@ final class PluginTransport: Transport, @unchecked Sendable {
         return (offset, TE_OK)
     }
 
-    private func submitFailure(_ status: Int32) -> String {
+    func submitFailure(_ status: Int32) -> String {
         "\(plugin.info.name): submit failed (\(PluginStatus.describe(status))): \(lastError)"
     }
 
-    private func finish(cookie: UInt64, status: Int32, bytes: UInt64, reason: String? = nil) {
+    func finish(cookie: UInt64, status: Int32, bytes: UInt64, reason: String? = nil) {
         guard let slice = inFlight.withLock({ state -> TransferSlice? in
             if cookie & Self.syncCookie != 0 {
                 // A synchronous caller's (still waiting, unless it timed out): it looks here.
@@ -268,7 +275,7 @@ final class PluginTransport: Transport, @unchecked Sendable {
         slice.token.finish(slice, on: protocolName, error: failureText(status, reason))
     }
 
-    private func failureText(_ status: Int32, _ reason: String?) -> String? {
+    func failureText(_ status: Int32, _ reason: String?) -> String? {
         status == TE_OK ? nil : (reason ?? "\(plugin.info.name): \(PluginStatus.describe(status))")
     }
 
@@ -305,95 +312,27 @@ final class PluginTransport: Transport, @unchecked Sendable {
         _ = drain(timeoutNs: 0)
     }
 
-    /// A synchronous request: harvested on this thread when the plugin splits requests itself
-    /// or the request is small; nil (run it through submit) otherwise.
-    func transferSync(_ op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64,
-                      deadline: UInt64) -> SyncOutcome? {
-        guard length <= inlineLimit || splitsRequests else { return nil }
-        return transferOne(op, local: local, peer: peer, remote: remote, length: length, spinNs: syncSpinNs, small: length <= 65536,
-                           deadline: deadline)
-    }
-
-    /// One request for a synchronous caller, polled for on the caller's thread until it completes
-    /// or the deadline passes: the caller gets its completion straight from the plugin, with no
-    /// batch, and the poller thread stays parked meanwhile (each thread hand-off costs a wake-up;
-    /// under emulation one costs about what a 4 KiB transfer does).
-    /// It busy-polls (poll with no wait) first, as verbs benchmarks do: a completion reaped that
-    /// way needs no thread wake-up at all. The busy-poll lasts `spinNs`; for a `small` transfer
-    /// (latency-bound: a wake-up would cost a share of it) twice the recent average of small
-    /// transfers where that is longer, up to 2 ms: a fabric that needs 300 us per 4 KiB
-    /// (soft-RoCE) keeps its callers polling, while on fast NICs nothing changes.
-    func transferOne(_ op: TransferRequest.Operation, local: UInt64, peer: UInt64, remote: UInt64, length: UInt64,
-                     spinNs: UInt64, small: Bool, deadline: UInt64) -> SyncOutcome {
-        let start = MonotonicClock.nanoseconds()
-        guard let cookie = inFlight.withLock({ state -> UInt64? in
-            if state.stopping { return nil }
-            state.syncCallers += 1
-            defer { state.next += 1 }
-            let cookie = state.next | Self.syncCookie
-            state.syncWaiting.append(cookie)
-            return cookie
-        }) else { return .failed("\(plugin.info.name): engine shut down") }
-        var request = te_request(opcode: op == .read ? TE_OP_READ : TE_OP_WRITE, flags: 0, local_addr: local, peer: peer,
-                                 remote_addr: remote, length: length, cookie: cookie)
-        // Set when this thread reaps its own completion; another thread's reap lands in syncResults.
-        var own: Ending? = nil
-        let (accepted, submitted) = withUnsafePointer(to: &request) { submitRequests(UnsafeBufferPointer(start: $0, count: 1)) }
-        if accepted == 0 { own = (submitted, submitFailure(submitted)) }
-        if own == nil {
-            let adaptive = small ? 2 * syncAverageNs.load(ordering: .relaxed) : 0
-            let spinUntil = start + (adaptive > spinNs && adaptive <= Self.maxAdaptiveSpinNs ? adaptive : spinNs)
-            while own == nil && !isShutDown {
-                let now = MonotonicClock.nanoseconds()
-                if now >= deadline { break }
-                let spinning = now < spinUntil
-                if drain(timeoutNs: spinning ? 0 : 200_000, mine: cookie, own: &own) != TE_OK { break }
-                if own != nil { break }
-                if spinning {
-                    sched_yield()
-                } else if inFlight.withLock({ state in state.syncResults.contains { $0.cookie == cookie } }) {
-                    break  // another thread reaped it (looked for once the busy-poll is over, then per wait)
-                }
-            }
-        }
-        let (result, wakePoller) = inFlight.withLock { state -> (Ending?, Bool) in
-            state.syncCallers -= 1
-            if let index = state.syncWaiting.firstIndex(of: cookie) { state.syncWaiting.remove(at: index) }
-            var theirs: Ending? = nil
-            if let index = state.syncResults.firstIndex(where: { $0.cookie == cookie }) {
-                let reaped = state.syncResults.remove(at: index)
-                theirs = (reaped.status, reaped.reason)
-            }
-            return (own ?? theirs, state.pollerParked && state.pollerNeeded)
-        }
-        if wakePoller { inFlight.notifyAll() }
-        guard let result else {
-            return isShutDown ? .failed("\(plugin.info.name): engine shut down") : .timedOut
-        }
-        guard result.status == TE_OK else { return .failed(failureText(result.status, result.reason)!) }
-        if small {
-            let average = syncAverageNs.load(ordering: .relaxed)
-            let took = MonotonicClock.nanoseconds() &- start
-            syncAverageNs.store(average == 0 ? took : (average * 7 + took) / 8, ordering: .relaxed)
-        }
-        return .completed
-    }
-
     /// One poll call; finishes every completion it returns. Returns the poll status.
-    private func drain(timeoutNs: UInt64) -> Int32 {
+    func drain(timeoutNs: UInt64) -> Int32 {
         var unused: Ending? = nil
         return drain(timeoutNs: timeoutNs, mine: 0, own: &unused)
     }
 
     /// One poll call; finishes every completion it returns, except that of cookie `mine` (a
     /// synchronous caller's, not 0), whose status goes to `own` without taking the lock.
-    private func drain(timeoutNs: UInt64, mine: UInt64, own: inout Ending?) -> Int32 {
+    func drain(timeoutNs: UInt64, mine: UInt64, own: inout Ending?, gated: Bool = true) -> Int32 {
         // Stack storage (the standard library keeps up to 1 KiB on the stack): a synchronous
         // caller spins through here, and a heap allocation per call showed up.
         withUnsafeTemporaryAllocation(of: te_completion.self, capacity: 32) { buffer in
             var count = 0
-            guard let status = entered({ d.poll!(instance, buffer.baseAddress, buffer.count, MemoryLayout<te_completion>.stride, timeoutNs, &count) })
-            else { return TE_OK }
+            let stride = MemoryLayout<te_completion>.stride
+            let result: Int32?
+            if gated {
+                result = entered { d.poll!(instance, buffer.baseAddress, buffer.count, stride, timeoutNs, &count) }
+            } else {
+                result = d.poll!(instance, buffer.baseAddress, buffer.count, stride, timeoutNs, &count)
+            }
+            guard let status = result else { return TE_OK }
             guard status == TE_OK else { return status }
             for completion in buffer.prefix(min(count, buffer.count)) {
                 if mine != 0 && completion.cookie == mine {
@@ -408,7 +347,7 @@ final class PluginTransport: Transport, @unchecked Sendable {
 
     /// Polls the plugin while slices are in flight that no synchronous caller harvests; parked
     /// otherwise, so a run of synchronous transfers wakes this thread not once.
-    private func pollLoop() {
+    func pollLoop() {
         defer { inFlight.withLock(notify: true) { $0.pollerDone = true } }
         while true {
             let stop = inFlight.wait { state -> Bool? in
