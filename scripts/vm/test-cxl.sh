@@ -13,8 +13,12 @@ cat > "$inner" <<INNER
 set -u
 bash scripts/vm/cxl-setup.sh || exit \$?
 ls -l /dev/dax* && daxctl list
-TE_CXL_GUEST=1 "$tests" --testing-library swift-testing --filter CXLGuestTests
+TE_CXL_GUEST=1 CONFORMANCE_ONLY="emulated CXL" "$tests" --testing-library swift-testing --filter "CXLGuestTests|ConformanceTests"
 INNER
 RXE_VM_MACHINE='q35,cxl=on,cxl-fmw.0.targets.0=cxl.1,cxl-fmw.0.size=4G' RXE_VM_EXTRA_QEMU="$(cat scripts/vm/cxl-qemu-args)" \
     run_guest_suite "cxl plugin on an emulated CXL device (in the guest)" -t "${TE_CXL_TEST_TIMEOUT:-600}" --script "$inner"
+if [ "$rc" = 0 ] && ! grep -q 'Suite "Transport conformance" passed' "$guest_log"; then
+    echo "error: the conformance suite's cxl case did not run in the guest" >&2
+    rc=1
+fi
 exit "$rc"

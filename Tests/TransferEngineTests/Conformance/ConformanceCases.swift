@@ -89,6 +89,10 @@ struct ConformanceCase: CustomStringConvertible, Sendable {
                         kind: .process, sharedMedium: "the pool outlives its processes", skips: [:]) { directory in
             ["MC_CXL_DEV_PATH": try file(in: directory, "pool", size: 256 << 20)]
         },
+        ConformanceCase(name: "cxl on the emulated CXL device", protocolName: "cxl",
+                        unavailable: ProcessInfo.processInfo.environment["TE_CXL_GUEST"] == "1" ? built("libtransport_cxl.so", "libcxl-dev and libdaxctl-dev")
+                            : "needs the emulated CXL device (scripts/vm/test-cxl.sh runs this case there)",
+                        kind: .process, deviceName: "auto-discovery", sharedMedium: "the pool outlives its processes", skips: [:]) { _ in [:] },
         ConformanceCase(name: "rdma on soft-RoCE (rxe0)", protocolName: "rdma",
                         unavailable: ProcessInfo.processInfo.environment["RXE_VM"] == "1" ? built("libtransport_rdma.so", "libibverbs-dev")
                             : "needs the soft-RoCE guest (scripts/vm/test-rdma.sh runs this case there)",
