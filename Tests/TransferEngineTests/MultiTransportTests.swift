@@ -167,6 +167,35 @@ struct MultiTransportTests {
         #expect(status.error?.contains("loopcopy:") == true && status.error?.contains("tcp:") == true, "\(status.error ?? "")")
     }
 
+    @Test("a request the peer refuses is not failed over (it must not get past the refusal) and does not cool the path")
+    func refusalIsNotFailover() throws {
+        let setup = try fixture()
+        let (logger, capture) = TestSupport.capturingLogger()
+        let engines = try pair(setup, "loopcopy", logger: logger)
+        defer { engines.shutdown() }
+        let (target, initiator, remote, local, handle) = (engines.target, engines.initiator, engines.remote, engines.local, engines.handle)
+        // Our cached descriptor still lists the buffer; the peer no longer has it registered.
+        try target.unregisterMemory(address: remote.address)
+        memset(remote.pointer, 0x11, remote.count)
+        local.fillPattern(seed: 4)
+        #expect {
+            try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096,
+                                       transportHint: "tcp")
+        } throws: { error in
+            "\(error)".contains("ADDR_REJECTED") && !"\(error)".contains("every path failed")
+        }
+        let batch = try initiator.allocateBatch(capacity: 1)
+        try initiator.submit([TransferRequest(operation: .write, localAddress: local.address, segment: handle, remoteAddress: remote.address,
+                                              length: 8192)], to: batch, transportHint: "tcp")
+        #expect(try initiator.wait(batch: batch, timeoutNs: 10_000_000_000))
+        let status = try initiator.status(batch: batch, task: 0)
+        #expect(status.state == .failed && status.error?.contains("ADDR_REJECTED") == true, "\(status)")
+        // Neither request reached the unregistered memory through the other transport.
+        #expect(remote.bytes.allSatisfy { $0 == 0x11 })
+        #expect(!capture.messages(at: .warning).contains { $0.contains("failing over") })
+        #expect(try initiator.routes(segment: handle, hint: "tcp").first?.order.map(\.why).allSatisfy { !$0.contains("failed recently") } == true)
+    }
+
     @Test("installTransport and uninstallTransport change what runs and what peers see, at run time")
     func installAndUninstall() throws {
         let setup = try fixture()

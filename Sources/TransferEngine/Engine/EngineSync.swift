@@ -40,6 +40,7 @@ extension TransferEngine {
                 return try runSync([rest], earlierFailures: failures)
             }
             if outcome == .completed { return }
+            if case .rejected(let reason) = outcome { throw EngineError.transferFailed(reason) }
             let name = order[index].protocolName
             guard case .failed(let reason) = outcome else {
                 throw EngineError.timeout("\(operation) of \(length) bytes to \(planned.peer.name) over \(name)")

@@ -82,7 +82,10 @@ extension PluginTransport {
         guard let result else {
             return isShutDown ? .failed("\(plugin.info.name): engine shut down") : .timedOut
         }
-        guard result.status == TE_OK else { return .failed(failureText(result.status, result.reason)!) }
+        guard result.status == TE_OK else {
+            let text = failureText(result.status, result.reason)!
+            return Self.isRequestRefusal(result.status) ? .rejected(text) : .failed(text)
+        }
         if small {
             let average = syncAverageNs.load(ordering: .relaxed)
             let took = MonotonicClock.nanoseconds() &- start

@@ -272,7 +272,12 @@ final class PluginTransport: Transport, @unchecked Sendable {
             }
             return state.slices.removeValue(forKey: cookie)
         }) else { return }
-        slice.token.finish(slice, on: protocolName, error: failureText(status, reason))
+        slice.token.finish(slice, on: protocolName, error: failureText(status, reason), rejected: Self.isRequestRefusal(status))
+    }
+
+    /// Completion statuses that refuse the request itself (its range, its memory), not the path.
+    static func isRequestRefusal(_ status: Int32) -> Bool {
+        status == TE_ERR_OUT_OF_RANGE || status == TE_ERR_INVALID_ARGUMENT || status == TE_ERR_REJECTED
     }
 
     func failureText(_ status: Int32, _ reason: String?) -> String? {

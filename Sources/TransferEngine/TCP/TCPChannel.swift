@@ -254,7 +254,8 @@ final class TCPChannel: @unchecked Sendable {
         var reports: [ObjectIdentifier: (Batch, [(task: Int, bytes: UInt64, error: String?)])] = [:]
         for (slice, error) in zip(run, outcome.errors) {
             if let error {
-                slice.token.finish(slice, on: "tcp", error: "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \(error)")
+                slice.token.finish(slice, on: "tcp", error: "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \(error)",
+                                   rejected: TransferRejection.isRequestRefusal(error))
             } else {
                 reports[ObjectIdentifier(slice.token.batch), default: (slice.token.batch, [])].1.append((slice.token.task, slice.length, nil))
             }
@@ -391,6 +392,12 @@ struct ConnectionLost: Error, CustomStringConvertible {
 /// A non-OK v2 status frame (or a frame without the magic).
 struct TransferRejection: Error, CustomStringConvertible {
     var status: UInt32
+
+    /// Whether `error` is the peer refusing this request's range (not a broken path).
+    static func isRequestRefusal(_ error: Error) -> Bool {
+        (error as? TransferRejection)?.status == TCPWire.Status.addressRejected.rawValue
+    }
+
     var description: String {
         switch status {
         case TCPWire.Status.addressRejected.rawValue: return "the peer rejected the address range (ADDR_REJECTED)"

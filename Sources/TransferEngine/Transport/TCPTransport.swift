@@ -68,7 +68,8 @@ final class TCPPeer: TransportPeer, @unchecked Sendable {
                                       remoteAddress: remoteAddress, length: length)
             return .completed
         } catch {
-            return .failed("\(operation) of \(length) bytes to \(segment): \(error)")
+            let text = "\(operation) of \(length) bytes to \(segment): \(error)"
+            return TransferRejection.isRequestRefusal(error) ? .rejected(text) : .failed(text)
         }
     }
 

@@ -46,6 +46,9 @@ enum SyncOutcome: Equatable {
     case completed
     /// The path failed; the text says why.
     case failed(String)
+    /// The peer refused this request (its range, its memory): another path would be refused
+    /// too, or worse, get past the refusal; the path itself is fine.
+    case rejected(String)
     /// The deadline passed first.
     case timedOut
 }
@@ -94,13 +97,16 @@ struct CompletionToken: @unchecked Sendable {
         }
     }
 
-    /// Reports one slice's end; a failure goes to the failover when there is one.
-    func finish(_ slice: TransferSlice, on protocolName: String, error: String?) {
+    /// Reports one slice's end; a path failure goes to the failover when there is one. A request
+    /// the peer refused (`rejected`) ends its task: it must not get past the refusal elsewhere.
+    func finish(_ slice: TransferSlice, on protocolName: String, error: String?, rejected: Bool = false) {
         switch sink {
         case .batch(let batch):
             batch.sliceFinished(task: task, bytes: error == nil ? slice.length : 0, error: error)
         case .failover(let failover):
-            if let error {
+            if let error, rejected {
+                failover.batch.sliceFinished(task: task, bytes: 0, error: error)
+            } else if let error {
                 failover.sliceFailed(slice, task: task, on: protocolName, reason: error)
             } else {
                 failover.batch.sliceFinished(task: task, bytes: slice.length, error: nil)
