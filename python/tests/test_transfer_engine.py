@@ -45,6 +45,10 @@ def engine():
 
 def test_module_surface():
     assert TransferOpcode.Read == 0 and TransferOpcode.Write == 1
+    # As upstream's pybind enum: nested on the class, and its values exported at module level.
+    assert TransferEngine.TransferOpcode is TransferOpcode
+    assert transfer_engine.Read == TransferOpcode.Read and transfer_engine.Write == TransferOpcode.Write
+    assert int(TransferEngine.TransferOpcode.Write) == 1
     for name in ["SUPPORT_EFA", "SUPPORT_HIP", "SUPPORT_MNNVL", "SUPPORT_INTRA_NVLINK", "SUPPORT_CUDA", "SUPPORT_MUSA"]:
         assert isinstance(getattr(transfer_engine, name), bool)
     assert transfer_engine.SUPPORT_EFA is False  # no efa plugin is built yet
@@ -119,7 +123,8 @@ def test_remaining_methods(peer):
     e = TransferEngine()
     assert e.initialize_ext("127.0.0.1", "P2PHANDSHAKE", "tcp", "", "p2p") == 0
     assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == -1  # already initialized
-    assert e.get_engine() is e and e.get_engine_ptr() != 0
+    inner = e.get_engine()
+    assert isinstance(inner, transfer_engine.InnerTransferEngine) and inner.handle == e.get_engine_ptr() != 0
     topology = json.loads(e.get_local_topology())
     assert isinstance(topology, dict)
     block = 4096

@@ -12,13 +12,14 @@ the failure value. Blocking calls release the GIL (ctypes drops it for the
 duration of every foreign call).
 """
 import ctypes
+import enum
 import json
 import os
 
 # The Swift runtime must not take over this process's crash handling.
 os.environ.setdefault("SWIFT_BACKTRACE", "enable=no")
 
-__all__ = ["TransferEngine", "TransferOpcode", "TransferNotify", "SUPPORT_EFA", "SUPPORT_HIP", "SUPPORT_MNNVL",
+__all__ = ["TransferEngine", "TransferOpcode", "TransferNotify", "InnerTransferEngine", "Read", "Write", "SUPPORT_EFA", "SUPPORT_HIP", "SUPPORT_MNNVL",
            "SUPPORT_MUSA", "SUPPORT_INTRA_NVLINK", "SUPPORT_CUDA", "library_path"]
 
 _INVALID_BATCH = 2**64 - 1
@@ -109,10 +110,31 @@ def last_error():
     return (_last_error() or b"").decode(errors="replace")
 
 
-class TransferOpcode:
-    """Transfer direction, as ``mooncake.engine.TransferOpcode``."""
+class TransferOpcode(enum.IntEnum):
+    """Transfer direction, as ``mooncake.engine.TransferOpcode`` (also ``TransferEngine.TransferOpcode``,
+    and ``Read`` / ``Write`` at module level, as upstream's exported enum values)."""
     Read = 0
     Write = 1
+
+
+Read = TransferOpcode.Read
+Write = TransferOpcode.Write
+
+
+class InnerTransferEngine:
+    """What ``TransferEngine.get_engine()`` returns, as upstream's ``InnerTransferEngine``: the engine
+    behind the Python object, to hand to other components. ``handle`` is the C API handle."""
+
+    def __init__(self, outer):
+        self._outer = outer
+
+    @property
+    def handle(self):
+        """The C API handle (``transfer_engine_t``) as an integer, 0 when not initialized."""
+        return self._outer.get_engine_ptr()
+
+    def __repr__(self):
+        return f"InnerTransferEngine(handle=0x{self.handle:x})"
 
 
 class TransferNotify:
@@ -226,8 +248,8 @@ class TransferEngine:
         return buffer.value.decode()
 
     def get_engine(self):
-        """The engine object (this object: there is no separate inner engine)."""
-        return self
+        """The engine behind this object, as upstream's ``InnerTransferEngine``."""
+        return InnerTransferEngine(self)
 
     def get_engine_ptr(self):
         """The C API handle as an integer."""
@@ -464,3 +486,7 @@ class TransferEngine:
     def warmup_efa_segment(self, segment_name):
         """Opens the segment so the first transfer does not pay for it."""
         return 0 if self._segment(segment_name) >= 0 else -1
+
+
+# Upstream binds the enum on the class too: TransferEngine.TransferOpcode.Write
+TransferEngine.TransferOpcode = TransferOpcode
