@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 @testable import TransferEngine
 
@@ -94,12 +95,16 @@ struct ConformanceTests {
         source.fillPattern(seed: 5)
         let handle = try engine.openSegment(target.segment)
         let failures = Failures()
+        let slowest = Mutex<Double>(0)
         DispatchQueue.concurrentPerform(iterations: 4) { thread in
             let region = UInt64(thread) << 20
             do {
                 for round in 0..<20 {
                     let at = region + UInt64(round % 8) * 65536
+                    let began = Date()
                     try engine.transferSync(.write, localAddress: source.address + at, segment: handle, remoteAddress: target.base + at, length: 65536)
+                    let took = Date().timeIntervalSince(began)
+                    slowest.withLock { $0 = max($0, took) }
                     let batch = try engine.allocateBatch(capacity: 1)
                     try engine.submit([TransferRequest(operation: .read, localAddress: sink.address + at, segment: handle,
                                                        remoteAddress: target.base + at, length: 65536)], to: batch)
@@ -111,6 +116,7 @@ struct ConformanceTests {
             } catch { failures.add("thread \(thread): \(error)") }
         }
         #expect(failures.all.isEmpty, "\(testCase.name): \(failures.all)")
+        print("conformance: \(testCase.name): four threads: slowest 64 KiB sync write \(String(format: "%.1f", slowest.withLock { $0 } * 1000)) ms")
     }
 
     @Test("out-of-range and unregistered requests are refused before anything moves", arguments: ConformanceCase.all)
