@@ -186,15 +186,6 @@ final class Batch: @unchecked Sendable {
         }
     }
 
-    /// Whether any task is still in flight.
-    var hasUnfinishedTasks: Bool {
-        let now = MonotonicClock.nanoseconds()
-        return state.withLock { state in
-            _ = Self.expire(&state, now: now)
-            return state.unfinished > 0
-        }
-    }
-
     /// Blocks until every task finished (or ended) or the monotonic deadline passes; true when all did.
     func waitAll(deadline: UInt64?) -> Bool {
         while true {

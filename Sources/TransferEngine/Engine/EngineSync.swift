@@ -47,7 +47,7 @@ extension TransferEngine {
             }
             failures.append(order.count > 1 ? "\(name): \(reason)" : reason)
             if router.markFailed(name, segment: planned.peer.name), index + 1 < order.count {
-                logger.warning("\(name) path to \(planned.peer.name) failed (\(reason)); failing over to \(order[index + 1].protocolName), \(name) tried last for \(settings.pathCooldownMs) ms")
+                logger.warning("\(Self.failoverLine(from: name, to: order[index + 1].protocolName, segment: planned.peer.name, reason: reason, cooldownMs: settings.pathCooldownMs))")
             }
             index += 1
         }

@@ -255,7 +255,12 @@ extension TransferEngine {
                      return try self.link(to: peer, over: transport)
                  },
                  onFailover: { [logger, cooldown = settings.pathCooldownMs, name = peer.name] from, to, reason in
-                     logger.warning("\(from) path to \(name) failed (\(reason)); failing over to \(to), \(from) tried last for \(cooldown) ms")
+                     logger.warning("\(Self.failoverLine(from: from, to: to, segment: name, reason: reason, cooldownMs: cooldown))")
                  })
+    }
+
+    /// The one warning a path's first failure gives (batched and synchronous requests alike).
+    static func failoverLine(from: String, to: String, segment: String, reason: String, cooldownMs: Int) -> String {
+        "\(from) path to \(segment) failed (\(reason)); failing over to \(to), \(from) tried last for \(cooldownMs) ms"
     }
 }

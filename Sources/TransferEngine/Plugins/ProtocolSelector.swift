@@ -100,9 +100,8 @@ public enum ProtocolSelector {
         let (names, notes) = parseList(rawList)
         var selections: [Selection] = []
         for name in names where name != "tcp" {
-            var selection = try select(requested: name, catalog: catalog, environment: environment, probeOptions: probeOptions)
+            let selection = try select(requested: name, catalog: catalog, environment: environment, probeOptions: probeOptions)
             if selection.plugin != nil, selections.contains(where: { $0.plugin != nil && $0.effective == selection.effective }) { continue }
-            selection.fallbackTarget = "tcp"
             selections.append(selection)
         }
         let running = selections.filter { $0.plugin != nil }.map(\.effective) + ["tcp"]
