@@ -66,4 +66,55 @@ struct CancellationTests {
         // The engine still works.
         try engine.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 4096)
     }
+
+    @Test("a batched read whose bytes are still arriving at its deadline ends as TIMEOUT at the deadline, and nothing of it lands later (tcp)")
+    func lateBytesNeverLandBatched() throws {
+        let peer = try DelayedDataPeer(delay: 1.5)
+        defer { peer.stop() }
+        let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
+        defer { engine.shutdown() }
+        let local = TestBuffer(1 << 20)
+        memset(local.pointer, 0, local.count)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(peer.segment)
+        let batch = try engine.allocateBatch(capacity: 1, timeoutNs: 400_000_000)
+        let started = Date()
+        try engine.submit([TransferRequest(operation: .read, localAddress: local.address, segment: handle,
+                                           remoteAddress: DelayedDataPeer.bufferAddress, length: 256 << 10)], to: batch)
+        #expect(try engine.wait(batch: batch, timeoutNs: 10_000_000_000))
+        let waited = Date().timeIntervalSince(started)
+        let status = try engine.status(batch: batch, task: 0)
+        #expect(status.state == .timeout, "\(status)")
+        #expect(status.error?.contains("deadline") == true, "\(status)")
+        #expect(waited >= 0.39 && waited < 1.2, "TIMEOUT after \(waited) s (deadline 0.4 s, late bytes at 1.5 s)")
+        #expect(local.bytes.contains(0x11), "the first half arrived before the deadline")
+        // The caller was told the request is over: the late half must never land.
+        Thread.sleep(forTimeInterval: 1.6)
+        #expect(!local.bytes.contains(0x22), "bytes of a timed-out read landed after TIMEOUT was reported")
+        try engine.freeBatch(batch)
+    }
+
+    @Test("a synchronous read whose bytes are still arriving at MC_TRANSFER_TIMEOUT throws a timeout, and nothing of it lands later (tcp)")
+    func lateBytesNeverLandSync() throws {
+        let peer = try DelayedDataPeer(delay: 5.6)
+        defer { peer.stop() }
+        let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment(["MC_TRANSFER_TIMEOUT": "5"]))
+        defer { engine.shutdown() }
+        let local = TestBuffer(64 << 10)
+        memset(local.pointer, 0, local.count)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(peer.segment)
+        let started = Date()
+        #expect {
+            try engine.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: DelayedDataPeer.bufferAddress, length: 4096)
+        } throws: { error in
+            if case EngineError.timeout = error { return true }
+            Issue.record("expected a timeout, got \(error)")
+            return false
+        }
+        let waited = Date().timeIntervalSince(started)
+        #expect(waited >= 4.9 && waited < 5.5, "\(waited) s")
+        Thread.sleep(forTimeInterval: 0.9)
+        #expect(!local.bytes.contains(0x22), "bytes of a timed-out synchronous read landed after it threw")
+    }
 }

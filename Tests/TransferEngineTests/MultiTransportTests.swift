@@ -323,9 +323,9 @@ struct MultiTransportTests {
         }
     }
 
-    @Test("a request that never completes ends as TIMEOUT at MC_TRANSFER_TIMEOUT")
+    @Test("a request a plugin never gives back ends as TIMEOUT at MC_TRANSFER_TIMEOUT plus MC_FREE_BATCH_WAIT_MS, saying its buffer may still be in use")
     func deadline() throws {
-        let setup = try fixture(["MC_TRANSFER_TIMEOUT": "5"])
+        let setup = try fixture(["MC_TRANSFER_TIMEOUT": "5", "MC_FREE_BATCH_WAIT_MS": "1000"])
         let engines = try pair(setup, "loopcopy")
         defer { engines.shutdown() }
         let (initiator, remote, local, handle) = (engines.initiator, engines.remote, engines.local, engines.handle)
@@ -337,8 +337,10 @@ struct MultiTransportTests {
         #expect(try initiator.status(batch: batch, task: 0).state == .pending)
         #expect(try initiator.wait(batch: batch, timeoutNs: 15_000_000_000))
         let waited = Date().timeIntervalSince(started)
-        #expect(try initiator.status(batch: batch, task: 0).state == .timeout)
-        #expect(waited >= 4.9 && waited < 8, "\(waited) s")
+        let status = try initiator.status(batch: batch, task: 0)
+        #expect(status.state == .timeout)
+        #expect(status.error?.contains("may still be read or written") == true, "\(status)")
+        #expect(waited >= 5.9 && waited < 9, "\(waited) s")
     }
 }
 

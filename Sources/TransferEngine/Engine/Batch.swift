@@ -4,9 +4,12 @@ import Synchronization
 ///
 /// Transports report finished slices through `sliceFinished`; a task with several slices
 /// completes when the last one does, and fails if any did. A task still pending at its
-/// deadline ends as `timeout`, and `cancel` ends every pending task as `canceled`; slices of
-/// an ended task that end later change nothing, but are still counted, so `waitQuiet` can
-/// tell when no transport holds any slice of the batch.
+/// deadline ends as `timeout` once the transports gave its slices back (they stop their I/O at
+/// the deadline), so nothing lands in a buffer the caller was told is finished; a transport
+/// that keeps a slice longer than `graceNs` past the deadline no longer holds the status back
+/// (its error says the buffer may still be written). `cancel` ends every pending task as
+/// `canceled`; slices of an ended task that end later change nothing, but are still counted,
+/// so `waitQuiet` can tell when no transport holds any slice of the batch.
 final class Batch: @unchecked Sendable {
     private struct Task {
         var status = TransferStatus(state: .waiting)
@@ -33,13 +36,16 @@ final class Batch: @unchecked Sendable {
     /// The deadline of its requests, from submission (nil: the engine's default).
     let timeoutNs: UInt64?
     private let state = ConditionLock(State())
+    /// How long past its deadline a task waits for the transports to give its slices back.
+    let graceNs: UInt64
     /// Set by `cancel`; transports check it before they start a slice.
     private let canceled = Atomic<Bool>(false)
 
-    init(id: BatchID, capacity: Int, timeoutNs: UInt64? = nil) {
+    init(id: BatchID, capacity: Int, timeoutNs: UInt64? = nil, graceNs: UInt64 = 5_000_000_000) {
         self.id = id
         self.capacity = capacity
         self.timeoutNs = timeoutNs
+        self.graceNs = graceNs
     }
 
     /// Whether the batch was canceled: queued slices of it need not run.
@@ -108,28 +114,34 @@ final class Batch: @unchecked Sendable {
         state.outstanding -= 1
         if state.tasks[index].ended { return state.outstanding == 0 }
         if let error {
-            state.tasks[index].status.state = .failed
+            let deadline = state.tasks[index].deadline
+            state.tasks[index].status.state = deadline != 0 && MonotonicClock.nanoseconds() >= deadline ? .timeout : .failed
             if state.tasks[index].status.error == nil { state.tasks[index].status.error = error }
         } else {
             state.tasks[index].status.transferredBytes += bytes
         }
         guard state.tasks[index].pendingSlices == 0 else { return false }
-        if state.tasks[index].status.state != .failed { state.tasks[index].status.state = .completed }
+        if state.tasks[index].status.state == .pending { state.tasks[index].status.state = .completed }
         state.unfinished -= 1
         return state.unfinished == 0 || state.outstanding == 0
     }
 
-    /// Ends every unfinished task whose deadline passed as `timeout`; true when that finished the batch.
-    private static func expire(_ state: inout State, now: UInt64) -> Bool {
+    /// Ends as `timeout` every unfinished task whose deadline passed more than `graceNs` ago
+    /// (the transports still hold part of it); true when that finished the batch. Until then
+    /// `earliestDeadline` is when to look again.
+    private func expire(_ state: inout State, now: UInt64) -> Bool {
         guard now >= state.earliestDeadline else { return false }
         var earliest = UInt64.max
         for index in state.tasks.indices where state.tasks[index].pendingSlices > 0 && !state.tasks[index].ended {
             let deadline = state.tasks[index].deadline
             if deadline == 0 { continue }
-            if deadline > now { earliest = min(earliest, deadline); continue }
+            let (end, overflow) = deadline.addingReportingOverflow(graceNs)
+            let endsAt = overflow ? UInt64.max : end
+            if endsAt > now { earliest = min(earliest, deadline > now ? deadline : endsAt); continue }
             state.tasks[index].ended = true
             state.tasks[index].status.state = .timeout
-            state.tasks[index].status.error = "did not finish within its deadline"
+            state.tasks[index].status.error = "did not finish within its deadline, and a transport still held it \(graceNs / 1_000_000) ms later: "
+                + "its buffers may still be read or written until the batch is freed"
             state.unfinished -= 1
         }
         state.earliestDeadline = earliest
@@ -172,7 +184,7 @@ final class Batch: @unchecked Sendable {
     func status(task index: Int) -> TransferStatus? {
         let now = MonotonicClock.nanoseconds()
         return state.withLock { state in
-            _ = Self.expire(&state, now: now)
+            _ = expire(&state, now: now)
             return index >= 0 && index < state.tasks.count ? state.tasks[index].status : nil
         }
     }
@@ -181,7 +193,7 @@ final class Batch: @unchecked Sendable {
     var statuses: [TransferStatus] {
         let now = MonotonicClock.nanoseconds()
         return state.withLock { state in
-            _ = Self.expire(&state, now: now)
+            _ = expire(&state, now: now)
             return state.tasks.map(\.status)
         }
     }
@@ -191,7 +203,7 @@ final class Batch: @unchecked Sendable {
         while true {
             let now = MonotonicClock.nanoseconds()
             let (done, wakeAt) = state.withLock { state -> (Bool, UInt64) in
-                (Self.expire(&state, now: now) || state.unfinished == 0, state.earliestDeadline)
+                (expire(&state, now: now) || state.unfinished == 0, state.earliestDeadline)
             }
             if done { return true }
             if let deadline, now >= deadline { return false }

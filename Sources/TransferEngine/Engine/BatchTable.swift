@@ -2,7 +2,7 @@
 extension TransferEngine {
     /// Allocates a batch that can hold `capacity` tasks. `timeoutNs` is the deadline of each of
     /// its requests from submission (nil: MC_TRANSFER_TIMEOUT plus 1 ns per byte); a request
-    /// still pending then reads `timeout`.
+    /// still pending then reads `timeout` (once the transports gave it back, see `Batch`).
     public func allocateBatch(capacity: Int, timeoutNs: UInt64? = nil) throws -> BatchID {
         guard capacity > 0, capacity <= 1 << 20 else { throw EngineError.invalidArgument("batch capacity \(capacity) (1...1048576)") }
         if let timeoutNs, timeoutNs == 0 || timeoutNs > 86_400_000_000_000 {
@@ -11,7 +11,7 @@ extension TransferEngine {
         return state.withLock { state in
             let id = state.nextBatch
             state.nextBatch += 1
-            state.batches[id] = Batch(id: id, capacity: capacity, timeoutNs: timeoutNs)
+            state.batches[id] = Batch(id: id, capacity: capacity, timeoutNs: timeoutNs, graceNs: UInt64(settings.freeBatchWaitMs) * 1_000_000)
             return id
         }
     }

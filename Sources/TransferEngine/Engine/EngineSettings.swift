@@ -24,7 +24,8 @@ extension TransferEngine {
         var dataMaxPerAddress = 256
         /// How long a synchronous plugin transfer busy-polls the plugin before it waits (MC_PLUGIN_SYNC_SPIN_US).
         var pluginSyncSpinNs: UInt64 = 50_000
-        /// How long freeing a batch waits for its canceled requests to leave the transports (MC_FREE_BATCH_WAIT_MS).
+        /// How long freeing a batch waits for its canceled requests to leave the transports, and how long
+        /// past its deadline a request waits for them to give it back (MC_FREE_BATCH_WAIT_MS).
         var freeBatchWaitMs = 5000
         /// How long a failed path (transport, peer) is tried last (MC_PATH_COOLDOWN_MS).
         var pathCooldownMs = 5000

@@ -232,7 +232,8 @@ extension TransferEngine {
             while offset < r.length {
                 let size = min(piece, r.length - offset)
                 lanes[lane].slices.append(TransferSlice(operation: r.operation, localAddress: r.localAddress + offset,
-                                                        remoteAddress: r.remoteAddress + offset, length: size, token: token))
+                                                        remoteAddress: r.remoteAddress + offset, length: size, token: token,
+                                                        deadline: deadline))
                 offset += size
             }
         }

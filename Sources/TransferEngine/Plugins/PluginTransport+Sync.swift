@@ -55,9 +55,13 @@ extension PluginTransport {
         if own == nil {
             let adaptive = small ? 2 * syncAverageNs.load(ordering: .relaxed) : 0
             let spinUntil = start + (adaptive > spinNs && adaptive <= Self.maxAdaptiveSpinNs ? adaptive : spinNs)
+            // Past the deadline the plugin still owns the caller's buffer: wait (a bounded while)
+            // for it to give the request back before telling the caller it is over.
+            let (end, overflow) = deadline.addingReportingOverflow(releaseGraceNs)
+            let giveUp = overflow ? UInt64.max : end
             while own == nil && !isShutDown {
                 let now = MonotonicClock.nanoseconds()
-                if now >= deadline { break }
+                if now >= giveUp { break }
                 let spinning = now < spinUntil
                 if drain(timeoutNs: spinning ? 0 : 200_000, mine: cookie, own: &own, gated: false) != TE_OK { break }
                 if own != nil { break }
@@ -80,8 +84,11 @@ extension PluginTransport {
         }
         if wakePoller { inFlight.notifyAll() }
         guard let result else {
-            return isShutDown ? .failed("\(plugin.info.name): engine shut down") : .timedOut
+            if isShutDown { return .failed("\(plugin.info.name): engine shut down") }
+            logger.warning("\(plugin.info.name): a synchronous \(op) of \(length) bytes timed out and the plugin still holds it \(releaseGraceNs / 1_000_000) ms later: its buffer may still be read or written")
+            return .timedOut
         }
+        if MonotonicClock.nanoseconds() >= deadline { return result.status == TE_OK ? .completed : .timedOut }
         guard result.status == TE_OK else {
             let text = failureText(result.status, result.reason)!
             return Self.isRequestRefusal(result.status) ? .rejected(text) : .failed(text)

@@ -34,6 +34,9 @@ final class PluginTransport: Transport, @unchecked Sendable {
     let syncSpinNs: UInt64
     /// Requests up to this size run synchronously on the caller's thread unless the plugin splits requests itself.
     let inlineLimit: UInt64
+    /// How long past its deadline a synchronous caller waits for the plugin to give its request
+    /// back (its buffer may be in use until then; MC_FREE_BATCH_WAIT_MS).
+    let releaseGraceNs: UInt64
 
     /// What is in flight, and who polls the plugin for it.
     struct State {
@@ -66,12 +69,14 @@ final class PluginTransport: Transport, @unchecked Sendable {
     var d: te_plugin_descriptor { plugin.descriptor.pointee }
 
     /// Creates the instance (`create`) and starts polling.
-    init(plugin: LoadedPlugin, protocolName: String, optionsJSON: String, syncSpinNs: UInt64, inlineLimit: UInt64, logger: Logger,
+    init(plugin: LoadedPlugin, protocolName: String, optionsJSON: String, syncSpinNs: UInt64, inlineLimit: UInt64,
+         releaseGraceNs: UInt64 = 5_000_000_000, logger: Logger,
          handshake: @escaping @Sendable (_ peerSegment: String, _ requestJSON: String) throws -> String) throws {
         self.plugin = plugin
         self.protocolName = protocolName
         self.syncSpinNs = syncSpinNs
         self.inlineLimit = inlineLimit
+        self.releaseGraceNs = releaseGraceNs
         self.logger = logger
         let services = PluginHostServices.make(logger: logger, handshake: handshake)
         self.services = services

@@ -337,7 +337,9 @@ final class Socket: @unchecked Sendable {
     }
 
     /// Receives exactly the bytes of every region, in order, with as few syscalls as possible.
-    func receiveAll(_ parts: [UnsafeMutableRawBufferPointer]) throws {
+    /// With a `deadline` (monotonic ns) it fails once that passes between calls; the socket's
+    /// receive timeout bounds each call.
+    func receiveAll(_ parts: [UnsafeMutableRawBufferPointer], deadline: UInt64? = nil) throws {
         var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
         let expected = vectors.reduce(0) { $0 + $1.iov_len }
         var total = 0
@@ -357,6 +359,7 @@ final class Socket: @unchecked Sendable {
             }
             total += n
             Self.consume(n, from: &vectors, at: &index)
+            if let deadline, index < vectors.count, MonotonicClock.nanoseconds() >= deadline { throw SocketError.timedOut("receive") }
         }
     }
 

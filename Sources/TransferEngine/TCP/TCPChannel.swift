@@ -104,12 +104,14 @@ final class TCPChannel: @unchecked Sendable {
     }
 
     /// Runs one request on the caller's thread (synchronous path).
-    func performInline(operation: TCPWire.Operation, localAddress: UInt64, remoteAddress: UInt64, length: UInt64) throws {
+    /// Its I/O stops at `deadline` (monotonic ns, 0: none).
+    func performInline(operation: TCPWire.Operation, localAddress: UInt64, remoteAddress: UInt64, length: UInt64,
+                       deadline: UInt64 = 0) throws {
         let socket = try takeSocket()
         // Small synchronous requests spin briefly for the answer instead of sleeping.
         let spin: UInt64 = length <= Self.spinThreshold ? Self.spinNanoseconds : 0
         let outcome = performRun([Step(operation: operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)],
-                                 on: socket, spinNanoseconds: spin)
+                                 on: socket, spinNanoseconds: spin, deadline: deadline)
         if outcome.healthy { returnSocket(socket) } else { socket.close() }
         if let error = outcome.errors[0] { throw error }
     }
@@ -222,7 +224,7 @@ final class TCPChannel: @unchecked Sendable {
     }
 
     /// Executes one run on the lane's connection and reports each slice. Slices of a canceled
-    /// batch are dropped unsent.
+    /// batch, or past their deadline, are dropped unsent; the run's I/O stops at its nearest deadline.
     private func process(_ run: [TransferSlice], socket: inout Socket?) {
         var run = run
         if run.contains(where: { $0.token.batch.isCanceled }) {
@@ -230,6 +232,16 @@ final class TCPChannel: @unchecked Sendable {
             run.removeAll { $0.token.batch.isCanceled }
             if run.isEmpty { return }
         }
+        let now = MonotonicClock.nanoseconds()
+        if run.contains(where: { $0.deadline != 0 && $0.deadline <= now }) {
+            for slice in run where slice.deadline != 0 && slice.deadline <= now {
+                slice.token.finish(slice, on: "tcp", error: "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \(DeadlinePassed(started: false))",
+                                   rejected: true)
+            }
+            run.removeAll { $0.deadline != 0 && $0.deadline <= now }
+            if run.isEmpty { return }
+        }
+        let deadline = run.reduce(UInt64.max) { $1.deadline == 0 ? $0 : min($0, $1.deadline) }
         if socket == nil {
             do { socket = try takeSocket() } catch {
                 fail(run, "connect to \(host):\(port): \(error)")
@@ -247,7 +259,8 @@ final class TCPChannel: @unchecked Sendable {
             return
         }
         let outcome = performRun(run.map { Step(operation: $0.operation == .read ? .read : .write, localAddress: $0.localAddress,
-                                                remoteAddress: $0.remoteAddress, length: $0.length) }, on: socket!)
+                                                remoteAddress: $0.remoteAddress, length: $0.length) }, on: socket!,
+                                 deadline: deadline == UInt64.max ? 0 : deadline)
         state.withLock { _ = $0.busySockets.removeValue(forKey: id) }
         // Successes are reported per batch, so each batch takes its lock once per run; a failure
         // goes through its token (which may resubmit it on another path).
@@ -255,7 +268,7 @@ final class TCPChannel: @unchecked Sendable {
         for (slice, error) in zip(run, outcome.errors) {
             if let error {
                 slice.token.finish(slice, on: "tcp", error: "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \(error)",
-                                   rejected: TransferRejection.isRequestRefusal(error))
+                                   rejected: TransferRejection.isRequestRefusal(error) || error is DeadlinePassed)
             } else {
                 reports[ObjectIdentifier(slice.token.batch), default: (slice.token.batch, [])].1.append((slice.token.task, slice.length, nil))
             }

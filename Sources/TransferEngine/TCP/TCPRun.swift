@@ -25,7 +25,35 @@ extension TCPChannel {
     /// collects the answers in order (the server handles a connection's requests sequentially).
     /// Writes: all headers and payloads in one gathered send, then the status frames.
     /// Reads: all headers in one send, then status frames and data scattered straight into place.
-    func performRun(_ steps: [Step], on socket: Socket, spinNanoseconds: UInt64 = 0) -> RunOutcome {
+    /// With a `deadline` (monotonic ns, 0: none) its I/O stops there: the run then fails with
+    /// `DeadlinePassed` and nothing more of it lands in local memory.
+    func performRun(_ steps: [Step], on socket: Socket, spinNanoseconds: UInt64 = 0, deadline: UInt64 = 0) -> RunOutcome {
+        guard deadline != 0 else { return performRun(steps, on: socket, spinNanoseconds: spinNanoseconds, bounded: nil) }
+        let now = MonotonicClock.nanoseconds()
+        guard now < deadline else {
+            return RunOutcome(errors: Array(repeating: DeadlinePassed(started: false), count: steps.count), healthy: true)
+        }
+        // Each socket call waits at most the status timeout; a nearer deadline bounds it instead
+        // (only then: the common, distant deadline costs no system call).
+        let remainingMs = Int((deadline - now) / 1_000_000) + 1
+        let near = remainingMs < settings.statusTimeoutMs
+        if near { socket.setTimeouts(receiveMs: remainingMs, sendMs: remainingMs) }
+        var outcome = performRun(steps, on: socket, spinNanoseconds: spinNanoseconds, bounded: deadline)
+        if near && outcome.healthy { socket.setTimeouts(receiveMs: settings.statusTimeoutMs, sendMs: settings.statusTimeoutMs) }
+        if MonotonicClock.nanoseconds() >= deadline {
+            outcome.errors = outcome.errors.map { $0.map { Self.isTimeout($0) ? DeadlinePassed(started: true) : $0 } }
+        }
+        return outcome
+    }
+
+    /// Whether a run's error is its socket timing out (the connection or its peer lost, as such).
+    private static func isTimeout(_ error: Error) -> Bool {
+        if case .timedOut = error as? SocketError { return true }
+        if let lost = error as? ConnectionLost { return lost.cause.hasSuffix("timed out") }
+        return false
+    }
+
+    private func performRun(_ steps: [Step], on socket: Socket, spinNanoseconds: UInt64, bounded deadline: UInt64?) -> RunOutcome {
         let count = steps.count
         let headers = UnsafeMutableRawBufferPointer.allocate(byteCount: count * TCPWire.headerSize, alignment: 8)
         let statuses = UnsafeMutablePointer<UInt64>.allocate(capacity: count)
@@ -69,7 +97,7 @@ extension TCPChannel {
             parts.reserveCapacity(count * 2)
             for i in 0..<count { parts.append(header(i)); parts.append(UnsafeRawBufferPointer(payload(i))) }
             do {
-                try socket.sendAll(parts)
+                try socket.sendAll(parts, deadline: deadline)
             } catch {
                 // The server answers a rejected write before reading its payload: collect what it said.
                 if acknowledged {
@@ -81,7 +109,7 @@ extension TCPChannel {
             guard acknowledged else { return RunOutcome(errors: Array(repeating: nil, count: count), healthy: true) }
             if spinNanoseconds > 0 { socket.spinUntilReadable(nanoseconds: spinNanoseconds) }
             do {
-                try socket.receiveAll([UnsafeMutableRawBufferPointer(start: statuses, count: count * TCPWire.statusFrameSize)])
+                try socket.receiveAll([UnsafeMutableRawBufferPointer(start: statuses, count: count * TCPWire.statusFrameSize)], deadline: deadline)
             } catch {
                 return failed(error, completedBefore: firstNotOK())
             }
@@ -91,7 +119,7 @@ extension TCPChannel {
 
         case .read:
             do {
-                try socket.sendAll([UnsafeRawBufferPointer(headers)])
+                try socket.sendAll([UnsafeRawBufferPointer(headers)], deadline: deadline)
             } catch {
                 return failed(error, completedBefore: 0)
             }
@@ -103,7 +131,7 @@ extension TCPChannel {
                 parts.append(payload(i))
             }
             do {
-                try socket.receiveAll(parts)
+                try socket.receiveAll(parts, deadline: deadline)
             } catch {
                 guard acknowledged else { return failed(error, completedBefore: 0) }
                 // A rejected step's frame arrives whole after the previous step's data, so every
@@ -120,6 +148,16 @@ extension TCPChannel {
             }
             return RunOutcome(errors: Array(repeating: nil, count: count), healthy: true)
         }
+    }
+}
+
+/// The request's deadline passed: before it was sent (`started` false, nothing moved) or while
+/// its bytes were on the wire (the connection is dropped, so none lands later).
+struct DeadlinePassed: Error, CustomStringConvertible {
+    var started: Bool
+    var description: String {
+        started ? "its deadline passed in flight; the connection was dropped, so nothing more of it lands"
+            : "its deadline passed before it was sent"
     }
 }
 

@@ -65,8 +65,10 @@ final class TCPPeer: TransportPeer, @unchecked Sendable {
         guard length <= inlineLimit else { return nil }
         do {
             try channel.performInline(operation: operation == .read ? .read : .write, localAddress: localAddress,
-                                      remoteAddress: remoteAddress, length: length)
+                                      remoteAddress: remoteAddress, length: length, deadline: deadline)
             return .completed
+        } catch is DeadlinePassed {
+            return .timedOut
         } catch {
             let text = "\(operation) of \(length) bytes to \(segment): \(error)"
             return TransferRejection.isRequestRefusal(error) ? .rejected(text) : .failed(text)

@@ -61,6 +61,9 @@ struct TransferSlice: @unchecked Sendable {
     var length: UInt64
     /// Where its end is reported.
     var token: CompletionToken
+    /// Monotonic ns by which its request must end (0: none). A transport that can bound its I/O
+    /// stops there, so nothing of a timed-out request lands later.
+    var deadline: UInt64 = 0
 }
 
 /// Where a slice's end goes: its batch task, straight or through the failover that resubmits a
@@ -98,7 +101,8 @@ struct CompletionToken: @unchecked Sendable {
     }
 
     /// Reports one slice's end; a path failure goes to the failover when there is one. A request
-    /// the peer refused (`rejected`) ends its task: it must not get past the refusal elsewhere.
+    /// the peer refused, or whose deadline passed (`rejected`), ends its task: it must not get
+    /// past the refusal elsewhere, and a path is not to blame for a deadline.
     func finish(_ slice: TransferSlice, on protocolName: String, error: String?, rejected: Bool = false) {
         switch sink {
         case .batch(let batch):
