@@ -100,6 +100,8 @@ final class RDMADevice: @unchecked Sendable {
     @exclusivity(unchecked) private var backlogHead = 0
     /// Connections by peer NIC path (active and passive ones).
     @exclusivity(unchecked) var connections: [String: Connection] = [:]
+    /// Peer NIC paths an endpoint is being established to now (see `establishing`).
+    @exclusivity(unchecked) var connecting: Set<String> = []
     @exclusivity(unchecked) private var retired: [Endpoint] = []
     @exclusivity(unchecked) private var lastTimeoutScan: UInt64 = 0
     /// When a caller last polled (0: none since the last blocking poll), and how many of its

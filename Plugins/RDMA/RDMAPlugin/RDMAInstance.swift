@@ -431,24 +431,22 @@ final class RDMAInstance: @unchecked Sendable {
         for device in devices {
             let target = peerDevices.firstIndex { $0.name == device.name } ?? device.index % peerDevices.count
             let peerPath = "\(segment)@\(peerDevices[target].name)"
-            if let existing = device.lock.locked({ device.connections[peerPath] }), !existing.current.broken, existing.peerDevice == target,
-               !existing.stale.load(ordering: .acquiring) {
-                existing.users.add(1, ordering: .relaxed)
-                connections.append(existing)
-                continue
-            }
-            switch establish(device, peerSegment: segment, peerPath: peerPath) {
-            case .success(let endpoint):
-                switch device.register(Connection(peerNicPath: peerPath, peerSegment: segment, peerDevice: target, endpoint: endpoint)) {
-                case .success(let connection):
-                    connection.stale.store(false, ordering: .releasing)
-                    connection.users.add(1, ordering: .relaxed)
-                    connections.append(connection)
-                case .failure(let refusal):
-                    endpoint.destroy()
-                    setError(refusal.text)
-                    return (TE_ERR_PEER_UNREACHABLE, 0)
+            let opened = device.establishing(peerPath, waitNanoseconds: Self.establishWaitNanoseconds, reuse: { existing in
+                !existing.current.broken && existing.peerDevice == target && !existing.stale.load(ordering: .acquiring)
+            }) {
+                establish(device, peerSegment: segment, peerPath: peerPath).flatMap { endpoint in
+                    let registered = device.register(Connection(peerNicPath: peerPath, peerSegment: segment, peerDevice: target, endpoint: endpoint))
+                    switch registered {
+                    case .success(let connection): connection.stale.store(false, ordering: .releasing)
+                    case .failure: endpoint.destroy()
+                    }
+                    return registered
                 }
+            }
+            switch opened {
+            case .success(let connection):
+                connection.users.add(1, ordering: .relaxed)
+                connections.append(connection)
             case .failure(let failure):
                 setError(failure.text)
                 return (TE_ERR_PEER_UNREACHABLE, 0)
@@ -462,6 +460,9 @@ final class RDMAInstance: @unchecked Sendable {
         }
         return (TE_OK, handle)
     }
+
+    /// How long an open_peer or a repair waits for another one establishing the same path.
+    static let establishWaitNanoseconds: UInt64 = 30_000_000_000
 
     /// Forgets a peer; a connection no open peer uses any more is reconnected by the next open_peer.
     func closePeer(_ handle: UInt64) {
@@ -604,19 +605,22 @@ final class RDMAInstance: @unchecked Sendable {
                     continue
                 }
                 if repaired[key] == nil {
-                    if device.lock.locked({ connection.current.broken }) {
-                        switch establish(device, peerSegment: connection.peerSegment, peerPath: connection.peerNicPath) {
-                        case .success(let endpoint):
+                    // Through the gate: an open_peer may be establishing this path right now.
+                    let rebuilt = device.establishing(connection.peerNicPath, waitNanoseconds: Self.establishWaitNanoseconds,
+                                                      reuse: { !$0.current.broken }) {
+                        establish(device, peerSegment: connection.peerSegment, peerPath: connection.peerNicPath).map { endpoint in
                             device.install(endpoint, on: connection)
                             log(TE_LOG_WARNING, "rdma: rebuilt the endpoint \(device.name) -> \(connection.peerNicPath) after a QP error")
-                            repaired[key] = true
-                        case .failure(let failure):
-                            log(TE_LOG_WARNING, "rdma: cannot rebuild \(device.name) -> \(connection.peerNicPath): \(failure.text)")
-                            setError(failure.text)
-                            repaired[key] = false
+                            return connection
                         }
-                    } else {
+                    }
+                    switch rebuilt {
+                    case .success:
                         repaired[key] = true
+                    case .failure(let failure):
+                        log(TE_LOG_WARNING, "rdma: cannot rebuild \(device.name) -> \(connection.peerNicPath): \(failure.text)")
+                        setError(failure.text)
+                        repaired[key] = false
                     }
                 }
                 if repaired[key] == true {

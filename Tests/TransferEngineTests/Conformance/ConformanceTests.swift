@@ -116,7 +116,10 @@ struct ConformanceTests {
             } catch { failures.add("thread \(thread): \(error)") }
         }
         #expect(failures.all.isEmpty, "\(testCase.name): \(failures.all)")
-        print("conformance: \(testCase.name): four threads: slowest 64 KiB sync write \(String(format: "%.1f", slowest.withLock { $0 } * 1000)) ms")
+        let slowestWrite = slowest.withLock { $0 }
+        print("conformance: \(testCase.name): four threads: slowest 64 KiB sync write \(String(format: "%.1f", slowestWrite * 1000)) ms")
+        // A write stuck until a path's own timeout (rdma: MC_SLICE_TIMEOUT, 5 s here) is a bug even when a retry saves it.
+        #expect(slowestWrite < 3, "\(testCase.name): a 64 KiB synchronous write took \(slowestWrite) s")
     }
 
     @Test("out-of-range and unregistered requests are refused before anything moves", arguments: ConformanceCase.all)
