@@ -88,8 +88,8 @@ extension PluginTransport {
             logger.warning("\(plugin.info.name): a synchronous \(op) of \(length) bytes timed out and the plugin still holds it \(releaseGraceNs / 1_000_000) ms later: its buffer may still be read or written")
             return .timedOut
         }
-        if MonotonicClock.nanoseconds() >= deadline { return result.status == TE_OK ? .completed : .timedOut }
         guard result.status == TE_OK else {
+            if MonotonicClock.nanoseconds() >= deadline { return .timedOut }
             let text = failureText(result.status, result.reason)!
             return Self.isRequestRefusal(result.status) ? .rejected(text) : .failed(text)
         }

@@ -35,7 +35,8 @@ struct ConformanceTests {
         try engine.registerMemory(address: source.address, length: UInt64(source.count))
         try engine.registerMemory(address: sink.address, length: UInt64(sink.count))
         let handle = try engine.openSegment(target.segment)
-        for (index, size) in [1, 7, 4095, 4096, 65537, (1 << 20) + 3, 16 << 20, 64 << 20].enumerated() {
+        if let cap = testCase.sizeCap { print("conformance: \(testCase.name): sizes stop at \(cap.bytes) bytes: \(cap.reason)") }
+        for (index, size) in [1, 7, 4095, 4096, 65537, (1 << 20) + 3, 16 << 20, 64 << 20].enumerated() where size <= testCase.sizeCap?.bytes ?? .max {
             source.fillPattern(seed: UInt8(index + 1))
             memset(sink.pointer, 0, size)
             let offset = UInt64(index % 3) * 4097
