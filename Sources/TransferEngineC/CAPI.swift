@@ -16,7 +16,14 @@ public func createTransferEngine(_ metadata: UnsafePointer<CChar>?, _ localServe
                                  _ ipOrHostName: UnsafePointer<CChar>?, _ rpcPort: UInt64, _ autoDiscover: Int32) -> UnsafeMutableRawPointer? {
     guard let metadata = CResult.string(metadata, "metadata_conn_string"),
           let serverName = CResult.string(localServerName, "local_server_name") else { return nil }
-    return startEngine(EngineConfiguration.Overrides(localHostname: serverName, metadataServer: metadata))
+    guard rpcPort <= UInt64(UInt16.max) else { CResult.fail("rpc_port \(rpcPort) is not a TCP port"); return nil }
+    let host = ipOrHostName.flatMap { String(validatingCString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+    return startEngine(EngineConfiguration.Overrides(localHostname: serverName, metadataServer: metadata)) { configuration, environment in
+        configuration.advertisedHost = host
+        configuration.rpcPort = rpcPort == 0 ? nil : UInt16(rpcPort)
+        // auto_discover: every chosen plugin finds its devices, unless MOONCAKE_DEVICE names them.
+        if autoDiscover != 0 && (environment["MOONCAKE_DEVICE"] ?? "").isEmpty { configuration.deviceName = "auto-discovery" }
+    }
 }
 
 @_cdecl("destroyTransferEngine")

@@ -85,10 +85,12 @@ enum CResult {
 
 /// Creates an engine from explicit settings (environment and config file fill the rest)
 /// and returns its handle, or nil with te_last_error set.
-func startEngine(_ overrides: EngineConfiguration.Overrides) -> UnsafeMutableRawPointer? {
+func startEngine(_ overrides: EngineConfiguration.Overrides,
+                 customize: (inout EngineConfiguration, [String: String]) -> Void = { _, _ in }) -> UnsafeMutableRawPointer? {
     let environment = ProcessInfo.processInfo.environment
     do {
-        let (configuration, warnings) = try EngineConfiguration.resolve(overrides, environment: environment)
+        var (configuration, warnings) = try EngineConfiguration.resolve(overrides, environment: environment)
+        customize(&configuration, environment)
         for warning in warnings { CLogging.logger.warning("\(warning)") }
         let engine = try TransferEngine(configuration: configuration, environment: environment, logger: CLogging.logger)
         CResult.clear()

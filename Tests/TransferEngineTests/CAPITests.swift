@@ -7,21 +7,61 @@ import Testing
 /// package load).
 @Suite("C API (libtransfer_engine_c.so)")
 struct CAPITests {
-    @Test("a C program drives two engines through the header: registration, batches, status, notifications, bad arguments")
-    func smoke() throws {
+    /// Compiles a fixture C program against the header and the built library.
+    private static func compile(_ name: String) throws -> String {
         let directory = try TestSupport.temporaryDirectory()
         let library = TestSupport.productsDirectory.appendingPathComponent("libtransfer_engine_c.so").path
         try #require(FileManager.default.fileExists(atPath: library), "libtransfer_engine_c.so was not built")
-        let program = directory.appendingPathComponent("capi_smoke").path
-        let source = TestSupport.repoRoot.appendingPathComponent("Tests/TransferEngineTests/Fixtures/capi_smoke.c").path
+        let program = directory.appendingPathComponent(name).path
+        let source = TestSupport.repoRoot.appendingPathComponent("Tests/TransferEngineTests/Fixtures/\(name).c").path
         let include = TestSupport.repoRoot.appendingPathComponent("Sources/CTransferEngineC/include").path
         let (ccStatus, _, ccError) = try TestSupport.run("/usr/bin/cc", ["-O1", "-Wall", "-Werror", "-I", include, source, library,
                                                                          "-Wl,-rpath," + TestSupport.productsDirectory.path, "-o", program])
         try #require(ccStatus == 0, "cc failed: \(ccError)")
+        return program
+    }
+
+    private static var environment: [String: String] {
         var environment = TestSupport.cleanEnvironment()
         environment["SWIFT_BACKTRACE"] = "enable=no"
-        let (status, out, err) = try TestSupport.run(program, [], environment: environment, timeout: 120)
+        return environment
+    }
+
+    @Test("a C program drives two engines through the header: registration, batches, status, notifications, bad arguments")
+    func smoke() throws {
+        let program = try Self.compile("capi_smoke")
+        let (status, out, err) = try TestSupport.run(program, [], environment: Self.environment, timeout: 120)
         #expect(status == 0, "\(out)\n\(err.suffix(3000))")
         #expect(out.contains("capi: ") && out.contains(", 0 failed"), "\(out)")
+    }
+
+    @Test("upstream's newer entry points from C: rpc_port (a taken one refused), ip_or_host_name, auto_discover, removeLocalSegment, warmupEfaSegment, discoverTopology, showLinks, getNicLoadStats")
+    func extras() throws {
+        let program = try Self.compile("capi_extras")
+        let (status, out, err) = try TestSupport.run(program, ["\(try TestSupport.freePort())"], environment: Self.environment, timeout: 120)
+        #expect(status == 0, "\(out)\n\(err.suffix(3000))")
+        #expect(out.contains("capi extras: ") && out.contains(", 0 failed"), "\(out)")
+    }
+
+    @Test("enableGracefulShutdown: SIGTERM removes the engine's keys from the metadata server, then the process ends with 143")
+    func gracefulShutdown() throws {
+        let program = try Self.compile("capi_extras")
+        let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
+        defer { server.stop() }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: program)
+        process.arguments = ["graceful", "http://127.0.0.1:\(server.port)/metadata"]
+        process.environment = Self.environment
+        let output = Pipe()
+        process.standardOutput = output
+        try process.run()
+        defer { if process.isRunning { process.terminate() } }
+        let ready = output.fileHandleForReading.availableData
+        try #require(String(decoding: ready, as: UTF8.self).contains("READY"), "no READY line")
+        #expect(server.keyCount == 2, "the segment and rpc_meta keys are published")
+        kill(process.processIdentifier, SIGTERM)
+        process.waitUntilExit()
+        #expect(process.terminationReason == .exit && process.terminationStatus == 143, "\(process.terminationReason) \(process.terminationStatus)")
+        #expect(server.keyCount == 0, "the keys are removed before the process ends")
     }
 }

@@ -107,11 +107,47 @@ struct buffer_entry {
 typedef struct buffer_entry buffer_entry_t;
 
 /**
- * Creates and starts an engine. metadata_conn_string: "P2PHANDSHAKE" (etcd,
- * redis and http forms are refused until their backends exist);
- * local_server_name: host or host:port; ip_or_host_name may be NULL; the rpc
- * port is chosen as upstream does in P2P mode. The protocol comes from
- * MOONCAKE_PROTOCOL (default tcp). Returns NULL on failure.
+ * A segment as upstream describes it (kept for source compatibility; no function here takes one).
+ * type: RDMA or NVMe-oF, with the matching member of desc_.
+ */
+struct segment_desc {
+    int type;
+    union {
+        struct {
+            void *addr;
+            uint64_t size;
+            const char *location;
+        } rdma;
+        struct {
+            const char *file_path;
+            const char *subsystem_name;
+            const char *proto;
+            const char *ip;
+            uint64_t port;
+        } nvmeof;
+    } desc_;
+};
+typedef struct segment_desc segment_desc_t;
+
+/** One NIC's load, as getNicLoadStats reports it. */
+struct nic_load_stat {
+    char device_name[64];
+    uint64_t inflight_bytes;
+    double ewma_bandwidth_bps;
+};
+typedef struct nic_load_stat nic_load_stat_t;
+
+/**
+ * Creates and starts an engine. metadata_conn_string: "P2PHANDSHAKE", "etcd://host:port[,...]",
+ * "redis://host:port" or "http://host:port/path" (upstream's forms, a bare "host:port" being
+ * etcd). local_server_name: the segment name with a metadata server; in P2P mode its host
+ * (and a port, used when free) and the segment name becomes host:rpc_port.
+ * ip_or_host_name (NULL or "": local_server_name's host): the address peers reach this engine
+ * at; listeners bind to it (unless MC_TCP_BIND_ADDRESS) and the P2P name and published
+ * rpc_meta carry it. rpc_port (0: chosen as above): the handshake port; creation fails when it
+ * is taken. auto_discover != 0: the chosen transports find their devices themselves
+ * (device_name "auto-discovery") unless MOONCAKE_DEVICE names them. The protocols come from
+ * MOONCAKE_PROTOCOL (a comma list; default tcp). Returns NULL on failure (te_last_error says why).
  */
 transfer_engine_t createTransferEngine(const char *metadata_conn_string, const char *local_server_name,
                                        const char *ip_or_host_name, uint64_t rpc_port, int auto_discover);
@@ -147,6 +183,47 @@ int closeSegment(transfer_engine_t engine, segment_id_t segment_id);
 
 /** Re-fetches every opened segment's descriptor. 0 or ERR_*. */
 int syncSegmentCache(transfer_engine_t engine);
+
+/**
+ * Forgets the cached descriptor and links of the segment named segment_name (leading '/'
+ * ignored): its id stops working and the next openSegment fetches it anew. 0 (also for a name
+ * not opened), or ERR_INVALID_ARGUMENT for an empty name.
+ */
+int removeLocalSegment(transfer_engine_t engine, const char *segment_name);
+
+/**
+ * Opens segment_name and connects every installed transport but tcp that the peer offers (efa,
+ * rdma, ...), so the first transfer pays no connection setup. Idempotent; nothing to do with
+ * tcp only. 0, or ERR_* naming each transport that could not connect.
+ */
+int warmupEfaSegment(transfer_engine_t engine, const char *segment_name);
+
+/**
+ * The transports discover their devices and topology when they are installed; this checks
+ * the handle and returns 0 (upstream re-runs its discovery here).
+ */
+int discoverTopology(transfer_engine_t engine);
+
+/**
+ * Writes the local NICs the transports published (device, transport, NUMA node from the
+ * topology, GID) and the topology (location -> preferred and other NICs) into buf_out, as text
+ * or, with json != 0, as {"local_nics":[...],"topology":{...}}; cut to buf_len as upstream.
+ * Port and link speed are not known here (0). 0, or -1 on a bad handle or buffer.
+ */
+int showLinks(transfer_engine_t engine, char *buf_out, size_t buf_len, int json);
+
+/**
+ * Per-NIC load. As upstream's classic engine, there are no figures yet: *count is set to 0.
+ * 0, or -1 on a NULL argument.
+ */
+int getNicLoadStats(transfer_engine_t engine, nic_load_stat_t *stats, size_t *count);
+
+/**
+ * On SIGINT or SIGTERM, and at exit, shut this engine down cleanly first (its segment and
+ * rpc_meta keys leave the metadata server at once); a signal then ends the process with
+ * status 128 + the signal number.
+ */
+void enableGracefulShutdown(transfer_engine_t engine);
 
 /** Stops the engine and frees it. The handle is invalid afterwards. */
 void destroyTransferEngine(transfer_engine_t engine);

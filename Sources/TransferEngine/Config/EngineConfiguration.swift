@@ -21,6 +21,13 @@ public struct EngineConfiguration: Sendable, Equatable {
     /// Shared secret that turns peer authentication on (config key `auth_secret`; MC_AUTH_SECRET
     /// and MC_AUTH_SECRET_FILE take precedence). Nil: off, as upstream.
     public var authSecret: String? = nil
+    /// The handshake (rpc) port, required: starting fails when it is taken (the C API's
+    /// `rpc_port`). Nil: a port written in `localHostname` when free, else a random one.
+    public var rpcPort: UInt16? = nil
+    /// The address peers reach this engine at, when not `localHostname`'s host (the C API's
+    /// `ip_or_host_name`): listeners bind to it (unless MC_TCP_BIND_ADDRESS), the P2P segment
+    /// name and the published rpc_meta carry it.
+    public var advertisedHost: String? = nil
 
     /// Defaults: loopback host, P2PHANDSHAKE, TCP, upstream's Store sizes.
     public init(localHostname: String = "127.0.0.1", metadataServer: String = "P2PHANDSHAKE", protocolName: String = "tcp",

@@ -115,7 +115,8 @@ public final class TransferEngine: @unchecked Sendable {
         handshakeAddresses = HandshakeAddressResolver(store: metadataStore, keys: keys, budgetMs: settings.metadataTimeoutMs)
 
         let local = try HostPort.parse(configuration.localHostname)
-        if let bind = environment["MC_TCP_BIND_ADDRESS"], !bind.isEmpty { bindHost = bind } else { bindHost = local.host }
+        let advertised = configuration.advertisedHost.flatMap { $0.isEmpty ? nil : $0 } ?? local.host
+        if let bind = environment["MC_TCP_BIND_ADDRESS"], !bind.isEmpty { bindHost = bind } else { bindHost = advertised }
 
         catalog = PluginCatalog(environment: environment)
         let (chosen, notes) = try ProtocolSelector.selectList(requested: configuration.protocolName, catalog: catalog, environment: environment) {
@@ -132,14 +133,14 @@ public final class TransferEngine: @unchecked Sendable {
         // P2P: a port written in local_hostname is used when free (upstream always picks one at
         // random); the name peers use is host:rpc_port either way, and get_rpc_port reports it.
         let (handshakeListener, portTaken) = try PortAllocator.listen(host: bindHost, preferred: metadataStore == nil ? local.port : nil,
-                                                                      range: settings.portRange)
+                                                                      required: configuration.rpcPort, range: settings.portRange)
         if let portTaken, let port = local.port {
             logger.info("handshake port \(port) from local_hostname is not free (\(portTaken)); using \(handshakeListener.localAddress.port)")
         }
         let dataListener = try PortAllocator.listen(host: bindHost, range: settings.portRange)
         rpcPort = handshakeListener.localAddress.port
         // P2P: the segment name is host:rpc_port. With a metadata server it is local_hostname as given.
-        segmentName = metadataStore == nil ? HostPort(host: local.host, port: rpcPort).description : configuration.localHostname
+        segmentName = metadataStore == nil ? HostPort(host: advertised, port: rpcPort).description : configuration.localHostname
         dataServer = try TCPDataServer(listener: dataListener, registry: registry, logger: logger, payloadTimeoutMs: settings.statusTimeoutMs,
                                       spinNanoseconds: settings.serverSpinNs, idleTimeoutMs: settings.dataIdleTimeoutMs,
                                       maxPerAddress: settings.dataMaxPerAddress, auth: authenticator)

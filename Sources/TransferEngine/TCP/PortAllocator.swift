@@ -8,8 +8,14 @@ import SystemPackage
 /// Chooses listener ports the way the official engine does: random in
 /// [MC_MIN_RPC_PORT, MC_MAX_RPC_PORT] (default 15000-17000), up to 500 tries.
 enum PortAllocator {
-    /// Binds a listener on `host` at `preferred` when given and free, else at a random port of the range.
-    static func listen(host: String, preferred: UInt16?, range: ClosedRange<UInt16>) throws -> (socket: Socket, preferredTaken: Error?) {
+    /// Binds a listener on `host` at `required` when given (an error when it cannot), else at
+    /// `preferred` when given and free, else at a random port of the range.
+    static func listen(host: String, preferred: UInt16?, required: UInt16? = nil, range: ClosedRange<UInt16>) throws -> (socket: Socket, preferredTaken: Error?) {
+        if let required, required != 0 {
+            do { return (try Socket.listen(host: host, port: required), nil) } catch {
+                throw EngineError.invalidConfiguration("cannot listen on the requested rpc port \(required) of '\(host)': \(error)")
+            }
+        }
         guard let preferred, preferred != 0 else { return (try listen(host: host, range: range), nil) }
         do { return (try Socket.listen(host: host, port: preferred), nil) } catch {
             // Only a port in use moves to another; any other failure (bad address, no

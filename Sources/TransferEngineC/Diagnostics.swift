@@ -1,0 +1,71 @@
+import CTransferEngineC
+import TransferEngine
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+// Upstream's newer entry points: topology and links, per-NIC load, warm-up, forgetting a
+// cached segment, graceful shutdown.
+
+@_cdecl("discoverTopology")
+public func discoverTopology(_ handle: UnsafeMutableRawPointer?) -> Int32 {
+    guard HandleTable.lookup(handle) != nil else { CResult.fail("invalid engine handle"); return -1 }
+    // The transports discover their devices and topology when they are installed; nothing to redo.
+    CResult.clear()
+    return 0
+}
+
+@_cdecl("showLinks")
+public func showLinks(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutablePointer<CChar>?, _ length: Int, _ json: Int32) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    guard let buffer, length > 0 else { CResult.fail("buf_out is NULL or buf_len is 0"); return -1 }
+    // As upstream (snprintf): the report, cut to the buffer when longer.
+    let bytes = Array(engine.linksReport(json: json != 0).utf8.prefix(length - 1))
+    for (i, byte) in bytes.enumerated() { buffer[i] = CChar(bitPattern: byte) }
+    buffer[bytes.count] = 0
+    CResult.clear()
+    return 0
+}
+
+@_cdecl("getNicLoadStats")
+public func getNicLoadStats(_ handle: UnsafeMutableRawPointer?, _ stats: UnsafeMutablePointer<nic_load_stat_t>?,
+                            _ count: UnsafeMutablePointer<Int>?) -> Int32 {
+    guard HandleTable.lookup(handle) != nil else { CResult.fail("invalid engine handle"); return -1 }
+    guard stats != nil, let count else { CResult.fail("stats or count is NULL"); return -1 }
+    // As upstream's classic engine: no per-NIC load figures (the plugins report none yet).
+    count.pointee = 0
+    CResult.clear()
+    return 0
+}
+
+@_cdecl("warmupEfaSegment")
+public func warmupEfaSegment(_ handle: UnsafeMutableRawPointer?, _ name: UnsafePointer<CChar>?) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    guard let segment = CResult.string(name, "segment_name") else { return -1 }
+    do {
+        try engine.warmUp(segment: segment)
+        CResult.clear()
+        return 0
+    } catch { return CResult.errorCode(error) }
+}
+
+@_cdecl("removeLocalSegment")
+public func removeLocalSegment(_ handle: UnsafeMutableRawPointer?, _ name: UnsafePointer<CChar>?) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    guard let segment = CResult.string(name, "segment_name") else { return -1 }
+    do {
+        try engine.forgetSegment(named: segment)
+        CResult.clear()
+        return 0
+    } catch { return CResult.errorCode(error) }
+}
+
+@_cdecl("enableGracefulShutdown")
+public func enableGracefulShutdown(_ handle: UnsafeMutableRawPointer?) {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return }
+    engine.enableGracefulShutdown()
+    CResult.clear()
+}
