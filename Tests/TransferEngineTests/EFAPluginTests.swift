@@ -65,6 +65,31 @@ struct EFAPluginTests {
         #expect(missingLine.contains("rdmap99s0 not found") && missingLine.contains("offers: lo"), "\(missingLine)")
     }
 
+    @Test("showLinks lists the NICs and topology efa publishes; warm-up connects efa before the first transfer (first-op time with and without)")
+    func linksAndWarmUp() throws {
+        let target = try ServeProcess(bufferSize: "1MiB", environment: environment(provider: "tcp;ofi_rxm"), protocolName: "efa")
+        var firstOp: [Bool: Double] = [:]
+        for warm in [false, true] {
+            let (engine, _) = try engine(provider: "tcp;ofi_rxm")
+            defer { engine.shutdown() }
+            let nics = engine.localNICs
+            #expect(!nics.isEmpty && nics.allSatisfy { $0.transport == "efa" && !$0.device.isEmpty }, "\(nics)")
+            let report = try JSONValue.parse(engine.linksReport(json: true))
+            #expect(report["local_nics"]?.arrayValue?.count == nics.count)
+            #expect(report["topology"]?["cpu:0"]?.arrayValue?.first?.arrayValue?.isEmpty == false, "\(report)")
+            #expect(engine.linksReport(json: false).contains("=== Topology (NIC Selection) ==="))
+            let local = TestBuffer(4096)
+            try engine.registerMemory(address: local.address, length: 4096)
+            if warm { #expect(try engine.warmUp(segment: target.segment) == ["efa"]) }
+            let started = Date()
+            let handle = try engine.openSegment(target.segment)
+            try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 4096)
+            firstOp[warm] = Date().timeIntervalSince(started)
+        }
+        print("efa over tcp;ofi_rxm: first 4 KiB write \(String(format: "%.2f", firstOp[false]! * 1000)) ms cold, "
+              + "\(String(format: "%.2f", firstOp[true]! * 1000)) ms after warmUp")
+    }
+
     @Test("1 B to 64 MiB written and read back, bytes verified, with each provider's addressing mode",
           arguments: [("tcp;ofi_rxm", "(offsets)"), ("shm", "(virtual addresses)")])
     func sizes(provider: String, addressing: String) throws {

@@ -93,6 +93,8 @@ _available = _signature("te_protocol_available", _int, _cp)
 _active_protocol = _signature("te_active_protocol", _int, _vp, ctypes.c_char_p, _sz)
 _last_error = _signature("te_last_error", _cp)
 _gen_notify = _signature("genNotifyInEngine", _int, _vp, _u64, _NotifyMsg)
+_show_links = _signature("showLinks", _int, _vp, ctypes.c_char_p, _sz, _int)
+_warmup = _signature("warmupEfaSegment", _int, _vp, _cp)
 
 _libc = ctypes.CDLL(None)
 _libc.posix_memalign.restype = _int
@@ -256,7 +258,17 @@ class TransferEngine:
         return self._handle or 0
 
     def get_local_topology(self, device_name=None):
-        """Topology JSON; the TCP transport has no NIC matrix, so locations map to empty lists."""
+        """Topology JSON in upstream's shape, location -> [preferred NICs, other NICs], as the
+        installed transports (rdma, efa) publish it; with none that has NICs (tcp, shm) every
+        location maps to empty lists."""
+        buffer = ctypes.create_string_buffer(1 << 20)
+        if self._handle and _show_links(self._handle, buffer, 1 << 20, 1) == 0:
+            try:
+                topology = json.loads(buffer.value.decode()).get("topology") or {}
+            except ValueError:
+                topology = {}
+            if topology:
+                return json.dumps(topology)
         return json.dumps({"cpu:0": [[], []]})
 
     # -- memory --------------------------------------------------------------
@@ -484,7 +496,12 @@ class TransferEngine:
             _free_notifs(messages, count.value)
 
     def warmup_efa_segment(self, segment_name):
-        """Opens the segment so the first transfer does not pay for it."""
+        """Opens the segment and connects every installed transport but tcp that the peer
+        offers (efa, rdma, ...), so the first transfer pays no connection setup; 0 or -1."""
+        if not self._handle or not isinstance(segment_name, str):
+            return -1
+        if _warmup(self._handle, segment_name.encode()) != 0:
+            return -1
         return 0 if self._segment(segment_name) >= 0 else -1
 
 
