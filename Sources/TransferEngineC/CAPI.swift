@@ -17,12 +17,17 @@ public func createTransferEngine(_ metadata: UnsafePointer<CChar>?, _ localServe
     guard let metadata = CResult.string(metadata, "metadata_conn_string"),
           let serverName = CResult.string(localServerName, "local_server_name") else { return nil }
     guard rpcPort <= UInt64(UInt16.max) else { CResult.fail("rpc_port \(rpcPort) is not a TCP port"); return nil }
-    let host = ipOrHostName.flatMap { String(validatingCString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
-    return startEngine(EngineConfiguration.Overrides(localHostname: serverName, metadataServer: metadata)) { configuration, environment in
+    var host: String? = nil
+    if let ipOrHostName {
+        guard let text = CResult.string(ipOrHostName, "ip_or_host_name") else { return nil }
+        host = text.isEmpty ? nil : text
+    }
+    return startEngine(EngineConfiguration.Overrides(localHostname: serverName, metadataServer: metadata)) { configuration, _ in
         configuration.advertisedHost = host
         configuration.rpcPort = rpcPort == 0 ? nil : UInt16(rpcPort)
-        // auto_discover: every chosen plugin finds its devices, unless MOONCAKE_DEVICE names them.
-        if autoDiscover != 0 && (environment["MOONCAKE_DEVICE"] ?? "").isEmpty { configuration.deviceName = "auto-discovery" }
+        // auto_discover: every chosen plugin finds its devices, unless a device list was given
+        // (MOONCAKE_DEVICE or the config file).
+        if autoDiscover != 0 && configuration.deviceName.isEmpty { configuration.deviceName = "auto-discovery" }
     }
 }
 

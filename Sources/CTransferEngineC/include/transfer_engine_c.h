@@ -146,7 +146,7 @@ typedef struct nic_load_stat nic_load_stat_t;
  * at; listeners bind to it (unless MC_TCP_BIND_ADDRESS) and the P2P name and published
  * rpc_meta carry it. rpc_port (0: chosen as above): the handshake port; creation fails when it
  * is taken. auto_discover != 0: the chosen transports find their devices themselves
- * (device_name "auto-discovery") unless MOONCAKE_DEVICE names them. The protocols come from
+ * (device_name "auto-discovery") unless MOONCAKE_DEVICE or the config file names them. The protocols come from
  * MOONCAKE_PROTOCOL (a comma list; default tcp). Returns NULL on failure (te_last_error says why).
  */
 transfer_engine_t createTransferEngine(const char *metadata_conn_string, const char *local_server_name,
@@ -299,7 +299,9 @@ int te_submit_transfer_hint(transfer_engine_t engine, batch_id_t batch_id, struc
 
 /**
  * allocateBatchID whose requests must end within timeout_ms of their submission (instead of
- * MC_TRANSFER_TIMEOUT plus 1 ns per byte); a request still pending then reads STATUS_TIMEOUT.
+ * MC_TRANSFER_TIMEOUT plus 1 ns per byte); a request still pending then reads STATUS_TIMEOUT
+ * once its transport gave it back (tcp stops at the deadline; a plugin's request reads it
+ * MC_FREE_BATCH_WAIT_MS after the deadline at the latest, its buffer possibly still in use).
  * INVALID_BATCH on a bad size or a timeout outside 1 ms .. 24 h.
  */
 batch_id_t te_allocate_batch_timeout(transfer_engine_t engine, size_t batch_size, uint64_t timeout_ms);

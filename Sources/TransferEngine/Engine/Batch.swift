@@ -115,7 +115,9 @@ final class Batch: @unchecked Sendable {
         if state.tasks[index].ended { return state.outstanding == 0 }
         if let error {
             let deadline = state.tasks[index].deadline
-            state.tasks[index].status.state = deadline != 0 && MonotonicClock.nanoseconds() >= deadline ? .timeout : .failed
+            if state.tasks[index].status.state == .pending {
+                state.tasks[index].status.state = deadline != 0 && MonotonicClock.nanoseconds() >= deadline ? .timeout : .failed
+            }
             if state.tasks[index].status.error == nil { state.tasks[index].status.error = error }
         } else {
             state.tasks[index].status.transferredBytes += bytes

@@ -39,7 +39,8 @@ extension TransferEngine {
         return batch
     }
 
-    /// Status of one task of a batch (`timeout` once its deadline passed).
+    /// Status of one task of a batch (`timeout` once its deadline passed and its transport gave
+    /// it back, or MC_FREE_BATCH_WAIT_MS after the deadline at the latest).
     public func status(batch id: BatchID, task: Int) throws -> TransferStatus {
         guard let status = try batch(id).status(task: task) else {
             throw EngineError.invalidArgument("batch \(id) has no task \(task)")

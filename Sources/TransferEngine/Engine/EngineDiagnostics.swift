@@ -105,7 +105,9 @@ extension TransferEngine {
     public func forgetSegment(named name: String) throws {
         let trimmed = String(name.drop { $0 == "/" })
         guard !trimmed.isEmpty else { throw EngineError.invalidArgument("segment name '\(name)' is empty") }
-        guard let handle = state.withLock({ $0.handles[trimmed] }) else { return }
-        try? closeSegment(handle)
+        // A segment opened under the name with its slashes is found too.
+        for handle in state.withLock({ state in [state.handles[name], state.handles[trimmed]].compactMap { $0 } }) {
+            try? closeSegment(handle)
+        }
     }
 }

@@ -42,8 +42,17 @@ enum GracefulShutdown {
             signal(signalNumber, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: queue)
             source.setEventHandler {
-                shutDownAll()
-                _exit(128 + signalNumber)
+                // A second signal while the first one's shutdown runs ends the process at once.
+                guard registry.withLock({ !$0.cleaning }) else { _exit(128 + signalNumber) }
+                do {
+                    try OSThread.spawn(name: "te-graceful") {
+                        shutDownAll()
+                        _exit(128 + signalNumber)
+                    }
+                } catch {
+                    shutDownAll()
+                    _exit(128 + signalNumber)
+                }
             }
             source.resume()
             sources.append(source)

@@ -276,145 +276,8 @@ final class Socket: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &value, socklen_t(MemoryLayout<Int32>.size))
     }
 
-    /// Sends every byte of the given regions in order, gathering them into as few syscalls as possible;
-    /// with a `deadline` (monotonic ns) the whole send fails once it passes, not only one call.
-    func sendAll(_ parts: [UnsafeRawBufferPointer], deadline: UInt64? = nil) throws {
-        var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
-        var index = 0
-        while index < vectors.count {
-            if let deadline, MonotonicClock.nanoseconds() >= deadline { throw SocketError.timedOut("send") }
-            let sent = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
-                var message = msghdr()
-                message.msg_iov = buffer.baseAddress! + index
-                message.msg_iovlen = min(buffer.count - index, 1024)
-                return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
-            }
-            if sent < 0 {
-                if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("send") }
-                throw SocketError.system(call: "send", errno: Errno(rawValue: errno))
-            }
-            Self.consume(sent, from: &vectors, at: &index)
-        }
-    }
-
-    /// Advances an iovec list past `count` transferred bytes.
-    private static func consume(_ count: Int, from vectors: inout [iovec], at index: inout Int) {
-        var remaining = count
-        while remaining > 0, index < vectors.count {
-            if remaining >= vectors[index].iov_len {
-                remaining -= vectors[index].iov_len
-                index += 1
-            } else {
-                vectors[index].iov_base += remaining
-                vectors[index].iov_len -= remaining
-                remaining = 0
-            }
-        }
-    }
-
-    /// Sends `count` bytes from `pointer`.
-    func sendAll(_ pointer: UnsafeRawPointer, count: Int) throws {
-        try sendAll([UnsafeRawBufferPointer(start: pointer, count: count)])
-    }
-
-    /// Receives exactly `count` bytes into `pointer` (straight into the destination).
-    /// With a `deadline` (monotonic ns), a peer that trickles bytes cannot stretch the call past it.
-    func receiveAll(_ pointer: UnsafeMutableRawPointer, count: Int, deadline: UInt64? = nil) throws {
-        var received = 0
-        while received < count {
-            let n = recv(fd, pointer + received, count - received, Int32(MSG_WAITALL))
-            if n > 0 {
-                received += n
-                if let deadline, received < count, MonotonicClock.nanoseconds() > deadline { throw SocketError.timedOut("receive") }
-                continue
-            }
-            if n == 0 { throw SocketError.closedByPeer(expected: count, received: received) }
-            if errno == EINTR { continue }
-            if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
-            throw SocketError.system(call: "recv", errno: Errno(rawValue: errno))
-        }
-    }
-
-    /// Receives exactly the bytes of every region, in order, with as few syscalls as possible.
-    /// With a `deadline` (monotonic ns) it fails once that passes between calls; the socket's
-    /// receive timeout bounds each call.
-    func receiveAll(_ parts: [UnsafeMutableRawBufferPointer], deadline: UInt64? = nil) throws {
-        var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
-        let expected = vectors.reduce(0) { $0 + $1.iov_len }
-        var total = 0
-        var index = 0
-        while index < vectors.count {
-            let n = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
-                var message = msghdr()
-                message.msg_iov = buffer.baseAddress! + index
-                message.msg_iovlen = min(buffer.count - index, 1024)
-                return recvmsg(fd, &message, Int32(MSG_WAITALL))
-            }
-            if n == 0 { throw SocketError.closedByPeer(expected: expected, received: total) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
-                throw SocketError.system(call: "recvmsg", errno: Errno(rawValue: errno))
-            }
-            total += n
-            Self.consume(n, from: &vectors, at: &index)
-            if let deadline, index < vectors.count, MonotonicClock.nanoseconds() >= deadline { throw SocketError.timedOut("receive") }
-        }
-    }
-
-    /// One scatter receive of whatever is available (blocking until at least one byte); 0 = peer closed.
-    func receiveSome(_ parts: [UnsafeMutableRawBufferPointer]) throws -> Int {
-        var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
-        while true {
-            let n = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
-                var message = msghdr()
-                message.msg_iov = buffer.baseAddress
-                message.msg_iovlen = buffer.count
-                return recvmsg(fd, &message, 0)
-            }
-            if n >= 0 { return n }
-            if errno == EINTR { continue }
-            if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
-            throw SocketError.system(call: "recvmsg", errno: Errno(rawValue: errno))
-        }
-    }
-
-    /// Receives up to `count` bytes; 0 means the peer closed.
-    func receiveSome(_ pointer: UnsafeMutableRawPointer, count: Int) throws -> Int {
-        while true {
-            let n = recv(fd, pointer, count, 0)
-            if n >= 0 { return n }
-            if errno == EINTR { continue }
-            if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
-            throw SocketError.system(call: "recv", errno: Errno(rawValue: errno))
-        }
-    }
-
-    /// Copies up to `count` already-received bytes without consuming them or waiting.
-    func peekAvailable(_ pointer: UnsafeMutableRawPointer, count: Int) -> Int {
-        max(0, recv(fd, pointer, count, Int32(MSG_DONTWAIT) | Int32(MSG_PEEK)))
-    }
-
-    /// Whether received bytes are waiting to be read (FIONREAD).
-    var hasPendingInput: Bool {
-        var available: Int32 = 0
-        return ioctl(fd, UInt(FIONREAD), &available) == 0 && available > 0
-    }
-
-    /// Polls (without sleeping) until input is readable or `nanoseconds` pass.
-    /// A blocked thread's wake-up costs more than a short spin for a loopback
-    /// round trip, so synchronous small requests spin briefly before blocking.
-    /// Returns true when input (or EOF/error) arrived before the time ran out.
-    @discardableResult
-    func spinUntilReadable(nanoseconds: UInt64) -> Bool {
-        let end = MonotonicClock.nanoseconds() + nanoseconds
-        var byte: UInt8 = 0
-        repeat {
-            if recv(fd, &byte, 1, Int32(MSG_DONTWAIT) | Int32(MSG_PEEK)) != -1 || (errno != EAGAIN && errno != EWOULDBLOCK) { return true }
-        } while MonotonicClock.nanoseconds() < end
-        return false
-    }
+    /// Whether `bound(by:callLimitMs:)` shortened the socket's timeouts (the owner restores them).
+    var timeoutsShortened = false
 
     /// Stops further sends; the peer sees EOF.
     func shutdownWrite() { Glibc.shutdown(fd, Int32(SHUT_WR)) }
@@ -426,6 +289,14 @@ final class Socket: @unchecked Sendable {
         lifecycle.withLock { _ in
             if let descriptor { Glibc.shutdown(descriptor.rawValue, Int32(SHUT_RDWR)) }
         }
+    }
+
+    /// Closes with a reset instead of an orderly close: data still queued is dropped, not
+    /// delivered (a request given up on must not reach the peer later).
+    func abort() {
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+        close()
     }
 
     /// Closes the descriptor (idempotent).

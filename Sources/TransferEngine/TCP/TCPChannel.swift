@@ -112,7 +112,7 @@ final class TCPChannel: @unchecked Sendable {
         let spin: UInt64 = length <= Self.spinThreshold ? Self.spinNanoseconds : 0
         let outcome = performRun([Step(operation: operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)],
                                  on: socket, spinNanoseconds: spin, deadline: deadline)
-        if outcome.healthy { returnSocket(socket) } else { socket.close() }
+        if outcome.healthy { returnSocket(socket) } else if outcome.errors[0] is DeadlinePassed { socket.abort() } else { socket.close() }
         if let error = outcome.errors[0] { throw error }
     }
 
@@ -265,8 +265,13 @@ final class TCPChannel: @unchecked Sendable {
         // Successes are reported per batch, so each batch takes its lock once per run; a failure
         // goes through its token (which may resubmit it on another path).
         var reports: [ObjectIdentifier: (Batch, [(task: Int, bytes: UInt64, error: String?)])] = [:]
-        for (slice, error) in zip(run, outcome.errors) {
-            if let error {
+        let finishedAt = MonotonicClock.nanoseconds()
+        for (slice, runError) in zip(run, outcome.errors) {
+            if var error = runError {
+                // The run stopped at its nearest deadline: only the slices whose own deadline passed
+                // end there; the others lost their connection and may go to another path.
+                let ownDeadlinePassed = slice.deadline != 0 && finishedAt >= slice.deadline
+                if error is DeadlinePassed && !ownDeadlinePassed { error = ConnectionLost(cause: "another request's deadline reset the connection") }
                 slice.token.finish(slice, on: "tcp", error: "\(slice.operation) of \(slice.length) bytes to \(host):\(port): \(error)",
                                    rejected: TransferRejection.isRequestRefusal(error) || error is DeadlinePassed)
             } else {
@@ -275,7 +280,8 @@ final class TCPChannel: @unchecked Sendable {
         }
         for (batch, slices) in reports.values { batch.slicesFinished(slices) }
         if !outcome.healthy {
-            socket?.close()
+            // Given up at a deadline: reset, so no queued byte of it reaches the peer later.
+            if outcome.errors.contains(where: { $0 is DeadlinePassed }) { socket?.abort() } else { socket?.close() }
             socket = nil
         }
     }

@@ -29,17 +29,12 @@ extension TCPChannel {
     /// `DeadlinePassed` and nothing more of it lands in local memory.
     func performRun(_ steps: [Step], on socket: Socket, spinNanoseconds: UInt64 = 0, deadline: UInt64 = 0) -> RunOutcome {
         guard deadline != 0 else { return performRun(steps, on: socket, spinNanoseconds: spinNanoseconds, bounded: nil) }
-        let now = MonotonicClock.nanoseconds()
-        guard now < deadline else {
+        guard MonotonicClock.nanoseconds() < deadline else {
             return RunOutcome(errors: Array(repeating: DeadlinePassed(started: false), count: steps.count), healthy: true)
         }
-        // Each socket call waits at most the status timeout; a nearer deadline bounds it instead
-        // (only then: the common, distant deadline costs no system call).
-        let remainingMs = Int((deadline - now) / 1_000_000) + 1
-        let near = remainingMs < settings.statusTimeoutMs
-        if near { socket.setTimeouts(receiveMs: remainingMs, sendMs: remainingMs) }
+        // Every socket call waits at most what is left of the deadline (see Socket.bound).
         var outcome = performRun(steps, on: socket, spinNanoseconds: spinNanoseconds, bounded: deadline)
-        if near && outcome.healthy { socket.setTimeouts(receiveMs: settings.statusTimeoutMs, sendMs: settings.statusTimeoutMs) }
+        if outcome.healthy { socket.restoreTimeouts(settings.statusTimeoutMs) }
         if MonotonicClock.nanoseconds() >= deadline {
             outcome.errors = outcome.errors.map { $0.map { Self.isTimeout($0) ? DeadlinePassed(started: true) : $0 } }
         }
@@ -97,7 +92,7 @@ extension TCPChannel {
             parts.reserveCapacity(count * 2)
             for i in 0..<count { parts.append(header(i)); parts.append(UnsafeRawBufferPointer(payload(i))) }
             do {
-                try socket.sendAll(parts, deadline: deadline)
+                try socket.sendAll(parts, deadline: deadline, callLimitMs: settings.statusTimeoutMs)
             } catch {
                 // The server answers a rejected write before reading its payload: collect what it said.
                 if acknowledged {
@@ -109,7 +104,8 @@ extension TCPChannel {
             guard acknowledged else { return RunOutcome(errors: Array(repeating: nil, count: count), healthy: true) }
             if spinNanoseconds > 0 { socket.spinUntilReadable(nanoseconds: spinNanoseconds) }
             do {
-                try socket.receiveAll([UnsafeMutableRawBufferPointer(start: statuses, count: count * TCPWire.statusFrameSize)], deadline: deadline)
+                try socket.receiveAll([UnsafeMutableRawBufferPointer(start: statuses, count: count * TCPWire.statusFrameSize)], deadline: deadline,
+                                      callLimitMs: settings.statusTimeoutMs)
             } catch {
                 return failed(error, completedBefore: firstNotOK())
             }
@@ -119,7 +115,7 @@ extension TCPChannel {
 
         case .read:
             do {
-                try socket.sendAll([UnsafeRawBufferPointer(headers)], deadline: deadline)
+                try socket.sendAll([UnsafeRawBufferPointer(headers)], deadline: deadline, callLimitMs: settings.statusTimeoutMs)
             } catch {
                 return failed(error, completedBefore: 0)
             }
@@ -131,7 +127,7 @@ extension TCPChannel {
                 parts.append(payload(i))
             }
             do {
-                try socket.receiveAll(parts, deadline: deadline)
+                try socket.receiveAll(parts, deadline: deadline, callLimitMs: settings.statusTimeoutMs)
             } catch {
                 guard acknowledged else { return failed(error, completedBefore: 0) }
                 // A rejected step's frame arrives whole after the previous step's data, so every
@@ -152,11 +148,12 @@ extension TCPChannel {
 }
 
 /// The request's deadline passed: before it was sent (`started` false, nothing moved) or while
-/// its bytes were on the wire (the connection is dropped, so none lands later).
+/// its bytes were on the wire (the connection is reset, so nothing more of it lands here; a write
+/// may have reached the peer in part).
 struct DeadlinePassed: Error, CustomStringConvertible {
     var started: Bool
     var description: String {
-        started ? "its deadline passed in flight; the connection was dropped, so nothing more of it lands"
+        started ? "its deadline passed in flight; the connection was reset, so nothing more of it lands here"
             : "its deadline passed before it was sent"
     }
 }
