@@ -17,27 +17,46 @@ extension TransferEngine {
             return
         }
         let deadline = MonotonicClock.nanoseconds() + syncTimeout(bytes: length)
+        // The common case first, with nothing else in the way: the route was cached with its first
+        // link open, and the request completes there.
+        var firstOutcome: SyncOutcome? = nil
+        if let first = planned.firstLink {
+            guard let outcome = first.transferSync(operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length,
+                                                   deadline: deadline) else { return try runSync([planned]) }
+            if outcome == .completed { return }
+            firstOutcome = outcome
+        }
+        try transferSync(planned, operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length, deadline: deadline,
+                         firstOutcome: firstOutcome)
+    }
+
+    /// The rest of a synchronous transfer: each path of its order in turn (`firstOutcome`: how the
+    /// first one already ended), until one completes, refuses the request or the deadline passes.
+    private func transferSync(_ planned: Planned, _ operation: TransferRequest.Operation, localAddress: UInt64, remoteAddress: UInt64,
+                              length: UInt64, deadline: UInt64, firstOutcome: SyncOutcome?) throws {
         let order = planned.order
         var failures: [String] = []
         var index = 0
         while index < order.count {
             if index > 0 && MonotonicClock.nanoseconds() >= deadline { break }
-            let link: any TransportPeer
-            if index == 0, let known = planned.firstLink {
-                link = known
+            let outcome: SyncOutcome
+            if index == 0, let firstOutcome {
+                outcome = firstOutcome
             } else {
+                let link: any TransportPeer
                 do { link = try self.link(to: planned.peer, over: order[index]) } catch {
                     failures.append("\(order[index].protocolName): \(error)")
                     index += 1
                     continue
                 }
-            }
-            guard let outcome = link.transferSync(operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length,
-                                                  deadline: deadline) else {
-                // This transport runs a request of this size through its queue: a temporary batch from here on.
-                var rest = planned
-                rest.route = index == 0 ? planned.route : RouteOrder(Array(order[index...]))
-                return try runSync([rest], earlierFailures: failures)
+                guard let result = link.transferSync(operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length,
+                                                     deadline: deadline) else {
+                    // This transport runs a request of this size through its queue: a temporary batch from here on.
+                    var rest = planned
+                    rest.route = index == 0 ? planned.route : RouteOrder(Array(order[index...]))
+                    return try runSync([rest], earlierFailures: failures)
+                }
+                outcome = result
             }
             if outcome == .completed { return }
             if case .rejected(let reason) = outcome { throw EngineError.transferFailed(reason) }

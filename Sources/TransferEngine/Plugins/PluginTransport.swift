@@ -265,21 +265,6 @@ final class PluginTransport: Transport, @unchecked Sendable {
         "\(plugin.info.name): submit failed (\(PluginStatus.describe(status))): \(lastError)"
     }
 
-    func finish(cookie: UInt64, status: Int32, bytes: UInt64, reason: String? = nil) {
-        guard let slice = inFlight.withLock({ state -> TransferSlice? in
-            if cookie & Self.syncCookie != 0 {
-                // A synchronous caller's (still waiting, unless it timed out): it looks here.
-                if state.syncWaiting.contains(cookie) {
-                    state.syncResults.append(SyncResult(cookie: cookie, status: status, reason: reason))
-                    syncReapedElsewhere.add(1, ordering: .relaxed)
-                }
-                return nil
-            }
-            return state.slices.removeValue(forKey: cookie)
-        }) else { return }
-        slice.token.finish(slice, on: protocolName, error: failureText(status, reason), rejected: Self.isRequestRefusal(status))
-    }
-
     /// Completion statuses that refuse the request itself (its range, its memory), not the path.
     static func isRequestRefusal(_ status: Int32) -> Bool {
         status == TE_ERR_OUT_OF_RANGE || status == TE_ERR_INVALID_ARGUMENT || status == TE_ERR_REJECTED
@@ -313,46 +298,6 @@ final class PluginTransport: Transport, @unchecked Sendable {
             return Array(state.slices.values)
         }
         for slice in orphans { slice.token.finish(slice, on: protocolName, error: "\(plugin.info.name): engine shut down") }
-    }
-
-    /// Collects completions that are already available, on the caller's thread (a
-    /// synchronous transfer then needs no hand-off to the poller thread).
-    func harvest() {
-        if isShutDown { return }
-        _ = drain(timeoutNs: 0)
-    }
-
-    /// One poll call; finishes every completion it returns. Returns the poll status.
-    func drain(timeoutNs: UInt64) -> Int32 {
-        var unused: Ending? = nil
-        return drain(timeoutNs: timeoutNs, mine: 0, own: &unused)
-    }
-
-    /// One poll call; finishes every completion it returns, except that of cookie `mine` (a
-    /// synchronous caller's, not 0), whose status goes to `own` without taking the lock.
-    func drain(timeoutNs: UInt64, mine: UInt64, own: inout Ending?, gated: Bool = true) -> Int32 {
-        // Stack storage (the standard library keeps up to 1 KiB on the stack): a synchronous
-        // caller spins through here, and a heap allocation per call showed up.
-        withUnsafeTemporaryAllocation(of: te_completion.self, capacity: 32) { buffer in
-            var count = 0
-            let stride = MemoryLayout<te_completion>.stride
-            let result: Int32?
-            if gated {
-                result = entered { d.poll!(instance, buffer.baseAddress, buffer.count, stride, timeoutNs, &count) }
-            } else {
-                result = d.poll!(instance, buffer.baseAddress, buffer.count, stride, timeoutNs, &count)
-            }
-            guard let status = result else { return TE_OK }
-            guard status == TE_OK else { return status }
-            for completion in buffer.prefix(min(count, buffer.count)) {
-                if mine != 0 && completion.cookie == mine {
-                    own = (completion.status, nil)
-                } else {
-                    finish(cookie: completion.cookie, status: completion.status, bytes: completion.bytes)
-                }
-            }
-            return TE_OK
-        }
     }
 
     /// Polls the plugin while slices are in flight that no synchronous caller harvests; parked
