@@ -118,3 +118,33 @@ public func teProtocolAvailable(_ proto: UnsafePointer<CChar>?) -> Int32 {
     }) else { return 0 }
     return selection.plugin != nil ? 1 : 0
 }
+
+@_cdecl("te_allocate_managed_buffer")
+public func teAllocateManagedBuffer(_ handle: UnsafeMutableRawPointer?, _ length: Int, _ location: UnsafePointer<CChar>?) -> UnsafeMutableRawPointer? {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return nil }
+    guard length > 0 else { CResult.fail("length is 0"); return nil }
+    var place = "cpu:0"
+    if let location {
+        guard let text = CResult.string(location, "location") else { return nil }
+        if !text.isEmpty { place = text }
+    }
+    do {
+        let address = try engine.allocateManagedBuffer(length: UInt64(length), location: place)
+        CResult.clear()
+        return UnsafeMutableRawPointer(bitPattern: UInt(address))
+    } catch {
+        _ = CResult.errorCode(error)
+        return nil
+    }
+}
+
+@_cdecl("te_free_managed_buffer")
+public func teFreeManagedBuffer(_ handle: UnsafeMutableRawPointer?, _ address: UnsafeMutableRawPointer?) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    guard let address else { CResult.fail("addr is NULL"); return -1 }
+    do {
+        try engine.freeManagedBuffer(address: UInt64(UInt(bitPattern: address)))
+        CResult.clear()
+        return 0
+    } catch { return CResult.errorCode(error) }
+}

@@ -199,3 +199,78 @@ def test_install_uninstall_and_transport_hint(peer):
     assert e.install_transport("warpdrive") == -1
     assert e.transfer_sync_read(peer.segment, local, peer.address, 4096) == 0
     e.free_managed_buffer(local, 1 << 20)
+
+
+def test_managed_buffer_comes_from_the_engine(tmp_path, monkeypatch):
+    """allocate_managed_buffer goes through the engine: with cxl on a pool file the memory is the
+    pool's (bytes written there are in the file), with tcp page-aligned heap memory."""
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    heap = e.allocate_managed_buffer(8192)
+    assert heap != 0 and heap % 4096 == 0
+    assert e.free_managed_buffer(heap, 8192) == 0 and e.free_managed_buffer(heap, 8192) == -1
+    assert e.allocate_managed_buffer(0) == 0
+    pool = tmp_path / "pool"
+    with open(pool, "wb") as f:
+        f.truncate(64 << 20)
+    monkeypatch.setenv("MC_CXL_DEV_PATH", str(pool))
+    monkeypatch.setenv("MC_STRICT_PROTOCOL", "1")
+    c = TransferEngine()
+    if c.initialize("127.0.0.1", "P2PHANDSHAKE", "cxl", "") != 0:
+        pytest.skip("the cxl plugin was not built (install libcxl-dev and libdaxctl-dev): " + transfer_engine.last_error())
+    address = c.allocate_managed_buffer(1 << 20)
+    assert address != 0, transfer_engine.last_error()
+    marker = os.urandom(64)
+    c.write_bytes_to_buffer(address + 4096, marker, len(marker))
+    assert marker in pool.read_bytes(), "the managed buffer is not in the CXL pool"
+    assert c.free_managed_buffer(address, 1 << 20) == 0
+
+
+
+CUDA_STANDIN = r"""
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+typedef void (*host_fn)(void *);
+struct call { host_fn fn; void *data; };
+static void *later(void *raw) { struct call c = *(struct call *)raw; free(raw); usleep(20000); c.fn(c.data); return 0; }
+/* As cudaLaunchHostFunc: the function runs later, on another thread; stream 7 is "invalid". */
+int cudaLaunchHostFunc(void *stream, host_fn fn, void *data) {
+    if ((long)stream == 7) return 400;
+    struct call *c = malloc(sizeof *c); c->fn = fn; c->data = data;
+    pthread_t t; pthread_create(&t, 0, later, c); pthread_detach(t); return 0;
+}
+const char *cudaGetErrorString(int e) { return e == 400 ? "invalid resource handle" : "unknown error"; }
+"""
+
+
+def test_transfers_on_a_cuda_stream(peer, tmp_path, monkeypatch):
+    """Without a CUDA runtime the *_on_cuda methods raise a clear error; with one (a stand-in
+    library exporting cudaLaunchHostFunc, run later on its own thread) the transfer happens when
+    the host function runs, and a launch error is raised with the runtime's text."""
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    local = e.allocate_managed_buffer(4096)
+    monkeypatch.setenv("MC_CUDART_LIBRARY", str(tmp_path / "missing.so"))
+    monkeypatch.setattr(transfer_engine, "_cuda_library", [])
+    if transfer_engine._cuda_runtime() is None:
+        with pytest.raises(RuntimeError, match="CUDA runtime"):
+            e.transfer_write_on_cuda(peer.segment, local, peer.address, 4096)
+    source = tmp_path / "cudart_standin.c"
+    source.write_text(CUDA_STANDIN)
+    library = tmp_path / "libcudart_standin.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source), "-lpthread"], check=True)
+    monkeypatch.setenv("MC_CUDART_LIBRARY", str(library))
+    monkeypatch.setattr(transfer_engine, "_cuda_library", [])
+    data = os.urandom(4096)
+    e.write_bytes_to_buffer(local, data, len(data))
+    e.batch_transfer_write_on_cuda(peer.segment, [local], [peer.address + 8192], [4096], stream_ptr=1)
+    deadline = time.time() + 10
+    while time.time() < deadline and bytes.fromhex(peer.ask(f"read {peer.address + 8192} 4096")) != data:
+        time.sleep(0.05)
+    assert bytes.fromhex(peer.ask(f"read {peer.address + 8192} 4096")) == data
+    with pytest.raises(RuntimeError, match="invalid resource handle"):
+        e.transfer_read_on_cuda(peer.segment, local, peer.address, 4096, stream_ptr=7)
+    with pytest.raises(ValueError):
+        e.batch_transfer_read_on_cuda(peer.segment, [local], [], [4096], stream_ptr=1)
+    assert e.cuda_transfer_failures() == []

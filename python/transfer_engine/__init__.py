@@ -95,11 +95,9 @@ _last_error = _signature("te_last_error", _cp)
 _gen_notify = _signature("genNotifyInEngine", _int, _vp, _u64, _NotifyMsg)
 _show_links = _signature("showLinks", _int, _vp, ctypes.c_char_p, _sz, _int)
 _warmup = _signature("warmupEfaSegment", _int, _vp, _cp)
+_allocate_managed = _signature("te_allocate_managed_buffer", _vp, _vp, _sz, _cp)
+_free_managed = _signature("te_free_managed_buffer", _int, _vp, _vp)
 
-_libc = ctypes.CDLL(None)
-_libc.posix_memalign.restype = _int
-_libc.posix_memalign.argtypes = [ctypes.POINTER(_vp), _sz, _sz]
-_libc.free.argtypes = [_vp]
 
 
 def _hint(transport_hint):
@@ -186,18 +184,14 @@ class TransferEngine:
     def __init__(self):
         self._handle = None
         self._segments = {}
-        self._managed = {}
 
     def __del__(self):
-        # The engine goes first: its listeners, lanes and plugin threads stop (no peer or
-        # in-flight transfer can touch managed memory any more), then that memory is freed.
+        # The engine stops its listeners, lanes and plugin threads, then frees the managed
+        # memory it allocated (no peer or in-flight transfer can touch it any more).
         try:
             if self._handle:
                 handle, self._handle = self._handle, None
                 _destroy(handle)
-                for address in list(self._managed):
-                    _libc.free(_vp(address))
-                self._managed.clear()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
@@ -303,27 +297,20 @@ class TransferEngine:
                 result = rc
         return result
 
-    def allocate_managed_buffer(self, length):
-        """Allocates and registers page-aligned memory; its address, or 0 on failure."""
-        if not self._handle or length <= 0:
+    def allocate_managed_buffer(self, length, location="cpu:0"):
+        """Allocates and registers memory through the engine: from a transport that provides its
+        own (a CXL pool, GPU memory for "cuda:N"), else page-aligned heap memory; its address,
+        or 0 on failure."""
+        if not self._handle or not isinstance(length, int) or length <= 0:
             return 0
-        pointer = _vp()
-        if _libc.posix_memalign(ctypes.byref(pointer), 4096, length) != 0:
-            return 0
-        if self.register_memory(pointer.value, length, "cpu:0") != 0:
-            _libc.free(pointer)
-            return 0
-        self._managed[pointer.value] = length
-        return pointer.value
+        address = _allocate_managed(self._handle, length, (location or "").encode())
+        return address or 0
 
     def free_managed_buffer(self, buffer_addr, length):
         """Unregisters and frees a buffer from allocate_managed_buffer; 0, or -1 when it is not one."""
-        if buffer_addr not in self._managed:
+        if not self._handle or not buffer_addr:
             return -1
-        del self._managed[buffer_addr]
-        self.unregister_memory(buffer_addr)
-        _libc.free(_vp(buffer_addr))
-        return 0
+        return 0 if _free_managed(self._handle, buffer_addr) == 0 else -1
 
     def write_bytes_to_buffer(self, dest_address, src_ptr, length):
         """Copies length bytes of src_ptr (bytes) to local memory at dest_address; 0."""
@@ -503,6 +490,88 @@ class TransferEngine:
         if _warmup(self._handle, segment_name.encode()) != 0:
             return -1
         return 0 if self._segment(segment_name) >= 0 else -1
+
+
+    # -- transfers ordered on a CUDA stream ---------------------------------------
+    def transfer_write_on_cuda(self, target_hostname, buffer, peer_buffer_address, length, stream_ptr=0, transport_hint=""):
+        """transfer_sync_write once the work queued on the CUDA stream before it finished (see
+        batch_transfer_write_on_cuda)."""
+        self._on_cuda(target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.Write, stream_ptr, transport_hint)
+
+    def transfer_read_on_cuda(self, target_hostname, buffer, peer_buffer_address, length, stream_ptr=0, transport_hint=""):
+        """transfer_sync_read once the work queued on the CUDA stream before it finished."""
+        self._on_cuda(target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.Read, stream_ptr, transport_hint)
+
+    def batch_transfer_write_on_cuda(self, target_hostname, buffers, peer_buffer_addresses, lengths, stream_ptr=0, transport_hint=""):
+        """Queues a host function on the CUDA stream (cudaLaunchHostFunc) that writes the batch
+        when every kernel and copy queued before it has finished; returns at once. A failure is
+        logged and kept in cuda_transfer_failures() (upstream ends the process). Raises
+        RuntimeError where no CUDA runtime (libcudart, or MC_CUDART_LIBRARY) can be loaded."""
+        self._on_cuda(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write, stream_ptr, transport_hint)
+
+    def batch_transfer_read_on_cuda(self, target_hostname, buffers, peer_buffer_addresses, lengths, stream_ptr=0, transport_hint=""):
+        """As batch_transfer_write_on_cuda, reading."""
+        self._on_cuda(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Read, stream_ptr, transport_hint)
+
+    def cuda_transfer_failures(self):
+        """Why transfers queued on CUDA streams failed, oldest first (at most 100 kept)."""
+        return list(getattr(self, "_cuda_failures", []))
+
+    def _on_cuda(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, stream_ptr, transport_hint):
+        runtime = _cuda_runtime()
+        if runtime is None:
+            raise RuntimeError("transfers on a CUDA stream need the CUDA runtime (libcudart.so; MC_CUDART_LIBRARY names another), "
+                               "which cannot be loaded here; synchronize the stream and use the transfer_sync_* methods instead")
+        if not self._handle:
+            raise RuntimeError("the engine is not initialized")
+        if not (len(buffers) == len(peer_buffer_addresses) == len(lengths)):
+            raise ValueError("buffers, peer_buffer_addresses and lengths have different sizes")
+        if self._segment(target_hostname) < 0:
+            raise RuntimeError(f"cannot open segment {target_hostname}: {last_error()}")
+        buffers, peers, sizes = list(buffers), list(peer_buffer_addresses), list(lengths)
+        key = object()
+
+        def run(_user_data):
+            # On the CUDA driver's thread, once the stream got here; no CUDA call may be made from it.
+            try:
+                if self.batch_transfer_sync(target_hostname, buffers, peers, sizes, opcode, transport_hint=transport_hint) != 0:
+                    failures = self.__dict__.setdefault("_cuda_failures", [])
+                    failures.append(f"{opcode.name} of {sum(sizes)} bytes to {target_hostname}: {last_error()}")
+                    del failures[:-100]
+            finally:
+                _cuda_callbacks.pop(key, None)
+
+        callback = _HOST_FUNCTION(run)
+        _cuda_callbacks[key] = callback  # alive until the driver has called it
+        status = runtime.cudaLaunchHostFunc(_vp(stream_ptr), callback, None)
+        if status != 0:
+            _cuda_callbacks.pop(key, None)
+            raise RuntimeError("cudaLaunchHostFunc failed: " + (runtime.cudaGetErrorString(status) or b"error %d" % status).decode())
+
+
+_HOST_FUNCTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_cuda_callbacks = {}
+_cuda_library = []
+
+
+def _cuda_runtime():
+    """The CUDA runtime library, loaded once; None where there is none."""
+    if not _cuda_library:
+        names = [os.environ.get("MC_CUDART_LIBRARY"), "libcudart.so", "libcudart.so.12", "libcudart.so.11.0"]
+        runtime = None
+        for name in filter(None, names):
+            try:
+                runtime = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        if runtime is not None:
+            runtime.cudaLaunchHostFunc.restype = ctypes.c_int
+            runtime.cudaLaunchHostFunc.argtypes = [ctypes.c_void_p, _HOST_FUNCTION, ctypes.c_void_p]
+            runtime.cudaGetErrorString.restype = ctypes.c_char_p
+            runtime.cudaGetErrorString.argtypes = [ctypes.c_int]
+        _cuda_library.append(runtime)
+    return _cuda_library[0]
 
 
 # Upstream binds the enum on the class too: TransferEngine.TransferOpcode.Write

@@ -324,6 +324,16 @@ int te_send_probe(transfer_engine_t engine, const char *segment_name);
 /** 1 if the protocol can run here (tcp always; a plugin that loads and probes as available), else 0. */
 int te_protocol_available(const char *protocol);
 
+/**
+ * Allocates length bytes at location (NULL or "": "cpu:0") and registers them: memory a
+ * transport provides itself when one does (a CXL pool, device memory of a GPU plugin for
+ * "cuda:N"), the first in routing order, else page-aligned heap memory. NULL on failure.
+ */
+void *te_allocate_managed_buffer(transfer_engine_t engine, size_t length, const char *location);
+
+/** Unregisters and frees what te_allocate_managed_buffer returned. 0 or ERR_*. */
+int te_free_managed_buffer(transfer_engine_t engine, void *addr);
+
 /** The last error on the calling thread ("" if none). Valid until the next call on this thread. */
 const char *te_last_error(void);
 

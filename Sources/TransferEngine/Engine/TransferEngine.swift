@@ -183,6 +183,13 @@ public final class TransferEngine: @unchecked Sendable {
         dataServer.stop()
         for links in state.withLock({ _ in peers.map { Array($0.links.values) } }) { links.forEach { $0.close() } }
         transports.forEach { $0.shutdown() }
+        // Heap memory from allocateManagedBuffer goes with the engine (nothing can reach it now;
+        // a transport's own memory went with the transport).
+        let managed: [UInt64: (length: UInt64, from: String?)] = state.withLock { state in
+            defer { state.managed.removeAll() }
+            return state.managed
+        }
+        for (address, entry) in managed where entry.from == nil { free(UnsafeMutableRawPointer(bitPattern: UInt(address))) }
         if let store = metadataStore {
             // A clean shutdown removes our keys (a crash leaves them to their TTL).
             for key in [keys.segment(segmentName), keys.rpcMeta(segmentName)] {
