@@ -31,6 +31,8 @@ extension TransferEngine {
         var pathCooldownMs = 5000
         /// A protocol that cannot run is an error instead of a warning (MC_STRICT_PROTOCOL).
         var strictProtocol = false
+        /// openSegment fetches the descriptor again each time (upstream's MC_DISABLE_METACACHE).
+        var disableMetacache = false
         var metadataTimeoutMs = 5000
         var metadataTTLSeconds = 30
         /// Notifications held until taken (MC_NOTIFY_MAX_COUNT / MC_NOTIFY_MAX_BYTES); the oldest go first.
@@ -67,6 +69,7 @@ extension TransferEngine {
             if let v = try integer(["MC_PATH_COOLDOWN_MS"], 0...3_600_000) { pathCooldownMs = v }
             if let v = try integer(["MC_FREE_BATCH_WAIT_MS"], 0...600_000) { freeBatchWaitMs = v }
             strictProtocol = ProtocolSelector.truthy(environment["MC_STRICT_PROTOCOL"])
+            disableMetacache = ProtocolSelector.truthy(environment["MC_DISABLE_METACACHE"])
             if let v = try integer(["MC_METADATA_TTL_SECONDS"], 2...86_400) { metadataTTLSeconds = v }
             if let v = try integer(["MC_HANDSHAKE_FRAME_TIMEOUT_MS"], 100...600_000) { handshakeLimits.frameDeadlineMs = v }
             if let v = try integer(["MC_HANDSHAKE_MAX_CONNECTIONS"], 1...65_536) { handshakeLimits.maxConnections = v }

@@ -133,10 +133,12 @@ extension TransferEngine {
 
     /// Whether a peer reached at `host` runs on this host (shm goes first for it).
     func isSameHost(_ host: String) -> Bool {
-        func loopback(_ host: String) -> Bool { host == "localhost" || host.hasPrefix("127.") || host == "::1" }
         let localHost = (try? HostPort.parse(configuration.localHostname).host) ?? bindHost
-        return host == bindHost || host == localHost || (loopback(host) && (loopback(bindHost) || loopback(localHost)))
+        return host == bindHost || host == localHost || (Self.isLoopback(host) && (Self.isLoopback(bindHost) || Self.isLoopback(localHost)))
     }
+
+    /// Whether `host` names this machine's loopback interface.
+    static func isLoopback(_ host: String) -> Bool { host == "localhost" || host.hasPrefix("127.") || host == "::1" }
 
     /// A transport hint naming no installed transport is dropped with one warning per name (an
     /// error under MC_STRICT_PROTOCOL=1); nil when there is none to follow.

@@ -62,7 +62,10 @@ extension TransferEngine {
     /// Opening this engine's own name returns the local segment handle 0.
     public func openSegment(_ name: String) throws -> SegmentHandle {
         if name == segmentName { return 0 }
-        if let handle = state.withLock({ $0.handles[name] }) { return handle }
+        if let handle = state.withLock({ $0.handles[name] }) {
+            if settings.disableMetacache { try refreshSegment(handle) }
+            return handle
+        }
         let location = try locate(name)
         let peer = Peer(name: name, host: location.host, rpcPort: location.port, descriptor: location.descriptor,
                         sameHost: isSameHost(location.host))

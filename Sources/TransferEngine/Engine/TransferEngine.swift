@@ -86,8 +86,12 @@ public final class TransferEngine: @unchecked Sendable {
     /// Starts an engine: validates the configuration, binds the handshake and data listeners,
     /// and installs each protocol of the list whose plugin and hardware are present (one
     /// warning per missing one; MC_STRICT_PROTOCOL=1 makes it an error), then TCP.
-    public init(configuration: EngineConfiguration, environment: [String: String] = ProcessInfo.processInfo.environment,
+    public init(configuration requested: EngineConfiguration, environment: [String: String] = ProcessInfo.processInfo.environment,
                 logger: Logger = Logger(label: "transfer-engine")) throws {
+        let upstream = UpstreamEnvironment.apply(requested, environment: environment)
+        let configuration = upstream.configuration
+        for line in upstream.notices { logger.info("\(line)") }
+        for line in upstream.warnings { logger.warning("\(line)") }
         self.configuration = configuration
         self.logger = logger
         self.environment = environment
@@ -117,6 +121,13 @@ public final class TransferEngine: @unchecked Sendable {
         let local = try HostPort.parse(configuration.localHostname)
         let advertised = configuration.advertisedHost.flatMap { $0.isEmpty ? nil : $0 } ?? local.host
         if let bind = environment["MC_TCP_BIND_ADDRESS"], !bind.isEmpty { bindHost = bind } else { bindHost = advertised }
+        let published = configuration.advertisedHost.flatMap { $0.isEmpty ? nil : $0 } ?? bindHost
+        if metadataStore != nil && Self.isLoopback(published) {
+            let line = "the address published to the metadata server \(configuration.metadataServer) is \(published), a loopback address: "
+                + "engines on other hosts cannot reach segment \(configuration.localHostname). Set local_hostname (MOONCAKE_LOCAL_HOSTNAME, "
+                + "the config file; the C API's ip_or_host_name) or MC_TCP_BIND_ADDRESS to an address they reach"
+            logger.warning("\(line)")
+        }
 
         catalog = PluginCatalog(environment: environment)
         let (chosen, notes) = try ProtocolSelector.selectList(requested: configuration.protocolName, catalog: catalog, environment: environment) {
