@@ -113,6 +113,11 @@ patchelf --set-soname "$soname" "$host/$private/$soname"
 # The metadata server as a service, installed disabled (no maintainer script enables it).
 install -m 0644 packaging/systemd/transfer-engine-metadata.service "$host/lib/systemd/system/"
 install -m 0644 packaging/etc/metadata-server.env "$host/etc/transfer-engine/"
+# The C API library is found by its SONAME at run time without an rpath (programs built the way
+# NIXL's Mooncake backend is: -ltransfer_engine from the default paths); dpkg runs ldconfig.
+mkdir -p "$host/etc/ld.so.conf.d" "$host/DEBIAN"
+echo "/$private" > "$host/etc/ld.so.conf.d/transfer-engine.conf"
+echo "activate-noawait ldconfig" > "$host/DEBIAN/triggers"
 plugins=("$bin"/libtransport_*.so)
 for lib in $(runtime_closure "$bin/transfer-engine" "$bin/libtransfer_engine_c.so" "${plugins[@]}"); do
     install -m 0644 "$toolchain_lib/$lib" "$host/$private/swift/$lib"
@@ -137,6 +142,9 @@ multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH)
 mkdir -p "$dev/usr/include/transfer-engine" "$dev/$private" "$dev/usr/lib/$multiarch/pkgconfig"
 install -m 0644 Sources/CTransferEngineC/include/transfer_engine_c.h "$dev/usr/include/transfer-engine/"
 ln -s "$soname" "$dev/$private/libtransfer_engine_c.so"
+# Upstream's names in the default paths: -ltransfer_engine and #include "transfer_engine_c.h" (NIXL).
+ln -s "../transfer-engine/$soname" "$dev/usr/lib/$multiarch/libtransfer_engine.so"
+ln -s transfer-engine/transfer_engine_c.h "$dev/usr/include/transfer_engine_c.h"
 cat > "$dev/usr/lib/$multiarch/pkgconfig/transfer-engine.pc" <<PC
 prefix=/usr
 includedir=\${prefix}/include/transfer-engine

@@ -79,6 +79,12 @@ cc -o "$root/tmp/capi" "$root/tmp/capi.c" $(PKG_CONFIG_SYSROOT_DIR="$root" PKG_C
     pkg-config --cflags --libs transfer-engine) -Wl,-rpath,/usr/lib/transfer-engine || fail "compiling against transfer-engine-dev"
 readelf -d "$root/tmp/capi" | grep -q "NEEDED.*\[libtransfer_engine_c.so.0\]" || fail "a program linked with -ltransfer_engine_c does not need the SONAME"
 in_root /tmp/capi || fail "a C program against the installed library"
+# The way NIXL's Mooncake backend builds: upstream's names from the default paths, no rpath
+# (the library is found through /etc/ld.so.conf.d/transfer-engine.conf).
+multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH)
+cc -o "$root/tmp/capi-upstream" "$root/tmp/capi.c" -I"$root/usr/include" -L"$root/usr/lib/$multiarch" -ltransfer_engine ||
+    fail "compiling with #include \"transfer_engine_c.h\" and -ltransfer_engine"
+in_root /tmp/capi-upstream || fail "a program linked with -ltransfer_engine, without an rpath"
 
 echo "== the metadata server's systemd unit: installed, disabled, its command serves"
 unit=$root/lib/systemd/system/transfer-engine-metadata.service

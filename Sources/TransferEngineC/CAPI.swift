@@ -237,6 +237,11 @@ public func genNotifyInEngine(_ handle: UnsafeMutableRawPointer?, _ target: UInt
     guard target <= UInt64(Int32.max) else { CResult.fail("target_id \(target) is not a segment id"); return -1 }
     do {
         try engine.sendNotification(TransferNotification(name: name, message: message), to: Int32(target))
+        CResult.clear()
         return 0
-    } catch { return CResult.errorCode(error) }
+    } catch {
+        // As upstream: an unknown segment id or a peer that does not acknowledge is ERR_METADATA.
+        CResult.fail("\(error)")
+        return -200
+    }
 }

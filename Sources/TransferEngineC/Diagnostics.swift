@@ -45,9 +45,17 @@ public func getNicLoadStats(_ handle: UnsafeMutableRawPointer?, _ stats: UnsafeM
 public func warmupEfaSegment(_ handle: UnsafeMutableRawPointer?, _ name: UnsafePointer<CChar>?) -> Int32 {
     guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
     guard let segment = CResult.string(name, "segment_name") else { return -1 }
+    CResult.clear()
+    // As upstream: nothing to do for an empty name or the engine's own.
+    if segment.isEmpty || segment == engine.segmentName { return 0 }
+    do {
+        _ = try engine.openSegment(segment)
+    } catch {
+        CResult.fail("\(error)")
+        return -1  // ERR_INVALID_ARGUMENT: an unknown segment, as upstream
+    }
     do {
         try engine.warmUp(segment: segment)
-        CResult.clear()
         return 0
     } catch { return CResult.errorCode(error) }
 }

@@ -7,16 +7,23 @@ import Testing
 /// package load).
 @Suite("C API (libtransfer_engine_c.so)")
 struct CAPITests {
-    /// Compiles a fixture C program against the header and the built library.
-    private static func compile(_ name: String) throws -> String {
+    /// Compiles a fixture C program against the header and the built library; `upstreamName`:
+    /// linked as upstream's library is (-ltransfer_engine), as NIXL's Mooncake backend does.
+    private static func compile(_ name: String, upstreamName: Bool = false) throws -> String {
         let directory = try TestSupport.temporaryDirectory()
         let library = TestSupport.productsDirectory.appendingPathComponent("libtransfer_engine_c.so").path
         try #require(FileManager.default.fileExists(atPath: library), "libtransfer_engine_c.so was not built")
         let program = directory.appendingPathComponent(name).path
         let source = TestSupport.repoRoot.appendingPathComponent("Tests/TransferEngineTests/Fixtures/\(name).c").path
         let include = TestSupport.repoRoot.appendingPathComponent("Sources/CTransferEngineC/include").path
-        let (ccStatus, _, ccError) = try TestSupport.run("/usr/bin/cc", ["-O1", "-Wall", "-Werror", "-I", include, source, library,
-                                                                         "-Wl,-rpath," + TestSupport.productsDirectory.path, "-o", program])
+        var linkage = [library]
+        if upstreamName {
+            try FileManager.default.createSymbolicLink(atPath: directory.appendingPathComponent("libtransfer_engine.so").path, withDestinationPath: library)
+            // The build's library has no SONAME (the .deb's has): the program needs the link's name, found here.
+            linkage = ["-L", directory.path, "-ltransfer_engine", "-Wl,-rpath," + directory.path]
+        }
+        let (ccStatus, _, ccError) = try TestSupport.run("/usr/bin/cc", ["-O1", "-Wall", "-Werror", "-I", include, source] + linkage
+                                                                         + ["-Wl,-rpath," + TestSupport.productsDirectory.path, "-o", program])
         try #require(ccStatus == 0, "cc failed: \(ccError)")
         return program
     }
@@ -41,6 +48,14 @@ struct CAPITests {
         let (status, out, err) = try TestSupport.run(program, ["\(try TestSupport.freePort())"], environment: Self.environment, timeout: 120)
         #expect(status == 0, "\(out)\n\(err.suffix(3000))")
         #expect(out.contains("capi extras: ") && out.contains(", 0 failed"), "\(out)")
+    }
+
+    @Test("NIXL's Mooncake backend call sequence, built as it builds (-ltransfer_engine): two agents, a notified 1024-entry batch polled as checkXfer does, notifications, teardown")
+    func nixlSequence() throws {
+        let program = try Self.compile("capi_nixl", upstreamName: true)
+        let (status, out, err) = try TestSupport.run(program, [], environment: Self.environment, timeout: 120)
+        #expect(status == 0, "\(out)\n\(err.suffix(3000))")
+        #expect(out.contains("nixl sequence: ") && out.contains(", 0 failed"), "\(out)")
     }
 
     @Test("enableGracefulShutdown: SIGTERM removes the engine's keys from the metadata server, then the process ends with 143")

@@ -194,7 +194,8 @@ int removeLocalSegment(transfer_engine_t engine, const char *segment_name);
 /**
  * Opens segment_name and connects every installed transport but tcp that the peer offers (efa,
  * rdma, ...), so the first transfer pays no connection setup. Idempotent; nothing to do with
- * tcp only. 0, or ERR_* naming each transport that could not connect.
+ * tcp only, an empty name or the engine's own (0). ERR_INVALID_ARGUMENT for a segment that cannot
+ * be opened; another ERR_* (te_last_error names each transport) when a connection fails.
  */
 int warmupEfaSegment(transfer_engine_t engine, const char *segment_name);
 
@@ -266,7 +267,8 @@ notify_msg_t *getNotifsFromEngine(transfer_engine_t engine, int *size);
 /** Frees what getNotifsFromEngine returned. 0. */
 int freeNotifsMsgBuf(notify_msg_t *msg, int size);
 
-/** Sends a notification to an opened segment. 0 or ERR_*. */
+/** Sends a notification to an opened segment. 0, ERR_INVALID_ARGUMENT for NULL strings, or ERR_METADATA
+ * (as upstream) for an unknown segment id or a peer that does not acknowledge. */
 int genNotifyInEngine(transfer_engine_t engine, uint64_t target_id, notify_msg_t notify_msg);
 
 /* ---- Additions of this engine (not in the official header), used by the Python package. ---- */

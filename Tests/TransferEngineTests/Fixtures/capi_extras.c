@@ -50,7 +50,9 @@ int main(int argc, char **argv) {
 
     /* warmupEfaSegment opens the segment (nothing but tcp to connect here); a bad name fails. */
     CHECK(warmupEfaSegment(initiator, name) == 0);
-    CHECK(warmupEfaSegment(initiator, "127.0.0.1:1") != 0);
+    CHECK(warmupEfaSegment(initiator, "127.0.0.1:1") == ERR_INVALID_ARGUMENT);
+    CHECK(warmupEfaSegment(initiator, "") == 0);
+    CHECK(getLocalIpAndPort(initiator, text, sizeof text) == 0 && warmupEfaSegment(initiator, text) == 0);
     CHECK(warmupEfaSegment(initiator, NULL) == ERR_INVALID_ARGUMENT);
     segment_id_t peer = openSegment(initiator, name);
     CHECK(peer > 0);

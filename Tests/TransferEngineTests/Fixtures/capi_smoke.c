@@ -116,7 +116,7 @@ int main(void) {
     CHECK(notes && count == 1 && !strcmp(notes[0].name, "kv") && !strcmp(notes[0].msg, "block 42 ready"));
     freeNotifsMsgBuf(notes, count);
     CHECK(genNotifyInEngine(initiator, (uint64_t)peer, note) == 0);
-    CHECK(genNotifyInEngine(initiator, 9999, note) == ERR_INVALID_ARGUMENT);
+    CHECK(genNotifyInEngine(initiator, 9999, note) == ERR_METADATA);
 
     /* The engine's own segment, opened by its own name (local copies): many rounds, each checked. */
     char *scratch = aligned_alloc(4096, BLOCK);
