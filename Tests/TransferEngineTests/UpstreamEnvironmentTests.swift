@@ -63,4 +63,25 @@ struct UpstreamEnvironmentTests {
         defer { p2p.shutdown() }
         #expect(!p2pLog.messages(at: .warning).contains { $0.contains("loopback") })
     }
+
+    @Test("an empty local_hostname with a metadata server becomes the address that routes to it, said once; with P2PHANDSHAKE it is an error")
+    func emptyLocalHostname() throws {
+        let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
+        defer { server.stop() }
+        let (engine, log) = try engine([:], configuration: EngineConfiguration(localHostname: "", metadataServer: "http://127.0.0.1:\(server.port)/metadata"))
+        defer { engine.shutdown() }
+        #expect(engine.segmentName == "127.0.0.1")
+        #expect(log.messages(at: .info).contains { $0.contains("local_hostname is empty: using 127.0.0.1") && $0.contains("routes to the metadata server") })
+        #expect(throws: EngineError.self) { _ = try self.engine([:], configuration: EngineConfiguration(localHostname: "")) }
+        var file = EngineConfiguration.Overrides()
+        file.metadataServer = "P2PHANDSHAKE"
+        let directory = try TestSupport.temporaryDirectory()
+        let config = directory.appendingPathComponent("empty.json")
+        try #"{"local_hostname": "", "metadata_server": "P2PHANDSHAKE"}"#.write(to: config, atomically: true, encoding: .utf8)
+        file.configPath = config.path
+        #expect(throws: EngineError.self) { _ = try EngineConfiguration.resolve(file, environment: [:]) }
+        try #"{"local_hostname": "", "metadata_server": "http://127.0.0.1:1/metadata"}"#.write(to: config, atomically: true, encoding: .utf8)
+        #expect(try EngineConfiguration.resolve(EngineConfiguration.Overrides(configPath: config.path), environment: [:]).configuration.localHostname == "")
+    }
 }
+

@@ -106,8 +106,10 @@ public struct EngineConfiguration: Sendable, Equatable {
         if let v = overrides.protocolName, !v.isEmpty { configuration.protocolName = v }
         if let v = overrides.deviceName { configuration.deviceName = v }
         configuration.protocolName = configuration.protocolName.trimmingCharacters(in: .whitespaces).lowercased()
-        guard !configuration.localHostname.trimmingCharacters(in: .whitespaces).isEmpty else {
-            throw EngineError.invalidConfiguration("local_hostname is empty")
+        // Empty is allowed with a metadata server: the engine picks the address that routes to it.
+        guard !configuration.localHostname.trimmingCharacters(in: .whitespaces).isEmpty
+                || (try? MetadataServer.parse(configuration.metadataServer)).map({ $0 != .p2pHandshake }) == true else {
+            throw EngineError.invalidConfiguration("local_hostname is empty (with P2PHANDSHAKE it names this host: give an address peers reach)")
         }
         return (configuration, warnings)
     }

@@ -36,3 +36,20 @@ public enum MetadataServer: Equatable, Sendable {
         throw EngineError.invalidMetadataServer("'\(text)' is not a recognised form; accepted forms: \(acceptedForms)")
     }
 }
+
+extension MetadataServer {
+    /// Where the server listens (the first etcd endpoint), for choosing the local address that
+    /// reaches it; nil in P2P mode.
+    var endpoint: HostPort? {
+        switch self {
+        case .p2pHandshake: return nil
+        case .etcd(let endpoints): return endpoints.first.flatMap { try? HostPort.parse($0) }
+        case .redis(let address): return try? HostPort.parse(address)
+        case .http(let url):
+            let rest = url.drop { $0 != "/" }.drop { $0 == "/" }
+            guard var endpoint = try? HostPort.parse(String(rest.prefix { $0 != "/" && $0 != "?" })) else { return nil }
+            if endpoint.port == nil { endpoint.port = url.lowercased().hasPrefix("https") ? 443 : 80 }
+            return endpoint
+        }
+    }
+}

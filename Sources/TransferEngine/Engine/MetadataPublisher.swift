@@ -1,3 +1,5 @@
+import Logging
+
 /// What this engine tells others about itself (its rpc_meta entry and segment descriptor on
 /// the metadata server) and how it learns about them (the metadata server, or the peer's
 /// handshake port in P2P mode).
@@ -27,6 +29,19 @@ extension TransferEngine {
         } catch {
             logger.warning("cannot start the metadata refresh thread; keys expire after \(settings.metadataTTLSeconds) s: \(error)")
         }
+    }
+
+    /// For an empty local_hostname: the address of the interface that routes to the metadata
+    /// server (said in one INFO line).
+    static func routedAddress(metadataServer: String, logger: Logger) throws -> String {
+        guard let endpoint = try MetadataServer.parse(metadataServer).endpoint else {
+            throw EngineError.invalidConfiguration("local_hostname is empty; with P2PHANDSHAKE it must name this host")
+        }
+        guard let address = LocalAddress.toward(host: endpoint.host, port: endpoint.port ?? 0) else {
+            throw EngineError.invalidConfiguration("local_hostname is empty and no local address routes to the metadata server \(endpoint); set local_hostname")
+        }
+        logger.info("local_hostname is empty: using \(address), the address of the interface that routes to the metadata server \(endpoint)")
+        return address
     }
 
     /// Re-publishes the descriptor after a registration change (metadata-server mode).

@@ -89,7 +89,10 @@ public final class TransferEngine: @unchecked Sendable {
     public init(configuration requested: EngineConfiguration, environment: [String: String] = ProcessInfo.processInfo.environment,
                 logger: Logger = Logger(label: "transfer-engine")) throws {
         let upstream = UpstreamEnvironment.apply(requested, environment: environment)
-        let configuration = upstream.configuration
+        var configuration = upstream.configuration
+        if configuration.localHostname.trimmingCharacters(in: .whitespaces).isEmpty {
+            configuration.localHostname = try Self.routedAddress(metadataServer: configuration.metadataServer, logger: logger)
+        }
         for line in upstream.notices { logger.info("\(line)") }
         for line in upstream.warnings { logger.warning("\(line)") }
         self.configuration = configuration
