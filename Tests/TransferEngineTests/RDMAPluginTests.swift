@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 @testable import TransferEngine
 
@@ -182,6 +183,35 @@ struct RDMAGuestTests {
         #expect(try handshake(from: "fake-1@rxe0") == "")
         #expect(try handshake(from: "fake-2@rxe0") == "")
         #expect(try handshake(from: "fake-3@rxe0").contains("MC_RDMA_MAX_ENDPOINTS"))
+    }
+
+    @Test("two engines opening each other at the same moment end on matching endpoints: every first write completes promptly (no slice-timeout flush)")
+    func simultaneousOpen() throws {
+        var slowest = 0.0
+        for round in 0..<4 {
+            let engines = try (0..<2).map { _ in
+                try TransferEngine(configuration: EngineConfiguration(localHostname: "127.0.0.1", protocolName: "rdma", deviceName: "rxe0"),
+                                   environment: environment(["MC_SLICE_TIMEOUT": "5"]))
+            }
+            defer { engines.forEach { $0.shutdown() } }
+            let buffers = [TestBuffer(1 << 20), TestBuffer(1 << 20)]
+            for (engine, buffer) in zip(engines, buffers) { try engine.registerMemory(address: buffer.address, length: UInt64(buffer.count)) }
+            let failures = Mutex<[String]>([]), times = Mutex<[Double]>([])
+            DispatchQueue.concurrentPerform(iterations: 2) { side in
+                let (engine, local, remote) = (engines[side], buffers[side], buffers[1 - side])
+                do {
+                    let started = Date()
+                    let handle = try engine.openSegment(engines[1 - side].segmentName)
+                    try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address + 65536, length: 65536)
+                    try engine.transferSync(.read, localAddress: local.address + 131072, segment: handle, remoteAddress: remote.address, length: 65536)
+                    times.withLock { $0.append(Date().timeIntervalSince(started)) }
+                } catch { failures.withLock { $0.append("round \(round) side \(side): \(error)") } }
+            }
+            #expect(failures.withLock { $0 }.isEmpty, "\(failures.withLock { $0 })")
+            slowest = max(slowest, times.withLock { $0.max() ?? 0 })
+        }
+        print("rdma: simultaneous opens: slowest open + first write + read \(String(format: "%.0f", slowest * 1000)) ms")
+        #expect(slowest < 3, "a first transfer waited \(slowest) s: the two sides ended on different endpoints")
     }
 
     @Test("two soft-RoCE devices: slices are sprayed over both, bytes verified",

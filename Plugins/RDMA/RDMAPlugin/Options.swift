@@ -209,5 +209,10 @@ struct VerbsError: Error {
 /// A failure with a sentence for the user.
 struct FailureText: Error {
     var text: String
-    init(_ text: String) { self.text = text }
+    /// The peer refused because its own handshake to us goes first (see `RDMAInstance.simultaneousOpen`).
+    var simultaneousOpen = false
+    init(_ text: String, simultaneousOpen: Bool = false) {
+        self.text = text
+        self.simultaneousOpen = simultaneousOpen
+    }
 }

@@ -336,7 +336,11 @@ final class RDMAInstance: @unchecked Sendable {
         case .success(let reply): answer = reply
         case .failure(let failure): endpoint.destroy(); return .failure(failure)
         }
-        if let message = answer.reply_msg, !message.isEmpty { endpoint.destroy(); return .failure(FailureText("\(peerSegment) rejected the handshake: \(message)")) }
+        if let message = answer.reply_msg, !message.isEmpty {
+            endpoint.destroy()
+            if message == Self.simultaneousOpen { return .failure(FailureText(message, simultaneousOpen: true)) }
+            return .failure(FailureText("\(peerSegment) rejected the handshake: \(message)"))
+        }
         guard answer.local_nic_path == peerPath, answer.peer_nic_path == nicPath(device) else {
             endpoint.destroy()
             return .failure(FailureText("\(peerSegment) answered for \(answer.local_nic_path ?? "?") -> \(answer.peer_nic_path ?? "?"), expected \(peerPath) -> \(nicPath(device))"))
@@ -365,6 +369,11 @@ final class RDMAInstance: @unchecked Sendable {
         guard let queuePairs = request.qp_num, !queuePairs.isEmpty, let gid = request.local_gid.flatMap(JSONText.parseGID),
               peerPath.contains("@") else {
             return handshakeJSON(local: nicPath(device), peer: peerPath, device: device, queuePairs: [], reply: "incomplete handshake (qp_num, local_gid, local_nic_path)")
+        }
+        // Both sides opening each other at once: the lower NIC path's own handshake wins, this one
+        // is refused, and its sender uses the endpoint the winner's handshake builds there.
+        if nicPath(device) < peerPath && device.lock.locked({ device.connecting.contains(peerPath) }) {
+            return handshakeJSON(local: nicPath(device), peer: peerPath, device: device, queuePairs: [], reply: Self.simultaneousOpen)
         }
         let endpoint: Endpoint
         switch device.makeEndpoint() {
@@ -434,13 +443,18 @@ final class RDMAInstance: @unchecked Sendable {
             let opened = device.establishing(peerPath, waitNanoseconds: Self.establishWaitNanoseconds, reuse: { existing in
                 !existing.current.broken && existing.peerDevice == target && !existing.stale.load(ordering: .acquiring)
             }) {
-                establish(device, peerSegment: segment, peerPath: peerPath).flatMap { endpoint in
+                switch establish(device, peerSegment: segment, peerPath: peerPath) {
+                case .success(let endpoint):
                     let registered = device.register(Connection(peerNicPath: peerPath, peerSegment: segment, peerDevice: target, endpoint: endpoint))
                     switch registered {
                     case .success(let connection): connection.stale.store(false, ordering: .releasing)
                     case .failure: endpoint.destroy()
                     }
                     return registered
+                case .failure(let failure) where failure.simultaneousOpen:
+                    return device.awaitPassive(peerPath, nanoseconds: Self.establishWaitNanoseconds)
+                case .failure(let failure):
+                    return .failure(failure)
                 }
             }
             switch opened {
@@ -463,6 +477,9 @@ final class RDMAInstance: @unchecked Sendable {
 
     /// How long an open_peer or a repair waits for another one establishing the same path.
     static let establishWaitNanoseconds: UInt64 = 30_000_000_000
+    /// The reply_msg refusing a handshake because this side's own, to the same path, goes first.
+    static let simultaneousOpen = "simultaneous open: this side's handshake to you goes first; use the endpoint it builds"
+
 
     /// Forgets a peer; a connection no open peer uses any more is reconnected by the next open_peer.
     func closePeer(_ handle: UInt64) {
