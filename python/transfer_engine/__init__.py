@@ -14,6 +14,7 @@ duration of every foreign call).
 import ctypes
 import enum
 import json
+import operator
 import os
 
 # The Swift runtime must not take over this process's crash handling.
@@ -301,7 +302,11 @@ class TransferEngine:
         """Allocates and registers memory through the engine: from a transport that provides its
         own (a CXL pool, GPU memory for "cuda:N"), else page-aligned heap memory; its address,
         or 0 on failure."""
-        if not self._handle or not isinstance(length, int) or length <= 0:
+        try:
+            length = operator.index(length)
+        except TypeError:
+            return 0
+        if not self._handle or length <= 0:
             return 0
         address = _allocate_managed(self._handle, length, (location or "").encode())
         return address or 0
@@ -326,7 +331,7 @@ class TransferEngine:
         if not self._handle:
             return -1
         segment = self._segments.get(target_hostname)
-        if segment is None:
+        if segment is None or _truthy(os.environ.get("MC_DISABLE_METACACHE")):  # the engine fetches it again
             segment = _open(self._handle, target_hostname.encode())
             if segment < 0:
                 return -1
@@ -505,7 +510,8 @@ class TransferEngine:
     def batch_transfer_write_on_cuda(self, target_hostname, buffers, peer_buffer_addresses, lengths, stream_ptr=0, transport_hint=""):
         """Queues a host function on the CUDA stream (cudaLaunchHostFunc) that writes the batch
         when every kernel and copy queued before it has finished; returns at once. A failure is
-        logged and kept in cuda_transfer_failures() (upstream ends the process). Raises
+        kept in cuda_transfer_failures() (upstream ends the process). The host function runs
+        Python (it takes the GIL): do not wait on that stream while holding the GIL. Raises
         RuntimeError where no CUDA runtime (libcudart, or MC_CUDART_LIBRARY) can be loaded."""
         self._on_cuda(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write, stream_ptr, transport_hint)
 
@@ -529,24 +535,38 @@ class TransferEngine:
         if self._segment(target_hostname) < 0:
             raise RuntimeError(f"cannot open segment {target_hostname}: {last_error()}")
         buffers, peers, sizes = list(buffers), list(peer_buffer_addresses), list(lengths)
-        key = object()
+        # Callbacks the driver has run are dropped here, never from inside themselves.
+        for done in [k for k, (_, finished) in _cuda_callbacks.items() if finished[0]]:
+            del _cuda_callbacks[done]
+        finished = [False]
 
         def run(_user_data):
-            # On the CUDA driver's thread, once the stream got here; no CUDA call may be made from it.
+            # On the CUDA driver's thread, once the stream got here. It runs Python, so it takes the
+            # GIL: a thread that waits on this stream while holding the GIL would wait forever.
             try:
                 if self.batch_transfer_sync(target_hostname, buffers, peers, sizes, opcode, transport_hint=transport_hint) != 0:
-                    failures = self.__dict__.setdefault("_cuda_failures", [])
-                    failures.append(f"{opcode.name} of {sum(sizes)} bytes to {target_hostname}: {last_error()}")
-                    del failures[:-100]
+                    self._cuda_failed(f"{opcode.name} of {sum(sizes)} bytes to {target_hostname}: {last_error()}")
+            except Exception as error:  # noqa: BLE001 - nothing above this frame would see it
+                self._cuda_failed(f"{opcode.name} of {sum(sizes)} bytes to {target_hostname}: {error!r}")
             finally:
-                _cuda_callbacks.pop(key, None)
+                finished[0] = True
 
         callback = _HOST_FUNCTION(run)
-        _cuda_callbacks[key] = callback  # alive until the driver has called it
+        key = id(callback)
+        _cuda_callbacks[key] = (callback, finished)  # alive until the driver has called it
         status = runtime.cudaLaunchHostFunc(_vp(stream_ptr), callback, None)
         if status != 0:
-            _cuda_callbacks.pop(key, None)
+            del _cuda_callbacks[key]
             raise RuntimeError("cudaLaunchHostFunc failed: " + (runtime.cudaGetErrorString(status) or b"error %d" % status).decode())
+
+    def _cuda_failed(self, text):
+        failures = self.__dict__.setdefault("_cuda_failures", [])
+        failures.append(text)
+        del failures[:-100]
+
+
+def _truthy(value):
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 _HOST_FUNCTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)

@@ -32,7 +32,8 @@ final class Endpoint: @unchecked Sendable {
 final class Connection: @unchecked Sendable {
     let peerNicPath: String
     let peerSegment: String
-    let peerDevice: Int
+    /// The peer's device index (for its rkeys); under the device lock (a passive connection learns it later).
+    @exclusivity(unchecked) var peerDevice: Int
     @exclusivity(unchecked) var current: Endpoint
     /// Opened peers (open_peer handles) that use it.
     let users = Atomic<Int>(0)

@@ -36,12 +36,17 @@ extension RDMADevice {
     }
 
     /// After the peer refused our handshake because its own to us goes first: waits (at most
-    /// `nanoseconds`) for that handshake to register its endpoint here, and returns it.
-    func awaitPassive(_ peerPath: String, nanoseconds: UInt64) -> Result<Connection, FailureText> {
+    /// `nanoseconds`) until that handshake has put a new endpoint (not `before`) on the path,
+    /// then returns the connection, made to address the peer's device `peerDevice` and fresh.
+    func awaitPassive(_ peerPath: String, replacing before: Endpoint?, peerDevice: Int, nanoseconds: UInt64) -> Result<Connection, FailureText> {
         let deadline = monotonicNanoseconds() + nanoseconds
         return lock.locked {
             while monotonicNanoseconds() < deadline {
-                if let connection = connections[peerPath], !connection.current.broken { return .success(connection) }
+                if let connection = connections[peerPath], connection.current !== before, !connection.current.broken {
+                    connection.peerDevice = peerDevice
+                    connection.stale.store(false, ordering: .releasing)
+                    return .success(connection)
+                }
                 lock.wait(nanoseconds: 10_000_000)
             }
             return .failure(FailureText("\(peerPath) refused our handshake for its own, which did not arrive within \(nanoseconds / 1_000_000_000) s"))

@@ -443,6 +443,7 @@ final class RDMAInstance: @unchecked Sendable {
             let opened = device.establishing(peerPath, waitNanoseconds: Self.establishWaitNanoseconds, reuse: { existing in
                 !existing.current.broken && existing.peerDevice == target && !existing.stale.load(ordering: .acquiring)
             }) {
+                let before = device.lock.locked { device.connections[peerPath]?.current }
                 switch establish(device, peerSegment: segment, peerPath: peerPath) {
                 case .success(let endpoint):
                     let registered = device.register(Connection(peerNicPath: peerPath, peerSegment: segment, peerDevice: target, endpoint: endpoint))
@@ -452,7 +453,7 @@ final class RDMAInstance: @unchecked Sendable {
                     }
                     return registered
                 case .failure(let failure) where failure.simultaneousOpen:
-                    return device.awaitPassive(peerPath, nanoseconds: Self.establishWaitNanoseconds)
+                    return device.awaitPassive(peerPath, replacing: before, peerDevice: target, nanoseconds: Self.establishWaitNanoseconds)
                 case .failure(let failure):
                     return .failure(failure)
                 }
@@ -625,10 +626,18 @@ final class RDMAInstance: @unchecked Sendable {
                     // Through the gate: an open_peer may be establishing this path right now.
                     let rebuilt = device.establishing(connection.peerNicPath, waitNanoseconds: Self.establishWaitNanoseconds,
                                                       reuse: { !$0.current.broken }) {
-                        establish(device, peerSegment: connection.peerSegment, peerPath: connection.peerNicPath).map { endpoint in
+                        let before = device.lock.locked { connection.current }
+                        switch establish(device, peerSegment: connection.peerSegment, peerPath: connection.peerNicPath) {
+                        case .success(let endpoint):
                             device.install(endpoint, on: connection)
                             log(TE_LOG_WARNING, "rdma: rebuilt the endpoint \(device.name) -> \(connection.peerNicPath) after a QP error")
-                            return connection
+                            return .success(connection)
+                        case .failure(let failure) where failure.simultaneousOpen:
+                            // The peer repairs this path too, and its handshake goes first.
+                            return device.awaitPassive(connection.peerNicPath, replacing: before, peerDevice: connection.peerDevice,
+                                                       nanoseconds: Self.establishWaitNanoseconds)
+                        case .failure(let failure):
+                            return .failure(failure)
                         }
                     }
                     switch rebuilt {

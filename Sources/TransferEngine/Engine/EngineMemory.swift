@@ -119,12 +119,16 @@ extension TransferEngine {
         try transport(named: from)?.free(address: address)
     }
 
-    /// Unregisters and frees a managed buffer.
+    /// Unregisters and frees a managed buffer. When a transport cannot unregister it, it is
+    /// neither freed nor forgotten (a NIC may still reach it) and the error says why.
     public func freeManagedBuffer(address: UInt64) throws {
         guard let managed = state.withLock({ $0.managed.removeValue(forKey: address) }) else {
             throw EngineError.invalidArgument("0x\(String(address, radix: 16)) is not a managed buffer")
         }
-        try? unregisterMemory(address: address)
+        do { try unregisterMemory(address: address) } catch {
+            state.withLock { $0.managed[address] = managed }
+            throw error
+        }
         try releaseManaged(address: address, from: managed.from)
     }
 

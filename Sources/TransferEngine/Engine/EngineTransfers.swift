@@ -140,6 +140,16 @@ extension TransferEngine {
     /// Whether `host` names this machine's loopback interface.
     static func isLoopback(_ host: String) -> Bool { host == "localhost" || host.hasPrefix("127.") || host == "::1" }
 
+    /// Whether `host`, published for peers, cannot be used by an engine on another host: a
+    /// loopback or unspecified address, or a name resolving only to such (Debian maps the host's
+    /// own name to 127.0.1.1).
+    static func unreachableFromOtherHosts(_ host: String) -> Bool {
+        func local(_ address: String) -> Bool { isLoopback(address) || address == "0.0.0.0" || address == "::" }
+        if local(host) { return true }
+        guard let resolved = try? SocketAddress.resolve(host: host, port: 0), !resolved.isEmpty else { return false }
+        return resolved.allSatisfy { local($0.host) }
+    }
+
     /// A transport hint naming no installed transport is dropped with one warning per name (an
     /// error under MC_STRICT_PROTOCOL=1); nil when there is none to follow.
     private func checkedHint(_ hint: String?) throws -> String? {

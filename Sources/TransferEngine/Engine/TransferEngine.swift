@@ -125,8 +125,8 @@ public final class TransferEngine: @unchecked Sendable {
         let advertised = configuration.advertisedHost.flatMap { $0.isEmpty ? nil : $0 } ?? local.host
         if let bind = environment["MC_TCP_BIND_ADDRESS"], !bind.isEmpty { bindHost = bind } else { bindHost = advertised }
         let published = configuration.advertisedHost.flatMap { $0.isEmpty ? nil : $0 } ?? bindHost
-        if metadataStore != nil && Self.isLoopback(published) {
-            let line = "the address published to the metadata server \(configuration.metadataServer) is \(published), a loopback address: "
+        if metadataStore != nil && Self.unreachableFromOtherHosts(published) {
+            let line = "the address published to the metadata server \(configuration.metadataServer) is \(published), a loopback or unspecified address: "
                 + "engines on other hosts cannot reach segment \(configuration.localHostname). Set local_hostname (MOONCAKE_LOCAL_HOSTNAME, "
                 + "the config file; the C API's ip_or_host_name) or MC_TCP_BIND_ADDRESS to an address they reach"
             logger.warning("\(line)")
@@ -186,7 +186,9 @@ public final class TransferEngine: @unchecked Sendable {
         logger.info("engine ready: segment \(segmentName), protocols \(activeProtocols.joined(separator: ",")), data port \(dataPort), bound to \(bindHost)\(authNote)")
     }
 
-    /// Stops the listeners, lanes and transports. Registered memory stays the caller's.
+    /// Stops the listeners, lanes and transports. Registered memory stays the caller's; heap
+    /// memory from `allocateManagedBuffer` is taken out of the registry (once no local copy uses
+    /// it) and freed.
     public func shutdown() {
         let (peers, transports): ([Peer], [any Transport]) = state.withLock(notify: true) { state in
             if state.stopped { return ([], []) }
@@ -203,7 +205,10 @@ public final class TransferEngine: @unchecked Sendable {
             defer { state.managed.removeAll() }
             return state.managed
         }
-        for (address, entry) in managed where entry.from == nil { free(UnsafeMutableRawPointer(bitPattern: UInt(address))) }
+        for (address, entry) in managed where entry.from == nil {
+            _ = try? registry.unregister(address: address)
+            free(UnsafeMutableRawPointer(bitPattern: UInt(address)))
+        }
         if let store = metadataStore {
             // A clean shutdown removes our keys (a crash leaves them to their TTL).
             for key in [keys.segment(segmentName), keys.rpcMeta(segmentName)] {
