@@ -27,7 +27,8 @@ final class Batch: @unchecked Sendable {
         var unfinished = 0
         /// Slices transports still hold, for every task.
         var outstanding = 0
-        /// The earliest deadline of an unfinished task (UInt64.max: none), so expiry costs one compare.
+        /// When the earliest unfinished task stops waiting for its transport: its deadline plus the
+        /// grace (UInt64.max: none), so expiry costs one compare.
         var earliestDeadline = UInt64.max
     }
 
@@ -69,7 +70,7 @@ final class Batch: @unchecked Sendable {
                     state.outstanding += slices
                     if deadline != 0 {
                         task.deadline = deadline
-                        state.earliestDeadline = min(state.earliestDeadline, deadline)
+                        state.earliestDeadline = min(state.earliestDeadline, graceEnd(deadline))
                     }
                 }
                 state.tasks.append(task)
@@ -128,6 +129,12 @@ final class Batch: @unchecked Sendable {
         return state.unfinished == 0 || state.outstanding == 0
     }
 
+    /// When a task past `deadline` stops waiting for its transport.
+    private func graceEnd(_ deadline: UInt64) -> UInt64 {
+        let (end, overflow) = deadline.addingReportingOverflow(graceNs)
+        return overflow ? UInt64.max : end
+    }
+
     /// Ends as `timeout` every unfinished task whose deadline passed more than `graceNs` ago
     /// (the transports still hold part of it); true when that finished the batch. Until then
     /// `earliestDeadline` is when to look again.
@@ -137,9 +144,9 @@ final class Batch: @unchecked Sendable {
         for index in state.tasks.indices where state.tasks[index].pendingSlices > 0 && !state.tasks[index].ended {
             let deadline = state.tasks[index].deadline
             if deadline == 0 { continue }
-            let (end, overflow) = deadline.addingReportingOverflow(graceNs)
-            let endsAt = overflow ? UInt64.max : end
-            if endsAt > now { earliest = min(earliest, deadline > now ? deadline : endsAt); continue }
+            let endsAt = graceEnd(deadline)
+            // Nothing changes at the deadline itself (the transport ends the task): look again at its end.
+            if endsAt > now { earliest = min(earliest, endsAt); continue }
             state.tasks[index].ended = true
             state.tasks[index].status.state = .timeout
             state.tasks[index].status.error = "did not finish within its deadline, and a transport still held it \(graceNs / 1_000_000) ms later: "

@@ -14,8 +14,9 @@ extension TransferEngine {
     }
 
     /// The NICs every transport published, in transport order.
-    public var localNICs: [LocalNIC] {
-        let descriptor = localDescriptor
+    public var localNICs: [LocalNIC] { nics(in: localDescriptor) }
+
+    private func nics(in descriptor: SegmentDescriptor) -> [LocalNIC] {
         var nics: [LocalNIC] = []
         for name in activeProtocols where name != "tcp" {
             let view = descriptor.view(for: name)
@@ -35,8 +36,9 @@ extension TransferEngine {
 
     /// The topology (upstream's priority matrix: location -> [preferred devices, other devices])
     /// of the first transport that publishes one; empty when none does.
-    public var localTopology: [String: JSONValue] {
-        let descriptor = localDescriptor
+    public var localTopology: [String: JSONValue] { topology(in: localDescriptor) }
+
+    private func topology(in descriptor: SegmentDescriptor) -> [String: JSONValue] {
         for name in activeProtocols where name != "tcp" {
             if let matrix = descriptor.view(for: name).extra["priority_matrix"]?.objectValue, !matrix.isEmpty { return matrix }
         }
@@ -47,8 +49,9 @@ extension TransferEngine {
     /// (`local_nics`, `topology`). Speeds and ports are not known here (0); `source` says where
     /// the entry came from.
     public func linksReport(json: Bool) -> String {
-        let nics = localNICs
-        let topology = localTopology
+        let descriptor = localDescriptor
+        let nics = nics(in: descriptor)
+        let topology = topology(in: descriptor)
         if json {
             let entries: [JSONValue] = nics.map { nic in
                 .object(["device": .string(nic.device), "numa": .int(Int64(nic.numa)), "gid": .string(nic.gid), "gid_index": .int(-1),

@@ -7,8 +7,7 @@ extension TransferEngine {
     /// Writes our rpc_meta entry and segment descriptor to the metadata server (with retries).
     func publish(_ store: MetadataStore) throws {
         let ttl = store is HTTPMetadataStore ? nil : settings.metadataTTLSeconds
-        let host = configuration.advertisedHost.flatMap { $0.isEmpty ? nil : $0 } ?? bindHost
-        let rpcMeta = JSONValue.object(["ip_or_host_name": .string(host), "rpc_port": .uint(UInt64(rpcPort))]).compactText
+        let rpcMeta = JSONValue.object(["ip_or_host_name": .string(publishedHost), "rpc_port": .uint(UInt64(rpcPort))]).compactText
         try withRetries(budgetMs: settings.metadataTimeoutMs) {
             if let etcd = store as? EtcdMetadataStore { try etcd.refreshLease(ttlSeconds: settings.metadataTTLSeconds) }
             try store.put(keys.rpcMeta(segmentName), rpcMeta, ttlSeconds: ttl)

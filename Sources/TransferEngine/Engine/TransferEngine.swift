@@ -48,6 +48,8 @@ public final class TransferEngine: @unchecked Sendable {
     let handshakeAddresses: HandshakeAddressResolver
     let settings: Settings
     let bindHost: String
+    /// The host published for peers in rpc_meta: the advertised one (C API ip_or_host_name), else `bindHost`.
+    let publishedHost: String
     let environment: [String: String]
     let catalog: PluginCatalog
     let router: Router
@@ -122,11 +124,12 @@ public final class TransferEngine: @unchecked Sendable {
         handshakeAddresses = HandshakeAddressResolver(store: metadataStore, keys: keys, budgetMs: settings.metadataTimeoutMs)
 
         let local = try HostPort.parse(configuration.localHostname)
-        let advertised = configuration.advertisedHost.flatMap { $0.isEmpty ? nil : $0 } ?? local.host
+        let advertisedHost = configuration.advertisedHost.flatMap { $0.isEmpty ? nil : $0 }
+        let advertised = advertisedHost ?? local.host
         if let bind = environment["MC_TCP_BIND_ADDRESS"], !bind.isEmpty { bindHost = bind } else { bindHost = advertised }
-        let published = configuration.advertisedHost.flatMap { $0.isEmpty ? nil : $0 } ?? bindHost
-        if metadataStore != nil && Self.unreachableFromOtherHosts(published) {
-            let line = "the address published to the metadata server \(configuration.metadataServer) is \(published), a loopback or unspecified address: "
+        publishedHost = advertisedHost ?? bindHost
+        if metadataStore != nil && Self.unreachableFromOtherHosts(publishedHost) {
+            let line = "the address published to the metadata server \(configuration.metadataServer) is \(publishedHost), a loopback or unspecified address: "
                 + "engines on other hosts cannot reach segment \(configuration.localHostname). Set local_hostname (MOONCAKE_LOCAL_HOSTNAME, "
                 + "the config file; the C API's ip_or_host_name) or MC_TCP_BIND_ADDRESS to an address they reach"
             logger.warning("\(line)")

@@ -43,18 +43,23 @@ extension PluginTransport {
     }
 
     func finish(cookie: UInt64, status: Int32, bytes: UInt64, reason: String? = nil) {
-        guard let slice = inFlight.withLock({ state -> TransferSlice? in
-            if cookie & Self.syncCookie != 0 {
-                // A synchronous caller's (still waiting, unless it timed out): it looks here.
-                if state.syncWaiting.contains(cookie) {
-                    state.syncResults.append(SyncResult(cookie: cookie, status: status, reason: reason))
-                    syncReapedElsewhere.add(1, ordering: .relaxed)
-                }
-                return nil
-            }
-            return state.slices.removeValue(forKey: cookie)
-        }) else { return }
+        guard let slice = inFlight.withLock({ take(&$0, cookie: cookie, status: status, reason: reason) })
+        else { return }
         slice.token.finish(slice, on: protocolName, error: failureText(status, reason), rejected: Self.isRequestRefusal(status))
+    }
+
+    /// The slice of a completed `cookie`, taken out of the in-flight table (lock held); nil for a
+    /// synchronous caller's cookie, whose result is left where that caller looks (unless it
+    /// stopped waiting, timed out).
+    private func take(_ state: inout State, cookie: UInt64, status: Int32, reason: String?) -> TransferSlice? {
+        if cookie & Self.syncCookie != 0 {
+            if state.syncWaiting.contains(cookie) {
+                state.syncResults.append(SyncResult(cookie: cookie, status: status, reason: reason))
+                syncReapedElsewhere.add(1, ordering: .relaxed)
+            }
+            return nil
+        }
+        return state.slices.removeValue(forKey: cookie)
     }
 
     /// Several completions of one poll: their slices taken under one lock, and the successes
@@ -65,16 +70,10 @@ extension PluginTransport {
         taken.reserveCapacity(completions.count)
         inFlight.withLock { state in
             for completion in completions {
-                let cookie = completion.cookie
-                if mine != 0 && cookie == mine { own = (completion.status, nil); continue }
-                if cookie & Self.syncCookie != 0 {
-                    if state.syncWaiting.contains(cookie) {
-                        state.syncResults.append(SyncResult(cookie: cookie, status: completion.status, reason: nil))
-                        syncReapedElsewhere.add(1, ordering: .relaxed)
-                    }
-                    continue
+                if mine != 0 && completion.cookie == mine { own = (completion.status, nil); continue }
+                if let slice = take(&state, cookie: completion.cookie, status: completion.status, reason: nil) {
+                    taken.append((slice, completion))
                 }
-                if let slice = state.slices.removeValue(forKey: cookie) { taken.append((slice, completion)) }
             }
         }
         var reports: [ObjectIdentifier: (Batch, [(task: Int, bytes: UInt64, error: String?)])] = [:]

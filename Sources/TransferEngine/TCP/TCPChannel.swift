@@ -112,7 +112,7 @@ final class TCPChannel: @unchecked Sendable {
         let spin: UInt64 = length <= Self.spinThreshold ? Self.spinNanoseconds : 0
         let outcome = performRun([Step(operation: operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)],
                                  on: socket, spinNanoseconds: spin, deadline: deadline)
-        if outcome.healthy { returnSocket(socket) } else if outcome.errors[0] is DeadlinePassed { socket.abort() } else { socket.close() }
+        if outcome.healthy { returnSocket(socket) } else { Self.discard(socket, after: outcome) }
         if let error = outcome.errors[0] { throw error }
     }
 
@@ -133,6 +133,12 @@ final class TCPChannel: @unchecked Sendable {
         if state.wait(deadline: deadline, until: { $0.lanes == 0 ? true : nil }) == nil {
             logger.warning("tcp channel to \(host):\(port): lanes still running \(waitMs) ms after close")
         }
+    }
+
+    /// Closes a connection a run left unusable; one given up at a deadline is reset, so no
+    /// queued byte of it reaches the peer later.
+    private static func discard(_ socket: Socket, after outcome: RunOutcome) {
+        if outcome.errors.contains(where: { $0 is DeadlinePassed }) { socket.abort() } else { socket.close() }
     }
 
     private func takeSocket() throws -> Socket {
@@ -279,9 +285,8 @@ final class TCPChannel: @unchecked Sendable {
             }
         }
         for (batch, slices) in reports.values { batch.slicesFinished(slices) }
-        if !outcome.healthy {
-            // Given up at a deadline: reset, so no queued byte of it reaches the peer later.
-            if outcome.errors.contains(where: { $0 is DeadlinePassed }) { socket?.abort() } else { socket?.close() }
+        if !outcome.healthy, let broken = socket {
+            Self.discard(broken, after: outcome)
             socket = nil
         }
     }
