@@ -124,3 +124,52 @@ int cxl_cas(uint64_t *slot, uint64_t expected, uint64_t desired) {
 }
 
 void cxl_store(uint64_t *slot, uint64_t value) { __atomic_store_n(slot, value, __ATOMIC_RELEASE); }
+
+int cxl_pin(uint64_t *access) {
+    uint64_t word = __atomic_load_n(access, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if (!(word >> 63) || (word & 0xffffffffu) == 0xffffffffu) return 0;
+        if (__atomic_compare_exchange_n(access, &word, word + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return 1;
+    }
+}
+
+void cxl_unpin(uint64_t *access) {
+    uint64_t word = __atomic_load_n(access, __ATOMIC_ACQUIRE);
+    while (word & 0xffffffffu)
+        if (__atomic_compare_exchange_n(access, &word, word - 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
+}
+
+uint32_t cxl_expose(uint64_t *access, int on) {
+    uint64_t word = on ? __atomic_or_fetch(access, 1ull << 63, __ATOMIC_ACQ_REL)
+                       : __atomic_and_fetch(access, ~(1ull << 63), __ATOMIC_ACQ_REL);
+    return (uint32_t)(word & 0xffffffffu);
+}
+
+static int byte_lock(int fd, int command, short type, uint64_t offset, uint64_t count, struct flock *out) {
+    struct flock lock;
+    memset(&lock, 0, sizeof lock);
+    lock.l_type = type;
+    lock.l_whence = SEEK_SET;
+    lock.l_start = (off_t)offset;
+    lock.l_len = (off_t)count;
+    if (fcntl(fd, command, &lock) < 0) return -errno;
+    if (out) *out = lock;
+    return 0;
+}
+
+int cxl_lock(int fd, uint64_t offset, int wait_ms) {
+    for (int waited = 0;; waited++) {
+        int r = byte_lock(fd, F_OFD_SETLK, F_WRLCK, offset, 1, NULL);
+        if (r == 0 || (r != -EAGAIN && r != -EACCES) || waited >= wait_ms) return r == -EACCES ? -EAGAIN : r;
+        usleep(1000);
+    }
+}
+
+void cxl_unlock(int fd, uint64_t offset) { (void)byte_lock(fd, F_OFD_SETLK, F_UNLCK, offset, 1, NULL); }
+
+int cxl_lock_held(int fd, uint64_t offset, uint64_t count) {
+    struct flock lock;
+    int r = byte_lock(fd, F_OFD_GETLK, F_WRLCK, offset, count, &lock);
+    if (r < 0) return r;
+    return lock.l_type != F_UNLCK;
+}

@@ -28,6 +28,8 @@ final class CXLInstance: @unchecked Sendable {
     struct Peer {
         var name: String
         var base: UInt64
+        /// The peer's owner word in the pool table: its chunks are reachable only while it exposes them.
+        var owner: UInt64
         var buffers: [(address: UInt64, length: UInt64)]
     }
 
@@ -38,7 +40,8 @@ final class CXLInstance: @unchecked Sendable {
     let path: String
     let flush: Bool
     let signal = Signal()
-    private let table: ChunkTable
+    let table: PoolTable
+    private let exposed: ExposedChunks
     private var allocations: [UInt64: UInt64] = [:]
     private var peers: [UInt64: Peer] = [:]
     private var nextPeer: UInt64 = 1
@@ -50,7 +53,7 @@ final class CXLInstance: @unchecked Sendable {
         return storage
     }()
 
-    init(path: String, base: UInt64, size: UInt64, fd: Int32, poolID: String, flush: Bool, table: ChunkTable, host: UnsafePointer<te_host_services>?) {
+    init(path: String, base: UInt64, size: UInt64, fd: Int32, poolID: String, flush: Bool, table: PoolTable, host: UnsafePointer<te_host_services>?) {
         self.path = path
         self.base = base
         self.size = size
@@ -59,10 +62,12 @@ final class CXLInstance: @unchecked Sendable {
         self.flush = flush
         self.host = host
         self.table = table
+        exposed = ExposedChunks(table: table)
     }
 
     /// Returns this engine's chunks to the pool and unmaps it.
     func close() {
+        exposed.forgetAll()
         let held = signal.locked { () -> [UInt64: UInt64] in defer { allocations.removeAll() }; return allocations }
         for (address, length) in held { table.release(address - base, length) }
         cxl_unmap(fd, UnsafeMutableRawPointer(bitPattern: UInt(base)), size)
@@ -95,8 +100,25 @@ final class CXLInstance: @unchecked Sendable {
 
     func release(_ address: UInt64) -> Bool {
         guard let length = signal.locked({ allocations.removeValue(forKey: address) }) else { return false }
+        if let range = table.chunkRange(offset: address - base, length: length) { reportStuck(exposed.forget(range), address) }
         table.release(address - base, length)
         return true
+    }
+
+    /// Exposes a registered range of this engine's pool memory to peers; its pool offset, or nil
+    /// when peers cannot reach it (outside the pool, or pool memory this engine does not own).
+    func register(_ address: UInt64, _ length: UInt64) -> UInt64? {
+        guard inPool(address, length), let range = table.chunkRange(offset: address - base, length: length), table.owns(range) else { return nil }
+        exposed.register(address: address, range: range)
+        return address - base
+    }
+
+    /// Conceals an unregistered range from peers once no registration covers it.
+    func unregister(_ address: UInt64) { reportStuck(exposed.unregister(address: address), address) }
+
+    private func reportStuck(_ stuck: UInt32, _ address: UInt64) {
+        guard stuck > 0 else { return }
+        log(TE_LOG_WARNING, "cxl plugin: \(stuck) copies by peers into 0x\(String(address, radix: 16)) were still counted \(ExposedChunks.graceNs / 1_000_000_000) s after it was unregistered (a peer died mid-copy?); the memory is no longer exposed")
     }
 
     private struct PeerDescriptor: Decodable {
@@ -107,6 +129,7 @@ final class CXLInstance: @unchecked Sendable {
         }
         var cxl_pool: String?
         var cxl_base: UInt64?
+        var cxl_owner: UInt64?
         var buffers: [Buffer]?
     }
 
@@ -119,11 +142,15 @@ final class CXLInstance: @unchecked Sendable {
             setError("\(segment) uses CXL pool \(descriptor.cxl_pool ?? "none"), this engine \(poolID)")
             return (TE_ERR_PEER_UNREACHABLE, 0)
         }
+        guard let owner = descriptor.cxl_owner, owner >> 63 == 1 else {
+            setError("\(segment) publishes no cxl_owner (an engine of an earlier pool table layout)")
+            return (TE_ERR_PEER_UNREACHABLE, 0)
+        }
         // Only buffers inside the peer's pool mapping are reachable through the pool.
         let buffers = (descriptor.buffers ?? []).filter { $0.cxl_offset != nil }.map { (address: $0.addr, length: $0.length) }
         return signal.locked {
             defer { nextPeer += 1 }
-            peers[nextPeer] = Peer(name: segment, base: peerBase, buffers: buffers)
+            peers[nextPeer] = Peer(name: segment, base: peerBase, owner: owner, buffers: buffers)
             return (TE_OK, nextPeer)
         }
     }
@@ -147,7 +174,15 @@ final class CXLInstance: @unchecked Sendable {
                 setError("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is not inside one of \(peer.name)'s pool buffers")
                 return TE_ERR_OUT_OF_RANGE
             }
-            let pool = UnsafeMutableRawPointer(bitPattern: UInt(base + (request.remote_addr - peer.base)))!
+            // The pool's table never, and a chunk only while its owner exposes it (peers with a
+            // descriptor from before an unregister are refused here).
+            let offset = request.remote_addr - peer.base
+            guard let chunks = table.chunkRange(offset: offset, length: request.length), table.pin(chunks, holder: peer.owner) else {
+                setError("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) of \(peer.name) is not exposed in the pool (unregistered, or the pool's table)")
+                return TE_ERR_OUT_OF_RANGE
+            }
+            defer { table.unpin(chunks) }
+            let pool = UnsafeMutableRawPointer(bitPattern: UInt(base + offset))!
             let local = UnsafeMutableRawPointer(bitPattern: UInt(request.local_addr))!
             if request.opcode == TE_OP_WRITE {
                 cxl_copy(pool, local, request.length, flush ? 1 : 0)
@@ -220,13 +255,17 @@ private func cxlCreate(_ json: UnsafePointer<CChar>?, _ host: UnsafePointer<te_h
     let id = String(decoding: identity.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     // A device-dax pool is named by its device; a file pool only exists on this host.
     let poolID = dax.map { "dax:\($0):\(size)" } ?? "\(bootID):\(id):\(size)"
-    guard let table = ChunkTable(base: base, size: size, align: align, bootID: bootID) else {
+    let table: PoolTable
+    switch PoolTable.open(base: base, fd: fd, size: size, align: align, bootID: bootID, path: path, isDevice: dax != nil) {
+    case .success(let opened): table = opened
+    case .failure(let error):
         cxl_unmap(fd, base, size)
+        if let host, let log = host.pointee.log { "cxl plugin: \(error.reason)".withCString { log(host.pointee.host_context, TE_LOG_ERROR, $0) } }
         return TE_ERR_NO_RESOURCES
     }
     let object = CXLInstance(path: path, base: UInt64(UInt(bitPattern: base)), size: size, fd: fd, poolID: poolID, flush: options.flush,
                              table: table, host: host)
-    object.log(TE_LOG_INFO, "cxl plugin: pool \(path), \(size) bytes mapped at 0x\(String(object.base, radix: 16)) (\(align)-byte alignment), flush \(options.flush ? "on" : "off")")
+    object.log(TE_LOG_INFO, "cxl plugin: pool \(path), \(size) bytes mapped at 0x\(String(object.base, radix: 16)) (\(align)-byte alignment), flush \(options.flush ? "on" : "off"), engine slot \(table.slot)")
     out.pointee = OpaquePointer(Unmanaged.passRetained(object).toOpaque())
     return TE_OK
 }
@@ -240,17 +279,21 @@ private func cxlDestroy(_ pointer: OpaquePointer?) {
 
 private func cxlLocalDescriptor(_ pointer: OpaquePointer?, _ out: UnsafeMutablePointer<te_buffer>?) -> Int32 {
     guard let object = instance(pointer) else { return TE_ERR_INVALID_ARGUMENT }
-    return write("{\"cxl_pool\":\"\(object.poolID)\",\"cxl_base\":\(object.base),\"cxl_size\":\(object.size)}", out)
+    return write("{\"cxl_pool\":\"\(object.poolID)\",\"cxl_base\":\(object.base),\"cxl_size\":\(object.size),\"cxl_owner\":\(object.table.owner)}", out)
 }
 
 private func cxlRegister(_ pointer: OpaquePointer?, _ address: UInt64, _ length: UInt64, _ location: UnsafePointer<CChar>?,
                          _ out: UnsafeMutablePointer<te_buffer>?) -> Int32 {
     guard let object = instance(pointer) else { return TE_ERR_INVALID_ARGUMENT }
     // Memory outside the pool can be a local source or destination, but peers cannot reach it.
-    return write(object.inPool(address, length) ? "{\"cxl_offset\":\(address - object.base)}" : "{}", out)
+    return write(object.register(address, length).map { "{\"cxl_offset\":\($0)}" } ?? "{}", out)
 }
 
-private func cxlUnregister(_ pointer: OpaquePointer?, _ address: UInt64) -> Int32 { TE_OK }
+private func cxlUnregister(_ pointer: OpaquePointer?, _ address: UInt64) -> Int32 {
+    guard let object = instance(pointer) else { return TE_ERR_INVALID_ARGUMENT }
+    object.unregister(address)
+    return TE_OK
+}
 
 private func cxlOpenPeer(_ pointer: OpaquePointer?, _ segment: UnsafePointer<CChar>?, _ descriptor: UnsafePointer<CChar>?,
                          _ out: UnsafeMutablePointer<UInt64>?) -> Int32 {

@@ -47,4 +47,21 @@ int cxl_cas(uint64_t *slot, uint64_t expected, uint64_t desired);
 void cxl_store(uint64_t *slot, uint64_t value);
 /** Atomic load. */
 uint64_t cxl_load(const uint64_t *slot);
+
+/* The pool table's access words: bit 63 = exposed by its owner, low 32 bits = copies in flight. */
+/** Counts a copy in if the word is exposed. Returns 1 when pinned, 0 when not exposed. */
+int cxl_pin(uint64_t *access);
+/** Counts a copy out (never below zero). */
+void cxl_unpin(uint64_t *access);
+/** Sets (on != 0) or clears the exposed bit; returns the copies in flight afterwards. */
+uint32_t cxl_expose(uint64_t *access, int on);
+
+/* Open-file-description locks on single bytes of the pool's file or device: who holds one is
+ * known to the kernel of this host in every pid namespace, and a lock dies with its holder. */
+/** Takes a write lock on byte offset; waits up to wait_ms (0: try once). Returns 0 or -errno (-EAGAIN: held). */
+int cxl_lock(int fd, uint64_t offset, int wait_ms);
+/** Releases the lock on byte offset. */
+void cxl_unlock(int fd, uint64_t offset);
+/** Whether another open description holds a lock on a byte of [offset, offset+count): 1, 0, or -errno. */
+int cxl_lock_held(int fd, uint64_t offset, uint64_t count);
 #endif
