@@ -274,3 +274,42 @@ def test_transfers_on_a_cuda_stream(peer, tmp_path, monkeypatch):
     with pytest.raises(ValueError):
         e.batch_transfer_read_on_cuda(peer.segment, [local], [], [4096], stream_ptr=1)
     assert e.cuda_transfer_failures() == []
+
+
+def test_shm_peer_is_refused_once_memory_is_unregistered(monkeypatch):
+    """A peer holding the descriptor must not reach a buffer after it was unregistered (shm,
+    both the mapped-memfd and the cross-memory path), and nothing it sent lands."""
+    plugins = os.path.dirname(os.environ.get("TRANSFER_ENGINE_LIBRARY", ""))
+    if not os.path.exists(os.path.join(plugins, "libtransport_shm.so")):
+        pytest.skip("libtransport_shm.so is not beside TRANSFER_ENGINE_LIBRARY")
+    monkeypatch.setenv("MC_TRANSPORT_PLUGIN_PATH", plugins)
+    monkeypatch.setenv("MC_STRICT_PROTOCOL", "1")  # no TCP fallback: the shm plugin must refuse
+    process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "peer.py"), str(1 << 20), "shm"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+
+    def ask(line):
+        process.stdin.write(line + "\n")
+        process.stdin.flush()
+        return process.stdout.readline().strip()
+
+    try:
+        words = process.stdout.readline().split()
+        assert words and words[0] == "READY", words
+        segment, managed = words[1], int(words[2])
+        heap = int(ask("heap 65536"))
+        engine = TransferEngine()
+        assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "shm", "") == 0
+        source = engine.allocate_managed_buffer(65536)
+        engine.write_bytes_to_buffer(source, b"\xab" * 65536, 65536)
+        original = bytes(i % 251 for i in range(65536)).hex()
+        for target in (managed, heap):
+            assert engine.transfer_sync_write(segment, source, target, 4096) == 0
+            assert ask(f"read {target} 4096") == "ab" * 4096
+            assert ask(f"unregister {target}") == "0"
+            for offset, length in ((4096, 4096), (8192, 65536 - 8192)):
+                assert engine.transfer_sync_write(segment, source, target + offset, length) < 0
+            assert ask(f"read {target + 4096} {65536 - 4096}") == original[2 * 4096:], "a write landed after unregister"
+        engine.free_managed_buffer(source, 65536)
+    finally:
+        process.stdin.close()
+        process.wait(timeout=30)

@@ -78,6 +78,9 @@ final class SHMInstance: @unchecked Sendable {
         var memfd: (fd: Int32, inode: UInt64, offset: UInt64, size: UInt64)?
         /// Where the memfd is mapped here, once it is.
         var mappedBase: UInt64?
+        /// The buffer's access word in the peer's table and the generation it was exposed at.
+        var slot: Int?
+        var generation: UInt32 = 0
     }
     struct Peer {
         var pid: pid_t
@@ -85,6 +88,8 @@ final class SHMInstance: @unchecked Sendable {
         /// pidfd of the peer (-1 when the kernel has none): mapped memory outlives its owner, so
         /// copies into a mapping check that the owner still runs.
         var pidfd: Int32
+        /// The peer's access table, mapped here.
+        var access: UnsafeMutablePointer<UInt64>
     }
     struct Work {
         var request: te_request
@@ -97,6 +102,9 @@ final class SHMInstance: @unchecked Sendable {
         var streaming = false
         /// The request this is a piece of, when it was cut for the copy threads.
         var pieces: Pieces? = nil
+        /// The target buffer's access word (pinned for the copy) and its generation.
+        var accessWord: UnsafeMutablePointer<UInt64>? = nil
+        var generation: UInt32 = 0
     }
     /// A request cut into pieces: it completes when its last piece does.
     final class Pieces {
@@ -134,9 +142,12 @@ final class SHMInstance: @unchecked Sendable {
     let proofs = ProofSlots()
     /// Mapped requests at least this long are copied with non-temporal stores (MC_SHM_STREAMING_MIN).
     let streamingMinimum: UInt64
+    /// This engine's access words, which peers check before every copy.
+    let access: AccessTable
 
-    init(hostID: String, host: UnsafePointer<te_host_services>?, workerCount: Int, streamingMinimum: UInt64) {
+    init(hostID: String, host: UnsafePointer<te_host_services>?, workerCount: Int, streamingMinimum: UInt64, access: AccessTable) {
         self.hostID = hostID
+        self.access = access
         self.host = host
         self.streamingMinimum = streamingMinimum
         for _ in 0..<workerCount { startWorker() }
@@ -238,11 +249,20 @@ final class SHMInstance: @unchecked Sendable {
     /// process is not involved either way).
     func copy(_ work: Work) -> te_completion {
         let r = work.request
-        if let target = work.mapped {
-            guard work.pidfd < 0 || shm_pidfd_exited(work.pidfd) == 0 else {
-                storeError("pid \(work.pid) has exited")
-                return te_completion(cookie: r.cookie, status: TE_ERR_PEER_UNREACHABLE, flags: 0, bytes: 0)
+        // Only while the owner exposes the buffer (an unregister refuses peers from then on).
+        if let word = work.accessWord {
+            guard shm_slot_pin(word, work.generation) == 1 else {
+                storeError("pid \(work.pid) no longer exposes [0x\(String(r.remote_addr, radix: 16)), +\(r.length)) (unregistered)")
+                return te_completion(cookie: r.cookie, status: TE_ERR_OUT_OF_RANGE, flags: 0, bytes: 0)
             }
+        }
+        defer { if let word = work.accessWord { shm_slot_unpin(word, work.generation) } }
+        // The owner must still run: its mapping outlives it, and its pid may be reused.
+        guard work.pidfd < 0 || shm_pidfd_exited(work.pidfd) == 0 else {
+            storeError("pid \(work.pid) has exited")
+            return te_completion(cookie: r.cookie, status: TE_ERR_PEER_UNREACHABLE, flags: 0, bytes: 0)
+        }
+        if let target = work.mapped {
             let local = UnsafeMutableRawPointer(bitPattern: UInt(r.local_addr))!, remote = UnsafeMutableRawPointer(bitPattern: UInt(target))!
             let (destination, source) = r.opcode == TE_OP_WRITE ? (remote, UnsafeRawPointer(local)) : (local, UnsafeRawPointer(remote))
             if work.streaming { shm_copy_streaming(destination, source, r.length) } else { shm_copy(destination, source, r.length) }
@@ -330,7 +350,8 @@ private func shmCreate(_ options: UnsafePointer<CChar>?, _ host: UnsafePointer<t
     shm_allow_attach()
     let workers = Int(getenv("MC_SHM_WORKERS").flatMap { Int(String(cString: $0)) } ?? 2)
     let streaming = getenv("MC_SHM_STREAMING_MIN").flatMap { UInt64(String(cString: $0)) } ?? SHMInstance.defaultStreamingMinimum
-    let object = SHMInstance(hostID: hostID, host: host, workerCount: min(max(workers, 1), 16), streamingMinimum: streaming)
+    guard let access = AccessTable() else { return TE_ERR_NO_RESOURCES }
+    let object = SHMInstance(hostID: hostID, host: host, workerCount: min(max(workers, 1), 16), streamingMinimum: streaming, access: access)
     out.pointee = OpaquePointer(Unmanaged.passRetained(object).toOpaque())
     object.log(TE_LOG_INFO, "shm plugin: host \(hostID), pid \(shm_getpid())")
     return TE_OK
@@ -345,7 +366,8 @@ private func shmDestroy(_ pointer: OpaquePointer?) {
 
 private func shmLocalDescriptor(_ pointer: OpaquePointer?, _ out: UnsafeMutablePointer<te_buffer>?) -> Int32 {
     guard let object = instance(pointer) else { return TE_ERR_INVALID_ARGUMENT }
-    return write("{\"shm_host_id\":\"\(object.hostID)\",\"shm_pid\":\(shm_getpid())}", out)
+    let table = object.access
+    return write("{\"shm_host_id\":\"\(object.hostID)\",\"shm_pid\":\(shm_getpid()),\"shm_access_fd\":\(table.fd),\"shm_access_inode\":\(table.inode),\"shm_access_size\":\(table.size)}", out)
 }
 
 private func shmRegister(_ pointer: OpaquePointer?, _ address: UInt64, _ length: UInt64, _ location: UnsafePointer<CChar>?,
@@ -355,8 +377,16 @@ private func shmRegister(_ pointer: OpaquePointer?, _ address: UInt64, _ length:
     let owner = object.signal.locked {
         object.allocations.first { address >= $0.key && address - $0.key <= $0.value.length && length <= $0.value.length - (address - $0.key) }
     }
-    guard let (base, memfd) = owner else { return write("{}", out) }
-    return write("{\"shm_memfd\":\(memfd.fd),\"shm_memfd_inode\":\(memfd.inode),\"shm_memfd_offset\":\(address - base),\"shm_memfd_size\":\(memfd.length)}", out)
+    var fields: [String] = []
+    if let exposed = object.access.expose(address: address) {
+        fields.append("\"shm_slot\":\(exposed.slot),\"shm_slot_gen\":\(exposed.generation)")
+    } else if object.access.firstTimeFull() {
+        object.log(TE_LOG_WARNING, "shm plugin: all \(AccessTable.slots) access slots are in use; buffers registered from now on are reached over another transport")
+    }
+    if let (base, memfd) = owner {
+        fields.append("\"shm_memfd\":\(memfd.fd),\"shm_memfd_inode\":\(memfd.inode),\"shm_memfd_offset\":\(address - base),\"shm_memfd_size\":\(memfd.length)")
+    }
+    return write("{" + fields.joined(separator: ",") + "}", out)
 }
 
 /// Managed buffers are memfds, so same-host peers can map them and copy with memcpy.
@@ -384,7 +414,14 @@ private func shmFree(_ pointer: OpaquePointer?, _ address: UInt64) -> Int32 {
     return TE_OK
 }
 
-private func shmUnregister(_ pointer: OpaquePointer?, _ address: UInt64) -> Int32 { TE_OK }
+/// Revokes peers' access: from now on they are refused, and copies in flight are waited for.
+private func shmUnregister(_ pointer: OpaquePointer?, _ address: UInt64) -> Int32 {
+    guard let object = instance(pointer) else { return TE_ERR_INVALID_ARGUMENT }
+    if let stuck = object.access.conceal(address: address), stuck > 0 {
+        object.log(TE_LOG_WARNING, "shm plugin: \(stuck) copies by peers into 0x\(String(address, radix: 16)) were still counted \(AccessTable.graceNs / 1_000_000_000) s after it was unregistered (a peer died mid-copy?); it is no longer exposed")
+    }
+    return TE_OK
+}
 
 /// The fields of a peer descriptor the plugin needs.
 private struct PeerDescriptor: Decodable {
@@ -395,9 +432,14 @@ private struct PeerDescriptor: Decodable {
         var shm_memfd_inode: UInt64?
         var shm_memfd_offset: UInt64?
         var shm_memfd_size: UInt64?
+        var shm_slot: Int?
+        var shm_slot_gen: UInt32?
     }
     var shm_host_id: String?
     var shm_pid: Int32?
+    var shm_access_fd: Int32?
+    var shm_access_inode: UInt64?
+    var shm_access_size: UInt64?
     var buffers: [Buffer]?
 }
 
@@ -426,20 +468,37 @@ private func shmOpenPeer(_ pointer: OpaquePointer?, _ segment: UnsafePointer<CCh
         object.setError("\(name): pid \(pid) did not prove to be the peer: \(failure)")
         return TE_ERR_REJECTED
     }
+    guard let accessFD = peer.shm_access_fd, let accessInode = peer.shm_access_inode, let accessSize = peer.shm_access_size,
+          accessSize >= 8, accessSize <= 1 << 20, accessSize % 8 == 0 else {
+        if pidfd >= 0 { _ = shm_close(pidfd) }
+        object.setError("\(name) publishes no shm access table (an engine of an earlier version)")
+        return TE_ERR_PEER_UNREACHABLE
+    }
     let buffers = (peer.buffers ?? []).map { buffer in
         var entry = SHMInstance.PeerBuffer(address: buffer.addr, length: buffer.length)
+        if let slot = buffer.shm_slot, let generation = buffer.shm_slot_gen, slot >= 0, UInt64(slot) < accessSize / 8 {
+            (entry.slot, entry.generation) = (slot, generation)
+        }
         if let fd = buffer.shm_memfd, let inode = buffer.shm_memfd_inode, let offset = buffer.shm_memfd_offset, let size = buffer.shm_memfd_size,
            offset <= size, buffer.length <= size - offset {
             entry.memfd = (fd, inode, offset, size)
         }
         return entry
     }
-    out.pointee = object.signal.locked {
+    let handle: UInt64? = object.signal.locked {
+        guard let table = object.mapping(pid: pid, (accessFD, accessInode, 0, accessSize)) else { return nil }
         let handle = object.nextPeer
         object.nextPeer += 1
-        object.peers[handle] = SHMInstance.Peer(pid: pid, buffers: buffers, pidfd: max(pidfd, -1))
+        object.peers[handle] = SHMInstance.Peer(pid: pid, buffers: buffers, pidfd: max(pidfd, -1),
+                                                access: UnsafeMutablePointer(bitPattern: UInt(table))!)
         return handle
     }
+    guard let handle else {
+        if pidfd >= 0 { _ = shm_close(pidfd) }
+        object.setError("\(name): cannot map its shm access table (fd \(accessFD) of pid \(pid))")
+        return TE_ERR_PEER_UNREACHABLE
+    }
+    out.pointee = handle
     return TE_OK
 }
 
@@ -498,7 +557,12 @@ private func shmSubmit(_ pointer: OpaquePointer?, _ requests: UnsafePointer<te_r
                 return TE_ERR_OUT_OF_RANGE
             }
             let buffer = peer.buffers[index]
-            var work = SHMInstance.Work(request: request, pid: peer.pid, pidfd: peer.pidfd)
+            guard let slot = buffer.slot else {
+                object.setError("the peer's buffer at 0x\(String(buffer.address, radix: 16)) has no shm access slot")
+                return TE_ERR_OUT_OF_RANGE
+            }
+            var work = SHMInstance.Work(request: request, pid: peer.pid, pidfd: peer.pidfd, accessWord: peer.access + slot,
+                                        generation: buffer.generation)
             if let memfd = buffer.memfd {
                 // The mapping is looked up once per peer buffer, then remembered in it.
                 let base = buffer.mappedBase ?? object.mapping(pid: peer.pid, memfd)
@@ -513,7 +577,7 @@ private func shmSubmit(_ pointer: OpaquePointer?, _ requests: UnsafePointer<te_r
                 // A small copy costs about a microsecond: do it here rather than hand it to a worker.
                 // The owner's liveness (a poll on its pidfd, a system call) is checked once per peer
                 // per submit, not per request.
-                if work.mapped != nil && work.pidfd >= 0 {
+                if work.pidfd >= 0 {
                     if checkedPeer != request.peer { (checkedPeer, checkedAlive) = (request.peer, shm_pidfd_exited(work.pidfd) == 0) }
                     if checkedAlive { work.pidfd = -1 }
                 }

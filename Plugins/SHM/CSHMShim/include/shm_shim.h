@@ -37,4 +37,15 @@ void shm_copy(void *destination, const void *source, uint64_t length);
  * every destination line and evict the source. Stores are fenced before it returns.
  */
 void shm_copy_streaming(void *destination, const void *source, uint64_t length);
+/* Access words of registered buffers, in a memfd peers map: generation in bits 63..32,
+ * bit 31 = exposed, bits 30..0 = peers' copies in flight. */
+/** Counts a copy in if the word is exposed at generation gen. Returns 1 when pinned, else 0. */
+int shm_slot_pin(uint64_t *word, uint32_t gen);
+/** Counts a copy out, if the word is still at generation gen. */
+void shm_slot_unpin(uint64_t *word, uint32_t gen);
+/** Clears the exposed bit; returns the copies in flight. */
+uint32_t shm_slot_conceal(uint64_t *word);
+/** Atomic load and store. */
+uint64_t shm_slot_load(const uint64_t *word);
+void shm_slot_store(uint64_t *word, uint64_t value);
 #endif
