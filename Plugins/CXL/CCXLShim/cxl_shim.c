@@ -117,7 +117,6 @@ int cxl_release(uint64_t *slot, uint64_t owner) {
     return __atomic_compare_exchange_n(slot, &expected, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
-uint64_t cxl_load(const uint64_t *slot) { return __atomic_load_n(slot, __ATOMIC_ACQUIRE); }
 
 int cxl_cas(uint64_t *slot, uint64_t expected, uint64_t desired) {
     return __atomic_compare_exchange_n(slot, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
@@ -125,19 +124,7 @@ int cxl_cas(uint64_t *slot, uint64_t expected, uint64_t desired) {
 
 void cxl_store(uint64_t *slot, uint64_t value) { __atomic_store_n(slot, value, __ATOMIC_RELEASE); }
 
-int cxl_pin(uint64_t *access) {
-    uint64_t word = __atomic_load_n(access, __ATOMIC_ACQUIRE);
-    for (;;) {
-        if (!(word >> 63) || (word & 0xffffffffu) == 0xffffffffu) return 0;
-        if (__atomic_compare_exchange_n(access, &word, word + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return 1;
-    }
-}
 
-void cxl_unpin(uint64_t *access) {
-    uint64_t word = __atomic_load_n(access, __ATOMIC_ACQUIRE);
-    while (word & 0xffffffffu)
-        if (__atomic_compare_exchange_n(access, &word, word - 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
-}
 
 uint32_t cxl_expose(uint64_t *access, int on) {
     uint64_t word = on ? __atomic_or_fetch(access, 1ull << 63, __ATOMIC_ACQ_REL)

@@ -33,6 +33,7 @@ struct PoolTable {
     let base: UnsafeMutableRawPointer
     let fd: Int32
     let chunkSize: UInt64
+    var chunkShift: UInt64 { UInt64(chunkSize.trailingZeroBitCount) }
     let chunks: Int
     let firstDataChunk: Int
     /// 23 bits of the boot id: liveness can only be judged for engines of this host (this boot).
@@ -59,6 +60,7 @@ struct PoolTable {
     static func open(base: UnsafeMutableRawPointer, fd: Int32, size: UInt64, align: UInt64, bootID: String,
                      path: String, isDevice: Bool) -> Result<PoolTable, PoolTableError> {
         let (chunkSize, chunks, firstDataChunk, headerBytes) = geometry(size: size, align: align)
+        guard chunkSize.nonzeroBitCount == 1 else { return .failure(.init("\(path): alignment \(align) is not a power of two")) }
         guard chunks > firstDataChunk else { return .failure(.init("\(path): \(size) bytes leave no chunk of \(chunkSize) bytes beside the table")) }
         let locked = cxl_lock(fd, 0, setupWaitMs)
         guard locked == 0 else {
@@ -105,7 +107,8 @@ struct PoolTable {
     func chunkRange(offset: UInt64, length: UInt64) -> Range<Int>? {
         let limit = UInt64(chunks) * chunkSize
         guard length > 0, offset >= UInt64(firstDataChunk) * chunkSize, offset < limit, length <= limit - offset else { return nil }
-        return Int(offset / chunkSize)..<Int((offset + length - 1) / chunkSize + 1)
+        // Shifts: this runs on every copy, and the chunk size is a power of two.
+        return Int(offset >> chunkShift)..<Int((offset + length - 1) >> chunkShift + 1)
     }
 
     /// Whether this engine owns every chunk of `range`.

@@ -150,19 +150,7 @@ void shm_copy_streaming(void *destination, const void *source, uint64_t length) 
 void shm_copy_streaming(void *destination, const void *source, uint64_t length) { memcpy(destination, source, length); }
 #endif
 
-int shm_slot_pin(uint64_t *word, uint32_t gen) {
-    uint64_t value = __atomic_load_n(word, __ATOMIC_ACQUIRE);
-    for (;;) {
-        if ((uint32_t)(value >> 32) != gen || !(value & 0x80000000u) || (value & 0x7fffffffu) == 0x7fffffffu) return 0;
-        if (__atomic_compare_exchange_n(word, &value, value + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return 1;
-    }
-}
 
-void shm_slot_unpin(uint64_t *word, uint32_t gen) {
-    uint64_t value = __atomic_load_n(word, __ATOMIC_ACQUIRE);
-    while ((uint32_t)(value >> 32) == gen && (value & 0x7fffffffu))
-        if (__atomic_compare_exchange_n(word, &value, value - 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
-}
 
 uint32_t shm_slot_conceal(uint64_t *word) {
     return (uint32_t)(__atomic_and_fetch(word, ~(uint64_t)0x80000000u, __ATOMIC_ACQ_REL) & 0x7fffffffu);

@@ -46,13 +46,23 @@ int cxl_cas(uint64_t *slot, uint64_t expected, uint64_t desired);
 /** Atomic store (release). */
 void cxl_store(uint64_t *slot, uint64_t value);
 /** Atomic load. */
-uint64_t cxl_load(const uint64_t *slot);
+static inline uint64_t cxl_load(const uint64_t *slot) { return __atomic_load_n(slot, __ATOMIC_ACQUIRE); }
 
 /* The pool table's access words: bit 63 = exposed by its owner, low 32 bits = copies in flight. */
-/** Counts a copy in if the word is exposed. Returns 1 when pinned, 0 when not exposed. */
-int cxl_pin(uint64_t *access);
+/** Counts a copy in if the word is exposed. Returns 1 when pinned, 0 when not exposed. (Inline: on every copy.) */
+static inline int cxl_pin(uint64_t *access) {
+    uint64_t word = __atomic_load_n(access, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if (!(word >> 63) || (word & 0xffffffffu) == 0xffffffffu) return 0;
+        if (__atomic_compare_exchange_n(access, &word, word + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return 1;
+    }
+}
 /** Counts a copy out (never below zero). */
-void cxl_unpin(uint64_t *access);
+static inline void cxl_unpin(uint64_t *access) {
+    uint64_t word = __atomic_load_n(access, __ATOMIC_ACQUIRE);
+    while (word & 0xffffffffu)
+        if (__atomic_compare_exchange_n(access, &word, word - 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
+}
 /** Sets (on != 0) or clears the exposed bit; returns the copies in flight afterwards. */
 uint32_t cxl_expose(uint64_t *access, int on);
 

@@ -39,10 +39,20 @@ void shm_copy(void *destination, const void *source, uint64_t length);
 void shm_copy_streaming(void *destination, const void *source, uint64_t length);
 /* Access words of registered buffers, in a memfd peers map: generation in bits 63..32,
  * bit 31 = exposed, bits 30..0 = peers' copies in flight. */
-/** Counts a copy in if the word is exposed at generation gen. Returns 1 when pinned, else 0. */
-int shm_slot_pin(uint64_t *word, uint32_t gen);
+/** Counts a copy in if the word is exposed at generation gen. Returns 1 when pinned, else 0. (Inline: on every copy.) */
+static inline int shm_slot_pin(uint64_t *word, uint32_t gen) {
+    uint64_t value = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if ((uint32_t)(value >> 32) != gen || !(value & 0x80000000u) || (value & 0x7fffffffu) == 0x7fffffffu) return 0;
+        if (__atomic_compare_exchange_n(word, &value, value + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return 1;
+    }
+}
 /** Counts a copy out, if the word is still at generation gen. */
-void shm_slot_unpin(uint64_t *word, uint32_t gen);
+static inline void shm_slot_unpin(uint64_t *word, uint32_t gen) {
+    uint64_t value = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    while ((uint32_t)(value >> 32) == gen && (value & 0x7fffffffu))
+        if (__atomic_compare_exchange_n(word, &value, value - 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
+}
 /** Clears the exposed bit; returns the copies in flight. */
 uint32_t shm_slot_conceal(uint64_t *word);
 /** Atomic load and store. */
