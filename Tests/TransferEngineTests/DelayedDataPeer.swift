@@ -37,6 +37,7 @@ final class DelayedDataPeer: @unchecked Sendable {
         while let connection = try? data.accept() {
             Thread.detachNewThread { [self] in serve(connection) }
         }
+        data.close()  // here, not in stop(): closing under a thread blocked in accept races with it
     }
 
     /// Answers reads (half now, half after `delay`) and writes (status after `delay`) until the
@@ -64,7 +65,6 @@ final class DelayedDataPeer: @unchecked Sendable {
 
     func stop() {
         handshake.stop()
-        data.shutdownBoth()
-        data.close()
+        data.shutdownBoth()  // wakes the accept loop, which closes the listener
     }
 }

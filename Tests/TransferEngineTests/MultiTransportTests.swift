@@ -1,7 +1,6 @@
 import CTransportABI
 import Foundation
 import Logging
-import Synchronization
 import Testing
 @testable import TransferEngine
 
@@ -261,7 +260,7 @@ struct MultiTransportTests {
         local.fillPattern(seed: 8)
         let failures = Failures()
         let stop = Date().addingTimeInterval(1.0)
-        let uninstalled = Mutex<(done: Bool, roundsAfter: Int)>((false, 0))
+        let uninstalled = ConditionLock<(done: Bool, roundsAfter: Int)>((false, 0))
         let uninstallDone = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
             usleep(200_000)

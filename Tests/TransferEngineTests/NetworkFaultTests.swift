@@ -61,6 +61,22 @@ struct NetworkFaultTests {
             }
         }
 
+        /// Delays and drops packets in both directions (`tc netem` on both ends of the pair).
+        func impair(_ netem: [String]) throws {
+            for (prefix, link) in [([String](), hostLink), (["/usr/sbin/ip", "netns", "exec", name], "ten" + hostLink.dropFirst(3))] {
+                let command = prefix + ["/usr/sbin/tc", "qdisc", "replace", "dev", link, "root", "netem"] + netem
+                let (status, _, error) = try TestSupport.run(command[0], Array(command.dropFirst()), timeout: 20)
+                guard status == 0 else { throw TestFailure("tc: \(error)") }
+            }
+        }
+
+        /// Whether this kernel has netem (the test guest's Debian kernel does; some CI kernels do not).
+        static let netemAvailable: Bool = {
+            guard getuid() == 0 else { return false }
+            _ = try? TestSupport.run("/sbin/modprobe", ["-q", "sch_netem"], timeout: 20)
+            return FileManager.default.fileExists(atPath: "/sys/module/sch_netem")
+        }()
+
         /// Deletes the namespace's name (it lives on while a process runs in it).
         func delete() { _ = try? Self.ip(["netns", "del", name]) }
 
@@ -130,5 +146,56 @@ struct NetworkFaultTests {
             try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 1 << 20)
         }
         #expect(Date().timeIntervalSince(vanished) < 15)
+    }
+
+    @Test("delay and loss on the link (netem, both directions): every byte right in bounded time, the delay shows in the latency, a deadline shorter than the delay ends the transfer",
+          .enabled(if: Namespace.netemAvailable, "the kernel has no sch_netem (scripts/vm/test-netem.sh runs this in the test guest)"))
+    func delayAndLoss() throws {
+        let namespace = try Namespace()
+        let target = try ServeProcess(bufferSize: "64MiB", environment: TestSupport.cleanEnvironment(Self.settings),
+                                      localHostname: namespace.peerAddress, launcher: ["/usr/sbin/ip", "netns", "exec", namespace.name])
+        let engine = try TransferEngine(configuration: EngineConfiguration(localHostname: namespace.hostAddress),
+                                        environment: TestSupport.cleanEnvironment(["MC_TRANSFER_TIMEOUT": "30"]))
+        defer { engine.shutdown() }
+        let local = TestBuffer(16 << 20), back = TestBuffer(16 << 20)
+        local.fillPattern(seed: 9)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        try engine.registerMemory(address: back.address, length: UInt64(back.count))
+        let handle = try engine.openSegment(target.segment)
+
+        try namespace.impair(["delay", "20ms", "loss", "5%"])
+        var started = Date()
+        try engine.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: target.bufferAddress, length: 4096)
+        let small = Date().timeIntervalSince(started)
+        #expect(small >= 0.04, "a 4 KiB write took \(small) s on a link with 20 ms each way")
+        started = Date()
+        for (operation, buffer) in [(TransferRequest.Operation.write, local), (.read, back)] {
+            let batch = try engine.allocateBatch(capacity: 16)
+            try engine.submit((0..<16).map { i in
+                TransferRequest(operation: operation, localAddress: buffer.address + UInt64(i) << 20, segment: handle,
+                                remoteAddress: target.bufferAddress + UInt64(i) << 20, length: 1 << 20)
+            }, to: batch)
+            #expect(try engine.wait(batch: batch, timeoutNs: 60_000_000_000), "\(operation) batch still running after 60 s")
+            let statuses = try engine.statuses(batch: batch)
+            #expect(statuses.allSatisfy { $0.state == .completed }, "\(statuses)")
+            try engine.freeBatch(batch)
+        }
+        let elapsed = Date().timeIntervalSince(started)
+        #expect(back.equals(local, length: 16 << 20), "bytes differ after the round trip through delay and loss")
+        print("network faults (netem delay 20ms loss 5% both ways): 4 KiB write \(String(format: "%.0f", small * 1000)) ms, 16 MiB written and read back in \(String(format: "%.1f", elapsed)) s")
+
+        // A delay longer than the request's deadline: the transfer ends with an error at about the deadline.
+        let impatient = try TransferEngine(configuration: EngineConfiguration(localHostname: namespace.hostAddress),
+                                           environment: TestSupport.cleanEnvironment(["MC_TRANSFER_TIMEOUT": "1", "MC_TCP_STATUS_TIMEOUT_SEC": "1"]))
+        defer { impatient.shutdown() }
+        try impatient.registerMemory(address: local.address, length: UInt64(local.count))
+        let impatientHandle = try impatient.openSegment(target.segment)
+        try namespace.impair(["delay", "3000ms"])
+        started = Date()
+        #expect(throws: EngineError.self) {
+            try impatient.transferSync(.write, localAddress: local.address, segment: impatientHandle, remoteAddress: target.bufferAddress, length: 65536)
+        }
+        let waited = Date().timeIntervalSince(started)
+        #expect(waited >= 0.9 && waited < 8, "a 1 s deadline ended after \(waited) s")
     }
 }

@@ -1,5 +1,4 @@
 import Foundation
-import Synchronization
 import Testing
 @testable import TransferEngine
 
@@ -196,7 +195,7 @@ struct RDMAGuestTests {
             defer { engines.forEach { $0.shutdown() } }
             let buffers = [TestBuffer(1 << 20), TestBuffer(1 << 20)]
             for (engine, buffer) in zip(engines, buffers) { try engine.registerMemory(address: buffer.address, length: UInt64(buffer.count)) }
-            let failures = Mutex<[String]>([]), times = Mutex<[Double]>([])
+            let failures = ConditionLock<[String]>([]), times = ConditionLock<[Double]>([])
             DispatchQueue.concurrentPerform(iterations: 2) { side in
                 let (engine, local, remote) = (engines[side], buffers[side], buffers[1 - side])
                 do {

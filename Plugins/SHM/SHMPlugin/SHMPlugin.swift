@@ -130,11 +130,18 @@ final class SHMInstance: @unchecked Sendable {
     var allocations: [UInt64: (fd: Int32, length: UInt64, inode: UInt64)] = [:]
     /// Peers' memfds mapped here: "pid:fd:inode" -> (address, size).
     var mappings: [String: (address: UInt64, size: UInt64)] = [:]
-    /// Fixed storage: last_error hands out a pointer into it without a lock (an array could move).
-    let lastError: UnsafeMutablePointer<CChar> = {
+    /// The latest error, written by callers and copy threads alike under `errorLock` (a leaf
+    /// lock); last_error hands each caller a copy in storage of its own thread.
+    private let lastError: UnsafeMutablePointer<CChar> = {
         let storage = UnsafeMutablePointer<CChar>.allocate(capacity: 512)
         storage.initialize(repeating: 0, count: 512)
         return storage
+    }()
+    private let errorLock: UnsafeMutablePointer<pthread_mutex_t> = {
+        let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        lock.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(lock, nil)
+        return lock
     }()
     let host: UnsafePointer<te_host_services>?
     /// Where this process answers ownership proofs: a peer that opens us writes nothing until it
@@ -153,13 +160,25 @@ final class SHMInstance: @unchecked Sendable {
         for _ in 0..<workerCount { startWorker() }
     }
 
-    func setError(_ text: String) { signal.locked { storeError(text) } }
+    func setError(_ text: String) { storeError(text) }
 
-    /// Writes the last-error text; the caller holds the lock or is a copy thread (copy runs both ways).
+    /// Writes the last-error text (any thread, any other lock held or not).
     private func storeError(_ text: String) {
         let bytes = Array(text.utf8.prefix(511))
+        pthread_mutex_lock(errorLock)
         for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
         lastError[bytes.count] = 0
+        pthread_mutex_unlock(errorLock)
+    }
+
+    /// The latest error, copied into the calling thread's own storage (valid until its next call).
+    var lastErrorText: UnsafePointer<CChar> {
+        let copy = shm_thread_error_buffer()!
+        pthread_mutex_lock(errorLock)
+        strncpy(copy, lastError, 511)
+        pthread_mutex_unlock(errorLock)
+        copy[511] = 0
+        return UnsafePointer(copy)
     }
 
     func log(_ level: Int32, _ text: String) {
@@ -609,7 +628,7 @@ private func shmPoll(_ pointer: OpaquePointer?, _ out: UnsafeMutablePointer<te_c
 
 private func shmLastError(_ pointer: OpaquePointer?) -> UnsafePointer<CChar>? {
     guard let object = instance(pointer) else { return nil }
-    return UnsafePointer(object.lastError)
+    return object.lastErrorText
 }
 
 nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<te_plugin_descriptor> = {

@@ -1,5 +1,3 @@
-import Synchronization
-
 /// The remaining paths of the requests one submit sent to one peer with one order: when a
 /// slice fails on a transport, it is resubmitted on the next one in the order (within the
 /// deadline), and the failed path is marked for cooldown. A task fails only when no path is
@@ -27,11 +25,11 @@ final class Failover: @unchecked Sendable {
     private let connector: Connector
     private let splitSize: UInt64
     private let onFailover: @Sendable (String, String, String) -> Void
-    private let tasks = Mutex<[Int: TaskState]>([:])
+    private let tasks = ConditionLock<[Int: TaskState]>([:])
     /// Failed slices waiting for the worker, and whether it runs. The thread that reports a
     /// failure (a plugin's poller, a TCP lane, a synchronous caller harvesting) must not block on
     /// opening the next path (a handshake can take seconds): a worker thread does it.
-    private let queue = Mutex<(pending: [(slice: TransferSlice, task: Int, protocolName: String, reason: String)], running: Bool)>(([], false))
+    private let queue = ConditionLock<(pending: [(slice: TransferSlice, task: Int, protocolName: String, reason: String)], running: Bool)>(([], false))
     /// The batch its requests belong to.
     let batch: Batch
 

@@ -77,7 +77,7 @@ final class Router: Sendable {
     }
 
     let cooldownNs: UInt64
-    private let failures = Mutex<[PathKey: UInt64]>([:])
+    private let failures = ConditionLock<[PathKey: UInt64]>([:])
     /// Bumped by every failure, so routes cached elsewhere are recomputed.
     let generation = Atomic<UInt64>(0)
 

@@ -4,7 +4,6 @@ import Glibc
 import Musl
 #endif
 import CTransferEngineShims
-import Synchronization
 import SystemPackage
 
 /// Errors raised by `Socket`.
@@ -141,8 +140,9 @@ extension Optional where Wrapped == String {
 final class Socket: @unchecked Sendable {
     private(set) var descriptor: FileDescriptor?
     /// Orders `close` (the owner) against `shutdownBoth` (any thread, e.g. an unregister ending a
-    /// peer's copy): the only calls made on a socket from two threads.
-    private let lifecycle = Mutex(())
+    /// peer's copy): the only calls made on a socket from two threads. A pthread lock, which
+    /// ThreadSanitizer sees (it cannot see through `Synchronization.Mutex`'s futex on Linux).
+    private let lifecycle = ConditionLock(())
 
     init(descriptor: FileDescriptor) { self.descriptor = descriptor }
 

@@ -1,5 +1,4 @@
 import Foundation
-import Synchronization
 import Testing
 @testable import TransferEngine
 
@@ -96,7 +95,7 @@ struct ConformanceTests {
         source.fillPattern(seed: 5)
         let handle = try engine.openSegment(target.segment)
         let failures = Failures()
-        let slowest = Mutex<Double>(0)
+        let slowest = ConditionLock<Double>(0)
         DispatchQueue.concurrentPerform(iterations: 4) { thread in
             let region = UInt64(thread) << 20
             do {
