@@ -59,7 +59,8 @@ fi
 
 # The rdma, cxl and nvmeof plugins on real kernel stacks: QEMU guests with Debian's kernel (software
 # emulation, no KVM needed; the scripts install qemu, rdma-core and ndctl tools as root): soft-RoCE
-# for rdma, an emulated CXL type-3 device for cxl, nvmet targets over TCP and rxe for nvmeof. TE_SKIP_VM=1 skips them.
+# for rdma, an emulated CXL type-3 device for cxl, nvmet targets over TCP and rxe for nvmeof; and
+# the network fault tests with netem, which Debian's kernel has. TE_SKIP_VM=1 skips them.
 bin_path=$(swift build --show-bin-path)
 if [ "${TE_SKIP_VM:-0}" = 1 ]; then
     echo "guest tests skipped (TE_SKIP_VM=1)"
@@ -78,6 +79,8 @@ else
         echo "== nvmeof plugin tests on kernel NVMe-oF targets (NVMe/TCP, NVMe/RDMA over rxe) in the guest"
         scripts/vm/test-nvmeof.sh
     fi
+    echo "== network faults with tc netem (delay, loss, partition) between namespaces in the guest"
+    scripts/vm/test-netem.sh
 fi
 
 # The Debian packages, installed and run in a fresh Debian 12 root without the toolchain.
