@@ -143,7 +143,7 @@ targets += [
 // (libFuzzer provides main; an ordinary build would fail to link them).
 if environment["TE_FUZZ"] == "1" {
     products.append(.executable(name: "te-fuzz", targets: ["te-fuzz"]))
-    targets.append(.executableTarget(name: "te-fuzz", dependencies: ["TransferEngine", "GPUPlugin", .product(name: "Logging", package: "swift-log")],
+    targets.append(.executableTarget(name: "te-fuzz", dependencies: ["TransferEngine", "CTransportABI", "GPUPlugin", .product(name: "Logging", package: "swift-log")],
                                      path: "Fuzz/Sources"))
 }
 

@@ -67,12 +67,14 @@ public func fuzzOneInput(_ bytes: UnsafePointer<UInt8>, _ count: Int) -> Int32 {
         _ = try? ByteSize.parse(String(decoding: array, as: UTF8.self))
     case "data-server":
         DataServerHarness.shared.run(data)
+    case let name where name.hasPrefix("plugin-"):
+        if case .success(let harness) = PluginHarness.shared { harness.run(data) }
     case "gpu-descriptor":
         if let peer = try? PeerSegment(json: String(decoding: array, as: UTF8.self)) {
             _ = peer.buffer(containing: UInt64(count) << 16, length: UInt64(count))
         }
     default:
-        fatalError("TE_FUZZ_TARGET must name a harness (json, descriptor, handshake, http, resp, tcp-header, data-server, segment-name, gpu-descriptor)")
+        fatalError("TE_FUZZ_TARGET must name a harness (json, descriptor, handshake, http, resp, tcp-header, data-server, segment-name, gpu-descriptor, plugin-<protocol>)")
     }
     return 0
 }
@@ -85,6 +87,10 @@ private func LLVMFuzzerRunDriver(_ argc: UnsafeMutablePointer<Int32>,
 /// The entry SwiftPM links an executable target's `main` to: hands the command line to libFuzzer.
 @_cdecl("te_fuzz_main")
 public func fuzzMain(_ argc: Int32, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> Int32 {
+    if target.hasPrefix("plugin-"), case .failure(let unavailable) = PluginHarness.shared {
+        print("SKIPPED: \(target): \(unavailable.reason)")
+        return 0
+    }
     var count = argc
     var vector = argv
     return LLVMFuzzerRunDriver(&count, &vector) { fuzzOneInput($0, $1) }
