@@ -13,10 +13,19 @@ trap 'rm -f "$inner" "${guest_log:-}"' EXIT
 # Two runs, one after the other: the rdma suite takes rxe0's address away in one test, which
 # must not happen under the conformance suite's rdma case (suites of one run go in parallel).
 # The conformance suite runs only its rdma case here (CONFORMANCE_ONLY); the rest run on the host.
+# The rdma plugin's handshake decoder under libFuzzer + ASan, where a device exists (scripts/fuzz.sh
+# built the harness and the instrumented plugin; skipped when it has not run).
+fuzz_bin=$(TE_FUZZ=1 swift build --scratch-path .build-fuzz --show-bin-path 2>/dev/null || true)
+fuzz_run=true
+if [ -x "$fuzz_bin/te-fuzz" ] && [ -f "$fuzz_bin/libtransport_rdma.so" ]; then
+    mkdir -p out/fuzz .build-fuzz/corpus/plugin-rdma
+    fuzz_run="TE_FUZZ_TARGET=plugin-rdma TE_FUZZ_PLUGIN_DIR=$fuzz_bin ASAN_OPTIONS=detect_leaks=0 $fuzz_bin/te-fuzz -max_total_time=${TE_FUZZ_SECONDS:-10} -timeout=10 -rss_limit_mb=2048 -artifact_prefix=out/fuzz/plugin-rdma- -print_final_stats=1 .build-fuzz/corpus/plugin-rdma Fuzz/corpus/plugin-rdma > out/fuzz/plugin-rdma.log 2>&1 || { tail -40 out/fuzz/plugin-rdma.log; echo 'FAIL: plugin-rdma fuzzing crashed'; exit 1; }; grep -E 'SKIPPED|number_of_executed_units' out/fuzz/plugin-rdma.log"
+fi
 cat > "$inner" <<INNER
 set -u
 "$tests" --testing-library swift-testing --filter RDMAGuestTests || exit \$?
-CONFORMANCE_ONLY=rdma "$tests" --testing-library swift-testing --filter ConformanceTests
+CONFORMANCE_ONLY=rdma "$tests" --testing-library swift-testing --filter ConformanceTests || exit \$?
+$fuzz_run
 INNER
 RXE_VM_DEVICES=2 run_guest_suite "rdma plugin over soft-RoCE (in the guest)" -t "${TE_RDMA_TEST_TIMEOUT:-900}" --script "$inner"
 if [ "$rc" = 0 ] && ! grep -q 'Suite "Transport conformance" passed' "$guest_log"; then
