@@ -48,6 +48,19 @@ var targets: [Target] = [
     // HMAC for peer authentication (swift-crypto), apart so Foundation does not leak into the engine.
     .target(name: "TransferEngineCrypto", dependencies: [.product(name: "Crypto", package: "swift-crypto")],
             path: "Sources/TransferEngineCrypto"),
+    // The embedded HTTP metadata server (`metadata-server`), on swift-nio's HTTP/1.1 codec; apart
+    // so the engine library (and the C API built from it) carries no event loop.
+    .target(
+        name: "TransferEngineMetadataServer",
+        dependencies: [
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+        ],
+        path: "Sources/TransferEngineMetadataServer"
+    ),
     .target(name: "CTransferEngineC", path: "Sources/CTransferEngineC"),
     .target(
         name: "TransferEngineC",
@@ -58,6 +71,7 @@ var targets: [Target] = [
         name: "transfer-engine",
         dependencies: [
             "TransferEngine",
+            "TransferEngineMetadataServer",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ],
@@ -65,7 +79,7 @@ var targets: [Target] = [
     ),
     .testTarget(
         name: "TransferEngineTests",
-        dependencies: ["TransferEngine", "CTransportABI"],
+        dependencies: ["TransferEngine", "TransferEngineMetadataServer", "CTransportABI"],
         path: "Tests/TransferEngineTests",
         exclude: ["Fixtures", "Interop/official_peer.py"]
     ),
@@ -156,6 +170,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
         .package(url: "https://github.com/apple/swift-crypto", from: "4.0.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.81.0"),
     ],
     targets: targets
 )

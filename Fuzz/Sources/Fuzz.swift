@@ -50,7 +50,7 @@ public func fuzzOneInput(_ bytes: UnsafePointer<UInt8>, _ count: Int) -> Int32 {
         guard let socket = socketHolding(data) else { return 0 }
         var buffered: [UInt8] = []
         while let message = try? HTTPWire.read(from: socket, buffered: &buffered) {
-            _ = HTTPWire.queryValue("key", in: message.startLine.dropFirst().first ?? "")
+            _ = message.headers["content-type"]
         }
     case "resp":
         guard let socket = socketHolding(data) else { return 0 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TransferEngine
+import TransferEngineMetadataServer
 
 /// `bench-metadata`: first-operation latency per metadata backend and HTTP metadata server load.
 struct BenchMetadataCommand: ParsableCommand {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TransferEngine
+import TransferEngineMetadataServer
 
 /// `metadata-server`: the embedded HTTP metadata server.
 struct MetadataServerCommand: ParsableCommand {

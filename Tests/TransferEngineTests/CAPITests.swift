@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import TransferEngine
+@testable import TransferEngineMetadataServer
 
 /// The C API, used from a C program compiled against transfer_engine_c.h and
 /// linked to the built libtransfer_engine_c.so (what C callers and the Python

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import TransferEngine
+@testable import TransferEngineMetadataServer
 
 /// Whether the efa plugin was built (it is when libfabric-dev is installed). scripts/test.sh sets
 /// TE_REQUIRE_EFA=1, so there a missing plugin fails the suite instead of skipping it.

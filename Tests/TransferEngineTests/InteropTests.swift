@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import TransferEngine
+@testable import TransferEngineMetadataServer
 
 /// The official Mooncake engine (PyPI wheel `mooncake-transfer-engine-non-cuda`)
 /// and this engine read and write each other's segments over TCP/P2PHANDSHAKE.

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import TransferEngine
+@testable import TransferEngineMetadataServer
 
 /// Runs `launch` until a server answers: a process that exits before serving (seen once for etcd
 /// under full-suite load on a restart) is launched again, up to three times, before the test

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import TransferEngine
+@testable import TransferEngineMetadataServer
 
 /// Upstream's environment names: each takes effect or is reported once as ignored, with why; a
 /// loopback address published to a metadata server is warned about.

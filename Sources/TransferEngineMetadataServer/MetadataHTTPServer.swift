@@ -1,0 +1,154 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// The embedded HTTP metadata server (`transfer-engine metadata-server`), with the
+/// official servers' semantics: `GET|PUT|DELETE /metadata?key=K`, GET miss 404,
+/// empty or missing key 400, PUT of an existing rpc_meta key 400 unless the body
+/// is identical, DELETE miss 404, `GET /health` 200 "OK". HTTP/1.1 keep-alive.
+///
+/// HTTP is parsed and framed by swift-nio's codec on one event-loop thread, so idle or slow
+/// clients hold no thread: a request must arrive whole within `requestTimeoutMs`, an idle
+/// connection is closed after `idleTimeoutMs`, one address holds at most `maxPerAddress`
+/// connections, and at `maxConnections` the oldest connection makes room for the new one.
+/// Stricter than the official server where that costs a client nothing: only `/metadata` and
+/// `/health` are served (404 otherwise); keys, values and their number are bounded; with a
+/// token, PUT and DELETE (and, if asked, GET) need `Authorization: Bearer <token>`.
+public final class MetadataHTTPServer: @unchecked Sendable {
+    /// What the server accepts.
+    public struct Options: Sendable {
+        /// Required on PUT and DELETE when set (`--token`, MC_METADATA_TOKEN).
+        public var token: String?
+        /// Also require the token on GET.
+        public var tokenForGet = false
+        /// Longest key in bytes.
+        public var maxKeyBytes = 4096
+        /// Largest value in bytes (a descriptor with thousands of buffers is well under this).
+        public var maxValueBytes = 16 << 20
+        /// Most keys held.
+        public var maxKeys = 100_000
+        /// Connections at once from one address.
+        public var maxPerAddress = 64
+        /// Connections at once; beyond, the oldest is closed.
+        public var maxConnections = 4096
+        /// A request (head and body) must arrive within this.
+        public var requestTimeoutMs: Int64 = 30_000
+        /// A connection with no request for this long is closed.
+        public var idleTimeoutMs: Int64 = 120_000
+
+        /// Defaults: no token.
+        public init(token: String? = nil, tokenForGet: Bool = false) {
+            self.token = token
+            self.tokenForGet = tokenForGet
+        }
+    }
+
+    private let logger: Logger
+    let options: Options
+    private let store = NIOLockedValueBox<[String: [UInt8]]>([:])
+    private let group: MultiThreadedEventLoopGroup
+    private let listener: Channel
+    let connections: ConnectionTable
+
+    /// The bound port.
+    public let port: UInt16
+
+    /// Binds host:port (port 0 = any free port) and starts serving.
+    public init(host: String, port: UInt16, options: Options = Options(), logger: Logger = Logger(label: "transfer-engine.metadata")) throws {
+        self.logger = logger
+        self.options = options
+        let connections = ConnectionTable(maxConnections: options.maxConnections, maxPerAddress: options.maxPerAddress, logger: logger)
+        self.connections = connections
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let answers = Answers(options: options, store: store)
+        do {
+            listener = try ServerBootstrap(group: group)
+                .serverChannelOption(ChannelOptions.backlog, value: 1024)
+                .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    guard connections.admit(channel) else {
+                        return channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(RefusalHandler()) }
+                    }
+                    return channel.eventLoop.makeCompletedFuture {
+                        let pipeline = channel.pipeline.syncOperations
+                        try pipeline.configureHTTPServerPipeline(withErrorHandling: true)
+                        try pipeline.addHandler(IdleStateHandler(readTimeout: .milliseconds(options.idleTimeoutMs)))
+                        try pipeline.addHandler(RequestHandler(answers: answers, options: options))
+                    }
+                }
+                .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+                .bind(host: host, port: Int(port)).wait()
+        } catch {
+            try? group.syncShutdownGracefully()
+            throw error
+        }
+        self.port = UInt16(listener.localAddress?.port ?? 0)
+    }
+
+    /// Number of keys held.
+    public var keyCount: Int { store.withLockedValue { $0.count } }
+
+    /// Stops accepting, closes every connection and ends the event loop.
+    public func stop() {
+        try? listener.close().wait()
+        connections.closeAll()
+        try? group.syncShutdownGracefully()
+    }
+
+    /// The official semantics, independent of the connection handling.
+    func answer(method: String, target: String, body: [UInt8], authorization: String? = nil) -> (Int, [UInt8]) {
+        Answers(options: options, store: store).answer(method: method, target: target, body: body, authorization: authorization)
+    }
+}
+
+/// The answers to requests: the store and the rules, shared by every connection.
+struct Answers: Sendable {
+    let options: MetadataHTTPServer.Options
+    let store: NIOLockedValueBox<[String: [UInt8]]>
+
+    /// Whether the request carries the token, compared in constant time.
+    private func authorized(_ header: String?) -> Bool {
+        guard let token = options.token else { return true }
+        let expected = Array("Bearer \(token)".utf8), given = Array((header ?? "").utf8)
+        guard expected.count == given.count else { return false }
+        return zip(expected, given).reduce(UInt8(0)) { $0 | ($1.0 ^ $1.1) } == 0
+    }
+
+    func answer(method: String, target: String, body: [UInt8], authorization: String?) -> (Int, [UInt8]) {
+        let path = String(target.prefix { $0 != "?" })
+        if path == "/health" { return method == "GET" ? (200, Array("OK".utf8)) : (405, []) }
+        guard path == "/metadata" else { return (404, Array("only /metadata and /health are served".utf8)) }
+        if method != "GET" || options.tokenForGet, !authorized(authorization) {
+            return (401, Array("a valid 'Authorization: Bearer <token>' is required (MC_METADATA_TOKEN)".utf8))
+        }
+        guard let key = Query.value("key", in: target), !key.isEmpty else {
+            return (400, Array("missing or empty key".utf8))
+        }
+        guard key.utf8.count <= options.maxKeyBytes else { return (400, Array("key longer than \(options.maxKeyBytes) bytes".utf8)) }
+        if method == "PUT", body.count > options.maxValueBytes {
+            return (413, Array("value larger than \(options.maxValueBytes) bytes".utf8))
+        }
+        switch method {
+        case "GET":
+            guard let value = store.withLockedValue({ $0[key] }) else { return (404, Array("metadata not found".utf8)) }
+            return (200, value)
+        case "PUT":
+            return store.withLockedValue { table in
+                if key.contains("rpc_meta"), let existing = table[key], existing != body {
+                    return (400, Array("Duplicate rpc_meta key not allowed".utf8))
+                }
+                if table[key] == nil, table.count >= options.maxKeys {
+                    return (507, Array("the server holds \(options.maxKeys) keys already".utf8))
+                }
+                table[key] = body
+                return (200, Array("metadata updated".utf8))
+            }
+        case "DELETE":
+            return store.withLockedValue { $0.removeValue(forKey: key) } != nil ? (200, Array("metadata deleted".utf8)) : (404, Array("metadata not found".utf8))
+        default:
+            return (405, Array("use GET, PUT or DELETE".utf8))
+        }
+    }
+}
