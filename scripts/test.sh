@@ -9,9 +9,15 @@
 # wheel into .build-interop-venv once; TE_SKIP_INTEROP=1 skips that (the interop
 # suite is then reported as skipped). --manifest-cache none: plugin targets depend
 # on which -dev headers are installed.
+#
+#   scripts/test.sh --sanitize thread|address   # instead: the suites under a sanitizer (scripts/sanitize.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v swift >/dev/null || { echo "error: swift is not on PATH (Swift 6 toolchain expected, e.g. /opt/swift/usr/bin)" >&2; exit 1; }
+if [ "${1:-}" = --sanitize ]; then
+    [ -n "${2:-}" ] || { echo "usage: scripts/test.sh --sanitize thread|address" >&2; exit 2; }
+    exec scripts/sanitize.sh "$2"
+fi
 # The packages the build and the tests use (plugins' -dev packages, etcd, redis, packaging tools),
 # installed before anything is built; without root it lists what is missing and what is skipped.
 scripts/setup.sh

@@ -45,6 +45,7 @@ final class ConnectionTable: Sendable {
                 evicted = oldest.value.channel
                 state.open[oldest.key] = nil
                 state.perAddress[oldest.value.address, default: 1] -= 1
+                if state.perAddress[oldest.value.address] == 0 { state.perAddress[oldest.value.address] = nil }
             }
             state.open[id] = Entry(channel: channel, address: address, order: state.next)
             state.next += 1

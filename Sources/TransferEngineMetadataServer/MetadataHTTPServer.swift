@@ -10,9 +10,12 @@ import NIOPosix
 /// is identical, DELETE miss 404, `GET /health` 200 "OK". HTTP/1.1 keep-alive.
 ///
 /// HTTP is parsed and framed by swift-nio's codec on one event-loop thread, so idle or slow
-/// clients hold no thread: a request must arrive whole within `requestTimeoutMs`, an idle
-/// connection is closed after `idleTimeoutMs`, one address holds at most `maxPerAddress`
-/// connections, and at `maxConnections` the oldest connection makes room for the new one.
+/// clients hold no thread: each request must arrive whole within `requestTimeoutMs` of the
+/// connection being ready for it (opened, or the previous answer sent), else the connection is
+/// closed; a request is refused from its head (path, method, token, length) before its body is
+/// read; a client that does not read its answers is not answered further until it does; one
+/// address holds at most `maxPerAddress` connections, and at `maxConnections` the oldest
+/// connection makes room for the new one.
 /// Stricter than the official server where that costs a client nothing: only `/metadata` and
 /// `/health` are served (404 otherwise); keys, values and their number are bounded; with a
 /// token, PUT and DELETE (and, if asked, GET) need `Authorization: Bearer <token>`.
@@ -33,10 +36,8 @@ public final class MetadataHTTPServer: @unchecked Sendable {
         public var maxPerAddress = 64
         /// Connections at once; beyond, the oldest is closed.
         public var maxConnections = 4096
-        /// A request (head and body) must arrive within this.
+        /// A request (head and body) must arrive within this of the connection being ready for it.
         public var requestTimeoutMs: Int64 = 30_000
-        /// A connection with no request for this long is closed.
-        public var idleTimeoutMs: Int64 = 120_000
 
         /// Defaults: no token.
         public init(token: String? = nil, tokenForGet: Bool = false) {
@@ -74,7 +75,6 @@ public final class MetadataHTTPServer: @unchecked Sendable {
                     return channel.eventLoop.makeCompletedFuture {
                         let pipeline = channel.pipeline.syncOperations
                         try pipeline.configureHTTPServerPipeline(withErrorHandling: true)
-                        try pipeline.addHandler(IdleStateHandler(readTimeout: .milliseconds(options.idleTimeoutMs)))
                         try pipeline.addHandler(RequestHandler(answers: answers, options: options))
                     }
                 }
@@ -114,6 +114,25 @@ struct Answers: Sendable {
         let expected = Array("Bearer \(token)".utf8), given = Array((header ?? "").utf8)
         guard expected.count == given.count else { return false }
         return zip(expected, given).reduce(UInt8(0)) { $0 | ($1.0 ^ $1.1) } == 0
+    }
+
+    /// A refusal decided from the request's head alone, before any of its body is read.
+    func refusal(method: String, target: String, authorization: String?, contentLength: Int?, chunked: Bool) -> (Int, [UInt8])? {
+        let path = String(target.prefix { $0 != "?" })
+        if path == "/health" { return method == "GET" ? nil : (405, []) }
+        guard path == "/metadata" else { return (404, Array("only /metadata and /health are served".utf8)) }
+        if method != "GET" || options.tokenForGet, !authorized(authorization) {
+            return (401, Array("a valid 'Authorization: Bearer <token>' is required (MC_METADATA_TOKEN)".utf8))
+        }
+        switch method {
+        case "PUT":
+            if let contentLength, contentLength > options.maxValueBytes { return (413, Array("value larger than \(options.maxValueBytes) bytes".utf8)) }
+            return nil
+        case "GET", "DELETE":
+            return (contentLength ?? 0) > 0 || chunked ? (400, Array("\(method) takes no body".utf8)) : nil
+        default:
+            return (405, Array("use GET, PUT or DELETE".utf8))
+        }
     }
 
     func answer(method: String, target: String, body: [UInt8], authorization: String?) -> (Int, [UInt8]) {

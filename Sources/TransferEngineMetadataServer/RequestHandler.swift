@@ -1,17 +1,25 @@
 import NIOCore
 import NIOHTTP1
 
-/// One connection's requests, after swift-nio's HTTP/1.1 codec: collects a request's body
-/// (bounded), answers it, and closes a connection whose request does not arrive whole in time
-/// or that stays idle.
+/// One connection's requests, after swift-nio's HTTP/1.1 codec: refuses a request from its head
+/// when it can, collects a body (bounded), answers, and closes a connection whose next request
+/// does not arrive whole in time. A client that does not read its answers gets no further answer
+/// until it does (the codec hands over one pipelined request at a time, so at most one waits).
 final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
+
+    /// How long a connection being closed may still take to send its last answer.
+    static let closeGraceMs: Int64 = 2000
 
     private let answers: Answers
     private let options: MetadataHTTPServer.Options
     private var head: HTTPRequestHead?
     private var body: [UInt8] = []
+    /// A request answered already from its head: the rest of it is read and dropped.
+    private var refusedEarly = false
+    /// A complete request waiting for the client to read the previous answers.
+    private var waiting: (HTTPRequestHead, [UInt8])?
     /// Set once the connection is being closed: its further input is ignored.
     private var closing = false
     private var deadline: Scheduled<Void>?
@@ -21,41 +29,70 @@ final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.options = options
     }
 
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { armDeadline(context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        armDeadline(context)
+        context.fireChannelActive()
+    }
+
+    /// The next request must arrive whole within the request timeout from now; a connection
+    /// that sent nothing is closed, one inside a request gets 408.
+    private func armDeadline(_ context: ChannelHandlerContext) {
+        deadline?.cancel()
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let limit = options.requestTimeoutMs
+        deadline = context.eventLoop.scheduleTask(in: .milliseconds(limit)) {
+            let (handler, context) = bound.value
+            guard !handler.closing else { return }
+            if handler.head == nil && handler.waiting == nil {
+                handler.closing = true
+                context.close(promise: nil)
+            } else {
+                handler.respond(context, status: 408, body: Array("the request did not arrive whole within \(limit) ms".utf8), keepAlive: false)
+            }
+        }
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closing else { return }
         switch unwrapInboundIn(data) {
         case .head(let request):
             head = request
             body = []
-            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-            let limit = options.requestTimeoutMs
-            deadline = context.eventLoop.scheduleTask(in: .milliseconds(limit)) {
-                let (handler, context) = bound.value
-                handler.respond(context, status: 408, body: Array("the request did not arrive whole within \(limit) ms".utf8), keepAlive: false)
+            refusedEarly = false
+            let length = request.headers.first(name: "content-length").flatMap { Int($0) }
+            let chunked = request.headers.contains(name: "transfer-encoding")
+            if let (status, reply) = answers.refusal(method: request.method.rawValue, target: request.uri,
+                                                     authorization: request.headers.first(name: "authorization"),
+                                                     contentLength: length, chunked: chunked) {
+                refusedEarly = true
+                respond(context, status: status, body: reply, keepAlive: false)
             }
         case .body(var buffer):
+            guard !refusedEarly else { return }
             guard body.count + buffer.readableBytes <= options.maxValueBytes else {
                 respond(context, status: 413, body: Array("value larger than \(options.maxValueBytes) bytes".utf8), keepAlive: false)
                 return
             }
             body.append(contentsOf: buffer.readBytes(length: buffer.readableBytes) ?? [])
         case .end:
-            guard let request = head else { return }
-            let (status, reply) = answers.answer(method: request.method.rawValue, target: request.uri, body: body,
-                                                 authorization: request.headers.first(name: "authorization"))
+            guard let request = head, !refusedEarly else { return }
             head = nil
+            let complete = (request, body)
             body = []
-            respond(context, status: status, body: reply, keepAlive: request.isKeepAlive, json: status == 200 && request.method == .GET)
+            if context.channel.isWritable { answer(context, complete) } else { waiting = complete }
         }
     }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is IdleStateHandler.IdleStateEvent {
-            closing = true
-            context.close(promise: nil)
-            return
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, let pending = waiting, !closing {
+            waiting = nil
+            answer(context, pending)
         }
-        context.fireUserInboundEventTriggered(event)
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -64,24 +101,33 @@ final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.fireChannelInactive()
     }
 
+    private func answer(_ context: ChannelHandlerContext, _ request: (HTTPRequestHead, [UInt8])) {
+        let (head, body) = request
+        let (status, reply) = answers.answer(method: head.method.rawValue, target: head.uri, body: body,
+                                             authorization: head.headers.first(name: "authorization"))
+        respond(context, status: status, body: reply, keepAlive: head.isKeepAlive, json: status == 200 && head.method == .GET)
+    }
+
     private func respond(_ context: ChannelHandlerContext, status: Int, body: [UInt8], keepAlive: Bool, json: Bool = false) {
-        deadline?.cancel()
-        deadline = nil
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: json ? "application/json" : "text/plain")
         headers.add(name: "Content-Length", value: String(body.count))
-        if !keepAlive {
-            headers.add(name: "Connection", value: "close")
-            closing = true
-        }
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
         let head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status), headers: headers)
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
         let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
-        if !keepAlive {
+        guard keepAlive else {
+            closing = true
+            deadline?.cancel()
+            deadline = nil
+            // Closed once the answer is out, or after a grace period if the client does not read it.
             let channel = context.channel
             written.whenComplete { _ in channel.close(promise: nil) }
+            context.eventLoop.scheduleTask(in: .milliseconds(Self.closeGraceMs)) { channel.close(promise: nil) }
+            return
         }
+        armDeadline(context)
     }
 }
 

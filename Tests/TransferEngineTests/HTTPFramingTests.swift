@@ -71,7 +71,7 @@ struct HTTPFramingTests {
         var options = MetadataHTTPServer.Options()
         options.maxConnections = 100
         options.maxPerAddress = 1000
-        options.idleTimeoutMs = 1500
+        options.requestTimeoutMs = 1500
         let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0, options: options)
         defer { server.stop() }
         // 150 connections that never send a byte: the first 50 are closed to make room.
@@ -88,7 +88,7 @@ struct HTTPFramingTests {
             if (try? socket.receiveSome(&byte, count: 1)) == 0 { closed += 1 }
         }
         #expect(closed >= 50, "only \(closed) of the oldest idle connections were closed")
-        // Idle connections go after idleTimeoutMs.
+        // Connections that send no request go after requestTimeoutMs.
         let lingering = try Socket.connect(host: "127.0.0.1", port: server.port, timeoutMs: 2000)
         defer { lingering.close() }
         lingering.setTimeouts(receiveMs: 5000, sendMs: 1000)
@@ -97,6 +97,11 @@ struct HTTPFramingTests {
         #expect((try? lingering.receiveSome(&byte, count: 1)) == 0)
         let lingered = Date().timeIntervalSince(started)
         #expect(lingered > 1 && lingered < 4, "an idle connection was closed after \(lingered) s")
+        // Refused from the head: a PUT announcing a body over the limit, a GET with a body.
+        started = Date()
+        #expect(try exchange("PUT /metadata?key=k HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n", port: server.port).hasPrefix("HTTP/1.1 413"))
+        #expect(Date().timeIntervalSince(started) < 1)
+        #expect(try exchange("GET /metadata?key=k HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", port: server.port).hasPrefix("HTTP/1.1 400"))
         // A malformed request line is answered at once.
         started = Date()
         #expect(try exchange("GARBAGE\r\n\r\n", port: server.port).hasPrefix("HTTP/1.1 400"))
@@ -109,6 +114,28 @@ struct HTTPFramingTests {
         let four = try (0..<4).map { _ in try Socket.connect(host: "127.0.0.1", port: small.port, timeoutMs: 2000) }
         defer { four.forEach { $0.close() } }
         #expect(try exchange("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", port: small.port).hasPrefix("HTTP/1.1 503"))
+    }
+
+    @Test("a client pipelining GETs of a large value without reading its answers does not make the server queue them all")
+    func pipelinedWithoutReading() throws {
+        var options = MetadataHTTPServer.Options()
+        options.requestTimeoutMs = 3000
+        let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0, options: options)
+        defer { server.stop() }
+        let value = String(repeating: "v", count: 4 << 20)
+        try HTTPMetadataStore(url: "http://127.0.0.1:\(server.port)/metadata", timeoutMs: 5000).put("big", value, ttlSeconds: nil)
+        func residentMiB() -> Int {
+            let fields = (try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8))?.split(separator: " ") ?? []
+            return fields.count > 1 ? (Int(fields[1]) ?? 0) * Int(getpagesize()) >> 20 : 0
+        }
+        let before = residentMiB()
+        let socket = try Socket.connect(host: "127.0.0.1", port: server.port, timeoutMs: 2000)
+        defer { socket.close() }
+        let requests = String(repeating: "GET /metadata?key=big HTTP/1.1\r\nHost: x\r\n\r\n", count: 200)
+        try Array(requests.utf8).withUnsafeBytes { try socket.sendAll([$0]) }
+        usleep(1_500_000)
+        let grown = residentMiB() - before
+        #expect(grown < 200, "the server grew by \(grown) MiB for 200 unread answers of 4 MiB")
     }
 
     @Test("a token guards writes (and reads when asked); only /metadata and /health are served; keys, values and their number are bounded")

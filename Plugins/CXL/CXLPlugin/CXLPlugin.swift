@@ -100,7 +100,16 @@ final class CXLInstance: @unchecked Sendable {
 
     func release(_ address: UInt64) -> Bool {
         guard let length = signal.locked({ allocations.removeValue(forKey: address) }) else { return false }
-        if let range = table.chunkRange(offset: address - base, length: length) { reportStuck(exposed.forget(range), address) }
+        if let range = table.chunkRange(offset: address - base, length: length) {
+            let stuck = exposed.forget(range)
+            guard stuck == 0 else {
+                // A peer may still be writing there: the chunks stay this engine's (out of the
+                // pool) until it exits, when the pool takes them back.
+                reportStuck(stuck, address)
+                log(TE_LOG_WARNING, "cxl plugin: the chunks of 0x\(String(address, radix: 16)) stay out of the pool until this engine exits")
+                return true
+            }
+        }
         table.release(address - base, length)
         return true
     }
@@ -158,6 +167,9 @@ final class CXLInstance: @unchecked Sendable {
     func closePeer(_ handle: UInt64) { signal.locked { _ = peers.removeValue(forKey: handle) } }
 
     /// Copies each request at once (memory to memory; nothing to wait for).
+    /// Copies are pinned and made in slices of at most this many bytes.
+    static let sliceBytes: UInt64 = 8 << 20
+
     func submit(_ raw: UnsafeRawPointer?, count: Int, stride: Int, accepted: inout Int) -> Int32 {
         accepted = 0
         for i in 0..<count {
@@ -175,22 +187,31 @@ final class CXLInstance: @unchecked Sendable {
                 return TE_ERR_OUT_OF_RANGE
             }
             // The pool's table never, and a chunk only while its owner exposes it (peers with a
-            // descriptor from before an unregister are refused here).
+            // descriptor from before an unregister are refused here). Copies go in slices, each
+            // pinned on its own, so an unregister waits for one slice at most, never a whole
+            // large request (its grace period is bounded).
             let offset = request.remote_addr - peer.base
-            guard let chunks = table.chunkRange(offset: offset, length: request.length), table.pin(chunks, holder: peer.owner) else {
-                setError("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) of \(peer.name) is not exposed in the pool (unregistered, or the pool's table)")
-                return TE_ERR_OUT_OF_RANGE
+            var copied: UInt64 = 0
+            while copied < request.length {
+                let length = min(Self.sliceBytes, request.length - copied)
+                guard let chunks = table.chunkRange(offset: offset + copied, length: length), table.pin(chunks, holder: peer.owner) else {
+                    setError("remote range [0x\(String(request.remote_addr + copied, radix: 16)), +\(length)) of \(peer.name) is not exposed in the pool (unregistered, or the pool's table)")
+                    if copied == 0 { return TE_ERR_OUT_OF_RANGE }
+                    break
+                }
+                defer { table.unpin(chunks) }
+                let pool = UnsafeMutableRawPointer(bitPattern: UInt(base + offset + copied))!
+                let local = UnsafeMutableRawPointer(bitPattern: UInt(request.local_addr + copied))!
+                if request.opcode == TE_OP_WRITE {
+                    cxl_copy(pool, local, length, flush ? 1 : 0)
+                } else {
+                    if flush { cxl_invalidate(pool, length) }
+                    cxl_copy(local, pool, length, 0)
+                }
+                copied += length
             }
-            defer { table.unpin(chunks) }
-            let pool = UnsafeMutableRawPointer(bitPattern: UInt(base + offset))!
-            let local = UnsafeMutableRawPointer(bitPattern: UInt(request.local_addr))!
-            if request.opcode == TE_OP_WRITE {
-                cxl_copy(pool, local, request.length, flush ? 1 : 0)
-            } else {
-                if flush { cxl_invalidate(pool, request.length) }
-                cxl_copy(local, pool, request.length, 0)
-            }
-            signal.locked { done.append(te_completion(cookie: request.cookie, status: TE_OK, flags: 0, bytes: request.length)) }
+            let status = copied == request.length ? TE_OK : TE_ERR_OUT_OF_RANGE
+            signal.locked { done.append(te_completion(cookie: request.cookie, status: status, flags: 0, bytes: copied)) }
             accepted = i + 1
         }
         signal.locked { signal.broadcast() }
@@ -286,7 +307,11 @@ private func cxlRegister(_ pointer: OpaquePointer?, _ address: UInt64, _ length:
                          _ out: UnsafeMutablePointer<te_buffer>?) -> Int32 {
     guard let object = instance(pointer) else { return TE_ERR_INVALID_ARGUMENT }
     // Memory outside the pool can be a local source or destination, but peers cannot reach it.
-    return write(object.register(address, length).map { "{\"cxl_offset\":\($0)}" } ?? "{}", out)
+    let offset = object.register(address, length)
+    let status = write(offset.map { "{\"cxl_offset\":\($0)}" } ?? "{}", out)
+    // A buffer too small for the answer: the host asks again, which must not expose it twice.
+    if status != TE_OK, offset != nil { object.unregister(address) }
+    return status
 }
 
 private func cxlUnregister(_ pointer: OpaquePointer?, _ address: UInt64) -> Int32 {

@@ -29,6 +29,10 @@ struct PoolTable {
     static let epochMask: UInt64 = 0xFF_FFFF
     /// How long an engine waits for another one setting the table up.
     static let setupWaitMs: Int32 = 10_000
+    /// An owner word while a dead owner's chunk is being taken back (never a real owner: bit 63 clear).
+    static let reclaiming: UInt64 = 1
+    /// How long taking back a dead owner's chunks waits for peers' copies into them.
+    static let reclaimGraceNs: UInt64 = 2_000_000_000
 
     let base: UnsafeMutableRawPointer
     let fd: Int32
@@ -36,8 +40,10 @@ struct PoolTable {
     var chunkShift: UInt64 { UInt64(chunkSize.trailingZeroBitCount) }
     let chunks: Int
     let firstDataChunk: Int
-    /// 23 bits of the boot id: liveness can only be judged for engines of this host (this boot).
+    /// 23 bits of the boot id (never 0): liveness can only be judged for engines of this host (this boot).
     let hostHash: UInt64
+    /// A file pool exists on one host only: owners of another boot are dead (a reboot's leftovers).
+    let singleHost: Bool
     let slot: Int
     /// This engine's owner word: bit 63, host (23 bits), slot (16 bits), epoch (24 bits).
     let owner: UInt64
@@ -79,6 +85,9 @@ struct PoolTable {
                     ? "\(path): the pool's table does not match this engine (word 0 = \(word), \(chunks) chunks of \(chunkSize) bytes expected) while other engines use the pool; not clearing it (same MC_CXL_DEV_SIZE on every engine?)"
                     : "\(path): cannot query the pool's locks: \(String(cString: strerror(-live)))"))
             }
+            if first == legacyMagic || first == legacyInitialising, let pid = legacyOwnerAlive(base: base, size: size, bootID: bootID) {
+                return .failure(.init("\(path) is used by an engine of the earlier pool layout (pid \(pid)); engines of both layouts cannot share a pool"))
+            }
             let known = first == 0 || first == magic || first == legacyMagic || first == legacyInitialising
             guard known || isDevice else {
                 return .failure(.init("\(path) does not start with a pool table (word 0 = \(word)); a file may hold other data, so it is not overwritten: recreate it (truncate -s SIZE) or name another pool"))
@@ -98,9 +107,28 @@ struct PoolTable {
         cxl_store(header + 8 + slot, epoch)
         var hash: UInt64 = 1469598103934665603
         for byte in bootID.utf8 { hash = (hash ^ UInt64(byte)) &* 1099511628211 }
-        let hostHash = hash & 0x7F_FFFF
+        let hostHash = hash & 0x7F_FFFF | 1
         return .success(PoolTable(base: base, fd: fd, chunkSize: chunkSize, chunks: chunks, firstDataChunk: firstDataChunk,
-                                  hostHash: hostHash, slot: slot, owner: 1 << 63 | hostHash << 40 | UInt64(slot) << 24 | epoch))
+                                  hostHash: hostHash, singleHost: !isDevice, slot: slot,
+                                  owner: 1 << 63 | hostHash << 40 | UInt64(slot) << 24 | epoch))
+    }
+
+    /// A running process of this boot that owns a chunk in a table of the first layout (which
+    /// took no locks: owners were boot-hash << 32 | pid), if any.
+    private static func legacyOwnerAlive(base: UnsafeMutableRawPointer, size: UInt64, bootID: String) -> pid_t? {
+        let header = base.assumingMemoryBound(to: UInt64.self)
+        let chunks = min(header[1], (size - 64) / 8)
+        var hash: UInt64 = 1469598103934665603
+        for byte in bootID.utf8 { hash = (hash ^ UInt64(byte)) &* 1099511628211 }
+        let bootHash = hash & 0x7FFF_FFFF
+        let owners = (base + 64).assumingMemoryBound(to: UInt64.self)
+        for index in 0..<Int(chunks) {
+            let holder = cxl_load(owners + index)
+            guard holder != 0, holder >> 32 == bootHash else { continue }
+            let pid = pid_t(bitPattern: UInt32(truncatingIfNeeded: holder))
+            if pid > 0, kill(pid, 0) == 0 || errno == EPERM { return pid }
+        }
+        return nil
     }
 
     /// The chunks [offset, offset + length) touches, if it lies in the pool's data chunks.
@@ -170,9 +198,10 @@ struct PoolTable {
         }
     }
 
-    /// Whether the engine behind an owner word still runs (engines of other hosts: assumed so).
+    /// Whether the engine behind an owner word still runs (engines of other hosts: assumed so on a
+    /// device, which several hosts may map; on a file pool an owner of another boot is gone).
     func isLive(_ holder: UInt64) -> Bool {
-        guard holder >> 40 & 0x7F_FFFF == hostHash else { return true }
+        guard holder >> 40 & 0x7F_FFFF == hostHash else { return !singleHost }
         let other = Int(holder >> 24 & 0xFFFF)
         guard other < Self.engineSlots else { return false }
         if other == slot { return holder == owner }
@@ -180,14 +209,20 @@ struct PoolTable {
         return cxl_lock_held(fd, 1 + UInt64(other), 1) != 0  // an error counts as alive
     }
 
-    /// Frees chunks held by engines of this host that no longer run.
+    /// Frees chunks held by engines of this host that no longer run. A chunk is first marked as
+    /// being taken back (so one engine does it), then concealed (a dead owner never did, and peers
+    /// holding its descriptor may be inside), and only then returned to the pool.
     func reclaimDead() -> Int {
         var freed = 0
+        let deadline = Self.now() &+ Self.reclaimGraceNs
         for chunk in firstDataChunk..<chunks {
             let holder = cxl_load(ownerWord(chunk))
-            guard holder != 0, !isLive(holder) else { continue }
+            guard holder != 0, holder != Self.reclaiming, !isLive(holder),
+                  cxl_cas(ownerWord(chunk), holder, Self.reclaiming) == 1 else { continue }
+            _ = conceal(chunk, deadline: deadline)
             cxl_store(accessWord(chunk), 0)
-            if cxl_release(ownerWord(chunk), holder) == 1 { freed += 1 }
+            cxl_store(ownerWord(chunk), 0)
+            freed += 1
         }
         return freed
     }

@@ -12,7 +12,8 @@ import Musl
 /// waits for the copies in flight and moves the word to a new generation, so a peer holding an
 /// old descriptor is refused from then on, also after the slot serves another buffer.
 final class AccessTable: @unchecked Sendable {
-    static let slots = 65536
+    /// Registrations at once that peers can reach (64 KiB of words, mapped by every peer).
+    static let slots = 8192
     /// How long unregistering waits for peers' copies in flight (as the TCP server does).
     static let graceNs: UInt64 = 2_000_000_000
 
@@ -54,6 +55,16 @@ final class AccessTable: @unchecked Sendable {
             byAddress[address, default: []].append(slot)
             return (slot, generation)
         }
+    }
+
+    /// Unmaps and closes the table (the instance is destroyed; peers' mappings stay valid, unexposed).
+    func close() {
+        locked {
+            for slot in byAddress.values.joined() { _ = shm_slot_conceal(base + slot) }
+            byAddress.removeAll()
+        }
+        _ = shm_unmap(UnsafeMutableRawPointer(base), size)
+        _ = shm_close(fd)
     }
 
     /// True the first time it is asked after the table ran full (one warning per engine).

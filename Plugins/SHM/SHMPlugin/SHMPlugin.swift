@@ -310,6 +310,7 @@ final class SHMInstance: @unchecked Sendable {
             for (_, peer) in peers where peer.pidfd >= 0 { _ = shm_close(peer.pidfd) }
             peers.removeAll()
         }
+        access.close()
     }
 
     /// Where a peer's memfd buffer is mapped here (mapping it on first use); caller holds the lock.
@@ -397,7 +398,8 @@ private func shmRegister(_ pointer: OpaquePointer?, _ address: UInt64, _ length:
         object.allocations.first { address >= $0.key && address - $0.key <= $0.value.length && length <= $0.value.length - (address - $0.key) }
     }
     var fields: [String] = []
-    if let exposed = object.access.expose(address: address) {
+    let exposed = object.access.expose(address: address)
+    if let exposed {
         fields.append("\"shm_slot\":\(exposed.slot),\"shm_slot_gen\":\(exposed.generation)")
     } else if object.access.firstTimeFull() {
         object.log(TE_LOG_WARNING, "shm plugin: all \(AccessTable.slots) access slots are in use; buffers registered from now on are reached over another transport")
@@ -405,7 +407,10 @@ private func shmRegister(_ pointer: OpaquePointer?, _ address: UInt64, _ length:
     if let (base, memfd) = owner {
         fields.append("\"shm_memfd\":\(memfd.fd),\"shm_memfd_inode\":\(memfd.inode),\"shm_memfd_offset\":\(address - base),\"shm_memfd_size\":\(memfd.length)")
     }
-    return write("{" + fields.joined(separator: ",") + "}", out)
+    let status = write("{" + fields.joined(separator: ",") + "}", out)
+    // A buffer too small for the answer: the host asks again, which must not expose it twice.
+    if status != TE_OK, exposed != nil { _ = object.access.conceal(address: address) }
+    return status
 }
 
 /// Managed buffers are memfds, so same-host peers can map them and copy with memcpy.

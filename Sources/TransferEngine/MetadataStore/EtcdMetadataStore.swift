@@ -68,7 +68,9 @@ final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
                 let request = HTTPWire.encode(startLine: "POST \(path) HTTP/1.1", headers: headers, body: Array(body.compactText.utf8))
                 try request.withUnsafeBytes { try socket.sendAll([$0]) }
                 var buffered: [UInt8] = []
-                guard let response = try HTTPWire.read(from: socket, buffered: &buffered), let status = Int(response.startLine[1]) else {
+                // One exchange in all within the timeout: a server trickling its reply cannot hold us longer.
+                let deadline = MonotonicClock.nanoseconds() + UInt64(timeoutMs) * 1_000_000
+                guard let response = try HTTPWire.read(from: socket, buffered: &buffered, deadline: deadline, callLimitMs: timeoutMs), let status = Int(response.startLine[1]) else {
                     throw HTTPWire.Failure.malformed("no response")
                 }
                 let json = try JSONValue.parse(response.body)

@@ -28,10 +28,14 @@ enum HTTPWire {
 
     /// Reads one message from the socket. `buffered` carries bytes read past the previous
     /// message (keep-alive). Returns nil on a clean EOF before any byte.
-    static func read(from socket: Socket, buffered: inout [UInt8], isResponseToHead: Bool = false) throws -> Message? {
+    static func read(from socket: Socket, buffered: inout [UInt8], isResponseToHead: Bool = false,
+                     deadline: UInt64? = nil, callLimitMs: Int = 0) throws -> Message? {
         var chunk = [UInt8](repeating: 0, count: 16 << 10)
         func fill() throws -> Bool {
-            let n = try chunk.withUnsafeMutableBytes { try socket.receiveSome($0.baseAddress!, count: $0.count) }
+            let n = try chunk.withUnsafeMutableBytes { raw in
+                if let deadline { return try socket.receiveSome(raw.baseAddress!, count: raw.count, deadline: deadline, callLimitMs: callLimitMs) }
+                return try socket.receiveSome(raw.baseAddress!, count: raw.count)
+            }
             if n == 0 { return false }
             buffered += chunk[0..<n]
             return true

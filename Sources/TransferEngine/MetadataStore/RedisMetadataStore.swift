@@ -8,7 +8,11 @@ final class RedisMetadataStore: MetadataStore, @unchecked Sendable {
     private let username: String?
     private let password: String?
     private let database: Int?
-    private let connection = ConditionLock<Socket?>(nil)
+    /// Connections not in use. A command takes one (or opens one) and gives it back after its
+    /// exchange, so no lock is held across network I/O and a slow reply delays no other command.
+    private let idle = ConditionLock<[Socket]>([])
+    /// Idle connections kept beyond this are closed.
+    static let maxIdle = 4
 
     init(address: String, environment: [String: String], timeoutMs: Int) throws {
         let location = try HostPort.parse(address)
@@ -30,18 +34,21 @@ final class RedisMetadataStore: MetadataStore, @unchecked Sendable {
         case simple(String), error(String), integer(Int64), bulk([UInt8]?), array([Reply]?)
     }
 
-    /// Sends one command on the shared connection (reconnecting after a failure).
+    /// Sends one command on an idle connection, or a new one; a connection that failed is closed.
     func command(_ arguments: [String]) throws -> Reply {
-        try connection.withLock { socket in
-            do {
-                if socket == nil { socket = try open() }
-                return try exchange(arguments, on: socket!)
-            } catch {
-                socket?.close()
-                socket = nil
-                throw error
-            }
+        let socket = try idle.withLock { $0.popLast() } ?? open()
+        let reply: Reply
+        do { reply = try exchange(arguments, on: socket) } catch {
+            socket.close()
+            throw error
         }
+        let kept = idle.withLock { connections -> Bool in
+            guard connections.count < Self.maxIdle else { return false }
+            connections.append(socket)
+            return true
+        }
+        if !kept { socket.close() }
+        return reply
     }
 
     private func open() throws -> Socket {
@@ -59,24 +66,34 @@ final class RedisMetadataStore: MetadataStore, @unchecked Sendable {
     }
 
     private func exchange(_ arguments: [String], on socket: Socket) throws -> Reply {
+        // One exchange in all within the timeout: a server trickling its reply cannot hold us longer.
+        socket.restoreTimeouts(timeoutMs)
+        let deadline = MonotonicClock.nanoseconds() + UInt64(timeoutMs) * 1_000_000
         var out: [UInt8] = Array("*\(arguments.count)\r\n".utf8)
         for argument in arguments {
             let bytes = Array(argument.utf8)
             out += Array("$\(bytes.count)\r\n".utf8) + bytes + [13, 10]
         }
-        try out.withUnsafeBytes { try socket.sendAll([$0]) }
-        var reader = LineReader(socket: socket)
+        try out.withUnsafeBytes { try socket.sendAll([$0], deadline: deadline, callLimitMs: timeoutMs) }
+        var reader = LineReader(socket: socket, deadline: deadline, callLimitMs: timeoutMs)
         return try reader.reply()
     }
 
     /// Reads RESP replies from a socket, buffering.
     struct LineReader {
         let socket: Socket
+        /// The exchange's total deadline (monotonic ns), and the socket's own per-call timeout.
+        var deadline: UInt64? = nil
+        var callLimitMs = 0
         var buffer: [UInt8] = []
 
         mutating func fill() throws {
             var chunk = [UInt8](repeating: 0, count: 4096)
-            let n = try chunk.withUnsafeMutableBytes { try socket.receiveSome($0.baseAddress!, count: $0.count) }
+            let (deadline, limit) = (self.deadline, callLimitMs)
+            let n = try chunk.withUnsafeMutableBytes { raw in
+                if let deadline { return try socket.receiveSome(raw.baseAddress!, count: raw.count, deadline: deadline, callLimitMs: limit) }
+                return try socket.receiveSome(raw.baseAddress!, count: raw.count)
+            }
             guard n > 0 else { throw SocketError.closedByPeer(expected: 1, received: 0) }
             buffer += chunk[0..<n]
         }

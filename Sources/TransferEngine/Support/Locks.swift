@@ -9,9 +9,8 @@ import Musl
 //   the same lock (e.g. `TransferEngine.localDescriptor` or `peer(_:)` inside the engine's state
 //   lock): compute such values before taking the lock;
 // - never hold a lock across network I/O or a call into a plugin that may block (a buffer in use
-//   by a peer is pinned with a count instead, see MemoryRegistry). Known exception, to be
-//   removed: the redis client keeps its connection lock for one exchange (its total deadline
-//   bounds the wait);
+//   by a peer is pinned with a count instead, see MemoryRegistry; a metadata client takes a
+//   connection out of its pool for an exchange);
 // - order, where two are held at once: a batch's or channel's own lock may be taken under the
 //   engine's state lock, never the other way round; the registry's lock is never held with another.
 // Debug builds catch a re-entry on one thread at the moment it happens (an error-checking mutex)

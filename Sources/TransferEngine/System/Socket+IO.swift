@@ -134,6 +134,13 @@ extension Socket {
         }
     }
 
+    /// `receiveSome` within a total `deadline` (monotonic ns): fails once it passed, and a call
+    /// waits at most what is left of it (or the socket's own timeout, `callLimitMs`, if shorter).
+    func receiveSome(_ pointer: UnsafeMutableRawPointer, count: Int, deadline: UInt64, callLimitMs: Int) throws -> Int {
+        try bound(by: deadline, callLimitMs: callLimitMs, "receive")
+        return try receiveSome(pointer, count: count)
+    }
+
     /// Receives up to `count` bytes; 0 means the peer closed.
     func receiveSome(_ pointer: UnsafeMutableRawPointer, count: Int) throws -> Int {
         while true {
