@@ -49,6 +49,7 @@ public final class MetadataHTTPServer: @unchecked Sendable {
     private let logger: Logger
     let options: Options
     private let store = NIOLockedValueBox<[String: [UInt8]]>([:])
+    private let answers: Answers
     private let group: MultiThreadedEventLoopGroup
     private let listener: Channel
     let connections: ConnectionTable
@@ -63,7 +64,8 @@ public final class MetadataHTTPServer: @unchecked Sendable {
         let connections = ConnectionTable(maxConnections: options.maxConnections, maxPerAddress: options.maxPerAddress, logger: logger)
         self.connections = connections
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let answers = Answers(options: options, store: store)
+        answers = Answers(options: options, store: store)
+        let answers = self.answers
         do {
             listener = try ServerBootstrap(group: group)
                 .serverChannelOption(ChannelOptions.backlog, value: 1024)
@@ -99,7 +101,7 @@ public final class MetadataHTTPServer: @unchecked Sendable {
 
     /// The official semantics, independent of the connection handling.
     func answer(method: String, target: String, body: [UInt8], authorization: String? = nil) -> (Int, [UInt8]) {
-        Answers(options: options, store: store).answer(method: method, target: target, body: body, authorization: authorization)
+        answers.answer(method: method, target: target, body: body, authorization: authorization)
     }
 }
 
@@ -135,20 +137,16 @@ struct Answers: Sendable {
         }
     }
 
+    /// The answer to a whole request: the head's rules (`refusal`, with the body's real length), then the key and the store.
     func answer(method: String, target: String, body: [UInt8], authorization: String?) -> (Int, [UInt8]) {
-        let path = String(target.prefix { $0 != "?" })
-        if path == "/health" { return method == "GET" ? (200, Array("OK".utf8)) : (405, []) }
-        guard path == "/metadata" else { return (404, Array("only /metadata and /health are served".utf8)) }
-        if method != "GET" || options.tokenForGet, !authorized(authorization) {
-            return (401, Array("a valid 'Authorization: Bearer <token>' is required (MC_METADATA_TOKEN)".utf8))
+        if let refused = refusal(method: method, target: target, authorization: authorization, contentLength: body.count, chunked: false) {
+            return refused
         }
+        if target.prefix(while: { $0 != "?" }) == "/health" { return (200, Array("OK".utf8)) }
         guard let key = Query.value("key", in: target), !key.isEmpty else {
             return (400, Array("missing or empty key".utf8))
         }
         guard key.utf8.count <= options.maxKeyBytes else { return (400, Array("key longer than \(options.maxKeyBytes) bytes".utf8)) }
-        if method == "PUT", body.count > options.maxValueBytes {
-            return (413, Array("value larger than \(options.maxValueBytes) bytes".utf8))
-        }
         switch method {
         case "GET":
             guard let value = store.withLockedValue({ $0[key] }) else { return (404, Array("metadata not found".utf8)) }
