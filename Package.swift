@@ -85,11 +85,17 @@ var targets: [Target] = [
     ),
 ]
 
+// The plugin kit: the C vtable, per-thread last errors, te_buffer answers, host services, locks and
+// threads, so a plugin is plain Swift (a `TransportInstance`). Depends only on the ABI header (and
+// swift-collections' Deque); every plugin below depends on it, its own C shim and the header.
+targets.append(.target(name: "TransportPluginKit", dependencies: ["CTransportABI", .product(name: "DequeModule", package: "swift-collections")],
+                       path: "Plugins/Kit/TransportPluginKit"))
+
 // Same-host transport (cross-memory attach): no -dev package needed, so it always builds.
 products.append(.library(name: "transport_shm", type: .dynamic, targets: ["SHMPlugin"]))
 targets += [
     .target(name: "CSHMShim", path: "Plugins/SHM/CSHMShim"),
-    .target(name: "SHMPlugin", dependencies: ["CTransportABI", "CSHMShim"], path: "Plugins/SHM/SHMPlugin"),
+    .target(name: "SHMPlugin", dependencies: ["CTransportABI", "CSHMShim", "TransportPluginKit"], path: "Plugins/SHM/SHMPlugin"),
 ]
 
 // RDMA over libibverbs (libibverbs-dev): RC queue pairs, one-sided READ/WRITE.
@@ -99,7 +105,7 @@ if pluginEnabled("RDMA", header: "/usr/include/infiniband/verbs.h") {
         .target(name: "CRDMAShim", path: "Plugins/RDMA/CRDMAShim", linkerSettings: [.linkedLibrary("ibverbs"), .linkedLibrary("dl")]),
         // The plugin's PCI-tree logic, apart so its tests link without a second plugin entry point.
         .target(name: "RDMATopology", path: "Plugins/RDMA/RDMATopology"),
-        .target(name: "RDMAPlugin", dependencies: ["CTransportABI", "CRDMAShim", "RDMATopology"], path: "Plugins/RDMA/RDMAPlugin"),
+        .target(name: "RDMAPlugin", dependencies: ["CTransportABI", "CRDMAShim", "RDMATopology", "TransportPluginKit"], path: "Plugins/RDMA/RDMAPlugin"),
         .testTarget(name: "RDMATopologyTests", dependencies: ["RDMATopology"], path: "Tests/RDMATopologyTests"),
     ]
 }
@@ -109,7 +115,7 @@ if pluginEnabled("CXL", header: "/usr/include/daxctl/libdaxctl.h") && FileManage
     products.append(.library(name: "transport_cxl", type: .dynamic, targets: ["CXLPlugin"]))
     targets += [
         .target(name: "CCXLShim", path: "Plugins/CXL/CCXLShim", linkerSettings: [.linkedLibrary("cxl"), .linkedLibrary("daxctl")]),
-        .target(name: "CXLPlugin", dependencies: ["CTransportABI", "CCXLShim"], path: "Plugins/CXL/CXLPlugin"),
+        .target(name: "CXLPlugin", dependencies: ["CTransportABI", "CCXLShim", "TransportPluginKit"], path: "Plugins/CXL/CXLPlugin"),
     ]
 }
 
@@ -118,7 +124,7 @@ if pluginEnabled("EFA", header: "/usr/include/rdma/fabric.h") {
     products.append(.library(name: "transport_efa", type: .dynamic, targets: ["EFAPlugin"]))
     targets += [
         .target(name: "CEFAShim", path: "Plugins/EFA/CEFAShim", linkerSettings: [.linkedLibrary("fabric")]),
-        .target(name: "EFAPlugin", dependencies: ["CTransportABI", "CEFAShim"], path: "Plugins/EFA/EFAPlugin"),
+        .target(name: "EFAPlugin", dependencies: ["CTransportABI", "CEFAShim", "TransportPluginKit"], path: "Plugins/EFA/EFAPlugin"),
     ]
 }
 
@@ -127,7 +133,7 @@ if pluginEnabled("NVMEOF", header: "/usr/include/libnvme.h") {
     products.append(.library(name: "transport_nvmeof", type: .dynamic, targets: ["NVMeoFPlugin"]))
     targets += [
         .target(name: "CNVMeoFShim", path: "Plugins/NVMeoF/CNVMeoFShim", linkerSettings: [.linkedLibrary("nvme")]),
-        .target(name: "NVMeoFPlugin", dependencies: ["CTransportABI", "CNVMeoFShim"], path: "Plugins/NVMeoF/NVMeoFPlugin"),
+        .target(name: "NVMeoFPlugin", dependencies: ["CTransportABI", "CNVMeoFShim", "TransportPluginKit"], path: "Plugins/NVMeoF/NVMeoFPlugin"),
     ]
 }
 
@@ -149,7 +155,7 @@ if hipHeaders {
 targets += [
     .target(name: "CGPUShim", path: "Plugins/GPU/CGPUShim",
             cSettings: [.define("TE_HAVE_HIP_HEADERS", to: hipHeaders ? "1" : "0")], linkerSettings: [.linkedLibrary("dl")]),
-    .target(name: "GPUPlugin", dependencies: ["CTransportABI", "CGPUShim"], path: "Plugins/GPU/GPUPlugin"),
+    .target(name: "GPUPlugin", dependencies: ["CTransportABI", "CGPUShim", "TransportPluginKit"], path: "Plugins/GPU/GPUPlugin"),
     .testTarget(name: "GPUPluginTests", dependencies: ["GPUPlugin"], path: "Tests/GPUPluginTests"),
 ]
 

@@ -1,5 +1,6 @@
 import CCXLShim
 import FoundationEssentials
+import TransportPluginKit
 
 #if canImport(Glibc)
 import Glibc
@@ -18,19 +19,12 @@ struct CXLOptions {
     /// `MC_CXL_FLUSH=1`: write back / drop cache lines around copies, for pools shared without hardware coherence.
     var flush: Bool
 
-    private struct Raw: Decodable {
-        var device_name: String?
-        var options: [String: String]?
-    }
-
-    init(json: UnsafePointer<CChar>?) {
-        let raw = json.flatMap { try? JSONDecoder().decode(Raw.self, from: Data(String(cString: $0).utf8)) }
-        let options = raw?.options ?? [:]
-        path = options["MC_CXL_DEV_PATH"].flatMap { $0.isEmpty ? nil : $0 }
-        let device = raw?.device_name ?? ""
-        self.device = device.isEmpty || device == "auto-discovery" ? nil : device
-        size = options["MC_CXL_DEV_SIZE"].flatMap { UInt64($0) }
-        flush = ["1", "true", "yes", "on"].contains((options["MC_CXL_FLUSH"] ?? "").lowercased())
+    init(json: String?) {
+        let raw = CreateOptions(json: json)
+        path = raw.setting("MC_CXL_DEV_PATH")
+        device = raw.deviceName.isEmpty || raw.deviceName == "auto-discovery" ? nil : raw.deviceName
+        size = raw.setting("MC_CXL_DEV_SIZE").flatMap { UInt64($0) }
+        flush = raw.flag("MC_CXL_FLUSH")
     }
 }
 

@@ -1,3 +1,4 @@
+import TransportPluginKit
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)

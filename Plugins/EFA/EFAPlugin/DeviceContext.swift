@@ -1,5 +1,6 @@
 import CEFAShim
 import CTransportABI
+import TransportPluginKit
 
 #if canImport(Glibc)
 import Glibc

@@ -1,5 +1,6 @@
 import CEFAShim
 import CTransportABI
+import TransportPluginKit
 import FoundationEssentials
 
 #if canImport(Glibc)
@@ -10,7 +11,7 @@ import Musl
 
 /// One plugin instance: the opened devices, registrations, peers and the
 /// requests in flight.
-final class EFAInstance: @unchecked Sendable {
+final class EFAInstance: TransportInstance, @unchecked Sendable {
     /// A local registration: one memory region per device.
     struct Registration {
         var address: UInt64
@@ -42,32 +43,25 @@ final class EFAInstance: @unchecked Sendable {
 
     let options: EFAOptions
     private(set) var contexts: [DeviceContext] = []
-    let host: UnsafePointer<te_host_services>?
+    let host: HostServices
     let signal = Signal()
     private var peers: [UInt64: Peer] = [:]
     private var nextPeer: UInt64 = 1
     private var registrations: [Registration] = []
     private var parents: [UInt64: Parent] = [:]
     private var nextParent: UInt64 = 1
-    private var done: [te_completion] = []
+    private var done = CompletionQueue()
     private var queuedParts = 0
     private var nextKey: UInt64 = 1
     private var nextDevice = 0
     /// Peer addresses already in each device's address vector (hex -> handle), bounded.
     private var knownAddresses: [AddressBook] = []
-    /// Fixed storage: last_error hands out a pointer into it without a lock.
-    private let lastError: UnsafeMutablePointer<CChar> = {
-        let storage = UnsafeMutablePointer<CChar>.allocate(capacity: 512)
-        storage.initialize(repeating: 0, count: 512)
-        return storage
-    }()
-    private let lastErrorCapacity = 512
     /// Parts allowed in flight or waiting before submit answers TE_ERR_AGAIN.
     private let maxQueuedParts = 65_536
     /// The smallest max message size of the devices: larger pieces are split.
     private(set) var partSize: UInt64 = .max
 
-    init(options: EFAOptions, host: UnsafePointer<te_host_services>?) {
+    init(options: EFAOptions, host: HostServices) {
         self.options = options
         self.host = host
     }
@@ -107,25 +101,7 @@ final class EFAInstance: @unchecked Sendable {
         contexts.removeAll()
     }
 
-    // MARK: Errors and logging
-
-    func setError(_ text: String) {
-        signal.locked { setErrorLocked(text) }
-    }
-
-    private func setErrorLocked(_ text: String) {
-        let bytes = Array(text.utf8.prefix(lastErrorCapacity - 1))
-        for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
-        lastError[bytes.count] = 0
-    }
-
-    /// The last error text (valid for the instance's life).
-    var lastErrorText: UnsafePointer<CChar> { UnsafePointer(lastError) }
-
-    func log(_ level: Int32, _ text: String) {
-        guard let host, let log = host.pointee.log else { return }
-        text.withCString { log(host.pointee.host_context, level, $0) }
-    }
+    func log(_ level: Int32, _ text: String) { host.log(level, text) }
 
     // MARK: Descriptor
 
@@ -137,22 +113,22 @@ final class EFAInstance: @unchecked Sendable {
         var bytes = [UInt8](repeating: 0, count: 256)
         var length = bytes.count
         guard efa_get_name(context.handle, &bytes, &length) == 0 else { return "" }
-        return JSONText.hex(Array(bytes.prefix(length)))
+        return JSONFragment.hex(Array(bytes.prefix(length)))
     }
 
     /// `devices` and `priority_matrix` in upstream's RDMA-family layout, plus what only this plugin reads.
-    func descriptorFragment() -> String {
-        let devices = contexts.map { "{\"name\":\(JSONText.string($0.name)),\"lid\":0,\"gid\":\"\"}" }.joined(separator: ",")
-        let names = contexts.map { JSONText.string($0.name) }.joined(separator: ",")
+    func localDescriptor() -> String {
+        let devices = contexts.map { "{\"name\":\(JSONFragment.string($0.name)),\"lid\":0,\"gid\":\"\"}" }.joined(separator: ",")
+        let names = contexts.map { JSONFragment.string($0.name) }.joined(separator: ",")
         let provider = contexts.first?.info.providerName ?? options.provider
         return "{\"devices\":[\(devices)],\"priority_matrix\":{\"cpu:0\":[[\(names)],[]],\"*\":[[\(names)],[]]},"
-            + "\"efa_provider\":\(JSONText.string(provider))}"
+            + "\"efa_provider\":\(JSONFragment.string(provider))}"
     }
 
     // MARK: Memory
 
     /// Registers a buffer on every device; returns its descriptor fragment.
-    func register(address: UInt64, length: UInt64) -> (Int32, String) {
+    func register(address: UInt64, length: UInt64, location: String) throws(PluginFailure) -> String {
         var registration = Registration(address: address, length: length, regions: [], keys: [], descriptors: [])
         for context in contexts {
             let key = signal.locked { () -> UInt64 in defer { nextKey += 1 }; return nextKey }
@@ -161,8 +137,7 @@ final class EFAInstance: @unchecked Sendable {
                                     &region, &actualKey, &descriptor)
             guard status == 0 else {
                 for region in registration.regions { _ = efa_mr_close(region) }
-                setError("fi_mr_reg of \(length) bytes at 0x\(String(address, radix: 16)) on \(context.name): \(LibfabricError(code: status))")
-                return (TE_ERR_NO_RESOURCES, "")
+                throw .noResources("fi_mr_reg of \(length) bytes at 0x\(String(address, radix: 16)) on \(context.name): \(LibfabricError(code: status))")
             }
             registration.regions.append(region)
             registration.keys.append(actualKey)
@@ -174,21 +149,17 @@ final class EFAInstance: @unchecked Sendable {
             registrations.insert(registration, at: index)
         }
         let keys = registration.keys.map(String.init).joined(separator: ",")
-        return (TE_OK, "{\"rkey\":[\(keys)],\"lkey\":[\(keys)]}")
+        return "{\"rkey\":[\(keys)],\"lkey\":[\(keys)]}"
     }
 
     /// Closes a buffer's memory regions.
-    func unregister(address: UInt64) -> Int32 {
+    func unregister(address: UInt64) throws(PluginFailure) {
         let removed = signal.locked { () -> Registration? in
             guard let index = registrations.firstIndex(where: { $0.address == address }) else { return nil }
             return registrations.remove(at: index)
         }
-        guard let removed else {
-            setError("no registration starts at 0x\(String(address, radix: 16))")
-            return TE_ERR_INVALID_ARGUMENT
-        }
+        guard let removed else { throw .invalid("no registration starts at 0x\(String(address, radix: 16))") }
         for region in removed.regions { _ = efa_mr_close(region) }
-        return TE_OK
     }
 
     // MARK: Peers
@@ -213,8 +184,8 @@ final class EFAInstance: @unchecked Sendable {
     }
 
     private func handshakeJSON(local: String, peer: String, address: String, reply: String) -> String {
-        "{\"local_nic_path\":\(JSONText.string(local)),\"peer_nic_path\":\(JSONText.string(peer)),\"local_lid\":0,"
-            + "\"local_gid\":\"\",\"qp_num\":[],\"efa_addr\":\(JSONText.string(address)),\"reply_msg\":\(JSONText.string(reply))}"
+        "{\"local_nic_path\":\(JSONFragment.string(local)),\"peer_nic_path\":\(JSONFragment.string(peer)),\"local_lid\":0,"
+            + "\"local_gid\":\"\",\"qp_num\":[],\"efa_addr\":\(JSONFragment.string(address)),\"reply_msg\":\(JSONFragment.string(reply))}"
     }
 
     /// Puts a peer's address into a device's address vector once. The address comes from an
@@ -224,7 +195,7 @@ final class EFAInstance: @unchecked Sendable {
     /// (FI_THREAD_DOMAIN) taken inside it, so concurrent handshakes cannot race.
     private func insertAddress(_ text: String, into context: DeviceContext) -> Result<UInt64, LibfabricFailure> {
         let hex = text.lowercased()
-        guard let bytes = JSONText.unhex(hex), !bytes.isEmpty else {
+        guard let bytes = JSONFragment.unhex(hex), !bytes.isEmpty else {
             return .failure(LibfabricFailure(code: 0, text: "malformed efa_addr '\(text.prefix(80))'"))
         }
         let now = monotonicNanoseconds()
@@ -249,68 +220,41 @@ final class EFAInstance: @unchecked Sendable {
     }
 
     /// Opens a peer: one Connection handshake per local device (upstream's address exchange).
-    func openPeer(segment: String, descriptorJSON: String) -> (Int32, UInt64) {
+    func openPeer(segment: String, descriptor descriptorJSON: String) throws(PluginFailure) -> UInt64 {
         guard let descriptor = try? JSONDecoder().decode(PeerDescriptor.self, from: Data(descriptorJSON.utf8)) else {
-            setError("\(segment): malformed segment descriptor")
-            return (TE_ERR_INVALID_ARGUMENT, 0)
+            throw .invalid("\(segment): malformed segment descriptor")
         }
         let devices = descriptor.devices ?? []
-        guard !devices.isEmpty else {
-            setError("\(segment) publishes no efa devices")
-            return (TE_ERR_PEER_UNREACHABLE, 0)
-        }
+        guard !devices.isEmpty else { throw .unreachable("\(segment) publishes no efa devices") }
         var buffers: [RemoteBuffer] = []
         for buffer in descriptor.buffers ?? [] {
             guard let keys = buffer.rkey, keys.count == devices.count else {
-                setError("\(segment): buffer at 0x\(String(buffer.addr, radix: 16)) has \(buffer.rkey?.count ?? 0) rkeys for \(devices.count) devices")
-                return (TE_ERR_INVALID_ARGUMENT, 0)
+                throw .invalid("\(segment): buffer at 0x\(String(buffer.addr, radix: 16)) has \(buffer.rkey?.count ?? 0) rkeys for \(devices.count) devices")
             }
             buffers.append(RemoteBuffer(address: buffer.addr, length: buffer.length, keys: keys))
-        }
-        guard let host, let send = host.pointee.handshake_send else {
-            setError("the host offers no handshake channel")
-            return (TE_ERR_INTERNAL, 0)
         }
         var peer = Peer(name: segment, buffers: buffers, peerDevice: [], addressHandle: [])
         for context in contexts {
             let target = context.index % devices.count
             let request = handshakeJSON(local: nicPath(context), peer: "\(segment)@\(devices[target].name)",
                                         address: endpointAddress(context), reply: "")
-            var capacity = 4096
-            var status: Int32 = TE_OK
-            var replyText = ""
-            for _ in 0..<2 {
-                let storage = UnsafeMutablePointer<CChar>.allocate(capacity: capacity)
-                defer { storage.deallocate() }
-                var reply = te_buffer(data: storage, capacity: capacity, length: 0)
-                status = segment.withCString { name in request.withCString { send(host.pointee.host_context, name, $0, &reply) } }
-                if status == TE_OK { replyText = String(cString: storage) }
-                if status != TE_ERR_BUFFER_TOO_SMALL { break }
-                capacity = reply.length + 1
-            }
-            guard status == TE_OK else {
-                setError("handshake with \(segment) for \(context.name) failed (status \(status))")
-                return (TE_ERR_PEER_UNREACHABLE, 0)
+            let replyText: String
+            do { replyText = try host.handshake(peer: segment, request: request) } catch {
+                throw .unreachable("handshake with \(segment) for \(context.name) failed: \(error.message)")
             }
             guard let answer = try? JSONDecoder().decode(Handshake.self, from: Data(replyText.utf8)) else {
-                setError("\(segment) answered the handshake with malformed JSON")
-                return (TE_ERR_REJECTED, 0)
+                throw .rejected("\(segment) answered the handshake with malformed JSON")
             }
-            if let message = answer.reply_msg, !message.isEmpty {
-                setError("\(segment) rejected the handshake: \(message)")
-                return (TE_ERR_REJECTED, 0)
-            }
+            if let message = answer.reply_msg, !message.isEmpty { throw .rejected("\(segment) rejected the handshake: \(message)") }
             guard let address = answer.efa_addr, !address.isEmpty else {
-                setError("\(segment) did not send an efa_addr (does it run the efa transport?)")
-                return (TE_ERR_PEER_UNREACHABLE, 0)
+                throw .unreachable("\(segment) did not send an efa_addr (does it run the efa transport?)")
             }
             switch insertAddress(address, into: context) {
             case .success(let handle):
                 peer.peerDevice.append(target)
                 peer.addressHandle.append(handle)
             case .failure(let failure):
-                setError("\(segment): \(failure.text)")
-                return (TE_ERR_PEER_UNREACHABLE, 0)
+                throw .unreachable("\(segment): \(failure.text)")
             }
         }
         let handle = signal.locked { () -> UInt64 in
@@ -318,7 +262,7 @@ final class EFAInstance: @unchecked Sendable {
             peers[nextPeer] = peer
             return nextPeer
         }
-        return (TE_OK, handle)
+        return handle
     }
 
     /// Forgets a peer (its address-vector entries stay for a later reopen).
@@ -345,32 +289,26 @@ final class EFAInstance: @unchecked Sendable {
     // MARK: Data path
 
     /// Validates and queues requests; never blocks.
-    func submit(_ raw: UnsafeRawPointer?, count: Int, stride: Int, accepted: inout Int) -> Int32 {
-        accepted = 0
-        guard !contexts.isEmpty else { return TE_ERR_INTERNAL }
+    func submit(_ requests: RequestArray, accepted: inout Int) throws(PluginFailure) {
+        guard !contexts.isEmpty else { throw PluginFailure(TE_ERR_INTERNAL, "no device is open") }
         var perContext = [[Part]](repeating: [], count: contexts.count)
+        // What was accepted goes to the devices, also when a later request is refused.
+        defer { for (index, parts) in perContext.enumerated() where !parts.isEmpty { contexts[index].enqueue(parts) } }
         let now = monotonicNanoseconds()
-        let status = signal.locked { () -> Int32 in
-            for i in 0..<count {
-                let request = raw!.loadUnaligned(fromByteOffset: i * stride, as: te_request.self)
-                guard queuedParts < maxQueuedParts else { return TE_ERR_AGAIN }
-                guard let peer = peers[request.peer] else {
-                    setErrorLocked("unknown peer handle \(request.peer)")
-                    return TE_ERR_INVALID_ARGUMENT
-                }
+        try signal.locked { () throws(PluginFailure) in
+            for (i, request) in requests.enumerated() {
+                guard queuedParts < maxQueuedParts else { throw PluginFailure(TE_ERR_AGAIN, "\(maxQueuedParts) parts are queued; poll, then submit the rest") }
+                guard let peer = peers[request.peer] else { throw .invalid("unknown peer handle \(request.peer)") }
                 guard request.opcode == TE_OP_READ || request.opcode == TE_OP_WRITE, request.length > 0 else {
-                    setErrorLocked("bad request (opcode \(request.opcode), length \(request.length))")
-                    return TE_ERR_INVALID_ARGUMENT
+                    throw .invalid("bad request (opcode \(request.opcode), length \(request.length))")
                 }
                 // Only inside one buffer the peer published: the same rule as every transport.
                 guard let remote = peer.buffers.first(where: { contains($0.address, $0.length, request.remote_addr, request.length) }) else {
-                    setErrorLocked("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is outside \(peer.name)'s buffers")
-                    return TE_ERR_OUT_OF_RANGE
+                    throw .outOfRange("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is outside \(peer.name)'s buffers")
                 }
                 let local = registrations.last { contains($0.address, $0.length, request.local_addr, request.length) }
                 if local == nil, contexts.contains(where: { $0.needsLocalDescriptor }) {
-                    setErrorLocked("local range [0x\(String(request.local_addr, radix: 16)), +\(request.length)) is not registered (the provider needs FI_MR_LOCAL)")
-                    return TE_ERR_OUT_OF_RANGE
+                    throw .outOfRange("local range [0x\(String(request.local_addr, radix: 16)), +\(request.length)) is not registered (the provider needs FI_MR_LOCAL)")
                 }
                 let parentID = nextParent
                 nextParent += 1
@@ -394,10 +332,7 @@ final class EFAInstance: @unchecked Sendable {
                 queuedParts += pieces
                 accepted = i + 1
             }
-            return TE_OK
         }
-        for (index, parts) in perContext.enumerated() where !parts.isEmpty { contexts[index].enqueue(parts) }
-        return status
     }
 
     private func contains(_ base: UInt64, _ length: UInt64, _ address: UInt64, _ size: UInt64) -> Bool {
@@ -413,12 +348,11 @@ final class EFAInstance: @unchecked Sendable {
                 queuedParts -= 1
                 if part.status == TE_OK { parent.bytes += part.bytes } else {
                     parent.status = part.status
-                    if let error = part.error { setErrorLocked(error) }
+                    if let error = part.error { log(TE_LOG_DEBUG, "efa plugin: \(error)") }
                 }
                 if parent.remaining == 0 {
                     parents.removeValue(forKey: part.parent)
-                    done.append(te_completion(cookie: parent.cookie, status: parent.status, flags: 0,
-                                              bytes: parent.status == TE_OK ? parent.bytes : 0))
+                    done.complete(parent.cookie, status: parent.status, bytes: parent.status == TE_OK ? parent.bytes : 0)
                 } else {
                     parents[part.parent] = parent
                 }
@@ -428,15 +362,12 @@ final class EFAInstance: @unchecked Sendable {
     }
 
     /// Hands out finished requests, waiting at most `timeout` for the first.
-    func poll(into raw: UnsafeMutableRawPointer?, capacity: Int, stride: Int, timeout: UInt64) -> Int {
+    func poll(into out: CompletionArray, timeout: UInt64) -> Int {
         // Reap on this thread first: a synchronous caller then needs no hand-off from the progress thread.
         if signal.locked({ done.isEmpty }) { for context in contexts { context.tryProgress() } }
         return signal.locked {
             if done.isEmpty && timeout > 0 { signal.wait(nanoseconds: timeout) }
-            let n = min(capacity, done.count)
-            for i in 0..<n { raw!.storeBytes(of: done[i], toByteOffset: i * stride, as: te_completion.self) }
-            done.removeFirst(n)
-            return n
+            return done.drain(into: out)
         }
     }
 }

@@ -1,5 +1,6 @@
 import CEFAShim
 import FoundationEssentials
+import TransportPluginKit
 
 #if canImport(Glibc)
 import Glibc
@@ -30,21 +31,11 @@ struct EFAOptions {
     /// An operation not completed after this long fails with TE_ERR_TIMEOUT (`MC_EFA_TIMEOUT_MS`, 30 s; 0 = never).
     var timeoutNanoseconds: UInt64
 
-    private struct Raw: Decodable {
-        var device_name: String?
-        var local_hostname: String?
-        var segment_name: String?
-        var options: [String: String]?
-    }
-
-    init(json: UnsafePointer<CChar>?) {
-        let raw = json.flatMap { try? JSONDecoder().decode(Raw.self, from: Data(String(cString: $0).utf8)) }
-        let options = raw?.options ?? [:]
+    init(json: String?) {
+        let raw = CreateOptions(json: json)
         // MC_* settings come from the host's environment (passed in "options"); FI_PROVIDER is
         // libfabric's own variable, which libfabric reads from the process environment too.
-        func setting(_ key: String) -> String? {
-            options[key].flatMap { $0.isEmpty ? nil : $0 }
-        }
+        let setting = raw.setting
         let libfabricProvider = getenv("FI_PROVIDER").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
         let provider = setting("MC_EFA_PROVIDER") ?? libfabricProvider ?? "efa"
         self.provider = provider
@@ -56,27 +47,18 @@ struct EFAOptions {
             // peers reach both over the same interface; with a metadata server local_hostname
             // is often a name, not an address.
             node = bind
-        } else if ipBased, let host = raw?.local_hostname.map(EFAOptions.hostPart), EFAOptions.isIPLiteral(host) {
+        } else if ipBased, case let host = EFAOptions.hostPart(raw.localHostname), EFAOptions.isIPLiteral(host) {
             node = host
         } else {
             node = nil
         }
-        let device = EFAOptions.trimmed(raw?.device_name ?? "")
-        if device.isEmpty || device == "auto-discovery" {
-            devices = nil
-        } else {
-            devices = device.split(separator: ",").map { EFAOptions.trimmed(String($0)) }.filter { !$0.isEmpty }
-        }
-        segmentName = raw?.segment_name ?? ""
+        devices = raw.requestedDevices
+        segmentName = raw.segmentName
         sliceSize = setting("MC_EFA_SLICE_SIZE").flatMap { UInt64($0) } ?? 0
         maxOutstanding = setting("MC_EFA_MAX_OUTSTANDING").flatMap { Int($0) }.map { max(1, $0) } ?? 256
         timeoutNanoseconds = (setting("MC_EFA_TIMEOUT_MS").flatMap { UInt64($0) } ?? 30_000) * 1_000_000
         spinNanoseconds = (setting("MC_EFA_SPIN_US").flatMap { UInt64($0) } ?? 20) * 1000
         maxAddresses = setting("MC_EFA_MAX_ADDRESSES").flatMap { Int($0) }.map { min(max(2, $0), 1 << 20) } ?? 4096
-    }
-
-    static func trimmed(_ text: String) -> String {
-        String(text.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
     }
 
     /// "host:port" or "[v6]:port" -> host.
@@ -138,57 +120,4 @@ extension efa_domain_info {
     var domainName: String { Self.text(domain) }
     var providerName: String { Self.text(provider) }
     var fabricName: String { Self.text(fabric) }
-}
-
-/// JSON text helpers for the few documents the plugin writes.
-enum JSONText {
-    static func string(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if scalar.value < 0x20 {
-                    out += "\\u" + String(repeating: "0", count: 4 - String(scalar.value, radix: 16).count) + String(scalar.value, radix: 16)
-                } else {
-                    out.unicodeScalars.append(scalar)
-                }
-            }
-        }
-        return out + "\""
-    }
-
-    static func hex(_ bytes: [UInt8]) -> String {
-        let digits = Array("0123456789abcdef".utf8)
-        var out = [UInt8]()
-        out.reserveCapacity(bytes.count * 2)
-        for byte in bytes { out.append(digits[Int(byte >> 4)]); out.append(digits[Int(byte & 15)]) }
-        return String(decoding: out, as: UTF8.self)
-    }
-
-    static func unhex(_ text: String) -> [UInt8]? {
-        let chars = Array(text.utf8)
-        guard chars.count % 2 == 0, !chars.isEmpty else { return nil }
-        func nibble(_ c: UInt8) -> UInt8? {
-            switch c {
-            case 48...57: return c - 48
-            case 97...102: return c - 87
-            case 65...70: return c - 55
-            default: return nil
-            }
-        }
-        var out = [UInt8]()
-        out.reserveCapacity(chars.count / 2)
-        var i = 0
-        while i < chars.count {
-            guard let high = nibble(chars[i]), let low = nibble(chars[i + 1]) else { return nil }
-            out.append(high << 4 | low)
-            i += 2
-        }
-        return out
-    }
 }

@@ -1,4 +1,5 @@
 import FoundationEssentials
+import TransportPluginKit
 
 // What GPU segments publish and how a peer's buffers are found: pure code,
 // tested without a GPU (Tests/GPUPluginTests).
@@ -41,17 +42,12 @@ public struct GPUOptions: Equatable, Sendable {
 
     public init() {}
 
-    private struct Raw: Decodable {
-        var `protocol`: String?
-        var device_name: String?
-        var options: [String: String]?
-    }
-
     /// Parses the host's options JSON; throws a sentence for the user.
     public init(json: String) throws {
-        guard let raw = try? JSONDecoder().decode(Raw.self, from: Data(json.utf8)) else { throw GPUError("options are not a JSON object") }
-        mode = GPUMode(rawValue: raw.protocol ?? "") ?? .mnnvl
-        let name = raw.device_name ?? ""
+        let raw: CreateOptions
+        do { raw = try CreateOptions(validating: json) } catch { throw GPUError(error.message) }
+        mode = GPUMode(rawValue: raw.transportProtocol) ?? .mnnvl
+        let name = raw.deviceName
         if !name.isEmpty && name != "auto-discovery" {
             let digits = name.hasPrefix(mode.locationPrefix) ? String(name.dropFirst(mode.locationPrefix.count)) : name
             guard let ordinal = Int32(digits), ordinal >= 0 else {
@@ -59,7 +55,7 @@ public struct GPUOptions: Equatable, Sendable {
             }
             device = ordinal
         }
-        let options = raw.options ?? [:]
+        let options = raw.settings
         library = options[mode == .hip ? "MC_HIP_LIBRARY" : "MC_CUDA_LIBRARY"] ?? ""
         if let text = options["MC_GPU_WORKERS"], !text.isEmpty {
             guard let n = Int(text), (1...32).contains(n) else { throw GPUError("MC_GPU_WORKERS='\(text)' must be 1...32") }
@@ -85,27 +81,7 @@ public enum HandleText {
     }
 
     /// Decodes hex of either case; nil for odd length or a non-hex digit.
-    public static func decode(_ text: String) -> [UInt8]? {
-        let chars = Array(text.utf8)
-        guard chars.count % 2 == 0 else { return nil }
-        func value(_ c: UInt8) -> UInt8? {
-            switch c {
-            case 48...57: return c - 48
-            case 65...70: return c - 55
-            case 97...102: return c - 87
-            default: return nil
-            }
-        }
-        var out: [UInt8] = []
-        out.reserveCapacity(chars.count / 2)
-        var i = 0
-        while i < chars.count {
-            guard let high = value(chars[i]), let low = value(chars[i + 1]) else { return nil }
-            out.append(high << 4 | low)
-            i += 2
-        }
-        return out
-    }
+    public static func decode(_ text: String) -> [UInt8]? { text.isEmpty ? [] : JSONFragment.unhex(text) }
 }
 
 /// One device buffer a peer published.

@@ -1,6 +1,7 @@
 import CGPUShim
 import CTransportABI
 import FoundationEssentials
+import TransportPluginKit
 
 #if canImport(Glibc)
 import Glibc
@@ -15,18 +16,12 @@ import Musl
 // in "protocol".
 
 /// Boot id of this host: IPC handles only open on the same host.
-let bootID: String = {
-    guard let file = fopen("/proc/sys/kernel/random/boot_id", "r") else { return "?" }
-    defer { fclose(file) }
-    var buffer = [CChar](repeating: 0, count: 64)
-    _ = fgets(&buffer, 64, file)
-    return String(decoding: buffer.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-}()
+let bootID: String = BootID.current
 
 func runtimeError(_ result: Int32) -> String { String(cString: gpu_error_name(result)) }
 
 /// One plugin instance.
-final class GPUInstance: @unchecked Sendable {
+final class GPUInstance: TransportInstance, @unchecked Sendable {
     struct Job {
         var cookie: UInt64
         var destination: UInt64
@@ -35,58 +30,33 @@ final class GPUInstance: @unchecked Sendable {
     }
 
     let options: GPUOptions
-    let host: UnsafePointer<te_host_services>?
+    let host: HostServices
+    /// Guards peers, mappings and allocations.
     private let queue = Signal()
     private let finished = Signal()
-    private var jobs: [Job] = []
-    private var jobHead = 0
-    private var done: [te_completion] = []
+    private let copiers = WorkerPool<Job>()
+    private var done = CompletionQueue()
     private var peers: [UInt64: PeerSegment] = [:]
     private var nextPeer: UInt64 = 1
     /// Peer allocations mapped here, by handle text: where they start in this process and their size.
     private var mapped: [String: (address: UInt64, size: UInt64)] = [:]
     /// Memory this engine allocated for managed buffers: size (fabric mappings) or 0 (cuMemAlloc).
     private var allocations: [UInt64: UInt64] = [:]
-    private var stopping = false
-    private var running = 0
-    private let lastError: UnsafeMutablePointer<CChar> = {
-        let storage = UnsafeMutablePointer<CChar>.allocate(capacity: 512)
-        storage.initialize(repeating: 0, count: 512)
-        return storage
-    }()
 
-    init(options: GPUOptions, host: UnsafePointer<te_host_services>?) {
+    init(options: GPUOptions, host: HostServices) {
         self.options = options
         self.host = host
     }
 
-    func setError(_ text: String) {
-        queue.locked {
-            let bytes = Array(text.utf8.prefix(511))
-            for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
-            lastError[bytes.count] = 0
-        }
-    }
-
-    var lastErrorText: UnsafePointer<CChar> { UnsafePointer(lastError) }
-
     func start() -> Bool {
-        for _ in 0..<options.workers {
-            queue.locked { running += 1 }
-            guard startThread({ [self] in work() }) else {
-                queue.locked { running -= 1 }
-                return false
-            }
+        copiers.start(count: options.workers, name: "te-gpu-copy") { [self] in
+            let bound = gpu_bind_device(options.device)
+            return { [self] job in copy(job, bound: bound) }
         }
-        return true
     }
 
     func close() {
-        queue.locked {
-            stopping = true
-            queue.broadcast()
-            while running > 0 { queue.wait(nanoseconds: 100_000_000) }
-        }
+        copiers.stop()
         _ = gpu_bind_device(options.device)
         for (_, mapping) in mapped {
             if options.mode.sameHostOnly { _ = gpu_ipc_close(mapping.address) } else { _ = gpu_fabric_unmap(mapping.address, mapping.size) }
@@ -96,45 +66,40 @@ final class GPUInstance: @unchecked Sendable {
         allocations.removeAll()
     }
 
-    var descriptorFragment: String {
+    func localDescriptor() -> String {
         "{\"gpu_boot_id\":\"\(bootID)\",\"gpu_handle_type\":\"\(options.mode.handleType)\",\"gpu_device\":\(options.device)}"
     }
 
     /// Device memory gets its allocation's handle; host memory is reached over TCP.
-    func register(_ address: UInt64, _ length: UInt64) -> (Int32, String) {
+    func register(address: UInt64, length: UInt64, location: String) throws(PluginFailure) -> String {
         var status = gpu_bind_device(options.device)
         var isDevice: Int32 = 0, device: Int32 = 0
         var base: UInt64 = 0, size: UInt64 = 0
         if status == 0 { status = gpu_pointer_info(address, &isDevice, &device, &base, &size) }
         guard status == 0 else {
-            setError("cuPointerGetAttribute(0x\(String(address, radix: 16))): \(runtimeError(status))")
-            return (TE_ERR_INVALID_ARGUMENT, "")
+            throw .invalid("cuPointerGetAttribute(0x\(String(address, radix: 16))): \(runtimeError(status))")
         }
-        if isDevice == 0 { return (TE_OK, "{\"protocol\":\"tcp\"}") }
+        if isDevice == 0 { return "{\"protocol\":\"tcp\"}" }
         var handle = [UInt8](repeating: 0, count: Int(GPU_HANDLE_BYTES))
         status = options.mode.sameHostOnly ? gpu_ipc_export(base, &handle) : gpu_fabric_export(address, &handle)
         guard status == 0 else {
             let how = options.mode.sameHostOnly ? "IPC handle" : "cuMemExportToShareableHandle (fabric; the memory must come from cuMemCreate with CU_MEM_HANDLE_TYPE_FABRIC, e.g. a managed buffer)"
-            setError("\(how) for 0x\(String(address, radix: 16)): \(runtimeError(status))")
-            return (TE_ERR_NOT_SUPPORTED, "")
+            throw .notSupported("\(how) for 0x\(String(address, radix: 16)): \(runtimeError(status))")
         }
-        return (TE_OK, "{\"protocol\":\"\(options.mode.rawValue)\",\"shm_name\":\"\(HandleText.encode(handle))\",\"gpu_offset\":\(address - base),\"gpu_alloc_size\":\(size),\"gpu_device\":\(device)}")
+        return "{\"protocol\":\"\(options.mode.rawValue)\",\"shm_name\":\"\(HandleText.encode(handle))\",\"gpu_offset\":\(address - base),\"gpu_alloc_size\":\(size),\"gpu_device\":\(device)}"
     }
 
-    func openPeer(_ segment: String, _ json: String) -> (Int32, UInt64) {
+    /// IPC and fabric handles stay valid while the peer maps them; nothing to revoke here.
+    func unregister(address: UInt64) {}
+
+    func openPeer(segment: String, descriptor json: String) throws(PluginFailure) -> UInt64 {
         let peer: PeerSegment
-        do { peer = try PeerSegment(json: json) } catch {
-            setError("\(segment): \(error)")
-            return (TE_ERR_INVALID_ARGUMENT, 0)
-        }
-        if let reason = peer.unreachableReason(mode: options.mode, localBootID: bootID) {
-            setError("\(segment): \(reason)")
-            return (TE_ERR_PEER_UNREACHABLE, 0)
-        }
+        do { peer = try PeerSegment(json: json) } catch { throw .invalid("\(segment): \(error)") }
+        if let reason = peer.unreachableReason(mode: options.mode, localBootID: bootID) { throw .unreachable("\(segment): \(reason)") }
         return queue.locked {
             defer { nextPeer += 1 }
             peers[nextPeer] = peer
-            return (TE_OK, nextPeer)
+            return nextPeer
         }
     }
 
@@ -176,32 +141,28 @@ final class GPUInstance: @unchecked Sendable {
         }
     }
 
-    func submit(_ raw: UnsafeRawPointer?, count: Int, stride: Int, accepted: inout Int) -> Int32 {
-        accepted = 0
+    func submit(_ requests: RequestArray, accepted: inout Int) throws(PluginFailure) {
         var batch: [Job] = []
-        for i in 0..<count {
-            let request = raw!.loadUnaligned(fromByteOffset: i * stride, as: te_request.self)
+        // Requests checked before a refused one still run.
+        defer { copiers.enqueue(contentsOf: batch) }
+        for (i, request) in requests.enumerated() {
             guard request.length > 0, request.opcode == TE_OP_READ || request.opcode == TE_OP_WRITE,
                   let peer = queue.locked({ peers[request.peer] }) else {
-                setError("bad request (opcode \(request.opcode), length \(request.length), peer \(request.peer))")
-                return TE_ERR_INVALID_ARGUMENT
+                throw .invalid("bad request (opcode \(request.opcode), length \(request.length), peer \(request.peer))")
             }
             guard let buffer = peer.buffer(containing: request.remote_addr, length: request.length) else {
-                setError("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is not inside one of the peer's GPU buffers")
-                return TE_ERR_OUT_OF_RANGE
+                throw .outOfRange("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is not inside one of the peer's GPU buffers")
             }
             let (mappedBase, mappedSize, status) = mapping(of: buffer)
             guard let base = mappedBase else {
-                setError("cannot map the peer's GPU buffer: \(runtimeError(status))")
-                return TE_ERR_PEER_UNREACHABLE
+                throw .unreachable("cannot map the peer's GPU buffer: \(runtimeError(status))")
             }
             // The descriptor checked offset + length against its own gpu_alloc_size; the mapping
             // must hold them too, and the address sum must not wrap.
             let inside = request.remote_addr - buffer.address
             let (start, wrapped) = base.addingReportingOverflow(buffer.offset + inside)
             guard buffer.offset + buffer.length <= mappedSize, !wrapped, !start.addingReportingOverflow(request.length).overflow else {
-                setError("the peer's GPU buffer (offset \(buffer.offset), \(buffer.length) bytes) lies outside the \(mappedSize)-byte allocation opened")
-                return TE_ERR_OUT_OF_RANGE
+                throw .outOfRange("the peer's GPU buffer (offset \(buffer.offset), \(buffer.length) bytes) lies outside the \(mappedSize)-byte allocation opened")
             }
             let remote = start
             let write = request.opcode == TE_OP_WRITE
@@ -209,73 +170,56 @@ final class GPUInstance: @unchecked Sendable {
                              source: write ? request.local_addr : remote, length: request.length))
             accepted = i + 1
         }
-        queue.locked {
-            jobs += batch
-            queue.broadcast()
-        }
-        return TE_OK
     }
 
-    private func work() {
-        let bound = gpu_bind_device(options.device)
-        while true {
-            let next: Job? = queue.locked {
-                while jobHead == jobs.count && !stopping { queue.wait(nanoseconds: 1_000_000_000) }
-                guard jobHead < jobs.count else { return nil }
-                defer {
-                    jobHead += 1
-                    if jobHead == jobs.count { jobs.removeAll(keepingCapacity: true); jobHead = 0 }
-                }
-                return jobs[jobHead]
-            }
-            guard let job = next else { break }
-            let status = bound != 0 ? bound : gpu_copy(job.destination, job.source, job.length)
-            if status != 0 { setError("cuMemcpy of \(job.length) bytes: \(runtimeError(status))") }
-            finished.locked {
-                done.append(te_completion(cookie: job.cookie, status: status == 0 ? TE_OK : TE_ERR_IO, flags: 0, bytes: status == 0 ? job.length : 0))
-                finished.broadcast()
-            }
-        }
-        queue.locked {
-            running -= 1
-            queue.broadcast()
+    /// Copies one job on a copy thread (`bound`: that thread's device binding, 0 when it worked).
+    private func copy(_ job: Job, bound: Int32) {
+        let status = bound != 0 ? bound : gpu_copy(job.destination, job.source, job.length)
+        if status != 0 { host.log(TE_LOG_WARNING, "gpu plugin: cuMemcpy of \(job.length) bytes: \(runtimeError(status))") }
+        finished.locked {
+            done.complete(job.cookie, status: status == 0 ? TE_OK : TE_ERR_IO, bytes: status == 0 ? job.length : 0)
+            finished.broadcast()
         }
     }
 
-    func poll(into raw: UnsafeMutableRawPointer?, capacity: Int, stride: Int, timeout: UInt64) -> Int {
+    func poll(into out: CompletionArray, timeout: UInt64) -> Int {
         finished.locked {
             if done.isEmpty && timeout > 0 { finished.wait(nanoseconds: timeout) }
-            let n = min(capacity, done.count)
-            for i in 0..<n { raw!.storeBytes(of: done[i], toByteOffset: i * stride, as: te_completion.self) }
-            done.removeFirst(n)
-            return n
+            return done.drain(into: out)
         }
     }
 
     /// Device memory that this protocol can export: cuMemAlloc / hipMalloc for IPC, cuMemCreate with a fabric handle for MNNVL.
-    func allocate(_ length: UInt64) -> (Int32, UInt64) {
+    func allocate(length: UInt64, location: String) throws(PluginFailure) -> UInt64 {
+        // Host locations keep the host's own allocator.
+        guard location.hasPrefix(options.mode.locationPrefix) else { throw .notSupported("\(location) is not GPU memory") }
         var status = gpu_bind_device(options.device)
         var address: UInt64 = 0, size: UInt64 = 0
         if status == 0 { status = options.mode.sameHostOnly ? gpu_alloc(length, &address) : gpu_fabric_alloc(options.device, length, &address, &size) }
         guard status == 0 else {
-            setError("allocating \(length) bytes on \(options.mode.locationPrefix)\(options.device): \(runtimeError(status))")
-            return (TE_ERR_NO_RESOURCES, 0)
+            throw .noResources("allocating \(length) bytes on \(options.mode.locationPrefix)\(options.device): \(runtimeError(status))")
         }
         queue.locked { allocations[address] = size }
-        return (TE_OK, address)
+        return address
     }
 
-    func free(_ address: UInt64) -> Int32 {
-        guard let size = queue.locked({ allocations.removeValue(forKey: address) }) else { return TE_ERR_INVALID_ARGUMENT }
+    func free(address: UInt64) throws(PluginFailure) {
+        guard let size = queue.locked({ allocations.removeValue(forKey: address) }) else {
+            throw .invalid("0x\(String(address, radix: 16)) was not allocated by this plugin")
+        }
         _ = gpu_bind_device(options.device)
         _ = size == 0 ? gpu_free(address) : gpu_fabric_unmap(address, size)
-        return TE_OK
     }
 }
 
 /// Whether this machine can run `options.mode`, and why not.
 enum Probe {
-    static func run(_ options: GPUOptions) -> (Int32, String, String) {
+    static func run(_ options: GPUOptions) -> ProbeAnswer {
+        let (status, reason, hint) = check(options)
+        return ProbeAnswer(status, reason: reason, hint: hint)
+    }
+
+    private static func check(_ options: GPUOptions) -> (Int32, String, String) {
         let hip = options.mode == .hip
         guard gpu_use(options.mode.runtime) == 0 else {
             return (TE_ERR_NOT_SUPPORTED, "this build of the plugin has no HIP support (built without libamdhip64-dev)", "rebuild with libamdhip64-dev installed")

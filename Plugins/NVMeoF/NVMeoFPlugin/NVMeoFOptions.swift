@@ -1,4 +1,5 @@
 import FoundationEssentials
+import TransportPluginKit
 
 #if canImport(Glibc)
 import Glibc
@@ -101,26 +102,18 @@ struct NVMeoFOptions {
     /// The segment name (P2P `host:port`).
     var segment = ""
 
-    private struct Raw: Decodable {
-        var device_name: String?
-        var local_hostname: String?
-        var segment_name: String?
-        var options: [String: String]?
-    }
-
     init() {}
 
-    init(json: UnsafePointer<CChar>?) throws {
+    init(json: String?) throws {
         guard let json else { return }
-        guard let raw = try? JSONDecoder().decode(Raw.self, from: Data(String(cString: json).utf8)) else {
-            throw OptionError("options are not a JSON object")
-        }
-        let options = raw.options ?? [:]
-        hostname = raw.local_hostname ?? ""
-        segment = raw.segment_name ?? ""
+        let raw: CreateOptions
+        do { raw = try CreateOptions(validating: json) } catch { throw OptionError(error.message) }
+        let options = raw.settings
+        hostname = raw.localHostname
+        segment = raw.segmentName
         var list = options["MC_NVMEOF_NAMESPACES"] ?? ""
-        if list.isEmpty, let device = raw.device_name, device != "auto-discovery" { list = device }
-        for item in list.split(separator: ",").map(trimmed) where !item.isEmpty {
+        if list.isEmpty, raw.deviceName != "auto-discovery" { list = raw.deviceName }
+        for item in CreateOptions.list(list) {
             if let target = try FabricTarget.parse(item) {
                 sources.append(.fabric(target))
             } else if item.hasPrefix("/") {
@@ -131,7 +124,7 @@ struct NVMeoFOptions {
         }
         for item in (options["MC_NVMEOF_DISCOVERY"] ?? "").split(separator: ",") where !item.isEmpty {
             // A discovery address needs no NQN: accept tcp://addr:port and fill in the discovery NQN.
-            let text = trimmed(item)
+            let text = CreateOptions.trimmed(item)
             let withNQN = text.dropFirst(text.firstRange(of: "://").map { text.distance(from: text.startIndex, to: $0.upperBound) } ?? 0).contains("/")
                 ? text : text + "/nqn.2014-08.org.nvmexpress.discovery"
             guard let target = try FabricTarget.parse(withNQN) else {
@@ -157,9 +150,4 @@ struct NVMeoFOptions {
         ioSize = try number("MC_NVMEOF_IO_SIZE", 4096...(64 << 20)) ?? ioSize
         relayChunk = try number("MC_NVMEOF_RELAY_CHUNK", 4096...(512 << 10)) ?? relayChunk
     }
-}
-
-/// `text` without surrounding spaces.
-func trimmed(_ text: Substring) -> String {
-    String(text.drop { $0 == " " }.reversed().drop { $0 == " " }.reversed())
 }

@@ -1,3 +1,4 @@
+import TransportPluginKit
 import CNVMeoFShim
 import FoundationEssentials
 
@@ -82,15 +83,6 @@ func cString(_ buffer: [CChar]) -> String {
     String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
-/// Reads a one-line sysfs attribute.
-func sysfsText(_ path: String) -> String? {
-    guard let file = fopen(path, "r") else { return nil }
-    defer { fclose(file) }
-    var buffer = [CChar](repeating: 0, count: 512)
-    guard fgets(&buffer, Int32(buffer.count), file) != nil else { return nil }
-    return String(cString(buffer).prefix { $0 != "\n" })
-}
-
 /// Names in a directory.
 func directoryEntries(_ path: String) -> [String] {
     guard let dir = opendir(path) else { return [] }
@@ -126,18 +118,18 @@ enum SubsystemTable {
         var devices: [String] = []
         for subsystem in directoryEntries("/sys/class/nvme-subsystem") {
             let dir = "/sys/class/nvme-subsystem/\(subsystem)"
-            guard sysfsText("\(dir)/subsysnqn") == nqn else { continue }
+            guard BootID.read("\(dir)/subsysnqn") == nqn else { continue }
             devices += directoryEntries(dir).filter(isNamespace)
         }
         for controller in directoryEntries("/sys/class/nvme") {
             let dir = "/sys/class/nvme/\(controller)"
-            guard sysfsText("\(dir)/subsysnqn") == nqn else { continue }
+            guard BootID.read("\(dir)/subsysnqn") == nqn else { continue }
             devices += directoryEntries(dir).filter(isNamespace)
         }
         var seen = Set<String>()
         return devices.filter { seen.insert($0).inserted }.compactMap { device in
-            guard let nsid = sysfsText("/sys/block/\(device)/nsid").flatMap({ UInt32($0) }) else { return nil }
-            return Entry(device: device, nsid: nsid, wwid: sysfsText("/sys/block/\(device)/wwid") ?? "")
+            guard let nsid = BootID.read("/sys/block/\(device)/nsid").flatMap({ UInt32($0) }) else { return nil }
+            return Entry(device: device, nsid: nsid, wwid: BootID.read("/sys/block/\(device)/wwid") ?? "")
         }.sorted { $0.nsid < $1.nsid }
     }
 

@@ -1,6 +1,7 @@
 import CNVMeoFShim
 import CTransportABI
 import FoundationEssentials
+import TransportPluginKit
 
 #if canImport(Glibc)
 import Glibc
@@ -9,7 +10,7 @@ import Musl
 #endif
 
 /// Boot id of this host: a file path only means the same file on the same boot.
-let bootID: String = sysfsText("/proc/sys/kernel/random/boot_id") ?? "?"
+let bootID = BootID.current
 
 /// Where storage ranges live in a segment's address space. Far above any user
 /// address (user space ends below 2^57), so they never overlap registered memory.

@@ -260,12 +260,6 @@ void rdma_wake(rdma_context *c) {
     (void)ignored;
 }
 
-void rdma_name_thread(const char *name) {
-    char shortened[16];
-    snprintf(shortened, sizeof shortened, "%s", name);
-    pthread_setname_np(pthread_self(), shortened);
-}
-
 int rdma_numa_node_of(const void *addr) {
     void *pages[1] = { (void *)((uintptr_t)addr & ~(uintptr_t)4095) };
     int status[1] = { -1 };

@@ -1,5 +1,6 @@
 import CRDMAShim
 import CTransportABI
+import TransportPluginKit
 import Synchronization
 
 #if canImport(Glibc)
@@ -7,72 +8,6 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-
-/// A set of RC queue pairs to one peer NIC, from one local device. Replaced (not repaired) after a QP error.
-final class Endpoint: @unchecked Sendable {
-    let queuePairs: [OpaquePointer]
-    let queuePairNumbers: [UInt32]
-    /// Work requests in flight per QP (guarded by the device lock, which makes access exclusive).
-    @exclusivity(unchecked) var outstanding: [Int]
-    /// A QP reported an error: nothing more is posted here.
-    @exclusivity(unchecked) var broken = false
-    /// Replaced by a newer endpoint: its QPs are destroyed once nothing is in flight.
-    @exclusivity(unchecked) var retired = false
-
-    init(queuePairs: [OpaquePointer], numbers: [UInt32]) {
-        self.queuePairs = queuePairs
-        queuePairNumbers = numbers
-        outstanding = Array(repeating: 0, count: queuePairs.count)
-    }
-
-    func destroy() { for qp in queuePairs { rdma_destroy_qp(qp) } }
-}
-
-/// The link from a local device to one peer NIC path; `current` changes when the endpoint is rebuilt.
-final class Connection: @unchecked Sendable {
-    let peerNicPath: String
-    let peerSegment: String
-    /// The peer's device index (for its rkeys); under the device lock (a passive connection learns it later).
-    @exclusivity(unchecked) var peerDevice: Int
-    @exclusivity(unchecked) var current: Endpoint
-    /// Opened peers (open_peer handles) that use it.
-    let users = Atomic<Int>(0)
-    /// Every peer that used it was closed (the host does so when a peer restarted under the same
-    /// name): the next open_peer connects afresh instead of trusting the old queue pairs.
-    let stale = Atomic<Bool>(false)
-    init(peerNicPath: String, peerSegment: String, peerDevice: Int, endpoint: Endpoint) {
-        self.peerNicPath = peerNicPath
-        self.peerSegment = peerSegment
-        self.peerDevice = peerDevice
-        current = endpoint
-    }
-}
-
-/// One slice of a request: one RDMA WRITE or READ work request.
-struct Part {
-    var isWrite: Bool
-    var local: UInt64
-    var length: UInt32
-    var lkey: UInt32
-    var remote: UInt64
-    var rkey: UInt32
-    /// The parent request's record, or 0 for a request of one slice, which `cookie` completes.
-    var parent: UInt64
-    var cookie: UInt64
-    var connection: Connection
-    var retries: Int = 0
-}
-
-/// A finished slice, reported outside the device lock.
-struct FinishedPart {
-    var parent: UInt64
-    var cookie: UInt64
-    var status: Int32
-    var bytes: UInt64
-    var error: String?
-    /// Set for a failed slice that may be retried on a rebuilt endpoint.
-    var retry: Part?
-}
 
 /// One opened HCA port: protection domain, completion queue + channel, the
 /// endpoints on it, a table of posted work requests (wr_id = slot), a backlog
@@ -103,7 +38,7 @@ final class RDMADevice: @unchecked Sendable {
     @exclusivity(unchecked) var connections: [String: Connection] = [:]
     /// Peer NIC paths an endpoint is being established to now (see `establishing`).
     @exclusivity(unchecked) var connecting: Set<String> = []
-    @exclusivity(unchecked) private var retired: [Endpoint] = []
+    @exclusivity(unchecked) var retired: [Endpoint] = []
     @exclusivity(unchecked) private var lastTimeoutScan: UInt64 = 0
     /// When a caller last polled (0: none since the last blocking poll), and how many of its
     /// polls in a row came within `MC_RDMA_CALLER_POLL_US` of the one before: one poll (a batch's
@@ -132,88 +67,6 @@ final class RDMADevice: @unchecked Sendable {
     }
 
     var gidBytes: [UInt8] { withUnsafeBytes(of: discovered.gid.raw) { Array($0) } }
-
-    /// Creates the QPs of a new endpoint (RESET state).
-    func makeEndpoint() -> Result<Endpoint, VerbsError> {
-        var pairs: [OpaquePointer] = [], numbers: [UInt32] = []
-        for _ in 0..<options.queuePairsPerEndpoint {
-            var qp: OpaquePointer?
-            var number: UInt32 = 0
-            let status = rdma_create_qp(handle, UInt32(options.maxWorkRequests), 64, &qp, &number)
-            guard status == 0, let qp else {
-                for made in pairs { rdma_destroy_qp(made) }
-                return .failure(VerbsError(code: -status))
-            }
-            pairs.append(qp)
-            numbers.append(number)
-        }
-        return .success(Endpoint(queuePairs: pairs, numbers: numbers))
-    }
-
-    /// Moves every QP of `endpoint` to RTS against the peer's QPs.
-    func connect(_ endpoint: Endpoint, peerQueuePairs: [UInt32], peerLID: UInt16, peerGID: [UInt8]) -> Int32 {
-        for (qp, remote) in zip(endpoint.queuePairs, peerQueuePairs) {
-            var path = rdma_path()
-            path.port = discovered.info.port
-            path.gid_index = discovered.gid.index
-            path.mtu = mtu
-            path.remote_qp_num = remote
-            path.remote_lid = peerLID
-            withUnsafeMutableBytes(of: &path.remote_gid) { raw in for i in 0..<16 { raw[i] = peerGID[i] } }
-            path.traffic_class = options.trafficClass
-            path.service_level = options.serviceLevel
-            path.timeout = 14
-            path.retry_count = 7
-            path.rnr_retry = 7
-            let status = rdma_connect_qp(qp, &path)
-            if status != 0 { return status }
-        }
-        return 0
-    }
-
-    /// Installs `endpoint` as the connection's current one; the old one retires.
-    func install(_ endpoint: Endpoint, on connection: Connection) {
-        lock.locked { replaceLocked(connection, with: endpoint) }
-    }
-
-    /// Adds a connection (or replaces the endpoint of an existing one with the same peer path, as
-    /// a reconnecting peer needs); the reason when it may not: no handshake adds connections past
-    /// `MC_RDMA_MAX_ENDPOINTS`. A peer path is public (segment@device); without authentication a
-    /// handshake claiming a live peer's path costs that peer a reconnect (its next slice fails and
-    /// the endpoint is rebuilt), never bytes, since the responder checks every key and range.
-    func register(_ connection: Connection) -> Result<Connection, FailureText> {
-        lock.locked {
-            if let existing = connections[connection.peerNicPath] {
-                replaceLocked(existing, with: connection.current)
-                return .success(existing)
-            }
-            guard connections.count < options.maxEndpoints else {
-                return .failure(FailureText("\(name) already has \(options.maxEndpoints) endpoints (MC_RDMA_MAX_ENDPOINTS)"))
-            }
-            connections[connection.peerNicPath] = connection
-            return .success(connection)
-        }
-    }
-
-    /// Points `connection` at `endpoint`; the previous endpoint stops taking work and is destroyed once drained. Lock held.
-    private func replaceLocked(_ connection: Connection, with endpoint: Endpoint) {
-        let old = connection.current
-        connection.current = endpoint
-        guard old !== endpoint else { return }
-        old.retired = true
-        old.broken = true
-        retired.append(old)
-        reapRetired()
-    }
-
-    /// Destroys retired endpoints with nothing in flight. Lock held.
-    private func reapRetired() {
-        retired.removeAll { endpoint in
-            guard endpoint.outstanding.allSatisfy({ $0 == 0 }) else { return false }
-            endpoint.destroy()
-            return true
-        }
-    }
 
     func start() -> Bool {
         lock.locked { running = true }

@@ -1,3 +1,4 @@
+import TransportPluginKit
 /// One endpoint establishment per (device, peer NIC path) at a time.
 ///
 /// The passive side keeps the endpoint of the latest handshake for a NIC path and drops the one

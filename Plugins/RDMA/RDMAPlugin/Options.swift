@@ -1,5 +1,6 @@
 import CRDMAShim
 import FoundationEssentials
+import TransportPluginKit
 
 #if canImport(Glibc)
 import Glibc
@@ -37,24 +38,11 @@ struct RDMAOptions {
     /// `MC_RDMA_MAX_ENDPOINTS` (1024): connections per device; a handshake past it is refused.
     var maxEndpoints: Int
 
-    private struct Raw: Decodable {
-        var device_name: String?
-        var segment_name: String?
-        var options: [String: String]?
-    }
-
-    init(json: UnsafePointer<CChar>?) {
-        let raw = json.flatMap { try? JSONDecoder().decode(Raw.self, from: Data(String(cString: $0).utf8)) }
-        let options = raw?.options ?? [:]
-        func setting(_ key: String) -> String? { options[key].flatMap { $0.isEmpty ? nil : $0 } }
-        func number(_ key: String, _ fallback: UInt64) -> UInt64 { setting(key).flatMap { UInt64($0) } ?? fallback }
-        let device = RDMAOptions.trimmed(raw?.device_name ?? "")
-        if device.isEmpty || device == "auto-discovery" {
-            devices = setting("MC_TE_FILTERS").map { $0.split(separator: ",").map { RDMAOptions.trimmed(String($0)) } }
-        } else {
-            devices = device.split(separator: ",").map { RDMAOptions.trimmed(String($0)) }.filter { !$0.isEmpty }
-        }
-        segmentName = raw?.segment_name ?? ""
+    init(json: String?) {
+        let raw = CreateOptions(json: json)
+        let setting = raw.setting, number = raw.number
+        devices = raw.requestedDevices ?? setting("MC_TE_FILTERS").map(CreateOptions.list)
+        segmentName = raw.segmentName
         gidIndex = (setting("MC_GID_INDEX") ?? setting("NCCL_IB_GID_INDEX")).flatMap { Int($0) }.flatMap { $0 >= 0 ? UInt32($0) : nil }
         sliceSize = max(4096, number("MC_SLICE_SIZE", 65536))
         queuePairsPerEndpoint = Int(min(max(number("MC_NUM_QP_PER_EP", 2), 1), 64))
@@ -67,10 +55,6 @@ struct RDMAOptions {
         callerWindowNanoseconds = min(number("MC_RDMA_CALLER_POLL_US", 1000), 1_000_000) * 1000
         sliceTimeoutNanoseconds = number("MC_SLICE_TIMEOUT", 30) * 1_000_000_000
         maxEndpoints = Int(min(max(number("MC_RDMA_MAX_ENDPOINTS", 1024), 1), 1 << 20))
-    }
-
-    static func trimmed(_ text: String) -> String {
-        String(text.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
     }
 
     /// IBV_MTU_* for a byte count.
@@ -171,22 +155,8 @@ enum Discovery {
     }
 }
 
-/// JSON text helpers.
-enum JSONText {
-    static func string(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            default:
-                if scalar.value < 0x20 { out += "\\u00" + (scalar.value < 16 ? "0" : "") + String(scalar.value, radix: 16) } else { out.unicodeScalars.append(scalar) }
-            }
-        }
-        return out + "\""
-    }
-
+/// Upstream's GID text.
+enum GIDText {
     /// Upstream's GID text: 16 lower-case hex pairs joined by ':'.
     static func gid(_ raw: [UInt8]) -> String {
         raw.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: ":")

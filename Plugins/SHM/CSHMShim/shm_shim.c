@@ -159,8 +159,3 @@ uint32_t shm_slot_conceal(uint64_t *word) {
 uint64_t shm_slot_load(const uint64_t *word) { return __atomic_load_n(word, __ATOMIC_ACQUIRE); }
 
 void shm_slot_store(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
-
-char *shm_thread_error_buffer(void) {
-    static __thread char buffer[512];
-    return buffer;
-}

@@ -1,5 +1,6 @@
 import CSHMShim
 import CTransportABI
+import TransportPluginKit
 import FoundationEssentials
 
 #if canImport(Glibc)
@@ -11,38 +12,6 @@ import Musl
 /// A peer's ownership proof request (a Connection handshake the shm plugin answers).
 struct ProofRequest: Decodable {
     var shm_proof_nonce: String
-}
-
-/// Lower-case hex for the proof nonce (the plugin shares no code with the host).
-enum JSONHex {
-    static func encode(_ bytes: [UInt8]) -> String {
-        let digits = Array("0123456789abcdef".utf8)
-        var out = [UInt8]()
-        out.reserveCapacity(bytes.count * 2)
-        for byte in bytes { out.append(digits[Int(byte >> 4)]); out.append(digits[Int(byte & 15)]) }
-        return String(decoding: out, as: UTF8.self)
-    }
-
-    static func decode(_ text: String) -> [UInt8]? {
-        let chars = Array(text.utf8)
-        guard chars.count % 2 == 0, chars.count <= 256 else { return nil }
-        func value(_ c: UInt8) -> UInt8? {
-            switch c {
-            case 48...57: return c - 48
-            case 97...102: return c - 87
-            case 65...70: return c - 55
-            default: return nil
-            }
-        }
-        var out: [UInt8] = []
-        var i = 0
-        while i < chars.count {
-            guard let high = value(chars[i]), let low = value(chars[i + 1]) else { return nil }
-            out.append(high << 4 | low)
-            i += 2
-        }
-        return out
-    }
 }
 
 /// Where this process answers ownership proofs: a small ring of nonce slots at stable addresses
@@ -81,22 +50,13 @@ extension SHMInstance {
     /// reads it back from `pid`. Only the process that answers the segment's port can place the
     /// nonce where `pid`'s memory shows it. nil when proven, else why not.
     func proveOwnership(of segment: String, pid: pid_t) -> String? {
-        guard let host, let send = host.pointee.handshake_send else { return "the host offers no handshake to verify it" }
         var generator = SystemRandomNumberGenerator()
         let nonce = (0..<ProofSlots.nonceSize).map { _ in UInt8.random(in: 0...255, using: &generator) }
-        let request = "{\"shm_proof_nonce\":\"\(JSONHex.encode(nonce))\"}"
-        var capacity = 1024
-        var replyText = ""
-        var status = TE_ERR_BUFFER_TOO_SMALL
-        for _ in 0..<2 where status == TE_ERR_BUFFER_TOO_SMALL {
-            let storage = UnsafeMutablePointer<CChar>.allocate(capacity: capacity)
-            defer { storage.deallocate() }
-            var reply = te_buffer(data: storage, capacity: capacity, length: 0)
-            status = segment.withCString { name in request.withCString { send(host.pointee.host_context, name, $0, &reply) } }
-            if status == TE_OK { replyText = String(cString: storage) }
-            capacity = min(reply.length + 1, 1 << 20)
+        let request = "{\"shm_proof_nonce\":\"\(JSONFragment.hex(nonce))\"}"
+        let replyText: String
+        do { replyText = try host.handshake(peer: segment, request: request, capacity: 1024, limit: 1 << 20) } catch {
+            return "the proof handshake failed (\(error.message))"
         }
-        guard status == TE_OK else { return "the proof handshake failed (status \(status))" }
         struct Reply: Decodable { var shm_proof_addr: UInt64? }
         guard let address = (try? JSONDecoder().decode(Reply.self, from: Data(replyText.utf8)))?.shm_proof_addr, address != 0 else {
             return "its handshake port gave no proof address (not an shm engine of this version?)"

@@ -1,5 +1,6 @@
 import CSHMShim
 import CTransportABI
+import TransportPluginKit
 import FoundationEssentials
 
 #if canImport(Glibc)
@@ -17,60 +18,17 @@ import Musl
 
 /// Identity of "this host" as the plugin sees it.
 enum HostIdentity {
-    static func read(_ path: String) -> String? {
-        guard let file = fopen(path, "r") else { return nil }
-        defer { fclose(file) }
-        var buffer = [CChar](repeating: 0, count: 128)
-        guard fgets(&buffer, 128, file) != nil else { return nil }
-        return String(decoding: buffer.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
     static func namespace(_ kind: String) -> String {
         var info = stat()
         return stat("/proc/self/ns/\(kind)", &info) == 0 ? String(info.st_ino) : "?"
     }
 
     /// boot id / pid namespace / network namespace.
-    static let current: String? = read("/proc/sys/kernel/random/boot_id").map { "\($0)/\(namespace("pid"))/\(namespace("net"))" }
-}
-
-/// A mutex with two conditions: completions (pollers wait on it) and queued work (copy threads
-/// wait on it), so an inline copy wakes no idle copy thread (the plugin shares no code with the host).
-final class Signal: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-    private let work = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-    init() {
-        mutex.initialize(to: pthread_mutex_t())
-        condition.initialize(to: pthread_cond_t())
-        work.initialize(to: pthread_cond_t())
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(condition, nil)
-        pthread_cond_init(work, nil)
-    }
-    /// Waits (lock held) until work is queued.
-    func waitForWork() { pthread_cond_wait(work, mutex) }
-    /// Wakes one copy thread (`all`: every one).
-    func wakeWorkers(all: Bool = false) { if all { pthread_cond_broadcast(work) } else { pthread_cond_signal(work) } }
-    func locked<R>(_ body: () throws -> R) rethrows -> R {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
-    }
-    /// Waits (lock held by the caller) for at most `nanoseconds`.
-    func wait(nanoseconds: UInt64) {
-        var now = timespec()
-        clock_gettime(CLOCK_REALTIME, &now)
-        let total = UInt64(now.tv_nsec) + nanoseconds
-        var deadline = timespec(tv_sec: now.tv_sec + Int(total / 1_000_000_000), tv_nsec: Int(total % 1_000_000_000))
-        pthread_cond_timedwait(condition, mutex, &deadline)
-    }
-    func waitForever() { pthread_cond_wait(condition, mutex) }
-    func broadcast() { pthread_cond_broadcast(condition) }
+    static let current: String? = BootID.read("/proc/sys/kernel/random/boot_id").map { "\($0)/\(namespace("pid"))/\(namespace("net"))" }
 }
 
 /// One plugin instance.
-final class SHMInstance: @unchecked Sendable {
+final class SHMInstance: TransportInstance, @unchecked Sendable {
     /// A peer buffer, with the memfd behind it when the peer allocated it from this plugin.
     struct PeerBuffer {
         var address: UInt64
@@ -119,31 +77,21 @@ final class SHMInstance: @unchecked Sendable {
     /// Guards the state below. The mutex makes each access exclusive, so the hot properties opt
     /// out of Swift's runtime exclusivity checks (a thread-local lookup per access).
     let signal = Signal()
+    /// Copy threads wait here for queued work, so an inline copy wakes no idle copy thread
+    /// (pollers wait on the signal's main condition).
+    private let workQueued: Signal.Condition
     @exclusivity(unchecked) var peers: [UInt64: Peer] = [:]
     @exclusivity(unchecked) var nextPeer: UInt64 = 1
     @exclusivity(unchecked) var queue: [Work] = []
     @exclusivity(unchecked) var queueHead = 0
-    @exclusivity(unchecked) var done: [te_completion] = []
+    @exclusivity(unchecked) var done = CompletionQueue()
     @exclusivity(unchecked) var stopping = false
     @exclusivity(unchecked) var workers = 0
     /// Managed buffers this engine allocated as memfds, by address.
     var allocations: [UInt64: (fd: Int32, length: UInt64, inode: UInt64)] = [:]
     /// Peers' memfds mapped here: "pid:fd:inode" -> (address, size).
     var mappings: [String: (address: UInt64, size: UInt64)] = [:]
-    /// The latest error, written by callers and copy threads alike under `errorLock` (a leaf
-    /// lock); last_error hands each caller a copy in storage of its own thread.
-    private let lastError: UnsafeMutablePointer<CChar> = {
-        let storage = UnsafeMutablePointer<CChar>.allocate(capacity: 512)
-        storage.initialize(repeating: 0, count: 512)
-        return storage
-    }()
-    private let errorLock: UnsafeMutablePointer<pthread_mutex_t> = {
-        let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-        lock.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(lock, nil)
-        return lock
-    }()
-    let host: UnsafePointer<te_host_services>?
+    let host: HostServices
     /// Where this process answers ownership proofs: a peer that opens us writes nothing until it
     /// has read, from the pid our descriptor names, a nonce it sent us at this address.
     let proofs = ProofSlots()
@@ -152,7 +100,8 @@ final class SHMInstance: @unchecked Sendable {
     /// This engine's access words, which peers check before every copy.
     let access: AccessTable
 
-    init(hostID: String, host: UnsafePointer<te_host_services>?, workerCount: Int, streamingMinimum: UInt64, access: AccessTable) {
+    init(hostID: String, host: HostServices, workerCount: Int, streamingMinimum: UInt64, access: AccessTable) {
+        workQueued = signal.makeCondition()
         self.hostID = hostID
         self.access = access
         self.host = host
@@ -160,53 +109,21 @@ final class SHMInstance: @unchecked Sendable {
         for _ in 0..<workerCount { startWorker() }
     }
 
-    func setError(_ text: String) { storeError(text) }
+    func log(_ level: Int32, _ text: String) { host.log(level, text) }
 
-    /// Writes the last-error text (any thread, any other lock held or not).
-    private func storeError(_ text: String) {
-        let bytes = Array(text.utf8.prefix(511))
-        pthread_mutex_lock(errorLock)
-        for (i, byte) in bytes.enumerated() { lastError[i] = CChar(bitPattern: byte) }
-        lastError[bytes.count] = 0
-        pthread_mutex_unlock(errorLock)
-    }
-
-    /// The latest error, copied into the calling thread's own storage (valid until its next call).
-    var lastErrorText: UnsafePointer<CChar> {
-        let copy = shm_thread_error_buffer()!
-        pthread_mutex_lock(errorLock)
-        strncpy(copy, lastError, 511)
-        pthread_mutex_unlock(errorLock)
-        copy[511] = 0
-        return UnsafePointer(copy)
-    }
-
-    func log(_ level: Int32, _ text: String) {
-        guard let host, let log = host.pointee.log else { return }
-        text.withCString { log(host.pointee.host_context, level, $0) }
-    }
-
-    private final class Box { let body: () -> Void; init(_ body: @escaping () -> Void) { self.body = body } }
+    /// Wakes one copy thread (`all`: every one); caller holds the lock.
+    func wakeWorkers(all: Bool = false) { if all { workQueued.broadcast() } else { workQueued.signal() } }
 
     private func startWorker() {
-        let box = Unmanaged.passRetained(Box { [self] in workerLoop() }).toOpaque()
-        var thread = pthread_t()
-        if pthread_create(&thread, nil, { raw in
-            Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
-            return nil
-        }, box) == 0 {
-            pthread_detach(thread)
-            signal.locked { workers += 1 }
-        } else {
-            Unmanaged<Box>.fromOpaque(box).release()
-        }
+        signal.locked { workers += 1 }
+        if !startThread(name: "te-shm-copy", { [self] in workerLoop() }) { signal.locked { workers -= 1 } }
     }
 
     /// Copies one request with process_vm_*; the target side is never involved.
     private func workerLoop() {
         while true {
             let work: Work? = signal.locked {
-                while queueHead >= queue.count && !stopping { signal.waitForWork() }
+                while queueHead >= queue.count && !stopping { workQueued.wait() }
                 if stopping && queueHead >= queue.count { return nil }
                 let item = queue[queueHead]
                 queueHead += 1
@@ -271,14 +188,14 @@ final class SHMInstance: @unchecked Sendable {
         // Only while the owner exposes the buffer (an unregister refuses peers from then on).
         if let word = work.accessWord {
             guard shm_slot_pin(word, work.generation) == 1 else {
-                storeError("pid \(work.pid) no longer exposes [0x\(String(r.remote_addr, radix: 16)), +\(r.length)) (unregistered)")
+                log(TE_LOG_DEBUG, "shm plugin: pid \(work.pid) no longer exposes [0x\(String(r.remote_addr, radix: 16)), +\(r.length)) (unregistered)")
                 return te_completion(cookie: r.cookie, status: TE_ERR_OUT_OF_RANGE, flags: 0, bytes: 0)
             }
         }
         defer { if let word = work.accessWord { shm_slot_unpin(word, work.generation) } }
         // The owner must still run: its mapping outlives it, and its pid may be reused.
         guard work.pidfd < 0 || shm_pidfd_exited(work.pidfd) == 0 else {
-            storeError("pid \(work.pid) has exited")
+            log(TE_LOG_DEBUG, "shm plugin: pid \(work.pid) has exited")
             return te_completion(cookie: r.cookie, status: TE_ERR_PEER_UNREACHABLE, flags: 0, bytes: 0)
         }
         if let target = work.mapped {
@@ -293,7 +210,7 @@ final class SHMInstance: @unchecked Sendable {
         var status = TE_OK
         if moved < 0 {
             status = moved == -Int64(ESRCH) ? TE_ERR_PEER_UNREACHABLE : TE_ERR_IO
-            storeError("process_vm \(r.opcode == TE_OP_WRITE ? "write" : "read") of \(r.length) bytes to pid \(work.pid): \(String(cString: strerror(Int32(-moved))))")
+            log(TE_LOG_DEBUG, "shm plugin: process_vm \(r.opcode == TE_OP_WRITE ? "write" : "read") of \(r.length) bytes to pid \(work.pid): \(String(cString: strerror(Int32(-moved))))")
         }
         return te_completion(cookie: r.cookie, status: status, flags: 0, bytes: moved > 0 ? UInt64(moved) : 0)
     }
@@ -302,7 +219,7 @@ final class SHMInstance: @unchecked Sendable {
         signal.locked {
             stopping = true
             signal.broadcast()
-            signal.wakeWorkers(all: true)
+            wakeWorkers(all: true)
             while workers > 0 { signal.waitForever() }
             // Peers' mappings go; this engine's own memfd buffers stay mapped (the application may still use them).
             for (_, mapping) in mappings { _ = shm_unmap(UnsafeMutableRawPointer(bitPattern: UInt(mapping.address)), mapping.size) }

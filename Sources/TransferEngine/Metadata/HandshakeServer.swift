@@ -45,18 +45,18 @@ final class HandshakeServer: @unchecked Sendable {
     let port: UInt16
 
     private let listener: Socket
-    private let handler: Handler
-    private let logger: Logger
+    let handler: Handler
+    let logger: Logger
     private let maxLength: Int
-    private let limits: Limits
+    let limits: Limits
     private let auth: PeerAuthenticator?
     /// A pipe that wakes the I/O thread from poll (stop, replied connections handed back).
     private let wakeRead: Int32
     private let wakeWrite: Int32
-    private let shared = ConditionLock(Shared())
+    let shared = ConditionLock(Shared())
 
     /// State the I/O thread and the workers share.
-    private struct Shared {
+    struct Shared {
         var stopped = false
         var queue: Deque<(Socket, [UInt8], String)> = []
         /// Replied connections handed back to the I/O thread to wait for the client's close.
@@ -147,7 +147,7 @@ final class HandshakeServer: @unchecked Sendable {
         }
     }
 
-    private func wake() {
+    func wake() {
         var one: UInt8 = 1
         _ = Glibc.write(wakeWrite, &one, 1)
     }
@@ -361,44 +361,5 @@ final class HandshakeServer: @unchecked Sendable {
         if shared.withLock({ $0.limitWarnings.record(now: now) }) != nil {
             logger.warning("\(message) (further limit warnings in the next 10 s are not shown)")
         }
-    }
-
-    // MARK: - Workers
-
-    private func workerLoop() {
-        while true {
-            let next = shared.wait(until: { state -> (Socket, [UInt8], String)?? in
-                if state.stopped { return .some(nil) }
-                return state.queue.popFirst().map { .some($0) }
-            })
-            guard let item = next ?? nil else { return }
-            answer(item.0, body: item.1, peer: item.2)
-        }
-    }
-
-    private func answer(_ connection: Socket, body: [UInt8], peer: String) {
-        _ = fcntl(connection.fd, F_SETFL, fcntl(connection.fd, F_GETFL) & ~O_NONBLOCK)
-        connection.setTimeouts(receiveMs: 1000, sendMs: min(1000, limits.replyDeadlineMs))
-        do {
-            let request = try HandshakeWire.decodeBody(body)
-            guard let replyJSON = handler(request) else {
-                logger.warning("handshake: refused a \(request.kind) message from \(peer)")
-                connection.close()
-                return
-            }
-            let reply = HandshakeWire.Message(kind: request.kind, json: replyJSON, legacy: request.legacy)
-            let deadline = MonotonicClock.nanoseconds() + UInt64(limits.replyDeadlineMs) * 1_000_000
-            try reply.encoded.withUnsafeBytes { try connection.sendAll([$0], deadline: deadline) }
-            connection.shutdownWrite()
-        } catch {
-            logger.warning("handshake: bad message from \(peer): \(error)")
-            connection.close()
-            return
-        }
-        // Upstream clients close first; the I/O thread waits (briefly) for that, so the reply
-        // is not reset and no worker is held by a client that never closes.
-        _ = fcntl(connection.fd, F_SETFL, fcntl(connection.fd, F_GETFL) | O_NONBLOCK)
-        shared.withLock { $0.lingering.append(connection) }
-        wake()
     }
 }

@@ -112,9 +112,6 @@ int rdma_wait_event(rdma_context *context, int64_t timeout_us);
 /** Wakes a thread in rdma_sleep. */
 void rdma_wake(rdma_context *context);
 
-/** Names the calling thread (at most 15 bytes are kept), for top -H and /proc. */
-void rdma_name_thread(const char *name);
-
 /** NUMA node of the page at addr (move_pages), or -1. */
 int rdma_numa_node_of(const void *addr);
 

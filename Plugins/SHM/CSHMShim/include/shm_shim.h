@@ -58,6 +58,4 @@ uint32_t shm_slot_conceal(uint64_t *word);
 /** Atomic load and store. */
 uint64_t shm_slot_load(const uint64_t *word);
 void shm_slot_store(uint64_t *word, uint64_t value);
-/** 512 bytes of storage owned by the calling thread (for last_error's answer). */
-char *shm_thread_error_buffer(void);
 #endif
