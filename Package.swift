@@ -61,6 +61,10 @@ var targets: [Target] = [
         ],
         path: "Sources/TransferEngineMetadataServer"
     ),
+    // `transfer-engine plugins --check`: the conformance battery for a plugin file (child processes,
+    // two engines in two processes); apart so the engine library carries no process spawning.
+    .target(name: "TransferEnginePluginCheck", dependencies: ["TransferEngine", .product(name: "Logging", package: "swift-log")],
+            path: "Sources/TransferEnginePluginCheck"),
     .target(name: "CTransferEngineC", path: "Sources/CTransferEngineC"),
     .target(
         name: "TransferEngineC",
@@ -72,6 +76,7 @@ var targets: [Target] = [
         dependencies: [
             "TransferEngine",
             "TransferEngineMetadataServer",
+            "TransferEnginePluginCheck",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ],

@@ -141,6 +141,9 @@ dev=$work/transfer-engine-dev
 multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH)
 mkdir -p "$dev/usr/include/transfer-engine" "$dev/$private" "$dev/usr/lib/$multiarch/pkgconfig"
 install -m 0644 Sources/CTransferEngineC/include/transfer_engine_c.h "$dev/usr/include/transfer-engine/"
+# For plugin authors: the plugin ABI header and the example plugin (`transfer-engine plugins --check` checks it).
+install -m 0644 Sources/CTransportABI/include/te_transport_abi.h "$dev/usr/include/transfer-engine/"
+install -D -m 0644 Plugins/Example/loopback_plugin.c "$dev/usr/share/doc/transfer-engine-dev/examples/loopback_plugin.c"
 ln -s "$soname" "$dev/$private/libtransfer_engine_c.so"
 # Upstream's names in the default paths: -ltransfer_engine and #include "transfer_engine_c.h" (NIXL).
 ln -s "../transfer-engine/$soname" "$dev/usr/lib/$multiarch/libtransfer_engine.so"
@@ -159,7 +162,7 @@ PC
 write_docs "$dev" transfer-engine-dev
 build_deb "$dev" transfer-engine-dev "transfer-engine (= $version)" \
     "Mooncake-compatible transfer engine (C development files)" \
-    "The C API header transfer_engine_c.h (upstream's names, types and return codes), the libtransfer_engine_c.so link for the linker and a pkg-config file: cc prog.c \$(pkg-config --cflags --libs transfer-engine)."
+    "The C API header transfer_engine_c.h (upstream's names, types and return codes), the libtransfer_engine_c.so link for the linker and a pkg-config file: cc prog.c \$(pkg-config --cflags --libs transfer-engine). For transport plugin authors: the plugin ABI header te_transport_abi.h and an example plugin in C (examples/loopback_plugin.c); check a plugin with transfer-engine plugins --check libtransport_NAME.so."
 
 echo "== staging python3-transfer-engine"
 python=$work/python3-transfer-engine

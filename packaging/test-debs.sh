@@ -89,6 +89,13 @@ cc -o "$root/tmp/capi-upstream" "$root/tmp/capi.c" -I"$root/usr/include" -L"$roo
     fail "compiling with #include \"transfer_engine_c.h\" and -ltransfer_engine"
 in_root /tmp/capi-upstream || fail "a program linked with -ltransfer_engine, without an rpath"
 
+echo "== a plugin built from the installed ABI header and example passes the installed checker"
+cc -shared -fPIC -O2 -I"$root/usr/include/transfer-engine" -o "$root/tmp/libtransport_loopback.so" \
+    "$root/usr/share/doc/transfer-engine-dev/examples/loopback_plugin.c" -lpthread || fail "building the example plugin"
+in_root transfer-engine plugins --check /tmp/libtransport_loopback.so > "$root/tmp/check.txt" 2>&1 ||
+    { cat "$root/tmp/check.txt"; fail "plugins --check on the example plugin"; }
+tail -1 "$root/tmp/check.txt"
+
 echo "== the metadata server's systemd unit: installed, disabled, its command serves"
 unit=$root/lib/systemd/system/transfer-engine-metadata.service
 [ -f "$unit" ] && [ -f "$root/etc/transfer-engine/metadata-server.env" ] || fail "unit or its settings missing"

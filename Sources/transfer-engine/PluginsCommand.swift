@@ -6,8 +6,14 @@ import TransferEngine
 struct PluginsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "plugins",
-        abstract: "List transport plugins on the search path and whether they can run on this machine.",
-        discussion: "Search path: MC_TRANSPORT_PLUGIN_PATH, then directories next to this program, then \(PluginCatalog.systemDirectory)."
+        abstract: "List transport plugins on the search path and whether they can run on this machine, or check one plugin file.",
+        discussion: """
+        Search path: MC_TRANSPORT_PLUGIN_PATH, then directories next to this program, then \(PluginCatalog.systemDirectory).
+        --check FILE.so runs the conformance checks a plugin author runs: loading and ABI rules, probe, create/destroy, descriptor \
+        fragments, hostile input, argument checks, per-thread last_error, then transfers between two engines in two processes on \
+        this host (sizes, refusals, four threads, a peer killed mid-batch). A plugin whose hardware is absent passes the checks \
+        that need none and lists the rest as skipped. Settings the plugin reads (MC_*) come from the environment.
+        """
     )
 
     @Option(help: "Devices passed to each plugin's probe (comma list or auto-discovery).")
@@ -16,7 +22,23 @@ struct PluginsCommand: ParsableCommand {
     @Flag(help: "Print JSON instead of a table.")
     var json = false
 
+    @Option(name: .customLong("check"), help: ArgumentHelp("Run the conformance checks on a plugin file and exit non-zero if one fails.", valueName: "file.so"))
+    var checkFile: String?
+
+    @Option(name: .customLong("protocol"), help: "With --check: the protocol to check (default: the first the plugin declares).")
+    var protocolName: String?
+
+    @Option(name: .customLong("check-step"), help: .hidden)
+    var checkStep: String?
+
+    @Option(name: .customLong("check-from"), help: .hidden)
+    var checkFrom = 0
+
     func run() throws {
+        if let checkFile {
+            try PluginCheckCommand(file: checkFile, protocolName: protocolName, deviceName: deviceName, json: json, step: checkStep, from: checkFrom).run()
+            return
+        }
         let environment = ProcessInfo.processInfo.environment
         let catalog = PluginCatalog(environment: environment)
         var configuration = EngineConfiguration()

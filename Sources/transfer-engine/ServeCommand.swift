@@ -25,6 +25,9 @@ struct ServeCommand: ParsableCommand {
     @Flag(help: "Exit when standard input reaches end of file (used by bench --loopback).")
     var exitOnStdinClose = false
 
+    @Flag(help: "Take commands on standard input, one a line, each answered with one line (used by plugins --check): zero-unregister (zero the buffer, unregister it), nonzero (how many of its bytes are not zero), register.")
+    var commands = false
+
     func run() throws {
         try runReportingErrors {
             let logger = CLILogging.logger()
@@ -37,7 +40,15 @@ struct ServeCommand: ParsableCommand {
             fflush(nil)
 
             let stop = SignalSources.stopOnTermination()
-            if exitOnStdinClose {
+            if commands {
+                Thread.detachNewThread {
+                    while let line = readLine() {
+                        print(ServeCommands.answer(line, engine: transferEngine, address: address, length: size, location: location))
+                        fflush(nil)
+                    }
+                    if exitOnStdinClose { stop.signal() }
+                }
+            } else if exitOnStdinClose {
                 Thread.detachNewThread {
                     while FileHandle.standardInput.availableData.count > 0 {}
                     stop.signal()
@@ -46,6 +57,28 @@ struct ServeCommand: ParsableCommand {
             stop.wait()
             transferEngine.shutdown()
             try? transferEngine.freeManagedBuffer(address: address)
+        }
+    }
+}
+
+/// What `serve --commands` does with a line of standard input.
+enum ServeCommands {
+    static func answer(_ line: String, engine: TransferEngine, address: UInt64, length: UInt64, location: String) -> String {
+        switch line.trimmingCharacters(in: .whitespaces) {
+        case "zero-unregister":
+            guard MemoryLocation.isHostAccessible(location) else { return "ERROR the buffer is not host memory" }
+            memset(UnsafeMutableRawPointer(bitPattern: UInt(address))!, 0, Int(length))
+            do { try engine.unregisterMemory(address: address) } catch { return "ERROR \(error)" }
+            return "UNREGISTERED"
+        case "nonzero":
+            guard MemoryLocation.isHostAccessible(location) else { return "ERROR the buffer is not host memory" }
+            let bytes = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(address)), count: Int(length))
+            return "NONZERO \(bytes.reduce(0) { $0 + ($1 == 0 ? 0 : 1) })"
+        case "register":
+            do { try engine.registerMemory(address: address, length: length, location: location) } catch { return "ERROR \(error)" }
+            return "REGISTERED"
+        default:
+            return "ERROR unknown command '\(line)' (zero-unregister, nonzero, register)"
         }
     }
 }

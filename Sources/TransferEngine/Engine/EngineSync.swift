@@ -81,6 +81,14 @@ extension TransferEngine {
         }
     }
 
+    /// Completions plugins reported for requests not in flight (twice, or never submitted): a
+    /// plugin bug, counted for `plugins --check`.
+    public var pluginStrayCompletions: Int {
+        state.withLock { $0.transports }.reduce(0) { sum, transport in
+            sum + ((transport as? PluginTransport)?.strayCompletions.load(ordering: .relaxed) ?? 0)
+        }
+    }
+
     /// Submits requests in a temporary batch and waits for all of them.
     public func transferBatchSync(_ requests: [TransferRequest], transportHint: String? = nil) throws {
         try runSync(try plan(requests, hint: transportHint))

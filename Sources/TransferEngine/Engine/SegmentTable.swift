@@ -98,14 +98,16 @@ extension TransferEngine {
     }
 
     /// Re-fetches an opened segment's descriptor (after the peer registered more memory or
-    /// restarted). Links are kept while the peer's ports and transport fields are unchanged;
-    /// otherwise (a restarted peer) they are closed and reopened on next use.
+    /// restarted). Links are kept while the peer's ports, transport fields and buffers are
+    /// unchanged; otherwise they are closed and reopened on next use, so a transport that keeps
+    /// per-buffer state (rkeys, access slots) gets the fresh descriptor.
     public func refreshSegment(_ handle: SegmentHandle) throws {
         guard handle != 0 else { return }
         let peer = try peer(handle)
         let fresh = try locate(peer.name).descriptor
         let stale: [any TransportPeer] = state.withLock { _ in
             let restarted = fresh.tcpDataPort != peer.descriptor.tcpDataPort || fresh.extra != peer.descriptor.extra
+                || fresh.buffers != peer.descriptor.buffers
             peer.descriptor = fresh
             peer.forgetRoutes()
             guard restarted else { return [] }

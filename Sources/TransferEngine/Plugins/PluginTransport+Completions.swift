@@ -59,7 +59,13 @@ extension PluginTransport {
             }
             return nil
         }
-        return state.slices.removeValue(forKey: cookie)
+        guard let slice = state.slices.removeValue(forKey: cookie) else {
+            if strayCompletions.add(1, ordering: .relaxed).oldValue == 0 {
+                logger.warning("\(plugin.info.name): poll reported cookie \(cookie), which is not in flight (reported twice, or never submitted): a plugin bug")
+            }
+            return nil
+        }
+        return slice
     }
 
     /// Several completions of one poll: their slices taken under one lock, and the successes

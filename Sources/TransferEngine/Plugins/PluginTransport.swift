@@ -62,6 +62,8 @@ final class PluginTransport: Transport, @unchecked Sendable {
     let calls = Atomic<Int>(0)
     /// Synchronous requests whose completion another thread reaped (tests read it).
     let syncReapedElsewhere = Atomic<Int>(0)
+    /// Completions for cookies that are not in flight: reported twice, or never submitted (a plugin bug).
+    let strayCompletions = Atomic<Int>(0)
     /// Moving average of how long recent small synchronous transfers took to complete (ns).
     let syncAverageNs = Atomic<UInt64>(0)
     /// The longest a synchronous caller busy-polls for, however slow its transfers are.

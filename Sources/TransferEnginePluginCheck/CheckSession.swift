@@ -1,0 +1,169 @@
+import Foundation
+import Logging
+import TransferEngine
+
+/// The two engines of the engine checks: a `serve` child owning the target buffer and an
+/// engine in this process, with source and sink buffers registered.
+final class Session: @unchecked Sendable {
+    let engine: TransferEngine
+    let peer: PeerProcess
+    let source = TestMemory(64 << 20)
+    let sink = TestMemory(64 << 20)
+    private(set) var handle: SegmentHandle
+    let remote: UInt64
+    let remoteLength: UInt64
+    private let directory: URL
+
+    init(checker: PluginChecker, protocolName: String) throws {
+        // The engines find plugins by file name: a directory of our own holds the checked file
+        // under this protocol's name, ahead of every other plugin directory.
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("te-check-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let absolute = URL(fileURLWithPath: checker.path).standardizedFileURL.path
+        try FileManager.default.createSymbolicLink(atPath: directory.appendingPathComponent("libtransport_\(protocolName).so").path,
+                                                   withDestinationPath: absolute)
+        var environment = checker.environment
+        environment["MC_TRANSPORT_PLUGIN_PATH"] = directory.path + (environment["MC_TRANSPORT_PLUGIN_PATH"].map { ":" + $0 } ?? "")
+        environment["MC_STRICT_PROTOCOL"] = "1"
+        environment["MC_TRANSFER_TIMEOUT"] = environment["MC_TRANSFER_TIMEOUT"] ?? "5"
+        peer = try PeerProcess(executable: checker.executable, protocolName: protocolName, deviceName: checker.deviceName, environment: environment)
+        (remote, remoteLength) = (peer.address, peer.length)
+        var logger = Logger(label: "plugin-check")
+        logger.logLevel = .critical
+        let configuration = EngineConfiguration(localHostname: "127.0.0.1", protocolName: protocolName, deviceName: checker.deviceName)
+        do {
+            engine = try TransferEngine(configuration: configuration, environment: environment, logger: logger)
+        } catch {
+            peer.kill()
+            throw error
+        }
+        guard engine.activeProtocol == protocolName else {
+            engine.shutdown()
+            peer.kill()
+            throw CheckFailure("the engine runs \(engine.activeProtocol), not \(protocolName)")
+        }
+        try engine.registerMemory(address: source.address, length: UInt64(source.count), location: "cpu:0")
+        try engine.registerMemory(address: sink.address, length: UInt64(sink.count), location: "cpu:0")
+        handle = try engine.openSegment(peer.segment)
+    }
+
+    /// Takes the peer's current descriptor (after it registered again).
+    func reopen() throws {
+        try engine.refreshSegment(handle)
+    }
+
+    /// Submits `requests` in one batch and waits; throws unless every one completed with its bytes.
+    func runBatch(_ requests: [TransferRequest]) throws {
+        let batch = try engine.allocateBatch(capacity: requests.count)
+        defer { try? engine.freeBatch(batch) }
+        try engine.submit(requests, to: batch)
+        guard try engine.wait(batch: batch, timeoutNs: 30_000_000_000) else { throw CheckFailure("a batch of \(requests.count) did not end within 30 s") }
+        let statuses = try engine.statuses(batch: batch)
+        if let bad = zip(statuses, requests).first(where: { $0.0.state != .completed || $0.0.transferredBytes != $0.1.length }) {
+            throw CheckFailure("a request of \(bad.1.length) bytes ended \(bad.0.state) with \(bad.0.transferredBytes) bytes: \(bad.0.error ?? "")")
+        }
+    }
+
+    func close() {
+        engine.shutdown()
+        peer.kill()
+        source.release()
+        sink.release()
+        try? FileManager.default.removeItem(at: directory)
+    }
+}
+
+/// The `serve` child: its READY line, and the commands it takes on standard input.
+final class PeerProcess: @unchecked Sendable {
+    let process = Process()
+    private let input = Pipe()
+    private let output = Pipe()
+    let segment: String
+    let address: UInt64
+    let length: UInt64
+
+    init(executable: String, protocolName: String, deviceName: String, environment: [String: String]) throws {
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = ["serve", "--exit-on-stdin-close", "--commands", "--buffer-size", "64MiB", "--local-hostname", "127.0.0.1",
+                             "--protocol", protocolName] + (deviceName.isEmpty ? [] : ["--device-name", deviceName])
+        process.environment = environment
+        process.standardInput = input
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        guard let line = Self.readLine(output, timeout: 60), line.hasPrefix("READY") else {
+            process.terminate()
+            throw CheckFailure("serve did not start (is the plugin usable with these settings? run `transfer-engine serve --protocol \(protocolName)` to see why)")
+        }
+        var fields: [String: String] = [:]
+        for part in line.split(separator: " ") {
+            let pair = part.split(separator: "=", maxSplits: 1)
+            if pair.count == 2 { fields[String(pair[0])] = String(pair[1]) }
+        }
+        guard let segment = fields["segment"], let buffer = fields["buffer"], let address = UInt64(buffer.dropFirst(2), radix: 16),
+              let length = fields["length"].flatMap({ UInt64($0) }), fields["protocol"] == protocolName else {
+            process.terminate()
+            throw CheckFailure("serve's READY line is not what was expected: \(line)")
+        }
+        (self.segment, self.address, self.length) = (segment, address, length)
+    }
+
+    /// Sends one command line and returns the answer line (nil after 30 s or when the process is gone).
+    func command(_ text: String) -> String? {
+        guard process.isRunning else { return nil }
+        input.fileHandleForWriting.write(Data((text + "\n").utf8))
+        return Self.readLine(output, timeout: 30)
+    }
+
+    func kill() {
+        if process.isRunning { Foundation.kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
+    /// One line of `pipe`, read a byte at a time (the rest stays for the next command), or nil at the deadline or end.
+    private static func readLine(_ pipe: Pipe, timeout: TimeInterval) -> String? {
+        let fd = pipe.fileHandleForReading.fileDescriptor
+        let deadline = Date().addingTimeInterval(timeout)
+        var bytes: [UInt8] = []
+        while Date() < deadline {
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&poller, 1, 100) >= 0 else { return nil }
+            if poller.revents == 0 { continue }
+            var byte: UInt8 = 0
+            guard read(fd, &byte, 1) == 1 else { return nil }
+            if byte == 10 { return String(decoding: bytes, as: UTF8.self) }
+            bytes.append(byte)
+        }
+        return nil
+    }
+}
+
+/// Page-aligned memory for source and sink buffers.
+final class TestMemory: @unchecked Sendable {
+    let pointer: UnsafeMutablePointer<UInt8>
+    let count: Int
+    var address: UInt64 { UInt64(UInt(bitPattern: pointer)) }
+
+    init(_ count: Int) {
+        var memory: UnsafeMutableRawPointer?
+        precondition(posix_memalign(&memory, 4096, count) == 0)
+        pointer = memory!.bindMemory(to: UInt8.self, capacity: count)
+        self.count = count
+        memset(pointer, 0, count)
+    }
+
+    /// A pattern over the first `length` bytes (all by default): 251 bytes, then copies of them.
+    func fill(seed: UInt8, length: Int? = nil) {
+        let total = min(length ?? count, count)
+        for i in 0..<min(total, 251) { pointer[i] = UInt8(truncatingIfNeeded: (i &* 131 &+ Int(seed)) % 251) }
+        var filled = min(total, 251)
+        while filled < total {
+            let chunk = min(filled, total - filled)
+            memcpy(pointer + filled, pointer, chunk)
+            filled += chunk
+        }
+    }
+    func clear(_ length: Int) { memset(pointer, 0, min(length + 3 * 4097, count)) }
+    func equals(_ other: TestMemory, _ length: Int) -> Bool { memcmp(pointer, other.pointer, length) == 0 }
+    func release() { free(pointer) }
+}

@@ -1,0 +1,176 @@
+import Foundation
+import Logging
+import TransferEngine
+
+/// The checks with two engines in two processes: this one initiates, a `serve` child owns the
+/// target buffer; both load the plugin from the checked file (a directory of its own holds it
+/// under the protocol's file name) and may not fall back to TCP for the protocol.
+struct EngineBattery {
+    static let names = ["sizes 1 B to 16 MiB", "refused locally", "refused after the peer unregistered", "batches from four threads",
+                        "each completion reported once", "peer killed mid-batch"]
+
+    let checker: PluginChecker
+    let protocolName: String
+
+    func run(skip: String?, progress: (PluginCheckResult) -> Void) -> [PluginCheckResult] {
+        func all(_ outcome: PluginCheckResult.Outcome) -> [PluginCheckResult] {
+            let results = Self.names.map { PluginCheckResult($0, outcome) }
+            results.forEach(progress)
+            return results
+        }
+        if let skip { return all(.skipped(skip)) }
+        let session: Session
+        do { session = try Session(checker: checker, protocolName: protocolName) } catch {
+            return all(.failed("could not start the two engines: \(error)"))
+        }
+        defer { session.close() }
+        let steps: [(String, (Session) throws -> String)] = [
+            (Self.names[0], sizes), (Self.names[1], refusedLocally), (Self.names[2], refusedAfterUnregister),
+            (Self.names[3], fourThreads), (Self.names[4], completionsOnce), (Self.names[5], killedPeer),
+        ]
+        var results: [PluginCheckResult] = []
+        for (name, step) in steps {
+            let result: PluginCheckResult
+            do { result = PluginCheckResult(name, .passed, detail: try step(session)) } catch let failure as CheckFailure {
+                result = PluginCheckResult(name, failure.skipped ? .skipped(failure.text) : .failed(failure.text))
+            } catch {
+                result = PluginCheckResult(name, .failed("\(error)"))
+            }
+            results.append(result)
+            progress(result)
+        }
+        return results
+    }
+
+    private func sizes(_ s: Session) throws -> String {
+        var done: [String] = []
+        for (index, size) in [1, 7, 4095, 4096, 65537, (1 << 20) + 3, 16 << 20].enumerated() {
+            s.source.fill(seed: UInt8(index + 1), length: size + 2 * 4097)
+            s.sink.clear(size)
+            let offset = UInt64(index % 3) * 4097
+            try s.engine.transferSync(.write, localAddress: s.source.address, segment: s.handle, remoteAddress: s.remote + offset, length: UInt64(size))
+            try s.engine.transferSync(.read, localAddress: s.sink.address, segment: s.handle, remoteAddress: s.remote + offset, length: UInt64(size))
+            guard s.sink.equals(s.source, size) else { throw CheckFailure("\(size) bytes at +\(offset) read back differently") }
+            done.append(ByteText.format(size))
+        }
+        return "written and read back, bytes verified: \(done.joined(separator: ", "))"
+    }
+
+    private func refusedLocally(_ s: Session) throws -> String {
+        let attempts: [(String, () throws -> Void)] = [
+            ("past the end of the peer's buffer", { try s.engine.transferSync(.write, localAddress: s.source.address, segment: s.handle,
+                                                                             remoteAddress: s.remote + s.remoteLength - 100, length: 4096) }),
+            ("before its start", { try s.engine.transferSync(.read, localAddress: s.sink.address, segment: s.handle, remoteAddress: s.remote &- 4096, length: 8192) }),
+            ("from unregistered local memory", {
+                let stray = TestMemory(1 << 20)
+                defer { stray.release() }
+                try s.engine.transferSync(.write, localAddress: stray.address, segment: s.handle, remoteAddress: s.remote, length: 4096)
+            }),
+        ]
+        for (what, attempt) in attempts {
+            var succeeded = false
+            do {
+                try attempt()
+                succeeded = true
+            } catch {}
+            if succeeded { throw CheckFailure("a transfer \(what) succeeded") }
+        }
+        return "out-of-range (both ends) and unregistered requests refused before anything moved"
+    }
+
+    private func refusedAfterUnregister(_ s: Session) throws -> String {
+        // The peer zeroes its buffer and unregisters it; this engine still holds its old descriptor.
+        guard s.peer.command("zero-unregister") == "UNREGISTERED" else { throw CheckFailure("the serve process did not unregister its buffer") }
+        s.source.fill(seed: 99, length: 1 << 20)
+        var refused = 0
+        for offset in [UInt64(0), 1 << 20, 8 << 20] {
+            do { try s.engine.transferSync(.write, localAddress: s.source.address, segment: s.handle, remoteAddress: s.remote + offset, length: 65536) } catch { refused += 1 }
+        }
+        let answer = s.peer.command("nonzero")
+        guard answer == "NONZERO 0" else {
+            throw CheckFailure("bytes reached the peer's buffer after it was unregistered (\(answer ?? "no answer"); \(refused) of 3 writes reported failure)")
+        }
+        guard s.peer.command("register") == "REGISTERED" else { throw CheckFailure("the serve process did not register its buffer again") }
+        try s.reopen()
+        return "\(refused) of 3 writes with the stale descriptor reported failure; none reached the unregistered buffer"
+    }
+
+    private func fourThreads(_ s: Session) throws -> String {
+        s.source.fill(seed: 5, length: 16 << 20 + 4096)
+        let failures = LockedStrings()
+        DispatchQueue.concurrentPerform(iterations: 4) { thread in
+            let region = UInt64(thread) * (4 << 20)
+            do {
+                for round in 0..<8 {
+                    let requests = (0..<16).map { i -> TransferRequest in
+                        let at = region + UInt64(i) * 65536 + UInt64(round % 3) * 17
+                        return TransferRequest(operation: .write, localAddress: s.source.address + at, segment: s.handle, remoteAddress: s.remote + at, length: 65536)
+                    }
+                    try s.runBatch(requests)
+                    let reads = requests.map { TransferRequest(operation: .read, localAddress: s.sink.address + ($0.localAddress - s.source.address),
+                                                               segment: s.handle, remoteAddress: $0.remoteAddress, length: $0.length) }
+                    try s.runBatch(reads)
+                    for request in requests {
+                        let at = Int(request.localAddress - s.source.address)
+                        if memcmp(s.sink.pointer + at, s.source.pointer + at, Int(request.length)) != 0 { throw CheckFailure("bytes differ at +\(at)") }
+                    }
+                }
+            } catch { failures.add("thread \(thread): \(error)") }
+        }
+        guard failures.all.isEmpty else { throw CheckFailure(failures.all.prefix(2).joined(separator: "; ")) }
+        return "4 threads x 8 rounds of 16 x 64 KiB written and read back in batches, bytes verified"
+    }
+
+    private func completionsOnce(_ s: Session) throws -> String {
+        let stray = s.engine.pluginStrayCompletions
+        guard stray == 0 else { throw CheckFailure("poll reported \(stray) completions for requests not in flight (twice, or never submitted)") }
+        return "every request of the checks above completed once (no completion for a request not in flight)"
+    }
+
+    private func killedPeer(_ s: Session) throws -> String {
+        let requests = (0..<64).map { i in
+            TransferRequest(operation: .write, localAddress: s.source.address + UInt64(i) << 20, segment: s.handle, remoteAddress: s.remote + UInt64(i) << 20, length: 1 << 20)
+        }
+        let batch = try s.engine.allocateBatch(capacity: requests.count)
+        try s.engine.submit(requests, to: batch)
+        s.peer.kill()
+        let began = Date()
+        guard try s.engine.wait(batch: batch, timeoutNs: 60_000_000_000) else {
+            throw CheckFailure("the batch had not ended 60 s after the peer was killed")
+        }
+        let statuses = try s.engine.statuses(batch: batch)
+        try? s.engine.freeBatch(batch)
+        let failed = statuses.filter { $0.state == .failed }.count
+        let completed = statuses.filter { $0.state == .completed }.count
+        guard failed + completed == statuses.count else { throw CheckFailure("\(statuses.count - failed - completed) requests neither completed nor failed") }
+        return "64 x 1 MiB: \(completed) completed, \(failed) failed, all ended \(String(format: "%.1f", Date().timeIntervalSince(began))) s after the kill"
+    }
+}
+
+/// A check's failure (or a reason to skip it), in words.
+struct CheckFailure: Error, CustomStringConvertible {
+    var text: String
+    var skipped = false
+    init(_ text: String, skipped: Bool = false) {
+        self.text = text
+        self.skipped = skipped
+    }
+    var description: String { text }
+}
+
+/// Strings gathered from several threads.
+final class LockedStrings: @unchecked Sendable {
+    private let lock = NSLock()
+    private var items: [String] = []
+    func add(_ text: String) { lock.withLock { items.append(text) } }
+    var all: [String] { lock.withLock { items } }
+}
+
+/// Sizes as people write them.
+enum ByteText {
+    static func format(_ size: Int) -> String {
+        if size >= 1 << 20 && size % (1 << 20) == 0 { return "\(size >> 20) MiB" }
+        if size >= 1 << 10 && size % (1 << 10) == 0 { return "\(size >> 10) KiB" }
+        return "\(size) B"
+    }
+}

@@ -1,0 +1,134 @@
+import Foundation
+import TransferEngine
+
+/// `transfer-engine plugins --check FILE.so`: the conformance battery a plugin author runs. The
+/// vtable checks run in child processes of `executable` (a crash fails the check that crashed,
+/// and the rest go on in a fresh child); the engine checks run two engines in two processes on
+/// this host, this one and a `serve` child, both loading the plugin from FILE.
+public struct PluginChecker: Sendable {
+    /// This program (`transfer-engine`), started for the child processes.
+    public var executable: String
+    /// The plugin file.
+    public var path: String
+    /// The protocol to check (nil: the first it declares).
+    public var protocolName: String?
+    /// `device_name` for both engines.
+    public var deviceName: String
+    /// The environment the children and the engines get (MC_* settings reach the plugin).
+    public var environment: [String: String]
+
+    /// A checker for `path`.
+    public init(executable: String, path: String, protocolName: String?, deviceName: String, environment: [String: String]) {
+        self.executable = executable
+        self.path = path
+        self.protocolName = protocolName
+        self.deviceName = deviceName
+        self.environment = environment
+    }
+
+    /// Runs every check; `progress` gets each result as it comes.
+    public func run(progress: (PluginCheckResult) -> Void = { _ in }) -> [PluginCheckResult] {
+        var results = vtableChecks(progress: progress)
+        let declared = results.first { $0.name == "name and protocols" }
+        let probe = results.first { $0.name == "probe" }
+        let chosen = protocolName ?? declared.flatMap { Self.protocolChecked(in: $0.detail, file: path) } ?? ""
+        let skip: String?
+        if case .passed = probe?.outcome, probe?.detail.hasPrefix("ok") == true, !chosen.isEmpty {
+            skip = nil
+        } else {
+            skip = probe == nil || probe?.word == "skip" ? "the plugin did not load" : "probe did not answer ok (see probe)"
+        }
+        let battery = EngineBattery(checker: self, protocolName: chosen)
+        results += battery.run(skip: skip, progress: progress)
+        return results
+    }
+
+    /// The protocol checked, from the "name and protocols" detail ("NAME VERSION, protocols a,b,
+    /// capabilities ..."): the one the file is named after (libtransport_<protocol>.so), else the first.
+    static func protocolChecked(in detail: String, file: String) -> String? {
+        guard let start = detail.range(of: "protocols "), let end = detail.range(of: ", capabilities") else { return nil }
+        let declared = detail[start.upperBound..<end.lowerBound].split(separator: ",").map(String.init)
+        let name = String(file.split(separator: "/").last ?? "")
+        let named = name.hasPrefix("libtransport_") && name.hasSuffix(".so") ? String(name.dropFirst(13).dropLast(3)) : ""
+        return declared.contains(named) ? named : declared.first
+    }
+
+    // MARK: Vtable checks in child processes
+
+    private func vtableChecks(progress: (PluginCheckResult) -> Void) -> [PluginCheckResult] {
+        var results: [PluginCheckResult] = []
+        var next = 0
+        while next < PluginVtableCheck.names.count {
+            let (lines, ending) = runChild(["plugins", "--check-step", "vtable", "--check-from", "\(next)", "--device-name", deviceName]
+                                           + (protocolName.map { ["--protocol", $0] } ?? []) + ["--check", path], timeout: 300)
+            var begun: Int? = nil
+            for line in lines {
+                if line.hasPrefix("BEGIN\t"), let index = Int(line.dropFirst(6)) { begun = index }
+                if let result = PluginCheckResult.parse(line: line) {
+                    results.append(result)
+                    progress(result)
+                    next = (begun ?? next) + 1
+                    begun = nil
+                }
+            }
+            if next >= PluginVtableCheck.names.count { break }
+            // The child ended inside a check: that check failed; the next child starts after it.
+            let index = begun ?? next
+            let result = PluginCheckResult(PluginVtableCheck.names[index], .failed("the checker's child process \(ending) during this check"))
+            results.append(result)
+            progress(result)
+            next = index + 1
+        }
+        return results
+    }
+
+    /// Runs this program with `arguments`; its output lines and how it ended.
+    func runChild(_ arguments: [String], timeout: TimeInterval) -> (lines: [String], ending: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.environment = environment
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        process.standardInput = FileHandle.nullDevice
+        do { try process.run() } catch { return ([], "could not start (\(error))") }
+        let collected = LockedText()
+        let reader = Thread {
+            while true {
+                let chunk = output.fileHandleForReading.availableData
+                if chunk.isEmpty { break }
+                collected.append(chunk)
+            }
+        }
+        reader.start()
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(20_000) }
+        var ending: String
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            ending = "did not finish within \(Int(timeout)) s"
+        } else {
+            ending = ""
+        }
+        process.waitUntilExit()
+        while !collected.finished(reader) { usleep(5_000) }
+        if ending.isEmpty {
+            ending = process.terminationReason == .uncaughtSignal ? "was killed by signal \(process.terminationStatus) (\(String(cString: strsignal(process.terminationStatus))))"
+                : "exited with status \(process.terminationStatus)"
+        }
+        return (collected.lines, ending)
+    }
+}
+
+/// Output gathered by a reader thread.
+final class LockedText: @unchecked Sendable {
+    private let lock = NSLock()
+    private var data = Data()
+
+    func append(_ chunk: Data) { lock.withLock { data.append(chunk) } }
+
+    func finished(_ reader: Thread) -> Bool { reader.isFinished }
+
+    var lines: [String] { lock.withLock { String(decoding: data, as: UTF8.self).split(separator: "\n").map(String.init) } }
+}
