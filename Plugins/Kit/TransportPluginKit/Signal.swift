@@ -8,8 +8,8 @@ import Musl
 /// Heap-allocated, since pthread objects must not move; waits use the monotonic clock, so a
 /// change of the wall clock neither cuts nor stretches them.
 public final class Signal: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let condition: Condition
+    @usableFromInline let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    @usableFromInline let condition: Condition
 
     /// A new unlocked mutex and its condition.
     public init() {
@@ -24,7 +24,7 @@ public final class Signal: @unchecked Sendable {
     }
 
     /// Runs `body` with the mutex held.
-    @inline(__always)
+    @inlinable
     public func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
@@ -32,12 +32,15 @@ public final class Signal: @unchecked Sendable {
     }
 
     /// Takes the mutex (for a section whose exits are easier written with `defer`).
+    @inlinable
     public func lock() { pthread_mutex_lock(mutex) }
 
     /// Releases the mutex taken with `lock`.
+    @inlinable
     public func unlock() { pthread_mutex_unlock(mutex) }
 
     /// Runs `body` if the mutex is free right now, else returns nil.
+    @inlinable
     public func tryLocked<R>(_ body: () throws -> R) rethrows -> R? {
         guard pthread_mutex_trylock(mutex) == 0 else { return nil }
         defer { pthread_mutex_unlock(mutex) }
@@ -45,15 +48,19 @@ public final class Signal: @unchecked Sendable {
     }
 
     /// Waits on the main condition (mutex held by the caller) at most `nanoseconds`.
+    @inlinable
     public func wait(nanoseconds: UInt64) { condition.wait(nanoseconds: nanoseconds) }
 
     /// Waits on the main condition (mutex held by the caller) until woken.
+    @inlinable
     public func waitForever() { condition.wait() }
 
     /// Wakes every waiter of the main condition.
+    @inlinable
     public func broadcast() { condition.broadcast() }
 
     /// Wakes one waiter of the main condition.
+    @inlinable
     public func wakeOne() { condition.signal() }
 
     /// Another condition on this mutex (e.g. workers that must not be woken by completions).
@@ -61,8 +68,8 @@ public final class Signal: @unchecked Sendable {
 
     /// A condition variable bound to a `Signal`'s mutex.
     public final class Condition: @unchecked Sendable {
-        private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-        private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+        @usableFromInline let mutex: UnsafeMutablePointer<pthread_mutex_t>
+        @usableFromInline let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
         fileprivate init(_ mutex: UnsafeMutablePointer<pthread_mutex_t>) {
             self.mutex = mutex
@@ -87,12 +94,15 @@ public final class Signal: @unchecked Sendable {
         }
 
         /// Waits (the signal's mutex held) until woken.
+        @inlinable
         public func wait() { pthread_cond_wait(condition, mutex) }
 
         /// Wakes every waiter.
+        @inlinable
         public func broadcast() { pthread_cond_broadcast(condition) }
 
         /// Wakes one waiter.
+        @inlinable
         public func signal() { pthread_cond_signal(condition) }
     }
 }

@@ -69,22 +69,25 @@ extension TransportInstance {
 }
 
 /// The requests of one submit call, read in place (the host's array, with its stride).
+@frozen
 public struct RequestArray: RandomAccessCollection {
-    private let base: UnsafeRawPointer?
-    private let stride: Int
+    @usableFromInline let base: UnsafeRawPointer?
+    @usableFromInline let stride: Int
     /// How many requests there are.
     public let count: Int
 
+    @inlinable
     init(base: UnsafeRawPointer?, count: Int, stride: Int) {
         self.base = base
         self.count = count
         self.stride = stride
     }
 
-    public var startIndex: Int { 0 }
-    public var endIndex: Int { count }
+    @inlinable public var startIndex: Int { 0 }
+    @inlinable public var endIndex: Int { count }
 
     /// The request at `index` (0 ..< count).
+    @inlinable
     public subscript(index: Int) -> te_request {
         precondition(index >= 0 && index < count)
         return base!.loadUnaligned(fromByteOffset: index * stride, as: te_request.self)
@@ -92,12 +95,14 @@ public struct RequestArray: RandomAccessCollection {
 }
 
 /// Where poll stores completions: the host's array, with its stride.
+@frozen
 public struct CompletionArray {
-    private let base: UnsafeMutableRawPointer?
-    private let stride: Int
+    @usableFromInline let base: UnsafeMutableRawPointer?
+    @usableFromInline let stride: Int
     /// How many completions fit.
     public let capacity: Int
 
+    @inlinable
     init(base: UnsafeMutableRawPointer?, capacity: Int, stride: Int) {
         self.base = base
         self.capacity = capacity
@@ -105,6 +110,7 @@ public struct CompletionArray {
     }
 
     /// Stores `completion` at `index` (0 ..< capacity).
+    @inlinable
     public func store(_ completion: te_completion, at index: Int) {
         precondition(index >= 0 && index < capacity)
         base!.storeBytes(of: completion, toByteOffset: index * stride, as: te_completion.self)
