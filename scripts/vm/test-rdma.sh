@@ -13,6 +13,7 @@ trap 'rm -f "$inner" "${guest_log:-}"' EXIT
 # Two runs, one after the other: the rdma suite takes rxe0's address away in one test, which
 # must not happen under the conformance suite's rdma case (suites of one run go in parallel).
 # The conformance suite runs only its rdma case here (CONFORMANCE_ONLY); the rest run on the host.
+# Then the plugin checker (plugins --check) on the rdma plugin, every check expected to run.
 # The rdma plugin's handshake decoder under libFuzzer + ASan, where a device exists (scripts/fuzz.sh
 # built the harness and the instrumented plugin; skipped when it has not run).
 fuzz_bin=$(TE_FUZZ=1 swift build --scratch-path .build-fuzz --show-bin-path 2>/dev/null || true)
@@ -26,11 +27,16 @@ cat > "$inner" <<INNER
 set -u
 "$tests" --testing-library swift-testing --filter RDMAGuestTests || exit \$?
 CONFORMANCE_ONLY=rdma "$tests" --testing-library swift-testing --filter ConformanceTests || exit \$?
+"$bin/transfer-engine" plugins --check "$bin/libtransport_rdma.so" --device-name rxe0 || exit \$?
 $fuzz_run
 INNER
 RXE_VM_DEVICES=2 run_guest_suite "rdma plugin over soft-RoCE (in the guest)" -t "${TE_RDMA_TEST_TIMEOUT:-900}" --script "$inner"
 if [ "$rc" = 0 ] && ! grep -q 'Suite "Transport conformance" passed' "$guest_log"; then
     echo "error: the conformance suite's rdma case did not run in the guest" >&2
+    rc=1
+fi
+if [ "$rc" = 0 ] && ! grep -Eq '^[0-9]+ passed, 0 failed, 0 skipped' "$guest_log"; then
+    echo "error: plugins --check on the rdma plugin did not run every check in the guest" >&2
     rc=1
 fi
 if grep -q "skipped" "$guest_log" && grep -q 'two soft-RoCE devices.*skipped' "$guest_log"; then

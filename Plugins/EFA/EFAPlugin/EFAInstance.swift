@@ -33,14 +33,6 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
         var peerDevice: [Int]
         var addressHandle: [UInt64]
     }
-    /// A request split into parts.
-    struct Parent {
-        var cookie: UInt64
-        var remaining: Int
-        var status: Int32
-        var bytes: UInt64
-    }
-
     let options: EFAOptions
     private(set) var contexts: [DeviceContext] = []
     let host: HostServices
@@ -48,8 +40,7 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
     private var peers: [UInt64: Peer] = [:]
     private var nextPeer: UInt64 = 1
     private var registrations: [Registration] = []
-    private var parents: [UInt64: Parent] = [:]
-    private var nextParent: UInt64 = 1
+    private var parents = PartedRequests()
     private var done = CompletionQueue()
     private var queuedParts = 0
     private var nextKey: UInt64 = 1
@@ -310,8 +301,7 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
                 if local == nil, contexts.contains(where: { $0.needsLocalDescriptor }) {
                     throw .outOfRange("local range [0x\(String(request.local_addr, radix: 16)), +\(request.length)) is not registered (the provider needs FI_MR_LOCAL)")
                 }
-                let parentID = nextParent
-                nextParent += 1
+                let parentID = parents.newID()
                 var offset: UInt64 = 0
                 var pieces = 0
                 while offset < request.length {
@@ -328,7 +318,7 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
                     offset += length
                     pieces += 1
                 }
-                parents[parentID] = Parent(cookie: request.cookie, remaining: pieces, status: TE_OK, bytes: 0)
+                parents.open(parentID, cookie: request.cookie, parts: pieces)
                 queuedParts += pieces
                 accepted = i + 1
             }
@@ -343,19 +333,9 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
     private func finished(_ parts: [FinishedPart]) {
         signal.locked {
             for part in parts {
-                guard var parent = parents[part.parent] else { continue }
-                parent.remaining -= 1
                 queuedParts -= 1
-                if part.status == TE_OK { parent.bytes += part.bytes } else {
-                    parent.status = part.status
-                    if let error = part.error { log(TE_LOG_DEBUG, "efa plugin: \(error)") }
-                }
-                if parent.remaining == 0 {
-                    parents.removeValue(forKey: part.parent)
-                    done.complete(parent.cookie, status: parent.status, bytes: parent.status == TE_OK ? parent.bytes : 0)
-                } else {
-                    parents[part.parent] = parent
-                }
+                if part.status != TE_OK, let error = part.error { log(TE_LOG_DEBUG, "efa plugin: \(error)") }
+                if let completion = parents.partEnded(part.parent, status: part.status, bytes: part.bytes) { done.append(completion) }
             }
             signal.broadcast()
         }

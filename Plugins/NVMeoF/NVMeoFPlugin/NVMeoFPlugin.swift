@@ -45,21 +45,14 @@ final class NVMeoFInstance: TransportInstance, @unchecked Sendable {
         var access: Access
     }
 
-    struct Pending {
-        var cookie: UInt64
-        var remaining: Int
-        var status: Int32
-        var bytes: UInt64
-    }
-
     let options: NVMeoFOptions
     let storage: LocalStorage
     let host: HostServices
     private let queue = Signal()
     private let finished = Signal()
     private let workers = WorkerPool<Job>()
-    private var pending: [UInt64: Pending] = [:]
-    private var nextRequest: UInt64 = 1
+    /// Requests in pieces; belongs to the `finished` lock (workers complete jobs under it).
+    private var pending = PartedRequests()
     private var done = CompletionQueue()
     private var peers: [UInt64: Peer] = [:]
     private var nextPeer: UInt64 = 1
@@ -194,8 +187,7 @@ final class NVMeoFInstance: TransportInstance, @unchecked Sendable {
                 }) else {
                     throw .outOfRange("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is not inside one of \(peer.name)'s namespaces")
                 }
-                let id = nextRequest
-                nextRequest += 1
+                let id = finished.locked { pending.newID() }
                 let piece: UInt64
                 switch range.access {
                 case .direct: piece = options.ioSize
@@ -204,7 +196,7 @@ final class NVMeoFInstance: TransportInstance, @unchecked Sendable {
                 // `pending` belongs to the `finished` lock (workers complete jobs under it); the entry
                 // is in before its jobs are queued (after this loop). Lock order: queue, then finished.
                 let pieces = Int((request.length - 1) / piece + 1)
-                finished.locked { pending[id] = Pending(cookie: request.cookie, remaining: pieces, status: TE_OK, bytes: 0) }
+                finished.locked { pending.open(id, cookie: request.cookie, parts: pieces) }
                 var offset: UInt64 = 0
                 while offset < request.length {
                     let length = min(piece, request.length - offset)
@@ -259,15 +251,8 @@ final class NVMeoFInstance: TransportInstance, @unchecked Sendable {
 
     private func finish(_ job: Job, _ status: Int32) {
         finished.locked {
-            guard var entry = pending[job.request] else { return }
-            entry.remaining -= 1
-            if status == TE_OK { entry.bytes += job.length } else if entry.status == TE_OK { entry.status = status }
-            if entry.remaining > 0 {
-                pending[job.request] = entry
-                return
-            }
-            pending[job.request] = nil
-            done.complete(entry.cookie, status: entry.status, bytes: entry.bytes)
+            guard let completion = pending.partEnded(job.request, status: status, bytes: job.length) else { return }
+            done.append(completion)
             finished.broadcast()
         }
     }

@@ -54,8 +54,7 @@ extension RDMAInstance {
                 // A request of one slice (most small ones) needs no parent record: its slice
                 // carries the cookie (parent 0) and completes it.
                 let single = sliceLength(remaining: request.length) == request.length
-                let parentID = single ? 0 : nextParent
-                if !single { nextParent += 1 }
+                let parentID = single ? 0 : parents.newID()
                 var offset: UInt64 = 0
                 var pieces = 0
                 while offset < request.length {
@@ -80,7 +79,7 @@ extension RDMAInstance {
                     offset += length
                     pieces += 1
                 }
-                if !single { parents[parentID] = Parent(cookie: request.cookie, remaining: pieces, status: TE_OK, bytes: 0) }
+                if !single { parents.open(parentID, cookie: request.cookie, parts: pieces) }
                 accepted = i + 1
             }
         }
@@ -101,18 +100,8 @@ extension RDMAInstance {
                     done.complete(part.cookie, status: part.status, bytes: part.status == TE_OK ? part.bytes : 0)
                     continue
                 }
-                guard var parent = parents[part.parent] else { continue }
-                parent.remaining -= 1
-                if part.status == TE_OK { parent.bytes += part.bytes } else {
-                    parent.status = part.status
-                    if let error = part.error { log(TE_LOG_DEBUG, "rdma: \(error)") }
-                }
-                if parent.remaining == 0 {
-                    parents.removeValue(forKey: part.parent)
-                    done.complete(parent.cookie, status: parent.status, bytes: parent.status == TE_OK ? parent.bytes : 0)
-                } else {
-                    parents[part.parent] = parent
-                }
+                if part.status != TE_OK, let error = part.error { log(TE_LOG_DEBUG, "rdma: \(error)") }
+                if let completion = parents.partEnded(part.parent, status: part.status, bytes: part.bytes) { done.append(completion) }
             }
             signal.broadcast()
         }

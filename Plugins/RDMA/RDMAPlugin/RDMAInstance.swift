@@ -49,12 +49,6 @@ final class RDMAInstance: TransportInstance, @unchecked Sendable {
             self.connections = connections
         }
     }
-    struct Parent {
-        var cookie: UInt64
-        var remaining: Int
-        var status: Int32
-        var bytes: UInt64
-    }
 
     let options: RDMAOptions
     let host: HostServices
@@ -69,8 +63,7 @@ final class RDMAInstance: TransportInstance, @unchecked Sendable {
     @exclusivity(unchecked) var peers: [UInt64: Peer] = [:]
     @exclusivity(unchecked) var nextPeer: UInt64 = 1
     @exclusivity(unchecked) var registrations: [Registration] = []
-    @exclusivity(unchecked) var parents: [UInt64: Parent] = [:]
-    @exclusivity(unchecked) var nextParent: UInt64 = 1
+    @exclusivity(unchecked) var parents = PartedRequests()
     @exclusivity(unchecked) var done = CompletionQueue()
     @exclusivity(unchecked) var nextDevice = 0
     /// location -> preferred local device indices (upstream's priority matrix, by NUMA node).

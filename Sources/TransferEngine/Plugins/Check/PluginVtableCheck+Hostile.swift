@@ -47,7 +47,7 @@ extension PluginVtableCheck {
                     }
                 }
             }
-            return PluginCheckResult("hostile handshakes", .passed, detail: "\(HostileJSON.documents.count) requests: \(answered) answered (with JSON), the rest refused, none crashed")
+            return PluginCheckResult("hostile handshakes", .passed, detail: "\(HostileJSON.documents.count) requests: \(answered) answered with JSON, \(HostileJSON.documents.count - answered) refused, none crashed")
         }
     }
 

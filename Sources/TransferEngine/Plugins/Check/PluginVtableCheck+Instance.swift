@@ -60,7 +60,7 @@ extension PluginVtableCheck {
             }
         }
         return PluginCheckResult("create with odd options", .passed,
-                                 detail: "\(HostileJSON.options.count) odd option texts: \(created) created an instance (with defaults), the rest were refused")
+                                 detail: "\(HostileJSON.options.count) odd option texts: \(created) created an instance (with defaults), \(HostileJSON.options.count - created) refused")
     }
 
     static func localDescriptor(_ c: Context) -> PluginCheckResult {
