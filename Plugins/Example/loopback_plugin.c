@@ -5,10 +5,13 @@
  *
  * Protocol "loopback": processes on one host copy each other's memory with process_vm_readv /
  * process_vm_writev. Before each copy a worker thread asks the owner, over the host's
- * handshake channel, whether the range is registered right now; the owner answers with its
- * pid, and the copy goes to that pid (a descriptor's word is never trusted for it). One
- * round trip per request: simple and safe, not fast. A range unregistered between the answer
- * and the copy can still be written once (a real transport revokes with shared state).
+ * handshake channel, to pin the range ("loop_check"); the owner answers with its pid if the
+ * range is registered, and the copy goes to that pid (a descriptor's word is never trusted for
+ * it, and our own pid is refused). After the copy the worker unpins it ("loop_done"); an
+ * unregister refuses new pins and waits (at most 2 s, for a peer that died mid-copy) until none
+ * is left, so no copy lands in memory after its unregister returned. Two round trips per
+ * request: simple and safe, not fast. Trust boundary: same-host processes of one user, which
+ * the kernel already lets attach to each other here (create sets PR_SET_PTRACER_ANY).
  *
  * Build: cc -shared -fPIC -O2 -I Sources/CTransportABI/include -o libtransport_loopback.so \
  *        Plugins/Example/loopback_plugin.c -lpthread
@@ -30,21 +33,24 @@
 #define MAX_REGISTRATIONS 1024
 #define MAX_PEERS 256
 #define MAX_DONE 65536
+#define MAX_QUEUED 65536
+#define UNPIN_GRACE_NS 2000000000ull
 
-typedef struct { uint64_t addr, length; } range;
+typedef struct { uint64_t addr, length; uint32_t pins; int dying; } range;
 typedef struct { uint64_t handle; char segment[256]; } peer;
 typedef struct job { te_request request; char segment[256]; struct job *next; } job;
 
 struct te_instance {
     const te_host_services *host;
     pthread_mutex_t lock;
-    pthread_cond_t work, finished;
+    pthread_cond_t work, finished, unpinned;
     range registered[MAX_REGISTRATIONS];
     int registrations;
     peer peers[MAX_PEERS];
     int peer_count;
     uint64_t next_peer;
     job *head, *tail;
+    size_t queued;
     te_completion *done;
     size_t done_count;
     int stopping;
@@ -86,13 +92,16 @@ static uint64_t number_after(const char *text, const char *key) {
     return at ? strtoull(at + strlen(key), NULL, 10) : 0;
 }
 
-static int inside(const struct te_instance *self, uint64_t addr, uint64_t length) {
+/* The live registration holding [addr, addr+length), or NULL. */
+static range *holding(struct te_instance *self, uint64_t addr, uint64_t length) {
     for (int i = 0; i < self->registrations; i++) {
-        const range *r = &self->registered[i];
-        if (length > 0 && addr >= r->addr && addr - r->addr <= r->length && length <= r->length - (addr - r->addr)) return 1;
+        range *r = &self->registered[i];
+        if (!r->dying && length > 0 && addr >= r->addr && addr - r->addr <= r->length && length <= r->length - (addr - r->addr)) return r;
     }
-    return 0;
+    return NULL;
 }
+
+static int inside(struct te_instance *self, uint64_t addr, uint64_t length) { return holding(self, addr, length) != NULL; }
 
 static int32_t probe(const char *options, te_buffer *reason, te_buffer *hint) {
     (void)options;
@@ -117,7 +126,7 @@ static void finish(struct te_instance *self, uint64_t cookie, int32_t status, ui
     pthread_mutex_unlock(&self->lock);
 }
 
-/* Asks the owner whether the range is registered; its pid, or 0 with the status. */
+/* Asks the owner to pin the range; its pid, or 0 with the status. */
 static pid_t ask_owner(struct te_instance *self, const job *j, int32_t *status) {
     char request[128], answer[256];
     snprintf(request, sizeof request, "{\"loop_check\":[%" PRIu64 ",%" PRIu64 "]}", j->request.remote_addr, j->request.length);
@@ -130,7 +139,19 @@ static pid_t ask_owner(struct te_instance *self, const job *j, int32_t *status) 
         *status = TE_ERR_OUT_OF_RANGE;
         return 0;
     }
+    if ((pid_t)pid == getpid()) { /* a peer must not turn our copies against ourselves */
+        *status = TE_ERR_REJECTED;
+        return 0;
+    }
     return (pid_t)pid;
+}
+
+/* Tells the owner the copy is over (its pin goes). */
+static void release_owner(struct te_instance *self, const job *j) {
+    char request[128], answer[64];
+    snprintf(request, sizeof request, "{\"loop_done\":[%" PRIu64 ",%" PRIu64 "]}", j->request.remote_addr, j->request.length);
+    te_buffer reply = {answer, sizeof answer, 0};
+    (void)self->host->handshake_send(self->host->host_context, j->segment, request, &reply);
 }
 
 static void *work(void *argument) {
@@ -139,7 +160,7 @@ static void *work(void *argument) {
         pthread_mutex_lock(&self->lock);
         while (!self->head && !self->stopping) pthread_cond_wait(&self->work, &self->lock);
         job *j = self->head;
-        if (j) { self->head = j->next; if (!self->head) self->tail = NULL; }
+        if (j) { self->head = j->next; if (!self->head) self->tail = NULL; self->queued--; }
         pthread_mutex_unlock(&self->lock);
         if (!j) return NULL;
         int32_t status;
@@ -153,6 +174,7 @@ static void *work(void *argument) {
             if (n <= 0) { status = errno == ESRCH ? TE_ERR_PEER_UNREACHABLE : TE_ERR_IO; break; }
             moved += (uint64_t)n;
         }
+        if (owner) release_owner(self, j);
         finish(self, j->request.cookie, owner && moved == j->request.length ? TE_OK : status, moved);
         free(j);
     }
@@ -171,6 +193,7 @@ static int32_t create(const char *options, const te_host_services *host, te_inst
     pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC);
     pthread_cond_init(&self->work, &attributes);
     pthread_cond_init(&self->finished, &attributes);
+    pthread_cond_init(&self->unpinned, &attributes);
     pthread_condattr_destroy(&attributes);
     /* Let peers of this user attach where Yama limits ptrace to descendants. */
     prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
@@ -205,20 +228,36 @@ static int32_t register_memory(te_instance *self, uint64_t addr, uint64_t length
     if (out && out->capacity < 3) { out->length = 2; return TE_ERR_BUFFER_TOO_SMALL; } /* answer first: nothing to undo */
     pthread_mutex_lock(&self->lock);
     int full = self->registrations == MAX_REGISTRATIONS;
-    if (!full) self->registered[self->registrations++] = (range){addr, length};
+    if (!full) self->registered[self->registrations++] = (range){addr, length, 0, 0};
     pthread_mutex_unlock(&self->lock);
     if (full) return fail(self, TE_ERR_NO_RESOURCES, "too many registrations");
     return put(out, "{}");
 }
 
+/* No new pins from now on; copies that hold one are waited for (2 s at most: a dead peer never unpins). */
 static int32_t unregister_memory(te_instance *self, uint64_t addr) {
     pthread_mutex_lock(&self->lock);
-    int found = 0;
-    for (int i = 0; i < self->registrations && !found; i++) {
-        if (self->registered[i].addr == addr) { self->registered[i] = self->registered[--self->registrations]; found = 1; }
+    range *r = NULL;
+    for (int i = 0; i < self->registrations && !r; i++) if (self->registered[i].addr == addr && !self->registered[i].dying) r = &self->registered[i];
+    if (!r) {
+        pthread_mutex_unlock(&self->lock);
+        return fail(self, TE_ERR_INVALID_ARGUMENT, "no registration starts there");
+    }
+    r->dying = 1;
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += UNPIN_GRACE_NS / 1000000000u;
+    /* Entries move while the lock is released (others come and go): look this one up by its mark each time. */
+    for (;;) {
+        const range *mine = NULL;
+        for (int i = 0; i < self->registrations && !mine; i++) if (self->registered[i].addr == addr && self->registered[i].dying) mine = &self->registered[i];
+        if (!mine || mine->pins == 0 || pthread_cond_timedwait(&self->unpinned, &self->lock, &deadline) == ETIMEDOUT) break;
+    }
+    for (int i = 0; i < self->registrations; i++) {
+        if (self->registered[i].addr == addr && self->registered[i].dying) { self->registered[i] = self->registered[--self->registrations]; break; }
     }
     pthread_mutex_unlock(&self->lock);
-    return found ? TE_OK : fail(self, TE_ERR_INVALID_ARGUMENT, "no registration starts there");
+    return TE_OK;
 }
 
 static int32_t open_peer(te_instance *self, const char *segment, const char *descriptor, uint64_t *handle) {
@@ -247,20 +286,43 @@ static void close_peer(te_instance *self, uint64_t handle) {
     pthread_mutex_unlock(&self->lock);
 }
 
-/* The owner's side of the check: is [addr, addr+length) registered here right now? */
+/* The owner's side: pin [addr, addr+length) if it is registered here ("loop_check"), or unpin it ("loop_done"). */
 static int32_t on_handshake(te_instance *self, const char *request, te_buffer *reply) {
     if (!request) return fail(self, TE_ERR_INVALID_ARGUMENT, "no request");
-    const char *at = strstr(request, "\"loop_check\":[");
+    const char *check = strstr(request, "\"loop_check\":["), *done = strstr(request, "\"loop_done\":[");
+    const char *at = check ? check + 14 : done ? done + 13 : NULL;
     if (!at) return put(reply, "{\"reply_msg\":\"\"}");
     char *end;
-    uint64_t addr = strtoull(at + 14, &end, 10);
+    uint64_t addr = strtoull(at, &end, 10);
     uint64_t length = *end == ',' ? strtoull(end + 1, NULL, 10) : 0;
     pthread_mutex_lock(&self->lock);
-    int ok = inside(self, addr, length);
+    int ok = 0;
+    if (check) {
+        range *r = holding(self, addr, length);
+        if (r && r->pins < UINT32_MAX) { r->pins++; ok = 1; }
+    } else {
+        /* Pinned ranges are found even while dying: the unregister waits for exactly these. */
+        for (int i = 0; i < self->registrations; i++) {
+            range *r = &self->registered[i];
+            if (r->pins > 0 && length > 0 && addr >= r->addr && addr - r->addr <= r->length && length <= r->length - (addr - r->addr)) {
+                r->pins--;
+                pthread_cond_broadcast(&self->unpinned);
+                break;
+            }
+        }
+    }
     pthread_mutex_unlock(&self->lock);
+    if (done) return put(reply, "{\"reply_msg\":\"\"}");
     char text[80];
     snprintf(text, sizeof text, "{\"loop_ok\":%d,\"loop_pid\":%d}", ok, (int)getpid());
-    return put(reply, text);
+    int32_t status = put(reply, text);
+    if (status != TE_OK && ok) { /* the host retries with a larger buffer: that retry pins again */
+        pthread_mutex_lock(&self->lock);
+        range *r = holding(self, addr, length);
+        if (r && r->pins > 0) { r->pins--; pthread_cond_broadcast(&self->unpinned); }
+        pthread_mutex_unlock(&self->lock);
+    }
+    return status;
 }
 
 static int32_t submit(te_instance *self, const te_request *requests, size_t count, size_t stride, size_t *accepted) {
@@ -276,6 +338,7 @@ static int32_t submit(te_instance *self, const te_request *requests, size_t coun
         if (!p) { status = fail(self, TE_ERR_INVALID_ARGUMENT, "unknown peer handle"); break; }
         if (r.length == 0 || (r.opcode != TE_OP_READ && r.opcode != TE_OP_WRITE)) { status = fail(self, TE_ERR_INVALID_ARGUMENT, "bad request"); break; }
         if (!inside(self, r.local_addr, r.length)) { status = fail(self, TE_ERR_OUT_OF_RANGE, "local range is not registered"); break; }
+        if (self->queued >= MAX_QUEUED) { status = fail(self, TE_ERR_AGAIN, "the queue is full: poll, then submit the rest"); break; }
         job *j = malloc(sizeof *j);
         if (!j) { status = fail(self, TE_ERR_NO_RESOURCES, "out of memory"); break; }
         j->request = r;
@@ -283,6 +346,7 @@ static int32_t submit(te_instance *self, const te_request *requests, size_t coun
         j->next = NULL;
         if (self->tail) self->tail->next = j; else self->head = j;
         self->tail = j;
+        self->queued++;
         *accepted = i + 1;
     }
     pthread_cond_signal(&self->work);
@@ -296,7 +360,7 @@ static int32_t poll_completions(te_instance *self, te_completion *out, size_t ca
     if (self->done_count == 0 && timeout_ns > 0) {
         struct timespec deadline;
         clock_gettime(CLOCK_MONOTONIC, &deadline);
-        uint64_t total = (uint64_t)deadline.tv_nsec + timeout_ns;
+        uint64_t total = (uint64_t)deadline.tv_nsec + (timeout_ns < 60000000000ull ? timeout_ns : 60000000000ull);
         deadline.tv_sec += (time_t)(total / 1000000000u);
         deadline.tv_nsec = (long)(total % 1000000000u);
         pthread_cond_timedwait(&self->finished, &self->lock, &deadline);

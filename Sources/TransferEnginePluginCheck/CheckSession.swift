@@ -2,22 +2,31 @@ import Foundation
 import Logging
 import TransferEngine
 
-/// The two engines of the engine checks: a `serve` child owning the target buffer and an
-/// engine in this process, with source and sink buffers registered.
+/// The two engines of the engine checks: a `serve` child owning the target and an engine in
+/// this process, with source and sink buffers registered. The target is the peer's buffer that
+/// routes through the checked plugin first (its serve buffer, or a range the plugin serves
+/// itself, e.g. an NVMe namespace); `watch` sees the engine fall back to another transport.
 final class Session: @unchecked Sendable {
     let engine: TransferEngine
     let peer: PeerProcess
+    let watch: FallbackWatch
     let source = TestMemory(64 << 20)
     let sink = TestMemory(64 << 20)
     private(set) var handle: SegmentHandle
     let remote: UInt64
     let remoteLength: UInt64
+    /// Whether the target is serve's registered buffer (which its commands zero and unregister).
+    let targetIsServeBuffer: Bool
     private let directory: URL
 
     init(checker: PluginChecker, protocolName: String) throws {
         // The engines find plugins by file name: a directory of our own holds the checked file
         // under this protocol's name, ahead of every other plugin directory.
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("te-check-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("te-check-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        self.directory = directory
+        var cleanup: [() -> Void] = [{ try? FileManager.default.removeItem(at: directory) }, { [source, sink] in source.release(); sink.release() }]
+        var ready = false
+        defer { if !ready { cleanup.reversed().forEach { $0() } } }
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         let absolute = URL(fileURLWithPath: checker.path).standardizedFileURL.path
         try FileManager.default.createSymbolicLink(atPath: directory.appendingPathComponent("libtransport_\(protocolName).so").path,
@@ -26,25 +35,28 @@ final class Session: @unchecked Sendable {
         environment["MC_TRANSPORT_PLUGIN_PATH"] = directory.path + (environment["MC_TRANSPORT_PLUGIN_PATH"].map { ":" + $0 } ?? "")
         environment["MC_STRICT_PROTOCOL"] = "1"
         environment["MC_TRANSFER_TIMEOUT"] = environment["MC_TRANSFER_TIMEOUT"] ?? "5"
-        peer = try PeerProcess(executable: checker.executable, protocolName: protocolName, deviceName: checker.deviceName, environment: environment)
-        (remote, remoteLength) = (peer.address, peer.length)
-        var logger = Logger(label: "plugin-check")
-        logger.logLevel = .critical
+        let peer = try PeerProcess(executable: checker.executable, protocolName: protocolName, deviceName: checker.deviceName, environment: environment)
+        self.peer = peer
+        cleanup.append { peer.kill() }
+        let watch = FallbackWatch()
+        self.watch = watch
+        let logger = Logger(label: "plugin-check") { _ in watch }
         let configuration = EngineConfiguration(localHostname: "127.0.0.1", protocolName: protocolName, deviceName: checker.deviceName)
-        do {
-            engine = try TransferEngine(configuration: configuration, environment: environment, logger: logger)
-        } catch {
-            peer.kill()
-            throw error
-        }
-        guard engine.activeProtocol == protocolName else {
-            engine.shutdown()
-            peer.kill()
-            throw CheckFailure("the engine runs \(engine.activeProtocol), not \(protocolName)")
-        }
+        let engine = try TransferEngine(configuration: configuration, environment: environment, logger: logger)
+        self.engine = engine
+        cleanup.append { engine.shutdown() }
+        guard engine.activeProtocol == protocolName else { throw CheckFailure("the engine runs \(engine.activeProtocol), not \(protocolName)") }
         try engine.registerMemory(address: source.address, length: UInt64(source.count), location: "cpu:0")
         try engine.registerMemory(address: sink.address, length: UInt64(sink.count), location: "cpu:0")
         handle = try engine.openSegment(peer.segment)
+        let routes = try engine.routes(segment: handle)
+        let through = routes.filter { $0.order.first?.protocolName == protocolName }
+        guard let target = through.first(where: { $0.address == peer.address }) ?? through.first else {
+            let seen = routes.map { "0x\(String($0.address, radix: 16)) via \($0.order.map(\.protocolName).joined(separator: ","))" }.joined(separator: "; ")
+            throw CheckFailure("no buffer of the peer routes through \(protocolName) (\(seen)); the plugin's register_memory may send peers to another transport")
+        }
+        (remote, remoteLength, targetIsServeBuffer) = (target.address, target.length, target.address == peer.address)
+        ready = true
     }
 
     /// Takes the peer's current descriptor (after it registered again).
@@ -78,9 +90,9 @@ final class PeerProcess: @unchecked Sendable {
     let process = Process()
     private let input = Pipe()
     private let output = Pipe()
-    let segment: String
-    let address: UInt64
-    let length: UInt64
+    private(set) var segment = ""
+    private(set) var address: UInt64 = 0
+    private(set) var length: UInt64 = 0
 
     init(executable: String, protocolName: String, deviceName: String, environment: [String: String]) throws {
         process.executableURL = URL(fileURLWithPath: executable)
@@ -92,7 +104,7 @@ final class PeerProcess: @unchecked Sendable {
         process.standardError = FileHandle.nullDevice
         try process.run()
         guard let line = Self.readLine(output, timeout: 60), line.hasPrefix("READY") else {
-            process.terminate()
+            kill()
             throw CheckFailure("serve did not start (is the plugin usable with these settings? run `transfer-engine serve --protocol \(protocolName)` to see why)")
         }
         var fields: [String: String] = [:]
@@ -102,7 +114,7 @@ final class PeerProcess: @unchecked Sendable {
         }
         guard let segment = fields["segment"], let buffer = fields["buffer"], let address = UInt64(buffer.dropFirst(2), radix: 16),
               let length = fields["length"].flatMap({ UInt64($0) }), fields["protocol"] == protocolName else {
-            process.terminate()
+            kill()
             throw CheckFailure("serve's READY line is not what was expected: \(line)")
         }
         (self.segment, self.address, self.length) = (segment, address, length)
@@ -110,8 +122,7 @@ final class PeerProcess: @unchecked Sendable {
 
     /// Sends one command line and returns the answer line (nil after 30 s or when the process is gone).
     func command(_ text: String) -> String? {
-        guard process.isRunning else { return nil }
-        input.fileHandleForWriting.write(Data((text + "\n").utf8))
+        guard process.isRunning, (try? input.fileHandleForWriting.write(contentsOf: Data((text + "\n").utf8))) != nil else { return nil }
         return Self.readLine(output, timeout: 30)
     }
 
@@ -166,4 +177,27 @@ final class TestMemory: @unchecked Sendable {
     func clear(_ length: Int) { memset(pointer, 0, min(length + 3 * 4097, count)) }
     func equals(_ other: TestMemory, _ length: Int) -> Bool { memcmp(pointer, other.pointer, length) == 0 }
     func release() { free(pointer) }
+}
+
+/// A log handler that keeps the lines in which the engine gives up on a transport for a peer
+/// ("cannot reach", "failing over"): in the checks, requests must go through the plugin.
+final class FallbackWatch: LogHandler, @unchecked Sendable {
+    private let lock = NSLock()
+    private var seen: [String] = []
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .info
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        let text = "\(event.message)"
+        guard text.contains(" cannot reach ") || text.contains("failing over") else { return }
+        lock.withLock { seen.append(text) }
+    }
+
+    /// The fallbacks since the last call, cleared.
+    func take() -> [String] { lock.withLock { defer { seen.removeAll() }; return seen } }
 }

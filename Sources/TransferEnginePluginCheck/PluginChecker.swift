@@ -56,79 +56,62 @@ public struct PluginChecker: Sendable {
     // MARK: Vtable checks in child processes
 
     private func vtableChecks(progress: (PluginCheckResult) -> Void) -> [PluginCheckResult] {
+        let names = PluginVtableCheck.names
         var results: [PluginCheckResult] = []
         var next = 0
-        while next < PluginVtableCheck.names.count {
-            let (lines, ending) = runChild(["plugins", "--check-step", "vtable", "--check-from", "\(next)", "--device-name", deviceName]
-                                           + (protocolName.map { ["--protocol", $0] } ?? []) + ["--check", path], timeout: 300)
+        while next < names.count {
+            // Results come back through a file of their own: the plugin shares the child's stdout.
+            let report = FileManager.default.temporaryDirectory.appendingPathComponent("te-check-\(getpid())-\(next).txt").path
+            _ = unlink(report)
+            let ending = runChild(["plugins", "--check-step", "vtable", "--check-from", "\(next)", "--check-report", report, "--device-name", deviceName]
+                                  + (protocolName.map { ["--protocol", $0] } ?? []) + ["--check", path], timeout: 300)
+            let lines = (try? String(contentsOfFile: report, encoding: .utf8))?.split(separator: "\n").map(String.init) ?? []
+            _ = unlink(report)
             var begun: Int? = nil
+            var reported: [Int: PluginCheckResult] = [:]
             for line in lines {
-                if line.hasPrefix("BEGIN\t"), let index = Int(line.dropFirst(6)) { begun = index }
-                if let result = PluginCheckResult.parse(line: line) {
-                    results.append(result)
-                    progress(result)
-                    next = (begun ?? next) + 1
-                    begun = nil
+                if line.hasPrefix("BEGIN\t"), let index = Int(line.dropFirst(6)), index >= next, index < names.count { begun = index }
+                if let (index, result) = PluginCheckResult.parse(line: line), index >= next, index < names.count, reported[index] == nil {
+                    reported[index] = result
                 }
             }
-            if next >= PluginVtableCheck.names.count { break }
-            // The child ended inside a check: that check failed; the next child starts after it.
-            let index = begun ?? next
-            let result = PluginCheckResult(PluginVtableCheck.names[index], .failed("the checker's child process \(ending) during this check"))
+            // One result per check, in order; the first check without one is where the child ended.
+            while next < names.count, let result = reported[next] {
+                results.append(result)
+                progress(result)
+                next += 1
+            }
+            guard next < names.count else { break }
+            let why = begun == next ? "the checker's child process \(ending) during this check"
+                : "the checker's child process \(ending) before reporting this check"
+            let result = PluginCheckResult(names[next], .failed(why))
             results.append(result)
             progress(result)
-            next = index + 1
+            next += 1
         }
         return results
     }
 
-    /// Runs this program with `arguments`; its output lines and how it ended.
-    func runChild(_ arguments: [String], timeout: TimeInterval) -> (lines: [String], ending: String) {
+    /// Runs this program with `arguments` (output discarded); how it ended.
+    func runChild(_ arguments: [String], timeout: TimeInterval) -> String {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         process.environment = environment
-        let output = Pipe()
-        process.standardOutput = output
+        process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         process.standardInput = FileHandle.nullDevice
-        do { try process.run() } catch { return ([], "could not start (\(error))") }
-        let collected = LockedText()
-        let reader = Thread {
-            while true {
-                let chunk = output.fileHandleForReading.availableData
-                if chunk.isEmpty { break }
-                collected.append(chunk)
-            }
-        }
-        reader.start()
+        do { try process.run() } catch { return "could not start (\(error))" }
         let deadline = Date().addingTimeInterval(timeout)
         while process.isRunning && Date() < deadline { usleep(20_000) }
-        var ending: String
         if process.isRunning {
             kill(process.processIdentifier, SIGKILL)
-            ending = "did not finish within \(Int(timeout)) s"
-        } else {
-            ending = ""
+            process.waitUntilExit()
+            return "did not finish within \(Int(timeout)) s"
         }
         process.waitUntilExit()
-        while !collected.finished(reader) { usleep(5_000) }
-        if ending.isEmpty {
-            ending = process.terminationReason == .uncaughtSignal ? "was killed by signal \(process.terminationStatus) (\(String(cString: strsignal(process.terminationStatus))))"
-                : "exited with status \(process.terminationStatus)"
-        }
-        return (collected.lines, ending)
+        return process.terminationReason == .uncaughtSignal
+            ? "was killed by signal \(process.terminationStatus) (\(String(cString: strsignal(process.terminationStatus))))"
+            : "exited with status \(process.terminationStatus)"
     }
-}
-
-/// Output gathered by a reader thread.
-final class LockedText: @unchecked Sendable {
-    private let lock = NSLock()
-    private var data = Data()
-
-    func append(_ chunk: Data) { lock.withLock { data.append(chunk) } }
-
-    func finished(_ reader: Thread) -> Bool { reader.isFinished }
-
-    var lines: [String] { lock.withLock { String(decoding: data, as: UTF8.self).split(separator: "\n").map(String.init) } }
 }

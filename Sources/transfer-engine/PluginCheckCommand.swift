@@ -12,26 +12,28 @@ struct PluginCheckCommand {
     let json: Bool
     let step: String?
     let from: Int
+    let report: String?
 
     func run() throws {
         let environment = ProcessInfo.processInfo.environment
         if step == "vtable" {
-            // The child: one line per check, flushed, so the parent knows where a crash happened.
+            // The child: a line before and after each check, written straight to the report file
+            // (not stdout, which the plugin shares), so the parent knows where a crash happened.
+            let fd = open(report ?? "/dev/null", O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw ValidationError("cannot open the report file \(report ?? "")") }
+            defer { close(fd) }
+            func put(_ line: String) { _ = (line + "\n").withCString { Glibc.write(fd, $0, strlen($0)) } }
             PluginVtableCheck.run(path: file, protocolName: protocolName, options: { chosen in
                 var configuration = EngineConfiguration()
                 configuration.deviceName = deviceName
                 return TransferEngine.pluginOptions(configuration: configuration, segmentName: "127.0.0.1:1", environment: environment, protocolName: chosen)
-            }, from: from, begin: { index in
-                print("BEGIN\t\(index)")
-                fflush(nil)
-            }, emit: { _, result in
-                print(result.line)
-                fflush(nil)
-            })
+            }, from: from, begin: { index in put("BEGIN\t\(index)") }, emit: { index, result in put(result.line(index: index)) })
             return
         }
         guard FileManager.default.fileExists(atPath: file) else { throw ValidationError("\(file): no such file") }
-        let checker = PluginChecker(executable: Self.executable, path: file, protocolName: protocolName, deviceName: deviceName, environment: environment)
+        // Absolute: dlopen of a bare name searches the library path, not this directory.
+        let path = URL(fileURLWithPath: file).standardizedFileURL.path
+        let checker = PluginChecker(executable: Self.executable, path: path, protocolName: protocolName, deviceName: deviceName, environment: environment)
         if !json { print("checking \(file)\(protocolName.map { " as \($0)" } ?? "")") }
         let results = checker.run { result in
             guard !json else { return }

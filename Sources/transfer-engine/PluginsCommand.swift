@@ -34,9 +34,12 @@ struct PluginsCommand: ParsableCommand {
     @Option(name: .customLong("check-from"), help: .hidden)
     var checkFrom = 0
 
+    @Option(name: .customLong("check-report"), help: .hidden)
+    var checkReport: String?
+
     func run() throws {
         if let checkFile {
-            try PluginCheckCommand(file: checkFile, protocolName: protocolName, deviceName: deviceName, json: json, step: checkStep, from: checkFrom).run()
+            try PluginCheckCommand(file: checkFile, protocolName: protocolName, deviceName: deviceName, json: json, step: checkStep, from: checkFrom, report: checkReport).run()
             return
         }
         let environment = ProcessInfo.processInfo.environment

@@ -76,8 +76,13 @@ struct PluginCheckTests {
                 continue
             }
             let (status, results) = try check(file, settings)
-            let notPassed = results.filter { $0.value.result != "pass" }
+            // nvmeof's checks run against the peer's namespace (registered memory goes over tcp):
+            // there is no registered buffer to unregister under it.
+            let expectedSkips: Set<String> = name == "nvmeof" ? ["refused after the peer unregistered"] : []
+            let notPassed = results.filter { $0.value.result != "pass" && !expectedSkips.contains($0.key) }
             #expect(notPassed.isEmpty, "\(name): \(notPassed)")
+            for skip in expectedSkips { #expect(results[skip]?.result == "skip", "\(name): \(skip)") }
+            #expect(results["sizes 1 B to 16 MiB"]?.detail.contains("through the plugin") == true, "\(name)")
             #expect(status == 0, "\(name)")
         }
     }

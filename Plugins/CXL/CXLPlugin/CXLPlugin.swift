@@ -105,6 +105,11 @@ final class CXLInstance: TransportInstance, @unchecked Sendable {
         return "{\"cxl_offset\":\(address - base)}"
     }
 
+    /// Only a register that exposed a range (its fragment names the offset) has anything to undo.
+    func registrationNotDelivered(address: UInt64, fragment: String) {
+        if fragment.contains("cxl_offset") { unregister(address: address) }
+    }
+
     /// Conceals an unregistered range from peers once no registration covers it.
     func unregister(address: UInt64) { reportStuck(exposed.unregister(address: address), address) }
 

@@ -128,7 +128,7 @@ private func kitRegister(_ pointer: OpaquePointer?, _ address: UInt64, _ length:
         let fragment = try instance.register(address: address, length: length, location: CText.read(location, or: "*"))
         let status = CText.write(fragment, to: out)
         // The host asks again with a larger buffer: that second register must find nothing exposed.
-        if status != TE_OK { try? instance.unregister(address: address) }
+        if status != TE_OK { instance.registrationNotDelivered(address: address, fragment: fragment) }
         return status
     }
 }

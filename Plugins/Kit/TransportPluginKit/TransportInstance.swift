@@ -28,6 +28,10 @@ public protocol TransportInstance: AnyObject {
     /// Unregisters the buffer that starts at `address`: no peer reaches it afterwards.
     func unregister(address: UInt64) throws(PluginFailure)
 
+    /// `register` answered `fragment`, which did not fit the host's buffer; the host registers
+    /// `address` again with a larger one. Undo what that register did (default: `unregister`).
+    func registrationNotDelivered(address: UInt64, fragment: String)
+
     /// Prepares to talk to a peer from its segment descriptor; returns a nonzero handle.
     func openPeer(segment: String, descriptor: String) throws(PluginFailure) -> UInt64
 
@@ -56,6 +60,8 @@ public protocol TransportInstance: AnyObject {
 }
 
 extension TransportInstance {
+    public func registrationNotDelivered(address: UInt64, fragment: String) { try? unregister(address: address) }
+
     /// Plugins that need no handshake of their own answer with an empty reply message.
     public func answerHandshake(_ request: String) throws(PluginFailure) -> String { "{\"reply_msg\":\"\"}" }
 

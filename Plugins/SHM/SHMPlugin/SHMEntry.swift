@@ -75,6 +75,11 @@ extension SHMInstance {
         return "{" + fields.joined(separator: ",") + "}"
     }
 
+    /// Only a register that exposed the buffer (its fragment names the access slot) has anything to undo.
+    func registrationNotDelivered(address: UInt64, fragment: String) {
+        if fragment.contains("shm_slot") { unregister(address: address) }
+    }
+
     /// Revokes peers' access: from now on they are refused, and copies in flight are waited for.
     func unregister(address: UInt64) {
         if let stuck = access.conceal(address: address), stuck > 0 {
@@ -147,9 +152,12 @@ extension SHMInstance {
         return handle
     }
 
+    /// Forgets a peer. Its pidfd stays open while copies that hold it are queued or running.
     func closePeer(_ handle: UInt64) {
         signal.locked {
-            if let closed = peers.removeValue(forKey: handle), closed.pidfd >= 0 { _ = shm_close(closed.pidfd) }
+            guard let closed = peers.removeValue(forKey: handle), closed.pidfd >= 0 else { return }
+            retiredPidfds.append(closed.pidfd)
+            closeRetiredIfIdle()
         }
     }
 

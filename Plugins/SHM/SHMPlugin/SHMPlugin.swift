@@ -87,6 +87,10 @@ final class SHMInstance: TransportInstance, @unchecked Sendable {
     @exclusivity(unchecked) var done = CompletionQueue()
     @exclusivity(unchecked) var stopping = false
     @exclusivity(unchecked) var workers = 0
+    /// Copies the copy threads are making right now (taken from the queue, not yet completed).
+    @exclusivity(unchecked) var copying = 0
+    /// pidfds of closed peers that queued or running copies may still check; closed once idle.
+    var retiredPidfds: [Int32] = []
     /// Managed buffers this engine allocated as memfds, by address.
     var allocations: [UInt64: (fd: Int32, length: UInt64, inode: UInt64)] = [:]
     /// Peers' memfds mapped here: "pid:fd:inode" -> (address, size).
@@ -127,6 +131,7 @@ final class SHMInstance: TransportInstance, @unchecked Sendable {
                 if stopping && queueHead >= queue.count { return nil }
                 let item = queue[queueHead]
                 queueHead += 1
+                copying += 1
                 if queueHead > 4096 && queueHead * 2 > queue.count { queue.removeFirst(queueHead); queueHead = 0 }
                 return item
             }
@@ -136,6 +141,8 @@ final class SHMInstance: TransportInstance, @unchecked Sendable {
             }
             let completion = copy(work)
             signal.locked {
+                copying -= 1
+                defer { closeRetiredIfIdle() }
                 guard let pieces = work.pieces else {
                     done.append(completion)
                     signal.broadcast()
@@ -226,8 +233,18 @@ final class SHMInstance: TransportInstance, @unchecked Sendable {
             mappings.removeAll()
             for (_, peer) in peers where peer.pidfd >= 0 { _ = shm_close(peer.pidfd) }
             peers.removeAll()
+            for fd in retiredPidfds { _ = shm_close(fd) }
+            retiredPidfds.removeAll()
         }
         access.close()
+    }
+
+    /// Closes the pidfds of closed peers once no copy is queued or running (one might still check
+    /// its owner through it); caller holds the lock.
+    func closeRetiredIfIdle() {
+        guard !retiredPidfds.isEmpty, copying == 0, queueHead >= queue.count else { return }
+        for fd in retiredPidfds { _ = shm_close(fd) }
+        retiredPidfds.removeAll()
     }
 
     /// Where a peer's memfd buffer is mapped here (mapping it on first use); caller holds the lock.

@@ -81,11 +81,13 @@ extension TransferEngine {
         }
     }
 
-    /// Completions plugins reported for requests not in flight (twice, or never submitted): a
-    /// plugin bug, counted for `plugins --check`.
+    /// Completions plugins reported for requests not in flight (twice, or never submitted), and
+    /// for synchronous requests whose caller no longer waited (after a timeout, or twice): a
+    /// plugin bug when no transfer timed out. Counted for `plugins --check`.
     public var pluginStrayCompletions: Int {
         state.withLock { $0.transports }.reduce(0) { sum, transport in
-            sum + ((transport as? PluginTransport)?.strayCompletions.load(ordering: .relaxed) ?? 0)
+            guard let plugin = transport as? PluginTransport else { return sum }
+            return sum + plugin.strayCompletions.load(ordering: .relaxed) + plugin.unclaimedSyncCompletions.load(ordering: .relaxed)
         }
     }
 

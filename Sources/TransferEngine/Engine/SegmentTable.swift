@@ -99,20 +99,27 @@ extension TransferEngine {
 
     /// Re-fetches an opened segment's descriptor (after the peer registered more memory or
     /// restarted). Links are kept while the peer's ports, transport fields and buffers are
-    /// unchanged; otherwise they are closed and reopened on next use, so a transport that keeps
-    /// per-buffer state (rkeys, access slots) gets the fresh descriptor.
+    /// unchanged. A restarted peer (ports or transport fields changed) has every link closed and
+    /// reopened on next use; a peer whose buffers changed has its plugin links reopened, since a
+    /// plugin keeps per-buffer state from the descriptor it opened with (rkeys, access slots),
+    /// while its TCP link, which looks buffers up per request, stays.
     public func refreshSegment(_ handle: SegmentHandle) throws {
         guard handle != 0 else { return }
         let peer = try peer(handle)
         let fresh = try locate(peer.name).descriptor
         let stale: [any TransportPeer] = state.withLock { _ in
             let restarted = fresh.tcpDataPort != peer.descriptor.tcpDataPort || fresh.extra != peer.descriptor.extra
-                || fresh.buffers != peer.descriptor.buffers
+            let buffersChanged = fresh.buffers != peer.descriptor.buffers
             peer.descriptor = fresh
             peer.forgetRoutes()
-            guard restarted else { return [] }
-            defer { peer.links.removeAll(); peer.unreachable.removeAll() }
-            return Array(peer.links.values)
+            if restarted {
+                defer { peer.links.removeAll(); peer.unreachable.removeAll() }
+                return Array(peer.links.values)
+            }
+            guard buffersChanged else { return [] }
+            let plugin = peer.links.filter { $0.value is PluginPeer }
+            for key in plugin.keys { peer.links.removeValue(forKey: key) }
+            return Array(plugin.values)
         }
         for link in stale { link.close() }
     }

@@ -56,6 +56,8 @@ extension PluginTransport {
             if state.syncWaiting.contains(cookie) {
                 state.syncResults.append(SyncResult(cookie: cookie, status: status, reason: reason))
                 syncReapedElsewhere.add(1, ordering: .relaxed)
+            } else {
+                unclaimedSyncCompletions.add(1, ordering: .relaxed)
             }
             return nil
         }

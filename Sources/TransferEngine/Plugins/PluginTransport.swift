@@ -64,6 +64,9 @@ final class PluginTransport: Transport, @unchecked Sendable {
     let syncReapedElsewhere = Atomic<Int>(0)
     /// Completions for cookies that are not in flight: reported twice, or never submitted (a plugin bug).
     let strayCompletions = Atomic<Int>(0)
+    /// Completions of synchronous requests whose caller was no longer waiting: after it timed
+    /// out, or reported twice.
+    let unclaimedSyncCompletions = Atomic<Int>(0)
     /// Moving average of how long recent small synchronous transfers took to complete (ns).
     let syncAverageNs = Atomic<UInt64>(0)
     /// The longest a synchronous caller busy-polls for, however slow its transfers are.

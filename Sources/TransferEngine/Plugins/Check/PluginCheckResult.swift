@@ -38,19 +38,21 @@ public struct PluginCheckResult: Sendable, Equatable {
         }
     }
 
-    /// One line for a child process to hand results to its parent: name, word and text, tab-separated.
-    public var line: String {
-        "RESULT\t\(name)\t\(word)\t\(explanation.replacingTabsAndNewlines)"
+    /// One line for a child process to hand the result of check `index` to its parent: index,
+    /// name, word and text, tab-separated.
+    public func line(index: Int) -> String {
+        "RESULT\t\(index)\t\(name.replacingTabsAndNewlines)\t\(word)\t\(explanation.replacingTabsAndNewlines)"
     }
 
-    /// Parses `line`; nil for another line.
-    public static func parse(line: String) -> PluginCheckResult? {
+    /// Parses a `line(index:)` line; nil for another line.
+    public static func parse(line: String) -> (index: Int, result: PluginCheckResult)? {
         let parts = line.split(separator: "\t", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count == 4, parts[0] == "RESULT" else { return nil }
-        switch parts[2] {
-        case "pass": return PluginCheckResult(parts[1], .passed, detail: parts[3])
-        case "FAIL": return PluginCheckResult(parts[1], .failed(parts[3]))
-        default: return PluginCheckResult(parts[1], .skipped(parts[3]))
+        guard parts.count == 5, parts[0] == "RESULT", let index = Int(parts[1]) else { return nil }
+        switch parts[3] {
+        case "pass": return (index, PluginCheckResult(parts[2], .passed, detail: parts[4]))
+        case "FAIL": return (index, PluginCheckResult(parts[2], .failed(parts[4])))
+        case "skip": return (index, PluginCheckResult(parts[2], .skipped(parts[4])))
+        default: return nil
         }
     }
 }
