@@ -64,7 +64,7 @@ public struct PluginChecker: Sendable {
             let report = FileManager.default.temporaryDirectory.appendingPathComponent("te-check-\(getpid())-\(next).txt").path
             _ = unlink(report)
             let ending = runChild(["plugins", "--check-step", "vtable", "--check-from", "\(next)", "--check-report", report, "--device-name", deviceName]
-                                  + (protocolName.map { ["--protocol", $0] } ?? []) + ["--check", path], timeout: 300)
+                                  + (protocolName.map { ["--protocol", $0] } ?? []) + ["--check", path], progress: report)
             let lines = (try? String(contentsOfFile: report, encoding: .utf8))?.split(separator: "\n").map(String.init) ?? []
             _ = unlink(report)
             var begun: Int? = nil
@@ -92,8 +92,12 @@ public struct PluginChecker: Sendable {
         return results
     }
 
-    /// Runs this program with `arguments` (output discarded); how it ended.
-    func runChild(_ arguments: [String], timeout: TimeInterval) -> String {
+    /// How long one vtable check may run before its child is stopped (TE_CHECK_TIMEOUT_S, 60 s).
+    var checkTimeout: TimeInterval { environment["TE_CHECK_TIMEOUT_S"].flatMap { TimeInterval($0) }.map { min(max($0, 1), 3600) } ?? 60 }
+
+    /// Runs this program with `arguments` (output discarded); how it ended. The child is stopped
+    /// when its report file `progress` has not grown for `checkTimeout` (a check hangs).
+    func runChild(_ arguments: [String], progress: String) -> String {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
@@ -102,12 +106,18 @@ public struct PluginChecker: Sendable {
         process.standardError = FileHandle.nullDevice
         process.standardInput = FileHandle.nullDevice
         do { try process.run() } catch { return "could not start (\(error))" }
-        let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline { usleep(20_000) }
-        if process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
-            return "did not finish within \(Int(timeout)) s"
+        var size = -1
+        var lastChange = Date()
+        while process.isRunning {
+            var info = stat()
+            let now = stat(progress, &info) == 0 ? Int(info.st_size) : 0
+            if now != size { (size, lastChange) = (now, Date()) }
+            if Date().timeIntervalSince(lastChange) > checkTimeout {
+                kill(process.processIdentifier, SIGKILL)
+                process.waitUntilExit()
+                return "did not finish the check within \(Int(checkTimeout)) s and was stopped"
+            }
+            usleep(20_000)
         }
         process.waitUntilExit()
         return process.terminationReason == .uncaughtSignal

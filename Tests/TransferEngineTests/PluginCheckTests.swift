@@ -46,13 +46,17 @@ struct PluginCheckTests {
 
     @Test("each deliberate fault fails the check it breaks, and the run goes on after a crash",
           arguments: [("SHARED_ERROR", "last_error per thread"), ("CRASH", "hostile peer descriptors"), ("TWICE", "each completion reported once"),
-                      ("NO_REVOKE", "refused after the peer unregistered"), ("SIZE", "abi version")])
+                      ("NO_REVOKE", "refused after the peer unregistered"), ("SIZE", "abi version"), ("HANG", "hostile handshakes")])
     func faultsFail(_ fault: String, _ broken: String) throws {
-        let (status, results) = try check(try buildExample(fault: fault), protocolName: "loopback")
+        let (status, results) = try check(try buildExample(fault: fault), protocolName: "loopback", ["TE_CHECK_TIMEOUT_S": "3"])
         #expect(status != 0, "a failed check makes the exit status non-zero")
         #expect(results[broken]?.result == "fail", "\(fault): \(broken) \(results[broken].map { "\($0)" } ?? "missing")")
         let otherFailures = results.filter { $0.value.result == "fail" && $0.key != broken }
         #expect(otherFailures.isEmpty, "\(fault): only \(broken) fails: \(otherFailures)")
+        if fault == "HANG" {
+            #expect(results[broken]?.detail.contains("within 3 s") == true, "\(results[broken].map { "\($0)" } ?? "")")
+            #expect(results["submit and poll arguments"]?.result == "pass", "the checks after the hang ran")
+        }
         if fault == "CRASH" {
             // The checks after the crash ran in a fresh child process.
             #expect(results["hostile handshakes"]?.result == "pass")

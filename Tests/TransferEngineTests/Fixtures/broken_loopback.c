@@ -63,6 +63,12 @@ static int32_t trusting_on_handshake(te_instance *self, const char *request, te_
     return on_handshake(self, request, reply);
 }
 
+/* FAULT_HANG: a handshake request that starts with '[' never returns. */
+static int32_t hanging_on_handshake(te_instance *self, const char *request, te_buffer *reply) {
+    if (request && request[0] == '[') for (;;) pause();
+    return on_handshake(self, request, reply);
+}
+
 static te_plugin_descriptor broken;
 
 __attribute__((visibility("default"))) const te_plugin_descriptor *te_transport_plugin_entry(void) {
@@ -77,6 +83,8 @@ __attribute__((visibility("default"))) const te_plugin_descriptor *te_transport_
     broken.poll = twice_poll;
 #elif defined(FAULT_NO_REVOKE)
     broken.on_handshake = trusting_on_handshake;
+#elif defined(FAULT_HANG)
+    broken.on_handshake = hanging_on_handshake;
 #elif defined(FAULT_SIZE)
     broken.struct_size = (uint32_t)TE_PLUGIN_DESCRIPTOR_V1_SIZE; /* says ABI 1.1, sized as 1.0 */
 #endif
