@@ -60,7 +60,8 @@ struct PluginCheckTests {
         if fault == "CRASH" {
             // The checks after the crash ran in a fresh child process.
             #expect(results["hostile handshakes"]?.result == "pass")
-            #expect(results["hostile peer descriptors"]?.detail.contains("signal 11") == true)
+            // Killed by SIGSEGV, or (under a sanitizer, which catches it) exited with its status.
+            #expect(results["hostile peer descriptors"]?.detail.contains("during this check") == true)
         }
     }
 
