@@ -28,36 +28,26 @@ public struct PluginChecker: Sendable {
 
     /// Runs every check; `progress` gets each result as it comes.
     public func run(progress: (PluginCheckResult) -> Void = { _ in }) -> [PluginCheckResult] {
-        var results = vtableChecks(progress: progress)
-        let declared = results.first { $0.name == "name and protocols" }
+        var (results, chosen) = vtableChecks(progress: progress)
         let probe = results.first { $0.name == "probe" }
-        let chosen = protocolName ?? declared.flatMap { Self.protocolChecked(in: $0.detail, file: path) } ?? ""
         let skip: String?
-        if case .passed = probe?.outcome, probe?.detail.hasPrefix("ok") == true, !chosen.isEmpty {
+        if case .passed = probe?.outcome, probe?.detail.hasPrefix("ok") == true, let chosen, !chosen.isEmpty {
             skip = nil
         } else {
             skip = probe == nil || probe?.word == "skip" ? "the plugin did not load" : "probe did not answer ok (see probe)"
         }
-        let battery = EngineBattery(checker: self, protocolName: chosen)
+        let battery = EngineBattery(checker: self, protocolName: protocolName ?? chosen ?? "")
         results += battery.run(skip: skip, progress: progress)
         return results
     }
 
-    /// The protocol checked, from the "name and protocols" detail ("NAME VERSION, protocols a,b,
-    /// capabilities ..."): the one the file is named after (libtransport_<protocol>.so), else the first.
-    static func protocolChecked(in detail: String, file: String) -> String? {
-        guard let start = detail.range(of: "protocols "), let end = detail.range(of: ", capabilities") else { return nil }
-        let declared = detail[start.upperBound..<end.lowerBound].split(separator: ",").map(String.init)
-        let name = String(file.split(separator: "/").last ?? "")
-        let named = name.hasPrefix("libtransport_") && name.hasSuffix(".so") ? String(name.dropFirst(13).dropLast(3)) : ""
-        return declared.contains(named) ? named : declared.first
-    }
-
     // MARK: Vtable checks in child processes
 
-    private func vtableChecks(progress: (PluginCheckResult) -> Void) -> [PluginCheckResult] {
+    /// The vtable checks' results, and the protocol the children checked.
+    private func vtableChecks(progress: (PluginCheckResult) -> Void) -> ([PluginCheckResult], String?) {
         let names = PluginVtableCheck.names
         var results: [PluginCheckResult] = []
+        var chosen: String? = nil
         var next = 0
         while next < names.count {
             // Results come back through a file of their own: the plugin shares the child's stdout.
@@ -70,6 +60,7 @@ public struct PluginChecker: Sendable {
             var begun: Int? = nil
             var reported: [Int: PluginCheckResult] = [:]
             for line in lines {
+                if line.hasPrefix("PROTOCOL\t") { chosen = String(line.dropFirst(9)) }
                 if line.hasPrefix("BEGIN\t"), let index = Int(line.dropFirst(6)), index >= next, index < names.count { begun = index }
                 if let (index, result) = PluginCheckResult.parse(line: line), index >= next, index < names.count, reported[index] == nil {
                     reported[index] = result
@@ -89,7 +80,7 @@ public struct PluginChecker: Sendable {
             progress(result)
             next += 1
         }
-        return results
+        return (results, chosen)
     }
 
     /// How long one vtable check may run before its child is stopped (TE_CHECK_TIMEOUT_S, 60 s).

@@ -27,7 +27,8 @@ struct PluginCheckCommand {
                 var configuration = EngineConfiguration()
                 configuration.deviceName = deviceName
                 return TransferEngine.pluginOptions(configuration: configuration, segmentName: "127.0.0.1:1", environment: environment, protocolName: chosen)
-            }, from: from, begin: { index in put("BEGIN\t\(index)") }, emit: { index, result in put(result.line(index: index)) })
+            }, from: from, begin: { index in put("BEGIN\t\(index)") }, emit: { index, result in put(result.line(index: index)) },
+               chosen: { put("PROTOCOL\t\($0)") })
             return
         }
         guard FileManager.default.fileExists(atPath: file) else { throw ValidationError("\(file): no such file") }

@@ -59,7 +59,7 @@ final class ExposedChunks: @unchecked Sendable {
     /// Every chunk exposed now (shutdown).
     func forgetAll() {
         lock.locked {
-            let deadline = PoolTable.now() &+ Self.graceNs
+            let deadline = monotonicNanoseconds() &+ Self.graceNs
             for chunk in counts.keys { _ = table.conceal(chunk, deadline: deadline) }
             counts.removeAll()
             registrations.removeAll()
@@ -68,7 +68,7 @@ final class ExposedChunks: @unchecked Sendable {
 
     /// Caller holds the lock.
     private func conceal(_ range: Range<Int>) -> UInt32 {
-        let deadline = PoolTable.now() &+ Self.graceNs
+        let deadline = monotonicNanoseconds() &+ Self.graceNs
         var stuck: UInt32 = 0
         for chunk in range {
             counts[chunk, default: 1] -= 1

@@ -1,4 +1,5 @@
 import CCXLShim
+import TransportPluginKit
 
 #if canImport(Glibc)
 import Glibc
@@ -150,7 +151,7 @@ struct PoolTable {
     /// count. Returns how many were dropped.
     func conceal(_ chunk: Int, deadline: UInt64) -> UInt32 {
         var inFlight = cxl_expose(accessWord(chunk), 0)
-        while inFlight > 0 && Self.now() < deadline {
+        while inFlight > 0 && monotonicNanoseconds() < deadline {
             usleep(200)
             inFlight = UInt32(truncatingIfNeeded: cxl_load(accessWord(chunk)))
         }
@@ -214,7 +215,7 @@ struct PoolTable {
     /// holding its descriptor may be inside), and only then returned to the pool.
     func reclaimDead() -> Int {
         var freed = 0
-        let deadline = Self.now() &+ Self.reclaimGraceNs
+        let deadline = monotonicNanoseconds() &+ Self.reclaimGraceNs
         for chunk in firstDataChunk..<chunks {
             let holder = cxl_load(ownerWord(chunk))
             guard holder != 0, holder != Self.reclaiming, !isLive(holder),
@@ -225,12 +226,6 @@ struct PoolTable {
             freed += 1
         }
         return freed
-    }
-
-    static func now() -> UInt64 {
-        var time = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &time)
-        return UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec)
     }
 }
 

@@ -17,15 +17,6 @@ public struct HostServices: @unchecked Sendable {
         text.withCString { log(services.pointee.host_context, level, $0) }
     }
 
-    /// The host's monotonic clock (nanoseconds), or this process's.
-    public func now() -> UInt64 {
-        guard let services, let now = services.pointee.now_ns else { return monotonicNanoseconds() }
-        return now(services.pointee.host_context)
-    }
-
-    /// Whether the host carries handshakes for the plugin.
-    public var offersHandshake: Bool { services?.pointee.handshake_send != nil }
-
     /// Sends `request` to `peer`'s handshake port through the host and returns the answer. A
     /// longer answer than `capacity` is fetched again at its size, up to `limit` bytes (so the
     /// request must be safe to repeat).

@@ -54,6 +54,4 @@ public struct PartedRequests {
         return te_completion(cookie: parent.cookie, status: parent.status, flags: 0, bytes: parent.bytes)
     }
 
-    /// How many requests still have parts in flight.
-    @inlinable public var count: Int { parents.count }
 }

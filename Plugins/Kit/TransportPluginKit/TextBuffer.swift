@@ -82,8 +82,4 @@ public enum JSONFragment {
         return out
     }
 
-    /// A JSON object from already-encoded values, keys in the given order.
-    public static func object(_ fields: [(String, String)]) -> String {
-        "{" + fields.map { string($0.0) + ":" + $0.1 }.joined(separator: ",") + "}"
-    }
 }

@@ -1,4 +1,5 @@
 import CSHMShim
+import TransportPluginKit
 
 #if canImport(Glibc)
 import Glibc
@@ -22,7 +23,7 @@ final class AccessTable: @unchecked Sendable {
     let base: UnsafeMutablePointer<UInt64>
     var size: UInt64 { UInt64(Self.slots * 8) }
     /// Held across a whole register or unregister, waits included; the data path never takes it.
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let lock = Signal()
     private var free: [Int]
     private var byAddress: [UInt64: [Int]] = [:]
     private var warnedFull = false
@@ -35,20 +36,12 @@ final class AccessTable: @unchecked Sendable {
         self.inode = inode
         base = address.assumingMemoryBound(to: UInt64.self)
         free = Array((0..<Self.slots).reversed())
-        mutex.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(mutex, nil)
-    }
-
-    private func locked<R>(_ body: () -> R) -> R {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return body()
     }
 
     /// Exposes a new registration at `address`: its slot and generation, or nil when every slot
     /// is taken (peers then cannot reach the buffer through shm).
     func expose(address: UInt64) -> (slot: Int, generation: UInt32)? {
-        locked {
+        lock.locked {
             guard let slot = free.popLast() else { return nil }
             let generation = UInt32(truncatingIfNeeded: shm_slot_load(base + slot) >> 32)
             shm_slot_store(base + slot, UInt64(generation) << 32 | 0x8000_0000)
@@ -59,7 +52,7 @@ final class AccessTable: @unchecked Sendable {
 
     /// Unmaps and closes the table (the instance is destroyed; peers' mappings stay valid, unexposed).
     func close() {
-        locked {
+        lock.locked {
             for slot in byAddress.values.joined() { _ = shm_slot_conceal(base + slot) }
             byAddress.removeAll()
         }
@@ -68,22 +61,19 @@ final class AccessTable: @unchecked Sendable {
     }
 
     /// True the first time it is asked after the table ran full (one warning per engine).
-    func firstTimeFull() -> Bool { locked { defer { warnedFull = true }; return !warnedFull } }
+    func firstTimeFull() -> Bool { lock.locked { defer { warnedFull = true }; return !warnedFull } }
 
     /// Conceals the latest registration at `address`; returns how many peers' copies were still
     /// counted after the grace period (dropped), or nil when none is known.
     func conceal(address: UInt64) -> UInt32? {
-        locked {
+        lock.locked {
             guard var slots = byAddress[address], let slot = slots.popLast() else { return nil }
             byAddress[address] = slots.isEmpty ? nil : slots
             let word = base + slot
             var inFlight = shm_slot_conceal(word)
-            var now = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            let deadline = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec) + Self.graceNs
+            let deadline = monotonicNanoseconds() + Self.graceNs
             while inFlight > 0 {
-                clock_gettime(CLOCK_MONOTONIC, &now)
-                if UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec) >= deadline { break }
+                if monotonicNanoseconds() >= deadline { break }
                 usleep(200)
                 inFlight = UInt32(truncatingIfNeeded: shm_slot_load(word)) & 0x7FFF_FFFF
             }

@@ -21,26 +21,22 @@ final class ProofSlots: @unchecked Sendable {
     static let count = 64
     private let storage = UnsafeMutableRawPointer.allocate(byteCount: nonceSize * count, alignment: 64)
     private var next = 0
-    private var mutex = pthread_mutex_t()
+    private let lock = Signal()
 
     init() {
         storage.initializeMemory(as: UInt8.self, repeating: 0, count: Self.nonceSize * Self.count)
-        pthread_mutex_init(&mutex, nil)
     }
 
-    deinit {
-        pthread_mutex_destroy(&mutex)
-        storage.deallocate()
-    }
+    deinit { storage.deallocate() }
 
     /// Puts a nonce in the next slot; the slot's address.
     func store(_ nonce: [UInt8]) -> UInt64 {
-        pthread_mutex_lock(&mutex)
-        let slot = storage + next * Self.nonceSize
-        next = (next + 1) % Self.count
-        nonce.withUnsafeBytes { slot.copyMemory(from: $0.baseAddress!, byteCount: Self.nonceSize) }
-        pthread_mutex_unlock(&mutex)
-        return UInt64(UInt(bitPattern: slot))
+        lock.locked {
+            let slot = storage + next * Self.nonceSize
+            next = (next + 1) % Self.count
+            nonce.withUnsafeBytes { slot.copyMemory(from: $0.baseAddress!, byteCount: Self.nonceSize) }
+            return UInt64(UInt(bitPattern: slot))
+        }
     }
 }
 

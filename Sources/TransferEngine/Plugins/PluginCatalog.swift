@@ -14,6 +14,13 @@ public struct PluginCatalog: Sendable {
     /// File name pattern: libtransport_<protocol>.so.
     public static let filePrefix = "libtransport_"
 
+    /// The protocol a plugin file is named after (`libtransport_<protocol>.so`, any directory), or nil.
+    public static func protocolName(ofFile path: String) -> String? {
+        let name = path.split(separator: "/").last.map(String.init) ?? path
+        guard name.hasPrefix(filePrefix), name.hasSuffix(".so"), name.count > filePrefix.count + 3 else { return nil }
+        return String(name.dropFirst(filePrefix.count).dropLast(3))
+    }
+
     /// Directories searched, in order.
     public let directories: [String]
 
@@ -41,8 +48,8 @@ public struct PluginCatalog: Sendable {
         var result: [(String, String)] = []
         var seen = Set<String>()
         for directory in directories {
-            for name in Self.list(directory).sorted() where name.hasPrefix(Self.filePrefix) && name.hasSuffix(".so") {
-                let protocolName = String(name.dropFirst(Self.filePrefix.count).dropLast(3))
+            for name in Self.list(directory).sorted() {
+                guard let protocolName = Self.protocolName(ofFile: name) else { continue }
                 guard !protocolName.isEmpty, seen.insert(protocolName).inserted else { continue }
                 result.append((protocolName, directory + "/" + name))
             }

@@ -219,8 +219,7 @@ public enum PluginLoader {
     /// Turns "libX.so.1: cannot open shared object file" into "the P plugin needs libX.so.1 (package ...)".
     static func explainDlopenFailure(_ message: String, path: String) -> String {
         let file = path.split(separator: "/").last.map(String.init) ?? path
-        let plugin = file.hasPrefix("libtransport_") && file.hasSuffix(".so")
-            ? String(file.dropFirst("libtransport_".count).dropLast(3)) : file
+        let plugin = PluginCatalog.protocolName(ofFile: file) ?? file
         if let range = message.firstRange(of: ": cannot open shared object file") {
             let library = String(message[..<range.lowerBound]).split(separator: "/").last.map(String.init) ?? ""
             if !library.isEmpty, library != file {

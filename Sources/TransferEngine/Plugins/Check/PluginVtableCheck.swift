@@ -52,18 +52,18 @@ public enum PluginVtableCheck {
 
     /// Runs the checks from index `start` (the ones before it only to learn what later ones need),
     /// calling `begin` before each and `emit` with each result.
+    /// `chosen` gets the protocol checked (the requested one, else the one the file is named after
+    /// if it serves it, else the first it declares) once the plugin has loaded.
     public static func run(path: String, protocolName: String?, options: (String) -> String, from start: Int = 0,
-                           begin: (Int) -> Void = { _ in }, emit: (Int, PluginCheckResult) -> Void) {
+                           begin: (Int) -> Void = { _ in }, emit: (Int, PluginCheckResult) -> Void, chosen: (String) -> Void = { _ in }) {
         let context = Context(path: path, protocolName: protocolName ?? "", options: "")
         var protocolChosen = protocolName
         let steps: [(Context) -> PluginCheckResult] = [
             loads, entrySymbol, abiVersion, descriptorEntries, { c in
                 let result = namesAndProtocols(c, requested: protocolName)
-                // The protocol the file is named after (libtransport_<protocol>.so), else the first declared.
                 if protocolChosen == nil, let declared = c.loaded?.info.protocols {
-                    let file = String(path.split(separator: "/").last ?? "")
-                    let named = file.hasPrefix("libtransport_") && file.hasSuffix(".so") ? String(file.dropFirst(13).dropLast(3)) : ""
-                    protocolChosen = declared.contains(named) ? named : declared.first
+                    let named = PluginCatalog.protocolName(ofFile: path)
+                    protocolChosen = named.flatMap { declared.contains($0) ? $0 : nil } ?? declared.first
                 }
                 return result
             },
@@ -73,6 +73,7 @@ public enum PluginVtableCheck {
             let result = step(context)
             if index >= start { emit(index, result) }
         }
+        if let protocolChosen { chosen(protocolChosen) }
         let checked = Context(path: path, protocolName: protocolChosen ?? "", options: options(protocolChosen ?? ""))
         (checked.handle, checked.raw, checked.loaded, checked.loadFailure) = (context.handle, context.raw, context.loaded, context.loadFailure)
         let later: [(Context) -> PluginCheckResult] = [
@@ -160,8 +161,7 @@ public enum PluginVtableCheck {
         if let requested, !info.protocols.contains(requested) {
             return PluginCheckResult("name and protocols", .failed("it does not serve '\(requested)' (it declares \(info.protocols.joined(separator: ",")))"))
         }
-        let file = String(c.path.split(separator: "/").last ?? "")
-        let named = file.hasPrefix("libtransport_") && file.hasSuffix(".so") && info.protocols.contains(String(file.dropFirst(13).dropLast(3)))
+        let named = PluginCatalog.protocolName(ofFile: c.path).map(info.protocols.contains) ?? false
         let note = named ? "" : "; install it as libtransport_<protocol>.so so the engine finds it"
         let memory = info.capabilities & (TE_CAP_MEM_HOST | TE_CAP_MEM_DEVICE | TE_CAP_MEM_STORAGE)
         let operations = info.capabilities & (TE_CAP_OP_READ | TE_CAP_OP_WRITE)
