@@ -164,6 +164,16 @@ targets += [
     .testTarget(name: "GPUPluginTests", dependencies: ["GPUPlugin"], path: "Tests/GPUPluginTests"),
 ]
 
+// ascend (Huawei NPUs): CANN bound at run time with dlopen (no Debian package carries it; the shim
+// declares the HIXL C API and the few ACL calls it uses), so it always builds.
+products.append(.library(name: "transport_ascend", type: .dynamic, targets: ["AscendPlugin"]))
+targets += [
+    .target(name: "CAscendShim", path: "Plugins/Ascend/CAscendShim", linkerSettings: [.linkedLibrary("dl")]),
+    .target(name: "AscendRankInfo", dependencies: ["TransportPluginKit"], path: "Plugins/Ascend/AscendRankInfo"),
+    .target(name: "AscendPlugin", dependencies: ["CTransportABI", "CAscendShim", "TransportPluginKit", "AscendRankInfo"], path: "Plugins/Ascend/AscendPlugin"),
+    .testTarget(name: "AscendPluginTests", dependencies: ["AscendRankInfo"], path: "Tests/AscendPluginTests"),
+]
+
 // libFuzzer harnesses (Fuzz/): built only by scripts/fuzz.sh, with TE_FUZZ=1 and -sanitize=fuzzer,address
 // (libFuzzer provides main; an ordinary build would fail to link them).
 if environment["TE_FUZZ"] == "1" {
