@@ -269,7 +269,8 @@ typedef struct te_plugin_descriptor {
      * Optional (NULL when not offered): allocates length bytes of the memory this
      * transport serves (e.g. a slice of a shared CXL pool) and sets *addr. The host
      * registers it with register_memory like any other buffer. location as in
-     * register_memory.
+     * register_memory. TE_ERR_NOT_SUPPORTED means "not for this location": the host
+     * then allocates that buffer itself (a GPU plugin asked for cpu:0 memory).
      */
     int32_t (*allocate_memory)(te_instance *instance, uint64_t length, const char *location, uint64_t *addr);
 

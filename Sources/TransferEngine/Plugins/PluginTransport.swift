@@ -164,6 +164,7 @@ final class PluginTransport: Transport, @unchecked Sendable {
         var address: UInt64 = 0
         guard let status = entered({ location.withCString { d.allocate_memory!(instance, length, $0, &address) } })
         else { throw shutDownError("allocate_memory") }
+        if status == TE_ERR_NOT_SUPPORTED { return nil }  // not for this location: the host's allocator
         try check(status, "allocate_memory(\(length))")
         return address
     }
