@@ -53,17 +53,17 @@ struct PluginTests {
 
     @Test("a protocol without a plugin falls back to TCP with exactly one warning naming the file and the package")
     func fallbackWithoutPlugin() throws {
-        // ascend has no plugin in this build (checked), so the search finds nothing.
-        #expect(!FileManager.default.fileExists(atPath: TestSupport.productsDirectory.appendingPathComponent("libtransport_ascend.so").path))
+        // barex has no plugin in this build (checked), so the search finds nothing.
+        #expect(!FileManager.default.fileExists(atPath: TestSupport.productsDirectory.appendingPathComponent("libtransport_barex.so").path))
         let (logger, capture) = TestSupport.capturingLogger()
-        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "ascend"), environment: TestSupport.cleanEnvironment(), logger: logger)
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "barex"), environment: TestSupport.cleanEnvironment(), logger: logger)
         defer { engine.shutdown() }
         #expect(engine.activeProtocol == "tcp")
         let warnings = capture.messages(at: .warning)
         #expect(warnings.count == 1)
-        #expect(warnings.first?.contains("protocol 'ascend' is unavailable") == true)
-        #expect(warnings.first?.contains("libtransport_ascend.so") == true)
-        #expect(warnings.first?.contains("transfer-engine-plugin-ascend") == true, "\(warnings)")
+        #expect(warnings.first?.contains("protocol 'barex' is unavailable") == true)
+        #expect(warnings.first?.contains("libtransport_barex.so") == true)
+        #expect(warnings.first?.contains("transfer-engine-plugin-barex") == true, "\(warnings)")
         // Debian package names have no underscores.
         #expect(ProtocolSelector.packageName("nvlink_intra") == "transfer-engine-plugin-nvlink-intra")
     }

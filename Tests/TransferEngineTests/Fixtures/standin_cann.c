@@ -3,12 +3,12 @@
  * the signatures of CANN's public headers, so loading, probing and the plugin's
  * own logic run on a machine without an NPU.
  *
- * STANDIN_NPUS (environment, default 0): how many NPUs it reports. With 0,
+ * STANDIN_NPUS (environment, or -DSTANDIN_NPUS_DEFAULT, else 0): how many NPUs it reports. With 0,
  * aclrtGetDeviceCount fails the way a host without the driver's devices does,
  * with an error text. With 1 or more, "NPU memory" is host memory and HIXL's
  * one-sided puts and gets are process_vm_writev/readv into the server's process,
- * whose registered ranges it publishes in STANDIN_DIR/<port> (default
- * /tmp/te-standin-hixl): a range the server unregistered is refused as a real
+ * whose registered ranges it publishes in STANDIN_DIR/<port> (or
+ * -DSTANDIN_DIR_DEFAULT, else /tmp/te-standin-hixl): a range the server unregistered is refused as a real
  * HIXL server's NIC would refuse it. A batch finishes on its second query.
  * Build with -DSTANDIN_OMIT_QUERY to lack HixlCSClientQueryCompleteStatus (an
  * older CANN). Not thread-safe beyond what the plugin needs (one lock). */
@@ -39,8 +39,14 @@ enum { WAITING = 0, COMPLETED = 1, STATE_FAILED = 3 };
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static __thread char recent[256];
 
-static int npus(void) { const char *n = getenv("STANDIN_NPUS"); return n ? atoi(n) : 0; }
-static const char *directory(void) { const char *d = getenv("STANDIN_DIR"); return d && *d ? d : "/tmp/te-standin-hixl"; }
+#ifndef STANDIN_NPUS_DEFAULT
+#define STANDIN_NPUS_DEFAULT 0
+#endif
+#ifndef STANDIN_DIR_DEFAULT
+#define STANDIN_DIR_DEFAULT "/tmp/te-standin-hixl"
+#endif
+static int npus(void) { const char *n = getenv("STANDIN_NPUS"); return n ? atoi(n) : STANDIN_NPUS_DEFAULT; }
+static const char *directory(void) { const char *d = getenv("STANDIN_DIR"); return d && *d ? d : STANDIN_DIR_DEFAULT; }
 
 int aclInit(const char *config) { (void)config; return 0; }
 const char *aclGetRecentErrMsg(void) { return recent; }
