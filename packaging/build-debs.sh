@@ -186,7 +186,7 @@ for plugin in "${plugins[@]}"; do
     libs=$(shlib_depends "$host" "$stage/$private/plugins/$name.so")
     # Runtimes bound with dlopen are invisible to dpkg-shlibdeps. Without them the plugin loads and
     # says "library missing", so they are recommended rather than required (libcuda comes with
-    # NVIDIA's driver, outside Debian main).
+    # NVIDIA's driver and CANN with Huawei's toolkit, both outside Debian).
     case $protocol in
         hip) recommends="libamdhip64-5 | libamdhip64-6" ;;
         *) recommends="" ;;

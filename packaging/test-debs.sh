@@ -116,8 +116,8 @@ for plugin in rdma cxl; do
     fi
 done
 
-# GPU runtimes are not in this root: the plugins load and name the missing library.
-for plugin in nvlink nvlink_intra hip; do
+# GPU runtimes and CANN are not in this root: the plugins load and name the missing library.
+for plugin in nvlink nvlink_intra hip ascend; do
     if ls "$debs"/transfer-engine-plugin-${plugin//_/-}_*.deb >/dev/null 2>&1; then
         grep -q "^$plugin .*library missing" /tmp/te-plugins.txt || fail "$plugin plugin should load and report its runtime library missing"
     fi
