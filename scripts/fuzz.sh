@@ -18,7 +18,7 @@ seconds=60
 if [ "${1:-}" = --seconds ]; then seconds=$2; shift 2; fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(json descriptor handshake http resp tcp-header data-server segment-name gpu-descriptor
-                                     plugin-shm plugin-cxl plugin-efa plugin-nvmeof plugin-rdma)
+                                     plugin-shm plugin-cxl plugin-efa plugin-nvmeof plugin-rdma plugin-ascend)
 echo "== building the fuzz harness (libFuzzer + AddressSanitizer, scratch .build-fuzz)"
 # --export-dynamic: the plugins, instrumented too, take the sanitizer runtime from the harness.
 flags=(--manifest-cache none --scratch-path .build-fuzz -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library -Xlinker --export-dynamic)
@@ -41,6 +41,10 @@ for target in "${targets[@]}"; do
 done
 binary=$(TE_FUZZ=1 swift build --scratch-path .build-fuzz --show-bin-path)/te-fuzz
 export TE_FUZZ_PLUGIN_DIR=$(dirname "$binary")
+# ascend runs over the tests' stand-in CANN (no CANN here), its one "NPU" being host memory.
+export TE_FUZZ_ASCEND_STANDIN=$PWD/.build-fuzz/libstandin_cann.so
+cc -shared -fPIC -O1 -DSTANDIN_NPUS_DEFAULT=1 -DSTANDIN_DIR_DEFAULT="\"$PWD/.build-fuzz/standin-servers\"" \
+    Tests/TransferEngineTests/Fixtures/standin_cann.c -o "$TE_FUZZ_ASCEND_STANDIN"
 for target in "${targets[@]}"; do
     corpus=.build-fuzz/corpus/$target
     mkdir -p "$corpus" "Fuzz/corpus/$target"
@@ -53,8 +57,8 @@ for target in "${targets[@]}"; do
     fi
     if grep -q "^SKIPPED" "out/fuzz/$target.log"; then
         grep "^SKIPPED" "out/fuzz/$target.log"
-        # shm and cxl need no hardware: a skip there means the harness or the plugin is broken.
-        case "$target" in plugin-shm|plugin-cxl) echo "FAIL: $target must run on every machine" >&2; exit 1 ;; esac
+        # shm, cxl and ascend (over the stand-in) need no hardware: a skip there means the harness or the plugin is broken.
+        case "$target" in plugin-shm|plugin-cxl|plugin-ascend) echo "FAIL: $target must run on every machine" >&2; exit 1 ;; esac
         continue
     fi
     grep -E "stat::number_of_executed_units|stat::new_units_added" "out/fuzz/$target.log" | tr '\n' ' '

@@ -56,6 +56,10 @@ final class PluginHarness: @unchecked Sendable {
             options = #"{"options":{"MC_CXL_DEV_PATH":"\#(pool)"}}"#
         case "efa":
             options = #"{"local_hostname":"127.0.0.1","options":{"MC_EFA_PROVIDER":"tcp;ofi_rxm"}}"#
+        case "ascend":
+            // No CANN here: the tests' stand-in (one NPU of host memory), built by scripts/fuzz.sh.
+            let standIn = ProcessInfo.processInfo.environment["TE_FUZZ_ASCEND_STANDIN"] ?? ""
+            options = #"{"local_hostname":"127.0.0.1","options":{"MC_ASCEND_LIBRARY":"\#(standIn)","MC_ASCEND_ACL_LIBRARY":"\#(standIn)","MC_ASCEND_CONNECT_TIMEOUT_MS":"100"}}"#
         default: break
         }
         // shm proves a peer over the host's handshake, efa exchanges addresses over it: refused here.
@@ -69,8 +73,9 @@ final class PluginHarness: @unchecked Sendable {
             throw PluginHarnessUnavailable(reason: "\(name): create failed with status \(status.map(String.init) ?? "-") (no hardware here?)")
         }
         instance = created
-        // nvmeof and rdma would connect to the addresses a descriptor names; the others stay local.
-        opensPeers = ["cxl", "shm", "efa"].contains(name)
+        // nvmeof and rdma would connect to the addresses a descriptor names; the others stay local
+        // (ascend's stand-in looks its servers up in files).
+        opensPeers = ["cxl", "shm", "efa", "ascend"].contains(name)
         submits = name == "cxl"
         local.initializeMemory(as: UInt8.self, repeating: 0x3C, count: 1 << 20)
         if let text = call({ vtable.local_descriptor?(instance, $0) }), let own = try? JSONValue.parse(Array(text.utf8)), case .object(let fields) = own {
