@@ -23,11 +23,19 @@ final class AscendInstance: TransportInstance, @unchecked Sendable {
         var deadline: UInt64
     }
 
+    /// A peer; its fields are guarded by `state`.
     final class Peer {
         let info: AscendPeer
         var link: AscendLink?
+        var closed = false
+        /// When the last connect failed, and why (further tries wait `retryPause`).
+        var failedAt: UInt64 = 0
+        var failure: PluginFailure?
         init(_ info: AscendPeer) { self.info = info }
     }
+
+    /// How long after a failed connect submits fail at once rather than connecting again.
+    static let retryPause: UInt64 = 1_000_000_000
 
     let options: AscendOptions
     let host: HostServices
@@ -42,6 +50,8 @@ final class AscendInstance: TransportInstance, @unchecked Sendable {
     private var peers: [UInt64: Peer] = [:]
     private var nextPeer: UInt64 = 1
     private var batches: [Batch] = []
+    /// Batches posted and not yet reaped (what HIXL counts), reserved before posting.
+    private var unfinished = 0
     private var allocations: Set<UInt64> = []
     /// Guards `done`; one poller at a time queries HIXL (`reaping`).
     private let finished = Signal()
@@ -106,7 +116,7 @@ final class AscendInstance: TransportInstance, @unchecked Sendable {
     func localDescriptor() -> String { rank.json }
 
     func register(address: UInt64, length: UInt64, location: String) throws(PluginFailure) -> String {
-        let device = location.hasPrefix("npu:")
+        let device = try isOwnDevice(location)
         guard let server else { throw .invalid("the instance is closed") }
         if state.locked({ buffers[address] != nil }) { throw .invalid("0x\(String(address, radix: 16)) is already registered") }
         var memory: UnsafeMutableRawPointer?
@@ -163,42 +173,71 @@ final class AscendInstance: TransportInstance, @unchecked Sendable {
     }
 
     func closePeer(_ handle: UInt64) {
-        state.locked { peers.removeValue(forKey: handle) }.flatMap { peer in state.locked { () -> AscendLink? in defer { peer.link = nil }; return peer.link } }?.retire()
+        let link = state.locked { () -> AscendLink? in
+            guard let peer = peers.removeValue(forKey: handle) else { return nil }
+            peer.closed = true
+            defer { peer.link = nil }
+            return peer.link
+        }
+        link?.retire()
+    }
+
+    /// Forgets `link` as `peer`'s current one and retires it.
+    private func drop(_ link: AscendLink, of peer: Peer) {
+        state.locked { if peer.link === link { peer.link = nil } }
+        link.retire()
+    }
+
+    /// Whether a location is this engine's NPU (true), host memory (false), or another NPU (refused).
+    private func isOwnDevice(_ location: String) throws(PluginFailure) -> Bool {
+        guard location.hasPrefix("npu:") else { return false }
+        guard location == "npu:\(options.device)" else { throw .invalid("\(location): this engine drives npu:\(options.device) (device_name)") }
+        return true
     }
 
     /// The peer's current link, opening one when it has none or an outdated one. Connecting
     /// happens outside the state lock; of two racing connects, one link is kept.
     private func link(for peer: Peer) throws(PluginFailure) -> AscendLink {
-        let (current, snapshot, wanted) = state.locked { () -> (AscendLink?, [(UInt64, LocalBuffer)], UInt64) in
-            (peer.link, buffers.map { ($0.key, $0.value.local) }, generation)
+        let (current, snapshot, wanted, recentFailure) = state.locked { () -> (AscendLink?, [(UInt64, LocalBuffer)], UInt64, PluginFailure?) in
+            let recent = peer.failedAt != 0 && monotonicNanoseconds() - peer.failedAt < AscendInstance.retryPause ? peer.failure : nil
+            return (peer.link, buffers.map { ($0.key, $0.value.local) }, generation, recent)
         }
-        if let current, current.generation == wanted { return current }
-        current?.retire()
+        if let current, current.generation == wanted, current.usable { return current }
+        if let current { drop(current, of: peer) }
+        if let recentFailure { throw recentFailure }
         guard let (local, remote) = peer.info.pair(with: endpoints, localHostIP: options.hostIP) else {
             throw .unreachable("no endpoint in common with the peer")
         }
-        let fresh = try AscendLink(local: local, remote: remote, server: (peer.info.serverIP, peer.info.serverPort),
+        let fresh: AscendLink
+        do {
+            fresh = try AscendLink(local: local, remote: remote, server: (peer.info.serverIP, peer.info.serverPort),
                                    buffers: snapshot, generation: wanted, options: options)
-        let kept = state.locked { () -> AscendLink in
-            if let other = peer.link, other.generation >= fresh.generation { return other }
+        } catch {
+            state.locked { (peer.failedAt, peer.failure) = (monotonicNanoseconds(), error) }
+            throw error
+        }
+        // Kept only if the peer is still open and no buffer changed while connecting.
+        let kept = state.locked { () -> AscendLink? in
+            guard !peer.closed, fresh.generation == generation else { return nil }
+            if let other = peer.link, other.generation == generation, other.usable { return other }
             peer.link = fresh
+            peer.failedAt = 0
             return fresh
         }
         if kept !== fresh { fresh.retire() }
+        guard let kept else { throw PluginFailure(TE_ERR_AGAIN, "the peer was closed or local buffers changed while connecting") }
         return kept
     }
 
     func submit(_ requests: RequestArray, accepted: inout Int) throws(PluginFailure) {
         var i = 0
+        var reconnected = false
         while i < requests.count {
             // One HIXL batch per run of requests with the same peer and direction.
             let first = requests[i]
             guard first.opcode == TE_OP_READ || first.opcode == TE_OP_WRITE,
                   let peer = state.locked({ peers[first.peer] }) else {
                 throw .invalid("bad request (opcode \(first.opcode), peer \(first.peer))")
-            }
-            guard state.locked({ batches.count < AscendInstance.maxBatches }) else {
-                throw PluginFailure(TE_ERR_AGAIN, "\(AscendInstance.maxBatches) batches in flight")
             }
             let link = try link(for: peer)
             var remote: [UInt64] = [], local: [UInt64] = [], lengths: [UInt64] = [], carried: [(cookie: UInt64, length: UInt64)] = []
@@ -208,8 +247,10 @@ final class AscendInstance: TransportInstance, @unchecked Sendable {
                 guard request.peer == first.peer, request.opcode == first.opcode else { break }
                 guard request.length > 0 else { throw .invalid("request of 0 bytes") }
                 guard link.serves(request.remote_addr, request.length) else {
-                    if j == i { throw .outOfRange("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is not inside a buffer the peer's HIXL server registered") }
-                    break
+                    guard j == i else { break }
+                    // The server may have registered it after this link connected: ask once more.
+                    if !reconnected { reconnected = true; drop(link, of: peer); break }
+                    throw .outOfRange("remote range [0x\(String(request.remote_addr, radix: 16)), +\(request.length)) is not inside a buffer the peer's HIXL server registered")
                 }
                 remote.append(request.remote_addr)
                 local.append(request.local_addr)
@@ -217,7 +258,20 @@ final class AscendInstance: TransportInstance, @unchecked Sendable {
                 carried.append((request.cookie, request.length))
                 j += 1
             }
-            guard let complete = try link.post(write: first.opcode == TE_OP_WRITE, remote: remote, local: local, lengths: lengths) else {
+            if remote.isEmpty { continue }  // the link was dropped to ask the server again
+            guard state.locked({ () -> Bool in
+                guard unfinished < AscendInstance.maxBatches else { return false }
+                unfinished += 1
+                return true
+            }) else { throw PluginFailure(TE_ERR_AGAIN, "\(AscendInstance.maxBatches) batches in flight") }
+            let posted: UnsafeMutableRawPointer?
+            do { posted = try link.post(write: first.opcode == TE_OP_WRITE, remote: remote, local: local, lengths: lengths) } catch {
+                drop(link, of: peer)
+                state.locked { unfinished -= 1 }
+                throw error
+            }
+            guard let complete = posted else {
+                state.locked { unfinished -= 1 }
                 continue  // retired meanwhile: the next round opens a new link
             }
             let deadline = monotonicNanoseconds() + options.transferTimeoutMs * 1_000_000
@@ -228,7 +282,8 @@ final class AscendInstance: TransportInstance, @unchecked Sendable {
     }
 
     func poll(into out: CompletionArray, timeout: UInt64) -> Int {
-        let deadline = monotonicNanoseconds() + timeout
+        let (sum, overflow) = monotonicNanoseconds().addingReportingOverflow(timeout)
+        let deadline = overflow ? UInt64.max : sum
         var pause: UInt32 = 10
         while true {
             _ = reaping.tryLocked { reap() }
@@ -261,7 +316,10 @@ final class AscendInstance: TransportInstance, @unchecked Sendable {
             default: finishedNow.append((batch, TE_ERR_IO))
             }
         }
-        state.locked { batches.insert(contentsOf: waiting, at: 0) }
+        state.locked {
+            batches.insert(contentsOf: waiting, at: 0)
+            unfinished -= finishedNow.count
+        }
         guard !finishedNow.isEmpty else { return }
         finished.locked {
             for (batch, status) in finishedNow {
@@ -272,7 +330,7 @@ final class AscendInstance: TransportInstance, @unchecked Sendable {
 
     /// NPU memory (`npu:N`) from aclrtMalloc; host locations keep the host's allocator.
     func allocate(length: UInt64, location: String) throws(PluginFailure) -> UInt64 {
-        guard location.hasPrefix("npu:") else { throw .notSupported("\(location) is not NPU memory") }
+        guard try isOwnDevice(location) else { throw .notSupported("\(location) is not NPU memory") }
         var address: UInt64 = 0
         var status = ascend_set_device(options.device)
         if status == 0 { status = ascend_malloc(length, &address) }

@@ -37,11 +37,11 @@ final class AscendLink: @unchecked Sendable {
     let remote: [(start: UInt64, size: UInt64)]
     /// The registration generation this link's snapshot belongs to.
     let generation: UInt64
-    private(set) var inFlight = 0
-    private(set) var retired = false
+    private var inFlight = 0
+    private var retired = false
 
     /// Most ranges read from a server; more are ignored (a hostile or huge answer).
-    static let maxRemoteRanges = 65536
+    static let maxRemoteRanges = 4096
 
     /// Creates, registers `buffers` with, and connects a client; blocks up to `options.connectTimeoutMs`.
     init(local: AscendEndpoint, remote peer: AscendEndpoint, server: (ip: String, port: UInt32), buffers: [(UInt64, LocalBuffer)],
@@ -68,7 +68,7 @@ final class AscendLink: @unchecked Sendable {
         }
         var ranges: [(UInt64, UInt64)] = []
         if failure == nil {
-            let capacity = 4096
+            let capacity = AscendLink.maxRemoteRanges
             var starts = [UInt64](repeating: 0, count: capacity), sizes = starts
             var count: UInt32 = 0
             status = ascend_client_remote_memory(handle, &starts, &sizes, UInt32(capacity), &count, options.connectTimeoutMs)
@@ -90,14 +90,24 @@ final class AscendLink: @unchecked Sendable {
         remote.contains { address >= $0.start && address - $0.start <= $0.size && length <= $0.size - (address - $0.start) }
     }
 
+    /// Whether new batches may go through this link.
+    var usable: Bool { use.locked { client != nil && !retired } }
+
+    /// HIXL's "resource exhausted" (hixl_types.h): too many unfinished batches.
+    static let resourceExhausted: Int32 = 203900
+
     /// Posts one batch; nil when the link was retired meanwhile (the caller opens a new one).
+    /// A refused post retires the link: HIXL fails every later batch of a client once one failed.
     func post(write: Bool, remote: [UInt64], local: [UInt64], lengths: [UInt64]) throws(PluginFailure) -> UnsafeMutableRawPointer? {
         try use.locked { () throws(PluginFailure) -> UnsafeMutableRawPointer? in
             guard let client, !retired else { return nil }
             var complete: UnsafeMutableRawPointer?
             let status = ascend_client_batch(client, write ? 1 : 0, UInt32(remote.count), remote, local, lengths, &complete)
             guard status == 0, let complete else {
-                throw PluginFailure(TE_ERR_IO, cannFailure(write ? "HixlCSClientBatchPutAsync" : "HixlCSClientBatchGetAsync", status))
+                retired = true
+                if inFlight == 0 { destroyLocked() }
+                let text = cannFailure(write ? "HixlCSClientBatchPutAsync" : "HixlCSClientBatchGetAsync", status)
+                throw PluginFailure(status == AscendLink.resourceExhausted ? TE_ERR_AGAIN : TE_ERR_IO, text + "; the link is reopened")
             }
             inFlight += 1
             return complete
@@ -112,6 +122,7 @@ final class AscendLink: @unchecked Sendable {
             var state: Int32 = ASCEND_WAITING
             if ascend_client_query(client, complete, &state) != 0 { state = ASCEND_FAILED }
             if state != ASCEND_WAITING {
+                if state != ASCEND_COMPLETED { retired = true }  // a failed client fails all later batches
                 inFlight -= 1
                 if retired && inFlight == 0 { destroyLocked() }
             }

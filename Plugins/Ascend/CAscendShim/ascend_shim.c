@@ -175,6 +175,8 @@ static void endpoint_desc(const ascend_endpoint *in, EndpointDesc *out) {
     else out->commAddr.id = in->id;
     out->loc.locType = 0;
     out->loc.device.devPhyId = in->dev_phy_id;
+    /* No super pod: HIXL reads a super device id as set unless it is 0xFFFFFFFF. */
+    out->loc.device.superDevId = UINT32_MAX;
 }
 
 static CommMem comm_mem(int device, uint64_t addr, uint64_t size) {
