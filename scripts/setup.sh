@@ -37,6 +37,7 @@ requirements=(
     "dpkg-dev|cmd:dpkg-shlibdeps|the Debian packages cannot be built (and their test is skipped)"
     "file|cmd:file|the Debian packages cannot be built (and their test is skipped)"
     "lintian|cmd:lintian|the Debian packages are not checked with lintian"
+    "prometheus|cmd:promtool|the metrics tests neither check the scrape with promtool nor have a real Prometheus server scrape a serve process"
 )
 
 present() {  # detector

@@ -4,6 +4,8 @@
 #include <pthread.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 int te_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
 
@@ -12,6 +14,13 @@ void te_set_thread_name(const char *name) {
     strncpy(buffer, name, sizeof buffer - 1);
     buffer[sizeof buffer - 1] = 0;
     pthread_setname_np(pthread_self(), buffer);
+}
+
+int te_thread_id(void) { return (int)syscall(SYS_gettid); }
+
+void te_thread_name(char *buffer, size_t capacity) {
+    if (!buffer || capacity == 0) return;
+    if (pthread_getname_np(pthread_self(), buffer, capacity) != 0) buffer[0] = 0;
 }
 
 const char *te_image_path(const void *addr) {

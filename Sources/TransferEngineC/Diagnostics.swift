@@ -30,6 +30,19 @@ public func showLinks(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutabl
     return 0
 }
 
+@_cdecl("getMetrics")
+public func getMetrics(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutablePointer<CChar>?, _ length: Int, _ prometheus: Int32) -> Int32 {
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    guard let buffer, length > 0 else { CResult.fail("buf_out is NULL or buf_len is 0"); return -1 }
+    let text = prometheus != 0 ? engine.metricsText : engine.metricsJSON.compactText
+    let full = Array(text.utf8)
+    let bytes = full.prefix(length - 1)
+    for (i, byte) in bytes.enumerated() { buffer[i] = CChar(bitPattern: byte) }
+    buffer[bytes.count] = 0
+    CResult.clear()
+    return Int32(clamping: full.count)
+}
+
 @_cdecl("getNicLoadStats")
 public func getNicLoadStats(_ handle: UnsafeMutableRawPointer?, _ stats: UnsafeMutablePointer<nic_load_stat_t>?,
                             _ count: UnsafeMutablePointer<Int>?) -> Int32 {

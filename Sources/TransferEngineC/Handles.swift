@@ -110,21 +110,20 @@ func copyOut(_ text: String, to buffer: UnsafeMutablePointer<CChar>?, length: In
     return 0
 }
 
-/// The logger used by engines created through the C API (stderr, MC_LOG_LEVEL, default warning).
+/// The logger used by engines created through the C API: standard error, MC_LOG_LEVEL (default
+/// warning) and MC_LOG_FORMAT; a bad value falls back to the defaults with one line saying so.
 enum CLogging {
     static let logger: Logger = {
-        let level: Logger.Level
-        switch getenv("MC_LOG_LEVEL").map({ String(cString: $0).uppercased() }) {
-        case "TRACE": level = .trace
-        case "DEBUG": level = .debug
-        case "INFO": level = .info
-        case "ERROR": level = .error
-        default: level = .warning
+        var environment: [String: String] = [:]
+        for key in ["MC_LOG_LEVEL", "MC_LOG_FORMAT"] { if let value = getenv(key) { environment[key] = String(cString: value) } }
+        let settings: LogSettings
+        var problem: String?
+        do { settings = try LogSettings.resolve(environment: environment, defaultLevel: .warning) } catch {
+            settings = LogSettings(level: .warning)
+            problem = "\(error); using warning and text"
         }
-        return Logger(label: "transfer-engine") { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        let logger = Logger(label: "transfer-engine") { label in settings.makeHandler(label: label) }
+        if let problem { logger.warning("\(problem)") }
+        return logger
     }()
 }

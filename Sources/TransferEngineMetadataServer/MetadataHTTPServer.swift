@@ -38,6 +38,8 @@ public final class MetadataHTTPServer: @unchecked Sendable {
         public var maxConnections = 4096
         /// A request (head and body) must arrive within this of the connection being ready for it.
         public var requestTimeoutMs: Int64 = 30_000
+        /// Told of every answered request: its method and status (the metrics endpoint counts them).
+        public var onRequest: (@Sendable (String, Int) -> Void)?
 
         /// Defaults: no token.
         public init(token: String? = nil, tokenForGet: Bool = false) {
@@ -46,69 +48,43 @@ public final class MetadataHTTPServer: @unchecked Sendable {
         }
     }
 
-    private let logger: Logger
     let options: Options
     private let store = NIOLockedValueBox<[String: [UInt8]]>([:])
     private let answers: Answers
-    private let group: MultiThreadedEventLoopGroup
-    private let listener: Channel
-    let connections: ConnectionTable
+    private let server: HTTPListener
+    var connections: ConnectionTable { server.connections }
 
     /// The bound port.
-    public let port: UInt16
+    public var port: UInt16 { server.port }
 
     /// Binds host:port (port 0 = any free port) and starts serving.
     public init(host: String, port: UInt16, options: Options = Options(), logger: Logger = Logger(label: "transfer-engine.metadata")) throws {
-        self.logger = logger
         self.options = options
-        let connections = ConnectionTable(maxConnections: options.maxConnections, maxPerAddress: options.maxPerAddress, logger: logger)
-        self.connections = connections
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         answers = Answers(options: options, store: store)
-        let answers = self.answers
-        do {
-            listener = try ServerBootstrap(group: group)
-                .serverChannelOption(ChannelOptions.backlog, value: 1024)
-                .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-                .childChannelInitializer { channel in
-                    guard connections.admit(channel) else {
-                        return channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(RefusalHandler()) }
-                    }
-                    return channel.eventLoop.makeCompletedFuture {
-                        let pipeline = channel.pipeline.syncOperations
-                        try pipeline.configureHTTPServerPipeline(withErrorHandling: true)
-                        try pipeline.addHandler(RequestHandler(answers: answers, options: options))
-                    }
-                }
-                .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-                .bind(host: host, port: Int(port)).wait()
-        } catch {
-            try? group.syncShutdownGracefully()
-            throw error
-        }
-        self.port = UInt16(listener.localAddress?.port ?? 0)
+        server = try HTTPListener(host: host, port: port, responder: answers, maxConnections: options.maxConnections,
+                                  maxPerAddress: options.maxPerAddress, logger: logger)
     }
 
     /// Number of keys held.
     public var keyCount: Int { store.withLockedValue { $0.count } }
 
     /// Stops accepting, closes every connection and ends the event loop.
-    public func stop() {
-        try? listener.close().wait()
-        connections.closeAll()
-        try? group.syncShutdownGracefully()
-    }
+    public func stop() { server.stop() }
 
     /// The official semantics, independent of the connection handling.
     func answer(method: String, target: String, body: [UInt8], authorization: String? = nil) -> (Int, [UInt8]) {
-        answers.answer(method: method, target: target, body: body, authorization: authorization)
+        let reply = answers.answer(method: method, target: target, body: body, authorization: authorization)
+        return (reply.status, reply.body)
     }
 }
 
 /// The answers to requests: the store and the rules, shared by every connection.
-struct Answers: Sendable {
+struct Answers: HTTPResponder {
     let options: MetadataHTTPServer.Options
     let store: NIOLockedValueBox<[String: [UInt8]]>
+
+    var maxBodyBytes: Int { options.maxValueBytes }
+    var requestTimeoutMs: Int64 { options.requestTimeoutMs }
 
     /// Whether the request carries the token, compared in constant time.
     private func authorized(_ header: String?) -> Bool {
@@ -137,8 +113,15 @@ struct Answers: Sendable {
         }
     }
 
-    /// The answer to a whole request: the head's rules (`refusal`, with the body's real length), then the key and the store.
-    func answer(method: String, target: String, body: [UInt8], authorization: String?) -> (Int, [UInt8]) {
+    /// The answer to a whole request (JSON for a successful GET).
+    func answer(method: String, target: String, body: [UInt8], authorization: String?) -> (status: Int, body: [UInt8], contentType: String) {
+        let (status, reply) = answerBody(method: method, target: target, body: body, authorization: authorization)
+        options.onRequest?(method, status)
+        return (status, reply, status == 200 && method == "GET" ? "application/json" : "text/plain")
+    }
+
+    /// The head's rules (`refusal`, with the body's real length), then the key and the store.
+    private func answerBody(method: String, target: String, body: [UInt8], authorization: String?) -> (Int, [UInt8]) {
         if let refused = refusal(method: method, target: target, authorization: authorization, contentLength: body.count, chunked: false) {
             return refused
         }

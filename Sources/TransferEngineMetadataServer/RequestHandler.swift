@@ -1,6 +1,18 @@
 import NIOCore
 import NIOHTTP1
 
+/// What a server built on `RequestHandler` answers, and its limits.
+protocol HTTPResponder: Sendable {
+    /// Largest request body read.
+    var maxBodyBytes: Int { get }
+    /// A request must arrive whole within this of the connection being ready for it.
+    var requestTimeoutMs: Int64 { get }
+    /// A refusal decided from the request's head alone, before any of its body is read.
+    func refusal(method: String, target: String, authorization: String?, contentLength: Int?, chunked: Bool) -> (Int, [UInt8])?
+    /// The answer to a whole request: status, body and content type.
+    func answer(method: String, target: String, body: [UInt8], authorization: String?) -> (status: Int, body: [UInt8], contentType: String)
+}
+
 /// One connection's requests, after swift-nio's HTTP/1.1 codec: refuses a request from its head
 /// when it can, collects a body (bounded), answers, and closes a connection whose next request
 /// does not arrive whole in time. A client that does not read its answers gets no further answer
@@ -12,8 +24,7 @@ final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// How long a connection being closed may still take to send its last answer.
     static let closeGraceMs: Int64 = 2000
 
-    private let answers: Answers
-    private let options: MetadataHTTPServer.Options
+    private let answers: any HTTPResponder
     private var head: HTTPRequestHead?
     private var body: [UInt8] = []
     /// A request answered already from its head: the rest of it is read and dropped.
@@ -24,9 +35,8 @@ final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var closing = false
     private var deadline: Scheduled<Void>?
 
-    init(answers: Answers, options: MetadataHTTPServer.Options) {
+    init(answers: any HTTPResponder) {
         self.answers = answers
-        self.options = options
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -43,7 +53,7 @@ final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func armDeadline(_ context: ChannelHandlerContext) {
         deadline?.cancel()
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        let limit = options.requestTimeoutMs
+        let limit = answers.requestTimeoutMs
         deadline = context.eventLoop.scheduleTask(in: .milliseconds(limit)) {
             let (handler, context) = bound.value
             guard !handler.closing else { return }
@@ -73,8 +83,8 @@ final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
             }
         case .body(var buffer):
             guard !refusedEarly else { return }
-            guard body.count + buffer.readableBytes <= options.maxValueBytes else {
-                respond(context, status: 413, body: Array("value larger than \(options.maxValueBytes) bytes".utf8), keepAlive: false)
+            guard body.count + buffer.readableBytes <= answers.maxBodyBytes else {
+                respond(context, status: 413, body: Array("value larger than \(answers.maxBodyBytes) bytes".utf8), keepAlive: false)
                 return
             }
             body.append(contentsOf: buffer.readBytes(length: buffer.readableBytes) ?? [])
@@ -103,14 +113,14 @@ final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func answer(_ context: ChannelHandlerContext, _ request: (HTTPRequestHead, [UInt8])) {
         let (head, body) = request
-        let (status, reply) = answers.answer(method: head.method.rawValue, target: head.uri, body: body,
-                                             authorization: head.headers.first(name: "authorization"))
-        respond(context, status: status, body: reply, keepAlive: head.isKeepAlive, json: status == 200 && head.method == .GET)
+        let reply = answers.answer(method: head.method.rawValue, target: head.uri, body: body,
+                                   authorization: head.headers.first(name: "authorization"))
+        respond(context, status: reply.status, body: reply.body, keepAlive: head.isKeepAlive, contentType: reply.contentType)
     }
 
-    private func respond(_ context: ChannelHandlerContext, status: Int, body: [UInt8], keepAlive: Bool, json: Bool = false) {
+    private func respond(_ context: ChannelHandlerContext, status: Int, body: [UInt8], keepAlive: Bool, contentType: String = "text/plain") {
         var headers = HTTPHeaders()
-        headers.add(name: "Content-Type", value: json ? "application/json" : "text/plain")
+        headers.add(name: "Content-Type", value: contentType)
         headers.add(name: "Content-Length", value: String(body.count))
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         let head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status), headers: headers)

@@ -17,7 +17,11 @@ struct BenchCommand: ParsableCommand {
         """
     )
 
+    @OptionGroup var logging: LoggingOptions
+
     @OptionGroup var engine: EngineOptions
+
+    @OptionGroup var metrics: MetricsOptions
 
     @Option(help: "Target segment name (host:rpc_port). Its first buffer is used (its first namespace with --protocol nvmeof).")
     var segment: String?
@@ -58,6 +62,9 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Also write the results as JSON to this file.")
     var json: String?
 
+    @Option(help: "Also stream the results to this file as JSON lines: one describing the run, then one per case as it finishes (an error late in a run loses nothing).")
+    var jsonLines: String?
+
     @Flag(help: "Check the bytes of every case by writing a pattern and reading it back.")
     var verify = false
 
@@ -80,7 +87,8 @@ struct BenchCommand: ParsableCommand {
     }
 
     private func runBench() throws {
-        let logger = CLILogging.logger()
+        let logger = logging.logger()
+        let lines = try jsonLines.map { try JSONLinesFile(path: $0) }  // refused before anything runs
         var environment = ProcessInfo.processInfo.environment
         if let connections { environment["MC_TCP_LANES_PER_PEER"] = String(connections) }
         let configuration = try engine.resolve(logger: logger)
@@ -109,6 +117,8 @@ struct BenchCommand: ParsableCommand {
             (target, targetInput, segmentName) = (started.process, started.input, started.segment)
         }
 
+        let endpoint = try metrics.start(host: configuration.metricsHost)
+        defer { endpoint?.stop() }
         let transferEngine = try TransferEngine(configuration: configuration, environment: environment, logger: logger)
         defer { transferEngine.shutdown() }
         let local: UInt64
@@ -164,15 +174,27 @@ struct BenchCommand: ParsableCommand {
         }
         var results: [BenchResult] = []
         var failures: [String] = []
+        try lines?.append(["run": ["segment": segmentName, "protocol": transferEngine.activeProtocol, "version": TransferEngineVersion.string,
+                                   "first_operation_us": firstOpMicros, "open_segment_us": openMicros, "cases": cases.count,
+                                   "loopback_tcp_stream_gbps": streamReference.map { $0 / 1e9 as Any } ?? NSNull()]])
         for (index, (op, block, batch)) in cases.enumerated() {
             let label = "\(op == .read ? "read" : "write") \(ByteSize.format(block)) x\(batch)"
             FileHandle.standardError.write(Data("[\(index + 1)/\(cases.count)] \(label) ...\n".utf8))
-            var result = try measure(transferEngine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote.address, wrap: wrap)
-            if verify, block * UInt64(batch) <= limit {
-                result.verified = try verifyBytes(transferEngine, block: block, batch: batch, local: local, handle: handle, remote: remote.address)
-                if result.verified == false { failures.append(label) }
+            do {
+                var result = try measure(transferEngine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote.address, wrap: wrap)
+                if verify, block * UInt64(batch) <= limit {
+                    result.verified = try verifyBytes(transferEngine, block: block, batch: batch, local: local, handle: handle, remote: remote.address)
+                    if result.verified == false { failures.append(label) }
+                }
+                results.append(result)
+                var line = result.dictionary(reference: streamReference)
+                line["case"] = index + 1
+                if let ceiling = memcpyGBps[block] { line["memcpy_gbps"] = ceiling }
+                try lines?.append(line)
+            } catch {
+                try? lines?.append(["case": index + 1, "label": label, "error": "\(error)"])
+                throw error
             }
-            results.append(result)
         }
 
         print("segment \(segmentName) (protocol \(transferEngine.activeProtocol)); first operation to the new peer: \(String(format: "%.0f", firstOpMicros)) us (open segment \(String(format: "%.0f", openMicros)) us)")
@@ -213,7 +235,8 @@ struct BenchCommand: ParsableCommand {
         process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
         process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--location", location,
                              "--local-hostname", configuration.localHostname, "--protocol", configuration.protocolName]
-        process.environment = environment
+        // The target is another process on this host: it must not take this one's metrics port.
+        process.environment = environment.filter { $0.key != "MC_METRICS_PORT" }
         let input = Pipe(), output = Pipe()
         process.standardInput = input
         process.standardOutput = output
@@ -308,5 +331,27 @@ struct BenchResult {
         if let reference { d["ratio_to_stream"] = gbps * 1e9 / reference }
         if let verified { d["verified"] = verified }
         return d
+    }
+}
+
+/// A file of JSON lines, each written with one `write` as soon as it is known.
+final class JSONLinesFile {
+    private let fd: Int32
+    let path: String
+
+    init(path: String) throws {
+        self.path = path
+        fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))") }
+    }
+
+    deinit { close(fd) }
+
+    /// Appends one object as a line.
+    func append(_ object: [String: Any]) throws {
+        var data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+        data.append(0x0A)
+        let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written == data.count else { throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))") }
     }
 }

@@ -14,6 +14,8 @@ struct BenchMetadataCommand: ParsableCommand {
         """
     )
 
+    @OptionGroup var logging: LoggingOptions
+
     @Option(help: "A redis server to include, e.g. redis://127.0.0.1:6379.")
     var redis: String?
 
@@ -39,6 +41,7 @@ struct BenchMetadataCommand: ParsableCommand {
     }
 
     func run() throws {
+        _ = logging.logger()  // the library logs with these settings too
         try runReportingErrors {
             let server = try MetadataHTTPServer(host: "127.0.0.1", port: 0)
             defer { server.stop() }

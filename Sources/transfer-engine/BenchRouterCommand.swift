@@ -14,6 +14,8 @@ struct BenchRouterCommand: ParsableCommand {
         """
     )
 
+    @OptionGroup var logging: LoggingOptions
+
     @OptionGroup var engine: EngineOptions
 
     @Option(help: "Requests timed per figure.")
@@ -28,7 +30,7 @@ struct BenchRouterCommand: ParsableCommand {
 
     func run() throws {
         try runReportingErrors {
-            let logger = CLILogging.logger()
+            let logger = logging.logger()
             let configuration = try engine.resolve(logger: logger)
             let target = try TransferEngine(configuration: configuration, logger: logger)
             let initiator = try TransferEngine(configuration: configuration, logger: logger)

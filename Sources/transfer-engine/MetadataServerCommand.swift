@@ -11,6 +11,8 @@ struct MetadataServerCommand: ParsableCommand {
         discussion: "Engines use it with --metadata-server http://HOST:PORT/metadata. Keys live in memory until the server stops."
     )
 
+    @OptionGroup var logging: LoggingOptions
+
     @Option(help: "Address to listen on.")
     var host: String = "127.0.0.1"
 
@@ -23,13 +25,22 @@ struct MetadataServerCommand: ParsableCommand {
     @Flag(help: "Require the token on GET as well.")
     var tokenForGet = false
 
+    @OptionGroup var metrics: MetricsOptions
+
     func run() throws {
         try runReportingErrors {
-            let logger = CLILogging.logger()
+            let logger = logging.logger()
             let server: MetadataHTTPServer
             let token = token ?? ProcessInfo.processInfo.environment["MC_METADATA_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
             if tokenForGet && token == nil { throw EngineError.invalidConfiguration("--token-for-get needs --token or MC_METADATA_TOKEN") }
-            let options = MetadataHTTPServer.Options(token: token, tokenForGet: tokenForGet)
+            var options = MetadataHTTPServer.Options(token: token, tokenForGet: tokenForGet)
+            let endpoint = try metrics.start(host: host)
+            defer { endpoint?.stop() }
+            if endpoint != nil {
+                options.onRequest = { method, status in
+                    EngineMetricsRegistry.increment("te_metadata_server_requests_total", [("method", method), ("status", String(status))])
+                }
+            }
             do { server = try MetadataHTTPServer(host: host, port: port, options: options, logger: logger) } catch {
                 throw EngineError.invalidConfiguration("cannot listen on \(host):\(port): \(error)")
             }

@@ -16,6 +16,8 @@ struct PluginsCommand: ParsableCommand {
         """
     )
 
+    @OptionGroup var logging: LoggingOptions
+
     @Option(help: "Devices passed to each plugin's probe (comma list or auto-discovery).")
     var deviceName: String = ""
 
@@ -38,6 +40,7 @@ struct PluginsCommand: ParsableCommand {
     var checkReport: String?
 
     func run() throws {
+        _ = logging.logger()  // the library logs with these settings too
         if let checkFile {
             try PluginCheckCommand(file: checkFile, protocolName: protocolName, deviceName: deviceName, json: json, step: checkStep, from: checkFrom, report: checkReport).run()
             return

@@ -16,6 +16,8 @@ struct RouteCommand: ParsableCommand {
         """
     )
 
+    @OptionGroup var logging: LoggingOptions
+
     @OptionGroup var engine: EngineOptions
 
     @Option(help: "The peer segment name (P2P: host:rpc_port).")
@@ -32,7 +34,7 @@ struct RouteCommand: ParsableCommand {
 
     func run() throws {
         try runReportingErrors {
-            let logger = CLILogging.logger()
+            let logger = logging.logger()
             let configuration = try engine.resolve(logger: logger)
             var where_: UInt64?
             if let address {

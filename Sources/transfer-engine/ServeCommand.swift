@@ -14,7 +14,11 @@ struct ServeCommand: ParsableCommand {
         """
     )
 
+    @OptionGroup var logging: LoggingOptions
+
     @OptionGroup var engine: EngineOptions
+
+    @OptionGroup var metrics: MetricsOptions
 
     @Option(help: "Size of the registered buffer (e.g. 512MiB, 1GB, 1073741824).")
     var bufferSize: String = "512MiB"
@@ -30,9 +34,11 @@ struct ServeCommand: ParsableCommand {
 
     func run() throws {
         try runReportingErrors {
-            let logger = CLILogging.logger()
+            let logger = logging.logger()
             let configuration = try engine.resolve(logger: logger)
             let size = try ByteSize.parse(bufferSize)
+            let endpoint = try metrics.start(host: configuration.metricsHost)
+            defer { endpoint?.stop() }
             let transferEngine = try TransferEngine(configuration: configuration, logger: logger)
             let address = try transferEngine.allocateManagedBuffer(length: size, location: location)
             if MemoryLocation.isHostAccessible(location) { BenchPattern.fill(address: address, length: size, seed: 0) }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import Synchronization
 import TransferEngine
 
 /// The `transfer-engine` command: a thin face over the TransferEngine library.
@@ -20,7 +21,7 @@ struct TransferEngineCommand: ParsableCommand {
 
         Settings come from flags, then environment (MOONCAKE_PROTOCOL, MOONCAKE_DEVICE,
         MOONCAKE_LOCAL_HOSTNAME, MOONCAKE_TE_META_DATA_SERVER, MC_*), then the JSON file
-        given by --config or MOONCAKE_CONFIG_PATH. Log level: MC_LOG_LEVEL (TRACE, DEBUG, INFO, WARNING, ERROR).
+        given by --config or MOONCAKE_CONFIG_PATH. Logging: --log-level / MC_LOG_LEVEL, --log-format / MC_LOG_FORMAT (text or json).
         """,
         version: TransferEngineVersion.string,
         subcommands: [ServeCommand.self, BenchCommand.self, BenchMetadataCommand.self, BenchRouterCommand.self, PluginsCommand.self, RouteCommand.self, MetadataServerCommand.self]
@@ -54,26 +55,36 @@ struct EngineOptions: ParsableArguments {
     }
 }
 
-/// Sets up swift-log once: stderr, level from MC_LOG_LEVEL.
-enum CLILogging {
-    static let bootstrap: Void = {
-        let level: Logger.Level
-        switch ProcessInfo.processInfo.environment["MC_LOG_LEVEL"]?.uppercased() {
-        case "TRACE": level = .trace
-        case "DEBUG": level = .debug
-        case "WARNING", "WARN": level = .warning
-        case "ERROR": level = .error
-        default: level = .info
-        }
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
-    }()
+/// `--log-level` and `--log-format`, which every command takes (over MC_LOG_LEVEL and MC_LOG_FORMAT).
+struct LoggingOptions: ParsableArguments {
+    @Option(help: "Log level: trace, debug, info (default), notice, warning, error, critical (else MC_LOG_LEVEL).")
+    var logLevel: String?
 
-    static func logger() -> Logger {
-        _ = bootstrap
+    @Option(help: "Log lines: text (default) or json, one object per line with time, level, thread and peer fields (else MC_LOG_FORMAT).")
+    var logFormat: String?
+
+    func validate() throws {
+        do { _ = try settings() } catch let error as EngineError { throw ValidationError(error.description) }
+    }
+
+    func settings() throws -> LogSettings {
+        try LogSettings.resolve(level: logLevel, format: logFormat, environment: ProcessInfo.processInfo.environment, defaultLevel: .info)
+    }
+
+    /// Sets up logging for this process (once) and returns the command's logger.
+    func logger() -> Logger { CLILogging.logger((try? settings()) ?? LogSettings(level: .info)) }
+}
+
+/// Sets up swift-log once for the process: standard error, in the first settings asked for.
+enum CLILogging {
+    private static let once = Mutex(false)
+
+    static func logger(_ settings: LogSettings) -> Logger {
+        once.withLock { done in
+            guard !done else { return }
+            done = true
+            LoggingSystem.bootstrap { label in settings.makeHandler(label: label) }
+        }
         return Logger(label: "transfer-engine")
     }
 }

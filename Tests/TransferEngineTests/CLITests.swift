@@ -27,12 +27,13 @@ struct CLITests {
         #expect(out.contains("failed") && out.contains("ABI major version 99"))
     }
 
-    @Test("bench --loopback runs, verifies bytes and writes JSON")
+    @Test("bench --loopback runs, verifies bytes, writes JSON and streams JSON lines (the run, then each case)")
     func benchLoopback() throws {
         let json = try TestSupport.temporaryDirectory().appendingPathComponent("bench.json")
+        let jsonLines = json.deletingLastPathComponent().appendingPathComponent("bench.jsonl")
         let (status, out, err) = try TestSupport.run(TestSupport.cli, [
             "bench", "--loopback", "--block-sizes", "4KiB,1MiB", "--batch-sizes", "1,8", "--duration", "0.1",
-            "--buffer-size", "64MiB", "--verify", "--json", json.path,
+            "--buffer-size", "64MiB", "--verify", "--json", json.path, "--json-lines", jsonLines.path,
         ], environment: TestSupport.cleanEnvironment(), timeout: 180)
         #expect(status == 0, "stderr: \(err)")
         #expect(out.contains("GB/s") && out.contains("p50 us") && out.contains("vs stream"))
@@ -41,6 +42,19 @@ struct CLITests {
         let results = document?["results"] as? [[String: Any]]
         #expect(results?.count == 8)
         #expect(results?.allSatisfy { ($0["verified"] as? Bool) == true && (($0["gbps"] as? Double) ?? 0) > 0 } == true)
+        let lines = try String(contentsOf: jsonLines, encoding: .utf8).split(separator: "\n").map {
+            try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        }
+        #expect(lines.count == 9)
+        #expect((lines.first??["run"] as? [String: Any])?["cases"] as? Int == 8)
+        #expect(lines.dropFirst().enumerated().allSatisfy { $1?["case"] as? Int == $0 + 1 && ($1?["verified"] as? Bool) == true })
+    }
+
+    @Test("bench --json-lines to an unwritable path is refused before anything runs")
+    func benchJSONLinesUnwritable() throws {
+        let (status, _, err) = try TestSupport.run(TestSupport.cli, ["bench", "--loopback", "--json-lines", "/nonexistent/dir/x.jsonl", "--duration", "0.1"],
+                                                   environment: TestSupport.cleanEnvironment(), timeout: 120)
+        #expect(status != 0 && err.contains("cannot write /nonexistent/dir/x.jsonl"), "\(err.suffix(300))")
     }
 
     @Test("metadata-server serves the official HTTP protocol; bench-metadata reports latencies and load")

@@ -22,7 +22,7 @@ struct UpstreamEnvironmentTests {
         defer { forced.shutdown() }
         #expect(forced.activeProtocols == ["tcp"])
         #expect(forcedLog.messages(at: .info).contains { $0.contains("MC_FORCE_TCP is set: only tcp runs (protocol 'shm'") })
-        let names = ["MC_FORCE_HCA", "MC_CUSTOM_TOPO_JSON", "MC_IB_PORT", "MC_HANDSHAKE_PORT", "MC_USE_IPV6", "MC_TE_METRIC"]
+        let names = ["MC_FORCE_HCA", "MC_CUSTOM_TOPO_JSON", "MC_IB_PORT", "MC_HANDSHAKE_PORT", "MC_USE_IPV6"]
         let (ignoring, log) = try engine(Dictionary(uniqueKeysWithValues: names.map { ($0, "1") }))
         defer { ignoring.shutdown() }
         let warnings = log.messages(at: .warning)

@@ -313,3 +313,21 @@ def test_shm_peer_is_refused_once_memory_is_unregistered(monkeypatch):
     finally:
         process.stdin.close()
         process.wait(timeout=30)
+
+
+def test_get_metrics_counts_the_bytes(peer, monkeypatch):
+    """get_metrics(): with MC_METRICS=1 set before the engine is created, a known write shows
+    exactly in the JSON series and the Prometheus text; a bad format is a ValueError."""
+    monkeypatch.setenv("MC_METRICS", "1")
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    local = e.allocate_managed_buffer(1 << 20)
+    assert e.transfer_sync_write(peer.segment, local, peer.address, 65536) == 0
+    metrics = e.get_metrics()
+    assert metrics["enabled"] is True
+    written = [s["value"] for s in metrics["series"] if s["name"] == "te_transferred_bytes_total"
+               and s["labels"].get("peer") == peer.segment and s["labels"].get("operation") == "write"]
+    assert written == [65536], written
+    assert "# TYPE te_transferred_bytes_total counter" in e.get_metrics("prometheus")
+    with pytest.raises(ValueError):
+        e.get_metrics("xml")

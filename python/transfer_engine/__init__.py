@@ -95,6 +95,7 @@ _active_protocol = _signature("te_active_protocol", _int, _vp, ctypes.c_char_p, 
 _last_error = _signature("te_last_error", _cp)
 _gen_notify = _signature("genNotifyInEngine", _int, _vp, _u64, _NotifyMsg)
 _show_links = _signature("showLinks", _int, _vp, ctypes.c_char_p, _sz, _int)
+_get_metrics = _signature("getMetrics", _int, _vp, ctypes.c_char_p, _sz, _int)
 _warmup = _signature("warmupEfaSegment", _int, _vp, _cp)
 _allocate_managed = _signature("te_allocate_managed_buffer", _vp, _vp, _sz, _cp)
 _free_managed = _signature("te_free_managed_buffer", _int, _vp, _vp)
@@ -265,6 +266,25 @@ class TransferEngine:
             if topology:
                 return json.dumps(topology)
         return json.dumps({"cpu:0": [[], []]})
+
+    def get_metrics(self, format="json"):
+        """This process's engine metrics: a dict (format "json": enabled, totals per metric,
+        series with labels) or the Prometheus text (format "prometheus"). Recording is on when
+        MC_TE_METRIC, MC_METRICS or MC_METRICS_PORT was set before the engine was created."""
+        if format not in ("json", "prometheus"):
+            raise ValueError("format is 'json' or 'prometheus', not %r" % (format,))
+        if not self._handle:
+            raise RuntimeError("the engine is not initialized")
+        size = 1 << 16
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            length = _get_metrics(self._handle, buffer, size, 1 if format == "prometheus" else 0)
+            if length < 0:
+                raise RuntimeError("getMetrics failed: " + last_error())
+            if length < size:
+                text = buffer.value.decode()
+                return text if format == "prometheus" else json.loads(text)
+            size = length + 1
 
     # -- memory --------------------------------------------------------------
     def register_memory(self, buffer_addr, capacity, location="*"):

@@ -214,6 +214,16 @@ int discoverTopology(transfer_engine_t engine);
 int showLinks(transfer_engine_t engine, char *buf_out, size_t buf_len, int json);
 
 /**
+ * Not in upstream: this process's engine metrics into buf_out, as JSON (prometheus == 0:
+ * {"enabled":..., "totals":{name: sum}, "series":[{name, labels, value}]}) or in the Prometheus
+ * text format (prometheus != 0); cut to buf_len like snprintf. Returns the full length (without
+ * the NUL; call again with a larger buffer when it is not below buf_len), or -1 on a bad handle
+ * or buffer. Recording is on when MC_TE_METRIC, MC_METRICS or MC_METRICS_PORT was set before
+ * the engine was created; otherwise "enabled" is false and nothing is counted.
+ */
+int getMetrics(transfer_engine_t engine, char *buf_out, size_t buf_len, int prometheus);
+
+/**
  * Per-NIC load. As upstream's classic engine, there are no figures yet: *count is set to 0.
  * 0, or -1 on a NULL argument.
  */

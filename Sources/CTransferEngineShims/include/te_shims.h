@@ -8,6 +8,10 @@
 int te_accept_cloexec(int fd);
 /** Names the calling thread (best effort, truncated to 15 bytes). */
 void te_set_thread_name(const char *name);
+/** The calling thread's kernel id (gettid). */
+int te_thread_id(void);
+/** The calling thread's name into buffer (NUL-terminated; "" when unnamed or on error). */
+void te_thread_name(char *buffer, size_t capacity);
 /** Path of the ELF image (executable or shared library) that contains addr, or NULL. */
 const char *te_image_path(const void *addr);
 /** Does nothing, opaquely: the compiler must assume the bytes at `pointer` are read and may have changed (keeps benchmark copies real). */

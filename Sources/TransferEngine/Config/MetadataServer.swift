@@ -52,4 +52,14 @@ extension MetadataServer {
             return endpoint
         }
     }
+
+    /// The backend's name (the metrics' label): p2p, etcd, redis or http.
+    var backend: String {
+        switch self {
+        case .p2pHandshake: return "p2p"
+        case .etcd: return "etcd"
+        case .redis: return "redis"
+        case .http: return "http"
+        }
+    }
 }

@@ -18,7 +18,6 @@ enum UpstreamEnvironment {
         ("MC_HANDSHAKE_PORT", "upstream reads it only with MC_LEGACY_RPC_PORT_BINDING; here the handshake port is the one written in "
             + "local_hostname when free (the C API's rpc_port: exactly that one), else random in MC_MIN_RPC_PORT..MC_MAX_RPC_PORT"),
         ("MC_USE_IPV6", "not needed: an IPv6 local_hostname (::1, [fe80::1]:12345, a name resolving to IPv6) makes the listeners IPv6"),
-        ("MC_TE_METRIC", "periodic throughput logging and metrics are not supported by this engine yet"),
     ]
 
     /// Applies the names that take effect (MC_FORCE_TCP) and collects the lines to log.
@@ -35,8 +34,6 @@ enum UpstreamEnvironment {
             effect.notices.append("MC_DISABLE_METACACHE is set: openSegment fetches the descriptor again each time")
         }
         for (name, reason) in ignored where !(environment[name] ?? "").isEmpty {
-            // MC_TE_METRIC=0 asks for nothing.
-            if name == "MC_TE_METRIC" && !ProtocolSelector.truthy(environment[name]) { continue }
             effect.warnings.append("\(name) is ignored: \(reason)")
         }
         return effect

@@ -19,6 +19,12 @@ final class Batch: @unchecked Sendable {
         var deadline: UInt64 = 0
         /// Timed out or canceled: its status is final while slices may still be out.
         var ended = false
+        /// Where its end is counted (nil: metrics off), and when it started.
+        var meter: RequestMeter?
+        var startedAt: UInt64 = 0
+
+        /// Counts the task's end once its status is final.
+        func recordEnd() { meter?.ended(status.state, transferred: status.transferredBytes, startedAt: startedAt) }
     }
 
     private struct State {
@@ -53,16 +59,23 @@ final class Batch: @unchecked Sendable {
     var isCanceled: Bool { canceled.load(ordering: .relaxed) }
 
     /// Reserves `sliceCounts.count` new tasks that must end by `deadline` (monotonic ns, 0: never);
-    /// returns the index of the first.
-    func addTasks(sliceCounts: [Int], deadline: UInt64 = 0) throws -> Int {
-        try state.withLock { state in
+    /// returns the index of the first. `meters` (parallel to `sliceCounts`, or empty) count their ends.
+    func addTasks(sliceCounts: [Int], deadline: UInt64 = 0, meters: [RequestMeter?] = []) throws -> Int {
+        let startedAt = meters.isEmpty ? 0 : MonotonicClock.nanoseconds()
+        return try state.withLock { state in
             guard !isCanceled else { throw EngineError.batchBusy("batch \(id) is being freed; allocate another") }
             guard state.tasks.count + sliceCounts.count <= capacity else {
                 throw EngineError.batchBusy("batch \(id) holds \(state.tasks.count) of \(capacity) tasks; cannot add \(sliceCounts.count)")
             }
             let first = state.tasks.count
-            for slices in sliceCounts {
+            for (i, slices) in sliceCounts.enumerated() {
                 var task = Task()
+                if i < meters.count, let meter = meters[i] {
+                    task.meter = meter
+                    task.startedAt = startedAt
+                    meter.started()
+                    if slices == 0 { meter.ended(.completed, transferred: 0, startedAt: startedAt) }
+                }
                 task.status.state = slices == 0 ? .completed : .pending
                 task.pendingSlices = slices
                 if slices > 0 {
@@ -125,6 +138,7 @@ final class Batch: @unchecked Sendable {
         }
         guard state.tasks[index].pendingSlices == 0 else { return false }
         if state.tasks[index].status.state == .pending { state.tasks[index].status.state = .completed }
+        state.tasks[index].recordEnd()
         state.unfinished -= 1
         return state.unfinished == 0 || state.outstanding == 0
     }
@@ -151,6 +165,7 @@ final class Batch: @unchecked Sendable {
             state.tasks[index].status.state = .timeout
             state.tasks[index].status.error = "did not finish within its deadline, and a transport still held it \(graceNs / 1_000_000) ms later: "
                 + "its buffers may still be read or written until the batch is freed"
+            state.tasks[index].recordEnd()
             state.unfinished -= 1
         }
         state.earliestDeadline = earliest
@@ -168,6 +183,7 @@ final class Batch: @unchecked Sendable {
                 state.tasks[index].ended = true
                 state.tasks[index].status.state = .canceled
                 state.tasks[index].status.error = "canceled: the batch was freed"
+                state.tasks[index].recordEnd()
                 ended += 1
             }
             state.unfinished = 0

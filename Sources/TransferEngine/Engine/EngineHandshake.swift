@@ -58,11 +58,13 @@ extension TransferEngine {
         case .notify:
             guard let body = try? JSONValue.parse(message.json) else { return nil }
             let notification = TransferNotification(name: body["name"]?.stringValue ?? "", message: body["notify_msg"]?.stringValue ?? "")
-            let report: UInt64? = state.withLock { state in
-                guard state.notifications.append(notification) > 0,
-                      state.notifications.dropWarnings.record(now: MonotonicClock.nanoseconds()) != nil else { return nil }
-                return state.notifications.dropped
+            let (dropped, report): (Int, UInt64?) = state.withLock { state in
+                let dropped = state.notifications.append(notification)
+                guard dropped > 0, state.notifications.dropWarnings.record(now: MonotonicClock.nanoseconds()) != nil else { return (dropped, nil) }
+                return (dropped, state.notifications.dropped)
             }
+            metrics?.notificationsQueued.increment()
+            if dropped > 0 { metrics?.notificationsDropped.increment(by: dropped) }
             if let report {
                 logger.warning("notification queue full (\(settings.notifyMaxCount) notifications, \(settings.notifyMaxBytes) bytes): dropped the oldest; \(report) dropped so far (take them with getNotifs / get_notifies, or raise MC_NOTIFY_MAX_COUNT / MC_NOTIFY_MAX_BYTES)")
             }

@@ -10,6 +10,28 @@ extension TransferEngine {
         var cache: PlanCache? = nil
         let planned = try plan(request, cache: &cache, hint: transportHint)
         if length == 0 { return }
+        guard let metrics else {
+            return try transferSync(planned, operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)
+        }
+        let meter = metrics.meter(peer: planned.peer.name, operation: operation, transport: planned.local ? "local" : planned.order.first?.protocolName ?? "none",
+                                  batched: false)
+        let startedAt = MonotonicClock.nanoseconds()
+        meter.started()
+        do {
+            try transferSync(planned, operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)
+        } catch {
+            var state = TransferState.failed
+            if let error = error as? EngineError, case .timeout = error { state = .timeout }
+            meter.ended(state, transferred: 0, startedAt: startedAt)
+            throw error
+        }
+        meter.ended(.completed, transferred: length, startedAt: startedAt)
+    }
+
+    /// One planned synchronous transfer (not counted in the metrics here).
+    private func transferSync(_ planned: Planned, _ operation: TransferRequest.Operation, localAddress: UInt64, remoteAddress: UInt64,
+                              length: UInt64) throws {
+        let request = planned.request
         if planned.local {
             guard registry.copyLocally(request) else {
                 throw EngineError.addressNotRegistered(address: remoteAddress, length: length, side: "local (unregistered during the copy)")
@@ -22,7 +44,7 @@ extension TransferEngine {
         var firstOutcome: SyncOutcome? = nil
         if let first = planned.firstLink {
             guard let outcome = first.transferSync(operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length,
-                                                   deadline: deadline) else { return try runSync([planned]) }
+                                                   deadline: deadline) else { return try runSync([planned], metered: false) }
             if outcome == .completed { return }
             firstOutcome = outcome
         }
@@ -54,7 +76,7 @@ extension TransferEngine {
                     // This transport runs a request of this size through its queue: a temporary batch from here on.
                     var rest = planned
                     rest.route = index == 0 ? planned.route : RouteOrder(Array(order[index...]))
-                    return try runSync([rest], earlierFailures: failures)
+                    return try runSync([rest], earlierFailures: failures, metered: false)
                 }
                 outcome = result
             }
@@ -65,8 +87,9 @@ extension TransferEngine {
                 throw EngineError.timeout("\(operation) of \(length) bytes to \(planned.peer.name) over \(name)")
             }
             failures.append(order.count > 1 ? "\(name): \(reason)" : reason)
+            if index + 1 < order.count { metrics?.failover(from: name, to: order[index + 1].protocolName) }
             if router.markFailed(name, segment: planned.peer.name), index + 1 < order.count {
-                logger.warning("\(Self.failoverLine(from: name, to: order[index + 1].protocolName, segment: planned.peer.name, reason: reason, cooldownMs: settings.pathCooldownMs))")
+                logger.warning("\(Self.failoverLine(from: name, to: order[index + 1].protocolName, segment: planned.peer.name, reason: reason, cooldownMs: settings.pathCooldownMs))", metadata: ["peer": "\(planned.peer.name)"])
             }
             index += 1
         }
@@ -97,7 +120,7 @@ extension TransferEngine {
     }
 
     /// Submits validated requests in a temporary batch and waits for all of them.
-    func runSync(_ planned: [Planned], earlierFailures: [String] = []) throws {
+    func runSync(_ planned: [Planned], earlierFailures: [String] = [], metered: Bool = true) throws {
         let id = try allocateBatch(capacity: max(1, planned.count))
         // The caller may reuse its buffers once this returns: a batch a transport still holds part
         // of is not freed quietly; the error says so (the batch stays until it can be freed).
@@ -109,7 +132,7 @@ extension TransferEngine {
                 throw EngineError.transferFailed("a transport still holds part of this request after it ended; do not reuse its buffers yet: \(error)")
             }
         }
-        try submit(planned: planned, to: id)
+        try submit(planned: planned, to: id, metered: metered)
         for transport in state.withLock({ $0.transports }) { (transport as? PluginTransport)?.harvest() }
         let bytes = planned.reduce(0) { $0 + $1.request.length }
         guard try wait(batch: id, timeoutNs: syncTimeout(bytes: bytes)) else {

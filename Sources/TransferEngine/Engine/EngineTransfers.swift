@@ -177,6 +177,8 @@ extension TransferEngine {
     /// that opened, how it takes requests, and the failover over the rest of the order.
     private struct Lane {
         var link: any TransportPeer
+        /// Its transport's protocol (the metrics' label).
+        var protocolName: String
         /// The largest slice the transport takes (UInt64.max: whole requests).
         var piece: UInt64
         /// The failover over the transports after this one; nil when none is left.
@@ -185,8 +187,9 @@ extension TransferEngine {
         var slices: [TransferSlice] = []
     }
 
-    /// Dispatches already validated requests.
-    func submit(planned: [Planned], to batchID: BatchID) throws {
+    /// Dispatches already validated requests; `metered`: counted in the metrics as batched
+    /// requests (a synchronous request counts itself).
+    func submit(planned: [Planned], to batchID: BatchID, metered: Bool = true) throws {
         let batch = try self.batch(batchID)
         let longest = planned.reduce(UInt64(0)) { max($0, $1.request.length) }
         let deadline = MonotonicClock.nanoseconds() + (batch.timeoutNs ?? syncTimeout(bytes: longest))
@@ -212,7 +215,7 @@ extension TransferEngine {
                     do {
                         let link = try link(to: p.peer, over: transport)
                         let rest = index + 1 < p.order.count ? Array(p.order[index...]) : []
-                        lanes.append(Lane(link: link, piece: transport.splitsRequests ? UInt64.max : settings.splitSize,
+                        lanes.append(Lane(link: link, protocolName: transport.protocolName, piece: transport.splitsRequests ? UInt64.max : settings.splitSize,
                                           failover: rest.isEmpty ? nil : failover(batch: batch, order: rest, peer: p.peer, deadline: deadline)))
                         lane = lanes.count - 1
                         break
@@ -223,7 +226,14 @@ extension TransferEngine {
             laneOf[i] = lane
             sliceCounts[i] = lane < 0 ? 1 : Int((length - 1) / lanes[lane].piece + 1)
         }
-        let first = try batch.addTasks(sliceCounts: sliceCounts, deadline: deadline)
+        var meters: [RequestMeter?] = []
+        if metered, let metrics {
+            meters = planned.indices.map { i in
+                let transport = planned[i].local ? "local" : laneOf[i] >= 0 ? lanes[laneOf[i]].protocolName : "none"
+                return metrics.meter(peer: planned[i].peer.name, operation: planned[i].request.operation, transport: transport, batched: true)
+            }
+        }
+        let first = try batch.addTasks(sliceCounts: sliceCounts, deadline: deadline, meters: meters)
         for i in planned.indices where planned[i].request.length > 0 {
             let r = planned[i].request
             let task = first + i
@@ -267,8 +277,9 @@ extension TransferEngine {
                      guard let self else { throw EngineError.invalidArgument("the engine shut down") }
                      return try self.link(to: peer, over: transport)
                  },
-                 onFailover: { [logger, cooldown = settings.pathCooldownMs, name = peer.name] from, to, reason in
-                     logger.warning("\(Self.failoverLine(from: from, to: to, segment: name, reason: reason, cooldownMs: cooldown))")
+                 onFailover: { [logger, metrics, cooldown = settings.pathCooldownMs, name = peer.name] from, to, reason in
+                     metrics?.failover(from: from, to: to)
+                     logger.warning("\(Self.failoverLine(from: from, to: to, segment: name, reason: reason, cooldownMs: cooldown))", metadata: ["peer": "\(name)"])
                  })
     }
 

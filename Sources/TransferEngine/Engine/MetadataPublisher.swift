@@ -9,7 +9,7 @@ extension TransferEngine {
         let ttl = store is HTTPMetadataStore ? nil : settings.metadataTTLSeconds
         let rpcMeta = JSONValue.object(["ip_or_host_name": .string(publishedHost), "rpc_port": .uint(UInt64(rpcPort))]).compactText
         try withRetries(budgetMs: settings.metadataTimeoutMs) {
-            if let etcd = store as? EtcdMetadataStore { try etcd.refreshLease(ttlSeconds: settings.metadataTTLSeconds) }
+            if let etcd = ((store as? MeteredMetadataStore)?.inner ?? store) as? EtcdMetadataStore { try etcd.refreshLease(ttlSeconds: settings.metadataTTLSeconds) }
             try store.put(keys.rpcMeta(segmentName), rpcMeta, ttlSeconds: ttl)
             try store.put(keys.segment(segmentName), localDescriptor.json.compactText, ttlSeconds: ttl)
         }

@@ -186,8 +186,10 @@ extension TransferEngine {
             }
             extra?.close()
             guard let kept else { throw EngineError.segmentUnavailable(name: peer.name, reason: "\(name) was removed while connecting") }
+            if kept === opened { metrics?.connection(transport: name, opened: true) }
             return kept
         } catch {
+            metrics?.connection(transport: name, opened: false)
             let marked = state.withLock { state -> Bool in
                 guard installed(state) else { return false }
                 peer.unreachable[name] = "\(error)"
@@ -196,7 +198,7 @@ extension TransferEngine {
             }
             guard marked else { throw error }
             let others = activeProtocols.filter { $0 != name }.joined(separator: "/")
-            logger.info("\(name) cannot reach \(peer.name), using \(others) for it: \(error)")
+            logger.info("\(name) cannot reach \(peer.name), using \(others) for it: \(error)", metadata: ["peer": "\(peer.name)"])
             throw error
         }
     }

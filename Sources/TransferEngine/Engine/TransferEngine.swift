@@ -53,6 +53,8 @@ public final class TransferEngine: @unchecked Sendable {
     let environment: [String: String]
     let catalog: PluginCatalog
     let router: Router
+    /// Metric handles, or nil when recording was off when the engine was created.
+    let metrics: EngineMetrics?
     let tcp: TCPTransport
     private let dataServer: TCPDataServer
     private var handshakeServer: HandshakeServer?
@@ -103,6 +105,8 @@ public final class TransferEngine: @unchecked Sendable {
         self.settings = try Settings(environment: environment)
         authenticator = try PeerAuthenticator.secret(environment: environment, configured: configuration.authSecret).map(PeerAuthenticator.init(secret:))
         router = Router(cooldownNs: UInt64(settings.pathCooldownMs) * 1_000_000)
+        EngineMetricsRegistry.enableIfAsked(environment)
+        metrics = EngineMetrics.make()
         tcp = TCPTransport(channelSettings: .init(maxLanes: settings.lanesPerPeer, connectTimeoutMs: settings.connectTimeoutMs,
                                                   statusTimeoutMs: settings.statusTimeoutMs, laneIdleMs: 30_000, auth: authenticator),
                            useV2: settings.useV2Client, inlineLimit: settings.splitSize, logger: logger)
@@ -110,16 +114,22 @@ public final class TransferEngine: @unchecked Sendable {
                                     transports: [tcp]))
 
         keys = MetadataKeys(environment: environment)
+        let store: (any MetadataStore)?
         switch try MetadataServer.parse(configuration.metadataServer) {
-        case .p2pHandshake: metadataStore = nil
+        case .p2pHandshake: store = nil
         case .http(let url):
-            metadataStore = try HTTPMetadataStore(url: url, timeoutMs: settings.metadataTimeoutMs,
+            store = try HTTPMetadataStore(url: url, timeoutMs: settings.metadataTimeoutMs,
                                                   token: environment["MC_METADATA_TOKEN"].flatMap { $0.isEmpty ? nil : $0 })
         case .redis(let address):
-            metadataStore = try RedisMetadataStore(address: address, environment: environment, timeoutMs: settings.metadataTimeoutMs)
+            store = try RedisMetadataStore(address: address, environment: environment, timeoutMs: settings.metadataTimeoutMs)
         case .etcd(let endpoints):
-            metadataStore = try EtcdMetadataStore(endpoints: endpoints, timeoutMs: settings.metadataTimeoutMs,
+            store = try EtcdMetadataStore(endpoints: endpoints, timeoutMs: settings.metadataTimeoutMs,
                                                   credentials: try EtcdMetadataStore.credentials(environment: environment))
+        }
+        if let store, let metrics {
+            metadataStore = MeteredMetadataStore(inner: store, metrics: metrics, backend: try MetadataServer.parse(configuration.metadataServer).backend)
+        } else {
+            metadataStore = store
         }
         handshakeAddresses = HandshakeAddressResolver(store: metadataStore, keys: keys, budgetMs: settings.metadataTimeoutMs)
 
@@ -173,7 +183,8 @@ public final class TransferEngine: @unchecked Sendable {
             throw error
         }
         handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, limits: settings.handshakeLimits,
-                                              auth: authenticator, logger: logger) { [weak self] message in
+                                              auth: authenticator, logger: logger,
+                                              onBadMessage: Self.counting(metrics?.handshakeFailures)) { [weak self] message in
             self?.answerHandshake(message)
         }
         if let store = metadataStore {
@@ -187,6 +198,7 @@ public final class TransferEngine: @unchecked Sendable {
         }
         let authNote = authenticator != nil ? ", peers must authenticate (shared secret)" : ""
         logger.info("engine ready: segment \(segmentName), protocols \(activeProtocols.joined(separator: ",")), data port \(dataPort), bound to \(bindHost)\(authNote)")
+        startMetricsReport()
     }
 
     /// Stops the listeners, lanes and transports. Registered memory stays the caller's; heap

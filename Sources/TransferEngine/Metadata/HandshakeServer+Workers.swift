@@ -27,7 +27,8 @@ extension HandshakeServer {
         do {
             let request = try HandshakeWire.decodeBody(body)
             guard let replyJSON = handler(request) else {
-                logger.warning("handshake: refused a \(request.kind) message from \(peer)")
+                onBadMessage?()
+                logger.warning("handshake: refused a \(request.kind) message from \(peer)", metadata: ["peer": "\(peer)"])
                 connection.close()
                 return
             }
@@ -36,7 +37,8 @@ extension HandshakeServer {
             try reply.encoded.withUnsafeBytes { try connection.sendAll([$0], deadline: deadline) }
             connection.shutdownWrite()
         } catch {
-            logger.warning("handshake: bad message from \(peer): \(error)")
+            onBadMessage?()
+            logger.warning("handshake: bad message from \(peer): \(error)", metadata: ["peer": "\(peer)"])
             connection.close()
             return
         }

@@ -18,6 +18,8 @@ import CTransferEngineShims
 /// per source address (past either, the oldest such connection is closed to admit the new one),
 /// bytes buffered, requests queued for the workers.
 final class HandshakeServer: @unchecked Sendable {
+    /// Called for each refused or malformed message (the handshake-failure metric).
+    let onBadMessage: (@Sendable () -> Void)?
     typealias Handler = @Sendable (HandshakeWire.Message) -> String?
 
     /// Bounds on what peers can hold (MC_HANDSHAKE_* settings).
@@ -99,8 +101,9 @@ final class HandshakeServer: @unchecked Sendable {
 
     /// With `auth`, every connection must pass the shared-secret exchange before its request is read.
     init(listener: Socket, maxLength: Int, limits: Limits = Limits(), auth: PeerAuthenticator? = nil, logger: Logger,
-         handler: @escaping Handler) throws {
+         onBadMessage: (@Sendable () -> Void)? = nil, handler: @escaping Handler) throws {
         self.listener = listener
+        self.onBadMessage = onBadMessage
         self.auth = auth
         self.handler = handler
         self.logger = logger
@@ -281,7 +284,8 @@ final class HandshakeServer: @unchecked Sendable {
                         connection.expected = try HandshakeWire.checkLength(length, limit: maxLength)
                         connection.body.reserveCapacity(min(connection.expected!, 64 << 10))
                     } catch {
-                        logger.warning("handshake: bad message from \(connection.peer): \(error)")
+                        onBadMessage?()
+                        logger.warning("handshake: bad message from \(connection.peer): \(error)", metadata: ["peer": "\(connection.peer)"])
                         return .failed
                     }
                 }

@@ -65,7 +65,7 @@ final class TCPDataServer: @unchecked Sendable {
         connection.setTimeouts(receiveMs: min(payloadTimeoutMs, Int(idleTimeoutNs / 1_000_000)), sendMs: payloadTimeoutMs)
         connection.setKeepAlive(userTimeoutMs: UInt32(payloadTimeoutMs))
         if let auth, !auth.authenticateAsServer(connection, channel: .data, deadline: MonotonicClock.nanoseconds() + 5_000_000_000) {
-            logger.warning("tcp data: \(peer) failed authentication; connection closed")
+            logger.warning("tcp data: \(peer) failed authentication; connection closed", metadata: ["peer": "\(peer)"])
             return
         }
         let headerBytes = UnsafeMutableRawBufferPointer.allocate(byteCount: TCPWire.headerSize, alignment: 8)
@@ -119,7 +119,7 @@ final class TCPDataServer: @unchecked Sendable {
                     // An opcode no engine sends: refused (v2 framing gets a rejection status),
                     // then the connection closes; one line per connection.
                     let opcode = TCPWire.Header.opcode(UnsafeRawBufferPointer(headerBytes))
-                    logger.warning("tcp data: refused unknown opcode 0x\(String(opcode, radix: 16)) from \(peer); closing the connection")
+                    logger.warning("tcp data: refused unknown opcode 0x\(String(opcode, radix: 16)) from \(peer); closing the connection", metadata: ["peer": "\(peer)"])
                     if opcode & TCPWire.v2Flag != 0 { pendingAcks.append(TCPWire.statusFrame(.addressRejected)) }
                     try? flushAcks()
                     connection.shutdownWrite()
@@ -152,7 +152,7 @@ final class TCPDataServer: @unchecked Sendable {
                     return true
                 }
                 if served == nil {
-                    logger.warning("tcp data: rejected \(header.operation) of \(header.size) bytes at 0x\(String(header.address, radix: 16)) from \(peer): not inside one registered buffer")
+                    logger.warning("tcp data: rejected \(header.operation) of \(header.size) bytes at 0x\(String(header.address, radix: 16)) from \(peer): not inside one registered buffer", metadata: ["peer": "\(peer)"])
                     if header.acknowledged {
                         pendingAcks.append(TCPWire.statusFrame(.addressRejected))
                     }

@@ -29,6 +29,7 @@ int main(int argc, char **argv) {
     char name[128], expected[128], text[4096];
 
     /* rpc_port is the handshake port, and a taken one is an error; ip_or_host_name names the host. */
+    setenv("MC_METRICS", "1", 1); /* engines created from here on record metrics */
     transfer_engine_t target = createTransferEngine("P2PHANDSHAKE", "localhost", "127.0.0.1", port, 0);
     CHECK(target != NULL);
     if (!target) { printf("capi extras: %d passed, %d failed\n", passed, failed); return 1; }
@@ -84,6 +85,16 @@ int main(int argc, char **argv) {
     size_t count = 4;
     CHECK(getNicLoadStats(initiator, stats, &count) == 0 && count == 0);
     CHECK(getNicLoadStats(initiator, NULL, &count) == -1);
+
+    /* getMetrics: JSON and Prometheus text of what moved above; snprintf-like length; bad arguments. */
+    static char metrics[1 << 16];
+    int length = getMetrics(initiator, metrics, sizeof metrics, 0);
+    CHECK(length > 0 && length < (int)sizeof metrics && !strncmp(metrics, "{\"enabled\":true,", 16)
+          && strstr(metrics, "\"te_transferred_bytes_total\"") != NULL);
+    CHECK(getMetrics(initiator, metrics, 8, 0) == length && strlen(metrics) == 7);
+    CHECK(getMetrics(initiator, metrics, sizeof metrics, 1) > 0 && strstr(metrics, "# TYPE te_transferred_bytes_total counter") != NULL);
+    CHECK(getMetrics(initiator, NULL, 8, 0) == -1);
+    CHECK(getMetrics((transfer_engine_t)0x1234, metrics, sizeof metrics, 0) == -1);
 
     destroyTransferEngine(initiator);
     destroyTransferEngine(target);

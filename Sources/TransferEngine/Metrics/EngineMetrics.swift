@@ -1,0 +1,142 @@
+import CoreMetrics
+import Synchronization
+
+/// One engine's metric handles, made once and kept: a transfer looks its meter up by peer,
+/// operation and transport and records with atomic adds. Peers past `maxPeerLabels` share the
+/// label value "other", so the number of series stays bounded.
+final class EngineMetrics: Sendable {
+    /// Most peers with a label value of their own.
+    static let maxPeerLabels = 64
+
+    private struct MeterKey: Hashable {
+        var peer: String
+        var operation: TransferRequest.Operation
+        var transport: String
+        var batched: Bool
+    }
+
+    let factory: any MetricsFactory
+    private let meters = Mutex<[MeterKey: RequestMeter]>([:])
+    private let peerLabels = Mutex<Set<String>>([])
+    private let pairs = Mutex<[String: Counter]>([:])
+    private let timers = Mutex<[String: Timer]>([:])
+    /// Requests submitted and not yet ended, over every engine of the process.
+    let inFlight: Meter
+    let handshakeFailures: Counter
+    let notificationsQueued: Counter
+    let notificationsDropped: Counter
+
+    init(factory: any MetricsFactory) {
+        self.factory = factory
+        inFlight = Meter(label: "te_requests_in_flight", dimensions: [], factory: factory)
+        handshakeFailures = Counter(label: "te_handshake_failures_total", dimensions: [], factory: factory)
+        notificationsQueued = Counter(label: "te_notifications_queued_total", dimensions: [], factory: factory)
+        notificationsDropped = Counter(label: "te_notifications_dropped_total", dimensions: [], factory: factory)
+    }
+
+    /// The engine's metrics, or nil when recording is off for this process.
+    static func make() -> EngineMetrics? { EngineMetricsRegistry.factory.map { EngineMetrics(factory: $0) } }
+
+    /// The label value for a peer: its segment name, or "other" past the first `maxPeerLabels`.
+    func peerLabel(_ name: String) -> String {
+        peerLabels.withLock { known in
+            if known.contains(name) { return name }
+            guard known.count < Self.maxPeerLabels else { return "other" }
+            known.insert(name)
+            return name
+        }
+    }
+
+    /// The meter for requests to `peer` over `transport` ("local" for a copy within this
+    /// engine, "none" when no path opened); `batched`: submitted in a batch, else synchronous.
+    func meter(peer: String, operation: TransferRequest.Operation, transport: String, batched: Bool) -> RequestMeter {
+        let key = MeterKey(peer: peer, operation: operation, transport: transport, batched: batched)
+        if let known = meters.withLock({ $0[key] }) { return known }
+        let made = RequestMeter(peer: peerLabel(peer), operation: operation, transport: transport, batched: batched, engine: self)
+        return meters.withLock { table in
+            if let raced = table[key] { return raced }
+            table[key] = made
+            return made
+        }
+    }
+
+    /// Counts one event of a labelled counter, made on first use (connections, failovers).
+    func count(_ name: String, _ dimensions: [(String, String)]) {
+        let key = name + dimensions.map { "\u{1}\($0.0)=\($0.1)" }.joined()
+        let counter = pairs.withLock { table in
+            if let known = table[key] { return known }
+            let made = Counter(label: name, dimensions: dimensions, factory: factory)
+            table[key] = made
+            return made
+        }
+        counter.increment()
+    }
+
+    /// Records one duration of a labelled timer, made on first use (metadata operations).
+    func time(_ name: String, _ dimensions: [(String, String)], nanoseconds: UInt64) {
+        let key = name + dimensions.map { "\u{1}\($0.0)=\($0.1)" }.joined()
+        let timer = timers.withLock { table in
+            if let known = table[key] { return known }
+            let made = Timer(label: name, dimensions: dimensions, factory: factory)
+            table[key] = made
+            return made
+        }
+        timer.recordNanoseconds(Int64(clamping: nanoseconds))
+    }
+
+    /// A request left its first path for `to` after `from` failed.
+    func failover(from: String, to: String) { count("te_failovers_total", [("from", from), ("to", to)]) }
+
+    /// A link to a peer opened over `transport`, or failed to.
+    func connection(transport: String, opened: Bool) {
+        count(opened ? "te_connections_opened_total" : "te_connection_failures_total", [("transport", transport)])
+    }
+}
+
+extension TransferEngine {
+    /// A callback counting into `counter`, or nil without one.
+    static func counting(_ counter: Counter?) -> (@Sendable () -> Void)? {
+        guard let counter else { return nil }
+        return { counter.increment() }
+    }
+}
+
+/// The handles one kind of request records into: bytes, requests, failures by reason, latency.
+final class RequestMeter: Sendable {
+    private let bytes: Counter
+    private let requests: Counter
+    private let duration: Timer
+    private let dimensions: [(String, String)]
+    private let failures = Mutex<[TransferState: Counter]>([:])
+    private let factory: any MetricsFactory
+    private let inFlight: Meter
+
+    init(peer: String, operation: TransferRequest.Operation, transport: String, batched: Bool, engine: EngineMetrics) {
+        let op = operation == .read ? "read" : "write"
+        dimensions = [("operation", op), ("transport", transport), ("peer", peer)]
+        factory = engine.factory
+        inFlight = engine.inFlight
+        bytes = Counter(label: "te_transferred_bytes_total", dimensions: dimensions, factory: factory)
+        requests = Counter(label: "te_requests_total", dimensions: dimensions + [("kind", batched ? "batch" : "sync")], factory: factory)
+        duration = Timer(label: "te_request_duration_seconds", dimensions: [("operation", op), ("kind", batched ? "batch" : "sync")], factory: factory)
+    }
+
+    /// A request started (counted in flight until `ended`).
+    func started() { inFlight.increment() }
+
+    /// A request ended: `state` completed (with `transferred` bytes), failed, timeout or canceled.
+    func ended(_ state: TransferState, transferred: UInt64, startedAt: UInt64, now: UInt64 = MonotonicClock.nanoseconds()) {
+        inFlight.decrement()
+        requests.increment()
+        duration.recordNanoseconds(Int64(clamping: now &- startedAt))
+        if transferred > 0 { bytes.increment(by: Int64(clamping: transferred)) }
+        guard state != .completed else { return }
+        let counter = failures.withLock { table in
+            if let known = table[state] { return known }
+            let made = Counter(label: "te_request_failures_total", dimensions: dimensions + [("reason", "\(state)")], factory: factory)
+            table[state] = made
+            return made
+        }
+        counter.increment()
+    }
+}

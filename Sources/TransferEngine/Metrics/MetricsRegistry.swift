@@ -1,0 +1,61 @@
+import CoreMetrics
+import Prometheus
+import Synchronization
+
+/// Whether this process records engine metrics, and the registry they go to. Recording is off
+/// until something asks for it: `MC_TE_METRIC`, `MC_METRICS`, `MC_METRICS_PORT`, the CLI's
+/// `--metrics-port`, or `enable()`; engines created while it is off hold no metric handles, so
+/// their transfers pay nothing. Metrics go through swift-metrics to a swift-prometheus registry
+/// of their own (not `MetricsSystem`'s global factory, which an embedding application may own).
+public enum EngineMetricsRegistry {
+    private static let current = Mutex<PrometheusCollectorRegistry?>(nil)
+
+    /// Latency buckets: 5 us to 10 s.
+    static let durationBuckets: [Duration] = [
+        .microseconds(5), .microseconds(10), .microseconds(25), .microseconds(50), .microseconds(100), .microseconds(250),
+        .microseconds(500), .milliseconds(1), .milliseconds(2.5), .milliseconds(5), .milliseconds(10), .milliseconds(25),
+        .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(10),
+    ]
+
+    /// Turns recording on for engines created from now on (idempotent); returns the registry.
+    @discardableResult
+    public static func enable() -> PrometheusCollectorRegistry {
+        current.withLock { registry in
+            if let registry { return registry }
+            let made = PrometheusCollectorRegistry()
+            registry = made
+            return made
+        }
+    }
+
+    /// The registry, or nil while recording is off.
+    public static var registry: PrometheusCollectorRegistry? { current.withLock { $0 } }
+
+    /// The factory engines record through, or nil while recording is off.
+    static var factory: EngineMetricsFactory? { registry.map { EngineMetricsFactory(registry: $0, buckets: durationBuckets) } }
+
+    /// Whether `environment` asks for metrics (and turns them on when it does).
+    static func enableIfAsked(_ environment: [String: String]) {
+        let asked = ProtocolSelector.truthy(environment["MC_TE_METRIC"]) || ProtocolSelector.truthy(environment["MC_METRICS"])
+            || !(environment["MC_METRICS_PORT"] ?? "").isEmpty
+        if asked { enable() }
+    }
+
+    private static let counters = Mutex<[String: CoreMetrics.Counter]>([:])
+
+    /// Counts one event of a process-level counter (nothing while recording is off).
+    public static func increment(_ name: String, _ dimensions: [(String, String)]) {
+        guard let factory else { return }
+        let key = name + dimensions.map { "\u{1}\($0.0)=\($0.1)" }.joined()
+        let counter = counters.withLock { table in
+            if let known = table[key] { return known }
+            let made = CoreMetrics.Counter(label: name, dimensions: dimensions, factory: factory)
+            table[key] = made
+            return made
+        }
+        counter.increment()
+    }
+
+    /// The Prometheus text format of everything recorded so far ("" while off).
+    public static func text() -> String { registry?.emitToString() ?? "" }
+}
