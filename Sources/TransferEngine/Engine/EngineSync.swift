@@ -13,8 +13,7 @@ extension TransferEngine {
         guard let metrics else {
             return try transferSync(planned, operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)
         }
-        let meter = metrics.meter(peer: planned.peer.name, operation: operation, transport: planned.local ? "local" : planned.order.first?.protocolName ?? "none",
-                                  batched: false)
+        let meter = metrics.meter(peer: planned.peer, operation: operation, transport: planned.order.first, local: planned.local, batched: false)
         let startedAt = MonotonicClock.nanoseconds()
         meter.started()
         do {

@@ -177,8 +177,8 @@ extension TransferEngine {
     /// that opened, how it takes requests, and the failover over the rest of the order.
     private struct Lane {
         var link: any TransportPeer
-        /// Its transport's protocol (the metrics' label).
-        var protocolName: String
+        /// Its transport (the metrics' label).
+        var transport: any Transport
         /// The largest slice the transport takes (UInt64.max: whole requests).
         var piece: UInt64
         /// The failover over the transports after this one; nil when none is left.
@@ -215,7 +215,7 @@ extension TransferEngine {
                     do {
                         let link = try link(to: p.peer, over: transport)
                         let rest = index + 1 < p.order.count ? Array(p.order[index...]) : []
-                        lanes.append(Lane(link: link, protocolName: transport.protocolName, piece: transport.splitsRequests ? UInt64.max : settings.splitSize,
+                        lanes.append(Lane(link: link, transport: transport, piece: transport.splitsRequests ? UInt64.max : settings.splitSize,
                                           failover: rest.isEmpty ? nil : failover(batch: batch, order: rest, peer: p.peer, deadline: deadline)))
                         lane = lanes.count - 1
                         break
@@ -228,9 +228,18 @@ extension TransferEngine {
         }
         var meters: [RequestMeter?] = []
         if metered, let metrics {
+            // The requests of a batch mostly share a lane and an operation: their meter is looked up once.
+            var previous: (lane: Int, peer: ObjectIdentifier, operation: TransferRequest.Operation, local: Bool, meter: RequestMeter)?
             meters = planned.indices.map { i in
-                let transport = planned[i].local ? "local" : laneOf[i] >= 0 ? lanes[laneOf[i]].protocolName : "none"
-                return metrics.meter(peer: planned[i].peer.name, operation: planned[i].request.operation, transport: transport, batched: true)
+                let p = planned[i]
+                if let previous, previous.lane == laneOf[i], previous.peer == ObjectIdentifier(p.peer), previous.operation == p.request.operation,
+                   previous.local == p.local {
+                    return previous.meter
+                }
+                let meter = metrics.meter(peer: p.peer, operation: p.request.operation, transport: laneOf[i] >= 0 ? lanes[laneOf[i]].transport : nil,
+                                          local: p.local, batched: true)
+                previous = (laneOf[i], ObjectIdentifier(p.peer), p.request.operation, p.local, meter)
+                return meter
             }
         }
         let first = try batch.addTasks(sliceCounts: sliceCounts, deadline: deadline, meters: meters)

@@ -8,15 +8,18 @@ final class EngineMetrics: Sendable {
     /// Most peers with a label value of their own.
     static let maxPeerLabels = 64
 
+    /// Keyed by object identities (hashing integers, not names, on every request); the peer's
+    /// name is kept with the meter and compared on a hit, since a freed peer's identity may return.
     private struct MeterKey: Hashable {
-        var peer: String
+        var peer: ObjectIdentifier
+        var transport: ObjectIdentifier?
+        var local: Bool
         var operation: TransferRequest.Operation
-        var transport: String
         var batched: Bool
     }
 
     let factory: any MetricsFactory
-    private let meters = Mutex<[MeterKey: RequestMeter]>([:])
+    private let meters = Mutex<[MeterKey: (peer: String, meter: RequestMeter)]>([:])
     private let peerLabels = Mutex<Set<String>>([])
     private let pairs = Mutex<[String: Counter]>([:])
     private let timers = Mutex<[String: Timer]>([:])
@@ -47,15 +50,18 @@ final class EngineMetrics: Sendable {
         }
     }
 
-    /// The meter for requests to `peer` over `transport` ("local" for a copy within this
-    /// engine, "none" when no path opened); `batched`: submitted in a batch, else synchronous.
-    func meter(peer: String, operation: TransferRequest.Operation, transport: String, batched: Bool) -> RequestMeter {
-        let key = MeterKey(peer: peer, operation: operation, transport: transport, batched: batched)
-        if let known = meters.withLock({ $0[key] }) { return known }
-        let made = RequestMeter(peer: peerLabel(peer), operation: operation, transport: transport, batched: batched, engine: self)
+    /// The meter for requests to `peer` over `transport` (nil: "local" for a copy within this
+    /// engine, else "none": no path opened); `batched`: submitted in a batch, else synchronous.
+    func meter(peer: TransferEngine.Peer, operation: TransferRequest.Operation, transport: (any Transport)?, local: Bool = false,
+               batched: Bool) -> RequestMeter {
+        let key = MeterKey(peer: ObjectIdentifier(peer), transport: transport.map { ObjectIdentifier($0) }, local: local,
+                           operation: operation, batched: batched)
+        if let known = meters.withLock({ $0[key] }), known.peer == peer.name { return known.meter }
+        let name = transport?.protocolName ?? (local ? "local" : "none")
+        let made = RequestMeter(peer: peerLabel(peer.name), operation: operation, transport: name, batched: batched, engine: self)
         return meters.withLock { table in
-            if let raced = table[key] { return raced }
-            table[key] = made
+            if let raced = table[key], raced.peer == peer.name { return raced.meter }
+            table[key] = (peer.name, made)
             return made
         }
     }
