@@ -21,8 +21,8 @@ final class EngineMetrics: Sendable {
     let factory: any MetricsFactory
     private let meters = Mutex<[MeterKey: (peer: String, meter: RequestMeter)]>([:])
     private let peerLabels = Mutex<Set<String>>([])
-    private let pairs = Mutex<[String: Counter]>([:])
-    private let timers = Mutex<[String: Timer]>([:])
+    private let counters = LabelledHandles<Counter>()
+    private let timers = LabelledHandles<Timer>()
     /// Requests submitted and not yet ended, over every engine of the process.
     let inFlight: Meter
     let handshakeFailures: Counter
@@ -68,26 +68,12 @@ final class EngineMetrics: Sendable {
 
     /// Counts one event of a labelled counter, made on first use (connections, failovers).
     func count(_ name: String, _ dimensions: [(String, String)]) {
-        let key = name + dimensions.map { "\u{1}\($0.0)=\($0.1)" }.joined()
-        let counter = pairs.withLock { table in
-            if let known = table[key] { return known }
-            let made = Counter(label: name, dimensions: dimensions, factory: factory)
-            table[key] = made
-            return made
-        }
-        counter.increment()
+        counters.handle(name, dimensions) { Counter(label: name, dimensions: dimensions, factory: factory) }.increment()
     }
 
     /// Records one duration of a labelled timer, made on first use (metadata operations).
     func time(_ name: String, _ dimensions: [(String, String)], nanoseconds: UInt64) {
-        let key = name + dimensions.map { "\u{1}\($0.0)=\($0.1)" }.joined()
-        let timer = timers.withLock { table in
-            if let known = table[key] { return known }
-            let made = Timer(label: name, dimensions: dimensions, factory: factory)
-            table[key] = made
-            return made
-        }
-        timer.recordNanoseconds(Int64(clamping: nanoseconds))
+        timers.handle(name, dimensions) { Timer(label: name, dimensions: dimensions, factory: factory) }.recordNanoseconds(Int64(clamping: nanoseconds))
     }
 
     /// A request left its first path for `to` after `from` failed.
@@ -144,5 +130,21 @@ final class RequestMeter: Sendable {
             return made
         }
         counter.increment()
+    }
+}
+
+/// Metric handles by name and labels, each made on first use and kept.
+final class LabelledHandles<Handle: AnyObject>: @unchecked Sendable {
+    private let table = Mutex<[String: Handle]>([:])
+
+    /// The handle for `name` with `dimensions`, made by `make` the first time.
+    func handle(_ name: String, _ dimensions: [(String, String)], make: () -> Handle) -> Handle {
+        let key = name + dimensions.map { "\u{1}\($0.0)=\($0.1)" }.joined()
+        return table.withLock { table in
+            if let known = table[key] { return known }
+            let made = make()
+            table[key] = made
+            return made
+        }
     }
 }

@@ -41,19 +41,12 @@ public enum EngineMetricsRegistry {
         if asked { enable() }
     }
 
-    private static let counters = Mutex<[String: CoreMetrics.Counter]>([:])
+    private static let counters = LabelledHandles<CoreMetrics.Counter>()
 
     /// Counts one event of a process-level counter (nothing while recording is off).
     public static func increment(_ name: String, _ dimensions: [(String, String)]) {
         guard let factory else { return }
-        let key = name + dimensions.map { "\u{1}\($0.0)=\($0.1)" }.joined()
-        let counter = counters.withLock { table in
-            if let known = table[key] { return known }
-            let made = CoreMetrics.Counter(label: name, dimensions: dimensions, factory: factory)
-            table[key] = made
-            return made
-        }
-        counter.increment()
+        counters.handle(name, dimensions) { CoreMetrics.Counter(label: name, dimensions: dimensions, factory: factory) }.increment()
     }
 
     /// The Prometheus text format of everything recorded so far ("" while off).
