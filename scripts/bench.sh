@@ -11,8 +11,8 @@
 # libfabric-dev and ../shared/reference/probes/fi_rma_probe.c are present), for the TCP
 # transport and the efa plugin over those providers; the official Mooncake engine
 # (PyPI wheel, installed into .build-interop-venv unless TE_SKIP_OFFICIAL=1).
-# Output: tables on stdout, out/*.json, and out/transports.txt (which transports ran, and why
-# the others did not), which the summary prints.
+# Output: tables on stdout, out/*.json, out/transports.txt (which transports ran, and why the
+# others did not), which the summary prints, and a chart of it all, out/bench.png and .svg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=0
@@ -120,3 +120,5 @@ done
 
 echo "== summary"
 python3 scripts/bench_summary.py out
+# Debian's matplotlib is in the system Python (another python3 may come first on PATH).
+"$( [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3 )" scripts/bench_chart.py out

@@ -37,6 +37,7 @@ requirements=(
     "dpkg-dev|cmd:dpkg-shlibdeps|the Debian packages cannot be built (and their test is skipped)"
     "file|cmd:file|the Debian packages cannot be built (and their test is skipped)"
     "lintian|cmd:lintian|the Debian packages are not checked with lintian"
+    "python3-matplotlib|file:/usr/lib/python3/dist-packages/matplotlib/__init__.py|scripts/bench.sh draws no chart (out/bench.png, out/bench.svg)"
     "prometheus|cmd:promtool|the metrics tests neither check the scrape with promtool nor have a real Prometheus server scrape a serve process"
 )
 

@@ -116,14 +116,11 @@ enum CLogging {
     static let logger: Logger = {
         var environment: [String: String] = [:]
         for key in ["MC_LOG_LEVEL", "MC_LOG_FORMAT"] { if let value = getenv(key) { environment[key] = String(cString: value) } }
-        let settings: LogSettings
-        var problem: String?
-        do { settings = try LogSettings.resolve(environment: environment, defaultLevel: .warning) } catch {
-            settings = LogSettings(level: .warning)
-            problem = "\(error); using warning and text"
-        }
+        var problems: [String] = []
+        let settings = (try? LogSettings.resolve(environment: environment, defaultLevel: .warning, environmentProblem: { problems.append($0) }))
+            ?? LogSettings(level: .warning)
         let logger = Logger(label: "transfer-engine") { label in settings.makeHandler(label: label) }
-        if let problem { logger.warning("\(problem)") }
+        for problem in problems { logger.warning("\(problem)") }
         return logger
     }()
 }

@@ -38,7 +38,8 @@ public final class MetadataHTTPServer: @unchecked Sendable {
         public var maxConnections = 4096
         /// A request (head and body) must arrive within this of the connection being ready for it.
         public var requestTimeoutMs: Int64 = 30_000
-        /// Told of every answered request: its method and status (the metrics endpoint counts them).
+        /// Told of every answer sent, refusals included: the request's method ("-" when none
+        /// arrived) and the status (the metrics endpoint counts them).
         public var onRequest: (@Sendable (String, Int) -> Void)?
 
         /// Defaults: no token.
@@ -84,6 +85,8 @@ struct Answers: HTTPResponder {
     let store: NIOLockedValueBox<[String: [UInt8]]>
 
     var maxBodyBytes: Int { options.maxValueBytes }
+
+    func answered(method: String, status: Int) { options.onRequest?(method, status) }
     var requestTimeoutMs: Int64 { options.requestTimeoutMs }
 
     /// Whether the request carries the token, compared in constant time.
@@ -116,7 +119,6 @@ struct Answers: HTTPResponder {
     /// The answer to a whole request (JSON for a successful GET).
     func answer(method: String, target: String, body: [UInt8], authorization: String?) -> (status: Int, body: [UInt8], contentType: String) {
         let (status, reply) = answerBody(method: method, target: target, body: body, authorization: authorization)
-        options.onRequest?(method, status)
         return (status, reply, status == 200 && method == "GET" ? "application/json" : "text/plain")
     }
 

@@ -11,6 +11,12 @@ protocol HTTPResponder: Sendable {
     func refusal(method: String, target: String, authorization: String?, contentLength: Int?, chunked: Bool) -> (Int, [UInt8])?
     /// The answer to a whole request: status, body and content type.
     func answer(method: String, target: String, body: [UInt8], authorization: String?) -> (status: Int, body: [UInt8], contentType: String)
+    /// Told of every answer sent, refusals included (method "-" when none arrived).
+    func answered(method: String, status: Int)
+}
+
+extension HTTPResponder {
+    func answered(method: String, status: Int) {}
 }
 
 /// One connection's requests, after swift-nio's HTTP/1.1 codec: refuses a request from its head
@@ -26,6 +32,8 @@ final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private let answers: any HTTPResponder
     private var head: HTTPRequestHead?
+    /// The method of the request being answered (for `answered`).
+    private var method = "-"
     private var body: [UInt8] = []
     /// A request answered already from its head: the rest of it is read and dropped.
     private var refusedEarly = false
@@ -71,6 +79,7 @@ final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
         switch unwrapInboundIn(data) {
         case .head(let request):
             head = request
+            method = request.method.rawValue
             body = []
             refusedEarly = false
             let length = request.headers.first(name: "content-length").flatMap { Int($0) }
@@ -119,6 +128,8 @@ final class RequestHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func respond(_ context: ChannelHandlerContext, status: Int, body: [UInt8], keepAlive: Bool, contentType: String = "text/plain") {
+        answers.answered(method: method, status: status)
+        method = "-"
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: contentType)
         headers.add(name: "Content-Length", value: String(body.count))

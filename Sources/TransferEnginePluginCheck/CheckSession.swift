@@ -34,6 +34,7 @@ final class Session: @unchecked Sendable {
         var environment = checker.environment
         environment["MC_TRANSPORT_PLUGIN_PATH"] = directory.path + (environment["MC_TRANSPORT_PLUGIN_PATH"].map { ":" + $0 } ?? "")
         environment["MC_STRICT_PROTOCOL"] = "1"
+        environment["MC_METRICS_PORT"] = nil  // two engines on this host: neither takes the checker's metrics port
         environment["MC_TRANSFER_TIMEOUT"] = environment["MC_TRANSFER_TIMEOUT"] ?? "5"
         let peer = try PeerProcess(executable: checker.executable, protocolName: protocolName, deviceName: checker.deviceName, environment: environment)
         self.peer = peer

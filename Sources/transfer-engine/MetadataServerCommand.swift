@@ -38,7 +38,9 @@ struct MetadataServerCommand: ParsableCommand {
             defer { endpoint?.stop() }
             if endpoint != nil {
                 options.onRequest = { method, status in
-                    EngineMetricsRegistry.increment("te_metadata_server_requests_total", [("method", method), ("status", String(status))])
+                    // Methods are the client's word: unknown ones share one label value.
+                    let known = ["GET", "PUT", "DELETE", "-"].contains(method) ? method : "other"
+                    EngineMetricsRegistry.increment("te_metadata_server_requests_total", [("method", known), ("status", String(status))])
                 }
             }
             do { server = try MetadataHTTPServer(host: host, port: port, options: options, logger: logger) } catch {

@@ -67,12 +67,20 @@ struct LoggingOptions: ParsableArguments {
         do { _ = try settings() } catch let error as EngineError { throw ValidationError(error.description) }
     }
 
-    func settings() throws -> LogSettings {
-        try LogSettings.resolve(level: logLevel, format: logFormat, environment: ProcessInfo.processInfo.environment, defaultLevel: .info)
+    /// The settings; problems with MC_LOG_LEVEL / MC_LOG_FORMAT are collected in `problems`.
+    func settings(problems: ((String) -> Void)? = { _ in }) throws -> LogSettings {
+        try LogSettings.resolve(level: logLevel, format: logFormat, environment: ProcessInfo.processInfo.environment, defaultLevel: .info,
+                                environmentProblem: problems)
     }
 
-    /// Sets up logging for this process (once) and returns the command's logger.
-    func logger() -> Logger { CLILogging.logger((try? settings()) ?? LogSettings(level: .info)) }
+    /// Sets up logging for this process (once) and returns the command's logger; a bad
+    /// MC_LOG_LEVEL or MC_LOG_FORMAT is one warning (the flags were checked by `validate`).
+    func logger() -> Logger {
+        var problems: [String] = []
+        let logger = CLILogging.logger((try? settings(problems: { problems.append($0) })) ?? LogSettings(level: .info))
+        for problem in problems { logger.warning("\(problem)") }
+        return logger
+    }
 }
 
 /// Sets up swift-log once for the process: standard error, in the first settings asked for.

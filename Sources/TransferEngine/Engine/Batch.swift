@@ -24,7 +24,7 @@ final class Batch: @unchecked Sendable {
         var startedAt: UInt64 = 0
 
         /// Counts the task's end once its status is final.
-        func recordEnd() { meter?.ended(status.state, transferred: status.transferredBytes, startedAt: startedAt) }
+        func recordEnd() { meter?.ended(status.state, transferred: status.state == .completed ? status.transferredBytes : 0, startedAt: startedAt) }
     }
 
     private struct State {
@@ -70,11 +70,11 @@ final class Batch: @unchecked Sendable {
             let first = state.tasks.count
             for (i, slices) in sliceCounts.enumerated() {
                 var task = Task()
-                if i < meters.count, let meter = meters[i] {
+                // Zero-length requests are not counted (as synchronous ones are not).
+                if slices > 0, i < meters.count, let meter = meters[i] {
                     task.meter = meter
                     task.startedAt = startedAt
                     meter.started()
-                    if slices == 0 { meter.ended(.completed, transferred: 0, startedAt: startedAt) }
                 }
                 task.status.state = slices == 0 ? .completed : .pending
                 task.pendingSlices = slices

@@ -67,6 +67,7 @@ extension TransferEngine {
                 let link: any TransportPeer
                 do { link = try self.link(to: planned.peer, over: order[index]) } catch {
                     failures.append("\(order[index].protocolName): \(error)")
+                    if index + 1 < order.count { metrics?.failover(from: order[index].protocolName, to: order[index + 1].protocolName) }
                     index += 1
                     continue
                 }

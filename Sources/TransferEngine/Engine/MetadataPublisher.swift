@@ -6,10 +6,10 @@ import Logging
 extension TransferEngine {
     /// Writes our rpc_meta entry and segment descriptor to the metadata server (with retries).
     func publish(_ store: MetadataStore) throws {
-        let ttl = store is HTTPMetadataStore ? nil : settings.metadataTTLSeconds
+        let ttl = MeteredMetadataStore.unwrapped(store) is HTTPMetadataStore ? nil : settings.metadataTTLSeconds
         let rpcMeta = JSONValue.object(["ip_or_host_name": .string(publishedHost), "rpc_port": .uint(UInt64(rpcPort))]).compactText
         try withRetries(budgetMs: settings.metadataTimeoutMs) {
-            if let etcd = ((store as? MeteredMetadataStore)?.inner ?? store) as? EtcdMetadataStore { try etcd.refreshLease(ttlSeconds: settings.metadataTTLSeconds) }
+            if let etcd = MeteredMetadataStore.unwrapped(store) as? EtcdMetadataStore { try etcd.refreshLease(ttlSeconds: settings.metadataTTLSeconds) }
             try store.put(keys.rpcMeta(segmentName), rpcMeta, ttlSeconds: ttl)
             try store.put(keys.segment(segmentName), localDescriptor.json.compactText, ttlSeconds: ttl)
         }
@@ -46,7 +46,7 @@ extension TransferEngine {
     /// Re-publishes the descriptor after a registration change (metadata-server mode).
     func republishDescriptor() throws {
         guard let store = metadataStore else { return }
-        let ttl = store is HTTPMetadataStore ? nil : settings.metadataTTLSeconds
+        let ttl = MeteredMetadataStore.unwrapped(store) is HTTPMetadataStore ? nil : settings.metadataTTLSeconds
         let key = keys.segment(segmentName)
         try withRetries(budgetMs: settings.metadataTimeoutMs) {
             try store.put(key, localDescriptor.json.compactText, ttlSeconds: ttl)

@@ -214,6 +214,8 @@ public final class TransferEngine: @unchecked Sendable {
         dataServer.stop()
         for links in state.withLock({ _ in peers.map { Array($0.links.values) } }) { links.forEach { $0.close() } }
         transports.forEach { $0.shutdown() }
+        // What the transports did not end is canceled (its requests leave the in-flight count).
+        for batch in state.withLock({ Array($0.batches.values) }) { batch.cancel() }
         // Heap memory from allocateManagedBuffer goes with the engine (nothing can reach it now;
         // a transport's own memory went with the transport).
         let managed: [UInt64: (length: UInt64, from: String?)] = state.withLock { state in

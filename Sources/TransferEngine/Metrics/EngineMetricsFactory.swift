@@ -3,10 +3,11 @@ import Prometheus
 
 /// The swift-metrics factory engines record through: swift-prometheus's metrics in the engine's
 /// registry, each family with its `# HELP` line (swift-prometheus's own factory writes none, which
-/// `promtool check metrics` reports). Timers are duration histograms with `buckets`.
+/// `promtool check metrics` reports). Timers are histograms of seconds with `buckets` (as Double:
+/// recording compares doubles, not `Duration`s).
 struct EngineMetricsFactory: MetricsFactory {
     let registry: PrometheusCollectorRegistry
-    let buckets: [Duration]
+    let buckets: [Double]
 
     /// Help text by metric name.
     static let help: [String: String] = [
@@ -47,8 +48,8 @@ struct EngineMetricsFactory: MetricsFactory {
     }
 
     func makeTimer(label: String, dimensions: [(String, String)]) -> any TimerHandler {
-        dimensions.isEmpty ? registry.makeDurationHistogram(descriptor: descriptor(label), buckets: buckets)
-            : registry.makeDurationHistogram(descriptor: descriptor(label), labels: dimensions, buckets: buckets)
+        SecondsTimer(histogram: dimensions.isEmpty ? registry.makeValueHistogram(descriptor: descriptor(label), buckets: buckets)
+            : registry.makeValueHistogram(descriptor: descriptor(label), labels: dimensions, buckets: buckets))
     }
 
     // Handles live as long as the registry: nothing is unregistered.
@@ -57,4 +58,13 @@ struct EngineMetricsFactory: MetricsFactory {
     func destroyRecorder(_ handler: any RecorderHandler) {}
     func destroyMeter(_ handler: any MeterHandler) {}
     func destroyTimer(_ handler: any TimerHandler) {}
+}
+
+/// A timer recording seconds into a value histogram.
+final class SecondsTimer: TimerHandler, Sendable {
+    let histogram: ValueHistogram
+
+    init(histogram: ValueHistogram) { self.histogram = histogram }
+
+    func recordNanoseconds(_ duration: Int64) { histogram.record(Double(duration) / 1e9) }
 }

@@ -9,6 +9,9 @@ struct MeteredMetadataStore: MetadataStore {
 
     var serverDescription: String { inner.serverDescription }
 
+    /// The store behind a metered one (itself otherwise): backends differ in TTLs and leases.
+    static func unwrapped(_ store: any MetadataStore) -> any MetadataStore { (store as? MeteredMetadataStore)?.inner ?? store }
+
     func get(_ key: String) throws -> String? { try measured("get") { try inner.get(key) } }
     func put(_ key: String, _ value: String, ttlSeconds: Int?) throws { try measured("put") { try inner.put(key, value, ttlSeconds: ttlSeconds) } }
     func delete(_ key: String) throws { try measured("delete") { try inner.delete(key) } }

@@ -10,12 +10,9 @@ import Synchronization
 public enum EngineMetricsRegistry {
     private static let current = Mutex<PrometheusCollectorRegistry?>(nil)
 
-    /// Latency buckets: 5 us to 10 s.
-    static let durationBuckets: [Duration] = [
-        .microseconds(5), .microseconds(10), .microseconds(25), .microseconds(50), .microseconds(100), .microseconds(250),
-        .microseconds(500), .milliseconds(1), .milliseconds(2.5), .milliseconds(5), .milliseconds(10), .milliseconds(25),
-        .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(10),
-    ]
+    /// Latency buckets, in seconds: 5 us to 10 s.
+    static let durationBuckets: [Double] = [5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5,
+                                            1, 2.5, 10]
 
     /// Turns recording on for engines created from now on (idempotent); returns the registry.
     @discardableResult

@@ -73,17 +73,16 @@ public enum MetricsSnapshot {
         }
     }
 
-    /// Counters summed over their labels, histograms as count and sum: {"enabled": true, "counters": {...}, ...}.
+    /// Each metric summed over its labels (histograms as their `_count` and `_sum`; buckets left
+    /// out) and every sample: {"enabled": true, "totals": {...}, "series": [...]}.
     public static func json(_ samples: [Sample], enabled: Bool) -> JSONValue {
         var counters: [String: JSONValue] = [:]
         var series: [JSONValue] = []
-        for sample in samples {
+        for sample in samples where !sample.name.hasSuffix("_bucket") {
             let total = counters[sample.name].flatMap { if case .double(let v) = $0 { v } else { nil } } ?? 0
             counters[sample.name] = .double(total + (sample.value.isFinite ? sample.value : 0))
-            if !sample.name.hasSuffix("_bucket") {
-                series.append(.object(["name": .string(sample.name), "labels": .object(sample.labels.mapValues { .string($0) }),
-                                       "value": .double(sample.value)]))
-            }
+            series.append(.object(["name": .string(sample.name), "labels": .object(sample.labels.mapValues { .string($0) }),
+                                   "value": .double(sample.value)]))
         }
         return .object(["enabled": .bool(enabled), "totals": .object(counters), "series": .array(series)])
     }

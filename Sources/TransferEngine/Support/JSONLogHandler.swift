@@ -9,7 +9,7 @@ import Logging
 /// Writes one JSON object per message to standard error: `time` (UTC, microseconds), `level`,
 /// `label`, `thread` (its name) and `tid`, `source`, `message`, then the metadata (for example
 /// `peer`, the segment a message concerns) as string fields. One `write` per line, so lines of
-/// concurrent threads do not interleave.
+/// concurrent threads do not interleave on a pipe or terminal up to PIPE_BUF (4 KiB).
 public struct JSONLogHandler: LogHandler {
     public var logLevel: Logger.Level = .info
     public var metadata: Logger.Metadata = [:]

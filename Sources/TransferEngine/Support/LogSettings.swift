@@ -27,21 +27,25 @@ public struct LogSettings: Sendable, Equatable {
     }
 
     /// The settings from flags (`level`, `format`: nil when not given), else MC_LOG_LEVEL and
-    /// MC_LOG_FORMAT, else `defaultLevel` and text. An unknown name throws, naming the choices.
+    /// MC_LOG_FORMAT, else `defaultLevel` and text. An unknown name throws, naming the choices;
+    /// with `environmentProblem`, an unknown name from the environment is reported there and the
+    /// default kept instead (the variables may be set for another engine).
     public static func resolve(level flag: String? = nil, format formatFlag: String? = nil, environment: [String: String],
-                               defaultLevel: Logger.Level) throws -> LogSettings {
+                               defaultLevel: Logger.Level, environmentProblem: ((String) -> Void)? = nil) throws -> LogSettings {
         var settings = LogSettings(level: defaultLevel)
+        func refuse(_ text: String, fromFlag: Bool) throws {
+            if !fromFlag, let environmentProblem { environmentProblem(text + "; ignored") } else { throw EngineError.invalidArgument(text) }
+        }
         if let text = flag ?? environment["MC_LOG_LEVEL"].flatMap({ $0.isEmpty ? nil : $0 }) {
-            guard let level = level(named: text) else {
-                throw EngineError.invalidArgument("log level '\(text)' (\(flag == nil ? "MC_LOG_LEVEL" : "--log-level")) is not one of trace, debug, info, notice, warning, error, critical")
+            if let level = level(named: text) { settings.level = level } else {
+                try refuse("log level '\(text)' (\(flag == nil ? "MC_LOG_LEVEL" : "--log-level")) is not one of trace, debug, info, notice, warning, error, critical",
+                           fromFlag: flag != nil)
             }
-            settings.level = level
         }
         if let text = formatFlag ?? environment["MC_LOG_FORMAT"].flatMap({ $0.isEmpty ? nil : $0 }) {
-            guard let format = Format(rawValue: text.lowercased()) else {
-                throw EngineError.invalidArgument("log format '\(text)' (\(formatFlag == nil ? "MC_LOG_FORMAT" : "--log-format")) is not text or json")
+            if let format = Format(rawValue: text.lowercased()) { settings.format = format } else {
+                try refuse("log format '\(text)' (\(formatFlag == nil ? "MC_LOG_FORMAT" : "--log-format")) is not text or json", fromFlag: formatFlag != nil)
             }
-            settings.format = format
         }
         return settings
     }
