@@ -93,12 +93,18 @@ if not series:
     print(f"bench_chart: no results in {out}; no chart drawn")
     sys.exit(0)
 
+# One colour per line label, the same in every panel (tab20 has twenty; more repeat).
+labels = sorted({label for lines in series.values() for label, _, _ in lines})
+palette = plt.get_cmap("tab20")
+colour = {label: palette(i % 20) for i, label in enumerate(labels)}
+
 figure, axes = plt.subplots(2, 2, figsize=(15, 10), sharex=True)
 for column, op in enumerate(("write", "read")):
     for row, (metric, title) in enumerate((("gbps", "GB/s"), ("p50", "p50 latency (us)"))):
         ax = axes[row][column]
         for label, style, points in series.get((op, metric), []):
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o" if style == "-" else "s", markersize=3,
+                    color=colour[label], label=label)
         if metric == "gbps" and iperf_gbps > 0:
             ax.axhline(iperf_gbps, linestyle=":", color="grey", label="iperf3 (1 TCP stream)")
         ax.set_xscale("log", base=2)
@@ -111,5 +117,5 @@ for column, op in enumerate(("write", "read")):
 figure.suptitle("transfer-engine bench (scripts/bench.sh): this run's transports and references")
 figure.tight_layout()
 for extension in ("png", "svg"):
-    figure.savefig(os.path.join(out, f"bench.{extension}"), dpi=110)
+    figure.savefig(os.path.join(out, f"bench.{extension}"), dpi=90)
 print(f"bench_chart: wrote {out}/bench.png and {out}/bench.svg")
