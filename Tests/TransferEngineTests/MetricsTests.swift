@@ -41,6 +41,9 @@ struct MetricsTests {
         #expect(value("te_requests_total", write.merging(["kind": "batch"]) { $1 }) == 3)
         #expect(value("te_connections_opened_total", ["transport": "tcp"]) >= 1)
         #expect(value("te_request_duration_seconds_count", ["operation": "write", "kind": "sync"]) >= 1)
+        // The target counted what it served (process-wide: at least this engine pair's bytes).
+        #expect(value("te_served_bytes_total", ["operation": "write"]) >= Double(4096 + 3 * 65536))
+        #expect(value("te_served_bytes_total", ["operation": "read"]) >= 8192)
 
         // The peer goes away: the next write fails and is counted as failed, with no bytes.
         target.shutdown()

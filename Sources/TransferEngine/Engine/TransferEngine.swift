@@ -170,7 +170,8 @@ public final class TransferEngine: @unchecked Sendable {
         segmentName = metadataStore == nil ? HostPort(host: advertised, port: rpcPort).description : configuration.localHostname
         dataServer = try TCPDataServer(listener: dataListener, registry: registry, logger: logger, payloadTimeoutMs: settings.statusTimeoutMs,
                                       spinNanoseconds: settings.serverSpinNs, idleTimeoutMs: settings.dataIdleTimeoutMs,
-                                      maxPerAddress: settings.dataMaxPerAddress, auth: authenticator)
+                                      maxPerAddress: settings.dataMaxPerAddress, auth: authenticator,
+                                      served: metrics.map { ServedBytes(factory: $0.factory) })
         dataPort = dataServer.port
 
         do {

@@ -148,3 +148,18 @@ final class LabelledHandles<Handle: AnyObject>: @unchecked Sendable {
         }
     }
 }
+
+/// Bytes peers read from and wrote into this engine's memory over TCP (the target side).
+final class ServedBytes: Sendable {
+    private let read: Counter
+    private let written: Counter
+
+    init(factory: any MetricsFactory) {
+        read = Counter(label: "te_served_bytes_total", dimensions: [("operation", "read"), ("transport", "tcp")], factory: factory)
+        written = Counter(label: "te_served_bytes_total", dimensions: [("operation", "write"), ("transport", "tcp")], factory: factory)
+    }
+
+    func add(_ operation: TCPWire.Operation, _ bytes: UInt64) {
+        (operation == .read ? read : written).increment(by: Int64(clamping: bytes))
+    }
+}

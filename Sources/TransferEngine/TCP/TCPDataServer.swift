@@ -28,13 +28,16 @@ final class TCPDataServer: @unchecked Sendable {
 
     /// The bound port.
     let port: UInt16
+    /// Counts the bytes peers read and wrote here (nil: metrics off).
+    private let servedBytes: ServedBytes?
 
     /// Binds the listener (see `PortAllocator` for the port choice) and starts accepting.
     /// `idleTimeoutMs`: a connection with no request for this long is closed (MC_TCP_IDLE_TIMEOUT_SEC);
     /// `maxPerAddress`: connections served at once for one peer address (MC_TCP_MAX_CONNECTIONS_PER_ADDRESS).
     init(listener: Socket, registry: MemoryRegistry, logger: Logger, payloadTimeoutMs: Int, spinNanoseconds: UInt64,
-         idleTimeoutMs: Int = 300_000, maxPerAddress: Int = 256, auth: PeerAuthenticator? = nil) throws {
+         idleTimeoutMs: Int = 300_000, maxPerAddress: Int = 256, auth: PeerAuthenticator? = nil, served: ServedBytes? = nil) throws {
         self.auth = auth
+        self.servedBytes = served
         self.spinNanoseconds = spinNanoseconds
         self.registry = registry
         self.logger = logger
@@ -149,6 +152,7 @@ final class TCPDataServer: @unchecked Sendable {
                         try flushAcks()
                         try connection.sendAll(memory, count: count)
                     }
+                    servedBytes?.add(header.operation, header.size)
                     return true
                 }
                 if served == nil {
@@ -233,6 +237,7 @@ final class TCPDataServer: @unchecked Sendable {
                 }
                 try connection.sendAll(parts)
             }
+            if let servedBytes { for header in valid { servedBytes.add(.read, header.size) } }
             return true
         }
     }
