@@ -46,10 +46,22 @@ public func getMetrics(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutab
 @_cdecl("getNicLoadStats")
 public func getNicLoadStats(_ handle: UnsafeMutableRawPointer?, _ stats: UnsafeMutablePointer<nic_load_stat_t>?,
                             _ count: UnsafeMutablePointer<Int>?) -> Int32 {
-    guard HandleTable.lookup(handle) != nil else { CResult.fail("invalid engine handle"); return -1 }
-    guard stats != nil, let count else { CResult.fail("stats or count is NULL"); return -1 }
-    // As upstream's classic engine: no per-NIC load figures (the plugins report none yet).
-    count.pointee = 0
+    guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    guard let stats, let count else { CResult.fail("stats or count is NULL"); return -1 }
+    // As upstream: up to *count entries copied, *count set to how many devices there are.
+    let loads = engine.nicLoadStats()
+    for (i, load) in loads.prefix(count.pointee).enumerated() {
+        var entry = nic_load_stat_t()
+        withUnsafeMutableBytes(of: &entry.device_name) { raw in
+            let name = Array(load.deviceName.utf8.prefix(raw.count - 1))
+            for (j, byte) in name.enumerated() { raw[j] = byte }
+            raw[name.count] = 0
+        }
+        entry.inflight_bytes = load.inflightBytes
+        entry.ewma_bandwidth_bps = load.ewmaBandwidthBps
+        stats[i] = entry
+    }
+    count.pointee = loads.count
     CResult.clear()
     return 0
 }

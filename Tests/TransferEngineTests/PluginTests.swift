@@ -142,12 +142,32 @@ struct PluginTests {
             TransferRequest(operation: .write, localAddress: local.address + UInt64(i) * 65536, segment: handle,
                             remoteAddress: remote.address + UInt64(i) * 65536, length: 65536)
         }
+        let first = initiator.nicLoadStats()  // ABI 1.2 stats: the fixture's one device, before the batch
         try initiator.transferBatchSync(requests)
         #expect(remote.equals(local, length: local.count))
+        #expect(first.map(\.deviceName) == ["fixture0"] && first.first?.ewmaBandwidthBps == 0, "\(first)")
+        usleep(10_000)
+        let after = initiator.nicLoadStats()
+        #expect(after.first?.inflightBytes == 0 && (after.first?.ewmaBandwidthBps ?? 0) > 0, "\(after)")
         // Out-of-range requests are refused before they reach the plugin.
         #expect(throws: EngineError.self) {
             try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address + 1, length: UInt64(remote.count))
         }
+    }
+
+    @Test("stats answers are read defensively; a device's bandwidth averages the rates between calls")
+    func deviceStats() {
+        let parsed = PluginDeviceStats.parse(#"{"devices":[{"name":"mlx5_0","bytes_read":10,"bytes_written":20,"inflight_bytes":5,"errors":1},{"name":""},{"bytes_read":1},{"name":"x","bytes_read":-1},{"name":"y","bytes_read":"7"},3]}"#)
+        #expect(parsed == [PluginDeviceStats(name: "mlx5_0", bytesRead: 10, bytesWritten: 20, inflightBytes: 5, errors: 1)])
+        #expect(PluginDeviceStats.parse("[]").isEmpty && PluginDeviceStats.parse("{").isEmpty && PluginDeviceStats.parse(#"{"devices":7}"#).isEmpty)
+        #expect(PluginDeviceStats.parse(#"{"devices":[{"name":""# + String(repeating: "n", count: 200) + #""}]}"#).first?.name.utf8.count == 63)
+        let tracker = NicLoadTracker()
+        var device = PluginDeviceStats(name: "d", bytesRead: 0, bytesWritten: 0, inflightBytes: 0, errors: 0)
+        #expect(tracker.update([("p", device)], now: 1_000_000_000).first?.ewmaBandwidthBps == 0)
+        device.bytesWritten = 125_000_000  // 1 Gbit in the second that follows
+        #expect(tracker.update([("p", device)], now: 2_000_000_000).first?.ewmaBandwidthBps == 1e9)
+        let idle = tracker.update([("p", device)], now: 3_000_000_000).first?.ewmaBandwidthBps ?? -1
+        #expect(abs(idle - 0.7e9) < 1, "\(idle)")  // 0.3 x 0 + 0.7 x 1e9
     }
 
     @Test("an ABI 1.0 descriptor ending right before a PROT_NONE page loads and moves data (the host reads only struct_size bytes)")
@@ -171,6 +191,7 @@ struct PluginTests {
         let handle = try initiator.openSegment(target.segmentName)
         try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: UInt64(local.count))
         #expect(remote.equals(local, length: local.count))
+        #expect(initiator.nicLoadStats().isEmpty)  // no stats entry in a 1.0 descriptor
         // A managed buffer falls back to host memory: the 1.0 plugin has no allocate_memory.
         let managed = try initiator.allocateManagedBuffer(length: 4096)
         try initiator.freeManagedBuffer(address: managed)

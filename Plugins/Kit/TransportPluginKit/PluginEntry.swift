@@ -27,7 +27,7 @@ public enum PluginDescriptor {
             probe: probe, create: create, destroy: kitDestroy, local_descriptor: kitLocalDescriptor,
             register_memory: kitRegister, unregister_memory: kitUnregister, open_peer: kitOpenPeer, close_peer: kitClosePeer,
             on_handshake: kitOnHandshake, submit: kitSubmit, poll: kitPoll, last_error: kitLastError,
-            allocate_memory: allocatesMemory ? kitAllocate : nil, free_memory: allocatesMemory ? kitFree : nil))
+            allocate_memory: allocatesMemory ? kitAllocate : nil, free_memory: allocatesMemory ? kitFree : nil, stats: kitStats))
         return UnsafePointer(pointer)
     }
 }
@@ -116,6 +116,14 @@ private func kitDestroy(_ pointer: OpaquePointer?) {
 private func kitLocalDescriptor(_ pointer: OpaquePointer?, _ out: UnsafeMutablePointer<te_buffer>?) -> Int32 {
     guard let box = box(pointer) else { return TE_ERR_INVALID_ARGUMENT }
     return box.run { instance throws(PluginFailure) in CText.write(try instance.localDescriptor(), to: out) }
+}
+
+private func kitStats(_ pointer: OpaquePointer?, _ out: UnsafeMutablePointer<te_buffer>?) -> Int32 {
+    guard let box = box(pointer) else { return TE_ERR_INVALID_ARGUMENT }
+    return box.run { instance throws(PluginFailure) in
+        guard let figures = try instance.stats() else { throw .notSupported("this instance keeps no per-device figures") }
+        return CText.write(figures, to: out)
+    }
 }
 
 private func kitRegister(_ pointer: OpaquePointer?, _ address: UInt64, _ length: UInt64, _ location: UnsafePointer<CChar>?,

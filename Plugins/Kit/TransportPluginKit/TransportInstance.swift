@@ -55,6 +55,10 @@ public protocol TransportInstance: AnyObject {
     /// Returns memory from `allocate`.
     func free(address: UInt64) throws(PluginFailure)
 
+    /// Figures per device as the ABI's `stats` JSON ({"devices":[{"name", "bytes_read",
+    /// "bytes_written", "inflight_bytes", "errors"}]}), or nil when the instance keeps none.
+    func stats() throws(PluginFailure) -> String?
+
     /// Stops the instance's threads and releases what it holds; no call follows.
     func close()
 }
@@ -68,6 +72,8 @@ extension TransportInstance {
     public func allocate(length: UInt64, location: String) throws(PluginFailure) -> UInt64 {
         throw .notSupported("this transport allocates no memory of its own")
     }
+
+    public func stats() throws(PluginFailure) -> String? { nil }
 
     public func free(address: UInt64) throws(PluginFailure) {
         throw .invalid("0x\(String(address, radix: 16)) was not allocated by this transport")

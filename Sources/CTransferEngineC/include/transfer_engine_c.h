@@ -224,8 +224,10 @@ int showLinks(transfer_engine_t engine, char *buf_out, size_t buf_len, int json)
 int getMetrics(transfer_engine_t engine, char *buf_out, size_t buf_len, int prometheus);
 
 /**
- * Per-NIC load. As upstream's classic engine, there are no figures yet: *count is set to 0.
- * 0, or -1 on a NULL argument.
+ * Per-device load from the installed plugins that report it (ABI 1.2 `stats`; TCP reports
+ * none): up to *count entries copied into stats, then *count set to how many devices there
+ * are (as upstream). ewma_bandwidth_bps averages the rates between successive calls (0 on the
+ * first). 0, or -1 on a NULL argument or a bad handle.
  */
 int getNicLoadStats(transfer_engine_t engine, nic_load_stat_t *stats, size_t *count);
 

@@ -40,7 +40,7 @@ extern "C" {
 /** ABI major version: must equal the host's. */
 #define TE_ABI_MAJOR 1
 /** ABI minor version: fields appended since v1.0. */
-#define TE_ABI_MINOR 1
+#define TE_ABI_MINOR 2
 
 /** The one symbol every plugin exports: `const te_plugin_descriptor *te_transport_plugin_entry(void)`. */
 #define TE_PLUGIN_ENTRY_SYMBOL "te_transport_plugin_entry"
@@ -276,6 +276,18 @@ typedef struct te_plugin_descriptor {
 
     /** Optional: returns memory from allocate_memory (after the host unregistered it). */
     int32_t (*free_memory)(te_instance *instance, uint64_t addr);
+
+    /* ---- ABI 1.2 ---- */
+
+    /**
+     * Optional (NULL when not offered): the instance's figures per device, as one JSON
+     * object written into out: {"devices":[{"name":"mlx5_0","bytes_read":N,
+     * "bytes_written":N,"inflight_bytes":N,"errors":N}]}. Counters run from create; the
+     * host derives rates (getNicLoadStats, metrics). TE_ERR_BUFFER_TOO_SMALL with
+     * out->length set when it does not fit; TE_ERR_NOT_SUPPORTED when this instance keeps
+     * none. Called from any thread, at any time between create and destroy.
+     */
+    int32_t (*stats)(te_instance *instance, te_buffer *out);
 } te_plugin_descriptor;
 
 /** The smallest descriptor a v1 host accepts: every field up to last_error (ABI 1.0). */

@@ -55,6 +55,8 @@ public final class TransferEngine: @unchecked Sendable {
     let router: Router
     /// Metric handles, or nil when recording was off when the engine was created.
     let metrics: EngineMetrics?
+    /// The previous device readings, for getNicLoadStats' rates.
+    let nicLoad = NicLoadTracker()
     let tcp: TCPTransport
     private let dataServer: TCPDataServer
     private var handshakeServer: HandshakeServer?

@@ -86,7 +86,7 @@ __attribute__((visibility("default"))) const te_plugin_descriptor *te_transport_
 #elif defined(FAULT_HANG)
     broken.on_handshake = hanging_on_handshake;
 #elif defined(FAULT_SIZE)
-    broken.struct_size = (uint32_t)TE_PLUGIN_DESCRIPTOR_V1_SIZE; /* says ABI 1.1, sized as 1.0 */
+    broken.struct_size = (uint32_t)TE_PLUGIN_DESCRIPTOR_V1_SIZE; /* says this header's minor, sized as 1.0 */
 #endif
     return &broken;
 }

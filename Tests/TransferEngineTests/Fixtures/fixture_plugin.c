@@ -47,7 +47,10 @@ struct te_instance {
     /* FIXTURE_HANDOFF: who submitted each completion, and when (ns). */
     pthread_t submitter[MAX_DONE];
     uint64_t submitted_ns[MAX_DONE];
+    uint64_t length[MAX_DONE]; /* each queued completion's request length (in flight until polled) */
     size_t done_count;
+    /* What `stats` reports for the one device, "fixture0". */
+    uint64_t bytes_read, bytes_written, inflight_bytes, errors;
     const te_host_services *host;
     char last_error[256];
     char fault_file[512];
@@ -167,14 +170,20 @@ static int32_t fx_submit(te_instance *i, const te_request *reqs, size_t count, s
             te_completion c = { r->cookie, TE_ERR_IO, 0, 0 };
             i->submitter[i->done_count] = pthread_self();
             i->submitted_ns[i->done_count] = now_ns();
+            i->length[i->done_count] = r->length;
+            i->inflight_bytes += r->length;
+            i->errors++;
             i->done[i->done_count++] = c;
             continue;
         }
         if (r->opcode == TE_OP_WRITE) memcpy((void *)(uintptr_t)r->remote_addr, (void *)(uintptr_t)r->local_addr, r->length);
         else memcpy((void *)(uintptr_t)r->local_addr, (void *)(uintptr_t)r->remote_addr, r->length);
         te_completion c = { r->cookie, TE_OK, 0, r->length };
+        if (r->opcode == TE_OP_WRITE) i->bytes_written += r->length; else i->bytes_read += r->length;
         i->submitter[i->done_count] = pthread_self();
         i->submitted_ns[i->done_count] = now_ns();
+        i->length[i->done_count] = r->length;
+        i->inflight_bytes += r->length;
         i->done[i->done_count++] = c;
     }
     pthread_mutex_unlock(&i->lock);
@@ -193,9 +202,11 @@ static int32_t fx_poll(te_instance *i, te_completion *out, size_t capacity, size
 #endif
         if (visible) {
             *(te_completion *)((char *)out + n++ * stride) = i->done[k];
+            i->inflight_bytes -= i->length[k];
         } else {
             i->done[kept] = i->done[k];
             i->submitter[kept] = i->submitter[k];
+            i->length[kept] = i->length[k];
             i->submitted_ns[kept++] = i->submitted_ns[k];
         }
     }
@@ -207,6 +218,17 @@ static int32_t fx_poll(te_instance *i, te_completion *out, size_t capacity, size
 }
 
 static const char *fx_last_error(te_instance *i) { LIVE(i); return i ? i->last_error : ""; }
+
+static int32_t fx_stats(te_instance *i, te_buffer *out) {
+    LIVE(i);
+    char text[256];
+    pthread_mutex_lock(&i->lock);
+    snprintf(text, sizeof text, "{\"devices\":[{\"name\":\"fixture0\",\"bytes_read\":%llu,\"bytes_written\":%llu,\"inflight_bytes\":%llu,\"errors\":%llu}]}",
+             (unsigned long long)i->bytes_read, (unsigned long long)i->bytes_written, (unsigned long long)i->inflight_bytes,
+             (unsigned long long)i->errors);
+    pthread_mutex_unlock(&i->lock);
+    return put(out, text);
+}
 
 #ifdef FIXTURE_NEWER
 typedef struct { te_plugin_descriptor v1; uint64_t appended_field; } newer_descriptor;
@@ -245,6 +267,7 @@ static te_plugin_descriptor descriptor = {
     .submit = fx_submit,
     .poll = fx_poll,
     .last_error = fx_last_error,
+    .stats = fx_stats,
 #ifdef FIXTURE_NEWER
 }, 42};
 #define DESCRIPTOR (&descriptor.v1)

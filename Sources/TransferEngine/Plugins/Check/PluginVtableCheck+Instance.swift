@@ -80,7 +80,22 @@ extension PluginVtableCheck {
                     return PluginCheckResult("local descriptor", .failed("its 'buffers' must be an array of objects with name, addr and length"))
                 }
             }
-            return PluginCheckResult("local descriptor", .passed, detail: "keys: \(object.keys.sorted().joined(separator: ", "))")
+            // ABI 1.2 `stats`, where offered: a {"devices": [...]} object, or "none kept".
+            var statsNote = "; no stats entry"
+            if let stats = v.d.stats {
+                let figures = v.text { stats(instance, $0) }
+                if figures.status == TE_ERR_NOT_SUPPORTED {
+                    statsNote = "; stats: none kept"
+                } else {
+                    guard figures.status == TE_OK, let devices = (try? JSONValue.parse(figures.text))?["devices"]?.arrayValue,
+                          devices.allSatisfy({ $0["name"]?.stringValue?.isEmpty == false }) else {
+                        return PluginCheckResult("local descriptor", .failed("stats answered \(PluginStatus.describe(figures.status)) with '\(figures.text.prefix(120))', "
+                                                 + "not {\"devices\":[{\"name\":...}]}"))
+                    }
+                    statsNote = "; stats: \(devices.count) device(s)"
+                }
+            }
+            return PluginCheckResult("local descriptor", .passed, detail: "keys: \(object.keys.sorted().joined(separator: ", "))\(statsNote)")
         }
     }
 

@@ -1,0 +1,56 @@
+import Synchronization
+
+/// One device's load, as `getNicLoadStats` reports it.
+public struct NicLoad: Equatable, Sendable {
+    /// The device, as its plugin names it (mlx5_0, rxe0, lo, ...).
+    public var deviceName: String
+    /// Bytes of requests the plugin holds on it now.
+    public var inflightBytes: UInt64
+    /// Its throughput (bits per second), an exponentially weighted average of the rates seen
+    /// between successive calls (0 on the first).
+    public var ewmaBandwidthBps: Double
+}
+
+/// The previous reading of each device, for the rates.
+final class NicLoadTracker: Sendable {
+    private struct Reading {
+        var bytes: UInt64
+        var at: UInt64
+        /// nil until a second reading gave a rate.
+        var ewma: Double?
+    }
+
+    private let readings = Mutex<[String: Reading]>([:])
+    /// Weight of the newest rate.
+    static let alpha = 0.3
+
+    /// Loads from plugin figures read `now` (monotonic ns).
+    func update(_ devices: [(transport: String, stats: PluginDeviceStats)], now: UInt64) -> [NicLoad] {
+        readings.withLock { table in
+            devices.map { device in
+                let key = device.transport + "/" + device.stats.name
+                let total = device.stats.bytesRead &+ device.stats.bytesWritten
+                var ewma: Double? = nil
+                if let previous = table[key] {
+                    ewma = previous.ewma
+                    // A counter that went back (the plugin was re-created) starts over from this reading.
+                    if now > previous.at, total >= previous.bytes {
+                        let rate = Double(total - previous.bytes) * 8 / (Double(now - previous.at) / 1e9)
+                        ewma = previous.ewma.map { Self.alpha * rate + (1 - Self.alpha) * $0 } ?? rate
+                    }
+                }
+                if table[key] != nil || table.count < 1024 { table[key] = Reading(bytes: total, at: now, ewma: ewma) }
+                return NicLoad(deviceName: device.stats.name, inflightBytes: device.stats.inflightBytes, ewmaBandwidthBps: ewma ?? 0)
+            }
+        }
+    }
+}
+
+extension TransferEngine {
+    /// The load of every device the installed plugins report (ABI 1.2 `stats`); TCP reports none.
+    public func nicLoadStats() -> [NicLoad] {
+        let plugins = state.withLock { $0.transports }.compactMap { $0 as? PluginTransport }
+        let devices = plugins.flatMap { plugin in plugin.deviceStats().map { (plugin.protocolName, $0) } }
+        return nicLoad.update(devices, now: MonotonicClock.nanoseconds())
+    }
+}
