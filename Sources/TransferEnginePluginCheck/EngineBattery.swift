@@ -49,7 +49,9 @@ struct EngineBattery {
     }
 
     private func sizes(_ s: Session) throws -> String {
+        let before = deviceTotals(s)
         var done: [String] = []
+        var moved: UInt64 = 0
         for (index, size) in [1, 7, 4095, 4096, 65537, (1 << 20) + 3, 16 << 20].enumerated() where UInt64(size) + 2 * 4097 <= s.remoteLength {
             s.source.fill(seed: UInt8(index + 1), length: size + 2 * 4097)
             s.sink.clear(size)
@@ -58,9 +60,37 @@ struct EngineBattery {
             try s.engine.transferSync(.read, localAddress: s.sink.address, segment: s.handle, remoteAddress: s.remote + offset, length: UInt64(size))
             guard s.sink.equals(s.source, size) else { throw CheckFailure("\(size) bytes at +\(offset) read back differently") }
             done.append(ByteText.format(size))
+            moved += UInt64(size)
         }
         guard done.count == 7 else { throw CheckFailure("the target range (\(s.remoteLength) bytes) is smaller than 16 MiB", skipped: true) }
         return "written and read back through the plugin, bytes verified: \(done.joined(separator: ", "))"
+            + (try statsAgree(s, before: before, read: moved, written: moved))
+    }
+
+    /// The plugin's device figures summed (ABI 1.2 `stats`), or nil when it reports no device.
+    private func deviceTotals(_ s: Session) -> (read: UInt64, written: UInt64, inflight: UInt64, errors: UInt64)? {
+        let devices = s.engine.deviceStatistics().filter { $0.transport == protocolName }
+        guard !devices.isEmpty else { return nil }
+        return devices.reduce(into: (0, 0, 0, 0)) {
+            $0.read &+= $1.bytesRead
+            $0.written &+= $1.bytesWritten
+            $0.inflight &+= $1.inflightBytes
+            $0.errors &+= $1.errors
+        }
+    }
+
+    /// Where the plugin reports devices: they moved exactly what the requests asked, nothing is
+    /// left in flight, and no error was counted.
+    private func statsAgree(_ s: Session, before: (read: UInt64, written: UInt64, inflight: UInt64, errors: UInt64)?, read: UInt64,
+                            written: UInt64) throws -> String {
+        guard let after = deviceTotals(s) else { return "" }
+        let start = before ?? (0, 0, 0, 0)
+        let (gotRead, gotWritten) = (after.read &- start.read, after.written &- start.written)
+        guard gotRead == read, gotWritten == written, after.inflight == 0, after.errors == start.errors else {
+            throw CheckFailure("the plugin's stats disagree with the transfers: read +\(gotRead) (expected \(read)), written +\(gotWritten) "
+                               + "(expected \(written)), \(after.inflight) bytes still in flight, \(after.errors &- start.errors) errors")
+        }
+        return "; device stats agree (+\(read) read, +\(written) written, none in flight)"
     }
 
     private func refusedLocally(_ s: Session) throws -> String {

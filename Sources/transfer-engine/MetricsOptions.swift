@@ -22,10 +22,8 @@ struct MetricsOptions: ParsableArguments {
         guard let port = try requestedPort() else { return nil }
         EngineMetricsRegistry.enable()
         let started = Date()
-        let source = MetricsHTTPServer.Source(
-            text: { EngineMetricsRegistry.text() },
-            json: { MetricsSnapshot.json(MetricsSnapshot.parse(EngineMetricsRegistry.text()), enabled: true).compactText },
-            summary: { MetricsSnapshot.summary(MetricsSnapshot.parse(EngineMetricsRegistry.text()), previous: [], seconds: Date().timeIntervalSince(started)) })
+        let source = MetricsHTTPServer.Source(text: EngineMetricsRegistry.text, json: EngineMetricsRegistry.jsonText,
+                                              summary: { EngineMetricsRegistry.summary(seconds: Date().timeIntervalSince(started)) })
         let server: MetricsHTTPServer
         do { server = try MetricsHTTPServer(host: host, port: port, source: source) } catch {
             throw EngineError.invalidConfiguration("cannot serve metrics on \(host):\(port) (--metrics-port / MC_METRICS_PORT): \(error)")

@@ -83,9 +83,7 @@ struct MetricsTests {
         let handle = try initiator.openSegment(target.segmentName)
         try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 12345)
         let server = try MetricsHTTPServer(host: "127.0.0.1", port: 0, source: .init(
-            text: { EngineMetricsRegistry.text() },
-            json: { initiator.metricsJSON.compactText },
-            summary: { MetricsSnapshot.summary(MetricsSnapshot.parse(EngineMetricsRegistry.text()), previous: [], seconds: 1) }))
+            text: EngineMetricsRegistry.text, json: EngineMetricsRegistry.jsonText, summary: { EngineMetricsRegistry.summary(seconds: 1) }))
         defer { server.stop() }
         let scrape = try http(server.port, "/metrics")
         #expect(scrape.status == 200 && scrape.body.contains("te_transferred_bytes_total{operation=\"write\",transport=\"tcp\",peer=\"\(target.segmentName)\"} 12345"),
@@ -198,6 +196,51 @@ struct MetricsTests {
             usleep(100_000)
         }
         #expect(capture.messages(at: .info).contains { $0.hasPrefix("[Metrics] Transfer Engine Stats") }, "\(capture.messages(at: .info))")
+    }
+
+    @Test("an engine dropped by its owner is freed at once, not an MC_TE_METRIC interval later (the thread holds it only to log)")
+    func periodicThreadLetsGo() throws {
+        weak var dropped: TransferEngine?
+        do {
+            let engine = try TransferEngine(configuration: EngineConfiguration(),
+                                            environment: TestSupport.cleanEnvironment(["MC_TE_METRIC": "1", "MC_TE_METRIC_INTERVAL_SECONDS": "3600"]))
+            dropped = engine
+        }
+        let deadline = Date().addingTimeInterval(5)
+        while dropped != nil && Date() < deadline { usleep(10_000) }
+        #expect(dropped == nil)
+    }
+
+    @Test("plugin device figures (ABI stats) show as te_device_* families: exact bytes each way, in flight back to 0, last figures kept at shutdown")
+    func deviceFamilies() throws {
+        EngineMetricsRegistry.enable()
+        let directory = try TestSupport.temporaryDirectory()
+        try FixturePlugins.build("libtransport_devstats.so", defines: ["FIXTURE_PROTOCOL=\"devstats\""], in: directory)
+        let environment = TestSupport.cleanEnvironment(["MC_TRANSPORT_PLUGIN_PATH": directory.path])
+        let target = try TransferEngine(configuration: EngineConfiguration(protocolName: "devstats"), environment: environment)
+        let initiator = try TransferEngine(configuration: EngineConfiguration(protocolName: "devstats"), environment: environment)
+        defer { target.shutdown(); initiator.shutdown() }
+        let remote = TestBuffer(1 << 20), local = TestBuffer(1 << 20)
+        try target.registerMemory(address: remote.address, length: UInt64(remote.count))
+        try initiator.registerMemory(address: local.address, length: UInt64(local.count))
+        let device = ["transport": "devstats", "device": "fixture0"]
+        let before = (value("te_device_bytes_total", device.merging(["operation": "write"]) { $1 }),
+                      value("te_device_bytes_total", device.merging(["operation": "read"]) { $1 }))
+        let handle = try initiator.openSegment(target.segmentName)
+        try initiator.transferBatchSync((0..<4).map { TransferRequest(operation: .write, localAddress: local.address + UInt64($0) * 65536, segment: handle,
+                                                                      remoteAddress: remote.address + UInt64($0) * 65536, length: 65536) })
+        try initiator.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 12345)
+        #expect(value("te_device_bytes_total", device.merging(["operation": "write"]) { $1 }) - before.0 == 4 * 65536)
+        #expect(value("te_device_bytes_total", device.merging(["operation": "read"]) { $1 }) - before.1 == 12345)
+        #expect(value("te_device_inflight_bytes", device) == 0)
+        #expect(initiator.deviceStatistics().first { $0.deviceName == "fixture0" }?.bytesWritten == 4 * 65536)
+        // A second scrape adds nothing; what moves after the last scrape is taken at shutdown.
+        #expect(value("te_device_bytes_total", device.merging(["operation": "write"]) { $1 }) - before.0 == 4 * 65536)
+        try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 1000)
+        initiator.shutdown()
+        #expect(value("te_device_bytes_total", device.merging(["operation": "write"]) { $1 }) - before.0 == 4 * 65536 + 1000)
+        let help = EngineMetricsRegistry.text().split(separator: "\n").filter { $0.hasPrefix("# HELP te_device_") }
+        #expect(help.count == 3, "\(help)")
     }
 
     /// One HTTP request to 127.0.0.1:port; its status and body.

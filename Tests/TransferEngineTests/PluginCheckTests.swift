@@ -65,7 +65,7 @@ struct PluginCheckTests {
         }
     }
 
-    @Test("this tree's plugins pass where their medium exists here")
+    @Test("this tree's plugins pass where their medium exists here, their device figures agreeing with the bytes moved")
     func treePluginsPass() throws {
         let products = TestSupport.productsDirectory
         let directory = try TestSupport.temporaryDirectory("te-check-media")
@@ -88,6 +88,8 @@ struct PluginCheckTests {
             #expect(notPassed.isEmpty, "\(name): \(notPassed)")
             for skip in expectedSkips { #expect(results[skip]?.result == "skip", "\(name): \(skip)") }
             #expect(results["sizes 1 B to 16 MiB"]?.detail.contains("through the plugin") == true, "\(name)")
+            // Each reports its devices (ABI 1.2 stats), and their figures match the bytes moved.
+            #expect(results["sizes 1 B to 16 MiB"]?.detail.contains("device stats agree") == true, "\(name): \(results["sizes 1 B to 16 MiB"]?.detail ?? "")")
             #expect(status == 0, "\(name)")
         }
     }

@@ -252,8 +252,8 @@ def test_transfers_on_a_cuda_stream(peer, tmp_path, monkeypatch):
     assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
     local = e.allocate_managed_buffer(4096)
     monkeypatch.setenv("MC_CUDART_LIBRARY", str(tmp_path / "missing.so"))
-    monkeypatch.setattr(transfer_engine, "_cuda_library", [])
-    if transfer_engine._cuda_runtime() is None:
+    monkeypatch.setattr(transfer_engine._cuda, "_cuda_library", [])
+    if transfer_engine._cuda._cuda_runtime() is None:
         with pytest.raises(RuntimeError, match="CUDA runtime"):
             e.transfer_write_on_cuda(peer.segment, local, peer.address, 4096)
     source = tmp_path / "cudart_standin.c"
@@ -261,7 +261,7 @@ def test_transfers_on_a_cuda_stream(peer, tmp_path, monkeypatch):
     library = tmp_path / "libcudart_standin.so"
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source), "-lpthread"], check=True)
     monkeypatch.setenv("MC_CUDART_LIBRARY", str(library))
-    monkeypatch.setattr(transfer_engine, "_cuda_library", [])
+    monkeypatch.setattr(transfer_engine._cuda, "_cuda_library", [])
     data = os.urandom(4096)
     e.write_bytes_to_buffer(local, data, len(data))
     e.batch_transfer_write_on_cuda(peer.segment, [local], [peer.address + 8192], [4096], stream_ptr=1)

@@ -12,175 +12,28 @@ the failure value. Blocking calls release the GIL (ctypes drops it for the
 duration of every foreign call).
 """
 import ctypes
-import enum
 import json
 import operator
 import os
 
-# The Swift runtime must not take over this process's crash handling.
-os.environ.setdefault("SWIFT_BACKTRACE", "enable=no")
+from ._native import (_NotifyMsg, _TransferRequest, _TransferStatus, _active_protocols, _allocate_batch, _allocate_managed, _create,
+                      _destroy, _first_buffer, _free_batch, _free_managed, _free_notifs, _gen_notify, _get_metrics, _get_notifs,
+                      _install_transport, _local_name, _open, _probe, _register, _show_links, _status, _submit, _submit_hint,
+                      _submit_notify, _transfer_sync, _uninstall_transport, _unregister, _wait_batch, _warmup)
+from ._native import _INVALID_BATCH, _hint, library_path, last_error
+from ._types import (SUPPORT_CUDA, SUPPORT_EFA, SUPPORT_HIP, SUPPORT_INTRA_NVLINK, SUPPORT_MNNVL, SUPPORT_MUSA, InnerTransferEngine, Read,
+                     TransferNotify, TransferOpcode, Write, _addresses_ok, _timeout_seconds)
+from ._cuda import CudaStreamTransfers
 
 __all__ = ["TransferEngine", "TransferOpcode", "TransferNotify", "InnerTransferEngine", "Read", "Write", "SUPPORT_EFA", "SUPPORT_HIP", "SUPPORT_MNNVL",
            "SUPPORT_MUSA", "SUPPORT_INTRA_NVLINK", "SUPPORT_CUDA", "library_path"]
 
-_INVALID_BATCH = 2**64 - 1
+
+def _truthy(value):
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _find_library():
-    candidates = []
-    if os.environ.get("TRANSFER_ENGINE_LIBRARY"):
-        candidates.append(os.environ["TRANSFER_ENGINE_LIBRARY"])
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates.append(os.path.join(here, "_lib", "libtransfer_engine_c.so"))
-    repo = os.path.dirname(os.path.dirname(here))
-    for config in ("release", "debug"):
-        candidates.append(os.path.join(repo, ".build", config, "libtransfer_engine_c.so"))
-    # The Debian package's library (SONAME libtransfer_engine_c.so.0; the unversioned link is in -dev).
-    candidates.append("/usr/lib/transfer-engine/libtransfer_engine_c.so.0")
-    for path in candidates:
-        if os.path.exists(path):
-            return path
-    raise ImportError("libtransfer_engine_c.so not found; set TRANSFER_ENGINE_LIBRARY or build it with "
-                      "`swift build -c release` in the repository (searched: " + ", ".join(candidates) + ")")
-
-
-library_path = _find_library()
-_lib = ctypes.CDLL(library_path)
-
-
-class _TransferRequest(ctypes.Structure):
-    _fields_ = [("opcode", ctypes.c_int), ("source", ctypes.c_void_p), ("target_id", ctypes.c_int32),
-                ("target_offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
-
-
-class _TransferStatus(ctypes.Structure):
-    _fields_ = [("status", ctypes.c_int), ("transferred_bytes", ctypes.c_uint64)]
-
-
-class _NotifyMsg(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char_p), ("msg", ctypes.c_char_p)]
-
-
-def _signature(name, restype, *argtypes):
-    function = getattr(_lib, name)
-    function.restype = restype
-    function.argtypes = list(argtypes)
-    return function
-
-
-_vp, _cp, _u64, _i32, _int, _sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int, ctypes.c_size_t
-_create = _signature("createTransferEngineExt", _vp, _cp, _cp, _cp, _cp)
-_destroy = _signature("destroyTransferEngine", None, _vp)
-_local_name = _signature("getLocalIpAndPort", _int, _vp, ctypes.c_char_p, _sz)
-_open = _signature("openSegment", _i32, _vp, _cp)
-_register = _signature("registerLocalMemory", _int, _vp, _vp, _sz, _cp, _int)
-_unregister = _signature("unregisterLocalMemory", _int, _vp, _vp)
-_allocate_batch = _signature("allocateBatchID", _u64, _vp, _sz)
-_submit = _signature("submitTransfer", _int, _vp, _u64, ctypes.POINTER(_TransferRequest), _sz)
-_submit_notify = _signature("submitTransferWithNotify", _int, _vp, _u64, ctypes.POINTER(_TransferRequest), _sz, _NotifyMsg)
-_status = _signature("getTransferStatus", _int, _vp, _u64, _sz, ctypes.POINTER(_TransferStatus))
-_free_batch = _signature("freeBatchID", _int, _vp, _u64)
-_get_notifs = _signature("getNotifsFromEngine", ctypes.POINTER(_NotifyMsg), _vp, ctypes.POINTER(_int))
-_free_notifs = _signature("freeNotifsMsgBuf", _int, ctypes.POINTER(_NotifyMsg), _int)
-_transfer_sync = _signature("te_transfer_sync_hint", _int, _vp, _i32, _int, _vp, _u64, _u64, _cp)
-_submit_hint = _signature("te_submit_transfer_hint", _int, _vp, _u64, ctypes.POINTER(_TransferRequest), _sz, _cp)
-_active_protocols = _signature("te_active_protocols", _int, _vp, ctypes.c_char_p, _sz)
-_install_transport = _signature("installTransport", _vp, _vp, _cp, _vp)
-_uninstall_transport = _signature("uninstallTransport", _int, _vp, _cp)
-_wait_batch = _signature("te_wait_batch", _int, _vp, _u64, _u64)
-_first_buffer = _signature("te_first_buffer_address", _u64, _vp, _i32)
-_probe = _signature("te_send_probe", _int, _vp, _cp)
-_available = _signature("te_protocol_available", _int, _cp)
-_active_protocol = _signature("te_active_protocol", _int, _vp, ctypes.c_char_p, _sz)
-_last_error = _signature("te_last_error", _cp)
-_gen_notify = _signature("genNotifyInEngine", _int, _vp, _u64, _NotifyMsg)
-_show_links = _signature("showLinks", _int, _vp, ctypes.c_char_p, _sz, _int)
-_get_metrics = _signature("getMetrics", _int, _vp, ctypes.c_char_p, _sz, _int)
-_warmup = _signature("warmupEfaSegment", _int, _vp, _cp)
-_allocate_managed = _signature("te_allocate_managed_buffer", _vp, _vp, _sz, _cp)
-_free_managed = _signature("te_free_managed_buffer", _int, _vp, _vp)
-
-
-
-def _hint(transport_hint):
-    """A transport_hint for the C API: None routes as usual."""
-    return transport_hint.encode() if transport_hint else None
-
-
-def last_error():
-    """The C API's last error text on this thread."""
-    return (_last_error() or b"").decode(errors="replace")
-
-
-class TransferOpcode(enum.IntEnum):
-    """Transfer direction, as ``mooncake.engine.TransferOpcode`` (also ``TransferEngine.TransferOpcode``,
-    and ``Read`` / ``Write`` at module level, as upstream's exported enum values)."""
-    Read = 0
-    Write = 1
-
-
-Read = TransferOpcode.Read
-Write = TransferOpcode.Write
-
-
-class InnerTransferEngine:
-    """What ``TransferEngine.get_engine()`` returns, as upstream's ``InnerTransferEngine``: the engine
-    behind the Python object, to hand to other components. ``handle`` is the C API handle."""
-
-    def __init__(self, outer):
-        self._outer = outer
-
-    @property
-    def handle(self):
-        """The C API handle (``transfer_engine_t``) as an integer, 0 when not initialized."""
-        return self._outer.get_engine_ptr()
-
-    def __repr__(self):
-        return f"InnerTransferEngine(handle=0x{self.handle:x})"
-
-
-class TransferNotify:
-    """A notification sent after a transfer, as ``mooncake.engine.TransferNotify``."""
-
-    def __init__(self, name="", msg=""):
-        self.name = name
-        self.msg = msg
-
-    def __repr__(self):
-        return f"TransferNotify(name={self.name!r}, msg={self.msg!r})"
-
-    def __eq__(self, other):
-        return isinstance(other, TransferNotify) and (self.name, self.msg) == (other.name, other.msg)
-
-
-SUPPORT_EFA = bool(_available(b"efa"))
-SUPPORT_HIP = bool(_available(b"hip"))
-SUPPORT_MNNVL = bool(_available(b"nvlink"))
-SUPPORT_INTRA_NVLINK = bool(_available(b"nvlink_intra"))
-SUPPORT_MUSA = False
-SUPPORT_CUDA = False
-
-
-def _addresses_ok(*values):
-    """Raises TypeError for a non-integer (as the official binding does); False for a negative value."""
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"expected an integer address or length, got {type(value).__name__}")
-        if value < 0:
-            return False
-    return True
-
-
-def _timeout_seconds(length):
-    # As upstream: MC_TRANSFER_TIMEOUT seconds (default 30, at least 5) plus 1 ns per byte.
-    try:
-        base = max(5, int(os.environ.get("MC_TRANSFER_TIMEOUT", "30")))
-    except ValueError:
-        base = 30
-    return base + length / 1e9
-
-
-class TransferEngine:
+class TransferEngine(CudaStreamTransfers):
     """The engine; every method of ``mooncake.engine.TransferEngine``."""
 
     def __init__(self):
@@ -515,103 +368,6 @@ class TransferEngine:
         if _warmup(self._handle, segment_name.encode()) != 0:
             return -1
         return 0 if self._segment(segment_name) >= 0 else -1
-
-
-    # -- transfers ordered on a CUDA stream ---------------------------------------
-    def transfer_write_on_cuda(self, target_hostname, buffer, peer_buffer_address, length, stream_ptr=0, transport_hint=""):
-        """transfer_sync_write once the work queued on the CUDA stream before it finished (see
-        batch_transfer_write_on_cuda)."""
-        self._on_cuda(target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.Write, stream_ptr, transport_hint)
-
-    def transfer_read_on_cuda(self, target_hostname, buffer, peer_buffer_address, length, stream_ptr=0, transport_hint=""):
-        """transfer_sync_read once the work queued on the CUDA stream before it finished."""
-        self._on_cuda(target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.Read, stream_ptr, transport_hint)
-
-    def batch_transfer_write_on_cuda(self, target_hostname, buffers, peer_buffer_addresses, lengths, stream_ptr=0, transport_hint=""):
-        """Queues a host function on the CUDA stream (cudaLaunchHostFunc) that writes the batch
-        when every kernel and copy queued before it has finished; returns at once. A failure is
-        kept in cuda_transfer_failures() (upstream ends the process). The host function runs
-        Python (it takes the GIL): do not wait on that stream while holding the GIL. Raises
-        RuntimeError where no CUDA runtime (libcudart, or MC_CUDART_LIBRARY) can be loaded."""
-        self._on_cuda(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write, stream_ptr, transport_hint)
-
-    def batch_transfer_read_on_cuda(self, target_hostname, buffers, peer_buffer_addresses, lengths, stream_ptr=0, transport_hint=""):
-        """As batch_transfer_write_on_cuda, reading."""
-        self._on_cuda(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Read, stream_ptr, transport_hint)
-
-    def cuda_transfer_failures(self):
-        """Why transfers queued on CUDA streams failed, oldest first (at most 100 kept)."""
-        return list(getattr(self, "_cuda_failures", []))
-
-    def _on_cuda(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, stream_ptr, transport_hint):
-        runtime = _cuda_runtime()
-        if runtime is None:
-            raise RuntimeError("transfers on a CUDA stream need the CUDA runtime (libcudart.so; MC_CUDART_LIBRARY names another), "
-                               "which cannot be loaded here; synchronize the stream and use the transfer_sync_* methods instead")
-        if not self._handle:
-            raise RuntimeError("the engine is not initialized")
-        if not (len(buffers) == len(peer_buffer_addresses) == len(lengths)):
-            raise ValueError("buffers, peer_buffer_addresses and lengths have different sizes")
-        if self._segment(target_hostname) < 0:
-            raise RuntimeError(f"cannot open segment {target_hostname}: {last_error()}")
-        buffers, peers, sizes = list(buffers), list(peer_buffer_addresses), list(lengths)
-        # Callbacks the driver has run are dropped here, never from inside themselves.
-        for done in [k for k, (_, finished) in _cuda_callbacks.items() if finished[0]]:
-            del _cuda_callbacks[done]
-        finished = [False]
-
-        def run(_user_data):
-            # On the CUDA driver's thread, once the stream got here. It runs Python, so it takes the
-            # GIL: a thread that waits on this stream while holding the GIL would wait forever.
-            try:
-                if self.batch_transfer_sync(target_hostname, buffers, peers, sizes, opcode, transport_hint=transport_hint) != 0:
-                    self._cuda_failed(f"{opcode.name} of {sum(sizes)} bytes to {target_hostname}: {last_error()}")
-            except Exception as error:  # noqa: BLE001 - nothing above this frame would see it
-                self._cuda_failed(f"{opcode.name} of {sum(sizes)} bytes to {target_hostname}: {error!r}")
-            finally:
-                finished[0] = True
-
-        callback = _HOST_FUNCTION(run)
-        key = id(callback)
-        _cuda_callbacks[key] = (callback, finished)  # alive until the driver has called it
-        status = runtime.cudaLaunchHostFunc(_vp(stream_ptr), callback, None)
-        if status != 0:
-            del _cuda_callbacks[key]
-            raise RuntimeError("cudaLaunchHostFunc failed: " + (runtime.cudaGetErrorString(status) or b"error %d" % status).decode())
-
-    def _cuda_failed(self, text):
-        failures = self.__dict__.setdefault("_cuda_failures", [])
-        failures.append(text)
-        del failures[:-100]
-
-
-def _truthy(value):
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-_HOST_FUNCTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_cuda_callbacks = {}
-_cuda_library = []
-
-
-def _cuda_runtime():
-    """The CUDA runtime library, loaded once; None where there is none."""
-    if not _cuda_library:
-        names = [os.environ.get("MC_CUDART_LIBRARY"), "libcudart.so", "libcudart.so.12", "libcudart.so.11.0"]
-        runtime = None
-        for name in filter(None, names):
-            try:
-                runtime = ctypes.CDLL(name)
-                break
-            except OSError:
-                continue
-        if runtime is not None:
-            runtime.cudaLaunchHostFunc.restype = ctypes.c_int
-            runtime.cudaLaunchHostFunc.argtypes = [ctypes.c_void_p, _HOST_FUNCTION, ctypes.c_void_p]
-            runtime.cudaGetErrorString.restype = ctypes.c_char_p
-            runtime.cudaGetErrorString.argtypes = [ctypes.c_int]
-        _cuda_library.append(runtime)
-    return _cuda_library[0]
 
 
 # Upstream binds the enum on the class too: TransferEngine.TransferOpcode.Write

@@ -13,20 +13,13 @@
 # Set MC_ASCEND_DEVICE_IP when hccn.conf has no address (RoCE); on one host the link is HCCS.
 # Runs only on this host (both engines on 127.0.0.1). Exits non-zero when a check fails.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-bin=${1:-}
-if [ -z "$bin" ]; then
-    swift build -c release --manifest-cache none >/dev/null || exit 1
-    bin=$(swift build -c release --show-bin-path)
-fi
-export MC_TRANSPORT_PLUGIN_PATH=$bin MC_STRICT_PROTOCOL=1
-mkdir -p out
+source "$(dirname "$0")/common.sh"
 echo "== NPUs"
 command -v npu-smi >/dev/null && npu-smi info | head -30
 [ -r /etc/hccn.conf ] && grep -E "^(IPv6)?address_" /etc/hccn.conf
 echo "== probe"
 "$bin/transfer-engine" plugins | grep -E "^(protocol|ascend) "
-status=$("$bin/transfer-engine" plugins --json 2>/dev/null | python3 -c "import json,sys; print(next((r['status'] for r in json.load(sys.stdin)['plugins'] if r['protocol']=='ascend'), 'missing'))")
+status=$(plugin_status ascend)
 [ "$status" = available ] || { echo "ascend: $status: nothing more to check here"; exit 1; }
 rc=0
 echo "== conformance checks"

@@ -8,21 +8,14 @@
 # Usage: scripts/device/gpu-check.sh [bin-dir]   (default: swift build -c release, then its bin path)
 # Runs only on loopback (both engines on this host). Exits non-zero when a check fails.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-bin=${1:-}
-if [ -z "$bin" ]; then
-    swift build -c release --manifest-cache none >/dev/null || exit 1
-    bin=$(swift build -c release --show-bin-path)
-fi
-export MC_TRANSPORT_PLUGIN_PATH=$bin MC_STRICT_PROTOCOL=1
-mkdir -p out
+source "$(dirname "$0")/common.sh"
 echo "== GPUs"
 command -v nvidia-smi >/dev/null && nvidia-smi -L
 command -v rocm-smi >/dev/null && rocm-smi --showid 2>/dev/null | head -5
 "$bin/transfer-engine" plugins | grep -E "^(protocol|nvlink|nvlink_intra|hip) "
 rc=0 ran=0
 for protocol in nvlink_intra nvlink hip; do
-    status=$("$bin/transfer-engine" plugins --json 2>/dev/null | python3 -c "import json,sys; print(next((r['status'] for r in json.load(sys.stdin)['plugins'] if r['protocol']=='$protocol'), 'missing'))")
+    status=$(plugin_status $protocol)
     [ "$status" = available ] || { echo "== $protocol: $status (skipped)"; continue; }
     location=cuda:0; [ "$protocol" = hip ] && location=hip:0
     ran=$((ran + 1))
@@ -37,7 +30,7 @@ for protocol in nvlink_intra nvlink hip; do
 done
 # GPUDirect RDMA: the rdma plugin on this host's NICs (loopback through the NIC) with the target's
 # buffer in GPU memory (cuMemAlloc, registered through nvidia-peermem or a CUDA dma-buf).
-status=$("$bin/transfer-engine" plugins --json 2>/dev/null | python3 -c "import json,sys; print(next((r['status'] for r in json.load(sys.stdin)['plugins'] if r['protocol']=='rdma'), 'missing'))")
+status=$(plugin_status rdma)
 if [ "$status" = available ] && command -v nvidia-smi >/dev/null; then
     ran=$((ran + 1))
     echo "== rdma (GPUDirect): host memory <-> cuda:0 of a second process over the NIC, verified"

@@ -42,8 +42,12 @@ final class CXLInstance: TransportInstance, @unchecked Sendable {
     private var nextPeer: UInt64 = 1
     private var done = CompletionQueue()
     let host: HostServices
+    /// Bytes copied to and from the pool, copies running, and failed copies: the `stats` figures
+    /// (one device, named after the pool's file: dax0.0, or the test file's name).
+    let counters: DeviceCounters
 
     init(path: String, base: UInt64, size: UInt64, fd: Int32, poolID: String, flush: Bool, table: PoolTable, host: HostServices) {
+        counters = DeviceCounters(name: path.split(separator: "/").last.map(String.init) ?? path)
         self.path = path
         self.base = base
         self.size = size
@@ -91,6 +95,8 @@ final class CXLInstance: TransportInstance, @unchecked Sendable {
         }
         table.release(address - base, length)
     }
+
+    func stats() -> String? { DeviceCounters.report([counters]) }
 
     func localDescriptor() -> String {
         "{\"cxl_pool\":\(JSONFragment.string(poolID)),\"cxl_base\":\(base),\"cxl_size\":\(size),\"cxl_owner\":\(table.owner)}"
@@ -175,11 +181,13 @@ final class CXLInstance: TransportInstance, @unchecked Sendable {
             // large request (its grace period is bounded).
             let offset = request.remote_addr - peer.base
             var copied: UInt64 = 0
+            counters.started(request.length)
             while copied < request.length {
                 let length = min(Self.sliceBytes, request.length - copied)
                 guard let chunks = table.chunkRange(offset: offset + copied, length: length), table.pin(chunks, holder: peer.owner) else {
                     // Unexposed mid-request (an unregister): the request ends with what was copied.
                     if copied > 0 { break }
+                    counters.ended(request.length, isWrite: request.opcode == TE_OP_WRITE, succeeded: false)
                     throw .outOfRange("remote range [0x\(String(request.remote_addr + copied, radix: 16)), +\(length)) of \(peer.name) is not exposed in the pool (unregistered, or the pool's table)")
                 }
                 defer { table.unpin(chunks) }
@@ -194,6 +202,7 @@ final class CXLInstance: TransportInstance, @unchecked Sendable {
                 copied += length
             }
             let status = copied == request.length ? TE_OK : TE_ERR_OUT_OF_RANGE
+            counters.ended(request.length, isWrite: request.opcode == TE_OP_WRITE, succeeded: status == TE_OK)
             signal.locked { done.complete(request.cookie, status: status, bytes: copied) }
             accepted = i + 1
         }

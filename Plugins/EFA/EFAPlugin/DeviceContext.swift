@@ -66,6 +66,9 @@ final class DeviceContext: @unchecked Sendable {
     private var cqContexts = [UnsafeMutableRawPointer?](repeating: nil, count: 64)
     private let spinNanoseconds: UInt64
     private let onFinished: ([FinishedPart]) -> Void
+    /// Bytes and errors for the ABI's `stats`: a part counts from its post until its outcome is
+    /// reported (a completion, an error, or the timeout that gives up on it).
+    let counters: DeviceCounters
 
     init(index: Int, handle: OpaquePointer, maxOutstanding: Int, spinNanoseconds: UInt64, timeoutNanoseconds: UInt64,
          onFinished: @escaping ([FinishedPart]) -> Void) {
@@ -86,6 +89,7 @@ final class DeviceContext: @unchecked Sendable {
         self.timeoutNanoseconds = timeoutNanoseconds
         self.spinNanoseconds = spinNanoseconds
         self.onFinished = onFinished
+        counters = DeviceCounters(name: name)
     }
 
     /// Runs domain operations (address-vector changes) under the lock that serialises this
@@ -134,8 +138,9 @@ final class DeviceContext: @unchecked Sendable {
     }
 
     private func fail(_ part: Part, _ code: Int32) -> FinishedPart {
-        FinishedPart(parent: part.parent, status: TE_ERR_IO, bytes: 0,
-                     error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name): \(LibfabricError(code: code))")
+        counters.failed()
+        return FinishedPart(parent: part.parent, status: TE_ERR_IO, bytes: 0,
+                            error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name): \(LibfabricError(code: code))")
     }
 
     /// Posts one part; nil on success, else the libfabric error (EAGAIN: no slot or queue full). Lock held.
@@ -146,6 +151,7 @@ final class DeviceContext: @unchecked Sendable {
         let status = efa_post(handle, part.isWrite ? 1 : 0, UnsafeMutableRawPointer(bitPattern: UInt(part.local)), Int(part.length),
                               part.descriptor, part.peer, part.remote, part.key, context)
         if status == 0 {
+            counters.started(part.length)
             slotPostedAt[Int(slot)] = monotonicNanoseconds()
             return nil
         }
@@ -173,6 +179,7 @@ final class DeviceContext: @unchecked Sendable {
                     guard let slot = slot(of: cqContexts[i]) else { continue }
                     let part = slotParts[slot]
                     if release(slot) {
+                        counters.ended(part.length, isWrite: part.isWrite, succeeded: true)
                         finished.append(FinishedPart(parent: part.parent, status: TE_OK, bytes: part.length, error: nil))
                     }
                 }
@@ -184,6 +191,7 @@ final class DeviceContext: @unchecked Sendable {
                 if let slot = slot(of: failure.op_context) {
                     let part = slotParts[slot]
                     guard release(slot) else { continue }
+                    counters.ended(part.length, isWrite: part.isWrite, succeeded: false)
                     finished.append(FinishedPart(parent: part.parent, status: TE_ERR_IO, bytes: 0,
                                                  error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name) failed: \(text) (provider errno \(failure.prov_errno))"))
                 }
@@ -232,6 +240,7 @@ final class DeviceContext: @unchecked Sendable {
             slotAbandoned[slot] = true
             expired += 1
             let part = slotParts[slot]
+            counters.ended(part.length, isWrite: part.isWrite, succeeded: false)
             finished.append(FinishedPart(parent: part.parent, status: TE_ERR_TIMEOUT, bytes: 0,
                                          error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name) did not complete in \(timeoutNanoseconds / 1_000_000) ms (peer gone?)"))
         }
@@ -239,6 +248,7 @@ final class DeviceContext: @unchecked Sendable {
         // timed-out operations fail the same way.
         if backlogHead < backlog.count && (expired > 0 && freeSlots.isEmpty || now - backlog[backlogHead].queuedAt > timeoutNanoseconds) {
             for part in backlog[backlogHead...] {
+                counters.failed()
                 finished.append(FinishedPart(parent: part.parent, status: TE_ERR_TIMEOUT, bytes: 0,
                                              error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name) could not be posted in \(timeoutNanoseconds / 1_000_000) ms (peer gone?)"))
             }

@@ -107,6 +107,10 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
         return JSONFragment.hex(Array(bytes.prefix(length)))
     }
 
+    /// Per opened domain: bytes of completed parts each way, bytes posted and not finished,
+    /// failed posts, completions and timeouts.
+    func stats() -> String? { DeviceCounters.report(contexts.map(\.counters)) }
+
     /// `devices` and `priority_matrix` in upstream's RDMA-family layout, plus what only this plugin reads.
     func localDescriptor() -> String {
         let devices = contexts.map { "{\"name\":\(JSONFragment.string($0.name)),\"lid\":0,\"gid\":\"\"}" }.joined(separator: ",")

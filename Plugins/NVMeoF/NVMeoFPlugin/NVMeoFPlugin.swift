@@ -60,6 +60,8 @@ final class NVMeoFInstance: TransportInstance, @unchecked Sendable {
     private var opened: [String: Namespace] = [:]
     /// Controllers connected to reach peers' subsystems.
     private let peerStorage = LocalStorage()
+    /// Pieces relayed through owners (peers whose namespace is not reachable here).
+    private let relayCounters = DeviceCounters(name: "relay")
 
     init(options: NVMeoFOptions, storage: LocalStorage, host: HostServices) {
         self.options = options
@@ -88,6 +90,12 @@ final class NVMeoFInstance: TransportInstance, @unchecked Sendable {
     func log(_ level: Int32, _ text: String) { host.log(level, text) }
 
     // MARK: Descriptor
+
+    /// The peers' namespaces this engine opened, then the relay (where it was used).
+    func stats() -> String? {
+        let namespaces = queue.locked { opened.values.map(\.counters) }.sorted { $0.name < $1.name }
+        return DeviceCounters.report(namespaces + [relayCounters])
+    }
 
     func localDescriptor() -> String {
         let buffers = storage.ranges.map(\.published)
@@ -214,7 +222,20 @@ final class NVMeoFInstance: TransportInstance, @unchecked Sendable {
         }
     }
 
+    /// Runs one piece, counted on its namespace (or the relay) for `stats`.
     private func run(_ job: Job) -> Int32 {
+        let counters: DeviceCounters
+        switch job.access {
+        case .direct(let namespace): counters = namespace.counters
+        case .relay: counters = relayCounters
+        }
+        counters.started(job.length)
+        let status = runUncounted(job)
+        counters.ended(job.length, isWrite: job.write, succeeded: status == TE_OK)
+        return status
+    }
+
+    private func runUncounted(_ job: Job) -> Int32 {
         let memory = UnsafeMutableRawPointer(bitPattern: UInt(job.memory))!
         switch job.access {
         case .direct(let namespace):

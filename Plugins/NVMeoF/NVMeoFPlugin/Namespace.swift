@@ -18,8 +18,12 @@ final class Namespace: @unchecked Sendable {
     let identity: String
     /// Serialises read-modify-write of partial blocks, so two unaligned writes into one block keep both.
     private let edges = Signal()
+    /// I/O this engine did on the namespace for its requests: the `stats` figures (named like the
+    /// block device, nvme1n1, or the file).
+    let counters: DeviceCounters
 
     init(path: String, fd: Int32, size: UInt64, block: UInt64, identity: String) {
+        counters = DeviceCounters(name: path.split(separator: "/").last.map(String.init) ?? path)
         self.path = path
         self.fd = fd
         self.size = size

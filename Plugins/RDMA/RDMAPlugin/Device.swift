@@ -52,6 +52,8 @@ final class RDMADevice: @unchecked Sendable {
     @exclusivity(unchecked) private var running = false
     @exclusivity(unchecked) private var completions = [rdma_completion](repeating: rdma_completion(), count: 32)
     private let onFinished: ([FinishedPart]) -> Void
+    /// Bytes and errors for the ABI's `stats` (a slice counts from its post to its completion).
+    let counters: DeviceCounters
 
     init(index: Int, handle: OpaquePointer, discovered: DiscoveredDevice, options: RDMAOptions, capacity: Int,
          onFinished: @escaping ([FinishedPart]) -> Void) {
@@ -64,6 +66,7 @@ final class RDMADevice: @unchecked Sendable {
         slots = Array(repeating: nil, count: capacity)
         freeSlots = Array((0..<capacity).reversed())
         self.onFinished = onFinished
+        counters = DeviceCounters(name: discovered.name)
     }
 
     var gidBytes: [UInt8] { withUnsafeBytes(of: discovered.gid.raw) { Array($0) } }
@@ -260,7 +263,10 @@ final class RDMADevice: @unchecked Sendable {
         let part = reserved.part
         let status = rdma_post(reserved.endpoint.queuePairs[reserved.queuePair], part.isWrite ? 1 : 0, part.local, part.length, part.lkey,
                                part.remote, part.rkey, UInt64(reserved.slot), 64)
-        if status == 0 { return true }
+        if status == 0 {
+            counters.started(UInt64(part.length))
+            return true
+        }
         lock.locked {
             slots[reserved.slot] = nil
             freeSlots.append(reserved.slot)
@@ -268,6 +274,7 @@ final class RDMADevice: @unchecked Sendable {
             if status == -ENOMEM {
                 backlog.append(part)
             } else {
+                counters.failed()
                 finished.append(failure(part, "ibv_post_send: \(String(cString: strerror(-status)))", retry: true))
             }
         }
@@ -288,6 +295,7 @@ final class RDMADevice: @unchecked Sendable {
                 slots[slotIndex] = nil
                 freeSlots.append(slotIndex)
                 slot.endpoint.outstanding[slot.queuePair] -= 1
+                counters.ended(UInt64(slot.part.length), isWrite: slot.part.isWrite, succeeded: completion.status == 0)
                 if completion.status == 0 {
                     finished.append(FinishedPart(parent: slot.part.parent, cookie: slot.part.cookie, status: TE_OK, bytes: UInt64(slot.part.length), error: nil))
                 } else {

@@ -142,6 +142,10 @@ final class RDMAInstance: TransportInstance, @unchecked Sendable {
 
     func nicPath(_ device: RDMADevice) -> String { "\(options.segmentName)@\(device.name)" }
 
+    /// Per opened device: bytes of completed slices each way, bytes posted and not completed,
+    /// failed posts and work completions.
+    func stats() -> String? { DeviceCounters.report(devices.map(\.counters)) }
+
     /// `devices` and `priority_matrix` as upstream publishes them.
     func localDescriptor() -> String {
         let list = devices.map { device in

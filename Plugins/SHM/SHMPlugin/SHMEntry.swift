@@ -58,6 +58,7 @@ extension SHMInstance {
     }
 
     func close() { stop() }
+    func stats() -> String? { DeviceCounters.report([counters]) }
     func register(address: UInt64, length: UInt64, location: String) -> String {
         // A buffer inside one of our memfds can be mapped by peers; any other needs no keys (cross-memory attach).
         let owner = signal.locked {

@@ -29,6 +29,8 @@ enum HostIdentity {
 
 /// One plugin instance.
 final class SHMInstance: TransportInstance, @unchecked Sendable {
+    /// Bytes copied each way, copies running, and failed copies: the `stats` figures.
+    let counters = DeviceCounters(name: "shm")
     /// A peer buffer, with the memfd behind it when the peer allocated it from this plugin.
     struct PeerBuffer {
         var address: UInt64
@@ -188,9 +190,18 @@ final class SHMInstance: TransportInstance, @unchecked Sendable {
         }
     }
 
-    /// Performs one copy: memcpy through the peer's mapped memfd, else process_vm_* (the target
-    /// process is not involved either way).
+    /// Performs one copy, counted in the `stats` figures (one device, "shm").
     func copy(_ work: Work) -> te_completion {
+        counters.started(work.request.length)
+        let completion = copyUncounted(work)
+        counters.ended(work.request.length, isWrite: work.request.opcode == TE_OP_WRITE,
+                       succeeded: completion.status == TE_OK && completion.bytes == work.request.length)
+        return completion
+    }
+
+    /// Copies through the peer's mapped memfd, else with process_vm_* (the target process is not
+    /// involved either way).
+    private func copyUncounted(_ work: Work) -> te_completion {
         let r = work.request
         // Only while the owner exposes the buffer (an unregister refuses peers from then on).
         if let word = work.accessWord {

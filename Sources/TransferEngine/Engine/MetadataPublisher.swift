@@ -20,10 +20,8 @@ extension TransferEngine {
     func startMetadataRefresh(_ store: MetadataStore) {
         let interval = UInt64(max(1, settings.metadataTTLSeconds / 3)) * 1_000_000_000
         do {
-            try OSThread.spawn(name: "te-meta-keep") { [weak self] in
-                while let engine = self, !engine.state.wait(deadline: MonotonicClock.nanoseconds() + interval, until: { $0.stopped ? true : nil }).map({ $0 }).isTrue {
-                    do { try engine.publish(store) } catch { engine.logger.warning("metadata refresh failed (will retry): \(error)") }
-                }
+            try repeatUntilShutdown(thread: "te-meta-keep", every: interval) { engine in
+                do { try engine.publish(store) } catch { engine.logger.warning("metadata refresh failed (will retry): \(error)") }
             }
         } catch {
             logger.warning("cannot start the metadata refresh thread; keys expire after \(settings.metadataTTLSeconds) s: \(error)")

@@ -11,6 +11,23 @@ public struct NicLoad: Equatable, Sendable {
     public var ewmaBandwidthBps: Double
 }
 
+/// One device's figures as its plugin reports them (ABI 1.2 `stats`): totals since the plugin
+/// instance was created.
+public struct DeviceStatistics: Equatable, Sendable {
+    /// The protocol of the plugin that reports the device.
+    public var transport: String
+    /// The device, as its plugin names it.
+    public var deviceName: String
+    /// Bytes the device read from peers for completed requests.
+    public var bytesRead: UInt64
+    /// Bytes the device wrote to peers for completed requests.
+    public var bytesWritten: UInt64
+    /// Bytes handed to the device and not yet finished.
+    public var inflightBytes: UInt64
+    /// Operations that failed on the device.
+    public var errors: UInt64
+}
+
 /// The previous reading of each device, for the rates.
 final class NicLoadTracker: Sendable {
     private struct Reading {
@@ -52,5 +69,16 @@ extension TransferEngine {
         let plugins = state.withLock { $0.transports }.compactMap { $0 as? PluginTransport }
         let devices = plugins.flatMap { plugin in plugin.deviceStats().map { (plugin.protocolName, $0) } }
         return nicLoad.update(devices, now: MonotonicClock.nanoseconds())
+    }
+
+    /// The figures of every device the installed plugins report (ABI 1.2 `stats`); TCP reports none.
+    public func deviceStatistics() -> [DeviceStatistics] {
+        let plugins = state.withLock { $0.transports }.compactMap { $0 as? PluginTransport }
+        return plugins.flatMap { plugin in
+            plugin.deviceStats().map {
+                DeviceStatistics(transport: plugin.protocolName, deviceName: $0.name, bytesRead: $0.bytesRead, bytesWritten: $0.bytesWritten,
+                                 inflightBytes: $0.inflightBytes, errors: $0.errors)
+            }
+        }
     }
 }

@@ -201,6 +201,7 @@ public final class TransferEngine: @unchecked Sendable {
         }
         let authNote = authenticator != nil ? ", peers must authenticate (shared secret)" : ""
         logger.info("engine ready: segment \(segmentName), protocols \(activeProtocols.joined(separator: ",")), data port \(dataPort), bound to \(bindHost)\(authNote)")
+        DeviceMetrics.track(self)
         startMetricsReport()
     }
 
@@ -216,6 +217,7 @@ public final class TransferEngine: @unchecked Sendable {
         handshakeServer?.stop()
         dataServer.stop()
         for links in state.withLock({ _ in peers.map { Array($0.links.values) } }) { links.forEach { $0.close() } }
+        if metrics != nil { DeviceMetrics.finish(transports.compactMap { $0 as? PluginTransport }) }
         transports.forEach { $0.shutdown() }
         // What the transports did not end is canceled (its requests leave the in-flight count).
         for batch in state.withLock({ Array($0.batches.values) }) { batch.cancel() }
@@ -264,4 +266,19 @@ public final class TransferEngine: @unchecked Sendable {
 
     /// Every installed transport's protocol, in routing order (tcp last).
     public var activeProtocols: [String] { state.withLock { $0.transports.map(\.protocolName) } }
+}
+
+extension TransferEngine {
+    /// Runs `body` every `interval` (ns) on a thread named `name` until shutdown. The thread holds
+    /// the engine only while `body` runs: an engine its owner dropped is freed (and shut down) at
+    /// once, not an interval later.
+    func repeatUntilShutdown(thread name: String, every interval: UInt64, _ body: @escaping @Sendable (TransferEngine) -> Void) throws {
+        let state = self.state
+        try OSThread.spawn(name: name) { [weak self] in
+            while state.wait(deadline: MonotonicClock.nanoseconds() + interval, until: { $0.stopped ? true : nil }) == nil {
+                guard let engine = self else { return }
+                body(engine)
+            }
+        }
+    }
 }

@@ -133,19 +133,7 @@ public struct SegmentDescriptor: Equatable, Sendable {
     }
 
     /// Local time formatted like the official engine's descriptor timestamps.
-    public static func currentTimestamp() -> String {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        var seconds = ts.tv_sec
-        var parts = tm()
-        localtime_r(&seconds, &parts)
-        func pad(_ v: Int32, _ width: Int) -> String {
-            let s = String(v)
-            return String(repeating: "0", count: max(0, width - s.count)) + s
-        }
-        return "\(parts.tm_year + 1900)-\(pad(parts.tm_mon + 1, 2))-\(pad(parts.tm_mday, 2)) "
-            + "\(pad(parts.tm_hour, 2)):\(pad(parts.tm_min, 2)):\(pad(parts.tm_sec, 2)).\(pad(Int32(ts.tv_nsec / 1000), 6))"
-    }
+    public static func currentTimestamp() -> String { WallClock.now(utc: false).formatted(separator: " ") }
 }
 
 #if canImport(Glibc)

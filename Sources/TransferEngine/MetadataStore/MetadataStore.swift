@@ -71,8 +71,3 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-
-extension Optional where Wrapped == Bool {
-    /// True only for `.some(true)`.
-    var isTrue: Bool { self == true }
-}

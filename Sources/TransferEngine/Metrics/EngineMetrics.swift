@@ -99,7 +99,7 @@ final class RequestMeter: Sendable {
     private let requests: Counter
     private let duration: Timer
     private let dimensions: [(String, String)]
-    private let failures = Mutex<[TransferState: Counter]>([:])
+    private let failures = LabelledHandles<Counter>()
     private let factory: any MetricsFactory
     private let inFlight: Meter
 
@@ -123,13 +123,8 @@ final class RequestMeter: Sendable {
         duration.recordNanoseconds(Int64(clamping: now &- startedAt))
         if transferred > 0 { bytes.increment(by: Int64(clamping: transferred)) }
         guard state != .completed else { return }
-        let counter = failures.withLock { table in
-            if let known = table[state] { return known }
-            let made = Counter(label: "te_request_failures_total", dimensions: dimensions + [("reason", "\(state)")], factory: factory)
-            table[state] = made
-            return made
-        }
-        counter.increment()
+        let labels = dimensions + [("reason", "\(state)")]
+        failures.handle("te_request_failures_total", labels) { Counter(label: "te_request_failures_total", dimensions: labels, factory: factory) }.increment()
     }
 }
 

@@ -25,6 +25,9 @@ struct EngineMetricsFactory: MetricsFactory {
         "te_notifications_dropped_total": "Notifications dropped because the queue was full.",
         "te_metadata_requests_total": "Metadata server operations, by backend, operation and result.",
         "te_metadata_request_duration_seconds": "Duration of metadata server operations, by backend and operation.",
+        "te_device_bytes_total": "Bytes plugin devices moved for requests this process initiated, by transport, device and operation.",
+        "te_device_errors_total": "Failed operations on plugin devices, by transport and device.",
+        "te_device_inflight_bytes": "Bytes handed to plugin devices and not yet finished, by transport and device.",
         "te_metadata_server_requests_total": "Requests the embedded HTTP metadata server answered, by method and status.",
     ]
 

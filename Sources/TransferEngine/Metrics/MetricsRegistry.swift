@@ -46,6 +46,22 @@ public enum EngineMetricsRegistry {
         counters.handle(name, dimensions) { CoreMetrics.Counter(label: name, dimensions: dimensions, factory: factory) }.increment()
     }
 
-    /// The Prometheus text format of everything recorded so far ("" while off).
-    public static func text() -> String { registry?.emitToString() ?? "" }
+    /// The Prometheus text format of everything recorded so far ("" while off), with the plugins'
+    /// per-device figures read now.
+    public static func text() -> String {
+        guard let registry else { return "" }
+        DeviceMetrics.refresh()
+        return registry.emitToString()
+    }
+
+    /// `text()` as the JSON `metricsJSON` gives (`enabled`, `totals`, `series`), compact.
+    public static func jsonText() -> String {
+        let enabled = registry != nil
+        return MetricsSnapshot.json(MetricsSnapshot.parse(text()), enabled: enabled).compactText
+    }
+
+    /// One summary line of the totals so far, as rates over `seconds` (the /metrics/summary view).
+    public static func summary(seconds: Double) -> String {
+        MetricsSnapshot.summary(MetricsSnapshot.parse(text()), previous: [], seconds: seconds)
+    }
 }

@@ -24,15 +24,12 @@ extension TransferEngine {
         }
         let interval = UInt64(seconds) * 1_000_000_000
         do {
-            try OSThread.spawn(name: "te-metrics-log") { [weak self] in
-                var previous = MetricsSnapshot.parse(EngineMetricsRegistry.text())
-                var since = MonotonicClock.nanoseconds()
-                while let engine = self, !engine.state.wait(deadline: MonotonicClock.nanoseconds() + interval, until: { $0.stopped ? true : nil }).isTrue {
-                    let now = MonotonicClock.nanoseconds()
-                    let samples = MetricsSnapshot.parse(EngineMetricsRegistry.text())
-                    engine.logger.info("\(MetricsSnapshot.summary(samples, previous: previous, seconds: Double(now - since) / 1e9))")
-                    (previous, since) = (samples, now)
-                }
+            let last = ConditionLock((samples: MetricsSnapshot.parse(EngineMetricsRegistry.text()), at: MonotonicClock.nanoseconds()))
+            try repeatUntilShutdown(thread: "te-metrics-log", every: interval) { engine in
+                let now = MonotonicClock.nanoseconds()
+                let samples = MetricsSnapshot.parse(EngineMetricsRegistry.text())
+                let previous = last.withLock { last in defer { last = (samples, now) }; return last }
+                engine.logger.info("\(MetricsSnapshot.summary(samples, previous: previous.samples, seconds: Double(now - previous.at) / 1e9))")
             }
         } catch {
             logger.warning("cannot start the MC_TE_METRIC thread; no periodic metrics line: \(error)")

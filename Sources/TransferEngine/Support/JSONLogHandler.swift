@@ -56,17 +56,7 @@ public struct JSONLogHandler: LogHandler {
     }
 
     /// The current time as 2026-12-06T16:38:47.123456Z.
-    static func now() -> String {
-        var spec = timespec()
-        clock_gettime(CLOCK_REALTIME, &spec)
-        var seconds = spec.tv_sec
-        var parts = tm()
-        gmtime_r(&seconds, &parts)
-        func two(_ n: Int32) -> String { n < 10 ? "0\(n)" : "\(n)" }
-        let micros = String(spec.tv_nsec / 1000)
-        return "\(parts.tm_year + 1900)-\(two(parts.tm_mon + 1))-\(two(parts.tm_mday))T\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec))."
-            + String(repeating: "0", count: 6 - micros.count) + micros + "Z"
-    }
+    static func now() -> String { WallClock.now(utc: true).formatted(separator: "T") + "Z" }
 
     static func threadName() -> String {
         var buffer = [CChar](repeating: 0, count: 32)
