@@ -29,6 +29,7 @@ struct MetricsTests {
         #expect(initiator.recordsMetrics)
         let handle = try initiator.openSegment(target.segmentName)
         let peer = target.segmentName
+        let slicesBefore = value("te_slices_total", ["operation": "write", "transport": "tcp"])
         try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096)
         try initiator.transferSync(.read, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 8192)
         let requests = (0..<3).map { TransferRequest(operation: .write, localAddress: local.address + UInt64($0) * 65536, segment: handle,
@@ -40,6 +41,8 @@ struct MetricsTests {
         #expect(value("te_requests_total", write.merging(["kind": "sync"]) { $1 }) == 1)
         #expect(value("te_requests_total", write.merging(["kind": "batch"]) { $1 }) == 3)
         #expect(value("te_connections_opened_total", ["transport": "tcp"]) >= 1)
+        // One slice for the synchronous write, at least one for each batched one.
+        #expect(value("te_slices_total", ["operation": "write", "transport": "tcp"]) - slicesBefore >= 4)
         #expect(value("te_request_duration_seconds_count", ["operation": "write", "kind": "sync"]) >= 1)
         // The target counted what it served (process-wide: at least this engine pair's bytes).
         #expect(value("te_served_bytes_total", ["operation": "write"]) >= Double(4096 + 3 * 65536))

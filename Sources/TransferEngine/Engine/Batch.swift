@@ -85,7 +85,7 @@ final class Batch: @unchecked Sendable {
                 if slices > 0, i < meters.count, let meter = meters[i] {
                     task.meter = meter
                     task.startedAt = startedAt
-                    meter.started()
+                    meter.started(slices: slices)
                 }
                 task.status.state = slices == 0 ? .completed : .pending
                 task.pendingSlices = slices
@@ -106,11 +106,13 @@ final class Batch: @unchecked Sendable {
     /// Announces `count` more slices of a pending task (a failed slice resubmitted in pieces).
     func addSlices(task index: Int, count: Int) {
         guard count > 0 else { return }
-        state.withLock { state in
-            guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { return }
+        let meter = state.withLock { state -> RequestMeter? in
+            guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { return nil }
             state.tasks[index].pendingSlices += count
             state.outstanding += count
+            return state.tasks[index].meter
         }
+        meter?.resubmitted(slices: count)
     }
 
     /// Records one finished slice of task `index` (no array built: a synchronous transfer

@@ -67,8 +67,11 @@ final class EngineMetrics: Sendable {
     }
 
     /// Counts one event of a labelled counter, made on first use (connections, failovers).
-    func count(_ name: String, _ dimensions: [(String, String)]) {
-        counters.handle(name, dimensions) { Counter(label: name, dimensions: dimensions, factory: factory) }.increment()
+    func count(_ name: String, _ dimensions: [(String, String)]) { counter(name, dimensions).increment() }
+
+    /// The labelled counter, made on first use and shared.
+    func counter(_ name: String, _ dimensions: [(String, String)]) -> Counter {
+        counters.handle(name, dimensions) { Counter(label: name, dimensions: dimensions, factory: factory) }
     }
 
     /// Records one duration of a labelled timer, made on first use (metadata operations).
@@ -102,6 +105,7 @@ final class RequestMeter: Sendable {
     private let failures = LabelledHandles<Counter>()
     private let factory: any MetricsFactory
     private let inFlight: Meter
+    private let slices: Counter
 
     init(peer: String, operation: TransferRequest.Operation, transport: String, batched: Bool, engine: EngineMetrics) {
         let op = operation == .read ? "read" : "write"
@@ -110,11 +114,19 @@ final class RequestMeter: Sendable {
         inFlight = engine.inFlight
         bytes = Counter(label: "te_transferred_bytes_total", dimensions: dimensions, factory: factory)
         requests = Counter(label: "te_requests_total", dimensions: dimensions + [("kind", batched ? "batch" : "sync")], factory: factory)
+        let sliceLabels = [("operation", op), ("transport", transport)]
+        slices = engine.counter("te_slices_total", sliceLabels)
         duration = Timer(label: "te_request_duration_seconds", dimensions: [("operation", op), ("kind", batched ? "batch" : "sync")], factory: factory)
     }
 
-    /// A request started (counted in flight until `ended`).
-    func started() { inFlight.increment() }
+    /// A request started in `pieces` slices (counted in flight until `ended`).
+    func started(slices pieces: Int = 1) {
+        inFlight.increment()
+        slices.increment(by: Int64(pieces))
+    }
+
+    /// More slices of a started request went to a transport (a failed slice resubmitted).
+    func resubmitted(slices pieces: Int) { slices.increment(by: Int64(pieces)) }
 
     /// A request ended: `state` completed (with `transferred` bytes), failed, timeout or canceled.
     func ended(_ state: TransferState, transferred: UInt64, startedAt: UInt64, now: UInt64 = MonotonicClock.nanoseconds()) {

@@ -14,6 +14,7 @@ struct EngineMetricsFactory: MetricsFactory {
         "te_transferred_bytes_total": "Bytes moved by requests this process initiated, by operation, first transport and peer segment.",
         "te_served_bytes_total": "Bytes peers read from and wrote into this engine's registered memory over TCP.",
         "te_requests_total": "Requests ended (sync: transferSync; batch: submitted or transferBatchSync), by operation, transport and peer.",
+        "te_slices_total": "Slices the engine handed to transports (requests cut for lanes, and failed slices resubmitted), by operation and first transport.",
         "te_request_failures_total": "Requests that ended without completing, by operation, transport, peer and reason.",
         "te_request_duration_seconds": "Time from submission to the end of a request, by operation and kind.",
         "te_requests_in_flight": "Requests submitted and not yet ended.",
