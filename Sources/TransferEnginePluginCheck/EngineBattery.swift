@@ -79,18 +79,26 @@ struct EngineBattery {
         }
     }
 
-    /// Where the plugin reports devices: they moved exactly what the requests asked, nothing is
-    /// left in flight, and no error was counted.
+    /// Where the plugin reports devices: they moved exactly what the requests asked and nothing
+    /// is left in flight (read again for up to a second: a plugin may count just after it reports
+    /// a completion). Errors (a retried slice) are reported, not failed.
     private func statsAgree(_ s: Session, before: (read: UInt64, written: UInt64, inflight: UInt64, errors: UInt64)?, read: UInt64,
                             written: UInt64) throws -> String {
-        guard let after = deviceTotals(s) else { return "" }
         let start = before ?? (0, 0, 0, 0)
-        let (gotRead, gotWritten) = (after.read &- start.read, after.written &- start.written)
-        guard gotRead == read, gotWritten == written, after.inflight == 0, after.errors == start.errors else {
-            throw CheckFailure("the plugin's stats disagree with the transfers: read +\(gotRead) (expected \(read)), written +\(gotWritten) "
-                               + "(expected \(written)), \(after.inflight) bytes still in flight, \(after.errors &- start.errors) errors")
+        let giveUp = Date().addingTimeInterval(1)
+        while true {
+            guard let after = deviceTotals(s) else { return "" }
+            let (gotRead, gotWritten) = (after.read &- start.read, after.written &- start.written)
+            if gotRead == read, gotWritten == written, after.inflight == 0 {
+                let errors = after.errors &- start.errors
+                return "; device stats agree (+\(read) read, +\(written) written, none in flight\(errors > 0 ? ", \(errors) errors retried" : ""))"
+            }
+            if Date() > giveUp {
+                throw CheckFailure("the plugin's stats disagree with the transfers: read +\(gotRead) (expected \(read)), written +\(gotWritten) "
+                                   + "(expected \(written)), \(after.inflight) bytes still in flight")
+            }
+            usleep(10_000)
         }
-        return "; device stats agree (+\(read) read, +\(written) written, none in flight)"
     }
 
     private func refusedLocally(_ s: Session) throws -> String {

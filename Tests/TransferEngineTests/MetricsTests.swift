@@ -214,7 +214,7 @@ struct MetricsTests {
         #expect(dropped == nil)
     }
 
-    @Test("plugin device figures (ABI stats) show as te_device_* families: exact bytes each way, in flight back to 0, last figures kept at shutdown")
+    @Test("plugin device figures (ABI stats) show as te_device_* families: exact bytes each way, in flight back to 0, last figures kept at uninstall and shutdown")
     func deviceFamilies() throws {
         EngineMetricsRegistry.enable()
         let directory = try TestSupport.temporaryDirectory()
@@ -237,11 +237,19 @@ struct MetricsTests {
         #expect(value("te_device_bytes_total", device.merging(["operation": "read"]) { $1 }) - before.1 == 12345)
         #expect(value("te_device_inflight_bytes", device) == 0)
         #expect(initiator.deviceStatistics().first { $0.deviceName == "fixture0" }?.bytesWritten == 4 * 65536)
-        // A second scrape adds nothing; what moves after the last scrape is taken at shutdown.
-        #expect(value("te_device_bytes_total", device.merging(["operation": "write"]) { $1 }) - before.0 == 4 * 65536)
+        // A second scrape adds nothing; what moves after the last scrape is taken when the plugin
+        // instance goes (uninstall, shutdown), and a new instance counts from its own zero.
+        let written = { value("te_device_bytes_total", device.merging(["operation": "write"]) { $1 }) - before.0 }
+        #expect(written() == 4 * 65536)
         try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 1000)
+        try initiator.uninstallTransport("devstats")
+        #expect(written() == 4 * 65536 + 1000)
+        try initiator.installTransport("devstats")
+        let again = try initiator.openSegment(target.segmentName)
+        try initiator.transferSync(.write, localAddress: local.address, segment: again, remoteAddress: remote.address, length: 2000,
+                                   transportHint: "devstats")
         initiator.shutdown()
-        #expect(value("te_device_bytes_total", device.merging(["operation": "write"]) { $1 }) - before.0 == 4 * 65536 + 1000)
+        #expect(written() == 4 * 65536 + 3000)
         let help = EngineMetricsRegistry.text().split(separator: "\n").filter { $0.hasPrefix("# HELP te_device_") }
         #expect(help.count == 3, "\(help)")
     }

@@ -30,6 +30,10 @@ public final class DeviceCounters: Sendable {
         }
     }
 
+    /// An operation `started` counted was not performed after all (queued again): it leaves the
+    /// in-flight figure and counts nothing else.
+    public func withdrawn(_ bytes: UInt64) { inflight.wrappingSubtract(bytes, ordering: .relaxed) }
+
     /// An operation failed without having been counted as started (refused at posting, timed out
     /// while waiting to be posted).
     public func failed() { failures.wrappingAdd(1, ordering: .relaxed) }

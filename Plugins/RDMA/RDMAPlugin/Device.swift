@@ -52,7 +52,8 @@ final class RDMADevice: @unchecked Sendable {
     @exclusivity(unchecked) private var running = false
     @exclusivity(unchecked) private var completions = [rdma_completion](repeating: rdma_completion(), count: 32)
     private let onFinished: ([FinishedPart]) -> Void
-    /// Bytes and errors for the ABI's `stats` (a slice counts from its post to its completion).
+    /// Bytes and errors for the ABI's `stats` (a slice counts as in flight from the reservation of
+    /// its slot, made under the lock before the post, to its completion).
     let counters: DeviceCounters
 
     init(index: Int, handle: OpaquePointer, discovered: DiscoveredDevice, options: RDMAOptions, capacity: Int,
@@ -224,6 +225,7 @@ final class RDMADevice: @unchecked Sendable {
         guard best >= 0 else { return .full }
         freeSlots.removeLast()
         endpoint.outstanding[best] += 1
+        counters.started(UInt64(part.length))
         slots[slot] = Slot(part: part, endpoint: endpoint, queuePair: best, postedAt: monotonicNanoseconds())
         return .reserved(Reserved(part: part, endpoint: endpoint, queuePair: best, slot: slot))
     }
@@ -263,18 +265,16 @@ final class RDMADevice: @unchecked Sendable {
         let part = reserved.part
         let status = rdma_post(reserved.endpoint.queuePairs[reserved.queuePair], part.isWrite ? 1 : 0, part.local, part.length, part.lkey,
                                part.remote, part.rkey, UInt64(reserved.slot), 64)
-        if status == 0 {
-            counters.started(UInt64(part.length))
-            return true
-        }
+        if status == 0 { return true }
         lock.locked {
             slots[reserved.slot] = nil
             freeSlots.append(reserved.slot)
             reserved.endpoint.outstanding[reserved.queuePair] -= 1
             if status == -ENOMEM {
+                counters.withdrawn(UInt64(part.length))
                 backlog.append(part)
             } else {
-                counters.failed()
+                counters.ended(UInt64(part.length), isWrite: part.isWrite, succeeded: false)
                 finished.append(failure(part, "ibv_post_send: \(String(cString: strerror(-status)))", retry: true))
             }
         }

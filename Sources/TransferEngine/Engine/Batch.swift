@@ -23,19 +23,9 @@ final class Batch: @unchecked Sendable {
         var meter: RequestMeter?
         var startedAt: UInt64 = 0
 
-        /// The task's end to count (its status is final), or nil with metrics off.
-        var ending: Ending? {
-            meter.map { Ending(meter: $0, state: status.state, bytes: status.state == .completed ? status.transferredBytes : 0, startedAt: startedAt) }
-        }
-    }
-
-    /// A task's end, counted once the batch's lock is released (recording takes locks of its own).
-    private struct Ending {
-        let meter: RequestMeter
-        let state: TransferState
-        let bytes: UInt64
-        let startedAt: UInt64
-        func record() { meter.ended(state, transferred: bytes, startedAt: startedAt) }
+        /// Counts the task's end once its status is final. Called under the batch's lock, so a
+        /// waiter that sees the task end also sees it counted (meters never take this lock).
+        func recordEnd() { meter?.ended(status.state, transferred: status.state == .completed ? status.transferredBytes : 0, startedAt: startedAt) }
     }
 
     private struct State {
@@ -106,45 +96,40 @@ final class Batch: @unchecked Sendable {
     /// Announces `count` more slices of a pending task (a failed slice resubmitted in pieces).
     func addSlices(task index: Int, count: Int) {
         guard count > 0 else { return }
-        let meter = state.withLock { state -> RequestMeter? in
-            guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { return nil }
+        state.withLock { state in
+            guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { return }
             state.tasks[index].pendingSlices += count
             state.outstanding += count
-            return state.tasks[index].meter
         }
-        meter?.resubmitted(slices: count)
+    }
+
+    /// Counts `count` slices of task `index` handed to a transport again (a failover's resubmit).
+    func countResubmitted(task index: Int, slices count: Int) {
+        guard let meter = state.withLock({ state in index < state.tasks.count ? state.tasks[index].meter : nil }) else { return }
+        meter.resubmitted(slices: count)
     }
 
     /// Records one finished slice of task `index` (no array built: a synchronous transfer
     /// finishes one slice per call).
     func sliceFinished(task index: Int, bytes: UInt64, error: String?) {
-        var ending: Ending?
-        let wake = state.withLock { state in Self.record(&state, task: index, bytes: bytes, error: error, ending: &ending) }
-        // Counted before waiters wake, so one that reads the metrics next sees this task.
-        ending?.record()
+        let wake = state.withLock { state in Self.record(&state, task: index, bytes: bytes, error: error) }
         if wake { state.notifyAll() }
     }
 
     /// Records several finished slices under one lock acquisition. Waiters are
     /// woken only when the last unfinished task completes (status polls need no wake-up).
     func slicesFinished(_ slices: [(task: Int, bytes: UInt64, error: String?)]) {
-        var endings: [Ending] = []
         let wake = state.withLock { state in
             var wake = false
-            for (index, bytes, error) in slices {
-                var ending: Ending?
-                if Self.record(&state, task: index, bytes: bytes, error: error, ending: &ending) { wake = true }
-                if let ending { endings.append(ending) }
-            }
+            for (index, bytes, error) in slices where Self.record(&state, task: index, bytes: bytes, error: error) { wake = true }
             return wake
         }
-        for ending in endings { ending.record() }
         if wake { state.notifyAll() }
     }
 
     /// One finished slice; true when waiters should look again (the last unfinished task
-    /// finished, or the last slice of the batch came back). `ending`: the task's end to count.
-    private static func record(_ state: inout State, task index: Int, bytes: UInt64, error: String?, ending: inout Ending?) -> Bool {
+    /// finished, or the last slice of the batch came back).
+    private static func record(_ state: inout State, task index: Int, bytes: UInt64, error: String?) -> Bool {
         guard index < state.tasks.count, state.tasks[index].pendingSlices > 0 else { return false }
         state.tasks[index].pendingSlices -= 1
         state.outstanding -= 1
@@ -160,7 +145,7 @@ final class Batch: @unchecked Sendable {
         }
         guard state.tasks[index].pendingSlices == 0 else { return false }
         if state.tasks[index].status.state == .pending { state.tasks[index].status.state = .completed }
-        ending = state.tasks[index].ending
+        state.tasks[index].recordEnd()
         state.unfinished -= 1
         return state.unfinished == 0 || state.outstanding == 0
     }
@@ -173,8 +158,8 @@ final class Batch: @unchecked Sendable {
 
     /// Ends as `timeout` every unfinished task whose deadline passed more than `graceNs` ago
     /// (the transports still hold part of it); true when that finished the batch. Until then
-    /// `earliestDeadline` is when to look again. The ended tasks' ends go to `endings`.
-    private func expire(_ state: inout State, now: UInt64, endings: inout [Ending]) -> Bool {
+    /// `earliestDeadline` is when to look again.
+    private func expire(_ state: inout State, now: UInt64) -> Bool {
         guard now >= state.earliestDeadline else { return false }
         var earliest = UInt64.max
         for index in state.tasks.indices where state.tasks[index].pendingSlices > 0 && !state.tasks[index].ended {
@@ -187,7 +172,7 @@ final class Batch: @unchecked Sendable {
             state.tasks[index].status.state = .timeout
             state.tasks[index].status.error = "did not finish within its deadline, and a transport still held it \(graceNs / 1_000_000) ms later: "
                 + "its buffers may still be read or written until the batch is freed"
-            if let ending = state.tasks[index].ending { endings.append(ending) }
+            state.tasks[index].recordEnd()
             state.unfinished -= 1
         }
         state.earliestDeadline = earliest
@@ -198,7 +183,6 @@ final class Batch: @unchecked Sendable {
     /// Returns how many tasks it ended.
     @discardableResult
     func cancel() -> Int {
-        var endings: [Ending] = []
         let ended = state.withLock { state -> Int in
             canceled.store(true, ordering: .relaxed)
             var ended = 0
@@ -206,14 +190,13 @@ final class Batch: @unchecked Sendable {
                 state.tasks[index].ended = true
                 state.tasks[index].status.state = .canceled
                 state.tasks[index].status.error = "canceled: the batch was freed"
-                if let ending = state.tasks[index].ending { endings.append(ending) }
+                state.tasks[index].recordEnd()
                 ended += 1
             }
             state.unfinished = 0
             state.earliestDeadline = UInt64.max
             return ended
         }
-        for ending in endings { ending.record() }
         state.notifyAll()
         return ended
     }
@@ -232,10 +215,8 @@ final class Batch: @unchecked Sendable {
     /// Status of task `index`, or nil if there is no such task.
     func status(task index: Int) -> TransferStatus? {
         let now = MonotonicClock.nanoseconds()
-        var endings: [Ending] = []
-        defer { for ending in endings { ending.record() } }
         return state.withLock { state in
-            _ = expire(&state, now: now, endings: &endings)
+            _ = expire(&state, now: now)
             return index >= 0 && index < state.tasks.count ? state.tasks[index].status : nil
         }
     }
@@ -243,10 +224,8 @@ final class Batch: @unchecked Sendable {
     /// Statuses of all tasks.
     var statuses: [TransferStatus] {
         let now = MonotonicClock.nanoseconds()
-        var endings: [Ending] = []
-        defer { for ending in endings { ending.record() } }
         return state.withLock { state in
-            _ = expire(&state, now: now, endings: &endings)
+            _ = expire(&state, now: now)
             return state.tasks.map(\.status)
         }
     }
@@ -255,11 +234,9 @@ final class Batch: @unchecked Sendable {
     func waitAll(deadline: UInt64?) -> Bool {
         while true {
             let now = MonotonicClock.nanoseconds()
-            var endings: [Ending] = []
             let (done, wakeAt) = state.withLock { state -> (Bool, UInt64) in
-                (expire(&state, now: now, endings: &endings) || state.unfinished == 0, state.earliestDeadline)
+                (expire(&state, now: now) || state.unfinished == 0, state.earliestDeadline)
             }
-            for ending in endings { ending.record() }
             if done { return true }
             if let deadline, now >= deadline { return false }
             let until = min(deadline ?? UInt64.max, wakeAt)

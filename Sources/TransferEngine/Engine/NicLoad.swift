@@ -18,9 +18,9 @@ public struct DeviceStatistics: Equatable, Sendable {
     public var transport: String
     /// The device, as its plugin names it.
     public var deviceName: String
-    /// Bytes the device read from peers for completed requests.
+    /// Bytes the device read from peers in operations that succeeded (pieces of requests).
     public var bytesRead: UInt64
-    /// Bytes the device wrote to peers for completed requests.
+    /// Bytes the device wrote to peers in operations that succeeded.
     public var bytesWritten: UInt64
     /// Bytes handed to the device and not yet finished.
     public var inflightBytes: UInt64

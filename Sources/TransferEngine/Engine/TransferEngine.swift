@@ -201,7 +201,6 @@ public final class TransferEngine: @unchecked Sendable {
         }
         let authNote = authenticator != nil ? ", peers must authenticate (shared secret)" : ""
         logger.info("engine ready: segment \(segmentName), protocols \(activeProtocols.joined(separator: ",")), data port \(dataPort), bound to \(bindHost)\(authNote)")
-        DeviceMetrics.track(self)
         startMetricsReport()
     }
 
@@ -217,7 +216,6 @@ public final class TransferEngine: @unchecked Sendable {
         handshakeServer?.stop()
         dataServer.stop()
         for links in state.withLock({ _ in peers.map { Array($0.links.values) } }) { links.forEach { $0.close() } }
-        if metrics != nil { DeviceMetrics.finish(transports.compactMap { $0 as? PluginTransport }) }
         transports.forEach { $0.shutdown() }
         // What the transports did not end is canceled (its requests leave the in-flight count).
         for batch in state.withLock({ Array($0.batches.values) }) { batch.cancel() }

@@ -17,7 +17,8 @@ extension TransferEngine {
         let maxLength = settings.handshakeMaxLength
         let transport = try PluginTransport(plugin: loaded, protocolName: protocolName, optionsJSON: options,
                                             syncSpinNs: settings.pluginSyncSpinNs, inlineLimit: settings.splitSize,
-                                            releaseGraceNs: UInt64(settings.freeBatchWaitMs) * 1_000_000, logger: logger) { [weak self] peer, request in
+                                            releaseGraceNs: UInt64(settings.freeBatchWaitMs) * 1_000_000, recordsDeviceMetrics: metrics != nil,
+                                            logger: logger) { [weak self] peer, request in
             guard let self else { throw EngineError.invalidArgument("the engine is shutting down") }
             let target = try self.handshakeAddress(of: peer)
             return try HandshakeClient.exchange(host: target.host, port: target.port,

@@ -30,10 +30,13 @@ struct PluginDeviceStats: Equatable, Sendable {
 
 extension PluginTransport {
     /// The plugin's figures per device; empty when it offers none (or the call failed).
-    func deviceStats() -> [PluginDeviceStats] {
+    func deviceStats() -> [PluginDeviceStats] { entered { readDeviceStats() } ?? [] }
+
+    /// The `stats` call itself (callers make sure the instance is not destroyed under it).
+    func readDeviceStats() -> [PluginDeviceStats] {
         guard let stats = d.stats else { return [] }
         var out = CStringBuffer(capacity: 4096)
-        guard let status = entered({ out.withRetry { stats(instance, $0) } }), status == TE_OK else { return [] }
+        guard out.withRetry({ stats(instance, $0) }) == TE_OK else { return [] }
         return PluginDeviceStats.parse(out.string)
     }
 }

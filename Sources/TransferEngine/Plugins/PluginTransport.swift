@@ -37,6 +37,9 @@ final class PluginTransport: Transport, @unchecked Sendable {
     /// How long past its deadline a synchronous caller waits for the plugin to give its request
     /// back (its buffer may be in use until then; MC_FREE_BATCH_WAIT_MS).
     let releaseGraceNs: UInt64
+    /// Whether its devices' figures go to the metrics (its engine records them): tracked from
+    /// creation, read a last time at shutdown.
+    let recordsDeviceMetrics: Bool
 
     /// What is in flight, and who polls the plugin for it.
     struct State {
@@ -75,7 +78,7 @@ final class PluginTransport: Transport, @unchecked Sendable {
 
     /// Creates the instance (`create`) and starts polling.
     init(plugin: LoadedPlugin, protocolName: String, optionsJSON: String, syncSpinNs: UInt64, inlineLimit: UInt64,
-         releaseGraceNs: UInt64 = 5_000_000_000, logger: Logger,
+         releaseGraceNs: UInt64 = 5_000_000_000, recordsDeviceMetrics: Bool = false, logger: Logger,
          handshake: @escaping @Sendable (_ peerSegment: String, _ requestJSON: String) throws -> String) throws {
         self.plugin = plugin
         self.protocolName = protocolName
@@ -91,7 +94,9 @@ final class PluginTransport: Transport, @unchecked Sendable {
             throw EngineError.plugin("\(plugin.info.name): create failed (\(PluginStatus.describe(status)))")
         }
         instance = created
+        self.recordsDeviceMetrics = recordsDeviceMetrics
         try OSThread.spawn(name: "te-plugin-poll") { [self] in pollLoop() }
+        if recordsDeviceMetrics { DeviceMetrics.track(self) }
     }
 
     /// The plugin's last error text on this thread.
@@ -296,7 +301,10 @@ final class PluginTransport: Transport, @unchecked Sendable {
         if calls.load(ordering: .sequentiallyConsistent) > 0 {
             // A call that never returns: destroying under it would be worse than leaking the instance.
             logger.error("\(plugin.info.name): a call into the plugin did not return within 10 s of shutdown; the instance is left undestroyed")
+            if recordsDeviceMetrics { DeviceMetrics.finish(self, devices: nil) }
         } else {
+            // The devices' last figures, now that nothing more completes.
+            if recordsDeviceMetrics { DeviceMetrics.finish(self, devices: readDeviceStats()) }
             d.destroy!(instance)
         }
         let orphans = inFlight.withLock { state -> [TransferSlice] in

@@ -125,7 +125,10 @@ final class Failover: @unchecked Sendable {
 
     /// The slice cut to the sizes `transport` takes (a plugin that splits requests took it whole).
     private func pieces(of slice: TransferSlice, task: Int, for transport: any Transport) -> [TransferSlice] {
-        if transport.splitsRequests || slice.length <= splitSize { return [slice] }
+        if transport.splitsRequests || slice.length <= splitSize {
+            batch.countResubmitted(task: task, slices: 1)
+            return [slice]
+        }
         // The task expects one end per original slice: extra pieces are announced first.
         var pieces: [TransferSlice] = []
         var offset: UInt64 = 0
@@ -138,6 +141,7 @@ final class Failover: @unchecked Sendable {
             offset += piece.length
         }
         batch.addSlices(task: task, count: pieces.count - 1)
+        batch.countResubmitted(task: task, slices: pieces.count)
         return pieces
     }
 }
