@@ -37,7 +37,7 @@ final class NicLoadTracker: Sendable {
         var ewma: Double?
     }
 
-    private let readings = Mutex<[String: Reading]>([:])
+    private let readings = ConditionLock<[String: Reading]>([:])
     /// Weight of the newest rate.
     static let alpha = 0.3
 

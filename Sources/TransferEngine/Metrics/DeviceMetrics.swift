@@ -40,7 +40,7 @@ enum DeviceMetrics {
         var handles: [String: Handles] = [:]
     }
 
-    private static let state = Mutex(State())
+    private static let state = ConditionLock(State())
 
     /// Reads `plugin` from now on (its engine records metrics).
     static func track(_ plugin: PluginTransport) {

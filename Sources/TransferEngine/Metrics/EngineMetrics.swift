@@ -19,8 +19,8 @@ final class EngineMetrics: Sendable {
     }
 
     let factory: any MetricsFactory
-    private let meters = Mutex<[MeterKey: (peer: String, meter: RequestMeter)]>([:])
-    private let peerLabels = Mutex<Set<String>>([])
+    private let meters = ConditionLock<[MeterKey: (peer: String, meter: RequestMeter)]>([:])
+    private let peerLabels = ConditionLock<Set<String>>([])
     private let counters = LabelledHandles<Counter>()
     private let timers = LabelledHandles<Timer>()
     /// Requests submitted and not yet ended, over every engine of the process.
@@ -142,7 +142,7 @@ final class RequestMeter: Sendable {
 
 /// Metric handles by name and labels, each made on first use and kept.
 final class LabelledHandles<Handle: AnyObject>: @unchecked Sendable {
-    private let table = Mutex<[String: Handle]>([:])
+    private let table = ConditionLock<[String: Handle]>([:])
 
     /// The handle for `name` with `dimensions`, made by `make` the first time.
     func handle(_ name: String, _ dimensions: [(String, String)], make: () -> Handle) -> Handle {

@@ -8,7 +8,7 @@ import Synchronization
 /// their transfers pay nothing. Metrics go through swift-metrics to a swift-prometheus registry
 /// of their own (not `MetricsSystem`'s global factory, which an embedding application may own).
 public enum EngineMetricsRegistry {
-    private static let current = Mutex<PrometheusCollectorRegistry?>(nil)
+    private static let current = ConditionLock<PrometheusCollectorRegistry?>(nil)
 
     /// Latency buckets, in seconds: 5 us to 10 s.
     static let durationBuckets: [Double] = [5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5,
