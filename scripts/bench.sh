@@ -6,6 +6,7 @@
 #   scripts/bench.sh                  # about ten minutes with the guests (root), two without
 #   scripts/bench.sh --quick          # every case once, briefly (CI runs this before the tests)
 #   scripts/bench.sh --duration 3     # extra arguments go to `transfer-engine bench`
+#   TE_BACKGROUND_LOAD=0 scripts/bench.sh   # quiet figures only (default: also beside 1 busy thread)
 #
 # References: iperf3 single stream; raw libfabric RMA over tcp;ofi_rxm and shm (when
 # libfabric-dev and ../shared/reference/probes/fi_rma_probe.c are present), for the TCP
@@ -29,6 +30,8 @@ if [ $quick = 1 ]; then
     set -- --duration 0.3 "$@"
 fi
 iperf_seconds=$([ $quick = 1 ] && echo 1 || echo 3)
+# Busy threads beside the tcp benchmark's loaded pass and the official engine's (TE_BACKGROUND_LOAD; 0: quiet only).
+load=${TE_BACKGROUND_LOAD:-1}
 official_seconds=$([ $quick = 1 ] && echo 0.3 || echo 2)
 
 # Which transports ran (and why the others did not), for the summary.
@@ -65,20 +68,21 @@ if [ "${TE_SKIP_OFFICIAL:-0}" != 1 ]; then
         python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check "mooncake-transfer-engine-non-cuda==0.3.13.post1" || true
     fi
     if "$venv/bin/python" -c "import mooncake.engine" 2>/dev/null; then
-        echo "== reference: the official Mooncake engine, TCP, official initiator and target"
-        timeout 300 "$venv/bin/python" scripts/official_bench.py --duration "$official_seconds" 2>/dev/null | tee out/official.txt | grep -v '^{' || true
+        echo "== reference: the official Mooncake engine, TCP, official initiator and target, every case of the tcp run below, quiet and beside $load busy thread(s)"
+        timeout 900 "$venv/bin/python" scripts/official_bench.py --duration "$official_seconds" --background-load "$load" --load-bin "$bin" 2>/dev/null \
+            | tee out/official.txt | grep -v '^{' || true
         grep '^{' out/official.txt > out/official.json || rm -f out/official.json
     fi
 fi
 
-echo "== transfer-engine bench --loopback"
-"$bin" bench --loopback --json out/bench.json "$@"
+echo "== transfer-engine bench --loopback, quiet and beside $load busy thread(s) (a neighbour on the same cores)"
+"$bin" bench --loopback --json out/bench.json --background-load "$load" "$@"
 status tcp "ran"
 echo "== transfer-engine bench --loopback, 8 MiB working set (the libfabric probe's buffer size)"
 "$bin" bench --loopback --json out/bench-ws8.json --working-set 8MiB --block-sizes 4KiB,64KiB,1MiB,4MiB --batch-sizes 64 --no-reference "$@"
 
-echo "== transfer-engine bench --loopback --protocol shm (same-host plugin), with memcpy as the ceiling"
-"$bin" bench --loopback --protocol shm --json out/bench-shm.json --memcpy-reference --no-reference \
+echo "== transfer-engine bench --loopback --protocol shm (same-host plugin), with memcpy as the ceiling (as many threads as the plugin copies with)"
+"$bin" bench --loopback --protocol shm --json out/bench-shm.json --memcpy-reference --memcpy-threads "${MC_SHM_WORKERS:-2}" --no-reference \
     --block-sizes 4KiB,64KiB,1MiB,64MiB --batch-sizes 1,64 "$@" && status shm "ran" || { echo "(shm plugin unavailable)"; status shm "failed (see the log above)"; }
 
 if [ -f "$(dirname "$bin")/libtransport_efa.so" ]; then

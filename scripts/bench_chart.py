@@ -59,9 +59,16 @@ for path in sorted(glob.glob(os.path.join(out, "bench*.json"))):
             rows = [r for r in doc["results"] if r["operation"] == op and r["batch_size"] == batch]
             add(op, "gbps", f"{label} x{batch}", [(r["block_size"], r["gbps"]) for r in rows])
             add(op, "p50", f"{label} x{batch}", [(r["block_size"], r["p50_us"]) for r in rows])
+            loaded = [r for r in rows if r.get("loaded")]
+            if loaded:
+                busy = doc.get("background_load_threads", 1)
+                add(op, "gbps", f"{label} x{batch}, {busy} busy", [(r["block_size"], r["loaded"]["gbps"]) for r in loaded])
+                add(op, "p50", f"{label} x{batch}, {busy} busy", [(r["block_size"], r["loaded"]["p50_us"]) for r in loaded])
         memcpy = doc.get("memcpy_gbps") or {}
-        if memcpy and label == "tcp":
-            add(op, "gbps", "memcpy (1 thread)", [(int(k), v) for k, v in memcpy.items()], dashed=True)
+        if memcpy:
+            threads = doc.get("memcpy_threads", 1)
+            add(op, "gbps", f"memcpy ({threads} thread{'s' if threads > 1 else ''}, {label}'s buffers)", [(int(k), v) for k, v in memcpy.items()],
+                dashed=True)
 
 official = load(os.path.join(out, "official.json")) or {}
 by_case = {}
@@ -69,10 +76,14 @@ for key, value in official.items():
     m = re.match(r"(write|read) (\d+) (KiB|MiB|GiB|B) x(\d+)", key)
     if m and isinstance(value, dict):
         size = int(m.group(2)) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[m.group(3)]
-        by_case.setdefault((m.group(1), int(m.group(4))), []).append((size, value.get("gbps"), value.get("p50_us")))
-for (op, batch), points in by_case.items():
-    add(op, "gbps", f"official engine tcp x{batch}", [(s, g) for s, g, _ in points], dashed=True)
-    add(op, "p50", f"official engine tcp x{batch}", [(s, p) for s, _, p in points], dashed=True)
+        by_case.setdefault((m.group(1), int(m.group(4)), ""), []).append((size, value.get("gbps"), value.get("p50_us")))
+        loaded = value.get("loaded") or {}
+        if loaded:
+            busy = official.get("background_load_threads", 1)
+            by_case.setdefault((m.group(1), int(m.group(4)), f", {busy} busy"), []).append((size, loaded.get("gbps"), loaded.get("p50_us")))
+for (op, batch, busy), points in by_case.items():
+    add(op, "gbps", f"official engine tcp x{batch}{busy}", [(s, g) for s, g, _ in points], dashed=True)
+    add(op, "p50", f"official engine tcp x{batch}{busy}", [(s, p) for s, _, p in points], dashed=True)
 
 for name, label in (("fi_rma_probe.txt", "libfabric tcp;ofi_rxm"), ("fi_rma_probe-shm.txt", "libfabric shm")):
     points = {"write": [], "read": []}

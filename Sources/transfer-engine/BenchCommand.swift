@@ -13,7 +13,9 @@ struct BenchCommand: ParsableCommand {
         Every case runs for --duration seconds or --max-iterations iterations, whichever comes first.
         Batch size 1 uses the synchronous path; larger batches are submitted at once and waited for.
         Unless --no-reference is given, the run also measures one plain loopback TCP stream
-        (what iperf3 -P1 measures) and prints each result as a ratio to it.
+        (what iperf3 -P1 measures) and prints each result as a ratio to it. With --background-load N
+        every case is measured again right after, beside N busy threads (a neighbour on the same
+        cores, as an inference framework's own threads are), and both figures are printed.
         """
     )
 
@@ -71,8 +73,14 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Skip the plain TCP stream reference measurement.")
     var noReference = false
 
-    @Flag(help: "Also measure single-threaded memcpy of each block size (the same-host ceiling) and print ratios to it.")
+    @Flag(help: "Also measure memcpy of each block size, the same-host ceiling: --memcpy-threads threads copying between halves of this side's buffer (the memory the transport copies, as warm), and one thread between fresh buffers; ratios are to the first, and one above 1.0 is flagged as a measurement error.")
     var memcpyReference = false
+
+    @Option(help: "Copy threads of the measured transport, for --memcpy-reference (the shm plugin's MC_SHM_WORKERS, 2 by default).")
+    var memcpyThreads: Int = 1
+
+    @Option(help: "Measure every case twice: quiet, then beside this many busy threads (a `transfer-engine load` process started for that pass; 0: quiet only).")
+    var backgroundLoad: Int = 0
 
     func validate() throws {
         if loopback == (segment != nil) { throw ValidationError("give exactly one of --loopback or --segment NAME") }
@@ -80,6 +88,8 @@ struct BenchCommand: ParsableCommand {
         if duration <= 0 || duration > 600 { throw ValidationError("--duration must be in (0, 600] seconds") }
         if maxIterations < 1 { throw ValidationError("--max-iterations must be at least 1") }
         if let connections, !(1...64).contains(connections) { throw ValidationError("--connections must be in 1...64") }
+        if !(0...256).contains(backgroundLoad) { throw ValidationError("--background-load must be in 0...256 threads") }
+        if !(1...64).contains(memcpyThreads) { throw ValidationError("--memcpy-threads must be in 1...64") }
     }
 
     func run() throws {
@@ -168,9 +178,18 @@ struct BenchCommand: ParsableCommand {
         }
         if cases.isEmpty { throw EngineError.invalidArgument("no case fits: block x batch must be at most \(limit) bytes (buffer sizes)") }
 
-        var memcpyGBps: [UInt64: Double] = [:]
+        var memcpyGBps: [UInt64: Double] = [:], memcpyOneThread: [UInt64: Double] = [:]
         if memcpyReference {
-            for block in blocks { memcpyGBps[block] = StreamReference.memcpy(block: Int(block), seconds: 0.2) / 1e9 }
+            for block in blocks {
+                memcpyOneThread[block] = StreamReference.memcpy(block: Int(block), seconds: 0.2) / 1e9
+                // Between the halves of this side's buffer where it is host memory and large enough, else fresh buffers.
+                if localOnHost, block <= localSize / 2, let base = UnsafeMutableRawPointer(bitPattern: UInt(local)) {
+                    memcpyGBps[block] = StreamReference.memcpy(block: Int(block), threads: memcpyThreads, source: base,
+                                                               target: base + Int(localSize / 2), seconds: 0.2).map { $0 / 1e9 }
+                } else if memcpyThreads == 1 {
+                    memcpyGBps[block] = memcpyOneThread[block]
+                }
+            }
         }
         var results: [BenchResult] = []
         var failures: [String] = []
@@ -182,6 +201,13 @@ struct BenchCommand: ParsableCommand {
             FileHandle.standardError.write(Data("[\(index + 1)/\(cases.count)] \(label) ...\n".utf8))
             do {
                 var result = try measure(transferEngine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote.address, wrap: wrap)
+                if backgroundLoad > 0 {
+                    // The loaded pass right after the quiet one: the two see the same machine otherwise.
+                    let neighbour = try BackgroundLoad(threads: backgroundLoad, seconds: duration + 60)
+                    defer { neighbour.stop() }
+                    let loaded = try measure(transferEngine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote.address, wrap: wrap)
+                    result.loaded = .init(gbps: loaded.gbps, p50Micros: loaded.p50Micros, p99Micros: loaded.p99Micros, iterations: loaded.iterations)
+                }
                 if verify, block * UInt64(batch) <= limit {
                     result.verified = try verifyBytes(transferEngine, block: block, batch: batch, local: local, handle: handle, remote: remote.address)
                     if result.verified == false { failures.append(label) }
@@ -206,12 +232,19 @@ struct BenchCommand: ParsableCommand {
             var row = [r.operation, ByteSize.format(r.blockSize), String(r.batchSize), String(format: "%.3f", r.gbps),
                        String(format: "%.1f", r.p50Micros), String(format: "%.1f", r.p99Micros), String(r.iterations)]
             row.append(streamReference.map { String(format: "%.2fx", r.gbps * 1e9 / $0) } ?? "-")
-            if memcpyReference { row.append(memcpyGBps[r.blockSize].map { String(format: "%.2f (%.2fx)", $0, r.gbps / $0) } ?? "-") }
+            if memcpyReference {
+                // Above the ceiling means the ceiling or the measurement is wrong, not a fast transport.
+                row.append(memcpyGBps[r.blockSize].map { String(format: "%.2f (%.2fx", $0, r.gbps / $0) + (r.gbps > $0 ? " ABOVE CEILING)" : ")") } ?? "-")
+            }
+            if let loaded = r.loaded {
+                row += [String(format: "%.3f", loaded.gbps), String(format: "%.1f", loaded.p50Micros), String(format: "%.2fx", loaded.gbps / r.gbps)]
+            }
             if verify { row.append(r.verified == true ? "ok" : "MISMATCH") }
             rows.append(row)
         }
         var header = ["op", "block", "batch", "GB/s", "p50 us", "p99 us", "iterations", "vs stream"]
-        if memcpyReference { header.append("memcpy GB/s (ratio)") }
+        if memcpyReference { header.append("memcpy x\(memcpyThreads) GB/s (ratio)") }
+        if backgroundLoad > 0 { header += ["loaded GB/s", "loaded p50 us", "loaded/quiet"] }
         if verify { header.append("verify") }
         print(Table.render(header: header, rows: rows))
 
@@ -219,9 +252,12 @@ struct BenchCommand: ParsableCommand {
             let document: [String: Any] = [
                 "segment": segmentName, "protocol": transferEngine.activeProtocol, "version": TransferEngineVersion.string,
                 "first_operation_us": firstOpMicros, "open_segment_us": openMicros, "working_set_bytes": wrap as Any,
+                "background_load_threads": backgroundLoad,
                 "reference": ["loopback_tcp_stream_gbps": streamReference.map { $0 / 1e9 } as Any],
                 "results": results.map { $0.dictionary(reference: streamReference) },
                 "memcpy_gbps": Dictionary(uniqueKeysWithValues: memcpyGBps.map { (String($0.key), $0.value) }),
+                "memcpy_threads": memcpyThreads,
+                "memcpy_1thread_gbps": Dictionary(uniqueKeysWithValues: memcpyOneThread.map { (String($0.key), $0.value) }),
             ]
             let data = try JSONSerialization.data(withJSONObject: document, options: [.prettyPrinted, .sortedKeys])
             try data.write(to: URL(fileURLWithPath: json))
@@ -311,47 +347,5 @@ struct BenchCommand: ParsableCommand {
         try engine.transferBatchSync(writes)
         try engine.transferBatchSync(reads)
         return BenchPattern.firstMismatch(address: readBack, length: span, seed: seed) == nil
-    }
-}
-
-/// One benchmark case's figures.
-struct BenchResult {
-    var operation: String
-    var blockSize: UInt64
-    var batchSize: Int
-    var gbps: Double
-    var p50Micros: Double
-    var p99Micros: Double
-    var iterations: Int
-    var verified: Bool?
-
-    func dictionary(reference: Double?) -> [String: Any] {
-        var d: [String: Any] = ["operation": operation, "block_size": blockSize, "batch_size": batchSize, "gbps": gbps,
-                                "p50_us": p50Micros, "p99_us": p99Micros, "iterations": iterations]
-        if let reference { d["ratio_to_stream"] = gbps * 1e9 / reference }
-        if let verified { d["verified"] = verified }
-        return d
-    }
-}
-
-/// A file of JSON lines, each written with one `write` as soon as it is known.
-final class JSONLinesFile {
-    private let fd: Int32
-    let path: String
-
-    init(path: String) throws {
-        self.path = path
-        fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))") }
-    }
-
-    deinit { close(fd) }
-
-    /// Appends one object as a line.
-    func append(_ object: [String: Any]) throws {
-        var data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
-        data.append(0x0A)
-        let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        guard written == data.count else { throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))") }
     }
 }

@@ -42,7 +42,44 @@ public enum StreamReference {
         return Double(done.withLock { $0.bytes }) / elapsed
     }
 
-    /// Single-threaded memcpy bandwidth for `block`-byte copies, bytes per second.
+    /// memcpy bandwidth for `block`-byte copies from `source` to `target` (each at least `block`
+    /// bytes: a caller passes the buffers the measured transport copies, warmed the same way),
+    /// repeated for about `seconds` by `threads` threads that each copy a contiguous share, as
+    /// a transport with that many copy threads splits a request; bytes per second. Nil when a
+    /// thread could not be started.
+    public static func memcpy(block: Int, threads: Int, source: UnsafeRawPointer, target: UnsafeMutableRawPointer, seconds: Double) -> Double? {
+        let count = max(1, min(threads, 64))
+        // Shares of whole cache lines, the last one taking the rest.
+        let share = max(64, (block / count + 63) & ~63)
+        let pieces = stride(from: 0, to: block, by: share).map { ($0, min(share, block - $0)) }
+        let end = MonotonicClock.nanoseconds() + UInt64(seconds * 1e9)
+        let finished = ConditionLock<(bytes: UInt64, left: Int)>((0, pieces.count))
+        let start = MonotonicClock.nanoseconds()
+        let (sourceBits, targetBits) = (UInt(bitPattern: source), UInt(bitPattern: target))
+        for (offset, length) in pieces {
+            let copy: @Sendable () -> Void = {
+                let from = UnsafeRawPointer(bitPattern: sourceBits)! + offset, to = UnsafeMutableRawPointer(bitPattern: targetBits)! + offset
+                var bytes: UInt64 = 0
+                var iterations = 0
+                while MonotonicClock.nanoseconds() < end, iterations < 10_000_000 {
+                    Glibc.memcpy(to, from, length)
+                    te_consume(to)
+                    bytes += UInt64(length)
+                    iterations += 1
+                }
+                finished.withLock(notify: true) { $0.bytes += bytes; $0.left -= 1 }
+            }
+            do { try OSThread.spawn(name: "te-ref-memcpy", copy) } catch {
+                finished.withLock(notify: true) { $0.left -= 1 }
+                _ = finished.wait { $0.left == 0 ? true : nil }
+                return nil
+            }
+        }
+        let bytes = finished.wait { $0.left == 0 ? $0.bytes : nil } ?? 0
+        return Double(bytes) / (Double(MonotonicClock.nanoseconds() - start) / 1e9)
+    }
+
+    /// Single-threaded memcpy bandwidth for `block`-byte copies between two fresh buffers, bytes per second.
     public static func memcpy(block: Int, seconds: Double = 0.3) -> Double {
         let source = UnsafeMutableRawPointer.allocate(byteCount: block, alignment: 4096)
         let target = UnsafeMutableRawPointer.allocate(byteCount: block, alignment: 4096)
