@@ -52,9 +52,12 @@ extension PluginTransport {
         var own: Ending? = nil
         let (accepted, submitted) = withUnsafePointer(to: &request) { submitRequests(UnsafeBufferPointer(start: $0, count: 1), gated: false) }
         if accepted == 0 { own = (submitted, submitFailure(submitted)) }
+        // Whether to busy-poll at all: measured (WaitPolicy), since a busy-poll beside busy cores
+        // holds the core the completing thread needs.
+        let spins = !small || syncWaitPolicy.withLock { $0.spins }
         if own == nil {
             let adaptive = small ? 2 * syncAverageNs.load(ordering: .relaxed) : 0
-            let spinUntil = start + (adaptive > spinNs && adaptive <= Self.maxAdaptiveSpinNs ? adaptive : spinNs)
+            let spinUntil = spins ? start + (adaptive > spinNs && adaptive <= Self.maxAdaptiveSpinNs ? adaptive : spinNs) : start
             // Past the deadline the plugin still owns the caller's buffer: wait (a bounded while)
             // for it to give the request back before telling the caller it is over.
             let (end, overflow) = deadline.addingReportingOverflow(releaseGraceNs)
@@ -97,6 +100,7 @@ extension PluginTransport {
             let average = syncAverageNs.load(ordering: .relaxed)
             let took = MonotonicClock.nanoseconds() &- start
             syncAverageNs.store(average == 0 ? took : (average * 7 + took) / 8, ordering: .relaxed)
+            syncWaitPolicy.withLock { $0.record(took) }
         }
         return .completed
     }

@@ -40,6 +40,8 @@ final class PluginTransport: Transport, @unchecked Sendable {
     /// Whether its devices' figures go to the metrics (its engine records them): tracked from
     /// creation, read a last time at shutdown.
     let recordsDeviceMetrics: Bool
+    /// Whether small synchronous callers busy-poll before they wait (measured, see WaitPolicy).
+    let syncWaitPolicy = ConditionLock(WaitPolicy())
 
     /// What is in flight, and who polls the plugin for it.
     struct State {

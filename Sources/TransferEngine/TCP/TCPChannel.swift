@@ -48,6 +48,8 @@ final class TCPChannel: @unchecked Sendable {
     let settings: Settings
     private let logger: Logger
     private let state = ConditionLock(State())
+    /// Whether small synchronous requests spin for their answer (measured, see WaitPolicy).
+    private let waitPolicy = ConditionLock(WaitPolicy())
 
     init(host: String, port: UInt16, acknowledged: Bool, settings: Settings, logger: Logger) {
         self.host = host
@@ -108,10 +110,17 @@ final class TCPChannel: @unchecked Sendable {
     func performInline(operation: TCPWire.Operation, localAddress: UInt64, remoteAddress: UInt64, length: UInt64,
                        deadline: UInt64 = 0) throws {
         let socket = try takeSocket()
-        // Small synchronous requests spin briefly for the answer instead of sleeping.
-        let spin: UInt64 = length <= Self.spinThreshold ? Self.spinNanoseconds : 0
+        // Small synchronous requests may spin briefly for the answer instead of sleeping, where
+        // that has recently been the quicker way.
+        let small = length <= Self.spinThreshold
+        let spin: UInt64 = small && waitPolicy.withLock({ $0.spins }) ? Self.spinNanoseconds : 0
+        let started = small ? MonotonicClock.nanoseconds() : 0
         let outcome = performRun([Step(operation: operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)],
                                  on: socket, spinNanoseconds: spin, deadline: deadline)
+        if small && outcome.errors[0] == nil {
+            let took = MonotonicClock.nanoseconds() - started
+            waitPolicy.withLock { $0.record(took) }
+        }
         if outcome.healthy { returnSocket(socket) } else { Self.discard(socket, after: outcome) }
         if let error = outcome.errors[0] { throw error }
     }

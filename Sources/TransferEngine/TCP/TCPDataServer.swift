@@ -81,6 +81,10 @@ final class TCPDataServer: @unchecked Sendable {
         // (about a third of a small request's round trip on loopback).
         var hot = spinNanoseconds > 0
         var lastDone = MonotonicClock.nanoseconds()
+        // Whether this connection's thread spins for the next request (measured: the gap from
+        // the previous answer to the next request, spinning or blocked).
+        var policy = WaitPolicy()
+        var spun = false
         func flushAcks() throws {
             guard !pendingAcks.isEmpty else { return }
             try pendingAcks.withUnsafeBytes { try connection.sendAll([$0]) }
@@ -90,9 +94,12 @@ final class TCPDataServer: @unchecked Sendable {
             do {
                 if carried == 0 {
                     if !pendingAcks.isEmpty, !connection.hasPendingInput { try flushAcks() }
-                    if hot, spinning.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
+                    let spins = hot && policy.spins
+                    spun = false
+                    if spins, spinning.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
                         hot = connection.spinUntilReadable(nanoseconds: spinNanoseconds)
                         spinning.store(false, ordering: .releasing)
+                        spun = true
                     }
                     var first = 0
                     while true {
@@ -111,6 +118,8 @@ final class TCPDataServer: @unchecked Sendable {
                     }
                     if first == 0 { return }  // clean EOF between requests
                     carried = first
+                    // Only waits that went the way the policy said count (another connection may have been spinning).
+                    if hot || spun, spun == policy.spins { policy.record(MonotonicClock.nanoseconds() - lastDone) }
                     if !hot, spinNanoseconds > 0, MonotonicClock.nanoseconds() - lastDone < spinNanoseconds { hot = true }
                 }
                 if carried < TCPWire.headerSize {
