@@ -13,7 +13,7 @@ extension TransferEngine {
         guard let metrics else {
             return try transferSync(planned, operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)
         }
-        let meter = metrics.meter(peer: planned.peer, operation: operation, transport: planned.order.first, local: planned.local, batched: false)
+        let meter = planned.syncMeter ?? keptSyncMeter(metrics, planned, operation)
         let startedAt = MonotonicClock.nanoseconds()
         meter.started()
         do {
@@ -25,6 +25,21 @@ extension TransferEngine {
             throw error
         }
         meter.ended(.completed, transferred: length, startedAt: startedAt)
+    }
+
+    /// The meter of a synchronous request, kept with its peer for the next ones (the route's
+    /// first transport and the operation name it; planning hands it out with the cached route).
+    private func keptSyncMeter(_ metrics: EngineMetrics, _ planned: Planned, _ operation: TransferRequest.Operation) -> RequestMeter {
+        let meter = metrics.meter(peer: planned.peer, operation: operation, transport: planned.order.first, local: planned.local, batched: false)
+        if !planned.local, let first = planned.order.first {
+            state.withLock { _ in
+                let peer = planned.peer
+                if peer.syncMeters.count < 16, !peer.syncMeters.contains(where: { $0.transport === first && $0.operation == operation }) {
+                    peer.syncMeters.append((first, operation, meter))
+                }
+            }
+        }
+        return meter
     }
 
     /// One planned synchronous transfer (not counted in the metrics here).

@@ -13,6 +13,8 @@ extension TransferEngine {
         var local = false
         /// The link over the first transport of the order, when planning found it already open.
         var firstLink: (any TransportPeer)? = nil
+        /// The meter of a synchronous request over the first transport, when planning found it kept.
+        var syncMeter: RequestMeter? = nil
     }
 
     /// What planning learned about the segment of the previous request: the requests of a
@@ -50,7 +52,8 @@ extension TransferEngine {
         // when this request can use it.
         let routerGeneration = router.generation.load(ordering: .relaxed)
         let plainLocal = region.hostAccessible && (hint ?? "").isEmpty
-        func lookup() -> (own: String?, device: Bool, cached: RouteOrder?, link: (any TransportPeer)?)? {
+        let metered = metrics != nil
+        func lookup() -> (own: String?, device: Bool, cached: RouteOrder?, link: (any TransportPeer)?, meter: RequestMeter?)? {
             state.withLock { state in
                 // Fields read in place: copying the buffer entry (its name, keys) costs retains per request.
                 guard let index = peer.descriptor.buffers.firstIndex(where: { $0.contains(address: request.remoteAddress, length: request.length) })
@@ -60,9 +63,13 @@ extension TransferEngine {
                 if plainLocal, own == nil, hostMemory, let route = peer.route,
                    route.generation == state.routeGeneration, route.routerGeneration == routerGeneration,
                    route.validUntil == UInt64.max || MonotonicClock.nanoseconds() < route.validUntil {
-                    return (nil, false, route.order, route.firstLink)
+                    var meter: RequestMeter? = nil
+                    if metered, let first = route.order.transports.first {
+                        meter = peer.syncMeters.first { $0.transport === first && $0.operation == request.operation }?.meter
+                    }
+                    return (nil, false, route.order, route.firstLink, meter)
                 }
-                return (own, !hostMemory, nil, nil)
+                return (own, !hostMemory, nil, nil, nil)
             }
         }
         var found = lookup()
@@ -75,7 +82,7 @@ extension TransferEngine {
         guard let found else {
             throw EngineError.addressNotRegistered(address: request.remoteAddress, length: request.length, side: "remote (\(peer.name))")
         }
-        if let cached = found.cached { return Planned(request: request, peer: peer, route: cached, firstLink: found.link) }
+        if let cached = found.cached { return Planned(request: request, peer: peer, route: cached, firstLink: found.link, syncMeter: found.meter) }
         let route = try route(to: peer, remoteProtocol: found.own, deviceMemory: found.device || !region.hostAccessible, hint: hint)
         return Planned(request: request, peer: peer, route: route)
     }

@@ -23,6 +23,10 @@ extension TransferEngine {
         @exclusivity(unchecked) var route: CachedRoute?
         /// The orders for the other cases (a hint, a buffer protocol, device memory), at most 64.
         @exclusivity(unchecked) var otherRoutes: [RouteKey: CachedRoute] = [:]
+        /// Meters of synchronous requests to it, by first transport and operation (at most 16),
+        /// handed out with its cached route: a synchronous request finds its meter without
+        /// hashing. The transport is held, so its identity cannot be reused.
+        @exclusivity(unchecked) var syncMeters: [(transport: any Transport, operation: TransferRequest.Operation, meter: RequestMeter)] = []
 
         init(name: String, host: String, rpcPort: UInt16, descriptor: SegmentDescriptor, sameHost: Bool) {
             self.name = name
