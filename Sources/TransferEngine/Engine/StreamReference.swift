@@ -88,17 +88,6 @@ public enum StreamReference {
         memset(target, 2, block)
         // Otherwise the optimiser knows the source is all ones and turns the copy into a memset.
         te_consume(source)
-        let start = MonotonicClock.nanoseconds()
-        let end = start + UInt64(seconds * 1e9)
-        var bytes: UInt64 = 0
-        var iterations = 0
-        while MonotonicClock.nanoseconds() < end, iterations < 10_000_000 {
-            Glibc.memcpy(target, source, block)
-            // An opaque use of the target keeps each copy (nothing else reads it).
-            te_consume(target)
-            bytes += UInt64(block)
-            iterations += 1
-        }
-        return Double(bytes) / (Double(MonotonicClock.nanoseconds() - start) / 1e9)
+        return memcpy(block: block, threads: 1, source: source, target: target, seconds: seconds) ?? 0
     }
 }
