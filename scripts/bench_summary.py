@@ -175,8 +175,13 @@ print("ratio > 1 means this engine is ahead of the reference (for latency: lower
 
 
 def name_of(r):
+    """The case name official_bench.py uses (its size_name)."""
     block = r["block_size"]
-    size = f"{block >> 20} MiB" if block >= MiB and block % MiB == 0 else (f"{block >> 10} KiB" if block >= 1024 else f"{block} B")
+    size = f"{block} B"
+    for unit, scale in (("MiB", MiB), ("KiB", 1024)):
+        if block >= scale and block % scale == 0:
+            size = f"{block // scale} {unit}"
+            break
     return f"{r['operation']} {size} x{r['batch_size']}"
 
 

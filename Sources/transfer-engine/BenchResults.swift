@@ -49,13 +49,16 @@ final class BackgroundLoad {
         let output = Pipe()
         process.standardInput = input
         process.standardOutput = output
-        try process.run()
+        do { try process.run() } catch { throw EngineError.invalidArgument(Self.failurePrefix + "could not run: \(error)") }
         let ready = output.fileHandleForReading.availableData  // "READY ..." once the threads spin
         guard String(decoding: ready, as: UTF8.self).hasPrefix("READY") else {
             stop()
-            throw EngineError.invalidArgument("the background load process did not start (\(String(decoding: ready, as: UTF8.self).prefix(200)))")
+            throw EngineError.invalidArgument(Self.failurePrefix + "did not start (\(String(decoding: ready, as: UTF8.self).prefix(200)))")
         }
     }
+
+    /// How its errors begin (`EngineError.isBackgroundLoadFailure`).
+    static let failurePrefix = "the background load process "
 
     /// Stops the threads and waits for the process.
     func stop() {
@@ -84,5 +87,13 @@ final class JSONLinesFile {
         data.append(0x0A)
         let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         guard written == data.count else { throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))") }
+    }
+}
+
+extension EngineError {
+    /// Whether this is a `BackgroundLoad` that could not start (the loaded pass is skipped).
+    var isBackgroundLoadFailure: Bool {
+        if case .invalidArgument(let text) = self { return text.hasPrefix(BackgroundLoad.failurePrefix) }
+        return false
     }
 }

@@ -45,7 +45,9 @@ struct LoadCommand: ParsableCommand {
         FileHandle.standardOutput.write(Data("READY threads=\(threads) seconds=\(seconds)\n".utf8))
         if exitOnStdinClose {
             Thread.detachNewThread {
-                while FileHandle.standardInput.availableData.count > 0 {}
+                // read(2), not FileHandle: a read error must end the wait, not the process.
+                var byte: UInt8 = 0
+                while read(0, &byte, 1) > 0 {}
                 state.stop.store(true, ordering: .relaxed)
             }
         }

@@ -31,7 +31,8 @@ extension TransferEngine {
     /// first transport and the operation name it; planning hands it out with the cached route).
     private func keptSyncMeter(_ metrics: EngineMetrics, _ planned: Planned, _ operation: TransferRequest.Operation) -> RequestMeter {
         let meter = metrics.meter(peer: planned.peer, operation: operation, transport: planned.order.first, local: planned.local, batched: false)
-        if !planned.local, let first = planned.order.first {
+        // Kept only for requests planning can hand it to again (the peer's common kept route).
+        if planned.keptRoute, let first = planned.order.first {
             state.withLock { _ in
                 let peer = planned.peer
                 if peer.syncMeters.count < 16, !peer.syncMeters.contains(where: { $0.transport === first && $0.operation == operation }) {

@@ -15,6 +15,8 @@ extension TransferEngine {
         var firstLink: (any TransportPeer)? = nil
         /// The meter of a synchronous request over the first transport, when planning found it kept.
         var syncMeter: RequestMeter? = nil
+        /// The route came from the peer's kept common route (the one planning hands meters out with).
+        var keptRoute = false
     }
 
     /// What planning learned about the segment of the previous request: the requests of a
@@ -82,7 +84,9 @@ extension TransferEngine {
         guard let found else {
             throw EngineError.addressNotRegistered(address: request.remoteAddress, length: request.length, side: "remote (\(peer.name))")
         }
-        if let cached = found.cached { return Planned(request: request, peer: peer, route: cached, firstLink: found.link, syncMeter: found.meter) }
+        if let cached = found.cached {
+            return Planned(request: request, peer: peer, route: cached, firstLink: found.link, syncMeter: found.meter, keptRoute: true)
+        }
         let route = try route(to: peer, remoteProtocol: found.own, deviceMemory: found.device || !region.hostAccessible, hint: hint)
         return Planned(request: request, peer: peer, route: route)
     }

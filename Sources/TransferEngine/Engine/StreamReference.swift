@@ -11,6 +11,7 @@ import Musl
 public enum StreamReference {
     /// Returns bytes per second moved over one loopback TCP connection in about `seconds`.
     public static func loopbackTCP(host: String = "127.0.0.1", chunk: Int = 4 << 20, seconds: Double = 1.0) throws -> Double {
+        guard seconds.isFinite, seconds > 0, chunk > 0 else { throw EngineError.invalidArgument("loopbackTCP: seconds and chunk must be positive") }
         let listener = try Socket.listen(host: host, port: 0)
         let port = listener.localAddress.port
         let done = ConditionLock<(bytes: UInt64, finished: Bool)>((0, false))
@@ -28,7 +29,7 @@ public enum StreamReference {
         defer { buffer.deallocate() }
         memset(buffer, 0x5A, chunk)
         let start = MonotonicClock.nanoseconds()
-        let end = start + UInt64(seconds * 1e9)
+        let end = start + UInt64(min(seconds, 3600) * 1e9)
         var iterations = 0
         while MonotonicClock.nanoseconds() < end, iterations < 1_000_000 {
             try sender.sendAll(buffer, count: chunk)
@@ -45,18 +46,21 @@ public enum StreamReference {
     /// memcpy bandwidth for `block`-byte copies from `source` to `target` (each at least `block`
     /// bytes: a caller passes the buffers the measured transport copies, warmed the same way),
     /// repeated for about `seconds` by `threads` threads that each copy a contiguous share, as
-    /// a transport with that many copy threads splits a request; bytes per second. Nil when a
-    /// thread could not be started.
+    /// a transport with that many copy threads splits a request: the threads' combined
+    /// throughput (no barrier per block), bytes per second; a block under 64 bytes per thread
+    /// runs on fewer threads. Nil for a non-positive block or time, or when a thread could not
+    /// be started.
     public static func memcpy(block: Int, threads: Int, source: UnsafeRawPointer, target: UnsafeMutableRawPointer, seconds: Double) -> Double? {
+        guard block > 0, seconds.isFinite, seconds > 0 else { return nil }
         let count = max(1, min(threads, 64))
         // Shares of whole cache lines, the last one taking the rest.
         let share = max(64, (block / count + 63) & ~63)
         let pieces = stride(from: 0, to: block, by: share).map { ($0, min(share, block - $0)) }
-        let end = MonotonicClock.nanoseconds() + UInt64(seconds * 1e9)
+        let end = MonotonicClock.nanoseconds() + UInt64(min(seconds, 3600) * 1e9)
         let finished = ConditionLock<(bytes: UInt64, left: Int)>((0, pieces.count))
         let start = MonotonicClock.nanoseconds()
         let (sourceBits, targetBits) = (UInt(bitPattern: source), UInt(bitPattern: target))
-        for (offset, length) in pieces {
+        for (index, (offset, length)) in pieces.enumerated() {
             let copy: @Sendable () -> Void = {
                 let from = UnsafeRawPointer(bitPattern: sourceBits)! + offset, to = UnsafeMutableRawPointer(bitPattern: targetBits)! + offset
                 var bytes: UInt64 = 0
@@ -70,7 +74,8 @@ public enum StreamReference {
                 finished.withLock(notify: true) { $0.bytes += bytes; $0.left -= 1 }
             }
             do { try OSThread.spawn(name: "te-ref-memcpy", copy) } catch {
-                finished.withLock(notify: true) { $0.left -= 1 }
+                // This piece and the ones not started yet will not report.
+                finished.withLock(notify: true) { $0.left -= pieces.count - index }
                 _ = finished.wait { $0.left == 0 ? true : nil }
                 return nil
             }

@@ -100,7 +100,7 @@ extension PluginTransport {
             let average = syncAverageNs.load(ordering: .relaxed)
             let took = MonotonicClock.nanoseconds() &- start
             syncAverageNs.store(average == 0 ? took : (average * 7 + took) / 8, ordering: .relaxed)
-            syncWaitPolicy.withLock { $0.record(took) }
+            syncWaitPolicy.withLock { $0.record(took, spun: spins) }
         }
         return .completed
     }

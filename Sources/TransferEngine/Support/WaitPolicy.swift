@@ -11,7 +11,9 @@
 /// doubles after each probe that changed nothing (from `fewestBetweenProbes` to
 /// `mostBetweenProbes` waits), so a settled choice pays for a probe rarely; and a probe starts at
 /// once when the current way's latest waits take `changeFactor` times what they took when the
-/// choice was last made (a neighbour started or stopped).
+/// choice was last made (the machine changed against it: a neighbour started beside a spinner,
+/// or left a blocker to wake idle cores). Several threads may share one policy: a wait counts
+/// only if it went the way the policy says now (`record(_:spun:)`).
 struct WaitPolicy {
     /// Waits between probes of the other way right after a switch, and at most.
     static let fewestBetweenProbes = 256
@@ -42,8 +44,10 @@ struct WaitPolicy {
     /// Whether the next wait spins.
     var spins: Bool { probing ? !spinning : spinning }
 
-    /// Records how long a wait took (ns) that went the way `spins` said.
-    mutating func record(_ nanoseconds: UInt64) {
+    /// Records how long a wait took (ns) that spun (`spun`) or blocked; a wait that went the
+    /// other way than the policy says now (another thread's record moved it on) is left out.
+    mutating func record(_ nanoseconds: UInt64, spun: Bool) {
+        guard spun == spins else { return }
         let wait = min(nanoseconds, Self.longestRecordedNs)
         if probing {
             probe[count] = wait

@@ -113,13 +113,14 @@ final class TCPChannel: @unchecked Sendable {
         // Small synchronous requests may spin briefly for the answer instead of sleeping, where
         // that has recently been the quicker way.
         let small = length <= Self.spinThreshold
-        let spin: UInt64 = small && waitPolicy.withLock({ $0.spins }) ? Self.spinNanoseconds : 0
+        let spins = small && waitPolicy.withLock({ $0.spins })
+        let spin: UInt64 = spins ? Self.spinNanoseconds : 0
         let started = small ? MonotonicClock.nanoseconds() : 0
         let outcome = performRun([Step(operation: operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)],
                                  on: socket, spinNanoseconds: spin, deadline: deadline)
         if small && outcome.errors[0] == nil {
             let took = MonotonicClock.nanoseconds() - started
-            waitPolicy.withLock { $0.record(took) }
+            waitPolicy.withLock { $0.record(took, spun: spins) }
         }
         if outcome.healthy { returnSocket(socket) } else { Self.discard(socket, after: outcome) }
         if let error = outcome.errors[0] { throw error }

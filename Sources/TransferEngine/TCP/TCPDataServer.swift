@@ -118,8 +118,10 @@ final class TCPDataServer: @unchecked Sendable {
                     }
                     if first == 0 { return }  // clean EOF between requests
                     carried = first
-                    // Only waits that went the way the policy said count (another connection may have been spinning).
-                    if hot || spun, spun == policy.spins { policy.record(MonotonicClock.nanoseconds() - lastDone) }
+                    // Every gap counts, whichever way it was waited (the client's own pauses fall on
+                    // both ways alike; the policy caps a long one). A wait that could not go the
+                    // policy's way (not hot, or another connection was spinning) is left out by it.
+                    policy.record(MonotonicClock.nanoseconds() - lastDone, spun: spun)
                     if !hot, spinNanoseconds > 0, MonotonicClock.nanoseconds() - lastDone < spinNanoseconds { hot = true }
                 }
                 if carried < TCPWire.headerSize {
