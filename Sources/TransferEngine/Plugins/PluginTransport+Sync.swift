@@ -52,9 +52,13 @@ extension PluginTransport {
         var own: Ending? = nil
         let (accepted, submitted) = withUnsafePointer(to: &request) { submitRequests(UnsafeBufferPointer(start: $0, count: 1), gated: false) }
         if accepted == 0 { own = (submitted, submitFailure(submitted)) }
+        // One look first: a plugin that completed the request inside submit (shm's small copies)
+        // needs no decision about waiting.
+        if own == nil { _ = drain(timeoutNs: 0, mine: cookie, own: &own, gated: false) }
         // Whether to busy-poll at all: measured (WaitPolicy), since a busy-poll beside busy cores
-        // holds the core the completing thread needs.
-        let spins = !small || syncWaitPolicy.withLock { $0.spins }
+        // holds the core the completing thread needs. Asked, and told, only when a wait follows.
+        let waited = own == nil
+        let spins = !small || !waited || syncWaitPolicy.withLock { $0.spins }
         if own == nil {
             let adaptive = small ? 2 * syncAverageNs.load(ordering: .relaxed) : 0
             let spinUntil = spins ? start + (adaptive > spinNs && adaptive <= Self.maxAdaptiveSpinNs ? adaptive : spinNs) : start
@@ -100,7 +104,7 @@ extension PluginTransport {
             let average = syncAverageNs.load(ordering: .relaxed)
             let took = MonotonicClock.nanoseconds() &- start
             syncAverageNs.store(average == 0 ? took : (average * 7 + took) / 8, ordering: .relaxed)
-            syncWaitPolicy.withLock { $0.record(took, spun: spins) }
+            if waited { syncWaitPolicy.withLock { $0.record(took, spun: spins) } }
         }
         return .completed
     }
