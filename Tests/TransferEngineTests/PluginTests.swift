@@ -162,11 +162,11 @@ struct PluginTests {
         #expect(PluginDeviceStats.parse("[]").isEmpty && PluginDeviceStats.parse("{").isEmpty && PluginDeviceStats.parse(#"{"devices":7}"#).isEmpty)
         #expect(PluginDeviceStats.parse(#"{"devices":[{"name":""# + String(repeating: "n", count: 200) + #""}]}"#).first?.name.utf8.count == 63)
         let tracker = NicLoadTracker()
-        var device = PluginDeviceStats(name: "d", bytesRead: 0, bytesWritten: 0, inflightBytes: 0, errors: 0)
-        #expect(tracker.update([("p", device)], now: 1_000_000_000).first?.ewmaBandwidthBps == 0)
+        var device = DeviceStatistics(transport: "p", deviceName: "d", bytesRead: 0, bytesWritten: 0, inflightBytes: 0, errors: 0)
+        #expect(tracker.update([device], now: 1_000_000_000).first?.ewmaBandwidthBps == 0)
         device.bytesWritten = 125_000_000  // 1 Gbit in the second that follows
-        #expect(tracker.update([("p", device)], now: 2_000_000_000).first?.ewmaBandwidthBps == 1e9)
-        let idle = tracker.update([("p", device)], now: 3_000_000_000).first?.ewmaBandwidthBps ?? -1
+        #expect(tracker.update([device], now: 2_000_000_000).first?.ewmaBandwidthBps == 1e9)
+        let idle = tracker.update([device], now: 3_000_000_000).first?.ewmaBandwidthBps ?? -1
         #expect(abs(idle - 0.7e9) < 1, "\(idle)")  // 0.3 x 0 + 0.7 x 1e9
     }
 

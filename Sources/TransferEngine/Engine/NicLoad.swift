@@ -42,11 +42,11 @@ final class NicLoadTracker: Sendable {
     static let alpha = 0.3
 
     /// Loads from plugin figures read `now` (monotonic ns).
-    func update(_ devices: [(transport: String, stats: PluginDeviceStats)], now: UInt64) -> [NicLoad] {
+    func update(_ devices: [DeviceStatistics], now: UInt64) -> [NicLoad] {
         readings.withLock { table in
             devices.map { device in
-                let key = device.transport + "/" + device.stats.name
-                let total = device.stats.bytesRead &+ device.stats.bytesWritten
+                let key = device.transport + "/" + device.deviceName
+                let total = device.bytesRead &+ device.bytesWritten
                 var ewma: Double? = nil
                 if let previous = table[key] {
                     ewma = previous.ewma
@@ -57,7 +57,7 @@ final class NicLoadTracker: Sendable {
                     }
                 }
                 if table[key] != nil || table.count < 1024 { table[key] = Reading(bytes: total, at: now, ewma: ewma) }
-                return NicLoad(deviceName: device.stats.name, inflightBytes: device.stats.inflightBytes, ewmaBandwidthBps: ewma ?? 0)
+                return NicLoad(deviceName: device.deviceName, inflightBytes: device.inflightBytes, ewmaBandwidthBps: ewma ?? 0)
             }
         }
     }
@@ -65,11 +65,7 @@ final class NicLoadTracker: Sendable {
 
 extension TransferEngine {
     /// The load of every device the installed plugins report (ABI 1.2 `stats`); TCP reports none.
-    public func nicLoadStats() -> [NicLoad] {
-        let plugins = state.withLock { $0.transports }.compactMap { $0 as? PluginTransport }
-        let devices = plugins.flatMap { plugin in plugin.deviceStats().map { (plugin.protocolName, $0) } }
-        return nicLoad.update(devices, now: MonotonicClock.nanoseconds())
-    }
+    public func nicLoadStats() -> [NicLoad] { nicLoad.update(deviceStatistics(), now: MonotonicClock.nanoseconds()) }
 
     /// The figures of every device the installed plugins report (ABI 1.2 `stats`); TCP reports none.
     public func deviceStatistics() -> [DeviceStatistics] {

@@ -125,22 +125,21 @@ final class Failover: @unchecked Sendable {
 
     /// The slice cut to the sizes `transport` takes (a plugin that splits requests took it whole).
     private func pieces(of slice: TransferSlice, task: Int, for transport: any Transport) -> [TransferSlice] {
-        if transport.splitsRequests || slice.length <= splitSize {
-            batch.countResubmitted(task: task, slices: 1)
-            return [slice]
+        var pieces = [slice]
+        if !transport.splitsRequests && slice.length > splitSize {
+            pieces.removeAll()
+            var offset: UInt64 = 0
+            while offset < slice.length {
+                var piece = slice
+                piece.localAddress += offset
+                piece.remoteAddress += offset
+                piece.length = min(splitSize, slice.length - offset)
+                pieces.append(piece)
+                offset += piece.length
+            }
+            // The task expects one end per original slice: extra pieces are announced first.
+            batch.addSlices(task: task, count: pieces.count - 1)
         }
-        // The task expects one end per original slice: extra pieces are announced first.
-        var pieces: [TransferSlice] = []
-        var offset: UInt64 = 0
-        while offset < slice.length {
-            var piece = slice
-            piece.localAddress += offset
-            piece.remoteAddress += offset
-            piece.length = min(splitSize, slice.length - offset)
-            pieces.append(piece)
-            offset += piece.length
-        }
-        batch.addSlices(task: task, count: pieces.count - 1)
         batch.countResubmitted(task: task, slices: pieces.count)
         return pieces
     }
