@@ -174,7 +174,7 @@ public func submitTransfer(_ handle: UnsafeMutableRawPointer?, _ batch: UInt64, 
 public func submitTransferWithNotify(_ handle: UnsafeMutableRawPointer?, _ batch: UInt64, _ entries: UnsafeMutablePointer<transfer_request>?,
                                      _ count: Int, _ notify: notify_msg) -> Int32 {
     guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return 1 }
-    guard let name = CResult.string(notify.name, "notify_msg.name"), let message = CResult.string(notify.msg, "notify_msg.msg") else { return 1 }
+    guard let name = CResult.notificationText(notify.name, "notify_msg.name"), let message = CResult.notificationText(notify.msg, "notify_msg.msg") else { return 1 }
     do {
         let list = try requests(entries, count)
         guard let target = list.first?.segment, list.allSatisfy({ $0.segment == target }) else {
@@ -233,7 +233,7 @@ public func freeNotifsMsgBuf(_ messages: UnsafeMutablePointer<notify_msg>?, _ si
 @_cdecl("genNotifyInEngine")
 public func genNotifyInEngine(_ handle: UnsafeMutableRawPointer?, _ target: UInt64, _ notify: notify_msg) -> Int32 {
     guard let engine = HandleTable.lookup(handle) else { CResult.fail("invalid engine handle"); return -1 }
-    guard let name = CResult.string(notify.name, "notify_msg.name"), let message = CResult.string(notify.msg, "notify_msg.msg") else { return -1 }
+    guard let name = CResult.notificationText(notify.name, "notify_msg.name"), let message = CResult.notificationText(notify.msg, "notify_msg.msg") else { return -1 }
     guard target <= UInt64(Int32.max) else { CResult.fail("target_id \(target) is not a segment id"); return -1 }
     do {
         try engine.sendNotification(TransferNotification(name: name, message: message), to: Int32(target))

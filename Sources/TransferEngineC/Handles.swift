@@ -81,6 +81,14 @@ enum CResult {
         guard let text = String(validatingCString: pointer) else { fail("\(what) is not UTF-8"); return nil }
         return text
     }
+
+    /// A notification's text from a C string, or nil (with the error set) when it is NULL. Bytes
+    /// that are not UTF-8 arrive as U+FFFD, as upstream's JSON writer sends them; refusing them
+    /// would fail callers that pass binary messages (NIXL's backend passes whatever its user sent).
+    static func notificationText(_ pointer: UnsafePointer<CChar>?, _ what: String) -> String? {
+        guard let pointer else { fail("\(what) is NULL"); return nil }
+        return String(cString: pointer)
+    }
 }
 
 /// Creates an engine from explicit settings (environment and config file fill the rest)

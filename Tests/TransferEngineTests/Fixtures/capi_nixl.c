@@ -67,6 +67,14 @@ int main(void) {
     for (double deadline = now() + 10; !notes && now() < deadline; usleep(1000)) notes = getNotifsFromEngine(agent_b, &count);
     CHECK(notes && count == 1);
     if (notes) freeNotifsMsgBuf(notes, count);
+    /* The backend hands over whatever its user sent (NIXL's Python examples send pickled bytes):
+     * bytes that are not UTF-8 are delivered as U+FFFD, as upstream's JSON writer sends them. */
+    notify_msg_t binary = { "agent-a", "\x80\x04\x95ok" };
+    CHECK(genNotifyInEngine(agent_a, (uint64_t)b_seen_by_a, binary) == 0);
+    notes = NULL;
+    for (double deadline = now() + 10; !notes && now() < deadline; usleep(1000)) notes = getNotifsFromEngine(agent_b, &count);
+    CHECK(notes && count == 1 && !strcmp(notes[0].msg, "\xef\xbf\xbd\x04\xef\xbf\xbdok"));
+    if (notes) freeNotifsMsgBuf(notes, count);
 
     CHECK(unregisterLocalMemory(agent_a, source) == 0 && unregisterLocalMemory(agent_b, target) == 0);
     destroyTransferEngine(agent_a);
