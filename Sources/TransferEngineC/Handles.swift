@@ -13,6 +13,8 @@ import Musl
 /// The object behind a `transfer_engine_t`.
 final class EngineHandle: Sendable {
     let engine: TransferEngine
+    /// Why batches run by GPU streams (te_stream_job_run) failed.
+    let streamFailures = StreamFailures()
     init(engine: TransferEngine) { self.engine = engine }
 }
 
@@ -30,6 +32,12 @@ enum HandleTable {
     static func lookup(_ pointer: UnsafeMutableRawPointer?) -> TransferEngine? {
         guard let pointer else { return nil }
         return live.withLock { $0[UInt(bitPattern: pointer)]?.engine }
+    }
+
+    /// The handle object itself (what outlives a destroyTransferEngine for a job holding it).
+    static func lookupHandle(_ pointer: UnsafeMutableRawPointer?) -> EngineHandle? {
+        guard let pointer else { return nil }
+        return live.withLock { $0[UInt(bitPattern: pointer)] }
     }
 
     static func remove(_ pointer: UnsafeMutableRawPointer?) -> TransferEngine? {

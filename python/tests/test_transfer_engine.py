@@ -1,4 +1,5 @@
 """The Python package against a second Python process, over TCP and P2PHANDSHAKE."""
+import ctypes
 import json
 import os
 import subprocess
@@ -230,15 +231,33 @@ def test_managed_buffer_comes_from_the_engine(tmp_path, monkeypatch):
 CUDA_STANDIN = r"""
 #include <pthread.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 typedef void (*host_fn)(void *);
 struct call { host_fn fn; void *data; };
-static void *later(void *raw) { struct call c = *(struct call *)raw; free(raw); usleep(20000); c.fn(c.data); return 0; }
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t changed = PTHREAD_COND_INITIALIZER;
+static int pending;
+static void *later(void *raw) {
+    struct call c = *(struct call *)raw; free(raw); usleep(20000); c.fn(c.data);
+    pthread_mutex_lock(&lock); pending--; pthread_cond_broadcast(&changed); pthread_mutex_unlock(&lock);
+    return 0;
+}
 /* As cudaLaunchHostFunc: the function runs later, on another thread; stream 7 is "invalid". */
 int cudaLaunchHostFunc(void *stream, host_fn fn, void *data) {
     if ((long)stream == 7) return 400;
     struct call *c = malloc(sizeof *c); c->fn = fn; c->data = data;
+    pthread_mutex_lock(&lock); pending++; pthread_mutex_unlock(&lock);
     pthread_t t; pthread_create(&t, 0, later, c); pthread_detach(t); return 0;
+}
+/* As cudaStreamSynchronize: waits for every host function launched (at most 10 s: 6 on timeout). */
+int cudaStreamSynchronize(void *stream) {
+    struct timespec until; clock_gettime(CLOCK_REALTIME, &until); until.tv_sec += 10;
+    int rc = 0;
+    pthread_mutex_lock(&lock);
+    while (pending > 0 && rc == 0) rc = pthread_cond_timedwait(&changed, &lock, &until);
+    int left = pending; pthread_mutex_unlock(&lock);
+    return left ? 6 : 0;
 }
 const char *cudaGetErrorString(int e) { return e == 400 ? "invalid resource handle" : "unknown error"; }
 """
@@ -265,15 +284,25 @@ def test_transfers_on_a_cuda_stream(peer, tmp_path, monkeypatch):
     data = os.urandom(4096)
     e.write_bytes_to_buffer(local, data, len(data))
     e.batch_transfer_write_on_cuda(peer.segment, [local], [peer.address + 8192], [4096], stream_ptr=1)
-    deadline = time.time() + 10
-    while time.time() < deadline and bytes.fromhex(peer.ask(f"read {peer.address + 8192} 4096")) != data:
-        time.sleep(0.05)
+    # Wait on the stream holding the GIL (PyDLL keeps it), as a framework's synchronize may: the
+    # host function must not need it (a Python callback would wait here until the 10 s bound).
+    runtime_holding_gil = ctypes.PyDLL(str(library))
+    started = time.time()
+    assert runtime_holding_gil.cudaStreamSynchronize(ctypes.c_void_p(1)) == 0, "the host function waited for the GIL"
+    assert time.time() - started < 5
     assert bytes.fromhex(peer.ask(f"read {peer.address + 8192} 4096")) == data
+    # A transfer the peer refuses (outside its registered memory) is kept, not raised or fatal.
+    e.transfer_write_on_cuda(peer.segment, local, peer.address + (1 << 40), 4096, stream_ptr=1)
+    assert runtime_holding_gil.cudaStreamSynchronize(ctypes.c_void_p(1)) == 0
+    failures = e.cuda_transfer_failures()
+    assert len(failures) == 1 and failures[0].startswith("write of 1 requests (4096 bytes)"), failures
     with pytest.raises(RuntimeError, match="invalid resource handle"):
         e.transfer_read_on_cuda(peer.segment, local, peer.address, 4096, stream_ptr=7)
     with pytest.raises(ValueError):
         e.batch_transfer_read_on_cuda(peer.segment, [local], [], [4096], stream_ptr=1)
-    assert e.cuda_transfer_failures() == []
+    with pytest.raises(ValueError):
+        e.batch_transfer_read_on_cuda(peer.segment, [local], [-1], [4096], stream_ptr=1)
+    assert len(e.cuda_transfer_failures()) == 1
 
 
 def test_shm_peer_is_refused_once_memory_is_unregistered(monkeypatch):

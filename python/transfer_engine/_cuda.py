@@ -2,11 +2,10 @@
 import ctypes
 import os
 
-from ._native import _vp, last_error
-from ._types import TransferOpcode
+from ._native import (_TransferRequest, _hint, _stream_failures, _stream_job_create, _stream_job_discard, _vp, last_error,
+                      stream_job_run)
+from ._types import TransferOpcode, _addresses_ok
 
-_HOST_FUNCTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_cuda_callbacks = {}
 _cuda_library = []
 
 
@@ -23,7 +22,7 @@ def _cuda_runtime():
                 continue
         if runtime is not None:
             runtime.cudaLaunchHostFunc.restype = ctypes.c_int
-            runtime.cudaLaunchHostFunc.argtypes = [ctypes.c_void_p, _HOST_FUNCTION, ctypes.c_void_p]
+            runtime.cudaLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             runtime.cudaGetErrorString.restype = ctypes.c_char_p
             runtime.cudaGetErrorString.argtypes = [ctypes.c_int]
         _cuda_library.append(runtime)
@@ -31,8 +30,8 @@ def _cuda_runtime():
 
 
 class CudaStreamTransfers:
-    """The ``*_on_cuda`` methods of ``TransferEngine`` (a mixin: they use its ``_segment`` and
-    ``batch_transfer_sync``)."""
+    """The ``*_on_cuda`` methods of ``TransferEngine`` (a mixin: they use its ``_handle`` and
+    ``_segment``)."""
 
     def transfer_write_on_cuda(self, target_hostname, buffer, peer_buffer_address, length, stream_ptr=0, transport_hint=""):
         """transfer_sync_write once the work queued on the CUDA stream before it finished (see
@@ -44,11 +43,11 @@ class CudaStreamTransfers:
         self._on_cuda(target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.Read, stream_ptr, transport_hint)
 
     def batch_transfer_write_on_cuda(self, target_hostname, buffers, peer_buffer_addresses, lengths, stream_ptr=0, transport_hint=""):
-        """Queues a host function on the CUDA stream (cudaLaunchHostFunc) that writes the batch
-        when every kernel and copy queued before it has finished; returns at once. A failure is
-        kept in cuda_transfer_failures() (upstream ends the process). The host function runs
-        Python (it takes the GIL): do not wait on that stream while holding the GIL. Raises
-        RuntimeError where no CUDA runtime (libcudart, or MC_CUDART_LIBRARY) can be loaded."""
+        """Queues the batch on the CUDA stream (cudaLaunchHostFunc): it is written when every
+        kernel and copy queued before it has finished; returns at once. The host function is the
+        engine's C code (te_stream_job_run), so it takes no GIL and a thread waiting on the stream
+        cannot block it. A failure is kept in cuda_transfer_failures() (upstream ends the process).
+        Raises RuntimeError where no CUDA runtime (libcudart, or MC_CUDART_LIBRARY) can be loaded."""
         self._on_cuda(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.Write, stream_ptr, transport_hint)
 
     def batch_transfer_read_on_cuda(self, target_hostname, buffers, peer_buffer_addresses, lengths, stream_ptr=0, transport_hint=""):
@@ -57,7 +56,18 @@ class CudaStreamTransfers:
 
     def cuda_transfer_failures(self):
         """Why transfers queued on CUDA streams failed, oldest first (at most 100 kept)."""
-        return list(getattr(self, "_cuda_failures", []))
+        if not self._handle:
+            return []
+        size = 65536
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            length = _stream_failures(self._handle, buffer, size)
+            if length >= 0:
+                text = buffer.value.decode(errors="replace")
+                return text.split("\n") if text else []
+            if length == -1 or -length <= size:
+                raise RuntimeError("cannot read the stream failures: " + last_error())
+            size = -length
 
     def _on_cuda(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, stream_ptr, transport_hint):
         runtime = _cuda_runtime()
@@ -66,36 +76,21 @@ class CudaStreamTransfers:
                                "which cannot be loaded here; synchronize the stream and use the transfer_sync_* methods instead")
         if not self._handle:
             raise RuntimeError("the engine is not initialized")
-        if not (len(buffers) == len(peer_buffer_addresses) == len(lengths)):
-            raise ValueError("buffers, peer_buffer_addresses and lengths have different sizes")
-        if self._segment(target_hostname) < 0:
+        count = len(buffers)
+        if count == 0 or not (count == len(peer_buffer_addresses) == len(lengths)):
+            raise ValueError("buffers, peer_buffer_addresses and lengths must be non-empty and of one size")
+        if not _addresses_ok(*buffers, *peer_buffer_addresses, *lengths):
+            raise ValueError("addresses and lengths must be non-negative integers")
+        segment = self._segment(target_hostname)
+        if segment < 0:
             raise RuntimeError(f"cannot open segment {target_hostname}: {last_error()}")
-        buffers, peers, sizes = list(buffers), list(peer_buffer_addresses), list(lengths)
-        # Callbacks the driver has run are dropped here, never from inside themselves.
-        for done in [k for k, (_, finished) in _cuda_callbacks.items() if finished[0]]:
-            del _cuda_callbacks[done]
-        finished = [False]
-
-        def run(_user_data):
-            # On the CUDA driver's thread, once the stream got here. It runs Python, so it takes the
-            # GIL: a thread that waits on this stream while holding the GIL would wait forever.
-            try:
-                if self.batch_transfer_sync(target_hostname, buffers, peers, sizes, opcode, transport_hint=transport_hint) != 0:
-                    self._cuda_failed(f"{opcode.name} of {sum(sizes)} bytes to {target_hostname}: {last_error()}")
-            except Exception as error:  # noqa: BLE001 - nothing above this frame would see it
-                self._cuda_failed(f"{opcode.name} of {sum(sizes)} bytes to {target_hostname}: {error!r}")
-            finally:
-                finished[0] = True
-
-        callback = _HOST_FUNCTION(run)
-        key = id(callback)
-        _cuda_callbacks[key] = (callback, finished)  # alive until the driver has called it
-        status = runtime.cudaLaunchHostFunc(_vp(stream_ptr), callback, None)
+        requests = (_TransferRequest * count)()
+        for i in range(count):
+            requests[i] = _TransferRequest(int(opcode), buffers[i], segment, peer_buffer_addresses[i], lengths[i])
+        job = _stream_job_create(self._handle, requests, count, _hint(transport_hint))
+        if not job:
+            raise ValueError(f"cannot queue the transfer: {last_error()}")
+        status = runtime.cudaLaunchHostFunc(_vp(stream_ptr), stream_job_run, _vp(job))
         if status != 0:
-            del _cuda_callbacks[key]
+            _stream_job_discard(job)
             raise RuntimeError("cudaLaunchHostFunc failed: " + (runtime.cudaGetErrorString(status) or b"error %d" % status).decode())
-
-    def _cuda_failed(self, text):
-        failures = self.__dict__.setdefault("_cuda_failures", [])
-        failures.append(text)
-        del failures[:-100]

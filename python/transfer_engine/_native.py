@@ -81,6 +81,11 @@ _get_metrics = _signature("getMetrics", _int, _vp, ctypes.c_char_p, _sz, _int)
 _warmup = _signature("warmupEfaSegment", _int, _vp, _cp)
 _allocate_managed = _signature("te_allocate_managed_buffer", _vp, _vp, _sz, _cp)
 _free_managed = _signature("te_free_managed_buffer", _int, _vp, _vp)
+_stream_job_create = _signature("te_stream_job_create", _vp, _vp, ctypes.POINTER(_TransferRequest), _sz, _cp)
+_stream_job_discard = _signature("te_stream_job_discard", None, _vp)
+_stream_failures = _signature("te_stream_failures", _int, _vp, ctypes.c_char_p, _sz)
+# The host function a GPU stream calls: C code in the library, so it needs no GIL.
+stream_job_run = ctypes.cast(_lib.te_stream_job_run, ctypes.c_void_p)
 
 
 

@@ -118,6 +118,27 @@ int main(void) {
     CHECK(genNotifyInEngine(initiator, (uint64_t)peer, note) == 0);
     CHECK(genNotifyInEngine(initiator, 9999, note) == ERR_METADATA);
 
+    /* Stream jobs (the *_on_cuda host function): made now, run later from another thread. */
+    CHECK(te_stream_job_create((transfer_engine_t)0x1234, requests, 1, NULL) == NULL && strstr(te_last_error(), "handle"));
+    CHECK(te_stream_job_create(initiator, requests, 0, NULL) == NULL && strstr(te_last_error(), "at least one"));
+    CHECK(te_stream_job_create(initiator, NULL, 2, NULL) == NULL);
+    memset(remote, 0, SIZE);
+    void *job = te_stream_job_create(initiator, requests, 2, "tcp");
+    CHECK(job != NULL);
+    te_stream_job_run(job); /* frees the job */
+    CHECK(memcmp(local, remote, 2 * BLOCK) == 0);
+    struct transfer_request outside = requests[0];
+    outside.target_offset = (uint64_t)(uintptr_t)(remote + SIZE - 8);
+    te_stream_job_run(te_stream_job_create(initiator, &outside, 1, NULL));
+    char failures[512];
+    int failures_length = te_stream_failures(initiator, failures, sizeof failures);
+    CHECK(failures_length > 0 && strstr(failures, "write of 1 requests") && strstr(failures, "not inside one registered buffer"));
+    CHECK(te_stream_failures(initiator, failures, 4) < -4);
+    CHECK(te_stream_failures((transfer_engine_t)0x1234, failures, sizeof failures) == -1);
+    te_stream_job_discard(te_stream_job_create(initiator, requests, 1, NULL));
+    te_stream_job_run(NULL);
+    te_stream_job_discard(NULL);
+
     /* The engine's own segment, opened by its own name (local copies): many rounds, each checked. */
     char *scratch = aligned_alloc(4096, BLOCK);
     CHECK(registerLocalMemory(target, scratch, BLOCK, "cpu:0", 1) == 0);
