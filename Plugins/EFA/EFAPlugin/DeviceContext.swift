@@ -20,6 +20,8 @@ struct Part {
     var parent: UInt64
     /// When submit queued it (the timeout also covers a part the endpoint keeps refusing).
     var queuedAt: UInt64 = 0
+    /// A connection probe of openPeer (no bytes), kept out of the device's figures.
+    var isProbe = false
 }
 
 /// A finished part, reported to the instance outside the context's lock.
@@ -138,7 +140,7 @@ final class DeviceContext: @unchecked Sendable {
     }
 
     private func fail(_ part: Part, _ code: Int32) -> FinishedPart {
-        counters.failed()
+        if !part.isProbe { counters.failed() }
         return FinishedPart(parent: part.parent, status: TE_ERR_IO, bytes: 0,
                             error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name): \(LibfabricError(code: code))")
     }
@@ -151,7 +153,7 @@ final class DeviceContext: @unchecked Sendable {
         let status = efa_post(handle, part.isWrite ? 1 : 0, UnsafeMutableRawPointer(bitPattern: UInt(part.local)), Int(part.length),
                               part.descriptor, part.peer, part.remote, part.key, context)
         if status == 0 {
-            counters.started(part.length)
+            if !part.isProbe { counters.started(part.length) }
             slotPostedAt[Int(slot)] = monotonicNanoseconds()
             return nil
         }
@@ -179,7 +181,7 @@ final class DeviceContext: @unchecked Sendable {
                     guard let slot = slot(of: cqContexts[i]) else { continue }
                     let part = slotParts[slot]
                     if release(slot) {
-                        counters.ended(part.length, isWrite: part.isWrite, succeeded: true)
+                        if !part.isProbe { counters.ended(part.length, isWrite: part.isWrite, succeeded: true) }
                         finished.append(FinishedPart(parent: part.parent, status: TE_OK, bytes: part.length, error: nil))
                     }
                 }
@@ -191,7 +193,7 @@ final class DeviceContext: @unchecked Sendable {
                 if let slot = slot(of: failure.op_context) {
                     let part = slotParts[slot]
                     guard release(slot) else { continue }
-                    counters.ended(part.length, isWrite: part.isWrite, succeeded: false)
+                    if !part.isProbe { counters.ended(part.length, isWrite: part.isWrite, succeeded: false) }
                     finished.append(FinishedPart(parent: part.parent, status: TE_ERR_IO, bytes: 0,
                                                  error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name) failed: \(text) (provider errno \(failure.prov_errno))"))
                 }
@@ -240,7 +242,7 @@ final class DeviceContext: @unchecked Sendable {
             slotAbandoned[slot] = true
             expired += 1
             let part = slotParts[slot]
-            counters.ended(part.length, isWrite: part.isWrite, succeeded: false)
+            if !part.isProbe { counters.ended(part.length, isWrite: part.isWrite, succeeded: false) }
             finished.append(FinishedPart(parent: part.parent, status: TE_ERR_TIMEOUT, bytes: 0,
                                          error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name) did not complete in \(timeoutNanoseconds / 1_000_000) ms (peer gone?)"))
         }
@@ -248,7 +250,7 @@ final class DeviceContext: @unchecked Sendable {
         // timed-out operations fail the same way.
         if backlogHead < backlog.count && (expired > 0 && freeSlots.isEmpty || now - backlog[backlogHead].queuedAt > timeoutNanoseconds) {
             for part in backlog[backlogHead...] {
-                counters.failed()
+                if !part.isProbe { counters.failed() }
                 finished.append(FinishedPart(parent: part.parent, status: TE_ERR_TIMEOUT, bytes: 0,
                                              error: "\(part.isWrite ? "fi_write" : "fi_read") of \(part.length) bytes on \(name) could not be posted in \(timeoutNanoseconds / 1_000_000) ms (peer gone?)"))
             }

@@ -51,6 +51,12 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
     private let maxQueuedParts = 65_536
     /// The smallest max message size of the devices: larger pieces are split.
     private(set) var partSize: UInt64 = .max
+    /// Parent ids of connection probes carry this bit (request ids count up from 1).
+    private static let probeBit: UInt64 = 1 << 63
+    private var nextProbe: UInt64 = 0
+    /// Probes an openPeer waits for, and the status of those that ended.
+    private var probesWaiting: Set<UInt64> = []
+    private var probeStatus: [UInt64: Int32] = [:]
 
     init(options: EFAOptions, host: HostServices) {
         self.options = options
@@ -252,12 +258,49 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
                 throw .unreachable("\(segment): \(failure.text)")
             }
         }
+        probeConnections(peer)
         let handle = signal.locked { () -> UInt64 in
             defer { nextPeer += 1 }
             peers[nextPeer] = peer
             return nextPeer
         }
         return handle
+    }
+
+    /// Has each device's provider set up its connection to the peer now rather than on the first
+    /// transfer (ofi_rxm connects lazily, which cost the first transfer about 20 ms even after
+    /// warmupEfaSegment): a 0-byte read of the peer's first buffer per device, waited for up to
+    /// 2 s. Not counted in the device figures; a probe that fails is logged, not fatal (the
+    /// transfers report real errors).
+    private func probeConnections(_ peer: Peer) {
+        guard let buffer = peer.buffers.first else { return }
+        let started = monotonicNanoseconds()
+        var ids: [UInt64] = []
+        for (index, context) in contexts.enumerated() {
+            let id = signal.locked { () -> UInt64 in
+                nextProbe &+= 1
+                let id = Self.probeBit | nextProbe
+                probesWaiting.insert(id)
+                return id
+            }
+            ids.append(id)
+            context.enqueue([Part(isWrite: false, local: 0, length: 0, descriptor: nil, peer: peer.addressHandle[index],
+                                  remote: context.virtualAddressing ? buffer.address : 0, key: buffer.keys[peer.peerDevice[index]],
+                                  parent: id, queuedAt: started, isProbe: true)])
+        }
+        let deadline = started + 2_000_000_000
+        let statuses = signal.locked { () -> [Int32?] in
+            while ids.contains(where: { probeStatus[$0] == nil }) {
+                let now = monotonicNanoseconds()
+                if now >= deadline { break }
+                signal.wait(nanoseconds: deadline - now)
+            }
+            defer { for id in ids { probesWaiting.remove(id); probeStatus.removeValue(forKey: id) } }
+            return ids.map { probeStatus[$0] }
+        }
+        if statuses.contains(where: { $0 != TE_OK }) {
+            log(TE_LOG_DEBUG, "efa plugin: connection probe to \(peer.name): \(statuses.map { $0.map(String.init) ?? "no answer in 2 s" })")
+        }
     }
 
     /// Forgets a peer (its address-vector entries stay for a later reopen).
@@ -337,6 +380,10 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
     private func finished(_ parts: [FinishedPart]) {
         signal.locked {
             for part in parts {
+                if part.parent & Self.probeBit != 0 {
+                    if probesWaiting.contains(part.parent) { probeStatus[part.parent] = part.status }
+                    continue
+                }
                 queuedParts -= 1
                 if part.status != TE_OK, let error = part.error { log(TE_LOG_DEBUG, "efa plugin: \(error)") }
                 if let completion = parents.partEnded(part.parent, status: part.status, bytes: part.bytes) { done.append(completion) }
