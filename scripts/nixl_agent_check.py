@@ -35,6 +35,7 @@ def wait_done(agent, handle, deadline: float) -> None:
             fail("the transfer ended in error")
         if time.monotonic() > deadline:
             fail("the transfer did not finish in time")
+        time.sleep(0.0001)
 
 
 def wait_notification(agent, sender: str, message: bytes, deadline: float) -> None:
@@ -55,8 +56,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="WRITE+READ rounds (default 10)")
     parser.add_argument("--timeout", type=float, default=30, help="seconds for the whole check (default 30)")
     args = parser.parse_args()
-    if args.blocks < 1 or args.block_size < 1 or args.rounds < 1:
-        parser.error("--blocks, --block-size and --rounds must be positive")
+    if args.blocks < 1 or args.block_size < 1 or args.rounds < 1 or not args.timeout > 0:
+        parser.error("--blocks, --block-size, --rounds and --timeout must be positive")
     if not os.environ.get("NIXL_PLUGIN_DIR"):
         print("nixl_agent_check: NIXL_PLUGIN_DIR is not set; NIXL looks in its default plugin directory", file=sys.stderr)
     try:
@@ -103,13 +104,14 @@ def main() -> None:
 
         remote[:] = rng.integers(0, 256, size, dtype=np.uint8)
         local[:] = 0
-        note = f"read {round_number}".encode()
+        # A notification that is not UTF-8 (NIXL users send bytes): delivered with U+FFFD in place.
+        note = b"\xfe" + f"read {round_number}".encode()
         handle = initiator.initialize_xfer("READ", local_descs, remote_descs, "target", note)
         if initiator.transfer(handle) == "ERR":
             fail("READ could not be posted")
         wait_done(initiator, handle, deadline)
         initiator.release_xfer_handle(handle)
-        wait_notification(target, "initiator", note, deadline)
+        wait_notification(target, "initiator", "\ufffd".encode() + note[1:], deadline)
         if not np.array_equal(local, remote):
             fail(f"round {round_number}: READ brought wrong bytes")
         moved += 2 * size

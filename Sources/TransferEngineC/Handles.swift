@@ -15,6 +15,8 @@ final class EngineHandle: Sendable {
     let engine: TransferEngine
     /// Why batches run by GPU streams (te_stream_job_run) failed.
     let streamFailures = StreamFailures()
+    /// Stream jobs made for this engine and not yet run or discarded.
+    let pendingStreamJobs = Atomic<Int>(0)
     init(engine: TransferEngine) { self.engine = engine }
 }
 
@@ -91,8 +93,9 @@ enum CResult {
     }
 
     /// A notification's text from a C string, or nil (with the error set) when it is NULL. Bytes
-    /// that are not UTF-8 arrive as U+FFFD, as upstream's JSON writer sends them; refusing them
-    /// would fail callers that pass binary messages (NIXL's backend passes whatever its user sent).
+    /// that are not UTF-8 are replaced by U+FFFD (upstream's JSON writer replaces them too);
+    /// refusing them would fail callers that pass binary messages (NIXL's backend passes whatever
+    /// its user sent).
     static func notificationText(_ pointer: UnsafePointer<CChar>?, _ what: String) -> String? {
         guard let pointer else { fail("\(what) is NULL"); return nil }
         return String(cString: pointer)

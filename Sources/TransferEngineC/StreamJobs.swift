@@ -8,11 +8,14 @@ import TransferEngine
 /// state, and a thread that waits on the stream cannot block it.
 final class StreamJob: Sendable {
     let handle: EngineHandle
+    /// The C handle it was made for: the job runs only while that handle is live.
+    let handleBits: UInt
     let requests: [TransferRequest]
     let hint: String
 
-    init(handle: EngineHandle, requests: [TransferRequest], hint: String) {
+    init(handle: EngineHandle, handleBits: UInt, requests: [TransferRequest], hint: String) {
         self.handle = handle
+        self.handleBits = handleBits
         self.requests = requests
         self.hint = hint
     }
@@ -20,19 +23,44 @@ final class StreamJob: Sendable {
     /// What the job moves, for a failure's text.
     var summary: String {
         let bytes = requests.reduce(UInt64(0)) { $0 &+ $1.length }
-        let operation = requests.first?.operation == .read ? "read" : "write"
-        return "\(operation) of \(requests.count) requests (\(bytes) bytes) to segment \(requests.first?.segment ?? -1)"
+        let reads = requests.count { $0.operation == .read }
+        let segments = Set(requests.map(\.segment)).sorted().prefix(4).map(String.init).joined(separator: ",")
+        return "\(requests.count) requests (\(reads) reads, \(requests.count - reads) writes, \(bytes) bytes) to segment \(segments)"
     }
 }
 
-/// Why stream jobs of one engine failed, oldest first, at most `capacity` kept (the oldest go).
+/// Jobs made and not yet run or discarded: a pointer that is not one of them (run twice, or
+/// after discard, or never made here) is ignored instead of being released again.
+enum StreamJobTable {
+    private static let live = Mutex<Set<UInt>>([])
+
+    static func insert(_ job: StreamJob) -> UnsafeMutableRawPointer {
+        let pointer = Unmanaged.passRetained(job).toOpaque()
+        job.handle.pendingStreamJobs.add(1, ordering: .relaxed)
+        live.withLock { _ = $0.insert(UInt(bitPattern: pointer)) }
+        return pointer
+    }
+
+    /// Takes the job out of the table (and its retain), or nil for a pointer not in it.
+    static func take(_ pointer: UnsafeMutableRawPointer?) -> StreamJob? {
+        guard let pointer, live.withLock({ $0.remove(UInt(bitPattern: pointer)) != nil }) else { return nil }
+        let job = Unmanaged<StreamJob>.fromOpaque(pointer).takeRetainedValue()
+        job.handle.pendingStreamJobs.subtract(1, ordering: .relaxed)
+        return job
+    }
+}
+
+/// Why stream jobs of one engine failed, oldest first, at most `capacity` kept (the oldest go),
+/// each on one line of at most `maxLength` characters.
 final class StreamFailures: Sendable {
     static let capacity = 100
+    static let maxLength = 1024
     private let entries = Mutex<[String]>([])
 
     func record(_ text: String) {
+        let line = String(String(text.map { $0.isNewline ? " " : $0 }).prefix(Self.maxLength))
         entries.withLock {
-            $0.append(text)
+            $0.append(line)
             if $0.count > Self.capacity { $0.removeFirst($0.count - Self.capacity) }
         }
     }
@@ -43,7 +71,7 @@ final class StreamFailures: Sendable {
 @_cdecl("te_stream_job_create")
 public func teStreamJobCreate(_ handle: UnsafeMutableRawPointer?, _ entries: UnsafeMutablePointer<transfer_request>?, _ count: Int,
                               _ hint: UnsafePointer<CChar>?) -> UnsafeMutableRawPointer? {
-    guard let engineHandle = HandleTable.lookupHandle(handle) else { CResult.fail("invalid engine handle"); return nil }
+    guard let handle, let engineHandle = HandleTable.lookupHandle(handle) else { CResult.fail("invalid engine handle"); return nil }
     do {
         let list = try requests(entries, count)
         guard !list.isEmpty else { throw EngineError.invalidArgument("a stream job needs at least one request") }
@@ -53,7 +81,7 @@ public func teStreamJobCreate(_ handle: UnsafeMutableRawPointer?, _ entries: Uns
             text = valid
         }
         CResult.clear()
-        return Unmanaged.passRetained(StreamJob(handle: engineHandle, requests: list, hint: text)).toOpaque()
+        return StreamJobTable.insert(StreamJob(handle: engineHandle, handleBits: UInt(bitPattern: handle), requests: list, hint: text))
     } catch {
         _ = CResult.errorCode(error)
         return nil
@@ -62,8 +90,12 @@ public func teStreamJobCreate(_ handle: UnsafeMutableRawPointer?, _ entries: Uns
 
 @_cdecl("te_stream_job_run")
 public func teStreamJobRun(_ job: UnsafeMutableRawPointer?) {
-    guard let job else { return }
-    let work = Unmanaged<StreamJob>.fromOpaque(job).takeRetainedValue()
+    guard let work = StreamJobTable.take(job) else { return }
+    // After destroyTransferEngine the caller may have freed its buffers: nothing moves then.
+    guard HandleTable.lookupHandle(UnsafeMutableRawPointer(bitPattern: work.handleBits)) === work.handle else {
+        work.handle.streamFailures.record("\(work.summary): the engine was destroyed before the stream ran the job")
+        return
+    }
     do {
         try work.handle.engine.transferBatchSync(work.requests, transportHint: work.hint.isEmpty ? nil : work.hint)
     } catch {
@@ -73,21 +105,29 @@ public func teStreamJobRun(_ job: UnsafeMutableRawPointer?) {
 
 @_cdecl("te_stream_job_discard")
 public func teStreamJobDiscard(_ job: UnsafeMutableRawPointer?) {
-    guard let job else { return }
-    Unmanaged<StreamJob>.fromOpaque(job).release()
+    _ = StreamJobTable.take(job)
+}
+
+@_cdecl("te_stream_jobs_pending")
+public func teStreamJobsPending(_ handle: UnsafeMutableRawPointer?) -> Int32 {
+    guard let engineHandle = HandleTable.lookupHandle(handle) else { CResult.fail("invalid engine handle"); return -1 }
+    return Int32(clamping: engineHandle.pendingStreamJobs.load(ordering: .relaxed))
 }
 
 @_cdecl("te_stream_failures")
 public func teStreamFailures(_ handle: UnsafeMutableRawPointer?, _ buffer: UnsafeMutablePointer<CChar>?, _ length: Int) -> Int32 {
     guard let engineHandle = HandleTable.lookupHandle(handle) else { CResult.fail("invalid engine handle"); return -1 }
-    let text = engineHandle.streamFailures.all.map { String($0.map { $0 == "\n" ? " " : $0 }) }.joined(separator: "\n")
-    let bytes = Array(text.utf8)
+    let bytes = Array(engineHandle.streamFailures.all.joined(separator: "\n").utf8)
+    CResult.clear()
+    if bytes.isEmpty {
+        if let buffer, length > 0 { buffer[0] = 0 }
+        return 0
+    }
     guard let buffer, length > bytes.count else {
         CResult.fail("buffer too small: \(bytes.count + 1) bytes needed")
         return Int32(clamping: -(bytes.count + 1))
     }
     for (index, byte) in bytes.enumerated() { buffer[index] = CChar(bitPattern: byte) }
     buffer[bytes.count] = 0
-    CResult.clear()
     return Int32(clamping: bytes.count)
 }

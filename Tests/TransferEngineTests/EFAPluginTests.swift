@@ -91,7 +91,7 @@ struct EFAPluginTests {
               + "\(String(format: "%.2f", firstOp[true]! * 1000)) ms after warmUp")
         // ofi_rxm connects on the first operation (about 20 ms here, cold or not, before the plugin
         // probed the connection in openPeer); after warm-up the first transfer costs what later ones do.
-        #expect(firstOp[true]! * 4 < firstOp[false]!, "warm-up did not take the connection setup off the first transfer")
+        #expect(firstOp[true]! * 2 < firstOp[false]!, "warm-up did not take the connection setup off the first transfer")
     }
 
     @Test("1 B to 64 MiB written and read back, bytes verified, with each provider's addressing mode",

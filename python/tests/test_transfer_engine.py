@@ -295,7 +295,7 @@ def test_transfers_on_a_cuda_stream(peer, tmp_path, monkeypatch):
     e.transfer_write_on_cuda(peer.segment, local, peer.address + (1 << 40), 4096, stream_ptr=1)
     assert runtime_holding_gil.cudaStreamSynchronize(ctypes.c_void_p(1)) == 0
     failures = e.cuda_transfer_failures()
-    assert len(failures) == 1 and failures[0].startswith("write of 1 requests (4096 bytes)"), failures
+    assert len(failures) == 1 and failures[0].startswith("1 requests (0 reads, 1 writes, 4096 bytes)"), failures
     with pytest.raises(RuntimeError, match="invalid resource handle"):
         e.transfer_read_on_cuda(peer.segment, local, peer.address, 4096, stream_ptr=7)
     with pytest.raises(ValueError):

@@ -2,11 +2,19 @@
 import ctypes
 import os
 
-from ._native import (_TransferRequest, _hint, _stream_failures, _stream_job_create, _stream_job_discard, _vp, last_error,
-                      stream_job_run)
+from ._native import (_TransferRequest, _hint, _stream_failures, _stream_job_create, _stream_job_discard, _stream_jobs_pending, _vp,
+                      last_error, stream_job_run)
 from ._types import TransferOpcode, _addresses_ok
 
 _cuda_library = []
+# Engines with jobs still queued on a stream: kept alive (a collected engine is destroyed, and a
+# job of a destroyed engine moves nothing); dropped at a later *_on_cuda call once their jobs ran.
+_engines_with_jobs = set()
+
+
+def _forget_idle_engines():
+    for engine in [e for e in _engines_with_jobs if not e._handle or _stream_jobs_pending(e._handle) <= 0]:
+        _engines_with_jobs.discard(engine)
 
 
 def _cuda_runtime():
@@ -56,6 +64,7 @@ class CudaStreamTransfers:
 
     def cuda_transfer_failures(self):
         """Why transfers queued on CUDA streams failed, oldest first (at most 100 kept)."""
+        _forget_idle_engines()
         if not self._handle:
             return []
         size = 65536
@@ -63,7 +72,7 @@ class CudaStreamTransfers:
             buffer = ctypes.create_string_buffer(size)
             length = _stream_failures(self._handle, buffer, size)
             if length >= 0:
-                text = buffer.value.decode(errors="replace")
+                text = buffer.raw[:length].decode(errors="replace")
                 return text.split("\n") if text else []
             if length == -1 or -length <= size:
                 raise RuntimeError("cannot read the stream failures: " + last_error())
@@ -90,6 +99,8 @@ class CudaStreamTransfers:
         job = _stream_job_create(self._handle, requests, count, _hint(transport_hint))
         if not job:
             raise ValueError(f"cannot queue the transfer: {last_error()}")
+        _forget_idle_engines()
+        _engines_with_jobs.add(self)
         status = runtime.cudaLaunchHostFunc(_vp(stream_ptr), stream_job_run, _vp(job))
         if status != 0:
             _stream_job_discard(job)

@@ -84,6 +84,7 @@ _free_managed = _signature("te_free_managed_buffer", _int, _vp, _vp)
 _stream_job_create = _signature("te_stream_job_create", _vp, _vp, ctypes.POINTER(_TransferRequest), _sz, _cp)
 _stream_job_discard = _signature("te_stream_job_discard", None, _vp)
 _stream_failures = _signature("te_stream_failures", _int, _vp, ctypes.c_char_p, _sz)
+_stream_jobs_pending = _signature("te_stream_jobs_pending", _int, _vp)
 # The host function a GPU stream calls: C code in the library, so it needs no GIL.
 stream_job_run = ctypes.cast(_lib.te_stream_job_run, ctypes.c_void_p)
 

@@ -51,12 +51,10 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
     private let maxQueuedParts = 65_536
     /// The smallest max message size of the devices: larger pieces are split.
     private(set) var partSize: UInt64 = .max
-    /// Parent ids of connection probes carry this bit (request ids count up from 1).
-    private static let probeBit: UInt64 = 1 << 63
-    private var nextProbe: UInt64 = 0
-    /// Probes an openPeer waits for, and the status of those that ended.
-    private var probesWaiting: Set<UInt64> = []
-    private var probeStatus: [UInt64: Int32] = [:]
+    /// The connection probes openPeer waits for (guarded by `signal`).
+    var probes = ConnectionProbes()
+    /// Per device, the registered byte a probe reads into (nil where it could not be registered).
+    var probeTargets: [ProbeTarget?] = []
 
     init(options: EFAOptions, host: HostServices) {
         self.options = options
@@ -84,6 +82,7 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
             partSize = min(partSize, max(4096, context.info.max_msg_size))
         }
         if options.sliceSize > 0 { partSize = min(partSize, options.sliceSize) }
+        probeTargets = contexts.map { registerProbeTarget(on: $0) }
         knownAddresses = Array(repeating: AddressBook(capacity: options.maxAddresses), count: contexts.count)
     }
 
@@ -96,6 +95,8 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
         for registration in regions { for region in registration.regions { _ = efa_mr_close(region) } }
         for context in contexts { context.close() }
         contexts.removeAll()
+        for target in probeTargets { target?.close() }
+        probeTargets.removeAll()
     }
 
     func log(_ level: Int32, _ text: String) { host.log(level, text) }
@@ -132,7 +133,7 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
     func register(address: UInt64, length: UInt64, location: String) throws(PluginFailure) -> String {
         var registration = Registration(address: address, length: length, regions: [], keys: [], descriptors: [])
         for context in contexts {
-            let key = signal.locked { () -> UInt64 in defer { nextKey += 1 }; return nextKey }
+            let key = newKey()
             var region: UnsafeMutableRawPointer?, descriptor: UnsafeMutableRawPointer?, actualKey: UInt64 = 0
             let status = efa_mr_reg(context.handle, UnsafeMutableRawPointer(bitPattern: UInt(address)), Int(length), key,
                                     &region, &actualKey, &descriptor)
@@ -152,6 +153,9 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
         let keys = registration.keys.map(String.init).joined(separator: ",")
         return "{\"rkey\":[\(keys)],\"lkey\":[\(keys)]}"
     }
+
+    /// A memory-region key not used before on this instance.
+    func newKey() -> UInt64 { signal.locked { () -> UInt64 in defer { nextKey += 1 }; return nextKey } }
 
     /// Closes a buffer's memory regions.
     func unregister(address: UInt64) throws(PluginFailure) {
@@ -258,49 +262,14 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
                 throw .unreachable("\(segment): \(failure.text)")
             }
         }
-        probeConnections(peer)
+        // Recorded first, so its address handles count as in use while the probe waits.
         let handle = signal.locked { () -> UInt64 in
             defer { nextPeer += 1 }
             peers[nextPeer] = peer
             return nextPeer
         }
+        probeConnections(peer)
         return handle
-    }
-
-    /// Has each device's provider set up its connection to the peer now rather than on the first
-    /// transfer (ofi_rxm connects lazily, which cost the first transfer about 20 ms even after
-    /// warmupEfaSegment): a 0-byte read of the peer's first buffer per device, waited for up to
-    /// 2 s. Not counted in the device figures; a probe that fails is logged, not fatal (the
-    /// transfers report real errors).
-    private func probeConnections(_ peer: Peer) {
-        guard let buffer = peer.buffers.first else { return }
-        let started = monotonicNanoseconds()
-        var ids: [UInt64] = []
-        for (index, context) in contexts.enumerated() {
-            let id = signal.locked { () -> UInt64 in
-                nextProbe &+= 1
-                let id = Self.probeBit | nextProbe
-                probesWaiting.insert(id)
-                return id
-            }
-            ids.append(id)
-            context.enqueue([Part(isWrite: false, local: 0, length: 0, descriptor: nil, peer: peer.addressHandle[index],
-                                  remote: context.virtualAddressing ? buffer.address : 0, key: buffer.keys[peer.peerDevice[index]],
-                                  parent: id, queuedAt: started, isProbe: true)])
-        }
-        let deadline = started + 2_000_000_000
-        let statuses = signal.locked { () -> [Int32?] in
-            while ids.contains(where: { probeStatus[$0] == nil }) {
-                let now = monotonicNanoseconds()
-                if now >= deadline { break }
-                signal.wait(nanoseconds: deadline - now)
-            }
-            defer { for id in ids { probesWaiting.remove(id); probeStatus.removeValue(forKey: id) } }
-            return ids.map { probeStatus[$0] }
-        }
-        if statuses.contains(where: { $0 != TE_OK }) {
-            log(TE_LOG_DEBUG, "efa plugin: connection probe to \(peer.name): \(statuses.map { $0.map(String.init) ?? "no answer in 2 s" })")
-        }
     }
 
     /// Forgets a peer (its address-vector entries stay for a later reopen).
@@ -380,8 +349,8 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
     private func finished(_ parts: [FinishedPart]) {
         signal.locked {
             for part in parts {
-                if part.parent & Self.probeBit != 0 {
-                    if probesWaiting.contains(part.parent) { probeStatus[part.parent] = part.status }
+                if ConnectionProbes.isProbe(part.parent) {
+                    probes.ended(part.parent, status: part.status)
                     continue
                 }
                 queuedParts -= 1

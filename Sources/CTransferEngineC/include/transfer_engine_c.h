@@ -352,24 +352,29 @@ int te_free_managed_buffer(transfer_engine_t engine, void *addr);
  * A batch to run later from a GPU stream (upstream's *_on_cuda): copies count requests (one
  * segment or several; hint as te_submit_transfer_hint, NULL for none) into a job and returns it,
  * or NULL with te_last_error set. Pass te_stream_job_run as the host function and the job as
- * its user data to cudaLaunchHostFunc; if the launch fails, te_stream_job_discard(job).
+ * its user data to cudaLaunchHostFunc; if the launch fails, te_stream_job_discard(job). Each job
+ * is used once: a pointer already run or discarded (or never returned here) is ignored.
  */
 void *te_stream_job_create(transfer_engine_t engine, struct transfer_request *entries, size_t count, const char *hint);
 
 /**
  * Runs a job's batch and waits for it (on the stream's host-function thread), then frees the
  * job; a failure is kept for te_stream_failures. Takes no interpreter lock and no caller state.
- * The job keeps its engine's state alive: after destroyTransferEngine it fails and is freed.
+ * A job whose engine was destroyed moves nothing: synchronize the stream before
+ * destroyTransferEngine (te_stream_jobs_pending tells whether jobs are still queued).
  */
 void te_stream_job_run(void *job);
 
 /** Frees a job that will not run (its launch failed). */
 void te_stream_job_discard(void *job);
 
+/** Jobs made for this engine and not yet run or discarded, or -1 for a bad handle. */
+int te_stream_jobs_pending(transfer_engine_t engine);
+
 /**
- * Why this engine's stream jobs failed, oldest first, one per line (at most 100 kept), copied
- * NUL-terminated into buf. Returns the text's length, or minus the size needed when buf_len is
- * too small, or -1 for a bad handle.
+ * Why this engine's stream jobs failed, oldest first, one per line (at most 100 kept, each cut at
+ * 1024 characters), copied NUL-terminated into buf. Returns the text's length (0 when none), or
+ * minus the size needed (at most -2) when buf_len is too small, or -1 for a bad handle.
  */
 int te_stream_failures(transfer_engine_t engine, char *buf, size_t buf_len);
 

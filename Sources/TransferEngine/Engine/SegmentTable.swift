@@ -146,7 +146,8 @@ extension TransferEngine {
             // replaces a newer one.
             let generation = state.withLock { $0.registrationGeneration }
             let descriptor = localDescriptor
-            return state.withLock { state in
+            let found = state.withLock { state -> Peer? in
+                if state.stopped { return nil }
                 guard let peer = state.peers[0] else {
                     let peer = Peer(name: segmentName, host: bindHost, rpcPort: rpcPort, descriptor: descriptor, sameHost: true)
                     state.peers[0] = peer
@@ -160,11 +161,16 @@ extension TransferEngine {
                 }
                 return peer
             }
+            guard let found else { throw EngineError.invalidArgument("the engine is shut down") }
+            return found
         }
-        guard let peer = state.withLock({ $0.peers[handle] }) else {
+        let (found, stopped) = state.withLock { ($0.peers[handle], $0.stopped) }
+        // After shutdown nothing moves, a copy within this process included.
+        if stopped { throw EngineError.invalidArgument("the engine is shut down") }
+        guard let found else {
             throw EngineError.invalidArgument("unknown segment handle \(handle); open the segment first")
         }
-        return peer
+        return found
     }
 
     /// The link to `peer` over `transport`, opened on first use. A transport that cannot reach

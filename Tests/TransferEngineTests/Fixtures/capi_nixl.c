@@ -68,7 +68,7 @@ int main(void) {
     CHECK(notes && count == 1);
     if (notes) freeNotifsMsgBuf(notes, count);
     /* The backend hands over whatever its user sent (NIXL's Python examples send pickled bytes):
-     * bytes that are not UTF-8 are delivered as U+FFFD, as upstream's JSON writer sends them. */
+     * bytes that are not UTF-8 are delivered replaced by U+FFFD. */
     notify_msg_t binary = { "agent-a", "\x80\x04\x95ok" };
     CHECK(genNotifyInEngine(agent_a, (uint64_t)b_seen_by_a, binary) == 0);
     notes = NULL;

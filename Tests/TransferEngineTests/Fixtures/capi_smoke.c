@@ -132,10 +132,16 @@ int main(void) {
     te_stream_job_run(te_stream_job_create(initiator, &outside, 1, NULL));
     char failures[512];
     int failures_length = te_stream_failures(initiator, failures, sizeof failures);
-    CHECK(failures_length > 0 && strstr(failures, "write of 1 requests") && strstr(failures, "not inside one registered buffer"));
+    CHECK(failures_length > 0 && strstr(failures, "1 requests (0 reads, 1 writes") && strstr(failures, "not inside one registered buffer"));
     CHECK(te_stream_failures(initiator, failures, 4) < -4);
     CHECK(te_stream_failures((transfer_engine_t)0x1234, failures, sizeof failures) == -1);
-    te_stream_job_discard(te_stream_job_create(initiator, requests, 1, NULL));
+    CHECK(te_stream_failures(target, NULL, 0) == 0); /* none: 0, not a size */
+    void *once = te_stream_job_create(initiator, requests, 1, NULL);
+    CHECK(te_stream_jobs_pending(initiator) == 1);
+    te_stream_job_discard(once);
+    te_stream_job_run(once);      /* used already: ignored, not released twice */
+    te_stream_job_discard(once);
+    CHECK(te_stream_jobs_pending(initiator) == 0 && te_stream_jobs_pending((transfer_engine_t)0x1234) == -1);
     te_stream_job_run(NULL);
     te_stream_job_discard(NULL);
 
@@ -163,7 +169,17 @@ int main(void) {
     void *addresses[1] = { local };
     CHECK(unregisterLocalMemoryBatch(initiator, addresses, 1) == 0);
     CHECK(unregisterLocalMemory(initiator, local) == ERR_INVALID_ARGUMENT);
+    /* A job whose engine was destroyed before the stream ran it moves nothing. */
+    CHECK(registerLocalMemory(initiator, local, SIZE, "cpu:0", 1) == 0);
+    memset(remote, 0, BLOCK);
+    memset(local, 0x5a, BLOCK);
+    struct transfer_request late_write = { OPCODE_WRITE, local, openSegment(initiator, name), (uint64_t)(uintptr_t)remote, BLOCK };
+    CHECK(late_write.target_id > 0);
+    void *late = te_stream_job_create(initiator, &late_write, 1, NULL);
+    CHECK(late != NULL);
     destroyTransferEngine(initiator);
+    te_stream_job_run(late);
+    CHECK(remote[0] == 0 && remote[BLOCK - 1] == 0);
     destroyTransferEngine(target);
     CHECK(openSegment(initiator, name) == -1); /* a destroyed handle is refused, not dereferenced */
     printf("capi: %d passed, %d failed\n", passed, failed);
