@@ -41,10 +41,10 @@ final class ProbeTarget: @unchecked Sendable {
     var region: UnsafeMutableRawPointer?
     var descriptor: UnsafeMutableRawPointer?
 
-    func close() {
+    /// Closes the memory region (the memory itself is freed by the owner, after the endpoint).
+    func closeRegion() {
         if let region { _ = efa_mr_close(region) }
         region = nil
-        memory.deallocate()
     }
 }
 

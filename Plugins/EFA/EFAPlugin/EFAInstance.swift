@@ -93,9 +93,12 @@ final class EFAInstance: TransportInstance, @unchecked Sendable {
             return registrations
         }
         for registration in regions { for region in registration.regions { _ = efa_mr_close(region) } }
+        // Memory regions go before the domains they belong to; the probe bytes' memory only once
+        // the endpoints are closed (a probe given up on may still be answered until then).
+        for target in probeTargets { target?.closeRegion() }
         for context in contexts { context.close() }
         contexts.removeAll()
-        for target in probeTargets { target?.close() }
+        for target in probeTargets { target?.memory.deallocate() }
         probeTargets.removeAll()
     }
 
