@@ -81,7 +81,7 @@ status tcp "ran"
 echo "== transfer-engine bench --loopback, 8 MiB working set (the libfabric probe's buffer size)"
 "$bin" bench --loopback --json out/bench-ws8.json --working-set 8MiB --block-sizes 4KiB,64KiB,1MiB,4MiB --batch-sizes 64 --no-reference "$@"
 
-echo "== transfer-engine bench --loopback --protocol shm (same-host plugin), with memcpy as the ceiling (as many threads as the plugin copies with)"
+echo "== transfer-engine bench --loopback --protocol shm (same-host plugin), with a memory-copy ceiling (memcpy or cache-bypassing copy, the better, as many threads as the plugin copies with)"
 "$bin" bench --loopback --protocol shm --json out/bench-shm.json --memcpy-reference --memcpy-threads "${MC_SHM_WORKERS:-2}" --no-reference \
     --block-sizes 4KiB,64KiB,1MiB,64MiB --batch-sizes 1,64 "$@" && status shm "ran" || { echo "(shm plugin unavailable)"; status shm "failed (see the log above)"; }
 

@@ -161,7 +161,7 @@ if shm and shm.get("protocol") == "shm":
         row(label + " vs tcp", ours and ours["gbps"], "GB/s", tcp and tcp["gbps"], "tcp transport")
         threads = shm.get("memcpy_threads", 1)
         row(label + " vs memcpy", ours and ours["gbps"], "GB/s", shm.get("memcpy_gbps", {}).get(str(block)),
-            f"memcpy, {threads} thread{'s' if threads > 1 else ''}, same buffers", ceiling=True)
+            f"best of memcpy and cache-bypassing copy, {threads} thread{'s' if threads > 1 else ''}, same buffers", ceiling=True)
         one = shm.get("memcpy_1thread_gbps", {}).get(str(block))
         if one and threads > 1:
             rows.append((f"  (memcpy, 1 thread, fresh buffers: {one:.3f} GB/s)", "", "", ""))

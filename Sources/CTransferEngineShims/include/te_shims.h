@@ -17,4 +17,7 @@ const char *te_image_path(const void *addr);
 /** Does nothing, opaquely: the compiler must assume the bytes at `pointer` are read and may have changed (keeps benchmark copies real). */
 void te_consume(void *pointer);
 
+/** memcpy with non-temporal (cache-bypassing) stores where the CPU has them (x86-64), else memcpy. */
+void te_copy_bypassing_cache(void *destination, const void *source, size_t length);
+
 #endif

@@ -50,7 +50,10 @@ public enum StreamReference {
     /// throughput (no barrier per block), bytes per second; a block under 64 bytes per thread
     /// runs on fewer threads. Nil for a non-positive block or time, or when a thread could not
     /// be started.
-    public static func memcpy(block: Int, threads: Int, source: UnsafeRawPointer, target: UnsafeMutableRawPointer, seconds: Double) -> Double? {
+    /// With `bypassingCache` the copies use non-temporal stores (te_copy_bypassing_cache), the way
+    /// a transport may copy large blocks; the ceiling for such a transport is the better of the two.
+    public static func memcpy(block: Int, threads: Int, source: UnsafeRawPointer, target: UnsafeMutableRawPointer, seconds: Double,
+                              bypassingCache: Bool = false) -> Double? {
         guard block > 0, seconds.isFinite, seconds > 0 else { return nil }
         let count = max(1, min(threads, 64))
         // Shares of whole cache lines, the last one taking the rest.
@@ -66,7 +69,7 @@ public enum StreamReference {
                 var bytes: UInt64 = 0
                 var iterations = 0
                 while MonotonicClock.nanoseconds() < end, iterations < 10_000_000 {
-                    Glibc.memcpy(to, from, length)
+                    if bypassingCache { te_copy_bypassing_cache(to, from, length) } else { Glibc.memcpy(to, from, length) }
                     te_consume(to)
                     bytes += UInt64(length)
                     iterations += 1
