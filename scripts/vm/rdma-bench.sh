@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs INSIDE the rxe guest (scripts/vm/run-in-rxe-guest.sh --script scripts/vm/rdma-bench.sh):
 # perftest (ib_write_bw, ib_read_bw, ib_write_lat) and `transfer-engine bench --protocol rdma`
-# in the same boot, so their ratio is the figure (absolute numbers are emulation speed).
+# in the same boot, so their ratio is the figure (absolute numbers are emulation speed). The
+# bandwidth ceilings run two perftest pairs at once (summed), as the plugin posts from two threads.
 # Writes out/perftest-*.txt and out/bench-rdma.json; scripts/bench_summary.py prints the ratios.
 set -u
 DEV=${RXE_DEV:-rxe0}
@@ -20,12 +21,22 @@ pair() { # output-file command args... (server, then client to $IP)
     wait $server
     grep -A1 -E "#bytes" "$out" | tail -1
 }
+two_pairs() { # output-file-prefix command args...: two pairs at once on their own ports, as the
+    # plugin posts from two threads on two QPs (one pair would be a single-thread ceiling)
+    local out=$1; shift
+    pair "$out.txt" "$@" -p 18515 > "$out.line" &
+    local first=$!
+    pair "$out-2.txt" "$@" -p 18516 > "$out-2.line"
+    wait $first
+    echo "$(cat "$out.line") | $(cat "$out-2.line")"
+    rm -f "$out.line" "$out-2.line"
+}
 echo "== perftest on $DEV (GID index $GIDX)"
 for size in 65536 1048576; do
     n=$((size > 65536 ? 300 : 2000))
     [ "${TE_QUICK:-0}" = 1 ] && n=$((n / 10))  # scripts/bench.sh --quick
-    echo -n "ib_write_bw $size: "; pair out/perftest-write-bw-$size.txt ib_write_bw -d "$DEV" -x "$GIDX" -s $size -n $n --report_gbits -F
-    echo -n "ib_read_bw $size: "; pair out/perftest-read-bw-$size.txt ib_read_bw -d "$DEV" -x "$GIDX" -s $size -n $n --report_gbits -F
+    echo -n "ib_write_bw $size (two pairs): "; two_pairs out/perftest-write-bw-$size ib_write_bw -d "$DEV" -x "$GIDX" -s $size -n $n --report_gbits -F
+    echo -n "ib_read_bw $size (two pairs): "; two_pairs out/perftest-read-bw-$size ib_read_bw -d "$DEV" -x "$GIDX" -s $size -n $n --report_gbits -F
 done
 echo -n "ib_write_lat 4096: "; pair out/perftest-write-lat-4096.txt ib_write_lat -d "$DEV" -x "$GIDX" -s 4096 -n $([ "${TE_QUICK:-0}" = 1 ] && echo 200 || echo 2000) -F
 echo "== transfer-engine bench --protocol rdma ($BIN)"
