@@ -1,5 +1,7 @@
 /* Raw reference for the cxl benchmark (runs in the guest): memcpy between heap memory and a
- * device-dax mapping, per block size, for about a second each. Prints "memcpy <op> <bytes> <GB/s>". */
+ * device-dax mapping, per block size, three rounds of about half a second each (at least one copy);
+ * a ceiling is the best of them, since emulation speed swings between rounds. Prints
+ * "memcpy <op> <bytes> <GB/s>". */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdint.h>
@@ -26,16 +28,22 @@ int main(int argc, char **argv) {
     size_t sizes[] = { 4096, 1u << 20, 64u << 20 };
     for (int op = 0; op < 2; op++) {
         for (int s = 0; s < 3; s++) {
-            size_t size = sizes[s], done = 0;
-            double start = now();
-            while (now() - start < 1.0) {
-                size_t offset = (done % (length / size)) * size;
-                if (op == 0) memcpy(pool + offset, heap + offset, size); else memcpy(heap + offset, pool + offset, size);
-                __asm__ volatile("" : : : "memory"); /* the copies must happen: nothing reads them afterwards */
-                __builtin_ia32_sfence();
-                done++;
+            size_t size = sizes[s];
+            double best = 0;
+            for (int round = 0; round < 3; round++) {
+                size_t done = 0;
+                double start = now();
+                while (done == 0 || now() - start < 0.5) {
+                    size_t offset = (done % (length / size)) * size;
+                    if (op == 0) memcpy(pool + offset, heap + offset, size); else memcpy(heap + offset, pool + offset, size);
+                    __asm__ volatile("" : : : "memory"); /* the copies must happen: nothing reads them afterwards */
+                    __builtin_ia32_sfence();
+                    done++;
+                }
+                double rate = (double)done * size / (now() - start) / 1e9;
+                if (rate > best) best = rate;
             }
-            printf("memcpy %s %zu %.3f\n", op == 0 ? "write" : "read", size, (double)done * size / (now() - start) / 1e9);
+            printf("memcpy %s %zu %.3f\n", op == 0 ? "write" : "read", size, best);
         }
     }
     return 0;
