@@ -75,7 +75,11 @@ public func teStreamJobCreate(_ handle: UnsafeMutableRawPointer?, _ entries: Uns
     do {
         let list = try requests(entries, count)
         guard !list.isEmpty else { throw EngineError.invalidArgument("a stream job needs at least one request") }
-        guard let text = checkedHint(hint) else { return nil }
+        var text = ""
+        if let hint {
+            guard let valid = String(validatingCString: hint) else { throw EngineError.invalidArgument("transport hint is not valid UTF-8") }
+            text = valid
+        }
         CResult.clear()
         return StreamJobTable.insert(StreamJob(handle: engineHandle, handleBits: UInt(bitPattern: handle), requests: list, hint: text))
     } catch {
