@@ -39,7 +39,7 @@ final class Session: @unchecked Sendable {
         let peer = try PeerProcess(executable: checker.executable, protocolName: protocolName, deviceName: checker.deviceName, environment: environment)
         self.peer = peer
         cleanup.append { peer.kill() }
-        let watch = FallbackWatch()
+        let watch = FallbackWatch(echoLevel: environment["TE_CHECK_LOG"].flatMap { Logger.Level(rawValue: $0.lowercased()) })
         self.watch = watch
         let logger = Logger(label: "plugin-check") { _ in watch }
         let configuration = EngineConfiguration(localHostname: "127.0.0.1", protocolName: protocolName, deviceName: checker.deviceName)
@@ -186,7 +186,14 @@ final class FallbackWatch: LogHandler, @unchecked Sendable {
     private let lock = NSLock()
     private var seen: [String] = []
     var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .info
+    var logLevel: Logger.Level
+    /// Set (TE_CHECK_LOG=debug, info, ...): the engine's log lines at this level and above go to stderr too.
+    private let echoLevel: Logger.Level?
+
+    init(echoLevel: Logger.Level?) {
+        logLevel = min(echoLevel ?? .info, .info)
+        self.echoLevel = echoLevel
+    }
 
     subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
@@ -195,6 +202,7 @@ final class FallbackWatch: LogHandler, @unchecked Sendable {
 
     func log(event: LogEvent) {
         let text = "\(event.message)"
+        if let echoLevel, event.level >= echoLevel { FileHandle.standardError.write(Data("check engine: \(event.level): \(text)\n".utf8)) }
         guard text.contains(" cannot reach ") || text.contains("failing over") else { return }
         lock.withLock { seen.append(text) }
     }

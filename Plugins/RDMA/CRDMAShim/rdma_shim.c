@@ -45,6 +45,7 @@ int rdma_list_devices(rdma_device_info *out, size_t capacity) {
             info->port_count = dev.phys_port_cnt;
             info->max_mr_size = dev.max_mr_size;
             info->max_qp_wr = (uint32_t)dev.max_qp_wr;
+            info->vendor_id = dev.vendor_id;
         }
         for (uint32_t p = 1; p <= info->port_count && info->port == 0; p++) {
             struct ibv_port_attr attr;

@@ -30,6 +30,7 @@ typedef struct rdma_device_info {
     uint32_t active_mtu;    /**< IBV_MTU_* enum value (1=256 .. 5=4096) */
     uint64_t max_mr_size;
     uint32_t max_qp_wr;
+    uint32_t vendor_id;     /**< ibv_device_attr.vendor_id (0xffffff: soft-RoCE, rdma_rxe) */
     uint32_t gid_count;     /**< entries written to gids */
     rdma_gid gids[16];
 } rdma_device_info;
