@@ -58,7 +58,7 @@ public func teSubmitTransferHint(_ handle: UnsafeMutableRawPointer?, _ batch: UI
 }
 
 /// A C transport hint: "" for none (NULL), nil (with the error set) when it is not UTF-8.
-private func checkedHint(_ hint: UnsafePointer<CChar>?) -> String? {
+func checkedHint(_ hint: UnsafePointer<CChar>?) -> String? {
     guard let hint else { return "" }
     guard let text = String(validatingCString: hint) else {
         CResult.fail("transport hint is not valid UTF-8")

@@ -31,10 +31,7 @@ enum HandleTable {
         return pointer
     }
 
-    static func lookup(_ pointer: UnsafeMutableRawPointer?) -> TransferEngine? {
-        guard let pointer else { return nil }
-        return live.withLock { $0[UInt(bitPattern: pointer)]?.engine }
-    }
+    static func lookup(_ pointer: UnsafeMutableRawPointer?) -> TransferEngine? { lookupHandle(pointer)?.engine }
 
     /// The handle object itself (what outlives a destroyTransferEngine for a job holding it).
     static func lookupHandle(_ pointer: UnsafeMutableRawPointer?) -> EngineHandle? {

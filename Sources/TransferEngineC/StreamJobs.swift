@@ -75,11 +75,7 @@ public func teStreamJobCreate(_ handle: UnsafeMutableRawPointer?, _ entries: Uns
     do {
         let list = try requests(entries, count)
         guard !list.isEmpty else { throw EngineError.invalidArgument("a stream job needs at least one request") }
-        var text = ""
-        if let hint {
-            guard let valid = String(validatingCString: hint) else { throw EngineError.invalidArgument("transport hint is not valid UTF-8") }
-            text = valid
-        }
+        guard let text = checkedHint(hint) else { return nil }
         CResult.clear()
         return StreamJobTable.insert(StreamJob(handle: engineHandle, handleBits: UInt(bitPattern: handle), requests: list, hint: text))
     } catch {

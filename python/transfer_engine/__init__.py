@@ -16,11 +16,11 @@ import json
 import operator
 import os
 
-from ._native import (_NotifyMsg, _TransferRequest, _TransferStatus, _active_protocols, _allocate_batch, _allocate_managed, _create,
+from ._native import (_NotifyMsg, _TransferStatus, _active_protocols, _allocate_batch, _allocate_managed, _create,
                       _destroy, _first_buffer, _free_batch, _free_managed, _free_notifs, _gen_notify, _get_metrics, _get_notifs,
                       _install_transport, _local_name, _open, _probe, _register, _show_links, _status, _submit, _submit_hint,
                       _submit_notify, _transfer_sync, _uninstall_transport, _unregister, _wait_batch, _warmup)
-from ._native import _INVALID_BATCH, _hint, library_path, last_error
+from ._native import _INVALID_BATCH, _hint, _request_array, library_path, last_error
 from ._types import (SUPPORT_CUDA, SUPPORT_EFA, SUPPORT_HIP, SUPPORT_INTRA_NVLINK, SUPPORT_MNNVL, SUPPORT_MUSA, InnerTransferEngine, Read,
                      TransferNotify, TransferOpcode, Write, _addresses_ok, _timeout_seconds)
 from ._cuda import CudaStreamTransfers
@@ -258,9 +258,7 @@ class TransferEngine(CudaStreamTransfers):
         batch = _allocate_batch(self._handle, count)
         if batch == _INVALID_BATCH:
             return 0
-        requests = (_TransferRequest * count)()
-        for i in range(count):
-            requests[i] = _TransferRequest(int(opcode), buffers[i], segment, peer_addresses[i], lengths[i])
+        requests = _request_array(opcode, buffers, segment, peer_addresses, lengths)
         if notify is None:
             rc = _submit_hint(self._handle, batch, requests, count, _hint(transport_hint))
         else:

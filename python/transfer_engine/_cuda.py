@@ -2,7 +2,7 @@
 import ctypes
 import os
 
-from ._native import (_TransferRequest, _hint, _stream_failures, _stream_job_create, _stream_job_discard, _stream_jobs_pending, _vp,
+from ._native import (_hint, _request_array, _stream_failures, _stream_job_create, _stream_job_discard, _stream_jobs_pending, _vp,
                       last_error, stream_job_run)
 from ._types import TransferOpcode, _addresses_ok
 
@@ -93,9 +93,7 @@ class CudaStreamTransfers:
         segment = self._segment(target_hostname)
         if segment < 0:
             raise RuntimeError(f"cannot open segment {target_hostname}: {last_error()}")
-        requests = (_TransferRequest * count)()
-        for i in range(count):
-            requests[i] = _TransferRequest(int(opcode), buffers[i], segment, peer_buffer_addresses[i], lengths[i])
+        requests = _request_array(opcode, buffers, segment, peer_buffer_addresses, lengths)
         job = _stream_job_create(self._handle, requests, count, _hint(transport_hint))
         if not job:
             raise ValueError(f"cannot queue the transfer: {last_error()}")

@@ -90,6 +90,14 @@ stream_job_run = ctypes.cast(_lib.te_stream_job_run, ctypes.c_void_p)
 
 
 
+def _request_array(opcode, buffers, segment, peer_addresses, lengths):
+    """A C array of transfer_request, one per (buffer, peer address, length), all to `segment`."""
+    requests = (_TransferRequest * len(buffers))()
+    for i in range(len(buffers)):
+        requests[i] = _TransferRequest(int(opcode), buffers[i], segment, peer_addresses[i], lengths[i])
+    return requests
+
+
 def _hint(transport_hint):
     """A transport_hint for the C API: None routes as usual."""
     return transport_hint.encode() if transport_hint else None
