@@ -13,11 +13,17 @@ extension TransferEngine {
         guard let metrics else {
             return try transferSync(planned, operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)
         }
+        try meteredSync(planned, metrics, operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)
+    }
+
+    /// A synchronous transfer counted in the metrics (`planned` borrowed: no copy of its references).
+    private func meteredSync(_ planned: borrowing Planned, _ metrics: EngineMetrics, _ operation: TransferRequest.Operation,
+                             localAddress: UInt64, remoteAddress: UInt64, length: UInt64) throws {
         let meter = planned.syncMeter ?? keptSyncMeter(metrics, planned, operation)
         let startedAt = MonotonicClock.nanoseconds()
         meter.started()
         do {
-            try transferSync(planned, operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)
+            try transferSync(planned, operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length, now: startedAt)
         } catch {
             var state = TransferState.failed
             if let error = error as? EngineError, case .timeout = error { state = .timeout }
@@ -35,17 +41,19 @@ extension TransferEngine {
         if planned.keptRoute, let first = planned.order.first {
             state.withLock { _ in
                 let peer = planned.peer
-                if peer.syncMeters.count < 16, !peer.syncMeters.contains(where: { $0.transport === first && $0.operation == operation }) {
-                    peer.syncMeters.append((first, operation, meter))
+                let id = ObjectIdentifier(first)
+                if peer.syncMeters.count < 16, !peer.syncMeters.contains(where: { $0.id == id && $0.operation == operation }) {
+                    peer.syncMeters.append((first, id, operation, meter))
                 }
             }
         }
         return meter
     }
 
-    /// One planned synchronous transfer (not counted in the metrics here).
+    /// One planned synchronous transfer (not counted in the metrics here); `now`: the monotonic
+    /// clock when the caller already read it.
     private func transferSync(_ planned: Planned, _ operation: TransferRequest.Operation, localAddress: UInt64, remoteAddress: UInt64,
-                              length: UInt64) throws {
+                              length: UInt64, now: UInt64? = nil) throws {
         let request = planned.request
         if planned.local {
             guard registry.copyLocally(request) else {
@@ -53,7 +61,7 @@ extension TransferEngine {
             }
             return
         }
-        let deadline = MonotonicClock.nanoseconds() + syncTimeout(bytes: length)
+        let deadline = (now ?? MonotonicClock.nanoseconds()) + syncTimeout(bytes: length)
         // The common case first, with nothing else in the way: the route was cached with its first
         // link open, and the request completes there.
         var firstOutcome: SyncOutcome? = nil

@@ -67,7 +67,11 @@ extension TransferEngine {
                    route.validUntil == UInt64.max || MonotonicClock.nanoseconds() < route.validUntil {
                     var meter: RequestMeter? = nil
                     if metered, let first = route.order.transports.first {
-                        meter = peer.syncMeters.first { $0.transport === first && $0.operation == request.operation }?.meter
+                        let id = ObjectIdentifier(first)
+                        for i in peer.syncMeters.indices where peer.syncMeters[i].id == id && peer.syncMeters[i].operation == request.operation {
+                            meter = peer.syncMeters[i].meter
+                            break
+                        }
                     }
                     return (nil, false, route.order, route.firstLink, meter)
                 }
@@ -241,15 +245,15 @@ extension TransferEngine {
         if metered, let metrics {
             // The requests of a batch mostly share a lane and an operation: their meter is looked up once.
             var previous: (lane: Int, peer: ObjectIdentifier, operation: TransferRequest.Operation, local: Bool, meter: RequestMeter)?
+            // Fields read in place: copying a Planned costs a retain of each of its references.
             meters = planned.indices.map { i in
-                let p = planned[i]
-                if let previous, previous.lane == laneOf[i], previous.peer == ObjectIdentifier(p.peer), previous.operation == p.request.operation,
-                   previous.local == p.local {
+                let peer = ObjectIdentifier(planned[i].peer), operation = planned[i].request.operation, local = planned[i].local
+                if let previous, previous.lane == laneOf[i], previous.peer == peer, previous.operation == operation, previous.local == local {
                     return previous.meter
                 }
-                let meter = metrics.meter(peer: p.peer, operation: p.request.operation, transport: laneOf[i] >= 0 ? lanes[laneOf[i]].transport : nil,
-                                          local: p.local, batched: true)
-                previous = (laneOf[i], ObjectIdentifier(p.peer), p.request.operation, p.local, meter)
+                let meter = metrics.meter(peer: planned[i].peer, operation: operation, transport: laneOf[i] >= 0 ? lanes[laneOf[i]].transport : nil,
+                                          local: local, batched: true)
+                previous = (laneOf[i], peer, operation, local, meter)
                 return meter
             }
         }

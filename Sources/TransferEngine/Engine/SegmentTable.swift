@@ -25,8 +25,8 @@ extension TransferEngine {
         @exclusivity(unchecked) var otherRoutes: [RouteKey: CachedRoute] = [:]
         /// Meters of synchronous requests to it, by first transport and operation (at most 16),
         /// handed out with its cached route: a synchronous request finds its meter without
-        /// hashing. The transport is held, so its identity cannot be reused.
-        @exclusivity(unchecked) var syncMeters: [(transport: any Transport, operation: TransferRequest.Operation, meter: RequestMeter)] = []
+        /// hashing. The transport is held, so its identity (`id`, compared in place: no retain) cannot be reused.
+        @exclusivity(unchecked) var syncMeters: [(transport: any Transport, id: ObjectIdentifier, operation: TransferRequest.Operation, meter: RequestMeter)] = []
 
         init(name: String, host: String, rpcPort: UInt16, descriptor: SegmentDescriptor, sameHost: Bool) {
             self.name = name

@@ -173,7 +173,7 @@ public final class TransferEngine: @unchecked Sendable {
         dataServer = try TCPDataServer(listener: dataListener, registry: registry, logger: logger, payloadTimeoutMs: settings.statusTimeoutMs,
                                       spinNanoseconds: settings.serverSpinNs, idleTimeoutMs: settings.dataIdleTimeoutMs,
                                       maxPerAddress: settings.dataMaxPerAddress, auth: authenticator,
-                                      served: metrics.map { ServedBytes(factory: $0.factory) })
+                                      served: metrics?.served)
         dataPort = dataServer.port
 
         do {

@@ -97,7 +97,7 @@ extension TransferEngine {
                 if let link = peer.links.removeValue(forKey: ObjectIdentifier(transport)) { links.append(link) }
                 peer.unreachable.removeValue(forKey: wanted)
                 peer.forgetRoutes()
-                peer.syncMeters.removeAll { $0.transport === transport }
+                peer.syncMeters.removeAll { $0.id == ObjectIdentifier(transport) }
             }
             for address in state.bufferFragments.keys { state.bufferFragments[address]?.removeValue(forKey: wanted) }
             return (transport, links)

@@ -1,4 +1,5 @@
 import CoreMetrics
+import typealias Prometheus.ValueHistogram
 import Synchronization
 
 /// One engine's metric handles, made once and kept: a transfer looks its meter up by peer,
@@ -18,23 +19,33 @@ final class EngineMetrics: Sendable {
         var batched: Bool
     }
 
-    let factory: any MetricsFactory
+    let factory: EngineMetricsFactory
     private let meters = ConditionLock<[MeterKey: (peer: String, meter: RequestMeter)]>([:])
     private let peerLabels = ConditionLock<Set<String>>([])
     private let counters = LabelledHandles<Counter>()
     private let timers = LabelledHandles<Timer>()
-    /// Requests submitted and not yet ended, over every engine of the process.
-    let inFlight: Meter
     let handshakeFailures: Counter
     let notificationsQueued: Counter
     let notificationsDropped: Counter
 
-    init(factory: any MetricsFactory) {
+    /// Bytes peers moved through this engine's TCP data server.
+    let served: ServedBytes
+
+    init(factory: EngineMetricsFactory) {
         self.factory = factory
-        inFlight = Meter(label: "te_requests_in_flight", dimensions: [], factory: factory)
         handshakeFailures = Counter(label: "te_handshake_failures_total", dimensions: [], factory: factory)
         notificationsQueued = Counter(label: "te_notifications_queued_total", dimensions: [], factory: factory)
         notificationsDropped = Counter(label: "te_notifications_dropped_total", dimensions: [], factory: factory)
+        served = ServedBytes(factory: factory)
+        PendingCounts.track(served)
+    }
+
+    /// Publishes what its meters counted last, and stops publishing them.
+    deinit {
+        let made = meters.withLock { $0.values.map(\.meter) }
+        made.forEach { $0.publish() }
+        served.publish()
+        PendingCounts.untrack(made.map { ObjectIdentifier($0) } + [ObjectIdentifier(served)])
     }
 
     /// The engine's metrics, or nil when recording is off for this process.
@@ -59,11 +70,19 @@ final class EngineMetrics: Sendable {
         if let known = meters.withLock({ $0[key] }), known.peer == peer.name { return known.meter }
         let name = transport?.protocolName ?? (local ? "local" : "none")
         let made = RequestMeter(peer: peerLabel(peer.name), operation: operation, transport: name, batched: batched, engine: self)
-        return meters.withLock { table in
-            if let raced = table[key], raced.peer == peer.name { return raced.meter }
+        let (meter, replaced) = meters.withLock { table -> (RequestMeter, RequestMeter?) in
+            if let raced = table[key], raced.peer == peer.name { return (raced.meter, nil) }
+            // A peer freed and another made at its address: its meter is replaced.
+            let replaced = table[key]?.meter
             table[key] = (peer.name, made)
-            return made
+            return (made, replaced)
         }
+        if meter === made { PendingCounts.track(made) }
+        if let replaced {
+            replaced.publish()
+            PendingCounts.untrack([ObjectIdentifier(replaced)])
+        }
+        return meter
     }
 
     /// Counts one event of a labelled counter, made on first use (connections, failovers).
@@ -97,46 +116,57 @@ extension TransferEngine {
 }
 
 /// The handles one kind of request records into: bytes, requests, failures by reason, latency.
-final class RequestMeter: Sendable {
+/// Counts go into atomics of the meter itself, added to the swift-metrics handles when the metrics
+/// are rendered (`PendingCounts`), so a request pays a few atomic adds and one histogram record.
+final class RequestMeter: PublishesLater {
+    private let pendingBytes = Atomic<UInt64>(0)
+    private let pendingRequests = Atomic<UInt64>(0)
+    private let pendingSlices = Atomic<UInt64>(0)
     private let bytes: Counter
     private let requests: Counter
-    private let duration: Timer
+    private let slices: Counter
+    /// Seconds from start to end (swift-prometheus's histogram itself: no handler in between).
+    private let duration: ValueHistogram
     private let dimensions: [(String, String)]
     private let failures = LabelledHandles<Counter>()
-    private let factory: any MetricsFactory
-    private let inFlight: Meter
-    private let slices: Counter
+    private let factory: EngineMetricsFactory
 
     init(peer: String, operation: TransferRequest.Operation, transport: String, batched: Bool, engine: EngineMetrics) {
         let op = operation == .read ? "read" : "write"
         dimensions = [("operation", op), ("transport", transport), ("peer", peer)]
         factory = engine.factory
-        inFlight = engine.inFlight
         bytes = Counter(label: "te_transferred_bytes_total", dimensions: dimensions, factory: factory)
         requests = Counter(label: "te_requests_total", dimensions: dimensions + [("kind", batched ? "batch" : "sync")], factory: factory)
-        let sliceLabels = [("operation", op), ("transport", transport)]
-        slices = engine.counter("te_slices_total", sliceLabels)
-        duration = Timer(label: "te_request_duration_seconds", dimensions: [("operation", op), ("kind", batched ? "batch" : "sync")], factory: factory)
+        slices = engine.counter("te_slices_total", [("operation", op), ("transport", transport)])
+        duration = factory.histogram("te_request_duration_seconds", [("operation", op), ("kind", batched ? "batch" : "sync")])
     }
+
+    deinit { publish() }
 
     /// A request started in `pieces` slices (counted in flight until `ended`).
     func started(slices pieces: Int = 1) {
-        inFlight.increment()
-        slices.increment(by: Int64(pieces))
+        PendingCounts.requestsInFlight.wrappingAdd(1, ordering: .relaxed)
+        pendingSlices.wrappingAdd(UInt64(max(pieces, 0)), ordering: .relaxed)
     }
 
     /// More slices of a started request went to a transport (a failed slice resubmitted).
-    func resubmitted(slices pieces: Int) { slices.increment(by: Int64(pieces)) }
+    func resubmitted(slices pieces: Int) { pendingSlices.wrappingAdd(UInt64(max(pieces, 0)), ordering: .relaxed) }
 
     /// A request ended: `state` completed (with `transferred` bytes), failed, timeout or canceled.
     func ended(_ state: TransferState, transferred: UInt64, startedAt: UInt64, now: UInt64 = MonotonicClock.nanoseconds()) {
-        inFlight.decrement()
-        requests.increment()
-        duration.recordNanoseconds(Int64(clamping: now &- startedAt))
-        if transferred > 0 { bytes.increment(by: Int64(clamping: transferred)) }
+        PendingCounts.requestsInFlight.wrappingSubtract(1, ordering: .relaxed)
+        pendingRequests.wrappingAdd(1, ordering: .relaxed)
+        duration.record(Double(now &- startedAt) / 1e9)
+        if transferred > 0 { pendingBytes.wrappingAdd(transferred, ordering: .relaxed) }
         guard state != .completed else { return }
         let labels = dimensions + [("reason", "\(state)")]
         failures.handle("te_request_failures_total", labels) { Counter(label: "te_request_failures_total", dimensions: labels, factory: factory) }.increment()
+    }
+
+    func publish() {
+        PendingCounts.move(pendingRequests, to: requests)
+        PendingCounts.move(pendingBytes, to: bytes)
+        PendingCounts.move(pendingSlices, to: slices)
     }
 }
 
@@ -156,8 +186,11 @@ final class LabelledHandles<Handle: AnyObject>: @unchecked Sendable {
     }
 }
 
-/// Bytes peers read from and wrote into this engine's memory over TCP (the target side).
-final class ServedBytes: Sendable {
+/// Bytes peers read from and wrote into this engine's memory over TCP (the target side), counted
+/// like a request meter's (atomics, published later).
+final class ServedBytes: PublishesLater {
+    private let pendingRead = Atomic<UInt64>(0)
+    private let pendingWritten = Atomic<UInt64>(0)
     private let read: Counter
     private let written: Counter
 
@@ -166,7 +199,14 @@ final class ServedBytes: Sendable {
         written = Counter(label: "te_served_bytes_total", dimensions: [("operation", "write"), ("transport", "tcp")], factory: factory)
     }
 
+    deinit { publish() }
+
     func add(_ operation: TCPWire.Operation, _ bytes: UInt64) {
-        (operation == .read ? read : written).increment(by: Int64(clamping: bytes))
+        if operation == .read { pendingRead.wrappingAdd(bytes, ordering: .relaxed) } else { pendingWritten.wrappingAdd(bytes, ordering: .relaxed) }
+    }
+
+    func publish() {
+        PendingCounts.move(pendingRead, to: read)
+        PendingCounts.move(pendingWritten, to: written)
     }
 }

@@ -53,8 +53,13 @@ struct EngineMetricsFactory: MetricsFactory {
     }
 
     func makeTimer(label: String, dimensions: [(String, String)]) -> any TimerHandler {
-        SecondsTimer(histogram: dimensions.isEmpty ? registry.makeValueHistogram(descriptor: descriptor(label), buckets: buckets)
-            : registry.makeValueHistogram(descriptor: descriptor(label), labels: dimensions, buckets: buckets))
+        SecondsTimer(histogram: histogram(label, dimensions))
+    }
+
+    /// The histogram of seconds a timer records into, for callers that record straight into it.
+    func histogram(_ label: String, _ dimensions: [(String, String)]) -> ValueHistogram {
+        dimensions.isEmpty ? registry.makeValueHistogram(descriptor: descriptor(label), buckets: buckets)
+            : registry.makeValueHistogram(descriptor: descriptor(label), labels: dimensions, buckets: buckets)
     }
 
     // Handles live as long as the registry: nothing is unregistered.

@@ -25,11 +25,16 @@ public enum EngineMetricsRegistry {
         }
     }
 
-    /// The registry, or nil while recording is off.
-    public static var registry: PrometheusCollectorRegistry? { current.withLock { $0 } }
+    /// The registry, or nil while recording is off, with every count recorded so far added
+    /// (requests count into atomics of their own, added to the registry when it is read).
+    public static var registry: PrometheusCollectorRegistry? {
+        guard let registry = current.withLock({ $0 }) else { return nil }
+        PendingCounts.publish(factory: EngineMetricsFactory(registry: registry, buckets: durationBuckets))
+        return registry
+    }
 
     /// The factory engines record through, or nil while recording is off.
-    static var factory: EngineMetricsFactory? { registry.map { EngineMetricsFactory(registry: $0, buckets: durationBuckets) } }
+    static var factory: EngineMetricsFactory? { current.withLock { $0 }.map { EngineMetricsFactory(registry: $0, buckets: durationBuckets) } }
 
     /// Whether `environment` asks for metrics (and turns them on when it does).
     static func enableIfAsked(_ environment: [String: String]) {
@@ -49,14 +54,14 @@ public enum EngineMetricsRegistry {
     /// The Prometheus text format of everything recorded so far ("" while off), with the plugins'
     /// per-device figures read now.
     public static func text() -> String {
-        guard let registry else { return "" }
         DeviceMetrics.refresh()
+        guard let registry else { return "" }
         return registry.emitToString()
     }
 
     /// `text()` as the JSON `metricsJSON` gives (`enabled`, `totals`, `series`), compact.
     public static func jsonText() -> String {
-        let enabled = registry != nil
+        let enabled = current.withLock { $0 } != nil
         return MetricsSnapshot.json(MetricsSnapshot.parse(text()), enabled: enabled).compactText
     }
 

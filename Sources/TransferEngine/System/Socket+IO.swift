@@ -33,27 +33,42 @@ extension Socket {
     /// with a `deadline` (monotonic ns) the whole send fails once it passes, not only one call, and
     /// with `callLimitMs` (the socket's timeouts) no call waits past it either.
     func sendAll(_ parts: [UnsafeRawBufferPointer], deadline: UInt64? = nil, callLimitMs: Int = 0) throws {
-        var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
-        var index = 0
-        while index < vectors.count {
-            if let deadline { try bound(by: deadline, callLimitMs: callLimitMs, "send") }
-            let sent = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
+        try Self.withVectors(parts.count, { parts[$0] }) { vectors in
+            var index = 0
+            while index < vectors.count {
+                if let deadline { try bound(by: deadline, callLimitMs: callLimitMs, "send") }
                 var message = msghdr()
-                message.msg_iov = buffer.baseAddress! + index
-                message.msg_iovlen = min(buffer.count - index, 1024)
-                return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
+                message.msg_iov = vectors.baseAddress! + index
+                message.msg_iovlen = min(vectors.count - index, 1024)
+                let sent = sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
+                if sent < 0 {
+                    if errno == EINTR { continue }
+                    if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("send") }
+                    throw SocketError.system(call: "send", errno: Errno(rawValue: errno))
+                }
+                Self.consume(sent, from: vectors, at: &index)
             }
-            if sent < 0 {
-                if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("send") }
-                throw SocketError.system(call: "send", errno: Errno(rawValue: errno))
+        }
+    }
+
+    /// Runs `body` with the non-empty regions of `count` parts as an iovec list on the stack (a
+    /// heap array here cost a small synchronous transfer two allocations and a metadata lookup).
+    private static func withVectors<R>(_ count: Int, _ part: (Int) -> UnsafeRawBufferPointer,
+                                       _ body: (UnsafeMutableBufferPointer<iovec>) throws -> R) throws -> R {
+        try withUnsafeTemporaryAllocation(of: iovec.self, capacity: max(count, 1)) { buffer in
+            var used = 0
+            for i in 0..<count {
+                let region = part(i)
+                guard region.count > 0 else { continue }
+                (buffer.baseAddress! + used).initialize(to: iovec(iov_base: UnsafeMutableRawPointer(mutating: region.baseAddress), iov_len: region.count))
+                used += 1
             }
-            Self.consume(sent, from: &vectors, at: &index)
+            return try body(UnsafeMutableBufferPointer(start: buffer.baseAddress, count: used))
         }
     }
 
     /// Advances an iovec list past `count` transferred bytes.
-    private static func consume(_ count: Int, from vectors: inout [iovec], at index: inout Int) {
+    private static func consume(_ count: Int, from vectors: UnsafeMutableBufferPointer<iovec>, at index: inout Int) {
         var remaining = count
         while remaining > 0, index < vectors.count {
             if remaining >= vectors[index].iov_len {
@@ -94,43 +109,41 @@ extension Socket {
     /// With a `deadline` (monotonic ns) it fails once that passes, and with `callLimitMs` (the
     /// socket's timeouts) no call waits past it.
     func receiveAll(_ parts: [UnsafeMutableRawBufferPointer], deadline: UInt64? = nil, callLimitMs: Int = 0) throws {
-        var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
-        let expected = vectors.reduce(0) { $0 + $1.iov_len }
-        var total = 0
-        var index = 0
-        while index < vectors.count {
-            if let deadline { try bound(by: deadline, callLimitMs: callLimitMs, "receive") }
-            let n = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
+        try Self.withVectors(parts.count, { UnsafeRawBufferPointer(parts[$0]) }) { vectors in
+            let expected = vectors.reduce(0) { $0 + $1.iov_len }
+            var total = 0
+            var index = 0
+            while index < vectors.count {
+                if let deadline { try bound(by: deadline, callLimitMs: callLimitMs, "receive") }
                 var message = msghdr()
-                message.msg_iov = buffer.baseAddress! + index
-                message.msg_iovlen = min(buffer.count - index, 1024)
-                return recvmsg(fd, &message, Int32(MSG_WAITALL))
+                message.msg_iov = vectors.baseAddress! + index
+                message.msg_iovlen = min(vectors.count - index, 1024)
+                let n = recvmsg(fd, &message, Int32(MSG_WAITALL))
+                if n == 0 { throw SocketError.closedByPeer(expected: expected, received: total) }
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
+                    throw SocketError.system(call: "recvmsg", errno: Errno(rawValue: errno))
+                }
+                total += n
+                Self.consume(n, from: vectors, at: &index)
             }
-            if n == 0 { throw SocketError.closedByPeer(expected: expected, received: total) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
-                throw SocketError.system(call: "recvmsg", errno: Errno(rawValue: errno))
-            }
-            total += n
-            Self.consume(n, from: &vectors, at: &index)
         }
     }
 
     /// One scatter receive of whatever is available (blocking until at least one byte); 0 = peer closed.
     func receiveSome(_ parts: [UnsafeMutableRawBufferPointer]) throws -> Int {
-        var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
-        while true {
-            let n = vectors.withUnsafeMutableBufferPointer { buffer -> Int in
+        try Self.withVectors(parts.count, { UnsafeRawBufferPointer(parts[$0]) }) { vectors in
+            while true {
                 var message = msghdr()
-                message.msg_iov = buffer.baseAddress
-                message.msg_iovlen = buffer.count
-                return recvmsg(fd, &message, 0)
+                message.msg_iov = vectors.baseAddress
+                message.msg_iovlen = vectors.count
+                let n = recvmsg(fd, &message, 0)
+                if n >= 0 { return n }
+                if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
+                throw SocketError.system(call: "recvmsg", errno: Errno(rawValue: errno))
             }
-            if n >= 0 { return n }
-            if errno == EINTR { continue }
-            if errno == EAGAIN || errno == EWOULDBLOCK { throw SocketError.timedOut("receive") }
-            throw SocketError.system(call: "recvmsg", errno: Errno(rawValue: errno))
         }
     }
 
