@@ -123,7 +123,7 @@ struct BenchCommand: ParsableCommand {
         }
         var segmentName = segment ?? ""
         if loopback {
-            let started = try startLoopbackTarget(configuration: configuration, environment: environment)
+            let started = try LoopbackTarget.start(bufferSize: bufferSize, location: location, configuration: configuration, environment: environment)
             (target, targetInput, segmentName) = (started.process, started.input, started.segment)
         }
 
@@ -281,35 +281,6 @@ struct BenchCommand: ParsableCommand {
             FileHandle.standardError.write(Data("wrote \(json)\n".utf8))
         }
         if !failures.isEmpty { throw EngineError.transferFailed("byte verification failed for: \(failures.joined(separator: ", "))") }
-    }
-
-    private func startLoopbackTarget(configuration: EngineConfiguration, environment: [String: String]) throws -> (process: Process, input: Pipe, segment: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-        process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--location", location,
-                             "--local-hostname", configuration.localHostname, "--protocol", configuration.protocolName]
-        // The target is another process on this host: it must not take this one's metrics port.
-        process.environment = environment.filter { $0.key != "MC_METRICS_PORT" }
-        let input = Pipe(), output = Pipe()
-        process.standardInput = input
-        process.standardOutput = output
-        try process.run()
-        // Read the READY line (bounded: the target prints it right after binding).
-        var line = Data()
-        let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline {
-            let chunk = output.fileHandleForReading.availableData
-            if chunk.isEmpty { break }
-            line.append(chunk)
-            if line.contains(UInt8(ascii: "\n")) { break }
-        }
-        let text = String(decoding: line, as: UTF8.self)
-        guard let readyLine = text.split(separator: "\n").first(where: { $0.hasPrefix("READY ") }),
-              let segmentField = readyLine.split(separator: " ").first(where: { $0.hasPrefix("segment=") }) else {
-            process.terminate()
-            throw EngineError.segmentUnavailable(name: "loopback target", reason: "it did not report READY (output: \(text.prefix(200)))")
-        }
-        return (process, input, String(segmentField.dropFirst("segment=".count)))
     }
 
     private func measure(_ engine: TransferEngine, op: TransferRequest.Operation, block: UInt64, batch: Int,

@@ -24,7 +24,7 @@ struct TransferEngineCommand: ParsableCommand {
         given by --config or MOONCAKE_CONFIG_PATH. Logging: --log-level / MC_LOG_LEVEL, --log-format / MC_LOG_FORMAT (text or json).
         """,
         version: TransferEngineVersion.string,
-        subcommands: [ServeCommand.self, BenchCommand.self, BenchMetadataCommand.self, BenchRouterCommand.self, LoadCommand.self, PluginsCommand.self, RouteCommand.self, MetadataServerCommand.self]
+        subcommands: [ServeCommand.self, BenchCommand.self, BenchMetadataCommand.self, BenchRouterCommand.self, BenchMetricsCommand.self, LoadCommand.self, PluginsCommand.self, RouteCommand.self, MetadataServerCommand.self]
     )
 }
 

@@ -50,6 +50,23 @@ struct CLITests {
         #expect(lines.dropFirst().enumerated().allSatisfy { $1?["case"] as? Int == $0 + 1 && ($1?["verified"] as? Bool) == true })
     }
 
+    @Test("bench-metrics measures an engine without and one with metrics in pairs; the metered one counted exactly its bytes")
+    func benchMetrics() throws {
+        let json = try TestSupport.temporaryDirectory().appendingPathComponent("metrics.json")
+        let (status, out, err) = try TestSupport.run(TestSupport.cli, [
+            "bench-metrics", "--loopback", "--block-sizes", "4KiB", "--batch-sizes", "1,4", "--operation", "write",
+            "--pairs", "3", "--window-seconds", "0.02", "--json", json.path,
+        ], environment: TestSupport.cleanEnvironment(), timeout: 180)
+        #expect(status == 0, "stderr: \(err)")
+        #expect(out.contains("on/off (median)") && out.contains("write 4 KiB x1") && out.contains("write 4 KiB x4"))
+        let document = try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any]
+        let results = document?["results"] as? [[String: Any]]
+        #expect(results?.count == 2)
+        #expect(results?.allSatisfy { ($0["ratios"] as? [Double])?.count == 3 && (($0["ratio_median"] as? Double) ?? 0) > 0 } == true)
+        let moved = document?["metered_bytes"] as? Int, counted = document?["counted_bytes"] as? Double
+        #expect(moved != nil && moved! > 0 && counted == Double(moved!), "moved \(String(describing: moved)), counted \(String(describing: counted))")
+    }
+
     @Test("bench --json-lines to an unwritable path is refused before anything runs")
     func benchJSONLinesUnwritable() throws {
         let (status, _, err) = try TestSupport.run(TestSupport.cli, ["bench", "--loopback", "--json-lines", "/nonexistent/dir/x.jsonl", "--duration", "0.1"],

@@ -63,6 +63,24 @@ struct MetricsTests {
         #expect((totals["te_transferred_bytes_total"].flatMap { if case .double(let v) = $0 { v } else { nil } } ?? 0) >= Double(4096 + 8192 + 3 * 65536))
     }
 
+    @Test("a registry kept from enable() shows the request counts once publish() ran (counts are added when the metrics are read)")
+    func keptRegistry() throws {
+        let kept = EngineMetricsRegistry.enable()
+        let (target, initiator, remote, local) = try engines()
+        defer { initiator.shutdown(); target.shutdown() }
+        let handle = try initiator.openSegment(target.segmentName)
+        let labels = ["operation": "write", "peer": target.segmentName]
+        func bytes() -> Double { MetricsSnapshot.sum(MetricsSnapshot.parse(kept.emitToString()), "te_transferred_bytes_total", where: labels) }
+        try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096)
+        EngineMetricsRegistry.publish()
+        #expect(bytes() == 4096)
+        try initiator.transferBatchSync([TransferRequest(operation: .write, localAddress: local.address, segment: handle,
+                                                         remoteAddress: remote.address, length: 8192)])
+        EngineMetricsRegistry.publish()
+        #expect(bytes() == 4096 + 8192)
+        #expect(kept.emitToString().contains("# TYPE te_requests_in_flight gauge"))
+    }
+
     @Test("the scrape is valid Prometheus text (promtool check metrics, where Debian's prometheus is installed)")
     func promtool() throws {
         let (target, initiator, remote, local) = try engines()

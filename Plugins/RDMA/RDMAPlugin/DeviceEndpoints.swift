@@ -14,7 +14,7 @@ import Musl
 extension RDMADevice {
     /// The QP's transport retry count: 7 as upstream, except on soft-RoCE (vendor 0xffffff), whose
     /// driver reads 7 as "retry forever" (as the verbs spec does only for the RNR count), so a
-    /// killed peer's work requests would wait for MC_SLICE_TIMEOUT instead of failing in about 0.4 s.
+    /// killed peer's work requests would wait for MC_SLICE_TIMEOUT instead of failing within a second.
     static func transportRetries(vendorID: UInt32) -> UInt8 { vendorID == 0xFF_FFFF ? 6 : 7 }
 
     /// Creates the QPs of a new endpoint (RESET state).

@@ -15,6 +15,8 @@ public enum EngineMetricsRegistry {
     static let durationBuckets: [Double] = [5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 5e-3, 2.5e-2, 0.1, 1, 10]
 
     /// Turns recording on for engines created from now on (idempotent); returns the registry.
+    /// Request counts reach it when it is read through `registry` or `text()`, or after `publish()`:
+    /// call that before rendering a reference kept from here.
     @discardableResult
     public static func enable() -> PrometheusCollectorRegistry {
         current.withLock { registry in
@@ -25,12 +27,20 @@ public enum EngineMetricsRegistry {
         }
     }
 
-    /// The registry, or nil while recording is off, with every count recorded so far added
-    /// (requests count into atomics of their own, added to the registry when it is read).
+    /// The registry, or nil while recording is off, with everything recorded so far in it
+    /// (`publish()` runs first).
     public static var registry: PrometheusCollectorRegistry? {
-        guard let registry = current.withLock({ $0 }) else { return nil }
-        PendingCounts.publish(factory: EngineMetricsFactory(registry: registry, buckets: durationBuckets))
-        return registry
+        guard current.withLock({ $0 }) != nil else { return nil }
+        publish()
+        return current.withLock { $0 }
+    }
+
+    /// Adds to the registry what requests counted into atomics of their own since the last call,
+    /// sets the in-flight gauge, and reads the plugins' per-device figures (nothing while off).
+    public static func publish() {
+        guard let factory else { return }
+        PendingCounts.publish(factory: factory)
+        DeviceMetrics.refresh()
     }
 
     /// The factory engines record through, or nil while recording is off.
@@ -51,10 +61,9 @@ public enum EngineMetricsRegistry {
         counters.handle(name, dimensions) { CoreMetrics.Counter(label: name, dimensions: dimensions, factory: factory) }.increment()
     }
 
-    /// The Prometheus text format of everything recorded so far ("" while off), with the plugins'
-    /// per-device figures read now.
+    /// The Prometheus text format of everything recorded so far ("" while off), published first
+    /// (the plugins' per-device figures read now).
     public static func text() -> String {
-        DeviceMetrics.refresh()
         guard let registry else { return "" }
         return registry.emitToString()
     }

@@ -37,11 +37,14 @@ enum PendingCounts {
         if amount > 0 { counter.increment(by: Int64(clamping: amount)) }
     }
 
+    /// Serializes setting the in-flight gauge, so two renders at once cannot leave the older reading.
+    private static let settingGauge = ConditionLock(())
+
     /// Publishes every tracked object (outside the lock) and sets the in-flight gauge.
     static func publish(factory: any MetricsFactory) {
         let live = tracked.withLock { Array($0.values) }
         for counts in live { counts.publish() }
-        Meter(label: "te_requests_in_flight", dimensions: [], factory: factory)
-            .set(Int64(requestsInFlight.load(ordering: .relaxed)))
+        let gauge = Meter(label: "te_requests_in_flight", dimensions: [], factory: factory)
+        settingGauge.withLock { _ in gauge.set(Int64(requestsInFlight.load(ordering: .relaxed))) }
     }
 }
