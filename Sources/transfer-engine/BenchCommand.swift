@@ -102,30 +102,15 @@ struct BenchCommand: ParsableCommand {
         var environment = ProcessInfo.processInfo.environment
         if let connections { environment["MC_TCP_LANES_PER_PEER"] = String(connections) }
         let configuration = try engine.resolve(logger: logger)
-        let blocks = try blockSizes.split(separator: ",").map { try ByteSize.parse(String($0)) }
-        let batches = try batchSizes.split(separator: ",").map { text -> Int in
-            guard let value = Int(text.trimmingCharacters(in: .whitespaces)), (1...4096).contains(value) else {
-                throw EngineError.invalidArgument("batch size '\(text)' (1...4096)")
-            }
-            return value
-        }
+        let blocks = try BenchLists.blocks(blockSizes)
+        let batches = try BenchLists.batches(batchSizes, limit: 4096)
         let localSize = try ByteSize.parse(bufferSize)
         let wrap = try workingSet.map { try ByteSize.parse($0) }
         if let wrap, wrap == 0 || wrap > localSize { throw EngineError.invalidArgument("--working-set must be in 1...\(localSize) bytes") }
-        guard blocks.allSatisfy({ $0 > 0 }) else { throw EngineError.invalidArgument("block sizes must be positive") }
 
-        var target: Process?
-        var targetInput: Pipe?
-        defer {
-            try? targetInput?.fileHandleForWriting.close()
-            target?.terminate()
-            target?.waitUntilExit()
-        }
-        var segmentName = segment ?? ""
-        if loopback {
-            let started = try LoopbackTarget.start(bufferSize: bufferSize, location: location, configuration: configuration, environment: environment)
-            (target, targetInput, segmentName) = (started.process, started.input, started.segment)
-        }
+        let target = loopback ? try LoopbackTarget.start(bufferSize: bufferSize, location: location, configuration: configuration, environment: environment) : nil
+        defer { target?.stop() }
+        let segmentName = target?.segment ?? segment ?? ""
 
         let endpoint = try metrics.start(host: configuration.metricsHost)
         defer { endpoint?.stop() }
@@ -168,7 +153,7 @@ struct BenchCommand: ParsableCommand {
 
         let streamReference = noReference ? nil : try StreamReference.loopbackTCP(seconds: 1.0)
 
-        let operations: [TransferRequest.Operation] = operation == "both" ? [.write, .read] : (operation == "read" ? [.read] : [.write])
+        let operations = BenchLists.operations(operation)
         let limit = min(localSize / (verify ? 2 : 1), remote.length)
         var cases: [(TransferRequest.Operation, UInt64, Int)] = []
         for op in operations {

@@ -61,30 +61,16 @@ struct BenchMetricsCommand: ParsableCommand {
 
     private func measureAll() throws {
         let logger = logging.logger()
-        let blocks = try blockSizes.split(separator: ",").map { try ByteSize.parse(String($0)) }
-        let batches = try batchSizes.split(separator: ",").map { text -> Int in
-            guard let value = Int(text.trimmingCharacters(in: .whitespaces)), (1...1024).contains(value) else {
-                throw EngineError.invalidArgument("batch size '\(text)' (1...1024)")
-            }
-            return value
-        }
-        guard blocks.allSatisfy({ $0 > 0 && $0 <= 64 << 20 }) else { throw EngineError.invalidArgument("block sizes must be in 1 B ... 64 MiB") }
+        let blocks = try BenchLists.blocks(blockSizes)
+        let batches = try BenchLists.batches(batchSizes, limit: 1024)
+        guard blocks.allSatisfy({ $0 <= 64 << 20 }) else { throw EngineError.invalidArgument("block sizes must be in 1 B ... 64 MiB") }
         // Both engines see the same settings, without the ones that turn metrics on: the first must record nothing.
         let environment = ProcessInfo.processInfo.environment.filter { !["MC_METRICS", "MC_TE_METRIC", "MC_METRICS_PORT"].contains($0.key) }
         let configuration = try engine.resolve(logger: logger)
         let span = blocks.max()! * UInt64(batches.max()!)
-        var target: Process?
-        var targetInput: Pipe?
-        defer {
-            try? targetInput?.fileHandleForWriting.close()
-            target?.terminate()
-            target?.waitUntilExit()
-        }
-        var segmentName = segment ?? ""
-        if loopback {
-            let started = try LoopbackTarget.start(bufferSize: String(span), location: "cpu:0", configuration: configuration, environment: environment)
-            (target, targetInput, segmentName) = (started.process, started.input, started.segment)
-        }
+        let target = loopback ? try LoopbackTarget.start(bufferSize: String(span), location: "cpu:0", configuration: configuration, environment: environment) : nil
+        defer { target?.stop() }
+        let segmentName = target?.segment ?? segment ?? ""
         let plain = try Side(configuration: configuration, environment: environment, logger: logger, segment: segmentName, span: span)
         defer { plain.close() }
         EngineMetricsRegistry.enable()
@@ -94,7 +80,7 @@ struct BenchMetricsCommand: ParsableCommand {
             throw EngineError.invalidConfiguration("could not make one engine without and one with metrics")
         }
 
-        let operations: [TransferRequest.Operation] = operation == "both" ? [.write, .read] : (operation == "read" ? [.read] : [.write])
+        let operations = BenchLists.operations(operation)
         var results: [[String: Any]] = []
         var rows: [[String]] = []
         var meteredBytes: UInt64 = 0

@@ -2,11 +2,28 @@ import Foundation
 import TransferEngine
 
 /// The target process `bench --loopback` and `bench-metrics --loopback` measure against.
-enum LoopbackTarget {
+final class LoopbackTarget {
+    let process: Process
+    /// Closing it stops the target (`serve --exit-on-stdin-close`).
+    let input: Pipe
+    /// The target's segment name.
+    let segment: String
+
+    private init(process: Process, input: Pipe, segment: String) {
+        (self.process, self.input, self.segment) = (process, input, segment)
+    }
+
+    /// Stops the target and waits for it.
+    func stop() {
+        try? input.fileHandleForWriting.close()
+        process.terminate()
+        process.waitUntilExit()
+    }
+
     /// Starts `transfer-engine serve` (this executable) with a buffer of `bufferSize` at `location`;
-    /// returns the process, its standard input (closing it stops the target) and its segment name.
+    /// the caller stops it.
     static func start(bufferSize: String, location: String, configuration: EngineConfiguration,
-                      environment: [String: String]) throws -> (process: Process, input: Pipe, segment: String) {
+                      environment: [String: String]) throws -> LoopbackTarget {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
         process.arguments = ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--location", location,
@@ -32,6 +49,6 @@ enum LoopbackTarget {
             process.terminate()
             throw EngineError.segmentUnavailable(name: "loopback target", reason: "it did not report READY (output: \(text.prefix(200)))")
         }
-        return (process, input, String(segmentField.dropFirst("segment=".count)))
+        return LoopbackTarget(process: process, input: input, segment: String(segmentField.dropFirst("segment=".count)))
     }
 }
