@@ -108,13 +108,20 @@ if rdma and rdma.get("protocol") == "rdma":
         for block in (64 << 10, MiB):
             r = result(rdma, op, block, 64)
             size = f"{block // 1024} KiB" if block < MiB else "1 MiB"
-            # Two pairs ran at once (the plugin's two posting threads): the ceiling is their sum.
-            pairs = [perftest(f"perftest-{op}-bw-{block}{suffix}.txt") for suffix in ("", "-2")]
-            ceiling = sum(pairs) if all(p is not None for p in pairs) else None
+            # Two pairs ran at once (the plugin's two posting threads): the ceiling is their sum,
+            # the better of the runs before and after the bench.
+            sums = []
+            for run in ("", "-again"):
+                pairs = [perftest(f"perftest-{op}-bw-{block}{run}{suffix}.txt") for suffix in ("", "-2")]
+                if all(p is not None for p in pairs):
+                    sums.append(sum(pairs))
+            ceiling = max(sums) if sums else None
             row(f"rdma {op} {size} x64 (soft-RoCE guest)", r and r["gbps"], "GB/s", ceiling, f"ib_{op}_bw x2 pairs, same boot",
                 ceiling=True)
     r = result(rdma, "write", 4096, 1)
-    row("rdma write 4 KiB median latency (soft-RoCE guest)", r and r["p50_us"], "us", perftest("perftest-write-lat-4096.txt"),
+    # The better (lower) of the runs before and after the bench.
+    lats = [v for v in (perftest("perftest-write-lat-4096.txt"), perftest("perftest-write-lat-4096-again.txt")) if v is not None]
+    row("rdma write 4 KiB median latency (soft-RoCE guest)", r and r["p50_us"], "us", min(lats) if lats else None,
         "ib_write_lat typical, same boot", better="lower", ceiling=True)
 
 # cxl on the emulated CXL device against memcpy into/out of the same device mapping (scripts/vm/cxl-bench.sh).
@@ -124,7 +131,8 @@ if os.path.exists(os.path.join(out, "dax-memcpy.txt")):
     for line in open(os.path.join(out, "dax-memcpy.txt")):
         parts = line.split()
         if len(parts) == 4 and parts[0] == "memcpy":
-            dax[(parts[1], int(parts[2]))] = float(parts[3])
+            key = (parts[1], int(parts[2]))  # measured before and after the bench: the better counts
+            dax[key] = max(dax.get(key, 0.0), float(parts[3]))
 if cxl and cxl.get("protocol") == "cxl":
     for op in ("write", "read"):
         for block in (4096, MiB, 64 * MiB):
