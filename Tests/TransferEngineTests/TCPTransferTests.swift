@@ -156,6 +156,42 @@ struct TCPTransferTests {
         }
     }
 
+    @Test("pipelined reads on one connection: a request the peer refuses fails with those behind it in its run; the run sent after it goes again and completes")
+    func pipelinedReadRefused() throws {
+        let target = try makeEngine()
+        defer { target.shutdown() }
+        let served = TestBuffer(48 << 20)
+        served.fillPattern(seed: 9)
+        let doomed = TestBuffer(1 << 20)
+        try target.registerMemory(address: served.address, length: UInt64(served.count))
+        try target.registerMemory(address: doomed.address, length: UInt64(doomed.count))
+        // One lane, so its runs (32 reads of 512 KiB each) follow each other on one connection.
+        let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment(["MC_TCP_LANES_PER_PEER": "1"]))
+        defer { engine.shutdown() }
+        let local = TestBuffer(48 << 20)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(target.segmentName)
+        try target.unregisterMemory(address: doomed.address)  // the initiator's copy of the descriptor still lists it
+        let block = 512 << 10
+        let refused = 40  // in the second run; the third is sent before the second's answers are read
+        let requests = (0..<96).map { i in
+            TransferRequest(operation: .read, localAddress: local.address + UInt64(i * block), segment: handle,
+                            remoteAddress: i == refused ? doomed.address : served.address + UInt64(i * block), length: UInt64(block))
+        }
+        let batch = try engine.allocateBatch(capacity: requests.count)
+        try engine.submit(requests, to: batch)
+        #expect(try engine.wait(batch: batch, timeoutNs: 60_000_000_000))
+        let statuses = try engine.statuses(batch: batch)
+        #expect(statuses[refused].state == .failed && statuses[refused].error?.contains("ADDR_REJECTED") == true, "\(statuses[refused])")
+        #expect(statuses[..<refused].allSatisfy { $0.state == .completed })
+        #expect(statuses[(refused + 1)...].contains { $0.error?.contains("connection lost") == true }, "the refusal closed the connection")
+        #expect(statuses[64...].allSatisfy { $0.state == .completed }, "the run sent behind the refused one was not sent again")
+        for i in statuses.indices where statuses[i].state == .completed {
+            #expect(local.equals(served, offset: i * block, otherOffset: i * block, length: block), "read \(i)")
+        }
+        #expect(engine.activeProtocols == ["tcp"])
+    }
+
     @Test("notifications and probes travel over the handshake port")
     func notifyAndProbe() throws {
         let receiver = try makeEngine()

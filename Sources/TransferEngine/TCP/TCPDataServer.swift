@@ -136,7 +136,7 @@ final class TCPDataServer: @unchecked Sendable {
                     logger.warning("tcp data: refused unknown opcode 0x\(String(opcode, radix: 16)) from \(peer); closing the connection", metadata: ["peer": "\(peer)"])
                     if opcode & TCPWire.v2Flag != 0 { pendingAcks.append(TCPWire.statusFrame(.addressRejected)) }
                     try? flushAcks()
-                    connection.shutdownWrite()
+                    endAfterRefusal(connection)
                     return
                 }
                 if header.operation == .read, header.acknowledged, try serveReadGroup(first: header, on: connection, flushAcks: flushAcks) {
@@ -172,13 +172,38 @@ final class TCPDataServer: @unchecked Sendable {
                         pendingAcks.append(TCPWire.statusFrame(.addressRejected))
                     }
                     try? flushAcks()
-                    connection.shutdownWrite()
+                    endAfterRefusal(connection)
                     return
                 }
             } catch {
                 if !acceptor.isStopped {
                     logger.debug("tcp data: connection from \(peer) ended: \(error)")
                 }
+                return
+            }
+        }
+    }
+
+    /// Ends a connection after refusing a request. The peer may have sent more requests already;
+    /// closing with their bytes unread would reset the connection, and a reset drops what is still
+    /// queued here for the peer: the answers to the requests before the refused one, and the
+    /// refusal itself. So the write side is shut (the peer reads all of it, then the end of the
+    /// stream) and input is dropped until the peer closes, for at most 2 s and 64 MiB.
+    private func endAfterRefusal(_ connection: Socket) {
+        connection.shutdownWrite()
+        connection.setTimeouts(receiveMs: 100, sendMs: payloadTimeoutMs)
+        let deadline = MonotonicClock.nanoseconds() + 2_000_000_000
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: 64 << 10, alignment: 16)
+        defer { scratch.deallocate() }
+        var dropped = 0
+        while dropped < 64 << 20, MonotonicClock.nanoseconds() < deadline {
+            do {
+                let n = try connection.receiveSome(scratch, count: 64 << 10)
+                if n == 0 { return }
+                dropped += n
+            } catch SocketError.timedOut {
+                continue
+            } catch {
                 return
             }
         }
