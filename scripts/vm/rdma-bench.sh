@@ -1,6 +1,6 @@
 #!/bin/bash
 # Runs INSIDE the rxe guest (scripts/vm/run-in-rxe-guest.sh --script scripts/vm/rdma-bench.sh):
-# perftest (ib_write_bw, ib_read_bw, ib_write_lat) and `transfer-engine bench --protocol rdma`
+# perftest (ib_write_bw, ib_read_bw, ib_read_lat) and `transfer-engine bench --protocol rdma`
 # in the same boot, so their ratio is the figure (absolute numbers are emulation speed). The
 # bandwidth ceilings run two perftest pairs at once (summed), as the plugin posts from two threads.
 # Writes out/perftest-*.txt and out/bench-rdma.json; scripts/bench_summary.py prints the ratios.
@@ -42,10 +42,15 @@ bandwidth_ceilings() { # file suffix ("" before the bench, "-again" after it)
 echo "== perftest on $DEV (GID index $GIDX)"
 rm -f out/perftest-*-again*.txt
 bandwidth_ceilings ""
-latency_ceiling() { # file suffix, as bandwidth_ceilings
-    echo -n "ib_write_lat 4096: "; pair out/perftest-write-lat-4096$1.txt ib_write_lat -d "$DEV" -x "$GIDX" -s 4096 -n $([ "${TE_QUICK:-0}" = 1 ] && echo 200 || echo 2000) -F
+sync_ceilings() { # file suffix, as bandwidth_ceilings: one 4 KiB transfer at a time, as a synchronous one
+    # is posted and completed. Writes: ib_write_bw with one in flight (its rate is 4 KiB over the
+    # mean time per write). Reads: ib_read_lat (one read and its completion per sample, median).
+    # (ib_write_lat reports half of a ping-pong in which both sides poll memory: not a completed write.)
+    local n=$([ "${TE_QUICK:-0}" = 1 ] && echo 200 || echo 2000)
+    echo -n "ib_write_bw 4096, one in flight: "; pair out/perftest-write-bw-4096-t1$1.txt ib_write_bw -d "$DEV" -x "$GIDX" -s 4096 -t 1 -n $n --report_gbits -F
+    echo -n "ib_read_lat 4096: "; pair out/perftest-read-lat-4096$1.txt ib_read_lat -d "$DEV" -x "$GIDX" -s 4096 -n $n -F
 }
-latency_ceiling ""
+sync_ceilings ""
 echo "== transfer-engine bench --protocol rdma ($BIN)"
 MC_STRICT_PROTOCOL=1 MC_TRANSPORT_PLUGIN_PATH=$PWD/$BIN timeout 600 "$BIN/transfer-engine" bench --loopback --protocol rdma \
     --block-sizes 4KiB,64KiB,1MiB --batch-sizes 1,64 --duration ${TE_DURATION:-2} --working-set 8MiB --no-reference \
@@ -55,5 +60,5 @@ bench_rc=${PIPESTATUS[0]}
 # ceiling measured only before let short quick runs read above it.
 echo "== perftest again, after the bench"
 bandwidth_ceilings "-again"
-latency_ceiling "-again"
+sync_ceilings "-again"
 exit "$bench_rc"
