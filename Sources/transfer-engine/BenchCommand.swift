@@ -270,18 +270,8 @@ struct BenchCommand: ParsableCommand {
 
     private func measure(_ engine: TransferEngine, op: TransferRequest.Operation, block: UInt64, batch: Int,
                          local: UInt64, handle: SegmentHandle, remote: UInt64, wrap: UInt64?) throws -> BenchResult {
-        let requests = (0..<batch).map { i in
-            let offset = wrap.map { (UInt64(i) * block) % ($0 - $0 % block) } ?? UInt64(i) * block
-            return TransferRequest(operation: op, localAddress: local + offset, segment: handle, remoteAddress: remote + offset, length: block)
-        }
-        func once() throws {
-            if batch == 1 {
-                try engine.transferSync(op, localAddress: local, segment: handle, remoteAddress: remote, length: block)
-            } else {
-                try engine.transferBatchSync(requests)
-            }
-        }
-        try once()  // warm-up: connections and lanes exist before timing
+        let benchCase = BenchCase(engine: engine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote, wrap: wrap)
+        try benchCase.once()  // warm-up: connections and lanes exist before timing
         // Options read once: an ArgumentParser property read per iteration showed in profiles.
         let limit = maxIterations
         var latencies: [UInt64] = []
@@ -290,7 +280,7 @@ struct BenchCommand: ParsableCommand {
         let end = start + UInt64(duration * 1e9)
         while latencies.count < limit {
             let t0 = MonotonicClock.nanoseconds()
-            try once()
+            try benchCase.once()
             let t1 = MonotonicClock.nanoseconds()
             latencies.append(t1 - t0)
             if t1 >= end { break }

@@ -83,7 +83,6 @@ struct BenchMetricsCommand: ParsableCommand {
         let operations = BenchLists.operations(operation)
         var results: [[String: Any]] = []
         var rows: [[String]] = []
-        var meteredBytes: UInt64 = 0
         for op in operations {
             for block in blocks {
                 for batch in batches where block * UInt64(batch) <= metered.remoteLength {
@@ -111,7 +110,7 @@ struct BenchMetricsCommand: ParsableCommand {
                 }
             }
         }
-        meteredBytes = metered.movedBytes
+        let meteredBytes = metered.movedBytes
         // The metered engine's own count must match what it moved (the plain one records nothing).
         let counted = MetricsSnapshot.sum(MetricsSnapshot.parse(EngineMetricsRegistry.text()), "te_transferred_bytes_total")
         print("\(pairs) pairs of \(windowSeconds) s windows per case; segment \(segmentName); metered engine moved \(meteredBytes) bytes, its metrics counted \(UInt64(counted))")
@@ -178,19 +177,13 @@ private final class Side {
     /// Runs the case for `seconds`; bytes moved are added to `movedBytes`.
     @discardableResult
     func run(_ op: TransferRequest.Operation, block: UInt64, batch: Int, seconds: Double) throws -> (gbps: Double, iterations: Int) {
-        let base = UInt64(UInt(bitPattern: local))
-        let requests = (0..<batch).map { i in
-            TransferRequest(operation: op, localAddress: base + UInt64(i) * block, segment: handle, remoteAddress: remote + UInt64(i) * block, length: block)
-        }
+        let benchCase = BenchCase(engine: engine, op: op, block: block, batch: batch, local: UInt64(UInt(bitPattern: local)), handle: handle,
+                                  remote: remote)
         let start = MonotonicClock.nanoseconds(), end = start + UInt64(seconds * 1e9)
         var iterations = 0
         var now = start
         repeat {
-            if batch == 1 {
-                try engine.transferSync(op, localAddress: base, segment: handle, remoteAddress: remote, length: block)
-            } else {
-                try engine.transferBatchSync(requests)
-            }
+            try benchCase.once()
             iterations += 1
             now = MonotonicClock.nanoseconds()
         } while now < end && iterations < 10_000_000

@@ -16,7 +16,7 @@ extension TransferEngine {
         try meteredSync(planned, metrics, operation, localAddress: localAddress, remoteAddress: remoteAddress, length: length)
     }
 
-    /// A synchronous transfer counted in the metrics (`planned` borrowed: no copy of its references).
+    /// A synchronous transfer counted in the metrics.
     private func meteredSync(_ planned: borrowing Planned, _ metrics: EngineMetrics, _ operation: TransferRequest.Operation,
                              localAddress: UInt64, remoteAddress: UInt64, length: UInt64) throws {
         let meter = planned.syncMeter ?? keptSyncMeter(metrics, planned, operation)
