@@ -70,27 +70,28 @@ row("write 64 MiB, one sync transfer", r and r["gbps"], "GB/s", iperf_gbps, "ipe
 row("write 64 MiB, one sync transfer", r and r["gbps"], "GB/s", stream, "in-process TCP stream")
 # tcp against raw libfabric tcp;ofi_rxm round by round (each round: the probe, then ours, adjacent):
 # the medians, the median of the rounds' ratios, and every round's ratio; a round behind is named.
-probe_rounds = [(ws8, libfabric)]
-while os.path.exists(os.path.join(out, f"bench-ws8-round{len(probe_rounds) + 1}.json")):
-    n = len(probe_rounds) + 1
-    probe_rounds.append((load(f"bench-ws8-round{n}.json"), probe(f"fi_rma_probe-round{n}.txt")))
+probe_rounds = [(1, ws8, libfabric)]
+for n in range(2, 10):
+    if os.path.exists(os.path.join(out, f"fi_rma_probe-round{n}.txt")):
+        probe_rounds.append((n, load(f"bench-ws8-round{n}.json"), probe(f"fi_rma_probe-round{n}.txt")))
 for op in ("write", "read"):
     for block in (1 * MiB, 4 * MiB):
         what = f"{op} {block // MiB} MiB x64, 8 MiB working set"
-        pairs = [(r["gbps"], ref[(op, block)]) for doc, ref in probe_rounds
-                 for r in [result(doc, op, block, 64)] if r and ref.get((op, block))]
-        if not pairs:
+        rounds = [(n, r["gbps"], ref[(op, block)]) for n, doc, ref in probe_rounds
+                  for r in [result(doc, op, block, 64)] if r and ref.get((op, block))]
+        if not rounds:
             r = result(ws8, op, block, 64)
             row(what, r and r["gbps"], "GB/s", None, "libfabric tcp;ofi_rxm")
             continue
-        ratios = [a / b for a, b in pairs]
-        behind = [str(i + 1) for i, x in enumerate(ratios) if x < 1.0]
-        rounds = f"median of {len(pairs)} rounds" if len(pairs) > 1 else "one round"
-        rows.append((what, f"{statistics.median(a for a, _ in pairs):.3f} GB/s",
-                     f"{statistics.median(b for _, b in pairs):.3f} GB/s (libfabric tcp;ofi_rxm, {rounds})",
-                     f"{statistics.median(ratios):.2f}x" + (f"  behind it in round {', '.join(behind)}" if behind else "")))
-        if len(pairs) > 1:
-            rows.append((f"  (round by round: {', '.join(f'{x:.2f}x' for x in ratios)})", "", "", ""))
+        ratios = [(n, a / b) for n, a, b in rounds]
+        behind = [str(n) for n, x in ratios if x < 1.0]
+        label = f"medians of {len(rounds)} rounds" if len(rounds) > 1 else "one round"
+        rows.append((what, f"{statistics.median(a for _, a, _ in rounds):.3f} GB/s",
+                     f"{statistics.median(b for _, _, b in rounds):.3f} GB/s (libfabric tcp;ofi_rxm, {label})",
+                     f"{statistics.median(x for _, x in ratios):.2f}x" + (" (median round)" if len(rounds) > 1 else "")
+                     + (f"  behind it in round {', '.join(behind)}" if behind else "")))
+        if len(rounds) > 1:
+            rows.append((f"  (round by round: {', '.join(f'{n}: {x:.2f}x' for n, x in ratios)})", "", "", ""))
 if bench:
     row("first operation to a new peer", bench["first_operation_us"], "us", official and official["first_operation_us"], "official engine", better="lower")
 

@@ -77,6 +77,38 @@ struct HostileInputTests {
         #expect(try target.stillServes())
     }
 
+    @Test("a refused read ends its connection without a reset: a peer that reads late still gets every answer queued before it")
+    func refusalKeepsQueuedAnswers() throws {
+        let target = try Target()
+        let big = TestBuffer(8 << 20, fill: 0x3C)
+        try target.engine.registerMemory(address: big.address, length: UInt64(big.count))
+        let socket = try target.connectData()
+        defer { socket.close() }
+        socket.setBufferSizes(64 << 10)
+        // Two 4 MiB reads, one outside every registered buffer, and one more the server never reads:
+        // closing with it unread would reset the connection and drop what is still queued to send.
+        let headers = [TCPWire.Header(size: 4 << 20, address: big.address, operation: .read, acknowledged: true),
+                       TCPWire.Header(size: 4 << 20, address: big.address + (4 << 20), operation: .read, acknowledged: true),
+                       TCPWire.Header(size: 16, address: 0x10, operation: .read, acknowledged: true),
+                       TCPWire.Header(size: 16, address: big.address, operation: .read, acknowledged: true)].flatMap(\.bytes)
+        try headers.withUnsafeBytes { try socket.sendAll([$0]) }
+        usleep(300_000)  // the server fills its send buffer and waits for this side to read
+        let data = TestBuffer(8 << 20)
+        var statuses = [UInt64](repeating: 0, count: 3)
+        try statuses.withUnsafeMutableBufferPointer { frames in
+            try socket.receiveAll([UnsafeMutableRawBufferPointer(start: frames.baseAddress, count: 8),
+                                   UnsafeMutableRawBufferPointer(start: data.pointer, count: 4 << 20),
+                                   UnsafeMutableRawBufferPointer(start: frames.baseAddress! + 1, count: 8),
+                                   UnsafeMutableRawBufferPointer(start: data.pointer + (4 << 20), count: 4 << 20),
+                                   UnsafeMutableRawBufferPointer(start: frames.baseAddress! + 2, count: 8)])
+        }
+        #expect(statuses.map(TCPWire.decodeStatusFrame) == [TCPWire.Status.ok.rawValue, TCPWire.Status.ok.rawValue, TCPWire.Status.addressRejected.rawValue])
+        #expect(data.equals(big, length: big.count))
+        var byte: UInt8 = 0
+        #expect(try socket.receiveSome(&byte, count: 1) == 0, "the connection ends after the refusal")
+        #expect(try target.stillServes())
+    }
+
     @Test("unknown opcodes on the data port are refused (v2: a rejection status), never served as a READ of registered memory")
     func unknownOpcodes() throws {
         let target = try Target()

@@ -33,12 +33,7 @@ extension Socket {
     /// with a `deadline` (monotonic ns) the whole send fails once it passes, not only one call, and
     /// with `callLimitMs` (the socket's timeouts) no call waits past it either.
     func sendAll(_ parts: [UnsafeRawBufferPointer], deadline: UInt64? = nil, callLimitMs: Int = 0) throws {
-        try sendAll(count: parts.count, { parts[$0] }, deadline: deadline, callLimitMs: callLimitMs)
-    }
-
-    /// `sendAll` over `count` regions given by `part` (no array of them is built).
-    func sendAll(count: Int, _ part: (Int) -> UnsafeRawBufferPointer, deadline: UInt64? = nil, callLimitMs: Int = 0) throws {
-        try Self.withVectors(count, part) { vectors in
+        try Self.withVectors(parts.count, { parts[$0] }) { vectors in
             var index = 0
             while index < vectors.count {
                 if let deadline { try bound(by: deadline, callLimitMs: callLimitMs, "send") }
@@ -114,12 +109,7 @@ extension Socket {
     /// With a `deadline` (monotonic ns) it fails once that passes, and with `callLimitMs` (the
     /// socket's timeouts) no call waits past it.
     func receiveAll(_ parts: [UnsafeMutableRawBufferPointer], deadline: UInt64? = nil, callLimitMs: Int = 0) throws {
-        try receiveAll(count: parts.count, { parts[$0] }, deadline: deadline, callLimitMs: callLimitMs)
-    }
-
-    /// `receiveAll` over `count` regions given by `part` (no array of them is built).
-    func receiveAll(count: Int, _ part: (Int) -> UnsafeMutableRawBufferPointer, deadline: UInt64? = nil, callLimitMs: Int = 0) throws {
-        try Self.withVectors(count, { UnsafeRawBufferPointer(part($0)) }) { vectors in
+        try Self.withVectors(parts.count, { UnsafeRawBufferPointer(parts[$0]) }) { vectors in
             let expected = vectors.reduce(0) { $0 + $1.iov_len }
             var total = 0
             var index = 0

@@ -194,34 +194,21 @@ final class TCPChannel: @unchecked Sendable {
         return run
     }
 
-    /// A run a lane sent and has yet to collect, and the connection it went out on.
-    private struct InFlight {
-        var slices: [TransferSlice]
-        var sent: SentRun
-        var socket: Socket
-    }
-
     private func laneLoop() {
         var socket: Socket?
         defer { socket?.close() }
         let wakeup = LaneWakeup()
-        // A read run may wait for its data while the lane sends the next run's headers, so the peer
-        // does not idle between runs. Only reads: a write sent while a read's data comes back would
-        // wait for a peer that waits for this lane, and pipelined writes measured slower.
-        var inFlight: InFlight?
         while true {
             // Take work, or register as idle; a lane that leaves work queued wakes another.
-            enum Next { case run([TransferSlice], helper: LaneWakeup?, spawn: Bool), collect, idle, closed }
-            let follows = inFlight.flatMap { $0.sent.awaitsAnswers ? $0.slices[0].operation : nil }
+            enum Next { case run([TransferSlice], helper: LaneWakeup?, spawn: Bool), idle, closed }
             let next: Next = state.withLock { state in
-                if inFlight == nil || (follows == .read && state.queue.first?.operation == .read), let run = Self.takeRun(from: &state) {
+                if let run = Self.takeRun(from: &state) {
                     guard !state.queue.isEmpty else { return .run(run, helper: nil, spawn: false) }
                     if let helper = state.idle.popLast() { return .run(run, helper: helper, spawn: false) }
                     guard state.lanes < settings.maxLanes else { return .run(run, helper: nil, spawn: false) }
                     state.lanes += 1
                     return .run(run, helper: nil, spawn: true)
                 }
-                if inFlight != nil { return .collect }
                 if state.closed { state.lanes -= 1; return .closed }
                 wakeup.woken.withLock { $0 = false }
                 state.idle.append(wakeup)
@@ -244,35 +231,22 @@ final class TCPChannel: @unchecked Sendable {
                     if retire { state.notifyAll(); return }
                 }
                 continue
-            case .collect:
-                finish(inFlight!, socket: &socket, lastOnSocket: true)
-                inFlight = nil
             case .run(let run, let helper, let spawn):
                 if let helper { helper.woken.withLock(notify: true) { $0 = true } }
                 if spawn { startLane() }
-                let started = start(run, socket: &socket)
-                if let previous = inFlight {
-                    inFlight = nil
-                    let sameSocket = started.map { $0.socket === previous.socket } ?? false
-                    if !finish(previous, socket: &socket, lastOnSocket: !sameSocket), let started, sameSocket {
-                        // Its connection broke under the run before it: it goes again on a new one.
-                        requeue(started)
-                        continue
-                    }
-                }
-                inFlight = started
+                process(run, socket: &socket)
             }
         }
     }
 
-    /// Sends one run on the lane's connection (connecting first if needed). Slices of a canceled
-    /// batch, or past their deadline, are dropped unsent. Nil when nothing went out.
-    private func start(_ run: [TransferSlice], socket: inout Socket?) -> InFlight? {
+    /// Executes one run on the lane's connection and reports each slice. Slices of a canceled
+    /// batch, or past their deadline, are dropped unsent; the run's I/O stops at its nearest deadline.
+    private func process(_ run: [TransferSlice], socket: inout Socket?) {
         var run = run
         if run.contains(where: { $0.token.batch.isCanceled }) {
             fail(run.filter { $0.token.batch.isCanceled }, "canceled before it was sent")
             run.removeAll { $0.token.batch.isCanceled }
-            if run.isEmpty { return nil }
+            if run.isEmpty { return }
         }
         let now = MonotonicClock.nanoseconds()
         if run.contains(where: { $0.deadline != 0 && $0.deadline <= now }) {
@@ -281,42 +255,34 @@ final class TCPChannel: @unchecked Sendable {
                                    rejected: true)
             }
             run.removeAll { $0.deadline != 0 && $0.deadline <= now }
-            if run.isEmpty { return nil }
+            if run.isEmpty { return }
         }
         let deadline = run.reduce(UInt64.max) { $1.deadline == 0 ? $0 : min($0, $1.deadline) }
         if socket == nil {
             do { socket = try takeSocket() } catch {
                 fail(run, "connect to \(host):\(port): \(error)")
-                return nil
+                return
             }
         }
-        let connection = socket!
+        let id = ObjectIdentifier(socket!)
         let admitted = state.withLock { state -> Bool in
             guard !state.closed else { return false }
-            state.busySockets[ObjectIdentifier(connection)] = connection
+            state.busySockets[id] = socket!
             return true
         }
         guard admitted else {
             fail(run, "tcp channel to \(host):\(port) closed")
-            return nil
+            return
         }
-        let sent = sendRun(run.map { Step(operation: $0.operation == .read ? .read : .write, localAddress: $0.localAddress,
-                                          remoteAddress: $0.remoteAddress, length: $0.length) }, on: connection,
-                           deadline: deadline == UInt64.max ? 0 : deadline)
-        return InFlight(slices: run, sent: sent, socket: connection)
-    }
-
-    /// Collects a sent run's answers and reports each slice; a broken connection is discarded.
-    /// Returns whether the connection is still usable.
-    @discardableResult
-    private func finish(_ flight: InFlight, socket: inout Socket?, lastOnSocket: Bool) -> Bool {
-        let outcome = collectRun(flight.sent, on: flight.socket)
-        if lastOnSocket || !outcome.healthy { state.withLock { _ = $0.busySockets.removeValue(forKey: ObjectIdentifier(flight.socket)) } }
+        let outcome = performRun(run.map { Step(operation: $0.operation == .read ? .read : .write, localAddress: $0.localAddress,
+                                                remoteAddress: $0.remoteAddress, length: $0.length) }, on: socket!,
+                                 deadline: deadline == UInt64.max ? 0 : deadline)
+        state.withLock { _ = $0.busySockets.removeValue(forKey: id) }
         // Successes are reported per batch, so each batch takes its lock once per run; a failure
         // goes through its token (which may resubmit it on another path).
         var reports: [ObjectIdentifier: (Batch, [(task: Int, bytes: UInt64, error: String?)])] = [:]
         let finishedAt = MonotonicClock.nanoseconds()
-        for (slice, runError) in zip(flight.slices, outcome.errors) {
+        for (slice, runError) in zip(run, outcome.errors) {
             if var error = runError {
                 // The run stopped at its nearest deadline: only the slices whose own deadline passed
                 // end there; the others lost their connection and may go to another path.
@@ -329,23 +295,9 @@ final class TCPChannel: @unchecked Sendable {
             }
         }
         for (batch, slices) in reports.values { batch.slicesFinished(slices) }
-        if !outcome.healthy {
-            if socket === flight.socket { socket = nil }
-            Self.discard(flight.socket, after: outcome)
+        if !outcome.healthy, let broken = socket {
+            Self.discard(broken, after: outcome)
+            socket = nil
         }
-        return outcome.healthy
-    }
-
-    /// Puts a sent run back at the head of the queue without reading from its (broken, already
-    /// discarded) connection: none of its answers were read, so nothing of it landed here, and its
-    /// requests go out again on a new connection. A closed channel fails them instead.
-    private func requeue(_ flight: InFlight) {
-        flight.sent.release()
-        let requeued = state.withLock { state -> Bool in
-            guard !state.closed else { return false }
-            state.queue.prepend(contentsOf: flight.slices)
-            return true
-        }
-        if !requeued { fail(flight.slices, "tcp channel to \(host):\(port) closed") }
     }
 }

@@ -13,7 +13,8 @@ import Musl
 /// One thread per connection runs the request loop: read a 24-byte header,
 /// check the range against the registry, then move the payload directly
 /// between the socket and the registered memory. A rejected request gets an
-/// ADDR_REJECTED status (v2) and the connection is closed, as upstream does.
+/// ADDR_REJECTED status (v2) and the connection ends, as upstream's does: its write
+/// side is shut and input drained first, so the answers before it still arrive.
 final class TCPDataServer: @unchecked Sendable {
     private let registry: MemoryRegistry
     private let logger: Logger
