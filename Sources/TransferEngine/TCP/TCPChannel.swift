@@ -178,16 +178,23 @@ final class TCPChannel: @unchecked Sendable {
 
     /// Longest run of same-direction slices a lane pipelines on its connection.
     private static let maxRunCount = 64
-    /// Byte budget of one run, so a run does not starve the other lanes.
-    private static let maxRunBytes: UInt64 = 16 << 20
+    /// Byte budget of one run of reads, so a run does not starve the other lanes. A lane asks for
+    /// the next run only after this one's data arrived, so shorter runs leave the server idle more
+    /// often (README, "Performance").
+    private static let maxReadRunBytes: UInt64 = 16 << 20
+    /// Byte budget of one run of writes. Short runs spread a batch (or one large request) over the
+    /// lanes in small turns, and keep the bytes in flight on a connection few enough to stay in
+    /// cache while the server copies them (README, "Performance").
+    private static let maxWriteRunBytes: UInt64 = 2 << 20
 
     /// Takes the next run: the first queued slice plus following slices of the same direction.
     private static func takeRun(from state: inout State) -> [TransferSlice]? {
         guard let first = state.queue.popFirst() else { return nil }
         var run = [first]
         var bytes = first.length
+        let budget = first.operation == .write ? maxWriteRunBytes : maxReadRunBytes
         while run.count < maxRunCount, let candidate = state.queue.first, candidate.operation == first.operation,
-              bytes + candidate.length <= maxRunBytes {
+              bytes + candidate.length <= budget {
             run.append(state.queue.removeFirst())
             bytes += candidate.length
         }
