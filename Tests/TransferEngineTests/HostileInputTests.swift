@@ -86,7 +86,7 @@ struct HostileInputTests {
         defer { socket.close() }
         socket.setBufferSizes(64 << 10)
         // Two 4 MiB reads, one outside every registered buffer, and one more the server never reads:
-        // closing with it unread would reset the connection and drop what is still queued to send.
+        // closing with it unread resets the connection, which can drop what is still queued to send.
         let headers = [TCPWire.Header(size: 4 << 20, address: big.address, operation: .read, acknowledged: true),
                        TCPWire.Header(size: 4 << 20, address: big.address + (4 << 20), operation: .read, acknowledged: true),
                        TCPWire.Header(size: 16, address: 0x10, operation: .read, acknowledged: true),
