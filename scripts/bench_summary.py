@@ -88,7 +88,7 @@ for op in ("write", "read"):
         label = f"medians of {len(rounds)} rounds" if len(rounds) > 1 else "one round"
         rows.append((what, f"{statistics.median(a for _, a, _ in rounds):.3f} GB/s",
                      f"{statistics.median(b for _, _, b in rounds):.3f} GB/s (libfabric tcp;ofi_rxm, {label})",
-                     f"{statistics.median(x for _, x in ratios):.2f}x" + (" (median round)" if len(rounds) > 1 else "")
+                     f"{statistics.median(x for _, x in ratios):.2f}x" + (" (median of round ratios)" if len(rounds) > 1 else "")
                      + (f"  behind it in round {', '.join(behind)}" if behind else "")))
         if len(rounds) > 1:
             rows.append((f"  (round by round: {', '.join(f'{n}: {x:.2f}x' for n, x in ratios)})", "", "", ""))
@@ -117,9 +117,12 @@ def perftest(name):
     for i, line in enumerate(lines):
         if "#bytes" in line and i + 1 < len(lines):
             fields = lines[i + 1].split()
-            if "t_typical" in line:
-                return float(fields[line.split().index("t_typical[usec]")])
-            return float(fields[3]) / 8  # BW average [Gb/s] -> GB/s
+            try:  # a run that failed prints an error line under the header
+                if "t_typical" in line:
+                    return float(fields[line.split().index("t_typical[usec]")])
+                return float(fields[3]) / 8  # BW average [Gb/s] -> GB/s
+            except (ValueError, IndexError):
+                return None
     return None
 
 

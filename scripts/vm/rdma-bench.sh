@@ -14,7 +14,7 @@ GIDX=$(grep -l "$(printf '0000:0000:0000:0000:0000:ffff:%02x%02x:%02x%02x' ${IP/
 mkdir -p out
 pair() { # output-file command args... (server, then client to $IP)
     local out=$1; shift
-    "$@" >/dev/null 2>&1 &
+    timeout 150 "$@" >/dev/null 2>&1 &
     local server=$!
     sleep 1
     timeout 120 "$@" "$IP" > "$out" 2>&1
