@@ -165,19 +165,26 @@ struct BenchCommand: ParsableCommand {
 
         // The copy ceiling between the halves of this side's buffer where it is host memory and large
         // enough (nil otherwise): the better of glibc memcpy and cache-bypassing stores (what a
-        // transport may use for large blocks), each measured twice, since a ceiling is the best figure.
-        func copyCeiling(_ block: UInt64) -> Double? {
-            guard localOnHost, block <= localSize / 2, let base = UnsafeMutableRawPointer(bitPattern: UInt(local)) else { return nil }
-            return [false, true, false, true].compactMap {
-                StreamReference.memcpy(block: Int(block), threads: memcpyThreads, source: base, target: base + Int(localSize / 2),
-                                       seconds: 0.2, bypassingCache: $0)
-            }.max().map { $0 / 1e9 }
-        }
+        // transport may use for large blocks). A ceiling is the best figure, so every measurement of
+        // a block's ceiling raises it: once before the cases, and right before and after each case
+        // (this machine's memory speed drifts by tens of percent over seconds).
         var memcpyGBps: [UInt64: Double] = [:], memcpyOneThread: [UInt64: Double] = [:]
+        func raiseCopyCeiling(_ block: UInt64, seconds: Double) {
+            guard memcpyReference else { return }
+            guard localOnHost, block <= localSize / 2, let base = UnsafeMutableRawPointer(bitPattern: UInt(local)) else {
+                if memcpyThreads == 1, let one = memcpyOneThread[block] { memcpyGBps[block] = one }
+                return
+            }
+            let best = [false, true].compactMap {
+                StreamReference.memcpy(block: Int(block), threads: memcpyThreads, source: base, target: base + Int(localSize / 2),
+                                       seconds: seconds, bypassingCache: $0)
+            }.max().map { $0 / 1e9 }
+            if let best, best > memcpyGBps[block] ?? 0 { memcpyGBps[block] = best }
+        }
         if memcpyReference {
             for block in blocks {
                 memcpyOneThread[block] = StreamReference.memcpy(block: Int(block), seconds: 0.2) / 1e9
-                memcpyGBps[block] = copyCeiling(block) ?? (memcpyThreads == 1 ? memcpyOneThread[block] : nil)
+                raiseCopyCeiling(block, seconds: 0.2)
             }
         }
         var results: [BenchResult] = []
@@ -189,7 +196,9 @@ struct BenchCommand: ParsableCommand {
             let label = "\(op == .read ? "read" : "write") \(ByteSize.format(block)) x\(batch)"
             FileHandle.standardError.write(Data("[\(index + 1)/\(cases.count)] \(label) ...\n".utf8))
             do {
+                raiseCopyCeiling(block, seconds: 0.1)
                 var result = try measure(transferEngine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote.address, wrap: wrap)
+                raiseCopyCeiling(block, seconds: 0.1)
                 if backgroundLoad > 0 {
                     // The loaded pass right after the quiet one: the two see the same machine otherwise.
                     // A neighbour that cannot start loses the loaded figure only.
@@ -214,13 +223,6 @@ struct BenchCommand: ParsableCommand {
             } catch {
                 try? lines?.append(["case": index + 1, "label": label, "error": "\(error)"])
                 throw error
-            }
-        }
-        // Measured again after the cases (the table and JSON use the better): the machine may have
-        // got faster while they ran, and a ceiling below the figure it bounds is a stale one.
-        if memcpyReference {
-            for block in blocks {
-                if let again = copyCeiling(block), again > memcpyGBps[block] ?? 0 { memcpyGBps[block] = again }
             }
         }
 
