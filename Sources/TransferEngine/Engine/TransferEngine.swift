@@ -186,7 +186,7 @@ public final class TransferEngine: @unchecked Sendable {
             throw error
         }
         handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, limits: settings.handshakeLimits,
-                                              auth: authenticator, logger: logger,
+                                              auth: authenticator, logger: logger, inlineKinds: [.metadata, .probe],
                                               onBadMessage: Self.counting(metrics?.handshakeFailures)) { [weak self] message in
             self?.answerHandshake(message)
         }
@@ -199,6 +199,7 @@ public final class TransferEngine: @unchecked Sendable {
             }
             startMetadataRefresh(store)
         }
+        warmUpFirstContact()
         let authNote = authenticator != nil ? ", peers must authenticate (shared secret)" : ""
         logger.info("engine ready: segment \(segmentName), protocols \(activeProtocols.joined(separator: ",")), data port \(dataPort), bound to \(bindHost)\(authNote)")
         startMetricsReport()

@@ -1,9 +1,14 @@
+import CTransferEngineShims
 import Logging
 
 /// Accepts connections on a listener and serves each on its own thread, at
 /// most `limit` at once and `perAddressLimit` from one address (a peer must not be
 /// able to exhaust threads, nor one address every slot). Shared by the TCP data
 /// server and the HTTP metadata server.
+///
+/// The thread that accepts a connection serves it, and a follower thread, started while the
+/// leader was still waiting, takes over accepting (leader/follower): a new peer's first request is
+/// read at once, not after a thread is created and scheduled for it.
 final class ConnectionAcceptor: @unchecked Sendable {
     private let listener: Socket
     private let limit: Int
@@ -13,7 +18,13 @@ final class ConnectionAcceptor: @unchecked Sendable {
     private let refuse: @Sendable (Socket) -> Void
     private let serve: @Sendable (Socket) -> Void
     private let connections = ConditionLock(Table())
-    private let stopped = ConditionLock(false)
+    private let control = ConditionLock(Control())
+
+    private struct Control {
+        var stopped = false
+        /// The leader took a connection: the waiting follower accepts from now on.
+        var handedOver = false
+    }
 
     /// Open connections, and how many come from each address.
     private struct Table {
@@ -32,11 +43,11 @@ final class ConnectionAcceptor: @unchecked Sendable {
         self.logger = logger
         self.refuse = refuse
         self.serve = serve
-        try OSThread.spawn(name: "te-accept") { [self] in acceptLoop() }
+        try OSThread.spawn(name: "te-accept") { [self] in lead() }
     }
 
     /// Whether `stop` was called.
-    var isStopped: Bool { stopped.withLock { $0 } }
+    var isStopped: Bool { control.withLock { $0.stopped } }
 
     /// Connections being served.
     var count: Int { connections.withLock { $0.sockets.count } }
@@ -44,7 +55,7 @@ final class ConnectionAcceptor: @unchecked Sendable {
     /// Stops accepting, shuts every open connection down and waits (at most `waitMs`) until their
     /// threads have ended, so no peer's request touches memory after this returns (idempotent).
     func stop(waitMs: Int = 5000) {
-        let already = stopped.withLock { state -> Bool in defer { state = true }; return state }
+        let already = control.withLock(notify: true) { state -> Bool in defer { state.stopped = true }; return state.stopped }
         if already { return }
         listener.shutdownBoth()
         connections.withLock { $0.sockets.values.forEach { $0.socket.shutdownBoth() } }
@@ -54,7 +65,10 @@ final class ConnectionAcceptor: @unchecked Sendable {
         }
     }
 
-    private func acceptLoop() {
+    /// Accepts until it admits a connection, then serves that one while its follower accepts.
+    private func lead() {
+        // Started before accepting, so starting it costs no connection any time.
+        var follower = (try? OSThread.spawn(name: "te-accept") { [self] in follow() }) != nil
         while true {
             let accepted: Socket?
             do { accepted = try listener.accept() } catch {
@@ -86,18 +100,37 @@ final class ConnectionAcceptor: @unchecked Sendable {
                 connection.close()
                 continue
             }
-            do {
-                try OSThread.spawn(name: "te-serve") { [self] in
-                    serve(connection)
+            if follower {
+                control.withLock(notify: true) { $0.handedOver = true }
+            } else {
+                do {
+                    try OSThread.spawn(name: "te-accept") { [self] in lead() }
+                } catch {
+                    logger.error("\(name): cannot start a thread for a connection: \(error)")
                     forget(connection)
                     connection.close()
+                    follower = (try? OSThread.spawn(name: "te-accept") { [self] in follow() }) != nil
+                    continue
                 }
-            } catch {
-                logger.error("\(name): cannot start a thread for a connection: \(error)")
-                forget(connection)
-                connection.close()
             }
+            te_set_thread_name("te-serve")
+            serve(connection)
+            forget(connection)
+            connection.close()
+            return
         }
+    }
+
+    /// Waits until the leader hands over (then leads) or the acceptor stops.
+    private func follow() {
+        let leads = control.wait { state -> Bool? in
+            if state.handedOver {
+                state.handedOver = false
+                return true
+            }
+            return state.stopped ? false : nil
+        }
+        if leads == true { lead() }
     }
 
     private func forget(_ connection: Socket) {
