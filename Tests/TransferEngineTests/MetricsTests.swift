@@ -186,6 +186,25 @@ struct MetricsTests {
         #expect(status != 0 && err.contains("MC_METRICS_PORT='http' is not a port"), "\(err.suffix(300))")
     }
 
+    @Test("closing a segment publishes and drops its meters: 20 open-write-read-close cycles leave none kept and every byte counted")
+    func closedPeersDropMeters() throws {
+        let (target, initiator, remote, local) = try engines()
+        defer { initiator.shutdown(); target.shutdown() }
+        let metrics = try #require(initiator.metrics)
+        for _ in 0..<20 {
+            let handle = try initiator.openSegment(target.segmentName)
+            try initiator.transferSync(.write, localAddress: local.address, segment: handle, remoteAddress: remote.address, length: 4096)
+            try initiator.transferBatchSync([TransferRequest(operation: .read, localAddress: local.address, segment: handle,
+                                                             remoteAddress: remote.address, length: 8192)])
+            #expect(metrics.meterCount >= 2)
+            try initiator.closeSegment(handle)
+            #expect(metrics.meterCount == 0)
+        }
+        let peer = target.segmentName
+        #expect(value("te_transferred_bytes_total", ["operation": "write", "peer": peer]) == 20 * 4096)
+        #expect(value("te_transferred_bytes_total", ["operation": "read", "peer": peer]) == 20 * 8192)
+    }
+
     @Test("peer labels: the first 64 peers keep their names, the rest share 'other'")
     func boundedPeers() throws {
         EngineMetricsRegistry.enable()

@@ -93,6 +93,8 @@ extension TransferEngine {
         }) else { throw EngineError.invalidArgument("unknown segment handle \(handle)") }
         let links = state.withLock { _ in peer.links.values }
         for link in links { link.close() }
+        // After the links closed: their requests have ended and are counted.
+        metrics?.forgetMeters(of: peer)
     }
 
     /// The descriptor of an opened segment (cached).

@@ -85,6 +85,20 @@ final class EngineMetrics: Sendable {
         return meter
     }
 
+    /// Publishes a closed peer's meters one last time and drops them (the table would keep them
+    /// for good otherwise, one set per segment ever opened).
+    func forgetMeters(of peer: TransferEngine.Peer) {
+        let id = ObjectIdentifier(peer)
+        let dropped = meters.withLock { table -> [RequestMeter] in
+            table.keys.filter { $0.peer == id }.compactMap { table.removeValue(forKey: $0)?.meter }
+        }
+        dropped.forEach { $0.publish() }
+        PendingCounts.untrack(dropped.map { ObjectIdentifier($0) })
+    }
+
+    /// Meters kept (for tests).
+    var meterCount: Int { meters.withLock { $0.count } }
+
     /// Counts one event of a labelled counter, made on first use (connections, failovers).
     func count(_ name: String, _ dimensions: [(String, String)]) { counter(name, dimensions).increment() }
 
