@@ -29,7 +29,7 @@ struct ServeCommand: ParsableCommand {
     @Flag(help: "Exit when standard input reaches end of file (used by bench --loopback).")
     var exitOnStdinClose = false
 
-    @Flag(help: "Take commands on standard input, one a line, each answered with one line (used by plugins --check): zero-unregister (zero the buffer, unregister it), nonzero (how many of its bytes are not zero), register.")
+    @Flag(help: "Take commands on standard input, one a line, each answered with one line (used by plugins --check): zero-unregister (zero the buffer, unregister it), nonzero (how many of its bytes are not zero), register, drop-pages (give the buffer's memory back: it reads as zeros and is allocated again where used).")
     var commands = false
 
     func run() throws {
@@ -83,8 +83,17 @@ enum ServeCommands {
         case "register":
             do { try engine.registerMemory(address: address, length: length, location: location) } catch { return "ERROR \(error)" }
             return "REGISTERED"
+        case "drop-pages":
+            guard MemoryLocation.isHostAccessible(location), let pointer = UnsafeMutableRawPointer(bitPattern: UInt(address)) else {
+                return "ERROR the buffer is not host memory"
+            }
+            // A memfd's shared mapping frees its pages with MADV_REMOVE, anonymous memory with MADV_DONTNEED.
+            guard madvise(pointer, Int(length), MADV_REMOVE) == 0 || madvise(pointer, Int(length), MADV_DONTNEED) == 0 else {
+                return "ERROR madvise: errno \(errno)"
+            }
+            return "DROPPED"
         default:
-            return "ERROR unknown command '\(line)' (zero-unregister, nonzero, register)"
+            return "ERROR unknown command '\(line)' (zero-unregister, nonzero, register, drop-pages)"
         }
     }
 }

@@ -80,6 +80,27 @@ struct SHMPluginTests {
         #expect(sink.equals(source, length: Int(9 * block)))
     }
 
+    @Test("the first transfer to a peer's 1 GiB managed buffer maps it without allocating it: the peer's memfd holds only the pages copied")
+    func sparseMappingStaysSparse() throws {
+        let target = try ServeProcess(bufferSize: "1GiB", environment: environment(), protocolName: "shm", commands: true)
+        #expect(try target.command("drop-pages") == "DROPPED")  // serve filled it
+        let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment())
+        defer { engine.shutdown() }
+        let source = TestBuffer(1 << 20)
+        source.fillPattern(seed: 3)
+        try engine.registerMemory(address: source.address, length: UInt64(source.count))
+        let handle = try engine.openSegment(target.segment)
+        let memfd = try #require(try engine.descriptor(of: handle).buffers.first?.extra["shm_memfd"]?.uint64Value)
+        let started = Date()
+        try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: target.bufferAddress, length: 1 << 20)
+        let firstWrite = Date().timeIntervalSince(started)
+        var info = stat()
+        #expect(stat("/proc/\(target.process.processIdentifier)/fd/\(memfd)", &info) == 0)
+        let allocated = Int(info.st_blocks) * 512
+        print("shm first 1 MiB write into a 1 GiB managed buffer: \(Int(firstWrite * 1e6)) us; the memfd holds \(allocated >> 10) KiB")
+        #expect(allocated < 64 << 20, "the peer's buffer was allocated whole by the first transfer (\(allocated >> 20) MiB)")
+    }
+
     @Test("synchronous transfers on one thread while another's batches run: the poller thread, parked while callers harvest, finishes them")
     func syncCallersAndBatches() throws {
         let target = try ServeProcess(bufferSize: "64MiB", environment: environment(), protocolName: "shm")

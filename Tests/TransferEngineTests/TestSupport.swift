@@ -150,6 +150,9 @@ final class TestBuffer: @unchecked Sendable {
 final class ServeProcess: @unchecked Sendable {
     let process = Process()
     let input = Pipe()
+    private let output = Pipe()
+    /// Output after the READY line not yet returned by `command`.
+    private var pending = ""
     let segment: String
     let bufferAddress: UInt64
     let bufferLength: UInt64
@@ -158,14 +161,13 @@ final class ServeProcess: @unchecked Sendable {
 
     /// `launcher` runs the CLI through another command (e.g. `ip netns exec NAME`).
     init(bufferSize: String = "128MiB", environment: [String: String] = TestSupport.cleanEnvironment(), protocolName: String = "tcp",
-         deviceName: String? = nil, localHostname: String = "127.0.0.1", launcher: [String] = []) throws {
+         deviceName: String? = nil, localHostname: String = "127.0.0.1", launcher: [String] = [], commands: Bool = false) throws {
         let command = launcher + [TestSupport.cli]
         process.executableURL = URL(fileURLWithPath: command[0])
         process.arguments = Array(command.dropFirst())
             + ["serve", "--exit-on-stdin-close", "--buffer-size", bufferSize, "--local-hostname", localHostname, "--protocol", protocolName]
-            + (deviceName.map { ["--device-name", $0] } ?? [])
+            + (deviceName.map { ["--device-name", $0] } ?? []) + (commands ? ["--commands"] : [])
         process.environment = environment
-        let output = Pipe()
         process.standardInput = input
         process.standardOutput = output
         process.standardError = FileHandle.nullDevice
@@ -177,7 +179,9 @@ final class ServeProcess: @unchecked Sendable {
             if chunk.isEmpty { break }
             text += String(decoding: chunk, as: UTF8.self)
         }
-        let fields = Self.readyFields(text.split(separator: "\n").first.map(String.init) ?? "")
+        let firstLine = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false)
+        pending = firstLine.count > 1 ? String(firstLine[1]) : ""
+        let fields = Self.readyFields(firstLine.first.map(String.init) ?? "")
         guard let segment = fields["segment"], let buffer = fields["buffer"], let address = UInt64(buffer.dropFirst(2), radix: 16),
               let length = fields["length"].flatMap({ UInt64($0) }) else {
             process.terminate()
@@ -187,6 +191,20 @@ final class ServeProcess: @unchecked Sendable {
         self.bufferAddress = address
         self.bufferLength = length
         self.ready = fields
+    }
+
+    /// Sends one `serve --commands` line and returns its one-line answer (started with `commands`).
+    func command(_ line: String) throws -> String {
+        try input.fileHandleForWriting.write(contentsOf: Data((line + "\n").utf8))
+        let deadline = Date().addingTimeInterval(30)
+        while !pending.contains("\n") && Date() < deadline {
+            let chunk = output.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            pending += String(decoding: chunk, as: UTF8.self)
+        }
+        guard let end = pending.firstIndex(of: "\n") else { throw TestFailure("serve did not answer '\(line)': \(pending)") }
+        defer { pending = String(pending[pending.index(after: end)...]) }
+        return String(pending[..<end])
     }
 
     /// The key=value fields of serve's READY line.

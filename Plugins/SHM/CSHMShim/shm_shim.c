@@ -85,8 +85,10 @@ int shm_map_peer(pid_t pid, int fd, uint64_t length, uint64_t inode, void **addr
         close(f);
         return -ESTALE; /* not the memory the peer published (the descriptor is stale) */
     }
-    /* Populated up front: the first copies then run without a page fault per 4 KiB. */
-    void *p = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, f, 0);
+    /* Not populated: MAP_POPULATE would fault in (and so allocate) the peer's whole buffer at the
+     * first transfer, while holding the plugin's lock (31 ms for 512 MiB here; a peer publishing a
+     * huge sparse memfd could exhaust memory). Pages fault in as copies touch them. */
+    void *p = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);
     int err = errno;
     close(f);
     if (p == MAP_FAILED) return -err;
