@@ -34,4 +34,38 @@ struct ConnectionAcceptorTests {
         #expect(acceptor.count == 0)
         clients.forEach { $0.close() }
     }
+
+    @Test("stop while peers keep connecting: no connection is served after stop returned, and the acceptor accepts nothing after it (30 rounds)")
+    func stopWhileConnecting() throws {
+        for _ in 0..<30 {
+            let state = ConditionLock((stopReturned: false, servedAfterStop: 0, served: 0))
+            let listener = try Socket.listen(host: "127.0.0.1", port: 0)
+            let port = listener.localAddress.port
+            let acceptor = try ConnectionAcceptor(listener: listener, limit: 64, perAddressLimit: 64, name: "test",
+                                                  logger: Logger(label: "acceptor-test"), refuse: { _ in }) { connection in
+                state.withLock { if $0.stopReturned { $0.servedAfterStop += 1 }; $0.served += 1 }
+                var byte: UInt8 = 0
+                while (try? connection.receiveSome(&byte, count: 1)).map({ $0 > 0 }) ?? false {}
+            }
+            let clients = ConditionLock([Socket]())
+            let connecting = ConditionLock(true)
+            let done = DispatchSemaphore(value: 0)
+            Thread.detachNewThread {
+                // Bounded: at most 200 connections, until told to stop.
+                for _ in 0..<200 where connecting.withLock({ $0 }) {
+                    if let socket = try? Socket.connect(host: "127.0.0.1", port: port, timeoutMs: 200) { clients.withLock { $0.append(socket) } }
+                }
+                done.signal()
+            }
+            usleep(UInt32.random(in: 200...3000))
+            acceptor.stop()
+            state.withLock { $0.stopReturned = true }
+            usleep(20_000)
+            connecting.withLock { $0 = false }
+            done.wait()
+            #expect(state.withLock { $0.servedAfterStop } == 0)
+            #expect(acceptor.count == 0)
+            clients.withLock { $0.forEach { $0.close() } }
+        }
+    }
 }

@@ -185,8 +185,10 @@ public final class TransferEngine: @unchecked Sendable {
             shutdown()
             throw error
         }
+        // Before peers can reach this engine.
+        warmUpFirstContact()
         handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, limits: settings.handshakeLimits,
-                                              auth: authenticator, logger: logger, inlineKinds: [.metadata, .probe],
+                                              auth: authenticator, logger: logger,
                                               onBadMessage: Self.counting(metrics?.handshakeFailures)) { [weak self] message in
             self?.answerHandshake(message)
         }
@@ -199,7 +201,6 @@ public final class TransferEngine: @unchecked Sendable {
             }
             startMetadataRefresh(store)
         }
-        warmUpFirstContact()
         let authNote = authenticator != nil ? ", peers must authenticate (shared secret)" : ""
         logger.info("engine ready: segment \(segmentName), protocols \(activeProtocols.joined(separator: ",")), data port \(dataPort), bound to \(bindHost)\(authNote)")
         startMetricsReport()

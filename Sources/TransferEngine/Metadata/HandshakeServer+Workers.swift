@@ -6,77 +6,19 @@ import Glibc
 import Musl
 #endif
 
-// The worker threads: each answers one handshake (or finishes one reply) at a time, then leaves
-// the connection to the I/O thread until the client closes it. Cheap kinds are answered on the
-// I/O thread itself (`answerInline`).
+// The worker threads: each answers one handshake at a time, then leaves the connection to the
+// I/O thread until the client closes it.
 
 extension HandshakeServer {
     func workerLoop() {
         while true {
-            let next = shared.wait(until: { state -> Job?? in
+            let next = shared.wait(until: { state -> (Socket, [UInt8], String)?? in
                 if state.stopped { return .some(nil) }
                 return state.queue.popFirst().map { .some($0) }
             })
-            guard let job = next ?? nil else { return }
-            if job.isReplyRest { finishReply(job.socket, rest: job.bytes, peer: job.peer) } else { answer(job.socket, body: job.bytes, peer: job.peer) }
+            guard let item = next ?? nil else { return }
+            answer(item.0, body: item.1, peer: item.2)
         }
-    }
-
-    /// On the I/O thread: answers a request of one of `inlineKinds`, sending what the socket takes
-    /// without blocking and leaving the rest to a worker. False: another kind (or a body that does
-    /// not decode), for the workers.
-    func answerInline(_ connection: Socket, body: [UInt8], peer: String) -> Bool {
-        guard !inlineKinds.isEmpty, let request = try? HandshakeWire.decodeBody(body), inlineKinds.contains(request.kind) else { return false }
-        // Not once stop began: it waits for a handler running here, as for the workers'.
-        guard shared.withLock({ state -> Bool in
-            if state.stopped { return false }
-            state.answeringInline = true
-            return true
-        }) else {
-            connection.close()
-            return true
-        }
-        let answer = handler(request)
-        if shared.withLock({ state -> Bool in state.answeringInline = false; return state.stopped }) { shared.notifyAll() }
-        guard let replyJSON = answer else {
-            onBadMessage?()
-            logger.warning("handshake: refused a \(request.kind) message from \(peer)", metadata: ["peer": "\(peer)"])
-            connection.close()
-            return true
-        }
-        let reply = HandshakeWire.Message(kind: request.kind, json: replyJSON, legacy: request.legacy).encoded
-        var sent = 0
-        while sent < reply.count {
-            let n = reply.withUnsafeBytes { Glibc.send(connection.fd, $0.baseAddress! + sent, $0.count - sent, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
-            if n > 0 { sent += n; continue }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-                enqueue(Job(socket: connection, bytes: Array(reply[sent...]), peer: peer, isReplyRest: true))
-            } else {
-                connection.close()  // the client is gone
-            }
-            return true
-        }
-        connection.shutdownWrite()
-        // The I/O thread (this one) takes it back on its next pass.
-        shared.withLock { $0.lingering.append(connection) }
-        return true
-    }
-
-    /// Sends the rest of a reply the I/O thread began, within the reply deadline.
-    private func finishReply(_ connection: Socket, rest: [UInt8], peer: String) {
-        _ = fcntl(connection.fd, F_SETFL, fcntl(connection.fd, F_GETFL) & ~O_NONBLOCK)
-        connection.setTimeouts(receiveMs: 1000, sendMs: min(1000, limits.replyDeadlineMs))
-        do {
-            let deadline = MonotonicClock.nanoseconds() + UInt64(limits.replyDeadlineMs) * 1_000_000
-            try rest.withUnsafeBytes { try connection.sendAll([$0], deadline: deadline) }
-            connection.shutdownWrite()
-        } catch {
-            logger.debug("handshake: reply to \(peer) not sent whole: \(error)", metadata: ["peer": "\(peer)"])
-            connection.close()
-            return
-        }
-        linger(connection)
     }
 
     private func answer(_ connection: Socket, body: [UInt8], peer: String) {
@@ -100,13 +42,8 @@ extension HandshakeServer {
             connection.close()
             return
         }
-        linger(connection)
-    }
-
-    /// Hands a replied connection back to the I/O thread. Upstream clients close first; the I/O
-    /// thread waits (briefly) for that, so the reply is not reset and no worker is held by a
-    /// client that never closes.
-    private func linger(_ connection: Socket) {
+        // Upstream clients close first; the I/O thread waits (briefly) for that, so the reply
+        // is not reset and no worker is held by a client that never closes.
         _ = fcntl(connection.fd, F_SETFL, fcntl(connection.fd, F_GETFL) | O_NONBLOCK)
         shared.withLock { $0.lingering.append(connection) }
         wake()

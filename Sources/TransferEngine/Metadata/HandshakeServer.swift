@@ -13,10 +13,8 @@ import CTransferEngineShims
 ///
 /// One I/O thread reads every connection's request without blocking (poll), each within a total
 /// deadline; complete requests go to a few worker threads, since a handler may block (a plugin's
-/// connection setup). Kinds whose handler is cheap (`inlineKinds`: a descriptor fetch, a probe)
-/// are answered on the I/O thread, which saves a new peer a thread wake-up; a reply the socket
-/// does not take at once is finished by a worker. An idle or trickling connection costs a table
-/// entry, not a thread, so new peers are answered while hundreds of them are open. Limits: connections being read in all and
+/// connection setup). An idle or trickling connection costs a table entry, not a thread, so new
+/// peers are answered while hundreds of them are open. Limits: connections being read in all and
 /// per source address (past either, the oldest such connection is closed to admit the new one),
 /// bytes buffered, requests queued for the workers.
 final class HandshakeServer: @unchecked Sendable {
@@ -54,9 +52,7 @@ final class HandshakeServer: @unchecked Sendable {
     private let maxLength: Int
     let limits: Limits
     private let auth: PeerAuthenticator?
-    /// Request kinds answered on the I/O thread.
-    let inlineKinds: Set<HandshakeWire.Kind>
-    /// The I/O thread's receive buffer.
+    /// The I/O thread's receive buffer (one, not 64 KiB zeroed for every readable connection).
     private let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
     /// A pipe that wakes the I/O thread from poll (stop, replied connections handed back).
     private let wakeRead: Int32
@@ -66,23 +62,12 @@ final class HandshakeServer: @unchecked Sendable {
     /// State the I/O thread and the workers share.
     struct Shared {
         var stopped = false
-        var queue: Deque<Job> = []
+        var queue: Deque<(Socket, [UInt8], String)> = []
         /// Replied connections handed back to the I/O thread to wait for the client's close.
         var lingering: [Socket] = []
         var limitWarnings = WarningThrottle()
         /// Workers still running (stop waits for them).
         var workers = 0
-        /// The I/O thread is inside the handler (stop waits for that too).
-        var answeringInline = false
-    }
-
-    /// A worker's task: a request to answer, or the rest of a reply the I/O thread began.
-    struct Job {
-        let socket: Socket
-        /// The request's body, or the reply bytes still to send.
-        let bytes: [UInt8]
-        let peer: String
-        let isReplyRest: Bool
     }
 
     /// A connection whose request is being read (I/O thread only).
@@ -117,13 +102,11 @@ final class HandshakeServer: @unchecked Sendable {
     }
 
     /// With `auth`, every connection must pass the shared-secret exchange before its request is read.
-    /// `inlineKinds`: request kinds whose handler never blocks, answered on the I/O thread.
     init(listener: Socket, maxLength: Int, limits: Limits = Limits(), auth: PeerAuthenticator? = nil, logger: Logger,
-         inlineKinds: Set<HandshakeWire.Kind> = [], onBadMessage: (@Sendable () -> Void)? = nil, handler: @escaping Handler) throws {
+         onBadMessage: (@Sendable () -> Void)? = nil, handler: @escaping Handler) throws {
         self.listener = listener
         self.onBadMessage = onBadMessage
         self.auth = auth
-        self.inlineKinds = inlineKinds
         self.handler = handler
         self.logger = logger
         self.maxLength = maxLength
@@ -159,13 +142,13 @@ final class HandshakeServer: @unchecked Sendable {
     func stop(waitMs: Int = 5000) {
         let (already, queued) = shared.withLock(notify: true) { state -> (Bool, [Socket]) in
             defer { state.stopped = true; state.queue.removeAll() }
-            return (state.stopped, state.queue.map(\.socket))
+            return (state.stopped, state.queue.map(\.0))
         }
         if already { return }
         wake()
         queued.forEach { $0.close() }
         let deadline = MonotonicClock.nanoseconds() + UInt64(waitMs) * 1_000_000
-        if shared.wait(deadline: deadline, until: { $0.workers == 0 && !$0.answeringInline ? true : nil }) == nil {
+        if shared.wait(deadline: deadline, until: { $0.workers == 0 ? true : nil }) == nil {
             logger.warning("handshake: answers still running \(waitMs) ms after stop")
         }
     }
@@ -238,9 +221,7 @@ final class HandshakeServer: @unchecked Sendable {
                 if connection.expected != nil, connection.body.count == connection.expected {
                     buffered -= connection.held
                     reading.remove(at: index)
-                    if !answerInline(connection.socket, body: connection.body, peer: connection.peer) {
-                        enqueue(Job(socket: connection.socket, bytes: connection.body, peer: connection.peer, isReplyRest: false))
-                    }
+                    enqueue(connection)
                 } else {
                     drop(index)
                 }
@@ -367,21 +348,21 @@ final class HandshakeServer: @unchecked Sendable {
         }
     }
 
-    /// Hands a job to the workers (or refuses it when they are that far behind).
-    func enqueue(_ job: Job) {
+    /// Hands a whole request to the workers (or refuses it when they are that far behind).
+    private func enqueue(_ connection: Reading) {
         let accepted = shared.withLock { state -> Bool in
             guard state.queue.count < limits.maxQueued else { return false }
-            state.queue.append(job)
+            state.queue.append((connection.socket, connection.body, connection.peer))
             return true
         }
         if accepted { shared.signalOne() } else {
-            warnLimit("handshake: \(limits.maxQueued) requests already wait for an answer; closing \(job.peer)")
-            job.socket.close()
+            warnLimit("handshake: \(limits.maxQueued) requests already wait for an answer; closing \(connection.peer)")
+            connection.socket.close()
         }
     }
 
     /// A warning at most every 10 s (a flood must not flood the log too).
-    func warnLimit(_ message: String) {
+    private func warnLimit(_ message: String) {
         let now = MonotonicClock.nanoseconds()
         if shared.withLock({ $0.limitWarnings.record(now: now) }) != nil {
             logger.warning("\(message) (further limit warnings in the next 10 s are not shown)")

@@ -3,8 +3,7 @@ import Logging
 
 /// Accepts connections on a listener and serves each on its own thread, at
 /// most `limit` at once and `perAddressLimit` from one address (a peer must not be
-/// able to exhaust threads, nor one address every slot). Shared by the TCP data
-/// server and the HTTP metadata server.
+/// able to exhaust threads, nor one address every slot). Used by the TCP data server.
 ///
 /// The thread that accepts a connection serves it, and a follower thread, started while the
 /// leader was still waiting, takes over accepting (leader/follower): a new peer's first request is
@@ -17,20 +16,18 @@ final class ConnectionAcceptor: @unchecked Sendable {
     private let logger: Logger
     private let refuse: @Sendable (Socket) -> Void
     private let serve: @Sendable (Socket) -> Void
+    /// One lock for admission, stop and the hand-over, so no connection is admitted after `stop`
+    /// began and no follower starts leading after it.
     private let connections = ConditionLock(Table())
-    private let control = ConditionLock(Control())
 
-    private struct Control {
-        var stopped = false
-        /// The leader took a connection: the waiting follower accepts from now on.
-        var handedOver = false
-    }
-
-    /// Open connections, and how many come from each address.
+    /// Open connections, how many come from each address, and the acceptor's state.
     private struct Table {
         var sockets: [Int32: (socket: Socket, address: String)] = [:]
         var perAddress: [String: Int] = [:]
         var refusals = WarningThrottle()
+        var stopped = false
+        /// The leader took a connection: the waiting follower accepts from now on.
+        var handedOver = false
     }
 
     /// Starts the accept thread. `refuse` answers a connection over the limit before it is closed.
@@ -47,7 +44,7 @@ final class ConnectionAcceptor: @unchecked Sendable {
     }
 
     /// Whether `stop` was called.
-    var isStopped: Bool { control.withLock { $0.stopped } }
+    var isStopped: Bool { connections.withLock { $0.stopped } }
 
     /// Connections being served.
     var count: Int { connections.withLock { $0.sockets.count } }
@@ -55,7 +52,7 @@ final class ConnectionAcceptor: @unchecked Sendable {
     /// Stops accepting, shuts every open connection down and waits (at most `waitMs`) until their
     /// threads have ended, so no peer's request touches memory after this returns (idempotent).
     func stop(waitMs: Int = 5000) {
-        let already = control.withLock(notify: true) { state -> Bool in defer { state.stopped = true }; return state.stopped }
+        let already = connections.withLock(notify: true) { table -> Bool in defer { table.stopped = true }; return table.stopped }
         if already { return }
         listener.shutdownBoth()
         connections.withLock { $0.sockets.values.forEach { $0.socket.shutdownBoth() } }
@@ -65,21 +62,27 @@ final class ConnectionAcceptor: @unchecked Sendable {
         }
     }
 
+    private enum Admission { case admitted, refused(reason: String, log: Int?), stopped }
+
     /// Accepts until it admits a connection, then serves that one while its follower accepts.
     private func lead() {
-        // Started before accepting, so starting it costs no connection any time.
-        var follower = (try? OSThread.spawn(name: "te-accept") { [self] in follow() }) != nil
+        // Started before this leader accepts: an isolated new connection then waits for no thread
+        // creation (one right behind it waits for the follower to wake and start its own).
+        var follower = !isStopped && (try? OSThread.spawn(name: "te-accept") { [self] in follow() }) != nil
         while true {
             let accepted: Socket?
             do { accepted = try listener.accept() } catch {
                 logger.error("\(name) listener failed: \(error)")
                 return
             }
-            guard let connection = accepted else { return }
-            if isStopped { connection.close(); return }
+            guard let connection = accepted else {
+                if !isStopped { logger.error("\(name): the listener closed; no more connections are accepted") }
+                return
+            }
             let address = connection.peerAddress.host
-            // nil: admitted; else why not, and whether to log it now (at most every 10 s, with a count).
-            let refusal = connections.withLock { table -> (reason: String, log: Int?)? in
+            // Under the lock stop takes: nothing is admitted once it began.
+            let admission = connections.withLock { table -> Admission in
+                if table.stopped { return .stopped }
                 let reason: String
                 if table.sockets.count >= limit {
                     reason = "\(limit) connections already open"
@@ -88,20 +91,27 @@ final class ConnectionAcceptor: @unchecked Sendable {
                 } else {
                     table.sockets[connection.fd] = (connection, address)
                     table.perAddress[address, default: 0] += 1
-                    return nil
+                    if follower { table.handedOver = true }
+                    return .admitted
                 }
-                return (reason, table.refusals.record(now: MonotonicClock.nanoseconds()))
+                return .refused(reason: reason, log: table.refusals.record(now: MonotonicClock.nanoseconds()))
             }
-            if let refusal {
-                if let count = refusal.log {
-                    logger.warning("\(name): refusing connections (\(count) since the last such line), latest from \(connection.peerAddress): \(refusal.reason)")
+            switch admission {
+            case .stopped:
+                connection.close()
+                return
+            case .refused(let reason, let log):
+                if let count = log {
+                    logger.warning("\(name): refusing connections (\(count) since the last such line), latest from \(connection.peerAddress): \(reason)")
                 }
                 refuse(connection)
                 connection.close()
                 continue
+            case .admitted:
+                break
             }
             if follower {
-                control.withLock(notify: true) { $0.handedOver = true }
+                connections.notifyAll()
             } else {
                 do {
                     try OSThread.spawn(name: "te-accept") { [self] in lead() }
@@ -109,7 +119,7 @@ final class ConnectionAcceptor: @unchecked Sendable {
                     logger.error("\(name): cannot start a thread for a connection: \(error)")
                     forget(connection)
                     connection.close()
-                    follower = (try? OSThread.spawn(name: "te-accept") { [self] in follow() }) != nil
+                    follower = !isStopped && (try? OSThread.spawn(name: "te-accept") { [self] in follow() }) != nil
                     continue
                 }
             }
@@ -123,12 +133,13 @@ final class ConnectionAcceptor: @unchecked Sendable {
 
     /// Waits until the leader hands over (then leads) or the acceptor stops.
     private func follow() {
-        let leads = control.wait { state -> Bool? in
-            if state.handedOver {
-                state.handedOver = false
+        let leads = connections.wait { table -> Bool? in
+            if table.stopped { return false }
+            if table.handedOver {
+                table.handedOver = false
                 return true
             }
-            return state.stopped ? false : nil
+            return nil
         }
         if leads == true { lead() }
     }
