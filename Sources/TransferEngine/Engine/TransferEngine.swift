@@ -185,7 +185,7 @@ public final class TransferEngine: @unchecked Sendable {
             shutdown()
             throw error
         }
-        // Before peers can reach this engine.
+        // Before the handshake port answers, so no peer can open this segment yet.
         warmUpFirstContact()
         handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, limits: settings.handshakeLimits,
                                               auth: authenticator, logger: logger,
