@@ -78,6 +78,18 @@ if [ "${TE_SKIP_OFFICIAL:-0}" != 1 ]; then
         timeout 900 "$venv/bin/python" scripts/official_bench.py --duration "$official_seconds" --background-load "$load" --load-bin "$bin" 2>/dev/null \
             | tee out/official.txt | grep -v '^{' || true
         grep '^{' out/official.txt > out/official.json || rm -f out/official.json
+        # The first operation to a new peer is one cold sample per process, and either engine's
+        # swings by 2-5x from one process to the next: fresh processes of each, alternating.
+        first_rounds=$([ $quick = 1 ] && echo 5 || echo 9)
+        echo "== first operation to a new peer: $first_rounds fresh processes of each engine, alternating"
+        : > out/first-op.txt
+        for round in $(seq 1 "$first_rounds"); do
+            o=$(timeout 60 "$venv/bin/python" scripts/official_bench.py --duration 0.02 --block-sizes 4096 --batch-sizes 1 2>/dev/null |
+                sed -n 's/.*first operation to a new peer: \([0-9.]*\) us.*/\1/p' | head -1)
+            u=$(timeout 60 "$bin" bench --loopback --no-reference --block-sizes 4KiB --batch-sizes 1 --duration 0.02 2>/dev/null |
+                sed -n 's/.*first operation to the new peer: \([0-9.]*\) us.*/\1/p' | head -1)
+            [ -n "$o" ] && [ -n "$u" ] && echo "round $round official $o ours $u" | tee -a out/first-op.txt
+        done
     fi
 fi
 

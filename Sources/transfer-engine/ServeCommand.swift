@@ -29,7 +29,7 @@ struct ServeCommand: ParsableCommand {
     @Flag(help: "Exit when standard input reaches end of file (used by bench --loopback).")
     var exitOnStdinClose = false
 
-    @Flag(help: "Take commands on standard input, one a line, each answered with one line (used by plugins --check): zero-unregister (zero the buffer, unregister it), nonzero (how many of its bytes are not zero), register, drop-pages (give the buffer's memory back: it reads as zeros and is allocated again where used).")
+    @Flag(help: "Take commands on standard input, one a line, each answered with one line (used by plugins --check): zero-unregister (zero the buffer, unregister it), nonzero (how many of its bytes are not zero), register, drop-pages (give the whole pages of the buffer back: they read as zeros and are allocated again where used; not for memory a plugin has pinned).")
     var commands = false
 
     func run() throws {
@@ -84,14 +84,17 @@ enum ServeCommands {
             do { try engine.registerMemory(address: address, length: length, location: location) } catch { return "ERROR \(error)" }
             return "REGISTERED"
         case "drop-pages":
-            guard MemoryLocation.isHostAccessible(location), let pointer = UnsafeMutableRawPointer(bitPattern: UInt(address)) else {
-                return "ERROR the buffer is not host memory"
-            }
-            // A memfd's shared mapping frees its pages with MADV_REMOVE, anonymous memory with MADV_DONTNEED.
-            guard madvise(pointer, Int(length), MADV_REMOVE) == 0 || madvise(pointer, Int(length), MADV_DONTNEED) == 0 else {
-                return "ERROR madvise: errno \(errno)"
-            }
-            return "DROPPED"
+            guard MemoryLocation.isHostAccessible(location) else { return "ERROR the buffer is not host memory" }
+            // Whole pages inside the buffer only: a partial last page may hold other heap data.
+            let page = UInt64(sysconf(Int32(_SC_PAGESIZE)))
+            let (start, end) = ((address + page - 1) / page * page, (address + length) / page * page)
+            guard end > start, let pointer = UnsafeMutableRawPointer(bitPattern: UInt(start)) else { return "ERROR the buffer holds no whole page" }
+            // A memfd's shared mapping frees its pages with MADV_REMOVE; private anonymous memory
+            // (which refuses that with EINVAL) with MADV_DONTNEED.
+            if madvise(pointer, Int(end - start), MADV_REMOVE) == 0 { return "DROPPED remove" }
+            guard errno == EINVAL else { return "ERROR madvise(MADV_REMOVE): errno \(errno)" }
+            guard madvise(pointer, Int(end - start), MADV_DONTNEED) == 0 else { return "ERROR madvise(MADV_DONTNEED): errno \(errno)" }
+            return "DROPPED dontneed"
         default:
             return "ERROR unknown command '\(line)' (zero-unregister, nonzero, register, drop-pages)"
         }

@@ -80,10 +80,10 @@ struct SHMPluginTests {
         #expect(sink.equals(source, length: Int(9 * block)))
     }
 
-    @Test("the first transfer to a peer's 1 GiB managed buffer maps it without allocating it: the peer's memfd holds only the pages copied")
+    @Test("the first transfer to a peer's 256 MiB managed buffer maps it without allocating it; the buffer's memfd is sealed against shrinking")
     func sparseMappingStaysSparse() throws {
-        let target = try ServeProcess(bufferSize: "1GiB", environment: environment(), protocolName: "shm", commands: true)
-        #expect(try target.command("drop-pages") == "DROPPED")  // serve filled it
+        let target = try ServeProcess(bufferSize: "256MiB", environment: environment(), protocolName: "shm", commands: true)
+        #expect(try target.command("drop-pages") == "DROPPED remove")  // serve filled it
         let engine = try TransferEngine(configuration: EngineConfiguration(protocolName: "shm"), environment: environment())
         defer { engine.shutdown() }
         let source = TestBuffer(1 << 20)
@@ -91,14 +91,19 @@ struct SHMPluginTests {
         try engine.registerMemory(address: source.address, length: UInt64(source.count))
         let handle = try engine.openSegment(target.segment)
         let memfd = try #require(try engine.descriptor(of: handle).buffers.first?.extra["shm_memfd"]?.uint64Value)
+        let path = "/proc/\(target.process.processIdentifier)/fd/\(memfd)"
+        func allocated() -> Int {
+            var info = stat()
+            return stat(path, &info) == 0 ? Int(info.st_blocks) * 512 : -1
+        }
+        #expect(allocated() >= 0 && allocated() < 1 << 20, "drop-pages left \(allocated()) bytes")
         let started = Date()
         try engine.transferSync(.write, localAddress: source.address, segment: handle, remoteAddress: target.bufferAddress, length: 1 << 20)
         let firstWrite = Date().timeIntervalSince(started)
-        var info = stat()
-        #expect(stat("/proc/\(target.process.processIdentifier)/fd/\(memfd)", &info) == 0)
-        let allocated = Int(info.st_blocks) * 512
-        print("shm first 1 MiB write into a 1 GiB managed buffer: \(Int(firstWrite * 1e6)) us; the memfd holds \(allocated >> 10) KiB")
-        #expect(allocated < 64 << 20, "the peer's buffer was allocated whole by the first transfer (\(allocated >> 20) MiB)")
+        print("shm first 1 MiB write into a 256 MiB managed buffer: \(Int(firstWrite * 1e6)) us; the memfd holds \(allocated() >> 10) KiB")
+        #expect(allocated() < 16 << 20, "the peer's buffer was allocated whole by the first transfer (\(allocated() >> 20) MiB)")
+        // Sealed: no process (the owner included) can shrink it under a peer's mapping.
+        #expect(truncate(path, 4096) == -1 && errno == EPERM, "the memfd could be shrunk")
     }
 
     @Test("synchronous transfers on one thread while another's batches run: the poller thread, parked while callers harvest, finishes them")

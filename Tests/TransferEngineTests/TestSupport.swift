@@ -193,11 +193,16 @@ final class ServeProcess: @unchecked Sendable {
         self.ready = fields
     }
 
-    /// Sends one `serve --commands` line and returns its one-line answer (started with `commands`).
+    /// Sends one `serve --commands` line and returns its one-line answer (started with `commands`),
+    /// waiting at most 30 s for it.
     func command(_ line: String) throws -> String {
+        signal(SIGPIPE, SIG_IGN)  // a child that exited fails the write, not the test process
         try input.fileHandleForWriting.write(contentsOf: Data((line + "\n").utf8))
         let deadline = Date().addingTimeInterval(30)
-        while !pending.contains("\n") && Date() < deadline {
+        while !pending.contains("\n") {
+            let left = deadline.timeIntervalSinceNow
+            var ready = pollfd(fd: output.fileHandleForReading.fileDescriptor, events: Int16(POLLIN), revents: 0)
+            guard left > 0, poll(&ready, 1, Int32(left * 1000)) > 0 else { break }
             let chunk = output.fileHandleForReading.availableData
             if chunk.isEmpty { break }
             pending += String(decoding: chunk, as: UTF8.self)

@@ -55,10 +55,11 @@ void shm_allow_attach(void) {
 #include <sys/syscall.h>
 
 int shm_memfd_alloc(uint64_t length, int *fd, void **addr, uint64_t *inode) {
-    int f = memfd_create("transfer-engine-buffer", MFD_CLOEXEC);
+    int f = memfd_create("transfer-engine-buffer", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (f < 0) return -errno;
     struct stat st;
-    if (ftruncate(f, (off_t)length) != 0 || fstat(f, &st) != 0) {
+    /* Sealed against shrinking: a peer's mapping then never loses pages under it (SIGBUS). */
+    if (ftruncate(f, (off_t)length) != 0 || fcntl(f, F_ADD_SEALS, F_SEAL_SHRINK) != 0 || fstat(f, &st) != 0) {
         int err = errno;
         close(f);
         return -err;
@@ -84,6 +85,13 @@ int shm_map_peer(pid_t pid, int fd, uint64_t length, uint64_t inode, void **addr
     if (fstat(f, &st) != 0 || (uint64_t)st.st_ino != inode || (uint64_t)st.st_size < length) {
         close(f);
         return -ESTALE; /* not the memory the peer published (the descriptor is stale) */
+    }
+    /* Only a memfd sealed against shrinking: a peer that truncated an unsealed one under our
+     * mapping would turn our next copy into SIGBUS. Unsealed memory goes through process_vm_*. */
+    int seals = fcntl(f, F_GET_SEALS);
+    if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
+        close(f);
+        return -EPERM;
     }
     /* Not populated: MAP_POPULATE would fault in (and so allocate) the peer's whole buffer at the
      * first transfer, while holding the plugin's lock (31 ms for 512 MiB here; a peer publishing a

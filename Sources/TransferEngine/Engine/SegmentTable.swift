@@ -93,7 +93,7 @@ extension TransferEngine {
         }) else { throw EngineError.invalidArgument("unknown segment handle \(handle)") }
         let links = state.withLock { _ in peer.links.values }
         for link in links { link.close() }
-        // After the links closed: their requests have ended and are counted.
+        // After the links closed, so the requests on them have ended and been counted.
         metrics?.forgetMeters(of: peer)
     }
 

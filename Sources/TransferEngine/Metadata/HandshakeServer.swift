@@ -53,7 +53,7 @@ final class HandshakeServer: @unchecked Sendable {
     let limits: Limits
     private let auth: PeerAuthenticator?
     /// The I/O thread's receive buffer (one, not 64 KiB zeroed for every readable connection).
-    private let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
+    private let chunk: UnsafeMutableRawBufferPointer
     /// A pipe that wakes the I/O thread from poll (stop, replied connections handed back).
     private let wakeRead: Int32
     private let wakeWrite: Int32
@@ -120,6 +120,8 @@ final class HandshakeServer: @unchecked Sendable {
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
         }
         (wakeRead, wakeWrite) = (pipeFDs[0], pipeFDs[1])
+        // Allocated once every property is set: deinit frees it if starting a thread throws.
+        chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
         try OSThread.spawn(name: "te-handshake-io") { [self] in ioLoop() }
         shared.withLock { $0.workers = Self.workers }
         for _ in 0..<Self.workers {

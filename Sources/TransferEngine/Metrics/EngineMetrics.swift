@@ -75,9 +75,10 @@ final class EngineMetrics: Sendable {
             // A peer freed and another made at its address: its meter is replaced.
             let replaced = table[key]?.meter
             table[key] = (peer.name, made)
+            // Tracked while in the table (forgetMeters untracks under this lock too).
+            PendingCounts.track(made)
             return (made, replaced)
         }
-        if meter === made { PendingCounts.track(made) }
         if let replaced {
             replaced.publish()
             PendingCounts.untrack([ObjectIdentifier(replaced)])
@@ -86,14 +87,16 @@ final class EngineMetrics: Sendable {
     }
 
     /// Publishes a closed peer's meters one last time and drops them (the table would keep them
-    /// for good otherwise, one set per segment ever opened).
+    /// for good otherwise, one set per segment ever opened). A request planned before the close
+    /// and ended after it makes a new meter for the closed peer, kept until the engine goes.
     func forgetMeters(of peer: TransferEngine.Peer) {
         let id = ObjectIdentifier(peer)
         let dropped = meters.withLock { table -> [RequestMeter] in
-            table.keys.filter { $0.peer == id }.compactMap { table.removeValue(forKey: $0)?.meter }
+            let dropped = table.keys.filter { $0.peer == id }.compactMap { table.removeValue(forKey: $0)?.meter }
+            PendingCounts.untrack(dropped.map { ObjectIdentifier($0) })
+            return dropped
         }
         dropped.forEach { $0.publish() }
-        PendingCounts.untrack(dropped.map { ObjectIdentifier($0) })
     }
 
     /// Meters kept (for tests).

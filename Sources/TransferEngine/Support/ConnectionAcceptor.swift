@@ -17,7 +17,7 @@ final class ConnectionAcceptor: @unchecked Sendable {
     private let refuse: @Sendable (Socket) -> Void
     private let serve: @Sendable (Socket) -> Void
     /// One lock for admission, stop and the hand-over, so no connection is admitted after `stop`
-    /// began and no follower starts leading after it.
+    /// began and a follower still waiting then never starts to lead.
     private let connections = ConditionLock(Table())
 
     /// Open connections, how many come from each address, and the acceptor's state.
@@ -68,7 +68,7 @@ final class ConnectionAcceptor: @unchecked Sendable {
     private func lead() {
         // Started before this leader accepts: an isolated new connection then waits for no thread
         // creation (one right behind it waits for the follower to wake and start its own).
-        var follower = !isStopped && (try? OSThread.spawn(name: "te-accept") { [self] in follow() }) != nil
+        var follower = startFollower()
         while true {
             let accepted: Socket?
             do { accepted = try listener.accept() } catch {
@@ -119,7 +119,7 @@ final class ConnectionAcceptor: @unchecked Sendable {
                     logger.error("\(name): cannot start a thread for a connection: \(error)")
                     forget(connection)
                     connection.close()
-                    follower = !isStopped && (try? OSThread.spawn(name: "te-accept") { [self] in follow() }) != nil
+                    follower = startFollower()
                     continue
                 }
             }
@@ -128,6 +128,19 @@ final class ConnectionAcceptor: @unchecked Sendable {
             forget(connection)
             connection.close()
             return
+        }
+    }
+
+    /// Starts the thread that will accept after this one; false (with a warning) when it cannot,
+    /// and this leader then starts a new leader only when it takes a connection.
+    private func startFollower() -> Bool {
+        guard !isStopped else { return false }
+        do {
+            try OSThread.spawn(name: "te-accept") { [self] in follow() }
+            return true
+        } catch {
+            logger.warning("\(name): cannot start a standby accept thread (\(error)); one is started per connection instead")
+            return false
         }
     }
 
@@ -145,10 +158,14 @@ final class ConnectionAcceptor: @unchecked Sendable {
     }
 
     private func forget(_ connection: Socket) {
-        connections.withLock(notify: true) { table in
-            guard let entry = table.sockets.removeValue(forKey: connection.fd) else { return }
-            table.perAddress[entry.address, default: 1] -= 1
-            if table.perAddress[entry.address] == 0 { table.perAddress.removeValue(forKey: entry.address) }
+        let stopping = connections.withLock { table -> Bool in
+            if let entry = table.sockets.removeValue(forKey: connection.fd) {
+                table.perAddress[entry.address, default: 1] -= 1
+                if table.perAddress[entry.address] == 0 { table.perAddress.removeValue(forKey: entry.address) }
+            }
+            return table.stopped
         }
+        // Only stop waits for connections to end; anyone else woken would be the follower.
+        if stopping { connections.notifyAll() }
     }
 }

@@ -25,7 +25,10 @@ final class TCPDataServer: @unchecked Sendable {
     /// At most one connection thread spins at a time, so busy-waiting never
     /// competes with threads that are moving data (this host may have 2 cores).
     private let spinning = Atomic<Bool>(false)
+    /// Set in init, used by `stop` (connection threads read `stopping`, never this).
     private var acceptor: ConnectionAcceptor!
+    /// Set by `stop`: a connection ending then is no news.
+    private let stopping = Atomic<Bool>(false)
 
     /// The bound port.
     let port: UInt16
@@ -51,7 +54,10 @@ final class TCPDataServer: @unchecked Sendable {
     }
 
     /// Stops accepting and closes every connection.
-    func stop() { acceptor.stop() }
+    func stop() {
+        stopping.store(true, ordering: .relaxed)
+        acceptor.stop()
+    }
 
     /// Most data connections served at once (each has a thread).
     static let maxConnections = 1024
@@ -177,7 +183,7 @@ final class TCPDataServer: @unchecked Sendable {
                     return
                 }
             } catch {
-                if !acceptor.isStopped {
+                if !stopping.load(ordering: .relaxed) {
                     logger.debug("tcp data: connection from \(peer) ended: \(error)")
                 }
                 return
