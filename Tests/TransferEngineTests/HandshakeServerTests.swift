@@ -3,23 +3,105 @@ import Logging
 import Testing
 @testable import TransferEngine
 
-/// The handshake server's reply path against a client that reads late.
+/// The handshake server's reply paths: workers, and the I/O thread's own answers (`inline`), which
+/// must still arrive whole to a late reader, give way to a worker when they have no cheap answer,
+/// not wait behind busy workers, and be waited for by `stop`.
 @Suite("Handshake server replies", .serialized)
 struct HandshakeServerTests {
-    @Test("a 16 MiB metadata reply to a client that starts reading late arrives whole")
-    func largeReplyToSlowReader() throws {
+    final class Flag: @unchecked Sendable {
+        private let lock = NSLock()
+        private var value = false
+        var isSet: Bool { lock.withLock { value } }
+        func set() { lock.withLock { value = true } }
+    }
+
+    private func server(inline: HandshakeServer.Inline?, handler: @escaping HandshakeServer.Handler) throws -> HandshakeServer {
+        try HandshakeServer(listener: try Socket.listen(host: "127.0.0.1", port: 0), maxLength: 64 << 20,
+                            logger: Logger(label: "handshake-test"), inline: inline, handler: handler)
+    }
+
+    private func send(_ message: HandshakeWire.Message, to port: UInt16) throws -> Socket {
+        let socket = try Socket.connect(host: "127.0.0.1", port: port, timeoutMs: 2000)
+        try message.encoded.withUnsafeBytes { try socket.sendAll([$0]) }
+        return socket
+    }
+
+    private func exchange(_ kind: HandshakeWire.Kind, port: UInt16) throws -> HandshakeWire.Message {
+        try HandshakeClient.exchange(host: "127.0.0.1", port: port, message: .init(kind: kind, json: "{}"),
+                                     timeouts: .init(connectMs: 2000, replyMs: 5000))
+    }
+
+    @Test("a 16 MiB metadata reply to a client that starts reading late arrives whole, from a worker and from the I/O thread (which leaves the rest to a worker)",
+          arguments: [false, true])
+    func largeReplyToSlowReader(inlined: Bool) throws {
         // Digits in a JSON string: 16 MiB, far more than a socket takes before its peer reads.
         let body = "\"" + String(repeating: "0123456789abcdef", count: 1 << 20) + "\""
-        let server = try HandshakeServer(listener: try Socket.listen(host: "127.0.0.1", port: 0), maxLength: 64 << 20,
-                                         logger: Logger(label: "handshake-test")) { $0.kind == .metadata ? body : nil }
+        let inline = inlined ? HandshakeServer.Inline(kinds: [.metadata]) { _ in body } : nil
+        let server = try server(inline: inline) { $0.kind == .metadata && !inlined ? body : nil }
         defer { server.stop() }
-        let socket = try Socket.connect(host: "127.0.0.1", port: server.port, timeoutMs: 2000)
+        let socket = try send(.init(kind: .metadata, json: "{}"), to: server.port)
         defer { socket.close() }
-        try HandshakeWire.Message(kind: .metadata, json: "{}").encoded.withUnsafeBytes { try socket.sendAll([$0]) }
         usleep(300_000)
         socket.setTimeouts(receiveMs: 10_000, sendMs: 1000)
         let reply = try HandshakeClient.receive(on: socket, maxLength: 64 << 20)
         #expect(reply.kind == .metadata)
         #expect(reply.json == body)
+    }
+
+    @Test("no inline answer: the request goes to a worker and the full handler answers it")
+    func inlineDeclines() throws {
+        let server = try server(inline: .init(kinds: [.metadata]) { _ in nil }) { _ in #"{"from":"worker"}"# }
+        defer { server.stop() }
+        #expect(try exchange(.metadata, port: server.port).json == #"{"from":"worker"}"#)
+    }
+
+    @Test("an inline probe is answered while every worker is busy with a slow handler")
+    func inlineProbeBesideBusyWorkers() throws {
+        let server = try server(inline: .init(kinds: [.probe]) { _ in #"{"status":"success"}"# }) { message in
+            if message.kind == .connection { usleep(1_500_000) }
+            return "{}"
+        }
+        defer { server.stop() }
+        let slow = try (0..<HandshakeServer.workers).map { _ in try send(.init(kind: .connection, json: "{}"), to: server.port) }
+        defer { slow.forEach { $0.close() } }
+        usleep(200_000)
+        let started = Date()
+        #expect(try exchange(.probe, port: server.port).json == #"{"status":"success"}"#)
+        #expect(Date().timeIntervalSince(started) < 1.0, "the probe waited for a worker")
+    }
+
+    @Test("stop waits for an answer running on the I/O thread, so none is inside a plugin the engine unloads next")
+    func stopWaitsForInlineAnswer() throws {
+        let entered = Flag(), returned = Flag()
+        let server = try server(inline: .init(kinds: [.metadata]) { _ in
+            entered.set()
+            usleep(400_000)
+            returned.set()
+            return "{}"
+        }) { _ in "{}" }
+        let socket = try send(.init(kind: .metadata, json: "{}"), to: server.port)
+        defer { socket.close() }
+        let deadline = Date().addingTimeInterval(5)
+        while !entered.isSet && Date() < deadline { usleep(1000) }
+        #expect(entered.isSet)
+        server.stop()
+        #expect(returned.isSet, "stop returned while the answer was still running")
+    }
+
+    @Test("an engine answers descriptor fetches whole with few buffers (on the I/O thread) and with many (on a worker)")
+    func engineDescriptorBothPaths() throws {
+        let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
+        defer { engine.shutdown() }
+        let buffers = (0..<70).map { _ in TestBuffer(4096) }
+        for (count, buffer) in buffers.enumerated() {
+            try engine.registerMemory(address: buffer.address, length: 4096)
+            guard count == 9 || count == 69 else { continue }
+            let json = try JSONValue.parse(try exchange(.metadata, port: engine.rpcPort).json)
+            let listed = Set((json["buffers"]?.arrayValue ?? []).compactMap { $0["addr"]?.uint64Value })
+            #expect(listed == Set(buffers.prefix(count + 1).map(\.address)), "\(count + 1) registered")
+        }
+        try engine.unregisterMemory(address: buffers[3].address)
+        let json = try JSONValue.parse(try exchange(.metadata, port: engine.rpcPort).json)
+        #expect(json["buffers"]?.arrayValue?.count == 69)
     }
 }

@@ -135,8 +135,15 @@ extension TransferEngine {
     /// The descriptor this engine publishes. The first installed transport's fields are where
     /// upstream puts them (an official peer reads them); each other transport's are under
     /// `te_transports.<protocol>`, and `protocols` lists every transport when there are several.
-    public var localDescriptor: SegmentDescriptor {
+    public var localDescriptor: SegmentDescriptor { describe(builtInOnly: false)! }
+
+    /// The descriptor; with `builtInOnly`, nil when a plugin is installed (describing then calls
+    /// into it, which may block) or more than `maxBuffers` buffers are registered.
+    func describe(builtInOnly: Bool, maxBuffers: Int = .max) -> SegmentDescriptor? {
         let (fragments, transports) = state.withLock { ($0.bufferFragments, $0.transports) }
+        if builtInOnly && !transports.allSatisfy({ $0 is TCPTransport }) { return nil }
+        let regions = registry.all
+        if regions.count > maxBuffers { return nil }
         let primary = transports.first!
         let usePlugin = !(primary is TCPTransport)
         let installedNames = Set(transports.map(\.protocolName))
@@ -157,7 +164,7 @@ extension TransferEngine {
         }
         if !others.isEmpty { extra[Self.transportFieldsKey] = .object(others) }
         if transports.count > 2 { extra["protocols"] = .array(transports.map { .string($0.protocolName) }) }
-        let buffers = registry.all.map { region in
+        let buffers = regions.map { region in
             let perTransport = fragments[region.address] ?? [:]
             var keys = perTransport[primary.protocolName] ?? [:]
             var secondary: [String: JSONValue] = [:]

@@ -189,6 +189,7 @@ public final class TransferEngine: @unchecked Sendable {
         warmUpFirstContact()
         handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, limits: settings.handshakeLimits,
                                               auth: authenticator, logger: logger,
+                                              inline: .init(kinds: [.metadata, .probe]) { [weak self] in self?.answerHandshakeInline($0) },
                                               onBadMessage: Self.counting(metrics?.handshakeFailures)) { [weak self] message in
             self?.answerHandshake(message)
         }

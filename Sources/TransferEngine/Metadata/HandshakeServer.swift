@@ -13,10 +13,12 @@ import CTransferEngineShims
 ///
 /// One I/O thread reads every connection's request without blocking (poll), each within a total
 /// deadline; complete requests go to a few worker threads, since a handler may block (a plugin's
-/// connection setup). An idle or trickling connection costs a table entry, not a thread, so new
-/// peers are answered while hundreds of them are open. Limits: connections being read in all and
-/// per source address (past either, the oldest such connection is closed to admit the new one),
-/// bytes buffered, requests queued for the workers.
+/// connection setup). Requests `inline` says are cheap (a probe; a small segment's descriptor) are
+/// answered on the I/O thread, which saves a new peer a thread wake-up; a reply the socket does
+/// not take at once is finished by a worker. An idle or trickling connection costs a table entry,
+/// not a thread, so new peers are answered while hundreds of them are open. Limits: connections
+/// being read in all and per source address (past either, the oldest such connection is closed to
+/// admit the new one), bytes buffered, requests queued for the workers.
 final class HandshakeServer: @unchecked Sendable {
     /// Called for each refused or malformed message (the handshake-failure metric).
     let onBadMessage: (@Sendable () -> Void)?
@@ -36,7 +38,7 @@ final class HandshakeServer: @unchecked Sendable {
         var maxBufferedPerAddress = 8 << 20
         /// A reply must be sent whole within this.
         var replyDeadlineMs = 5000
-        /// Complete requests waiting for a worker.
+        /// Complete requests (and rests of replies begun on the I/O thread) waiting for a worker.
         var maxQueued = 64
     }
 
@@ -52,8 +54,11 @@ final class HandshakeServer: @unchecked Sendable {
     private let maxLength: Int
     let limits: Limits
     private let auth: PeerAuthenticator?
+    /// What the I/O thread answers itself.
+    let inline: Inline?
     /// The I/O thread's receive buffer (one, not 64 KiB zeroed for every readable connection).
     private let chunk: UnsafeMutableRawBufferPointer
+
     /// A pipe that wakes the I/O thread from poll (stop, replied connections handed back).
     private let wakeRead: Int32
     private let wakeWrite: Int32
@@ -62,12 +67,14 @@ final class HandshakeServer: @unchecked Sendable {
     /// State the I/O thread and the workers share.
     struct Shared {
         var stopped = false
-        var queue: Deque<(Socket, [UInt8], String)> = []
+        var queue: Deque<Job> = []
         /// Replied connections handed back to the I/O thread to wait for the client's close.
         var lingering: [Socket] = []
         var limitWarnings = WarningThrottle()
         /// Workers still running (stop waits for them).
         var workers = 0
+        /// The I/O thread is inside the handler (stop waits for that too).
+        var answeringInline = false
     }
 
     /// A connection whose request is being read (I/O thread only).
@@ -102,11 +109,13 @@ final class HandshakeServer: @unchecked Sendable {
     }
 
     /// With `auth`, every connection must pass the shared-secret exchange before its request is read.
+    /// `inline`: what the I/O thread answers itself (nil: workers answer everything).
     init(listener: Socket, maxLength: Int, limits: Limits = Limits(), auth: PeerAuthenticator? = nil, logger: Logger,
-         onBadMessage: (@Sendable () -> Void)? = nil, handler: @escaping Handler) throws {
+         inline: Inline? = nil, onBadMessage: (@Sendable () -> Void)? = nil, handler: @escaping Handler) throws {
         self.listener = listener
         self.onBadMessage = onBadMessage
         self.auth = auth
+        self.inline = inline
         self.handler = handler
         self.logger = logger
         self.maxLength = maxLength
@@ -144,13 +153,13 @@ final class HandshakeServer: @unchecked Sendable {
     func stop(waitMs: Int = 5000) {
         let (already, queued) = shared.withLock(notify: true) { state -> (Bool, [Socket]) in
             defer { state.stopped = true; state.queue.removeAll() }
-            return (state.stopped, state.queue.map(\.0))
+            return (state.stopped, state.queue.map(\.socket))
         }
         if already { return }
         wake()
         queued.forEach { $0.close() }
         let deadline = MonotonicClock.nanoseconds() + UInt64(waitMs) * 1_000_000
-        if shared.wait(deadline: deadline, until: { $0.workers == 0 ? true : nil }) == nil {
+        if shared.wait(deadline: deadline, until: { $0.workers == 0 && !$0.answeringInline ? true : nil }) == nil {
             logger.warning("handshake: answers still running \(waitMs) ms after stop")
         }
     }
@@ -223,7 +232,9 @@ final class HandshakeServer: @unchecked Sendable {
                 if connection.expected != nil, connection.body.count == connection.expected {
                     buffered -= connection.held
                     reading.remove(at: index)
-                    enqueue(connection)
+                    if !answerInline(connection.socket, body: connection.body, peer: connection.peer) {
+                        enqueue(Job(socket: connection.socket, bytes: connection.body, peer: connection.peer, isReplyRest: false))
+                    }
                 } else {
                     drop(index)
                 }
@@ -350,21 +361,23 @@ final class HandshakeServer: @unchecked Sendable {
         }
     }
 
-    /// Hands a whole request to the workers (or refuses it when they are that far behind).
-    private func enqueue(_ connection: Reading) {
-        let accepted = shared.withLock { state -> Bool in
-            guard state.queue.count < limits.maxQueued else { return false }
-            state.queue.append((connection.socket, connection.body, connection.peer))
-            return true
+    /// Hands a job to the workers (or refuses it when they are that far behind).
+    func enqueue(_ job: Job) {
+        enum Outcome { case queued, full, stopped }
+        let outcome = shared.withLock { state -> Outcome in
+            if state.stopped { return .stopped }  // no worker would take it
+            guard state.queue.count < limits.maxQueued else { return .full }
+            state.queue.append(job)
+            return .queued
         }
-        if accepted { shared.signalOne() } else {
-            warnLimit("handshake: \(limits.maxQueued) requests already wait for an answer; closing \(connection.peer)")
-            connection.socket.close()
+        if outcome == .queued { shared.signalOne() } else if outcome == .stopped { job.socket.close() } else {
+            warnLimit("handshake: \(limits.maxQueued) requests already wait for an answer; closing \(job.peer)")
+            job.socket.close()
         }
     }
 
     /// A warning at most every 10 s (a flood must not flood the log too).
-    private func warnLimit(_ message: String) {
+    func warnLimit(_ message: String) {
         let now = MonotonicClock.nanoseconds()
         if shared.withLock({ $0.limitWarnings.record(now: now) }) != nil {
             logger.warning("\(message) (further limit warnings in the next 10 s are not shown)")
