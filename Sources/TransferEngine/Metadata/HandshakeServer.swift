@@ -174,6 +174,11 @@ final class HandshakeServer: @unchecked Sendable {
     private func ioLoop() {
         var reading: [Reading] = []
         var lingering: [(socket: Socket, deadline: UInt64)] = []
+        // What a first peer's connection makes (storage of these types, an address's text), made
+        // now: the runtime builds a type's metadata on its first use, which a new peer would wait for.
+        reading.reserveCapacity(16)
+        lingering.reserveCapacity(16)
+        _ = Reading(socket: listener, peer: listener.localAddress, deadline: 0).address
         var buffered = 0
         defer {
             reading.forEach { $0.socket.close() }

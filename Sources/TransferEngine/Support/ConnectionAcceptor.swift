@@ -40,6 +40,12 @@ final class ConnectionAcceptor: @unchecked Sendable {
         self.logger = logger
         self.refuse = refuse
         self.serve = serve
+        // The tables' storage now, not on the first connection: the runtime builds these types'
+        // metadata on first use, which that connection would wait for (README, "Performance").
+        connections.withLock { table in
+            table.sockets.reserveCapacity(16)
+            table.perAddress.reserveCapacity(16)
+        }
         try OSThread.spawn(name: "te-accept") { [self] in lead() }
     }
 
