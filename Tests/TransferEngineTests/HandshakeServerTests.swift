@@ -93,8 +93,12 @@ struct HandshakeServerTests {
         let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
         defer { engine.shutdown() }
         let buffers = (0..<70).map { _ in TestBuffer(4096) }
+        let fetch = HandshakeWire.Message(kind: .metadata, json: "{}")
         for (count, buffer) in buffers.enumerated() {
             try engine.registerMemory(address: buffer.address, length: 4096)
+            // The I/O thread answers up to 64 buffers; past that a worker does.
+            if count == 63 { #expect(engine.answerHandshakeInline(fetch) != nil) }
+            if count == 64 { #expect(engine.answerHandshakeInline(fetch) == nil) }
             guard count == 9 || count == 69 else { continue }
             let json = try JSONValue.parse(try exchange(.metadata, port: engine.rpcPort).json)
             let listed = Set((json["buffers"]?.arrayValue ?? []).compactMap { $0["addr"]?.uint64Value })

@@ -48,7 +48,6 @@ extension TransferEngine {
         }
     }
 
-    /// Answers one handshake-port message.
     /// What the handshake port's I/O thread answers itself, without waking a worker: a probe, and
     /// a descriptor fetch while describing this segment is cheap (TCP only, at most 64 buffers:
     /// no plugin call, a reply of a few KiB). Nil hands the request to a worker.
@@ -60,6 +59,7 @@ extension TransferEngine {
         }
     }
 
+    /// Answers one handshake-port message.
     func answerHandshake(_ message: HandshakeWire.Message) -> String? {
         switch message.kind {
         case .metadata:

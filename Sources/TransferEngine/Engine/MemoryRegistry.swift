@@ -92,6 +92,11 @@ final class MemoryRegistry: @unchecked Sendable {
     /// All registered ranges, in address order (those being unregistered left out).
     var all: [Region] { entries.withLock { $0.filter { !$0.revoked }.map(\.region) } }
 
+    /// As `all`, or nil without copying anything when more than `limit` entries are held.
+    func all(atMost limit: Int) -> [Region]? {
+        entries.withLock { $0.count > limit ? nil : $0.filter { !$0.revoked }.map(\.region) }
+    }
+
     /// The region holding [address, address+length), if one does.
     func region(containing address: UInt64, length: UInt64) -> Region? {
         entries.withLock { entries in Self.find(entries, address, length).map { entries[$0].region } }

@@ -26,8 +26,8 @@ extension HandshakeServer {
         let bytes: [UInt8]
         let peer: String
         let isReplyRest: Bool
-        /// For a reply's rest: when the whole reply must have been sent (monotonic ns).
-        var deadline: UInt64 = 0
+        /// For a reply's rest: when the whole reply must have been sent (monotonic ns); 0 for a request.
+        let deadline: UInt64
     }
 
     func workerLoop() {
@@ -45,7 +45,8 @@ extension HandshakeServer {
     /// blocking and leaving the rest to a worker. False: for the workers (another kind, a body
     /// that does not decode, or no cheap answer now).
     func answerInline(_ connection: Socket, body: [UInt8], peer: String) -> Bool {
-        guard let inline, let kind = body.first.flatMap({ HandshakeWire.Kind(rawValue: $0) }), inline.kinds.contains(kind),
+        // Small bodies only (a probe's or fetch's is a few hundred bytes): a large one is decoded by a worker.
+        guard let inline, body.count <= 4096, let kind = body.first.flatMap({ HandshakeWire.Kind(rawValue: $0) }), inline.kinds.contains(kind),
               let request = try? HandshakeWire.decodeBody(body), request.kind == kind, !request.legacy else { return false }
         // Not once stop began: it waits for a handler running here, as for the workers'.
         guard shared.withLock({ state -> Bool in
@@ -60,13 +61,13 @@ extension HandshakeServer {
         if shared.withLock({ state -> Bool in state.answeringInline = false; return state.stopped }) { shared.notifyAll() }
         guard let replyJSON = answer else { return false }
         let reply = HandshakeWire.Message(kind: request.kind, json: replyJSON, legacy: request.legacy).encoded
+        let deadline = MonotonicClock.nanoseconds() + UInt64(limits.replyDeadlineMs) * 1_000_000
         var sent = 0
         while sent < reply.count {
             let n = reply.withUnsafeBytes { Glibc.send(connection.fd, $0.baseAddress! + sent, $0.count - sent, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
             if n > 0 { sent += n; continue }
             if n < 0 && errno == EINTR { continue }
             if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-                let deadline = MonotonicClock.nanoseconds() + UInt64(limits.replyDeadlineMs) * 1_000_000
                 enqueue(Job(socket: connection, bytes: Array(reply[sent...]), peer: peer, isReplyRest: true, deadline: deadline))
             } else {
                 connection.close()  // the client is gone
@@ -74,8 +75,13 @@ extension HandshakeServer {
             return true
         }
         connection.shutdownWrite()
-        // The I/O thread (this one) takes it back on its next pass.
-        shared.withLock { $0.lingering.append(connection) }
+        // The I/O thread (this one) takes it back on its next pass, unless stop began.
+        let kept = shared.withLock { state -> Bool in
+            guard !state.stopped else { return false }
+            state.lingering.append(connection)
+            return true
+        }
+        if !kept { connection.close() }
         return true
     }
 
@@ -84,7 +90,7 @@ extension HandshakeServer {
         _ = fcntl(connection.fd, F_SETFL, fcntl(connection.fd, F_GETFL) & ~O_NONBLOCK)
         connection.setTimeouts(receiveMs: 1000, sendMs: min(1000, limits.replyDeadlineMs))
         do {
-            try rest.withUnsafeBytes { try connection.sendAll([$0], deadline: deadline) }
+            try rest.withUnsafeBytes { try connection.sendAll([$0], deadline: deadline, callLimitMs: min(1000, limits.replyDeadlineMs)) }
             connection.shutdownWrite()
         } catch {
             logger.debug("handshake: reply to \(peer) not sent whole: \(error)", metadata: ["peer": "\(peer)"])
@@ -123,7 +129,12 @@ extension HandshakeServer {
     /// client that never closes.
     private func linger(_ connection: Socket) {
         _ = fcntl(connection.fd, F_SETFL, fcntl(connection.fd, F_GETFL) | O_NONBLOCK)
-        shared.withLock { $0.lingering.append(connection) }
-        wake()
+        // Once stopped, the I/O thread takes nothing back: closed here.
+        let kept = shared.withLock { state -> Bool in
+            guard !state.stopped else { return false }
+            state.lingering.append(connection)
+            return true
+        }
+        if kept { wake() } else { connection.close() }
     }
 }

@@ -75,6 +75,8 @@ final class HandshakeServer: @unchecked Sendable {
         var workers = 0
         /// The I/O thread is inside the handler (stop waits for that too).
         var answeringInline = false
+        /// The I/O thread (a stop called from inside its answer must not wait for itself).
+        var ioThread: pthread_t? = nil
     }
 
     /// A connection whose request is being read (I/O thread only).
@@ -159,7 +161,9 @@ final class HandshakeServer: @unchecked Sendable {
         wake()
         queued.forEach { $0.close() }
         let deadline = MonotonicClock.nanoseconds() + UInt64(waitMs) * 1_000_000
-        if shared.wait(deadline: deadline, until: { $0.workers == 0 && !$0.answeringInline ? true : nil }) == nil {
+        // Called from the I/O thread's own answer (the engine released there): not waiting for it.
+        let onIOThread = shared.withLock { $0.ioThread.map { pthread_equal($0, pthread_self()) != 0 } ?? false }
+        if shared.wait(deadline: deadline, until: { $0.workers == 0 && (onIOThread || !$0.answeringInline) ? true : nil }) == nil {
             logger.warning("handshake: answers still running \(waitMs) ms after stop")
         }
     }
@@ -172,6 +176,7 @@ final class HandshakeServer: @unchecked Sendable {
     // MARK: - I/O thread
 
     private func ioLoop() {
+        shared.withLock { $0.ioThread = pthread_self() }
         var reading: [Reading] = []
         var lingering: [(socket: Socket, deadline: UInt64)] = []
         // What a first peer's connection makes (storage of these types, an address's text), made
@@ -238,7 +243,7 @@ final class HandshakeServer: @unchecked Sendable {
                     buffered -= connection.held
                     reading.remove(at: index)
                     if !answerInline(connection.socket, body: connection.body, peer: connection.peer) {
-                        enqueue(Job(socket: connection.socket, bytes: connection.body, peer: connection.peer, isReplyRest: false))
+                        enqueue(Job(socket: connection.socket, bytes: connection.body, peer: connection.peer, isReplyRest: false, deadline: 0))
                     }
                 } else {
                     drop(index)
@@ -376,7 +381,8 @@ final class HandshakeServer: @unchecked Sendable {
             return .queued
         }
         if outcome == .queued { shared.signalOne() } else if outcome == .stopped { job.socket.close() } else {
-            warnLimit("handshake: \(limits.maxQueued) requests already wait for an answer; closing \(job.peer)")
+            warnLimit(job.isReplyRest ? "handshake: \(limits.maxQueued) requests already wait for a worker; a reply to \(job.peer) is cut short"
+                                      : "handshake: \(limits.maxQueued) requests already wait for an answer; closing \(job.peer)")
             job.socket.close()
         }
     }
