@@ -151,7 +151,7 @@ final class ServeProcess: @unchecked Sendable {
     let process = Process()
     let input = Pipe()
     private let output = Pipe()
-    /// Output after the READY line not yet returned by `command`.
+    /// Output after the lines read so far (READY, then `command`'s answers).
     private var pending = ""
     let segment: String
     let bufferAddress: UInt64
@@ -172,20 +172,14 @@ final class ServeProcess: @unchecked Sendable {
         process.standardOutput = output
         process.standardError = FileHandle.nullDevice
         try process.run()
-        var text = ""
-        let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline, !text.contains("\n") {
-            let chunk = output.fileHandleForReading.availableData
-            if chunk.isEmpty { break }
-            text += String(decoding: chunk, as: UTF8.self)
-        }
-        let firstLine = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false)
-        pending = firstLine.count > 1 ? String(firstLine[1]) : ""
-        let fields = Self.readyFields(firstLine.first.map(String.init) ?? "")
+        var unread = ""
+        let readyLine = Self.nextLine(from: output.fileHandleForReading, unread: &unread)
+        pending = unread
+        let fields = Self.readyFields(readyLine ?? "")
         guard let segment = fields["segment"], let buffer = fields["buffer"], let address = UInt64(buffer.dropFirst(2), radix: 16),
               let length = fields["length"].flatMap({ UInt64($0) }) else {
             process.terminate()
-            throw TestFailure("serve did not print READY: \(text)")
+            throw TestFailure("serve did not print READY: \(readyLine ?? unread)")
         }
         self.segment = segment
         self.bufferAddress = address
@@ -198,18 +192,27 @@ final class ServeProcess: @unchecked Sendable {
     func command(_ line: String) throws -> String {
         signal(SIGPIPE, SIG_IGN)  // a child that exited fails the write, not the test process
         try input.fileHandleForWriting.write(contentsOf: Data((line + "\n").utf8))
-        let deadline = Date().addingTimeInterval(30)
-        while !pending.contains("\n") {
-            let left = deadline.timeIntervalSinceNow
-            var ready = pollfd(fd: output.fileHandleForReading.fileDescriptor, events: Int16(POLLIN), revents: 0)
-            guard left > 0, poll(&ready, 1, Int32(left * 1000)) > 0 else { break }
-            let chunk = output.fileHandleForReading.availableData
-            if chunk.isEmpty { break }
-            pending += String(decoding: chunk, as: UTF8.self)
+        guard let answer = Self.nextLine(from: output.fileHandleForReading, unread: &pending) else {
+            throw TestFailure("serve did not answer '\(line)': \(pending)")
         }
-        guard let end = pending.firstIndex(of: "\n") else { throw TestFailure("serve did not answer '\(line)': \(pending)") }
-        defer { pending = String(pending[pending.index(after: end)...]) }
-        return String(pending[..<end])
+        return answer
+    }
+
+    /// The next line of `handle`'s output (without its newline), waiting at most 30 s for it;
+    /// `unread` holds what arrived past the lines returned so far. Nil at end of output or timeout.
+    private static func nextLine(from handle: FileHandle, unread: inout String) -> String? {
+        let deadline = Date().addingTimeInterval(30)
+        while !unread.contains("\n") {
+            let left = deadline.timeIntervalSinceNow
+            var ready = pollfd(fd: handle.fileDescriptor, events: Int16(POLLIN), revents: 0)
+            guard left > 0, poll(&ready, 1, Int32(left * 1000)) > 0 else { break }
+            let chunk = handle.availableData
+            if chunk.isEmpty { break }
+            unread += String(decoding: chunk, as: UTF8.self)
+        }
+        guard let end = unread.firstIndex(of: "\n") else { return nil }
+        defer { unread = String(unread[unread.index(after: end)...]) }
+        return String(unread[..<end])
     }
 
     /// The key=value fields of serve's READY line.

@@ -142,7 +142,7 @@ extension TransferEngine {
     func describe(builtInOnly: Bool, maxBuffers: Int = .max) -> SegmentDescriptor? {
         let (fragments, transports) = state.withLock { ($0.bufferFragments, $0.transports) }
         if builtInOnly && !transports.allSatisfy({ $0 is TCPTransport }) { return nil }
-        guard let regions = maxBuffers == .max ? registry.all : registry.all(atMost: maxBuffers) else { return nil }
+        guard let regions = registry.all(atMost: maxBuffers) else { return nil }
         let primary = transports.first!
         let usePlugin = !(primary is TCPTransport)
         let installedNames = Set(transports.map(\.protocolName))

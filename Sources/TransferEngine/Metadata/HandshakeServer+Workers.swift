@@ -19,15 +19,18 @@ extension HandshakeServer {
         let answer: @Sendable (HandshakeWire.Message) -> String?
     }
 
-    /// A worker's task: a request to answer, or the rest of a reply the I/O thread began.
-    struct Job {
-        let socket: Socket
-        /// The request's body, or the reply bytes still to send.
-        let bytes: [UInt8]
-        let peer: String
-        let isReplyRest: Bool
-        /// For a reply's rest: when the whole reply must have been sent (monotonic ns); 0 for a request.
-        let deadline: UInt64
+    /// A worker's task: a request to answer, or the rest of a reply the I/O thread began, to be
+    /// sent whole by `deadline` (monotonic ns).
+    enum Job {
+        case request(Socket, body: [UInt8], peer: String)
+        case replyRest(Socket, rest: [UInt8], peer: String, deadline: UInt64)
+
+        var socket: Socket {
+            switch self { case .request(let socket, _, _), .replyRest(let socket, _, _, _): return socket }
+        }
+        var peer: String {
+            switch self { case .request(_, _, let peer), .replyRest(_, _, let peer, _): return peer }
+        }
     }
 
     func workerLoop() {
@@ -37,7 +40,10 @@ extension HandshakeServer {
                 return state.queue.popFirst().map { .some($0) }
             })
             guard let job = next ?? nil else { return }
-            if job.isReplyRest { finishReply(job.socket, rest: job.bytes, peer: job.peer, deadline: job.deadline) } else { answer(job.socket, body: job.bytes, peer: job.peer) }
+            switch job {
+            case .request(let socket, let body, let peer): answer(socket, body: body, peer: peer)
+            case .replyRest(let socket, let rest, let peer, let deadline): finishReply(socket, rest: rest, peer: peer, deadline: deadline)
+            }
         }
     }
 
@@ -68,20 +74,15 @@ extension HandshakeServer {
             if n > 0 { sent += n; continue }
             if n < 0 && errno == EINTR { continue }
             if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-                enqueue(Job(socket: connection, bytes: Array(reply[sent...]), peer: peer, isReplyRest: true, deadline: deadline))
+                enqueue(.replyRest(connection, rest: Array(reply[sent...]), peer: peer, deadline: deadline))
             } else {
                 connection.close()  // the client is gone
             }
             return true
         }
         connection.shutdownWrite()
-        // The I/O thread (this one) takes it back on its next pass, unless stop began.
-        let kept = shared.withLock { state -> Bool in
-            guard !state.stopped else { return false }
-            state.lingering.append(connection)
-            return true
-        }
-        if !kept { connection.close() }
+        // The I/O thread (this one) takes it back on its next pass: no wake-up.
+        if !handBack(connection) { connection.close() }
         return true
     }
 
@@ -129,12 +130,16 @@ extension HandshakeServer {
     /// client that never closes.
     private func linger(_ connection: Socket) {
         _ = fcntl(connection.fd, F_SETFL, fcntl(connection.fd, F_GETFL) | O_NONBLOCK)
-        // Once stopped, the I/O thread takes nothing back: closed here.
-        let kept = shared.withLock { state -> Bool in
+        if handBack(connection) { wake() } else { connection.close() }
+    }
+
+    /// Queues a replied connection for the I/O thread to wait on; false once stop began (the I/O
+    /// thread takes nothing back then, and the caller closes it).
+    private func handBack(_ connection: Socket) -> Bool {
+        shared.withLock { state -> Bool in
             guard !state.stopped else { return false }
             state.lingering.append(connection)
             return true
         }
-        if kept { wake() } else { connection.close() }
     }
 }

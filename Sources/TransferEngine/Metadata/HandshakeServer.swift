@@ -58,7 +58,6 @@ final class HandshakeServer: @unchecked Sendable {
     let inline: Inline?
     /// The I/O thread's receive buffer (one, not 64 KiB zeroed for every readable connection).
     private let chunk: UnsafeMutableRawBufferPointer
-
     /// A pipe that wakes the I/O thread from poll (stop, replied connections handed back).
     private let wakeRead: Int32
     private let wakeWrite: Int32
@@ -243,7 +242,7 @@ final class HandshakeServer: @unchecked Sendable {
                     buffered -= connection.held
                     reading.remove(at: index)
                     if !answerInline(connection.socket, body: connection.body, peer: connection.peer) {
-                        enqueue(Job(socket: connection.socket, bytes: connection.body, peer: connection.peer, isReplyRest: false, deadline: 0))
+                        enqueue(.request(connection.socket, body: connection.body, peer: connection.peer))
                     }
                 } else {
                     drop(index)
@@ -381,8 +380,11 @@ final class HandshakeServer: @unchecked Sendable {
             return .queued
         }
         if outcome == .queued { shared.signalOne() } else if outcome == .stopped { job.socket.close() } else {
-            warnLimit(job.isReplyRest ? "handshake: \(limits.maxQueued) requests already wait for a worker; a reply to \(job.peer) is cut short"
-                                      : "handshake: \(limits.maxQueued) requests already wait for an answer; closing \(job.peer)")
+            if case .replyRest = job {
+                warnLimit("handshake: \(limits.maxQueued) requests already wait for a worker; a reply to \(job.peer) is cut short")
+            } else {
+                warnLimit("handshake: \(limits.maxQueued) requests already wait for an answer; closing \(job.peer)")
+            }
             job.socket.close()
         }
     }
