@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The cxl plugin's benchmark on the emulated CXL device (host side): boots the CXL guest, makes
-# /dev/dax0.0, measures raw memcpy into/out of the device mapping (dax_memcpy.c) and
-# `transfer-engine bench --protocol cxl` in the same boot. Writes out/dax-memcpy.txt and
+# /dev/dax0.0, measures raw memcpy into/out of the device mapping (dax_memcpy.c) right before and after
+# each block size's `transfer-engine bench --protocol cxl` case, in the same boot. Writes out/dax-memcpy.txt and
 # out/bench-cxl.json; scripts/bench_summary.py prints the ratios. Absolute numbers are emulation speed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,11 +14,26 @@ trap 'rm -f "$inner" /tmp/cxl-pmem0.raw /tmp/cxl-lsa0.raw' EXIT
 cat > "$inner" <<INNER
 set -u
 bash scripts/vm/cxl-setup.sh || exit \$?
-out/dax_memcpy /dev/dax0.0 | tee out/dax-memcpy.txt
-MC_STRICT_PROTOCOL=1 MC_TRANSPORT_PLUGIN_PATH=\$PWD/$bin $bin/transfer-engine bench --loopback --protocol cxl --buffer-size 96MiB \
-    --block-sizes 4KiB,1MiB,64MiB --batch-sizes 1 --duration ${TE_DURATION:-1} --no-reference --local-heap --json out/bench-cxl.json 2>&1 | grep -E "^(op|write|read|-----)"
-# The ceiling again after the bench (the summary takes the better per size): emulation speed drifts.
-out/dax_memcpy /dev/dax0.0 | tee -a out/dax-memcpy.txt
+# Emulation speed drifts over a boot, so the ceiling of each block size is sampled right before and
+# right after that size's case (the summary takes the better sample); the cases' results are merged
+# into one file afterwards.
+: > out/dax-memcpy.txt
+for case in 4096:4KiB 1048576:1MiB 67108864:64MiB; do
+    bytes=\${case%%:*} block=\${case#*:}
+    out/dax_memcpy /dev/dax0.0 \$bytes | tee -a out/dax-memcpy.txt
+    MC_STRICT_PROTOCOL=1 MC_TRANSPORT_PLUGIN_PATH=\$PWD/$bin $bin/transfer-engine bench --loopback --protocol cxl --buffer-size 96MiB \
+        --block-sizes \$block --batch-sizes 1 --duration ${TE_DURATION:-1} --no-reference --local-heap --json out/bench-cxl-\$bytes.json 2>&1 \
+        | grep -E "^(op|write|read|-----)"
+    out/dax_memcpy /dev/dax0.0 \$bytes | tee -a out/dax-memcpy.txt
+done
+python3 - <<'MERGE'
+import json
+docs = [json.load(open(f"out/bench-cxl-{b}.json")) for b in (4096, 1048576, 67108864)]
+merged = docs[0]
+merged["results"] = [r for d in docs for r in d["results"]]
+json.dump(merged, open("out/bench-cxl.json", "w"), indent=1)
+MERGE
+rm -f out/bench-cxl-*.json
 INNER
 RXE_VM_MACHINE='q35,cxl=on,cxl-fmw.0.targets.0=cxl.1,cxl-fmw.0.size=4G' RXE_VM_EXTRA_QEMU="$(cat scripts/vm/cxl-qemu-args)" \
     scripts/vm/run-in-rxe-guest.sh -t 600 --script "$inner" 2>&1 | grep -v '^\[rxe-vm'

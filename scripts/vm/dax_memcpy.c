@@ -1,7 +1,8 @@
 /* Raw reference for the cxl benchmark (runs in the guest): memcpy between heap memory and a
  * device-dax mapping, per block size, three rounds of about half a second each (at least one copy),
- * the rounds interleaved over the cases; a ceiling is the best of them, since emulation speed swings. Prints
- * "memcpy <op> <bytes> <GB/s>". */
+ * the rounds interleaved over the cases; a ceiling is the best of them, since emulation speed swings. Block
+ * sizes after the device path pick the cases (default 4096, 1 MiB and 64 MiB), so a benchmark can sample the
+ * ceiling right beside each of its cases. Prints "memcpy <op> <bytes> <GB/s>". */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdint.h>
@@ -25,13 +26,23 @@ int main(int argc, char **argv) {
     if (pool == MAP_FAILED) { perror("mmap"); return 1; }
     char *heap = aligned_alloc(4096, length);
     memset(heap, 7, length);
-    size_t sizes[] = { 4096, 1u << 20, 64u << 20 };
-    double best[2][3] = { { 0 } };
+    size_t sizes[8] = { 4096, 1u << 20, 64u << 20 };
+    int count = 3;
+    if (argc > 2) {
+        count = 0;
+        for (int i = 2; i < argc && count < 8; i++) {
+            char *end;
+            unsigned long long size = strtoull(argv[i], &end, 10);
+            if (*end != 0 || size == 0 || size > length) { fprintf(stderr, "bad block size %s (1..%zu bytes)\n", argv[i], length); return 2; }
+            sizes[count++] = size;
+        }
+    }
+    double best[2][8] = { { 0 } };
     /* The rounds go over every case in turn, so a slow stretch of the emulation lowers one round
      * of several cases rather than all three rounds of one case. */
     for (int round = 0; round < 3; round++) {
         for (int op = 0; op < 2; op++) {
-            for (int s = 0; s < 3; s++) {
+            for (int s = 0; s < count; s++) {
                 size_t size = sizes[s], done = 0;
                 double start = now();
                 while (done == 0 || now() - start < 0.5) {
@@ -47,6 +58,6 @@ int main(int argc, char **argv) {
         }
     }
     for (int op = 0; op < 2; op++)
-        for (int s = 0; s < 3; s++) printf("memcpy %s %zu %.3f\n", op == 0 ? "write" : "read", sizes[s], best[op][s]);
+        for (int s = 0; s < count; s++) printf("memcpy %s %zu %.6f\n", op == 0 ? "write" : "read", sizes[s], best[op][s]);
     return 0;
 }

@@ -37,8 +37,8 @@ bandwidth_ceilings() { # file suffix ("" before the bench, "-again" after it)
         # scripts/bench.sh --quick: a quarter (with a tenth, thirty 1 MiB reads spent much of their
         # time starting, so the pairs overlapped badly and their sum fell under the engine's figure)
         [ "${TE_QUICK:-0}" = 1 ] && n=$((n / 4))
-        echo -n "ib_write_bw $size (two pairs): "; two_pairs out/perftest-write-bw-$size$1 ib_write_bw -d "$DEV" -x "$GIDX" -s $size -n $n --report_gbits -F
-        echo -n "ib_read_bw $size (two pairs): "; two_pairs out/perftest-read-bw-$size$1 ib_read_bw -d "$DEV" -x "$GIDX" -s $size -n $n --report_gbits -F
+        echo -n "ib_write_bw $size (two pairs): "; two_pairs out/perftest-write-bw-$size$1 ib_write_bw -d "$DEV" -x "$GIDX" -s $size -n $n -F
+        echo -n "ib_read_bw $size (two pairs): "; two_pairs out/perftest-read-bw-$size$1 ib_read_bw -d "$DEV" -x "$GIDX" -s $size -n $n -F
     done
 }
 echo "== perftest on $DEV (GID index $GIDX)"
@@ -50,7 +50,7 @@ sync_ceilings() { # file suffix, as bandwidth_ceilings: one 4 KiB transfer at a 
     # (ib_write_lat reports half of a ping-pong in which both sides poll memory: not a completed write.)
     # 2000 in quick mode too (about a second each): 200 read well below the steady rate.
     local n=2000
-    echo -n "ib_write_bw 4096, one in flight: "; pair out/perftest-write-bw-4096-t1$1.txt ib_write_bw -d "$DEV" -x "$GIDX" -s 4096 -t 1 -n $n --report_gbits -F
+    echo -n "ib_write_bw 4096, one in flight: "; pair out/perftest-write-bw-4096-t1$1.txt ib_write_bw -d "$DEV" -x "$GIDX" -s 4096 -t 1 -n $n -F
     echo -n "ib_read_lat 4096: "; pair out/perftest-read-lat-4096$1.txt ib_read_lat -d "$DEV" -x "$GIDX" -s 4096 -n $n -F
 }
 sync_ceilings ""
