@@ -118,6 +118,29 @@ struct SocketAddress: CustomStringConvertible, Sendable {
 
     var description: String { family == AF_INET6 ? "[\(host)]:\(port)" : "\(host):\(port)" }
 
+    /// The IP address alone: 4 bytes (IPv4, or IPv4 mapped into IPv6) or 16 (IPv6); empty otherwise.
+    var ipBytes: [UInt8] {
+        withUnsafeBytes(of: storage) { raw in
+            switch family {
+            case AF_INET:
+                return Array(raw[4..<8])  // sockaddr_in: family, port, address
+            case AF_INET6:
+                let address = Array(raw[8..<24])  // sockaddr_in6: family, port, flow info, address
+                let mappedPrefix: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+                return Array(address[0..<12]) == mappedPrefix ? Array(address[12..<16]) : address
+            default:
+                return []
+            }
+        }
+    }
+
+    /// Whether this is a loopback address (127.0.0.0/8 or ::1).
+    var isLoopback: Bool {
+        let ip = ipBytes
+        if ip.count == 4 { return ip[0] == 127 }
+        return ip.count == 16 && ip[0..<15].allSatisfy { $0 == 0 } && ip[15] == 1
+    }
+
     func withSockAddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
         var copy = storage
         return withUnsafePointer(to: &copy) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, length) } }
@@ -269,11 +292,16 @@ final class Socket: @unchecked Sendable {
         }
     }
 
-    /// Asks for larger kernel buffers (bulk streams).
-    func setBufferSizes(_ bytes: Int32) {
+    /// Sets one kernel buffer's size (`SO_SNDBUF` or `SO_RCVBUF`), which turns off its autotuning.
+    func setBufferSize(_ option: Int32, _ bytes: Int32) {
         var value = bytes
-        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &value, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd, SOL_SOCKET, option, &value, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Sets both kernel buffer sizes.
+    func setBufferSizes(_ bytes: Int32) {
+        setBufferSize(SO_SNDBUF, bytes)
+        setBufferSize(SO_RCVBUF, bytes)
     }
 
     /// Whether `bound(by:callLimitMs:)` shortened the socket's timeouts (the owner restores them).

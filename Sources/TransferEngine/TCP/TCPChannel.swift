@@ -30,7 +30,9 @@ final class TCPChannel: @unchecked Sendable {
     }
 
     private struct State {
-        var queue = Deque<TransferSlice>()
+        private(set) var queue = Deque<TransferSlice>()
+        /// Bytes of the queued slices (sizes the runs of reads).
+        private(set) var queuedBytes: UInt64 = 0
         var lanes = 0
         /// Idle lanes, most recently idle last. Work goes to the most recent one, so a
         /// light load keeps reusing one warm connection and server thread (FIFO wake-ups
@@ -40,6 +42,26 @@ final class TCPChannel: @unchecked Sendable {
         /// Connections lanes are using now (shut down by `close` so their I/O ends at once).
         var busySockets: [ObjectIdentifier: Socket] = [:]
         var closed = false
+
+        mutating func push(_ slices: [TransferSlice]) {
+            queue.append(contentsOf: slices)
+            for slice in slices {
+                let (sum, overflow) = queuedBytes.addingReportingOverflow(slice.length)
+                queuedBytes = overflow ? .max : sum  // saturating: the figure only sizes runs
+            }
+        }
+
+        mutating func popFirst() -> TransferSlice? {
+            guard let slice = queue.popFirst() else { return nil }
+            queuedBytes -= min(queuedBytes, slice.length)
+            return slice
+        }
+
+        /// Empties the queue, returning what it held.
+        mutating func removeAllQueued() -> [TransferSlice] {
+            defer { queue.removeAll(); queuedBytes = 0 }
+            return Array(queue)
+        }
     }
 
     let host: String
@@ -64,7 +86,7 @@ final class TCPChannel: @unchecked Sendable {
         enum Action { case rejected, wake(LaneWakeup), spawn, none }
         let action: Action = state.withLock { state in
             if state.closed { return .rejected }
-            state.queue.append(contentsOf: slices)
+            state.push(slices)
             if let lane = state.idle.popLast() { return .wake(lane) }
             if state.lanes < settings.maxLanes {
                 state.lanes += 1
@@ -98,8 +120,7 @@ final class TCPChannel: @unchecked Sendable {
             let orphaned: [TransferSlice] = state.withLock { state in
                 state.lanes -= 1
                 guard state.lanes == 0 else { return [] }
-                defer { state.queue.removeAll() }
-                return Array(state.queue)
+                return state.removeAllQueued()
             }
             fail(orphaned, "no tcp lane thread could be started")
         }
@@ -132,8 +153,8 @@ final class TCPChannel: @unchecked Sendable {
     func close(waitMs: Int = 5000) {
         let (pending, sockets, busy, idle): ([TransferSlice], [Socket], [Socket], [LaneWakeup]) = state.withLock { state in
             state.closed = true
-            defer { state.queue.removeAll(); state.idleSockets.removeAll(); state.idle.removeAll() }
-            return (Array(state.queue), state.idleSockets, Array(state.busySockets.values), state.idle)
+            defer { state.idleSockets.removeAll(); state.idle.removeAll() }
+            return (state.removeAllQueued(), state.idleSockets, Array(state.busySockets.values), state.idle)
         }
         sockets.forEach { $0.close() }
         busy.forEach { $0.shutdownBoth() }
@@ -151,11 +172,15 @@ final class TCPChannel: @unchecked Sendable {
         if outcome.errors.contains(where: { $0 is DeadlinePassed }) { socket.abort() } else { socket.close() }
     }
 
-    private func takeSocket() throws -> Socket {
-        if let socket = state.withLock({ $0.idleSockets.popLast() }) { return socket }
+    /// An idle pooled connection for the synchronous path, or a new one. A lane always connects
+    /// its own: its receive buffer is bounded towards a peer on this host (`SameHostBuffers`),
+    /// which must happen before any data arrives, and it keeps the connection until it retires.
+    private func takeSocket(forLane: Bool = false) throws -> Socket {
+        if !forLane, let socket = state.withLock({ $0.idleSockets.popLast() }) { return socket }
         let socket = try Socket.connect(host: host, port: port, timeoutMs: settings.connectTimeoutMs)
         socket.setTimeouts(receiveMs: settings.statusTimeoutMs, sendMs: settings.statusTimeoutMs)
         socket.setKeepAlive(userTimeoutMs: UInt32(settings.statusTimeoutMs))
+        if forLane { SameHostBuffers.apply(to: socket, side: .lane) }
         if let auth = settings.auth {
             try auth.authenticateAsClient(socket, channel: .data, deadline: MonotonicClock.nanoseconds() + UInt64(settings.connectTimeoutMs) * 1_000_000)
         }
@@ -180,22 +205,35 @@ final class TCPChannel: @unchecked Sendable {
     private static let maxRunCount = 64
     /// Byte budget of one run of reads, so a run does not starve the other lanes. A lane asks for
     /// the next run only after this one's data arrived, so shorter runs leave the server idle more
-    /// often (README, "Performance").
+    /// often (README, "Performance"); but a short queue is split over the lanes instead (a 4 MiB
+    /// request is four 1 MiB slices: two runs of two, on two connections at once).
     private static let maxReadRunBytes: UInt64 = 16 << 20
+
+    /// The budget for a run of reads: the queued bytes (its own included) shared among the lanes
+    /// that can take work now (this one, the idle ones, and those not started yet), so that a short
+    /// queue is spread over them at once; busy lanes come back for the rest.
+    static func readRunBudget(queuedBytes: UInt64, availableLanes: Int) -> UInt64 {
+        let lanes = UInt64(max(1, availableLanes))
+        let share = queuedBytes / lanes + (queuedBytes % lanes == 0 ? 0 : 1)
+        return min(maxReadRunBytes, share)
+    }
+
     /// Byte budget of one run of writes. Short runs spread a batch (or one large request) over the
     /// lanes in small turns, and keep the bytes in flight on a connection few enough to stay in
     /// cache while the server copies them (README, "Performance").
     private static let maxWriteRunBytes: UInt64 = 2 << 20
 
     /// Takes the next run: the first queued slice plus following slices of the same direction.
-    private static func takeRun(from state: inout State) -> [TransferSlice]? {
-        guard let first = state.queue.popFirst() else { return nil }
+    private func takeRun(from state: inout State) -> [TransferSlice]? {
+        let readBudget = Self.readRunBudget(queuedBytes: state.queuedBytes,
+                                            availableLanes: 1 + state.idle.count + max(0, settings.maxLanes - state.lanes))
+        guard let first = state.popFirst() else { return nil }
         var run = [first]
         var bytes = first.length
-        let budget = first.operation == .write ? maxWriteRunBytes : maxReadRunBytes
-        while run.count < maxRunCount, let candidate = state.queue.first, candidate.operation == first.operation,
-              bytes + candidate.length <= budget {
-            run.append(state.queue.removeFirst())
+        let budget = first.operation == .write ? Self.maxWriteRunBytes : readBudget
+        while run.count < Self.maxRunCount, let candidate = state.queue.first, candidate.operation == first.operation,
+              bytes + candidate.length <= budget, let next = state.popFirst() {
+            run.append(next)
             bytes += candidate.length
         }
         return run
@@ -209,7 +247,7 @@ final class TCPChannel: @unchecked Sendable {
             // Take work, or register as idle; a lane that leaves work queued wakes another.
             enum Next { case run([TransferSlice], helper: LaneWakeup?, spawn: Bool), idle, closed }
             let next: Next = state.withLock { state in
-                if let run = Self.takeRun(from: &state) {
+                if let run = takeRun(from: &state) {
                     guard !state.queue.isEmpty else { return .run(run, helper: nil, spawn: false) }
                     if let helper = state.idle.popLast() { return .run(run, helper: helper, spawn: false) }
                     guard state.lanes < settings.maxLanes else { return .run(run, helper: nil, spawn: false) }
@@ -266,7 +304,7 @@ final class TCPChannel: @unchecked Sendable {
         }
         let deadline = run.reduce(UInt64.max) { $1.deadline == 0 ? $0 : min($0, $1.deadline) }
         if socket == nil {
-            do { socket = try takeSocket() } catch {
+            do { socket = try takeSocket(forLane: true) } catch {
                 fail(run, "connect to \(host):\(port): \(error)")
                 return
             }

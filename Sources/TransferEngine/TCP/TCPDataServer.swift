@@ -74,6 +74,7 @@ final class TCPDataServer: @unchecked Sendable {
         // until the idle timeout. Keepalive finds peers that vanished without closing.
         connection.setTimeouts(receiveMs: min(payloadTimeoutMs, Int(idleTimeoutNs / 1_000_000)), sendMs: payloadTimeoutMs)
         connection.setKeepAlive(userTimeoutMs: UInt32(payloadTimeoutMs))
+        SameHostBuffers.apply(to: connection, side: .server)
         if let auth, !auth.authenticateAsServer(connection, channel: .data, deadline: MonotonicClock.nanoseconds() + 5_000_000_000) {
             logger.warning("tcp data: \(peer) failed authentication; connection closed", metadata: ["peer": "\(peer)"])
             return

@@ -1,0 +1,47 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Socket buffer sizes for data connections whose two ends are on this host.
+///
+/// Between processes of one host the kernel's buffer autotuning lets a stream's queue grow to
+/// tens of MiB (`tcp_rmem`'s maximum), far more than a loopback path needs (its round trip is
+/// microseconds). Every queued byte is copied twice, into the queue by the sender and out by the
+/// receiver; a queue larger than the caches makes the second copy read from memory. A lane's run
+/// of reads (up to 16 MiB) is answered with one send, so that queue grew that far, and batches of
+/// large reads ran a third slower than the same writes, whose runs keep at most 2 MiB in flight
+/// (README, "Performance"). So the read direction of batched traffic is bounded: the data server's
+/// send buffer and a lane's receive buffer. The synchronous path's connections keep an autotuned
+/// receive buffer (bounded, a single 1 MiB read waited for window updates), and the write
+/// direction is left alone (bounded, writes slowed: the sender blocked more often). Connections
+/// to other hosts keep autotuning, which they need to fill a path with a longer round trip.
+enum SameHostBuffers {
+    /// Requested buffer size (the kernel doubles it for its bookkeeping). Measured on loopback
+    /// against 1.5 and 2 MiB, which kept more in flight and gave back most of the gain.
+    static let bytes: Int32 = 1 << 20
+
+    /// Which end of a data connection a socket is.
+    enum Side {
+        /// A client lane's connection, which receives batched reads.
+        case lane
+        /// A data server's connection, which sends read data.
+        case server
+    }
+
+    /// Whether `socket`'s peer is on this host: a loopback address, or its own address.
+    static func isSameHost(_ socket: Socket) -> Bool {
+        let peer = socket.peerAddress
+        if peer.isLoopback { return true }
+        let ip = peer.ipBytes
+        return !ip.isEmpty && ip == socket.localAddress.ipBytes
+    }
+
+    /// Bounds the read direction's buffer of `socket` when its peer is on this host (call it
+    /// before any data arrives); other connections are left alone.
+    static func apply(to socket: Socket, side: Side) {
+        guard isSameHost(socket) else { return }
+        socket.setBufferSize(side == .lane ? SO_RCVBUF : SO_SNDBUF, bytes)
+    }
+}
