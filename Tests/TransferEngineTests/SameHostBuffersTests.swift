@@ -59,7 +59,7 @@ struct SameHostBuffersTests {
         #expect(bufferSize(server, SO_RCVBUF) == serverReceive)
     }
 
-    @Test("runs of reads: a short queue is shared among the lanes that can take it, a long one capped at 16 MiB")
+    @Test("runs of reads: a short queue is shared among the lanes that can take it, in runs of 1 to 16 MiB")
     func readRunBudget() {
         let mib: UInt64 = 1 << 20
         // A 4 MiB request (four 1 MiB slices) with two lanes free: two runs of 2 MiB.
@@ -68,6 +68,8 @@ struct SameHostBuffersTests {
         #expect(TCPChannel.readRunBudget(queuedBytes: 2 * mib, availableLanes: 1) == 2 * mib)
         // Rounded up, so no slice is left over for a lane that is busy.
         #expect(TCPChannel.readRunBudget(queuedBytes: 3 * mib, availableLanes: 2) == 3 * mib / 2)
+        // A small batch stays on one lane.
+        #expect(TCPChannel.readRunBudget(queuedBytes: 256 << 10, availableLanes: 2) == mib)
         #expect(TCPChannel.readRunBudget(queuedBytes: 64 * mib, availableLanes: 1) == 16 * mib)
         #expect(TCPChannel.readRunBudget(queuedBytes: .max, availableLanes: 0) == 16 * mib)
     }
