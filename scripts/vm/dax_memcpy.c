@@ -1,8 +1,8 @@
 /* Raw reference for the cxl benchmark (runs in the guest): memcpy between heap memory and a
- * device-dax mapping, per block size, three rounds of about half a second each (at least one copy),
- * the rounds interleaved over the cases; a ceiling is the best of them, since emulation speed swings. Block
- * sizes after the device path pick the cases (default 4096, 1 MiB and 64 MiB), so a benchmark can sample the
- * ceiling right beside each of its cases. Prints "memcpy <op> <bytes> <GB/s>". */
+ * device-dax mapping, per block size, three rounds of about half a second each (at least one copy);
+ * a ceiling is the best of them, since emulation speed swings. Block sizes after the device path
+ * pick the cases (at most 8; default 4096, 1 MiB and 64 MiB), so a benchmark can sample the ceiling
+ * right beside each of its cases. Prints "memcpy <op> <bytes> <GB/s>". */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdint.h>
@@ -30,7 +30,8 @@ int main(int argc, char **argv) {
     int count = 3;
     if (argc > 2) {
         count = 0;
-        for (int i = 2; i < argc && count < 8; i++) {
+        if (argc - 2 > 8) { fprintf(stderr, "at most 8 block sizes\n"); return 2; }
+        for (int i = 2; i < argc; i++) {
             char *end;
             unsigned long long size = strtoull(argv[i], &end, 10);
             if (*end != 0 || size == 0 || size > length) { fprintf(stderr, "bad block size %s (1..%zu bytes)\n", argv[i], length); return 2; }
@@ -38,8 +39,8 @@ int main(int argc, char **argv) {
         }
     }
     double best[2][8] = { { 0 } };
-    /* The rounds go over every case in turn, so a slow stretch of the emulation lowers one round
-     * of several cases rather than all three rounds of one case. */
+    /* With several cases the rounds go over every case in turn, so a slow stretch of the emulation
+     * lowers one round of several cases rather than all three rounds of one case. */
     for (int round = 0; round < 3; round++) {
         for (int op = 0; op < 2; op++) {
             for (int s = 0; s < count; s++) {

@@ -12,14 +12,17 @@ import Musl
 /// receiver; a queue larger than the caches makes the second copy read from memory. A lane's run
 /// of reads (up to 16 MiB) is answered with one send, so that queue grew that far, and batches of
 /// large reads ran a third slower than the same writes, whose runs keep at most 2 MiB in flight
-/// (README, "Performance"). So the read direction of batched traffic is bounded: the data server's
-/// send buffer and a lane's receive buffer. The synchronous path's connections keep an autotuned
-/// receive buffer (bounded, a single 1 MiB read waited for window updates), and the write
-/// direction is left alone (bounded, writes slowed: the sender blocked more often). Connections
-/// to other hosts keep autotuning, which they need to fill a path with a longer round trip.
+/// (README, "Performance"). So the read direction is bounded: the data server's send buffer on
+/// every same-host connection (it cannot tell a lane from a synchronous or official client), and
+/// a lane's receive buffer. The synchronous path's connections keep an autotuned receive buffer
+/// (bounded, a single 1 MiB read waited for window updates), and the write direction is left
+/// alone (bounded, writes slowed: the sender blocked more often). Connections to other hosts keep
+/// autotuning, which they need to fill a path with a longer round trip.
 enum SameHostBuffers {
-    /// Requested buffer size (the kernel doubles it for its bookkeeping). Measured on loopback
-    /// against 1.5 and 2 MiB, which kept more in flight and gave back most of the gain.
+    /// Requested buffer size. The kernel caps a request at `net.core.wmem_max`/`rmem_max`
+    /// (212992 by default on Debian) and doubles it for its bookkeeping. Measured on loopback with
+    /// 4 MiB caps against 1.5 and 2 MiB, which kept more in flight and gave back most of the gain;
+    /// under Debian's default caps the bound is tighter and batched reads gained as much.
     static let bytes: Int32 = 1 << 20
 
     /// Which end of a data connection a socket is.
@@ -30,12 +33,17 @@ enum SameHostBuffers {
         case server
     }
 
-    /// Whether `socket`'s peer is on this host: a loopback address, or its own address.
+    /// Whether `socket`'s peer is on this host.
     static func isSameHost(_ socket: Socket) -> Bool {
-        let peer = socket.peerAddress
+        isSameHost(peer: socket.peerAddress, local: socket.localAddress)
+    }
+
+    /// Whether a connection from `local` to `peer` stays on this host: the peer is a loopback
+    /// address, or the connection's own address (the kernel routes that over loopback too).
+    static func isSameHost(peer: SocketAddress, local: SocketAddress) -> Bool {
         if peer.isLoopback { return true }
         let ip = peer.ipBytes
-        return !ip.isEmpty && ip == socket.localAddress.ipBytes
+        return !ip.isEmpty && ip == local.ipBytes
     }
 
     /// Bounds the read direction's buffer of `socket` when its peer is on this host (call it

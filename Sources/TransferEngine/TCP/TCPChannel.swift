@@ -53,7 +53,7 @@ final class TCPChannel: @unchecked Sendable {
 
         mutating func popFirst() -> TransferSlice? {
             guard let slice = queue.popFirst() else { return nil }
-            queuedBytes -= min(queuedBytes, slice.length)
+            queuedBytes = queue.isEmpty ? 0 : queuedBytes - min(queuedBytes, slice.length)
             return slice
         }
 
@@ -206,7 +206,7 @@ final class TCPChannel: @unchecked Sendable {
     /// Byte budget of one run of reads, so a run does not starve the other lanes. A lane asks for
     /// the next run only after this one's data arrived, so shorter runs leave the server idle more
     /// often (README, "Performance"); but a short queue is split over the lanes instead (a 4 MiB
-    /// request is four 1 MiB slices: two runs of two, on two connections at once).
+    /// request is four 1 MiB slices: with two lanes free, two runs of two on two connections at once).
     private static let maxReadRunBytes: UInt64 = 16 << 20
 
     /// The budget for a run of reads: the queued bytes (its own included) shared among the lanes
