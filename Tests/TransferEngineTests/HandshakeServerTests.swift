@@ -88,6 +88,40 @@ struct HandshakeServerTests {
         #expect(returned.isSet, "stop returned while the answer was still running")
     }
 
+    /// Set once the server exists, so its own handler can stop it; and how long that stop took.
+    final class ServerBox: @unchecked Sendable {
+        private let lock = NSLock()
+        private var value: HandshakeServer?
+        private var took: TimeInterval?
+        var server: HandshakeServer? {
+            get { lock.withLock { value } }
+            set { lock.withLock { value = newValue } }
+        }
+        var stopSeconds: TimeInterval? {
+            get { lock.withLock { took } }
+            set { lock.withLock { took = newValue } }
+        }
+    }
+
+    @Test("stop called from inside a worker's handler (the engine released there) returns at once instead of waiting for itself")
+    func stopFromWorkerHandler() throws {
+        let box = ServerBox()
+        let server = try server(inline: nil) { _ in
+            let started = Date()
+            box.server?.stop()
+            box.stopSeconds = Date().timeIntervalSince(started)
+            return "{}"
+        }
+        box.server = server
+        let socket = try send(.init(kind: .metadata, json: "{}"), to: server.port)
+        defer { socket.close() }
+        let deadline = Date().addingTimeInterval(10)
+        while box.stopSeconds == nil && Date() < deadline { usleep(1000) }
+        let seconds = try #require(box.stopSeconds, "the handler did not run")
+        #expect(seconds < 2, "stop took \(seconds) s inside the handler (it waits up to 5 s)")
+        box.server = nil
+    }
+
     @Test("an engine answers descriptor fetches whole with few buffers (on the I/O thread) and with many (on a worker)")
     func engineDescriptorBothPaths() throws {
         let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())

@@ -34,6 +34,7 @@ extension HandshakeServer {
     }
 
     func workerLoop() {
+        shared.withLock { $0.workerThreads.append(pthread_self()) }
         while true {
             let next = shared.wait(until: { state -> Job?? in
                 if state.stopped { return .some(nil) }

@@ -76,6 +76,8 @@ final class HandshakeServer: @unchecked Sendable {
         var answeringInline = false
         /// The I/O thread (a stop called from inside its answer must not wait for itself).
         var ioThread: pthread_t? = nil
+        /// The workers' threads (nor from inside a worker's handler).
+        var workerThreads: [pthread_t] = []
     }
 
     /// A connection whose request is being read (I/O thread only).
@@ -160,9 +162,14 @@ final class HandshakeServer: @unchecked Sendable {
         wake()
         queued.forEach { $0.close() }
         let deadline = MonotonicClock.nanoseconds() + UInt64(waitMs) * 1_000_000
-        // Called from the I/O thread's own answer (the engine released there): not waiting for it.
-        let onIOThread = shared.withLock { $0.ioThread.map { pthread_equal($0, pthread_self()) != 0 } ?? false }
-        if shared.wait(deadline: deadline, until: { $0.workers == 0 && (onIOThread || !$0.answeringInline) ? true : nil }) == nil {
+        // Called from a handler (the engine released there): not waiting for the thread running it.
+        let me = pthread_self()
+        let (onIOThread, onWorker) = shared.withLock { state -> (Bool, Bool) in
+            let io = state.ioThread.map { pthread_equal($0, me) != 0 } ?? false
+            return (io, state.workerThreads.contains { pthread_equal($0, me) != 0 })
+        }
+        let othersLeft = onWorker ? 1 : 0
+        if shared.wait(deadline: deadline, until: { $0.workers <= othersLeft && (onIOThread || !$0.answeringInline) ? true : nil }) == nil {
             logger.warning("handshake: answers still running \(waitMs) ms after stop")
         }
     }
