@@ -113,13 +113,40 @@ struct HandshakeServerTests {
             return "{}"
         }
         box.server = server
+        defer { server.stop(); box.server = nil }  // on a failure below too (stop returns early once stopped)
         let socket = try send(.init(kind: .metadata, json: "{}"), to: server.port)
         defer { socket.close() }
         let deadline = Date().addingTimeInterval(10)
         while box.stopSeconds == nil && Date() < deadline { usleep(1000) }
         let seconds = try #require(box.stopSeconds, "the handler did not run")
         #expect(seconds < 2, "stop took \(seconds) s inside the handler (it waits up to 5 s)")
-        box.server = nil
+    }
+
+    @Test("stop called from inside a worker's handler still waits for the other workers' handlers")
+    func stopFromWorkerWaitsForOthers() throws {
+        let box = ServerBox(), slowEntered = Flag(), slowReturned = Flag()
+        let server = try server(inline: nil) { message in
+            if message.kind == .connection {
+                slowEntered.set()
+                usleep(400_000)
+                slowReturned.set()
+            } else {
+                box.server?.stop()
+                box.stopSeconds = slowReturned.isSet ? 1 : 0  // 1: the slow handler had finished
+            }
+            return "{}"
+        }
+        box.server = server
+        defer { server.stop(); box.server = nil }
+        let slow = try send(.init(kind: .connection, json: "{}"), to: server.port)
+        defer { slow.close() }
+        let deadline = Date().addingTimeInterval(5)
+        while !slowEntered.isSet && Date() < deadline { usleep(1000) }
+        #expect(slowEntered.isSet)
+        let stopper = try send(.init(kind: .metadata, json: "{}"), to: server.port)
+        defer { stopper.close() }
+        while box.stopSeconds == nil && Date() < deadline.addingTimeInterval(5) { usleep(1000) }
+        #expect(box.stopSeconds == 1, "stop returned while another worker's handler was still running")
     }
 
     @Test("an engine answers descriptor fetches whole with few buffers (on the I/O thread) and with many (on a worker)")

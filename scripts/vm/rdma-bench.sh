@@ -31,20 +31,15 @@ two_pairs() { # output-file-prefix command args...: two pairs at once on their o
     echo "$(cat "$out.line") | $(cat "$out-2.line")"
     rm -f "$out.line" "$out-2.line"
 }
-bandwidth_ceilings() { # file suffix ("" before the bench, "-again" after it)
-    for size in 65536 1048576; do
-        n=$((size > 65536 ? 300 : 2000))
-        # scripts/bench.sh --quick: a quarter (with a tenth, thirty 1 MiB reads spent much of their
-        # time starting, so the pairs overlapped badly and their sum fell under the engine's figure)
-        [ "${TE_QUICK:-0}" = 1 ] && n=$((n / 4))
-        echo -n "ib_write_bw $size (two pairs): "; two_pairs out/perftest-write-bw-$size$1 ib_write_bw -d "$DEV" -x "$GIDX" -s $size -n $n -F
-        echo -n "ib_read_bw $size (two pairs): "; two_pairs out/perftest-read-bw-$size$1 ib_read_bw -d "$DEV" -x "$GIDX" -s $size -n $n -F
-    done
+bandwidth_ceiling() { # block size, file suffix ("" right before its bench case, "-again" right after)
+    local size=$1 n=$(($1 > 65536 ? 300 : 2000))
+    # scripts/bench.sh --quick: a quarter (with a tenth, thirty 1 MiB reads spent much of their
+    # time starting, so the pairs overlapped badly and their sum fell under the engine's figure)
+    [ "${TE_QUICK:-0}" = 1 ] && n=$((n / 4))
+    echo -n "ib_write_bw $size (two pairs): "; two_pairs out/perftest-write-bw-$size$2 ib_write_bw -d "$DEV" -x "$GIDX" -s $size -n $n -F
+    echo -n "ib_read_bw $size (two pairs): "; two_pairs out/perftest-read-bw-$size$2 ib_read_bw -d "$DEV" -x "$GIDX" -s $size -n $n -F
 }
-echo "== perftest on $DEV (GID index $GIDX)"
-rm -f out/perftest-*-again*.txt
-bandwidth_ceilings ""
-sync_ceilings() { # file suffix, as bandwidth_ceilings: one 4 KiB transfer at a time, as a synchronous one
+sync_ceilings() { # file suffix, as bandwidth_ceiling: one 4 KiB transfer at a time, as a synchronous one
     # is posted and completed. Writes: ib_write_bw with one in flight (its rate is 4 KiB over the
     # mean time per write). Reads: ib_read_lat (one read and its completion per sample, median).
     # (ib_write_lat reports half of a ping-pong in which both sides poll memory: not a completed write.)
@@ -53,15 +48,36 @@ sync_ceilings() { # file suffix, as bandwidth_ceilings: one 4 KiB transfer at a 
     echo -n "ib_write_bw 4096, one in flight: "; pair out/perftest-write-bw-4096-t1$1.txt ib_write_bw -d "$DEV" -x "$GIDX" -s 4096 -t 1 -n $n -F
     echo -n "ib_read_lat 4096: "; pair out/perftest-read-lat-4096$1.txt ib_read_lat -d "$DEV" -x "$GIDX" -s 4096 -n $n -F
 }
+bench_rc=0
+engine() { # name, bench arguments...: one `transfer-engine bench` invocation, out/bench-rdma-<name>.json
+    local name=$1; shift
+    MC_STRICT_PROTOCOL=1 MC_TRANSPORT_PLUGIN_PATH=$PWD/$BIN timeout 600 "$BIN/transfer-engine" bench --loopback --protocol rdma \
+        --duration ${TE_DURATION:-2} --working-set 8MiB --no-reference --json out/bench-rdma-$name.json "$@" $extra 2>&1 | grep -v "^\["
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || bench_rc=$rc
+}
+extra="$*"
+rm -f out/perftest-*.txt out/bench-rdma.json out/bench-rdma-*.json
+# Emulation speed drifts within a boot, so each ceiling is measured right before and right after
+# the engine cases it bounds (the summary takes the better); the cases without a ceiling run last.
+echo "== perftest on $DEV (GID index $GIDX) around each transfer-engine bench --protocol rdma case ($BIN)"
+for size in 65536 1048576; do
+    bandwidth_ceiling $size ""
+    engine bw-$size --block-sizes $size --batch-sizes 64
+    bandwidth_ceiling $size "-again"
+done
 sync_ceilings ""
-echo "== transfer-engine bench --protocol rdma ($BIN)"
-MC_STRICT_PROTOCOL=1 MC_TRANSPORT_PLUGIN_PATH=$PWD/$BIN timeout 600 "$BIN/transfer-engine" bench --loopback --protocol rdma \
-    --block-sizes 4KiB,64KiB,1MiB --batch-sizes 1,64 --duration ${TE_DURATION:-2} --working-set 8MiB --no-reference \
-    --json out/bench-rdma.json "$@" 2>&1 | grep -v "^\["
-bench_rc=${PIPESTATUS[0]}
-# The ceilings again after the bench (the summary takes the better): emulation speed drifts, and a
-# ceiling measured only before let short quick runs read above it.
-echo "== perftest again, after the bench"
-bandwidth_ceilings "-again"
+engine sync --block-sizes 4KiB --batch-sizes 1
 sync_ceilings "-again"
+engine rest-x64 --block-sizes 4KiB --batch-sizes 64
+engine rest-x1 --block-sizes 64KiB,1MiB --batch-sizes 1
+python3 - <<'MERGE'
+import glob, json
+docs = [json.load(open(p)) for p in sorted(glob.glob("out/bench-rdma-*.json"))]
+if docs:
+    merged = docs[0]
+    merged["results"] = [r for d in docs for r in d["results"]]
+    json.dump(merged, open("out/bench-rdma.json", "w"), indent=1)
+MERGE
+rm -f out/bench-rdma-*.json
 exit "$bench_rc"

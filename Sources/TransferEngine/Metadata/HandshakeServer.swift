@@ -76,7 +76,7 @@ final class HandshakeServer: @unchecked Sendable {
         var answeringInline = false
         /// The I/O thread (a stop called from inside its answer must not wait for itself).
         var ioThread: pthread_t? = nil
-        /// The workers' threads (nor from inside a worker's handler).
+        /// The workers' threads (a stop called from inside a worker's handler must not wait for that worker).
         var workerThreads: [pthread_t] = []
     }
 
@@ -136,10 +136,18 @@ final class HandshakeServer: @unchecked Sendable {
         chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
         try OSThread.spawn(name: "te-handshake-io") { [self] in ioLoop() }
         shared.withLock { $0.workers = Self.workers }
-        for _ in 0..<Self.workers {
-            try OSThread.spawn(name: "te-handshake") { [self] in
-                workerLoop()
-                shared.withLock(notify: true) { $0.workers -= 1 }
+        for started in 0..<Self.workers {
+            do {
+                try OSThread.spawn(name: "te-handshake") { [self] in
+                    workerLoop()
+                    shared.withLock(notify: true) { $0.workers -= 1 }
+                }
+            } catch {
+                // The threads already running hold this server: stop them, or they would keep the
+                // port and never let it go.
+                shared.withLock { $0.workers -= Self.workers - started }
+                stop(waitMs: 1000)
+                throw error
             }
         }
     }
