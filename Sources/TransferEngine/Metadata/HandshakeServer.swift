@@ -384,31 +384,4 @@ final class HandshakeServer: @unchecked Sendable {
             reading.append(connection)
         }
     }
-
-    /// Hands a job to the workers (or refuses it when they are that far behind).
-    func enqueue(_ job: Job) {
-        enum Outcome { case queued, full, stopped }
-        let outcome = shared.withLock { state -> Outcome in
-            if state.stopped { return .stopped }  // no worker would take it
-            guard state.queue.count < limits.maxQueued else { return .full }
-            state.queue.append(job)
-            return .queued
-        }
-        if outcome == .queued { shared.signalOne() } else if outcome == .stopped { job.socket.close() } else {
-            if case .replyRest = job {
-                warnLimit("handshake: \(limits.maxQueued) requests already wait for a worker; a reply to \(job.peer) is cut short")
-            } else {
-                warnLimit("handshake: \(limits.maxQueued) requests already wait for an answer; closing \(job.peer)")
-            }
-            job.socket.close()
-        }
-    }
-
-    /// A warning at most every 10 s (a flood must not flood the log too).
-    func warnLimit(_ message: String) {
-        let now = MonotonicClock.nanoseconds()
-        if shared.withLock({ $0.limitWarnings.record(now: now) }) != nil {
-            logger.warning("\(message) (further limit warnings in the next 10 s are not shown)")
-        }
-    }
 }
