@@ -27,16 +27,7 @@ for case in 4096:4KiB 1048576:1MiB 67108864:64MiB; do
         | grep -E "^(op|write|read|-----)"
     out/dax_memcpy /dev/dax0.0 \$bytes | tee -a out/dax-memcpy.txt
 done
-python3 - <<'MERGE'
-import json
-import os
-# A case that failed left no file: the others still count (the summary shows the missing row as absent).
-docs = [json.load(open(p)) for p in (f"out/bench-cxl-{b}.json" for b in (4096, 1048576, 67108864)) if os.path.exists(p)]
-if docs:
-    merged = docs[0]  # first_operation_us and open_segment_us are the first case's
-    merged["results"] = [r for d in docs for r in d["results"]]
-    json.dump(merged, open("out/bench-cxl.json", "w"), indent=1)
-MERGE
+python3 scripts/vm/merge_bench_json.py out/bench-cxl.json out/bench-cxl-4096.json out/bench-cxl-1048576.json out/bench-cxl-67108864.json
 rm -f out/bench-cxl-*.json
 INNER
 RXE_VM_MACHINE='q35,cxl=on,cxl-fmw.0.targets.0=cxl.1,cxl-fmw.0.size=4G' RXE_VM_EXTRA_QEMU="$(cat scripts/vm/cxl-qemu-args)" \

@@ -71,13 +71,6 @@ engine sync --block-sizes 4KiB --batch-sizes 1
 sync_ceilings "-again"
 engine rest-x64 --block-sizes 4KiB --batch-sizes 64
 engine rest-x1 --block-sizes 64KiB,1MiB --batch-sizes 1
-python3 - <<'MERGE'
-import glob, json
-docs = [json.load(open(p)) for p in sorted(glob.glob("out/bench-rdma-*.json"))]
-if docs:
-    merged = docs[0]
-    merged["results"] = [r for d in docs for r in d["results"]]
-    json.dump(merged, open("out/bench-rdma.json", "w"), indent=1)
-MERGE
+python3 scripts/vm/merge_bench_json.py out/bench-rdma.json out/bench-rdma-*.json
 rm -f out/bench-rdma-*.json
 exit "$bench_rc"
