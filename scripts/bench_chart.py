@@ -64,7 +64,7 @@ for path in sorted(glob.glob(os.path.join(out, "bench*.json"))):
                 busy = doc.get("background_load_threads", 1)
                 add(op, "gbps", f"{label} x{batch}, {busy} busy", [(r["block_size"], r["loaded"]["gbps"]) for r in loaded])
                 add(op, "p50", f"{label} x{batch}, {busy} busy", [(r["block_size"], r["loaded"]["p50_us"]) for r in loaded])
-        memcpy = doc.get("memcpy_gbps") or {}
+        memcpy = (doc.get("memcpy_gbps_by_operation") or {}).get(op) or doc.get("memcpy_gbps") or {}
         if memcpy:
             threads = doc.get("memcpy_threads", 1)
             add(op, "gbps", f"memcpy ({threads} thread{'s' if threads > 1 else ''}, {label}'s buffers)", [(int(k), v) for k, v in memcpy.items()],

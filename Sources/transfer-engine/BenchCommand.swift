@@ -73,7 +73,7 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Skip the plain TCP stream reference measurement.")
     var noReference = false
 
-    @Flag(help: "Also measure memcpy of each block size, the same-host ceiling: --memcpy-threads threads copying between halves of this side's buffer (the memory the transport copies, as warm), with glibc memcpy and with cache-bypassing stores (the better counts), and one thread between fresh buffers; ratios are to the first, and one above 1.0 is flagged as a measurement error.")
+    @Flag(help: "Also measure memcpy of each block size, the same-host ceiling: --memcpy-threads threads copying on the memory the transport copies, as warm (between halves of this side's buffer; with --local-heap between it and a managed buffer of this engine, which a CXL pool serves from the pool: writes into it, reads out of it), with glibc memcpy and with cache-bypassing stores (the better counts), and one thread between fresh buffers; ratios are to the first, and one above 1.0 is flagged as a measurement error.")
     var memcpyReference = false
 
     @Option(help: "Copy threads of the measured transport, for --memcpy-reference (the shm plugin's MC_SHM_WORKERS, 2 by default).")
@@ -163,29 +163,26 @@ struct BenchCommand: ParsableCommand {
         }
         if cases.isEmpty { throw EngineError.invalidArgument("no case fits: block x batch must be at most \(limit) bytes (buffer sizes)") }
 
-        // The copy ceiling between the halves of this side's buffer where it is host memory and large
-        // enough (nil otherwise): the better of glibc memcpy and cache-bypassing stores (what a
-        // transport may use for large blocks). A ceiling is the best figure, so every measurement of
-        // a block's ceiling raises it: once before the cases, and right before and after each case
-        // (this machine's memory speed drifts by tens of percent over seconds).
-        var memcpyGBps: [UInt64: Double] = [:], memcpyOneThread: [UInt64: Double] = [:]
-        func raiseCopyCeiling(_ block: UInt64, seconds: Double) {
-            guard memcpyReference else { return }
-            guard localOnHost, block <= localSize / 2, let base = UnsafeMutableRawPointer(bitPattern: UInt(local)) else {
-                if memcpyThreads == 1, let one = memcpyOneThread[block] { memcpyGBps[block] = one }
-                return
-            }
-            let best = [false, true].compactMap {
-                StreamReference.memcpy(block: Int(block), threads: memcpyThreads, source: base, target: base + Int(localSize / 2),
-                                       seconds: seconds, bypassingCache: $0)
-            }.max().map { $0 / 1e9 }
-            if let best, best > memcpyGBps[block] ?? 0 { memcpyGBps[block] = best }
-        }
+        // The copy ceilings on the buffers the transport copies (see CopyCeilings). With --local-heap
+        // the target's buffer is another kind of memory (a CXL pool's), so a managed buffer of this
+        // engine stands in for it.
+        var peer: UInt64?
+        defer { if let peer { try? transferEngine.freeManagedBuffer(address: peer) } }
+        var ceilings = CopyCeilings(memory: nil, threads: memcpyThreads)
         if memcpyReference {
-            for block in blocks {
-                memcpyOneThread[block] = StreamReference.memcpy(block: Int(block), seconds: 0.2) / 1e9
-                raiseCopyCeiling(block, seconds: 0.2)
+            let largest = cases.map { $0.1 }.max() ?? 0
+            if localHeap, MemoryLocation.isHostAccessible(location), largest <= localSize {
+                do { peer = try transferEngine.allocateManagedBuffer(length: largest, location: location) } catch {
+                    FileHandle.standardError.write(Data("no managed buffer for the copy ceiling (\(error)); it copies between halves of this side's buffer\n".utf8))
+                }
             }
+            let base = UnsafeMutableRawPointer(bitPattern: UInt(local))!
+            if let peer {
+                ceilings = CopyCeilings(memory: .peer(local: base, peer: UnsafeMutableRawPointer(bitPattern: UInt(peer))!, size: largest), threads: memcpyThreads)
+            } else if localOnHost {
+                ceilings = CopyCeilings(memory: .halves(base: base, size: localSize), threads: memcpyThreads)
+            }
+            ceilings.start(blocks: blocks)
         }
         var results: [BenchResult] = []
         var failures: [String] = []
@@ -196,9 +193,9 @@ struct BenchCommand: ParsableCommand {
             let label = "\(op == .read ? "read" : "write") \(ByteSize.format(block)) x\(batch)"
             FileHandle.standardError.write(Data("[\(index + 1)/\(cases.count)] \(label) ...\n".utf8))
             do {
-                raiseCopyCeiling(block, seconds: 0.1)
+                if memcpyReference { ceilings.raise(op, block, seconds: 0.1) }
                 var result = try measure(transferEngine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote.address, wrap: wrap)
-                raiseCopyCeiling(block, seconds: 0.1)
+                if memcpyReference { ceilings.raise(op, block, seconds: 0.1) }
                 if backgroundLoad > 0 {
                     // The loaded pass right after the quiet one: the two see the same machine otherwise.
                     // A neighbour that cannot start loses the loaded figure only.
@@ -220,7 +217,7 @@ struct BenchCommand: ParsableCommand {
                 line["case"] = index + 1
                 // The ceiling so far: later cases of this block size may still raise it (the table
                 // and the --json document carry the final one).
-                if let ceiling = memcpyGBps[block] { line["memcpy_gbps_so_far"] = ceiling }
+                if let ceiling = ceilings.ceiling(op, block) { line["memcpy_gbps_so_far"] = ceiling }
                 try lines?.append(line)
             } catch {
                 try? lines?.append(["case": index + 1, "label": label, "error": "\(error)"])
@@ -239,7 +236,7 @@ struct BenchCommand: ParsableCommand {
             row.append(streamReference.map { String(format: "%.2fx", r.gbps * 1e9 / $0) } ?? "-")
             if memcpyReference {
                 // Above the ceiling means the ceiling or the measurement is wrong, not a fast transport.
-                row.append(memcpyGBps[r.blockSize].map { String(format: "%.2f (%.2fx", $0, r.gbps / $0) + (r.gbps > $0 ? " ABOVE CEILING)" : ")") } ?? "-")
+                row.append(ceilings.ceiling(r.operation == "read" ? .read : .write, r.blockSize).map { String(format: "%.2f (%.2fx", $0, r.gbps / $0) + (r.gbps > $0 ? " ABOVE CEILING)" : ")") } ?? "-")
             }
             if backgroundLoad > 0 {
                 row += r.loaded.map { [String(format: "%.3f", $0.gbps), String(format: "%.1f", $0.p50Micros), String(format: "%.2fx", $0.gbps / r.gbps)] }
@@ -261,9 +258,10 @@ struct BenchCommand: ParsableCommand {
                 "background_load_threads": backgroundLoad,
                 "reference": ["loopback_tcp_stream_gbps": streamReference.map { $0 / 1e9 } as Any],
                 "results": results.map { $0.dictionary(reference: streamReference) },
-                "memcpy_gbps": Dictionary(uniqueKeysWithValues: memcpyGBps.map { (String($0.key), $0.value) }),
+                "memcpy_gbps_by_operation": ceilings.dictionary,
+                "memcpy_copies_between": memcpyReference ? ceilings.description : NSNull(),
                 "memcpy_threads": memcpyThreads,
-                "memcpy_1thread_gbps": Dictionary(uniqueKeysWithValues: memcpyOneThread.map { (String($0.key), $0.value) }),
+                "memcpy_1thread_gbps": Dictionary(uniqueKeysWithValues: ceilings.oneThread.map { (String($0.key), $0.value) }),
             ]
             let data = try JSONSerialization.data(withJSONObject: document, options: [.prettyPrinted, .sortedKeys])
             try data.write(to: URL(fileURLWithPath: json))

@@ -67,6 +67,26 @@ struct CLITests {
         #expect(moved != nil && moved! > 0 && counted == Double(moved!), "moved \(String(describing: moved)), counted \(String(describing: counted))")
     }
 
+    @Test("bench --memcpy-reference: ceilings per direction, on halves of this side's buffer or (--local-heap) between it and a managed buffer")
+    func benchCopyCeilings() throws {
+        for heap in [false, true] {
+            let json = try TestSupport.temporaryDirectory().appendingPathComponent("ceilings.json")
+            let (status, out, err) = try TestSupport.run(TestSupport.cli, [
+                "bench", "--loopback", "--block-sizes", "4KiB,64KiB", "--batch-sizes", "1", "--duration", "0.05", "--buffer-size", "8MiB",
+                "--no-reference", "--memcpy-reference", "--json", json.path,
+            ] + (heap ? ["--local-heap"] : []), environment: TestSupport.cleanEnvironment(), timeout: 120)
+            #expect(status == 0, "stderr: \(err.suffix(500))")
+            #expect(out.contains("memcpy x1 GB/s (ratio)") && !out.contains("ABOVE CEILING"), "\(out)")
+            let document = try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any]
+            let between = document?["memcpy_copies_between"] as? String ?? ""
+            #expect(heap ? between.contains("managed buffer") : between.contains("halves"), "\(between)")
+            let ceilings = document?["memcpy_gbps_by_operation"] as? [String: [String: Double]] ?? [:]
+            for op in ["write", "read"] {
+                for block in ["4096", "65536"] { #expect((ceilings[op]?[block] ?? 0) > 0, "\(op) \(block): \(ceilings)") }
+            }
+        }
+    }
+
     @Test("bench --json-lines to an unwritable path is refused before anything runs")
     func benchJSONLinesUnwritable() throws {
         let (status, _, err) = try TestSupport.run(TestSupport.cli, ["bench", "--loopback", "--json-lines", "/nonexistent/dir/x.jsonl", "--duration", "0.1"],
