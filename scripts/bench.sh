@@ -145,7 +145,7 @@ rdma_guest() { TE_BIN=$(dirname "$bin") scripts/vm/run-in-rxe-guest.sh -t 600 --
 guest_bench "rdma (soft-RoCE guest)" rdma out/bench-rdma.json \
     "rdma in the soft-RoCE guest: perftest and transfer-engine bench in the same boot (TE_SKIP_VM=1 skips)" rdma_guest
 guest_bench "cxl (emulated CXL device)" cxl out/bench-cxl.json \
-    "cxl on QEMU's emulated CXL device: memcpy on /dev/dax0.0 and transfer-engine bench in the same boot" \
+    "cxl on QEMU's emulated CXL device: transfer-engine bench with its memcpy ceiling, and memcpy on /dev/dax0.0, in the same boot" \
     env TE_BIN="$(dirname "$bin")" scripts/vm/cxl-bench.sh
 guest_bench "nvmeof (NVMe/RDMA guest)" nvmeof out/bench-nvmeof.json \
     "nvmeof on a kernel NVMe/RDMA target over rxe in the guest: fio and transfer-engine bench on the same namespace, same boot" \

@@ -182,7 +182,9 @@ if rdma and rdma.get("protocol") == "rdma":
     row("rdma read 4 KiB median latency (soft-RoCE guest)", r and r["p50_us"], "us", min(lats) if lats else None,
         "ib_read_lat typical, same boot", better="lower", ceiling=True)
 
-# cxl on the emulated CXL device against memcpy into/out of the same device mapping (scripts/vm/cxl-bench.sh).
+# cxl on the emulated CXL device (scripts/vm/cxl-bench.sh) against memcpy measured in the bench between
+# its heap buffer and a pool buffer of its engine; memcpy on /dev/dax0.0 from a separate process beside it
+# (and the reference of runs from before the bench measured its own).
 cxl = load("bench-cxl.json")
 dax = {}
 if os.path.exists(os.path.join(out, "dax-memcpy.txt")):
@@ -197,11 +199,16 @@ if cxl and cxl.get("protocol") == "cxl":
             r = result(cxl, op, block, 1)
             size = f"{block // 1024} KiB" if block < MiB else f"{block // MiB} MiB"
             own = copy_ceiling(cxl, op, block)
-            if own is not None:  # measured in the bench on its own heap buffer and a pool buffer
-                row(f"cxl {op} {size} (emulated CXL device)", r and r["gbps"], "GB/s", own,
-                    "memcpy between the bench's heap buffer and a pool buffer, same process", ceiling=True)
-                if dax.get((op, block)):
-                    rows.append((f"  (memcpy on /dev/dax0.0 in a separate process: {dax[(op, block)]:.3f} GB/s)", "", "", ""))
+            # Only a ceiling every case measured on a pool buffer (merged descriptions are joined by "; ").
+            on_pool = all(k.endswith("(writes into it, reads out of it)") for k in cxl.get("memcpy_copies_between", "").split("; "))
+            if own is not None and on_pool:
+                # Both copy to and from the same device in the same boot; the emulation's speed swings
+                # between two levels, so the best of all samples is the ceiling.
+                raw = dax.get((op, block), 0.0)
+                row(f"cxl {op} {size} (emulated CXL device)", r and r["gbps"], "GB/s", max(own, raw),
+                    "best memcpy on the device: in the bench (its heap buffer, a pool buffer) or dax_memcpy, same boot", ceiling=True)
+                if r:
+                    rows.append((f"  (in the bench {own:.3f} GB/s, dax_memcpy in a separate process {raw:.3f} GB/s)", "", "", ""))
             else:
                 row(f"cxl {op} {size} (emulated CXL device)", r and r["gbps"], "GB/s", dax.get((op, block)), "memcpy on /dev/dax0.0, same boot",
                     ceiling=True)

@@ -73,11 +73,14 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Skip the plain TCP stream reference measurement.")
     var noReference = false
 
-    @Flag(help: "Also measure memcpy of each block size, the same-host ceiling: --memcpy-threads threads copying on the memory the transport copies, as warm (between halves of this side's buffer; with --local-heap between it and a managed buffer of this engine, which a CXL pool serves from the pool: writes into it, reads out of it), with glibc memcpy and with cache-bypassing stores (the better counts), and one thread between fresh buffers; ratios are to the first, and one above 1.0 is flagged as a measurement error.")
+    @Flag(help: "Also measure memcpy of each block size, the same-host ceiling: --memcpy-threads threads copying on the memory the transport copies, as warm: between halves of this side's buffer, with glibc memcpy and with cache-bypassing stores (the better counts); with --local-heap between that heap buffer and a managed buffer of this engine (which a CXL pool serves from the pool; writes copy into it, reads out of it), with glibc memcpy as the cxl plugin copies. Also one thread between fresh buffers (the ceiling where this side's buffer is device memory). Ratios are to the ceiling, and one above 1.0 is flagged as a measurement error.")
     var memcpyReference = false
 
     @Option(help: "Copy threads of the measured transport, for --memcpy-reference (the shm plugin's MC_SHM_WORKERS, 2 by default).")
     var memcpyThreads: Int = 1
+
+    @Option(help: "Seconds of each copy-ceiling sample of --memcpy-reference (at least one copy): twice that before the cases, that right before and right after each case. Longer samples suit memory whose speed swings, as an emulated device's does.")
+    var memcpySeconds: Double = 0.1
 
     @Option(help: "Measure every case twice: quiet, then beside this many busy threads (a `transfer-engine load` process started for that pass; 0: quiet only).")
     var backgroundLoad: Int = 0
@@ -90,6 +93,7 @@ struct BenchCommand: ParsableCommand {
         if let connections, !(1...64).contains(connections) { throw ValidationError("--connections must be in 1...64") }
         if !(0...256).contains(backgroundLoad) { throw ValidationError("--background-load must be in 0...256 threads") }
         if !(1...64).contains(memcpyThreads) { throw ValidationError("--memcpy-threads must be in 1...64") }
+        if !(memcpySeconds > 0 && memcpySeconds <= 10) { throw ValidationError("--memcpy-seconds must be in (0, 10]") }
     }
 
     func run() throws {
@@ -165,24 +169,25 @@ struct BenchCommand: ParsableCommand {
 
         // The copy ceilings on the buffers the transport copies (see CopyCeilings). With --local-heap
         // the target's buffer is another kind of memory (a CXL pool's), so a managed buffer of this
-        // engine stands in for it.
+        // engine stands in for it; without one the ceiling would be heap memory's, far above a
+        // device's, so the run stops instead.
         var peer: UInt64?
         defer { if let peer { try? transferEngine.freeManagedBuffer(address: peer) } }
         var ceilings = CopyCeilings(memory: nil, threads: memcpyThreads)
         if memcpyReference {
             let largest = cases.map { $0.1 }.max() ?? 0
-            if localHeap, MemoryLocation.isHostAccessible(location), largest <= localSize {
+            if localHeap, MemoryLocation.isHostAccessible(location) {
                 do { peer = try transferEngine.allocateManagedBuffer(length: largest, location: location) } catch {
-                    FileHandle.standardError.write(Data("no managed buffer for the copy ceiling (\(error)); it copies between halves of this side's buffer\n".utf8))
+                    throw EngineError.invalidArgument("--memcpy-reference with --local-heap needs a managed buffer of \(largest) bytes at \(location) "
+                        + "to copy to and from, and none could be allocated: \(error)")
                 }
             }
-            let base = UnsafeMutableRawPointer(bitPattern: UInt(local))!
             if let peer {
-                ceilings = CopyCeilings(memory: .peer(local: base, peer: UnsafeMutableRawPointer(bitPattern: UInt(peer))!, size: largest), threads: memcpyThreads)
+                ceilings = CopyCeilings(memory: .peer(local: local, peer: peer, size: largest), threads: memcpyThreads)
             } else if localOnHost {
-                ceilings = CopyCeilings(memory: .halves(base: base, size: localSize), threads: memcpyThreads)
+                ceilings = CopyCeilings(memory: .halves(base: local, size: localSize), threads: memcpyThreads)
             }
-            ceilings.start(blocks: blocks)
+            ceilings.start(blocks: blocks, seconds: 2 * memcpySeconds)
         }
         var results: [BenchResult] = []
         var failures: [String] = []
@@ -193,9 +198,9 @@ struct BenchCommand: ParsableCommand {
             let label = "\(op == .read ? "read" : "write") \(ByteSize.format(block)) x\(batch)"
             FileHandle.standardError.write(Data("[\(index + 1)/\(cases.count)] \(label) ...\n".utf8))
             do {
-                if memcpyReference { ceilings.raise(op, block, seconds: 0.1) }
+                if memcpyReference { ceilings.sample(op, block, seconds: memcpySeconds) }
                 var result = try measure(transferEngine, op: op, block: block, batch: batch, local: local, handle: handle, remote: remote.address, wrap: wrap)
-                if memcpyReference { ceilings.raise(op, block, seconds: 0.1) }
+                if memcpyReference { ceilings.sample(op, block, seconds: memcpySeconds) }
                 if backgroundLoad > 0 {
                     // The loaded pass right after the quiet one: the two see the same machine otherwise.
                     // A neighbour that cannot start loses the loaded figure only.
@@ -259,7 +264,7 @@ struct BenchCommand: ParsableCommand {
                 "reference": ["loopback_tcp_stream_gbps": streamReference.map { $0 / 1e9 } as Any],
                 "results": results.map { $0.dictionary(reference: streamReference) },
                 "memcpy_gbps_by_operation": ceilings.dictionary,
-                "memcpy_copies_between": memcpyReference ? ceilings.description : NSNull(),
+                "memcpy_copies_between": memcpyReference ? ceilings.copiesBetween : NSNull(),
                 "memcpy_threads": memcpyThreads,
                 "memcpy_1thread_gbps": Dictionary(uniqueKeysWithValues: ceilings.oneThread.map { (String($0.key), $0.value) }),
             ]

@@ -96,6 +96,30 @@ struct CXLPluginTests {
         let big = try engine.allocateManagedBuffer(length: 70 << 20)
         try engine.freeManagedBuffer(address: big)
     }
+
+    @Test("bench --local-heap --memcpy-reference measures its ceiling against a pool buffer; a pool too small for it stops the run")
+    func benchCeilingOnPool() throws {
+        let pool = try Self.makePool(32 << 20)
+        defer { unlink(pool) }
+        let json = try TestSupport.temporaryDirectory().appendingPathComponent("cxl-ceilings.json")
+        let arguments = ["bench", "--loopback", "--protocol", "cxl", "--local-heap", "--memcpy-reference", "--no-reference",
+                         "--buffer-size", "8MiB", "--batch-sizes", "1", "--duration", "0.05", "--json", json.path]
+        let (status, out, err) = try TestSupport.run(TestSupport.cli, arguments + ["--block-sizes", "4KiB,1MiB"], environment: environment(pool: pool), timeout: 120)
+        #expect(status == 0, "stderr: \(err.suffix(500))")
+        #expect(out.contains("(protocol cxl)") && out.contains("memcpy x1 GB/s (ratio)"), "\(out)")
+        let document = try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any]
+        #expect((document?["memcpy_copies_between"] as? String)?.contains("managed buffer") == true, "\(String(describing: document))")
+        let ceilings = document?["memcpy_gbps_by_operation"] as? [String: [String: Double]] ?? [:]
+        for op in ["write", "read"] {
+            for block in ["4096", "1048576"] { #expect((ceilings[op]?[block] ?? 0) > 0, "\(op) \(block): \(ceilings)") }
+        }
+        // A target buffer of 30 MiB takes every chunk of the pool (32 MiB less its table's chunk), so
+        // the ceiling's buffer cannot come from the pool; a heap figure would stand far above a
+        // device's, so the run stops.
+        let (refused, _, reason) = try TestSupport.run(TestSupport.cli, arguments + ["--block-sizes", "4KiB", "--buffer-size", "30MiB"],
+                                                       environment: environment(pool: pool), timeout: 120)
+        #expect(refused != 0 && reason.contains("needs a managed buffer"), "\(reason.suffix(500))")
+    }
 }
 
 /// The cxl plugin on QEMU's emulated CXL type-3 device, turned into /dev/dax0.0 inside the guest

@@ -42,4 +42,35 @@ struct CopyCeilingTests {
         }
         #expect(StreamReference.memcpy(block: block, threads: 2, source: buffer, target: buffer + block, seconds: 0) == nil)
     }
+
+    @Test("bench's ceilings copy the way each direction moves: a write into the peer buffer, a read out of it; halves serve both")
+    func ceilingDirections() {
+        let block = 64 << 10
+        let local = TestBuffer(block), peer = TestBuffer(block)
+        local.fillPattern(seed: 1)
+        peer.fillPattern(seed: 2)
+        var ceilings = CopyCeilings(memory: .peer(local: local.address, peer: peer.address, size: UInt64(block)), threads: 1)
+        ceilings.sample(.write, UInt64(block), seconds: 0.01)
+        #expect(local.equals(peer, length: block), "a write sample copies this side's buffer into the peer")
+        #expect(ceilings.ceiling(.write, UInt64(block)) ?? 0 > 0 && ceilings.ceiling(.read, UInt64(block)) == nil)
+        peer.fillPattern(seed: 3)
+        let expected = TestBuffer(block)
+        expected.fillPattern(seed: 3)
+        ceilings.sample(.read, UInt64(block), seconds: 0.01)
+        #expect(local.equals(expected, length: block), "a read sample copies the peer into this side's buffer")
+        #expect(ceilings.ceiling(.read, UInt64(block)) ?? 0 > 0)
+        // A block larger than the peer buffer is not copied; with one thread the fresh-buffer figure
+        // (none measured here) would stand in.
+        ceilings.sample(.write, UInt64(2 * block), seconds: 0.01)
+        #expect(ceilings.ceiling(.write, UInt64(2 * block)) == nil)
+
+        let halves = TestBuffer(2 * block)
+        halves.fillPattern(seed: 4)
+        memset(halves.pointer + block, 0, block)
+        var shared = CopyCeilings(memory: .halves(base: halves.address, size: UInt64(2 * block)), threads: 2)
+        shared.sample(.read, UInt64(block), seconds: 0.01)
+        #expect(memcmp(halves.pointer, halves.pointer + block, block) == 0, "halves: the first half is copied onto the second")
+        #expect(shared.ceiling(.read, UInt64(block)) == shared.ceiling(.write, UInt64(block)) && shared.ceiling(.write, UInt64(block)) ?? 0 > 0)
+        #expect(shared.copiesBetween.contains("halves") && ceilings.copiesBetween.contains("managed buffer"))
+    }
 }

@@ -16,16 +16,16 @@ trap 'rm -f "$inner" /tmp/cxl-pmem0.raw /tmp/cxl-lsa0.raw' EXIT
 cat > "$inner" <<INNER
 set -u
 bash scripts/vm/cxl-setup.sh || exit \$?
-# Emulation speed drifts over a boot, so the ceiling of each block size is sampled right before and
-# right after that size's case (the summary takes the better sample); the cases' results are merged
-# into one file afterwards.
+# Emulation speed drifts over a boot, so dax_memcpy samples each block size right before and right
+# after that size's case (the summary prints the better sample; the bench samples its own ceiling
+# around the case as well); the cases' results and ceilings are merged into one file afterwards.
 : > out/dax-memcpy.txt
 rm -f out/bench-cxl.json out/bench-cxl-*.json
 for case in 4096:4KiB 1048576:1MiB 67108864:64MiB; do
     bytes=\${case%%:*} block=\${case#*:}
     out/dax_memcpy /dev/dax0.0 \$bytes | tee -a out/dax-memcpy.txt
     MC_STRICT_PROTOCOL=1 MC_TRANSPORT_PLUGIN_PATH=\$PWD/$bin $bin/transfer-engine bench --loopback --protocol cxl --buffer-size 96MiB \
-        --block-sizes \$block --batch-sizes 1 --duration ${TE_DURATION:-1} --no-reference --local-heap --memcpy-reference --json out/bench-cxl-\$bytes.json 2>&1 \
+        --block-sizes \$block --batch-sizes 1 --duration ${TE_DURATION:-1} --no-reference --local-heap --memcpy-reference --memcpy-seconds 0.5 --json out/bench-cxl-\$bytes.json 2>&1 \
         | grep -E "^(op|write|read|-----)"
     out/dax_memcpy /dev/dax0.0 \$bytes | tee -a out/dax-memcpy.txt
 done

@@ -20,6 +20,10 @@ if docs:
             one_thread[block] = max(gbps, one_thread.get(block, 0.0))
     if ceilings:
         merged["memcpy_gbps_by_operation"] = ceilings
+    # What the ceilings copied between, each kind once (several mean the inputs differ).
+    kinds = list(dict.fromkeys(d["memcpy_copies_between"] for d in docs if d.get("memcpy_copies_between")))
+    if kinds:
+        merged["memcpy_copies_between"] = "; ".join(kinds)
     if one_thread:
         merged["memcpy_1thread_gbps"] = one_thread
     with open(sys.argv[1], "w") as f:

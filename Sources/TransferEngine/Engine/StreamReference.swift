@@ -45,7 +45,7 @@ public enum StreamReference {
 
     /// memcpy bandwidth for `block`-byte copies from `source` to `target` (each at least `block`
     /// bytes: a caller passes the buffers the measured transport copies, warmed the same way),
-    /// repeated for about `seconds` by `threads` threads that each copy a contiguous share, as
+    /// repeated for about `seconds` (at least once) by `threads` threads (one: the calling thread) that each copy a contiguous share, as
     /// a transport with that many copy threads splits a request: the threads' combined
     /// throughput (no barrier per block), bytes per second; a block under 64 bytes per thread
     /// runs on fewer threads. Nil for a non-positive block or time, or when a thread could not
@@ -68,14 +68,19 @@ public enum StreamReference {
                 let from = UnsafeRawPointer(bitPattern: sourceBits)! + offset, to = UnsafeMutableRawPointer(bitPattern: targetBits)! + offset
                 var bytes: UInt64 = 0
                 var iterations = 0
-                while MonotonicClock.nanoseconds() < end, iterations < 10_000_000 {
+                // At least one copy, however short the time (one block may take longer on slow memory).
+                repeat {
                     if bypassingCache { te_copy_bypassing_cache(to, from, length) } else { Glibc.memcpy(to, from, length) }
                     te_consume(to)
                     bytes += UInt64(length)
                     iterations += 1
-                }
+                } while MonotonicClock.nanoseconds() < end && iterations < 10_000_000
                 finished.withLock(notify: true) { $0.bytes += bytes; $0.left -= 1 }
             }
+            // One piece copies on the calling thread, as a transport that copies on its caller's
+            // thread does (the cxl plugin); on an emulated device a spawned thread may run on a
+            // slower virtual CPU than the caller.
+            if pieces.count == 1 { copy(); break }
             do { try OSThread.spawn(name: "te-ref-memcpy", copy) } catch {
                 // This piece and the ones not started yet will not report.
                 finished.withLock(notify: true) { $0.left -= pieces.count - index }
