@@ -3,8 +3,9 @@
 # /dev/dax0.0 and runs `transfer-engine bench --protocol cxl` per block size. Its ceiling is measured
 # inside the bench (--memcpy-reference): memcpy between the bench's own heap buffer and a pool buffer
 # of its engine, right before and after each case; raw memcpy into/out of the device mapping
-# (dax_memcpy.c, a separate process) runs beside each case as well. Writes out/dax-memcpy.txt and
-# out/bench-cxl.json; scripts/bench_summary.py prints the ratios. Absolute numbers are emulation speed.
+# (dax_memcpy.c, a separate process) runs beside each case as well, and the ceiling is the better of
+# the two (the emulation runs at one of two speeds by stretches of seconds). Writes out/dax-memcpy.txt
+# and out/bench-cxl.json; scripts/bench_summary.py prints the ratios. Absolute numbers are emulation speed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=${TE_BIN:-$(swift build -c release --show-bin-path)}
