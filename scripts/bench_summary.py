@@ -133,7 +133,9 @@ for tag, provider, reference in (("tcp", "tcp;ofi_rxm", libfabric), ("shm", "shm
                 row(f"efa/{provider} {op} {size} x64 vs tcp", r and r["gbps"], "GB/s", t and t["gbps"], "tcp transport")
 
 # rdma in the soft-RoCE guest against perftest from the same boot (scripts/vm/rdma-bench.sh).
-def perftest(name):
+def perftest(name, best=False):
+    """A perftest result: GB/s (its BW average, or with `best` its BW peak, the best rate over any
+    stretch of consecutive operations) or us (latency: t_typical, or with `best` t_min)."""
     path = os.path.join(out, name)
     if not os.path.exists(path):
         return None
@@ -143,18 +145,23 @@ def perftest(name):
             fields = lines[i + 1].split()
             try:  # a run that failed prints an error line under the header
                 if "t_typical" in line:
-                    return float(fields[line.split().index("t_typical[usec]")])
-                # BW average: perftest prints two decimals, so MB/sec (2^20 bytes) rather than
-                # Gb/sec, where 0.01 is 4% of an emulated link's rate and flagged ceilings by rounding
+                    return float(fields[line.split().index("t_min[usec]" if best else "t_typical[usec]")])
+                # perftest prints two decimals, so MB/sec (2^20 bytes) rather than Gb/sec, where
+                # 0.01 is 4% of an emulated link's rate and flagged ceilings by rounding
+                column = 2 if best else 3
                 if "[Gb/sec]" in line:
-                    return float(fields[3]) / 8
-                return float(fields[3]) * 1048576 / 1e9
+                    return float(fields[column]) / 8
+                return float(fields[column]) * 1048576 / 1e9
             except (ValueError, IndexError):
                 return None
     return None
 
 
 rdma = load("bench-rdma.json")
+# The ceilings are perftest's best figures (BW peak, t_min): in this two-vCPU guest one short perftest
+# run's average swings between two levels (one pair 30 or 49 MB/s, one write at a time 24 to 41 MB/s
+# on 2026-12-07) by where its processes run, so an average from the slow level stood under the
+# engine's rate; the averages are printed beside.
 if rdma and rdma.get("protocol") == "rdma":
     for op in ("write", "read"):
         for block in (64 << 10, MiB):
@@ -162,25 +169,34 @@ if rdma and rdma.get("protocol") == "rdma":
             size = f"{block // 1024} KiB" if block < MiB else "1 MiB"
             # Two pairs ran at once (the plugin's two posting threads): the ceiling is their sum,
             # the better of the runs before and after the bench.
-            sums = []
+            sums = {False: [], True: []}
             for run in ("", "-again"):
-                pairs = [perftest(f"perftest-{op}-bw-{block}{run}{suffix}.txt") for suffix in ("", "-2")]
-                if all(p is not None for p in pairs):
-                    sums.append(sum(pairs))
-            ceiling = max(sums) if sums else None
-            row(f"rdma {op} {size} x64 (soft-RoCE guest)", r and r["gbps"], "GB/s", ceiling, f"ib_{op}_bw x2 pairs, same boot",
-                ceiling=True)
+                for best in (False, True):
+                    pairs = [perftest(f"perftest-{op}-bw-{block}{run}{suffix}.txt", best) for suffix in ("", "-2")]
+                    if all(p is not None for p in pairs):
+                        sums[best].append(sum(pairs))
+            row(f"rdma {op} {size} x64 (soft-RoCE guest)", r and r["gbps"], "GB/s", max(sums[True]) if sums[True] else None,
+                f"ib_{op}_bw x2 pairs, BW peak summed, same boot", ceiling=True)
+            if r and sums[False]:
+                rows.append((f"  (ib_{op}_bw x2 pairs, BW average summed: {max(sums[False]):.3f} GB/s)", "", "", ""))
     # One 4 KiB transfer at a time, posted and completed as a synchronous one is: writes against
-    # ib_write_bw with one in flight (4 KiB over the mean time per write), reads against ib_read_lat
-    # (median); the better of the runs before and after the bench.
+    # ib_write_bw with one in flight, reads against ib_read_lat; the better of the runs before and after.
     r = result(rdma, "write", 4096, 1)
-    rates = [v for v in (perftest("perftest-write-bw-4096-t1.txt"), perftest("perftest-write-bw-4096-t1-again.txt")) if v is not None]
-    row("rdma write 4 KiB x1, one at a time (soft-RoCE guest)", r and r["gbps"], "GB/s", max(rates) if rates else None,
-        "ib_write_bw, one in flight, same boot", ceiling=True)
+    files = ("perftest-write-bw-4096-t1.txt", "perftest-write-bw-4096-t1-again.txt")
+    peaks = [v for v in (perftest(f, True) for f in files) if v is not None]
+    averages = [v for v in (perftest(f) for f in files) if v is not None]
+    row("rdma write 4 KiB x1, one at a time (soft-RoCE guest)", r and r["gbps"], "GB/s", max(peaks) if peaks else None,
+        "ib_write_bw, one in flight, BW peak, same boot", ceiling=True)
+    if r and averages:
+        rows.append((f"  (ib_write_bw, one in flight, BW average: {max(averages):.3f} GB/s)", "", "", ""))
     r = result(rdma, "read", 4096, 1)
-    lats = [v for v in (perftest("perftest-read-lat-4096.txt"), perftest("perftest-read-lat-4096-again.txt")) if v is not None]
-    row("rdma read 4 KiB median latency (soft-RoCE guest)", r and r["p50_us"], "us", min(lats) if lats else None,
-        "ib_read_lat typical, same boot", better="lower", ceiling=True)
+    files = ("perftest-read-lat-4096.txt", "perftest-read-lat-4096-again.txt")
+    fastest = [v for v in (perftest(f, True) for f in files) if v is not None]
+    typical = [v for v in (perftest(f) for f in files) if v is not None]
+    row("rdma read 4 KiB median latency (soft-RoCE guest)", r and r["p50_us"], "us", min(fastest) if fastest else None,
+        "ib_read_lat t_min, same boot", better="lower", ceiling=True)
+    if r and typical:
+        rows.append((f"  (ib_read_lat t_typical: {min(typical):.1f} us)", "", "", ""))
 
 # cxl on the emulated CXL device (scripts/vm/cxl-bench.sh) against memcpy measured in the bench between
 # its heap buffer and a pool buffer of its engine; memcpy on /dev/dax0.0 from a separate process beside it
