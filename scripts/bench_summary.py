@@ -210,13 +210,13 @@ if os.path.exists(os.path.join(out, "dax-memcpy.txt")):
             key = (parts[1], int(parts[2]))  # measured before and after the bench: the better counts
             dax[key] = max(dax.get(key, 0.0), float(parts[3]))
 if cxl and cxl.get("protocol") == "cxl":
+    # Only a ceiling every case measured on a pool buffer (merged descriptions are joined by "; ").
+    on_pool = all(k.endswith("(writes into it, reads out of it)") for k in cxl.get("memcpy_copies_between", "").split("; "))
     for op in ("write", "read"):
         for block in (4096, MiB, 64 * MiB):
             r = result(cxl, op, block, 1)
             size = f"{block // 1024} KiB" if block < MiB else f"{block // MiB} MiB"
             own = copy_ceiling(cxl, op, block)
-            # Only a ceiling every case measured on a pool buffer (merged descriptions are joined by "; ").
-            on_pool = all(k.endswith("(writes into it, reads out of it)") for k in cxl.get("memcpy_copies_between", "").split("; "))
             if own is not None and on_pool:
                 # Both copy to and from the same device in the same boot; the emulation's speed swings
                 # between two levels, so the best of all samples is the ceiling.

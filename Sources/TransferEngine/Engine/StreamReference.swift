@@ -45,10 +45,10 @@ public enum StreamReference {
 
     /// memcpy bandwidth for `block`-byte copies from `source` to `target` (each at least `block`
     /// bytes: a caller passes the buffers the measured transport copies, warmed the same way),
-    /// repeated for about `seconds` (at least once) by `threads` threads (one: the calling thread) that each copy a contiguous share, as
-    /// a transport with that many copy threads splits a request: the threads' combined
-    /// throughput (no barrier per block), bytes per second; a block under 64 bytes per thread
-    /// runs on fewer threads. Nil for a non-positive block or time, or when a thread could not
+    /// repeated for about `seconds` (at least once) by `threads` threads (one: the calling thread)
+    /// that each copy a contiguous share, as a transport with that many copy threads splits a
+    /// request: the threads' combined throughput (no barrier per block), bytes per second; a
+    /// block under 64 bytes per thread runs on fewer threads. Nil for a non-positive block or time, or when a thread could not
     /// be started.
     /// With `bypassingCache` the copies use non-temporal stores (te_copy_bypassing_cache), the way
     /// a transport may copy large blocks; the ceiling for such a transport is the better of the two.
