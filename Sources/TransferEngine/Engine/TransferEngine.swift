@@ -60,6 +60,8 @@ public final class TransferEngine: @unchecked Sendable {
     let tcp: TCPTransport
     private let dataServer: TCPDataServer
     private var handshakeServer: HandshakeServer?
+    /// What the first-contact rehearsal at start-up did (set once, in init).
+    private(set) var rehearsal = FirstContactRehearsal()
     let state: ConditionLock<State>
     /// Serializes changes of what is registered with which transport (registrations, installs,
     /// removals), so every buffer is registered with exactly the installed transports. Held across
@@ -186,7 +188,7 @@ public final class TransferEngine: @unchecked Sendable {
             throw error
         }
         // Before the handshake port answers, so no peer can open this segment yet.
-        warmUpFirstContact()
+        rehearsal = warmUpFirstContact()
         handshakeServer = try HandshakeServer(listener: handshakeListener, maxLength: settings.handshakeMaxLength, limits: settings.handshakeLimits,
                                               auth: authenticator, logger: logger,
                                               inline: .init(kinds: [.metadata, .probe]) { [weak self] in self?.answerHandshakeInline($0) },
