@@ -38,6 +38,8 @@ extension TransferEngine {
         /// Notifications held until taken (MC_NOTIFY_MAX_COUNT / MC_NOTIFY_MAX_BYTES); the oldest go first.
         var notifyMaxCount = 4096
         var notifyMaxBytes = 64 << 20
+        /// Whether start-up rehearses a first contact on private loopback servers (MC_REHEARSE_FIRST_CONTACT=0: no).
+        var rehearseFirstContact = true
         /// What handshake-port peers can hold (MC_HANDSHAKE_FRAME_TIMEOUT_MS, _MAX_CONNECTIONS, _MAX_PER_ADDRESS).
         var handshakeLimits = HandshakeServer.Limits()
 
@@ -70,6 +72,7 @@ extension TransferEngine {
             if let v = try integer(["MC_FREE_BATCH_WAIT_MS"], 0...600_000) { freeBatchWaitMs = v }
             strictProtocol = ProtocolSelector.truthy(environment["MC_STRICT_PROTOCOL"])
             disableMetacache = ProtocolSelector.truthy(environment["MC_DISABLE_METACACHE"])
+            if let text = environment["MC_REHEARSE_FIRST_CONTACT"], !text.isEmpty { rehearseFirstContact = ProtocolSelector.truthy(text) }
             if let v = try integer(["MC_METADATA_TTL_SECONDS"], 2...86_400) { metadataTTLSeconds = v }
             if let v = try integer(["MC_HANDSHAKE_FRAME_TIMEOUT_MS"], 100...600_000) { handshakeLimits.frameDeadlineMs = v }
             if let v = try integer(["MC_HANDSHAKE_MAX_CONNECTIONS"], 1...65_536) { handshakeLimits.maxConnections = v }

@@ -167,6 +167,8 @@ final class HandshakeServer: @unchecked Sendable {
             return (state.stopped, state.queue.map(\.socket))
         }
         if already { return }
+        // Refuses new connections now; the I/O thread closes the listener when it next wakes.
+        listener.shutdownBoth()
         wake()
         queued.forEach { $0.close() }
         let deadline = MonotonicClock.nanoseconds() + UInt64(waitMs) * 1_000_000

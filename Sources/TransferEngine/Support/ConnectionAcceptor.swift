@@ -57,15 +57,19 @@ final class ConnectionAcceptor: @unchecked Sendable {
 
     /// Stops accepting, shuts every open connection down and waits (at most `waitMs`) until their
     /// threads have ended, so no peer's request touches memory after this returns (idempotent).
-    func stop(waitMs: Int = 5000) {
+    /// Returns false when some were still running at `waitMs`.
+    @discardableResult
+    func stop(waitMs: Int = 5000) -> Bool {
         let already = connections.withLock(notify: true) { table -> Bool in defer { table.stopped = true }; return table.stopped }
-        if already { return }
+        if already { return connections.withLock { $0.sockets.isEmpty } }
         listener.shutdownBoth()
         connections.withLock { $0.sockets.values.forEach { $0.socket.shutdownBoth() } }
         let deadline = MonotonicClock.nanoseconds() + UInt64(waitMs) * 1_000_000
         if connections.wait(deadline: deadline, until: { $0.sockets.isEmpty ? true : nil }) == nil {
             logger.warning("\(name): \(count) connection threads still running \(waitMs) ms after stop")
+            return false
         }
+        return true
     }
 
     private enum Admission { case admitted, refused(reason: String, log: Int?), stopped }

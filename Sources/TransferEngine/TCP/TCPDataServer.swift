@@ -53,10 +53,12 @@ final class TCPDataServer: @unchecked Sendable {
                                           refuse: { _ in }, serve: { [weak self] connection in self?.serve(connection) })
     }
 
-    /// Stops accepting and closes every connection.
-    func stop() {
+    /// Stops accepting and closes every connection; false when a connection thread was still
+    /// running at `waitMs` (see `ConnectionAcceptor.stop`).
+    @discardableResult
+    func stop(waitMs: Int = 5000) -> Bool {
         stopping.store(true, ordering: .relaxed)
-        acceptor.stop()
+        return acceptor.stop(waitMs: waitMs)
     }
 
     /// Most data connections served at once (each has a thread).
