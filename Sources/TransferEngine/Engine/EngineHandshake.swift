@@ -54,7 +54,7 @@ extension TransferEngine {
     func answerHandshakeInline(_ message: HandshakeWire.Message) -> String? {
         switch message.kind {
         case .probe: return #"{"status":"success"}"#
-        case .metadata: return describe(builtInOnly: true, maxBuffers: 64)?.json.compactText
+        case .metadata: return inlineDescriptorText(maxBuffers: 64)
         default: return nil
         }
     }
@@ -63,7 +63,7 @@ extension TransferEngine {
     func answerHandshake(_ message: HandshakeWire.Message) -> String? {
         switch message.kind {
         case .metadata:
-            return localDescriptor.json.compactText
+            return localDescriptorText
         case .probe:
             return #"{"status":"success"}"#
         case .notify:

@@ -39,6 +39,13 @@ extension TransferEngine {
             try? unregisterLocally(address: address)
             throw error
         }
+        prebuildDescriptorText()
+    }
+
+    /// Builds the descriptor's text now when it is kept and small (TCP only, at most 64 buffers),
+    /// so a peer's first fetch, and this engine's own first fetch request, find it built.
+    private func prebuildDescriptorText() {
+        _ = inlineDescriptorText(maxBuffers: 64)
     }
 
     /// Unregisters from the registry and every transport (membership held).
@@ -65,6 +72,7 @@ extension TransferEngine {
             guard case .plugin = error else { throw error }  // not registered: nothing happened
             failure = error
         }
+        prebuildDescriptorText()
         do { try republishDescriptor() } catch {
             logger.warning("unregistered 0x\(String(address, radix: 16)) locally; publishing the descriptor failed (retried by the refresh): \(error)")
         }
@@ -137,6 +145,39 @@ extension TransferEngine {
     /// `te_transports.<protocol>`, and `protocols` lists every transport when there are several.
     public var localDescriptor: SegmentDescriptor { describe(builtInOnly: false)! }
 
+    /// The descriptor as compact JSON, as peers fetch it and the metadata server stores it.
+    var localDescriptorText: String { describedText(builtInOnly: false)! }
+
+    /// What the handshake port's I/O thread answers a descriptor fetch with: nil when a plugin is
+    /// installed or more than `maxBuffers` buffers are registered (see `describe`).
+    func inlineDescriptorText(maxBuffers: Int) -> String? { describedText(builtInOnly: true, maxBuffers: maxBuffers) }
+
+    /// The descriptor's text. A TCP-only engine keeps it until a registration or the installed
+    /// transports change (the generations it was built at), so a first contact's descriptor fetch
+    /// describes nothing on either side; with a plugin installed it is built every time (a
+    /// plugin's fields are its own to change).
+    private func describedText(builtInOnly: Bool, maxBuffers: Int = .max) -> String? {
+        let key = state.withLock { state -> DescriptorText.Key? in
+            guard state.transports.allSatisfy({ $0 is TCPTransport }) else { return nil }
+            return .init(registrations: state.registrationGeneration, routes: state.routeGeneration)
+        }
+        if let key, let kept = state.withLock({ $0.descriptorText }), kept.key == key {
+            return kept.buffers <= maxBuffers ? kept.text : nil
+        }
+        guard let descriptor = describe(builtInOnly: builtInOnly, maxBuffers: maxBuffers) else { return nil }
+        let text = descriptor.json.compactText
+        if let key {
+            // Kept only if nothing changed while it was built (a registration bumps its generation
+            // after the registry changes, so a build that missed it is never kept past the bump).
+            state.withLock { state in
+                if state.registrationGeneration == key.registrations, state.routeGeneration == key.routes {
+                    state.descriptorText = DescriptorText(key: key, buffers: descriptor.buffers.count, text: text)
+                }
+            }
+        }
+        return text
+    }
+
     /// The descriptor; with `builtInOnly`, nil when a plugin is installed (describing then calls
     /// into it, which may block) or more than `maxBuffers` buffers are registered.
     func describe(builtInOnly: Bool, maxBuffers: Int = .max) -> SegmentDescriptor? {
@@ -208,4 +249,17 @@ extension SegmentDescriptor {
         }
         return view
     }
+}
+
+/// A descriptor's text and the generations it was built at.
+struct DescriptorText: Sendable {
+    /// The registration and route generations of `TransferEngine.State`.
+    struct Key: Equatable, Sendable {
+        var registrations: UInt64
+        var routes: UInt64
+    }
+    var key: Key
+    /// How many buffers it lists.
+    var buffers: Int
+    var text: String
 }

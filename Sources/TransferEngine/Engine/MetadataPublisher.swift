@@ -11,7 +11,7 @@ extension TransferEngine {
         try withRetries(budgetMs: settings.metadataTimeoutMs) {
             if let etcd = MeteredMetadataStore.unwrapped(store) as? EtcdMetadataStore { try etcd.refreshLease(ttlSeconds: settings.metadataTTLSeconds) }
             try store.put(keys.rpcMeta(segmentName), rpcMeta, ttlSeconds: ttl)
-            try store.put(keys.segment(segmentName), localDescriptor.json.compactText, ttlSeconds: ttl)
+            try store.put(keys.segment(segmentName), localDescriptorText, ttlSeconds: ttl)
         }
     }
 
@@ -47,7 +47,7 @@ extension TransferEngine {
         let ttl = MeteredMetadataStore.unwrapped(store) is HTTPMetadataStore ? nil : settings.metadataTTLSeconds
         let key = keys.segment(segmentName)
         try withRetries(budgetMs: settings.metadataTimeoutMs) {
-            try store.put(key, localDescriptor.json.compactText, ttlSeconds: ttl)
+            try store.put(key, localDescriptorText, ttlSeconds: ttl)
         }
     }
 
@@ -80,7 +80,7 @@ extension TransferEngine {
     private func fetchDescriptor(host: String, port: UInt16, name: String) throws -> SegmentDescriptor {
         do {
             let reply = try HandshakeClient.exchange(host: host, port: port,
-                                                     message: .init(kind: .metadata, json: localDescriptor.json.compactText),
+                                                     message: .init(kind: .metadata, json: localDescriptorText),
                                                      timeouts: handshakeTimeouts, maxLength: settings.handshakeMaxLength)
             return try SegmentDescriptor.decode(try JSONValue.parse(reply.json))
         } catch {

@@ -87,6 +87,8 @@ public final class TransferEngine: @unchecked Sendable {
         /// only by one built at the same or a later generation (two threads may rebuild it at once).
         var registrationGeneration: UInt64 = 0
         var selfDescriptorGeneration: UInt64 = 0
+        /// The descriptor's text as last built (TCP-only engines; see `describedText`).
+        var descriptorText: DescriptorText?
         /// Transport hints already warned about (one warning each).
         var warnedHints: Set<String> = []
     }
