@@ -64,7 +64,45 @@ struct DescriptorTests {
         #expect(registry.region(containing: 0x1000, length: 1) == nil)
         #expect(throws: EngineError.self) { try registry.unregister(address: 0x1000) }
     }
+
+    @Test("a TCP-only engine's kept descriptor text follows every registration and unregistration; past 64 buffers the inline answer declines")
+    func keptText() throws {
+        let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
+        defer { engine.shutdown() }
+        func listed() throws -> [UInt64] {
+            let text = engine.localDescriptorText
+            #expect(engine.inlineDescriptorText(maxBuffers: 64) == text)
+            return try SegmentDescriptor.decode(try JSONValue.parse(text)).buffers.map(\.address)
+        }
+        let buffers = (0..<66).map { _ in TestBuffer(4096) }
+        #expect(try listed().isEmpty)
+        try engine.registerMemory(address: buffers[0].address, length: 4096)
+        // Built by the registration, before any fetch.
+        #expect(engine.state.withLock { $0.descriptorText?.buffers } == 1)
+        #expect(try listed() == [buffers[0].address])
+        try engine.registerMemory(address: buffers[1].address, length: 4096)
+        #expect(Set(try listed()) == [buffers[0].address, buffers[1].address])
+        try engine.unregisterMemory(address: buffers[0].address)
+        #expect(try listed() == [buffers[1].address])
+        for buffer in buffers[2...] { try engine.registerMemory(address: buffer.address, length: 4096) }
+        let all = try SegmentDescriptor.decode(try JSONValue.parse(engine.localDescriptorText)).buffers.map(\.address)
+        #expect(Set(all) == Set(buffers[1...].map(\.address)))
+        #expect(engine.inlineDescriptorText(maxBuffers: 64) == nil)
+        try engine.unregisterMemory(address: buffers[1].address)
+        #expect(Set(try listed()) == Set(buffers[2...].map(\.address)))
+    }
+
+    @Test("shutdown drops the kept descriptor text with the managed buffers it frees")
+    func keptTextAfterShutdown() throws {
+        let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
+        let address = try engine.allocateManagedBuffer(length: 1 << 20)
+        #expect(try SegmentDescriptor.decode(try JSONValue.parse(engine.localDescriptorText)).buffers.map(\.address) == [address])
+        engine.shutdown()
+        #expect(try SegmentDescriptor.decode(try JSONValue.parse(engine.localDescriptorText)).buffers.isEmpty)
+    }
+
 }
+
 
 @Suite("JSON")
 struct JSONTests {
@@ -95,32 +133,5 @@ struct JSONTests {
                 #expect("\(error)".contains(expected), "\(text): \(error)")
             }
         }
-    }
-
-    @Test("a TCP-only engine's kept descriptor text follows every registration and unregistration; past 64 buffers the inline answer declines")
-    func keptText() throws {
-        let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
-        defer { engine.shutdown() }
-        func listed() throws -> [UInt64] {
-            let text = engine.localDescriptorText
-            #expect(engine.inlineDescriptorText(maxBuffers: 64) == text)
-            return try SegmentDescriptor.decode(try JSONValue.parse(text)).buffers.map(\.address)
-        }
-        let buffers = (0..<66).map { _ in TestBuffer(4096) }
-        #expect(try listed().isEmpty)
-        try engine.registerMemory(address: buffers[0].address, length: 4096)
-        // Built by the registration, before any fetch.
-        #expect(engine.state.withLock { $0.descriptorText?.buffers } == 1)
-        #expect(try listed() == [buffers[0].address])
-        try engine.registerMemory(address: buffers[1].address, length: 4096)
-        #expect(Set(try listed()) == [buffers[0].address, buffers[1].address])
-        try engine.unregisterMemory(address: buffers[0].address)
-        #expect(try listed() == [buffers[1].address])
-        for buffer in buffers[2...] { try engine.registerMemory(address: buffer.address, length: 4096) }
-        let all = try SegmentDescriptor.decode(try JSONValue.parse(engine.localDescriptorText)).buffers.map(\.address)
-        #expect(Set(all) == Set(buffers[1...].map(\.address)))
-        #expect(engine.inlineDescriptorText(maxBuffers: 64) == nil)
-        try engine.unregisterMemory(address: buffers[1].address)
-        #expect(Set(try listed()) == Set(buffers[2...].map(\.address)))
     }
 }

@@ -51,6 +51,11 @@ extension TransferEngine {
     /// Unregisters from the registry and every transport (membership held).
     private func unregisterLocally(address: UInt64) throws {
         try membership.withLock { _ in
+            // The kept text stops listing it now, not after the wait for peers' access below.
+            state.withLock { state in
+                state.registrationGeneration += 1
+                state.descriptorText = nil
+            }
             try registry.unregister(address: address)
             let transports = state.withLock { state -> [any Transport] in
                 state.registrationGeneration += 1
@@ -145,7 +150,8 @@ extension TransferEngine {
     /// `te_transports.<protocol>`, and `protocols` lists every transport when there are several.
     public var localDescriptor: SegmentDescriptor { describe(builtInOnly: false)! }
 
-    /// The descriptor as compact JSON, as peers fetch it and the metadata server stores it.
+    /// The descriptor as compact JSON, as peers fetch it over the handshake port (the metadata
+    /// server is given a fresh build, with the current `timestamp`).
     var localDescriptorText: String { describedText(builtInOnly: false)! }
 
     /// What the handshake port's I/O thread answers a descriptor fetch with: nil when a plugin is
@@ -155,13 +161,13 @@ extension TransferEngine {
     /// The descriptor's text. A TCP-only engine keeps it until a registration or the installed
     /// transports change (the generations it was built at), so a first contact's descriptor fetch
     /// describes nothing on either side; with a plugin installed it is built every time (a
-    /// plugin's fields are its own to change).
+    /// plugin's fields are its own to change). Its `timestamp` is then the time of that build.
     private func describedText(builtInOnly: Bool, maxBuffers: Int = .max) -> String? {
-        let key = state.withLock { state -> DescriptorText.Key? in
-            guard state.transports.allSatisfy({ $0 is TCPTransport }) else { return nil }
-            return .init(registrations: state.registrationGeneration, routes: state.routeGeneration)
+        let (key, kept) = state.withLock { state -> (DescriptorText.Key?, DescriptorText?) in
+            guard state.transports.allSatisfy({ $0 is TCPTransport }) else { return (nil, nil) }
+            return (.init(registrations: state.registrationGeneration, routes: state.routeGeneration), state.descriptorText)
         }
-        if let key, let kept = state.withLock({ $0.descriptorText }), kept.key == key {
+        if let key, let kept, kept.key == key {
             return kept.buffers <= maxBuffers ? kept.text : nil
         }
         guard let descriptor = describe(builtInOnly: builtInOnly, maxBuffers: maxBuffers) else { return nil }
@@ -258,8 +264,10 @@ struct DescriptorText: Sendable {
         var registrations: UInt64
         var routes: UInt64
     }
+    /// The generations it was built at.
     var key: Key
     /// How many buffers it lists.
     var buffers: Int
+    /// The compact JSON.
     var text: String
 }

@@ -11,7 +11,7 @@ extension TransferEngine {
         try withRetries(budgetMs: settings.metadataTimeoutMs) {
             if let etcd = MeteredMetadataStore.unwrapped(store) as? EtcdMetadataStore { try etcd.refreshLease(ttlSeconds: settings.metadataTTLSeconds) }
             try store.put(keys.rpcMeta(segmentName), rpcMeta, ttlSeconds: ttl)
-            try store.put(keys.segment(segmentName), localDescriptorText, ttlSeconds: ttl)
+            try store.put(keys.segment(segmentName), localDescriptor.json.compactText, ttlSeconds: ttl)
         }
     }
 
@@ -47,7 +47,7 @@ extension TransferEngine {
         let ttl = MeteredMetadataStore.unwrapped(store) is HTTPMetadataStore ? nil : settings.metadataTTLSeconds
         let key = keys.segment(segmentName)
         try withRetries(budgetMs: settings.metadataTimeoutMs) {
-            try store.put(key, localDescriptorText, ttlSeconds: ttl)
+            try store.put(key, localDescriptor.json.compactText, ttlSeconds: ttl)
         }
     }
 

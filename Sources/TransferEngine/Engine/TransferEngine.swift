@@ -84,7 +84,8 @@ public final class TransferEngine: @unchecked Sendable {
         var routeGeneration: UInt64 = 0
         var stopped = false
         /// Bumped by every registration change: the own segment's cached descriptor is replaced
-        /// only by one built at the same or a later generation (two threads may rebuild it at once).
+        /// only by one built at the same or a later generation (two threads may rebuild it at once),
+        /// and the kept descriptor text is rebuilt.
         var registrationGeneration: UInt64 = 0
         var selfDescriptorGeneration: UInt64 = 0
         /// The descriptor's text as last built (TCP-only engines; see `describedText`).
@@ -229,7 +230,7 @@ public final class TransferEngine: @unchecked Sendable {
         // Heap memory from allocateManagedBuffer goes with the engine (nothing can reach it now;
         // a transport's own memory went with the transport).
         let managed: [UInt64: (length: UInt64, from: String?)] = state.withLock { state in
-            defer { state.managed.removeAll() }
+            defer { state.managed.removeAll(); state.registrationGeneration += 1; state.descriptorText = nil }
             return state.managed
         }
         for (address, entry) in managed where entry.from == nil {
