@@ -19,11 +19,15 @@ import Musl
 /// alone (bounded, writes slowed: the sender blocked more often). Connections to other hosts keep
 /// autotuning, which they need to fill a path with a longer round trip.
 enum SameHostBuffers {
-    /// Requested buffer size. The kernel caps a request at `net.core.wmem_max`/`rmem_max`
-    /// (212992 by default on Debian) and doubles it for its bookkeeping. Measured on loopback with
-    /// 4 MiB caps against 1.5 and 2 MiB, which kept more in flight and gave back most of the gain;
-    /// under Debian's default caps the bound is tighter and batched reads gained as much.
-    static let bytes: Int32 = 1 << 20
+    /// Requested buffer size, the same on both ends: the kernel caps a request at
+    /// `net.core.wmem_max`/`rmem_max` (212992 by default on Debian) and doubles it for its
+    /// bookkeeping, so a stream keeps about 512 KiB in flight, within one core's L2 cache here.
+    /// The two must match. A server send buffer larger than the lane's window lets the sender
+    /// queue past the window, and its segments then leave from the lane's acknowledgements (on the
+    /// lane's core); a window smaller than the send buffer (the lane's receive buffer, or
+    /// TCP_WINDOW_CLAMP) does the same. Measured on loopback against 1 MiB requests (README,
+    /// "Performance"): 128, 192, 256 and 320 KiB, with 256 KiB the best for batched reads.
+    static let bytes: Int32 = 256 << 10
 
     /// Which end of a data connection a socket is.
     enum Side {
