@@ -195,7 +195,7 @@ struct BenchCommand: ParsableCommand {
                                    "first_operation_us": firstOpMicros, "open_segment_us": openMicros, "cases": cases.count,
                                    "loopback_tcp_stream_gbps": streamReference.map { $0 / 1e9 as Any } ?? NSNull()]])
         for (index, (op, block, batch)) in cases.enumerated() {
-            let label = "\(op == .read ? "read" : "write") \(ByteSize.format(block)) x\(batch)"
+            let label = "\(op) \(ByteSize.format(block)) x\(batch)"
             FileHandle.standardError.write(Data("[\(index + 1)/\(cases.count)] \(label) ...\n".utf8))
             do {
                 if memcpyReference { ceilings.sample(op, block, seconds: memcpySeconds) }
@@ -298,7 +298,7 @@ struct BenchCommand: ParsableCommand {
             Double(latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]) / 1000
         }
         let bytes = Double(block) * Double(batch) * Double(latencies.count)
-        return BenchResult(operation: op == .read ? "read" : "write", blockSize: block, batchSize: batch,
+        return BenchResult(operation: op.description, blockSize: block, batchSize: batch,
                            gbps: bytes / elapsed / 1e9, p50Micros: percentile(0.5), p99Micros: percentile(0.99), iterations: latencies.count)
     }
 

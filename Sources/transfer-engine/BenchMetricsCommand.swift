@@ -86,7 +86,7 @@ struct BenchMetricsCommand: ParsableCommand {
         for op in operations {
             for block in blocks {
                 for batch in batches where block * UInt64(batch) <= metered.remoteLength {
-                    let label = "\(op == .read ? "read" : "write") \(ByteSize.format(block)) x\(batch)"
+                    let label = "\(op) \(ByteSize.format(block)) x\(batch)"
                     FileHandle.standardError.write(Data("\(label) ...\n".utf8))
                     try plain.run(op, block: block, batch: batch, seconds: windowSeconds / 4)  // warm-up: connections and lanes exist
                     try metered.run(op, block: block, batch: batch, seconds: windowSeconds / 4)
@@ -104,7 +104,7 @@ struct BenchMetricsCommand: ParsableCommand {
                     let median = Self.median(ratios)
                     rows.append([label, String(format: "%.3f", Self.median(off.sorted())), String(format: "%.3f", Self.median(on.sorted())),
                                  String(format: "%.3f", median), String(format: "%.3f-%.3f", low, high)])
-                    results.append(["operation": op == .read ? "read" : "write", "block_size": block, "batch_size": batch, "pairs": pairs,
+                    results.append(["operation": op.description, "block_size": block, "batch_size": batch, "pairs": pairs,
                                     "off_gbps_median": Self.median(off.sorted()), "on_gbps_median": Self.median(on.sorted()),
                                     "ratio_median": median, "ratio_95_low": low, "ratio_95_high": high, "ratios": ratios])
                 }

@@ -85,7 +85,7 @@ public struct CopyCeilings: Sendable {
     /// The ceilings by operation name, then by block size (as decimal text), GB/s.
     public var dictionary: [String: [String: Double]] {
         Dictionary(uniqueKeysWithValues: best.map { op, blocks in
-            (op == .read ? "read" : "write", Dictionary(uniqueKeysWithValues: blocks.map { (String($0.key), $0.value) }))
+            (op.description, Dictionary(uniqueKeysWithValues: blocks.map { (String($0.key), $0.value) }))
         })
     }
 }

@@ -8,11 +8,14 @@ public typealias BatchID = UInt64
 /// absolute virtual address inside the target segment's process.
 public struct TransferRequest: Sendable, Equatable {
     /// Direction of a transfer.
-    public enum Operation: Int32, Sendable {
+    public enum Operation: Int32, Sendable, CustomStringConvertible {
         /// Copy from the target segment into local memory.
         case read = 0
         /// Copy local memory into the target segment.
         case write = 1
+
+        /// "read" or "write", as logs, metrics labels and benchmark results name it.
+        public var description: String { self == .read ? "read" : "write" }
     }
 
     /// Read or write.

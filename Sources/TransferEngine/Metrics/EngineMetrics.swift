@@ -149,7 +149,7 @@ final class RequestMeter: PublishesLater {
     private let factory: EngineMetricsFactory
 
     init(peer: String, operation: TransferRequest.Operation, transport: String, batched: Bool, engine: EngineMetrics) {
-        let op = operation == .read ? "read" : "write"
+        let op = operation.description
         dimensions = [("operation", op), ("transport", transport), ("peer", peer)]
         factory = engine.factory
         bytes = Counter(label: "te_transferred_bytes_total", dimensions: dimensions, factory: factory)
