@@ -51,11 +51,9 @@ extension TransferEngine {
     /// Unregisters from the registry and every transport (membership held).
     private func unregisterLocally(address: UInt64) throws {
         try membership.withLock { _ in
-            // The kept text stops listing it now, not after the wait for peers' access below.
-            state.withLock { state in
-                state.registrationGeneration += 1
-                state.descriptorText = nil
-            }
+            // The kept descriptor text goes stale now (its generation moved), so it stops listing
+            // the buffer before the wait for peers' access below, not after it.
+            state.withLock { $0.registrationGeneration += 1 }
             try registry.unregister(address: address)
             let transports = state.withLock { state -> [any Transport] in
                 state.registrationGeneration += 1

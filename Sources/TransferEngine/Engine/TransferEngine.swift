@@ -230,7 +230,7 @@ public final class TransferEngine: @unchecked Sendable {
         // Heap memory from allocateManagedBuffer goes with the engine (nothing can reach it now;
         // a transport's own memory went with the transport).
         let managed: [UInt64: (length: UInt64, from: String?)] = state.withLock { state in
-            defer { state.managed.removeAll(); state.registrationGeneration += 1; state.descriptorText = nil }
+            defer { state.managed.removeAll(); state.registrationGeneration += 1 }  // the kept descriptor text goes stale
             return state.managed
         }
         for (address, entry) in managed where entry.from == nil {
