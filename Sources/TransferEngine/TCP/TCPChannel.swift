@@ -173,7 +173,7 @@ final class TCPChannel: @unchecked Sendable {
     }
 
     /// An idle pooled connection for the synchronous path, or a new one. A lane always connects
-    /// its own: its receive buffer is bounded towards a peer on this host (`SameHostBuffers`),
+    /// its own: its buffers are bounded towards a peer on this host (`SameHostBuffers`),
     /// which must happen before any data arrives, and it keeps the connection until it retires.
     private func takeSocket(forLane: Bool = false) throws -> Socket {
         if !forLane, let socket = state.withLock({ $0.idleSockets.popLast() }) { return socket }
