@@ -94,6 +94,39 @@ struct CancellationTests {
         try engine.freeBatch(batch)
     }
 
+    @Test("a batched write to a peer that stopped reading ends as TIMEOUT at its deadline, not later (tcp)")
+    func stalledWriteEndsAtDeadline() throws {
+        let peer = try DelayedDataPeer(delay: 3, readsWrites: false)
+        defer { peer.stop() }
+        let engine = try TransferEngine(configuration: EngineConfiguration(), environment: TestSupport.cleanEnvironment())
+        defer { engine.shutdown() }
+        // 8 MiB: more than the peer's receive window and a lane's send buffer hold, so the lanes'
+        // sends block until the deadline.
+        let local = TestBuffer(8 << 20)
+        try engine.registerMemory(address: local.address, length: UInt64(local.count))
+        let handle = try engine.openSegment(peer.segment)
+        let batch = try engine.allocateBatch(capacity: 1, timeoutNs: 400_000_000)
+        let started = Date()
+        try engine.submit([TransferRequest(operation: .write, localAddress: local.address, segment: handle,
+                                           remoteAddress: DelayedDataPeer.bufferAddress, length: UInt64(local.count))], to: batch)
+        #expect(try engine.wait(batch: batch, timeoutNs: 10_000_000_000))
+        let waited = Date().timeIntervalSince(started)
+        let status = try engine.status(batch: batch, task: 0)
+        #expect(status.state == .timeout, "\(status)")
+        // A failed write run waited 200 ms for status frames past the deadline before it reported.
+        #expect(waited >= 0.39 && waited < 0.58, "TIMEOUT after \(waited) s (deadline 0.4 s)")
+        try engine.freeBatch(batch)
+    }
+
+    @Test("a failed write run waits for status frames at most 200 ms and never past its deadline")
+    func statusWaitStopsAtDeadline() {
+        #expect(TCPChannel.statusWaitMs(until: nil) == 200)
+        #expect(TCPChannel.statusWaitMs(until: 1_000_000_000, now: 500_000_000) == 200)
+        #expect(TCPChannel.statusWaitMs(until: 1_000_000_000, now: 950_000_000) == 51)
+        #expect(TCPChannel.statusWaitMs(until: 1_000_000_000, now: 1_000_000_000) == 1)
+        #expect(TCPChannel.statusWaitMs(until: 1_000_000_000, now: 2_000_000_000) == 1)
+    }
+
     @Test("a synchronous read whose bytes are still arriving at MC_TRANSFER_TIMEOUT throws a timeout, and nothing of it lands later (tcp)")
     func lateBytesNeverLandSync() throws {
         let peer = try DelayedDataPeer(delay: 5.6)

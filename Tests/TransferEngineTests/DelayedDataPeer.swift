@@ -6,6 +6,8 @@ import Logging
 /// data at once, the second half `delay` later (a congested or stalling peer). Its handshake
 /// port answers metadata requests with a descriptor naming that data port and one buffer, so an
 /// engine opens it as `segment` (P2PHANDSHAKE). The first half is 0x11 bytes, the late half 0x22.
+/// With `readsWrites` false it stops reading at a write's header instead (a peer that stalls
+/// mid-request), and closes the connection `delay` later.
 final class DelayedDataPeer: @unchecked Sendable {
     static let bufferAddress: UInt64 = 0x1000_0000
     static let bufferLength: UInt64 = 64 << 20
@@ -14,9 +16,11 @@ final class DelayedDataPeer: @unchecked Sendable {
     private let data: Socket
     private let handshake: HandshakeServer
     private let delay: TimeInterval
+    private let readsWrites: Bool
 
-    init(delay: TimeInterval) throws {
+    init(delay: TimeInterval, readsWrites: Bool = true) throws {
         self.delay = delay
+        self.readsWrites = readsWrites
         data = try Socket.listen(host: "127.0.0.1", port: 0)
         let rpc = try Socket.listen(host: "127.0.0.1", port: 0)
         let name = "127.0.0.1:\(rpc.localAddress.port)"
@@ -54,6 +58,9 @@ final class DelayedDataPeer: @unchecked Sendable {
                 guard (try? withUnsafeBytes(of: &ok) { try connection.sendAll([$0, first.withUnsafeBytes { $0 }]) }) != nil else { return }
                 Thread.sleep(forTimeInterval: delay)
                 guard (try? late.withUnsafeBytes { try connection.sendAll([$0]) }) != nil else { return }
+            } else if !readsWrites {
+                Thread.sleep(forTimeInterval: delay)
+                return
             } else {
                 var payload = [UInt8](repeating: 0, count: size)
                 guard (try? payload.withUnsafeMutableBytes { try connection.receiveAll($0.baseAddress!, count: size) }) != nil else { return }

@@ -41,6 +41,14 @@ extension TCPChannel {
         return outcome
     }
 
+    /// How long a failed write run waits for the status frames already on their way: 200 ms, or
+    /// what is left of `deadline` (1 ms once it passed: frames that arrived are still read).
+    static func statusWaitMs(until deadline: UInt64?, now: UInt64 = MonotonicClock.nanoseconds()) -> Int {
+        guard let deadline else { return 200 }
+        guard now < deadline else { return 1 }
+        return Int(min(200, (deadline - now) / 1_000_000 + 1))
+    }
+
     /// Whether a run's error is its socket timing out (the connection or its peer lost, as such).
     private static func isTimeout(_ error: Error) -> Bool {
         if case .timedOut = error as? SocketError { return true }
@@ -94,9 +102,11 @@ extension TCPChannel {
             do {
                 try socket.sendAll(parts, deadline: deadline, callLimitMs: settings.statusTimeoutMs)
             } catch {
-                // The server answers a rejected write before reading its payload: collect what it said.
+                // The server answers a rejected write before reading its payload: collect what it
+                // said, waiting at most 200 ms and not past the deadline (a send to a peer that
+                // stopped reading ends there).
                 if acknowledged {
-                    socket.setTimeouts(receiveMs: 200, sendMs: settings.statusTimeoutMs)
+                    socket.setTimeouts(receiveMs: Self.statusWaitMs(until: deadline), sendMs: settings.statusTimeoutMs)
                     try? socket.receiveAll((0..<count).map(status))
                 }
                 return failed(error, completedBefore: acknowledged ? firstNotOK() : 0)
