@@ -14,6 +14,16 @@ struct CLITests {
         #expect(vstatus == 0 && version.trimmingCharacters(in: .whitespacesAndNewlines) == TransferEngineVersion.string)
     }
 
+    @Test("a serve that cannot start: the tests' harness reports its exit status and the end of its log")
+    func serveThatCannotStartSaysWhy() throws {
+        #expect {
+            _ = try ServeProcess(bufferSize: "not-a-size")
+        } throws: { error in
+            let text = "\(error)"
+            return text.contains("exit status") && text.contains("not-a-size")
+        }
+    }
+
     @Test("plugins shows TCP built in and each found plugin's status")
     func plugins() throws {
         let directory = try TestSupport.temporaryDirectory()

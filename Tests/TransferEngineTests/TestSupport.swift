@@ -170,16 +170,23 @@ final class ServeProcess: @unchecked Sendable {
         process.environment = environment
         process.standardInput = input
         process.standardOutput = output
-        process.standardError = FileHandle.nullDevice
+        // Its log goes to an unlinked file, read back only to say why it did not start.
+        let log = Self.unlinkedFile()
+        process.standardError = log?.write ?? FileHandle.nullDevice
         try process.run()
+        try? log?.write.close()
         var unread = ""
-        let readyLine = Self.nextLine(from: output.fileHandleForReading, unread: &unread)
+        // A serve that fails exits at once; a slow start (a TCG guest beside another test's
+        // processes took over 30 s) only waits longer.
+        let readyLine = Self.nextLine(from: output.fileHandleForReading, unread: &unread, seconds: 120)
         pending = unread
         let fields = Self.readyFields(readyLine ?? "")
         guard let segment = fields["segment"], let buffer = fields["buffer"], let address = UInt64(buffer.dropFirst(2), radix: 16),
               let length = fields["length"].flatMap({ UInt64($0) }) else {
             process.terminate()
-            throw TestFailure("serve did not print READY: \(readyLine ?? unread)")
+            process.waitUntilExit()
+            let logged = log.map { String(decoding: $0.read.readDataToEndOfFile().suffix(2000), as: UTF8.self) } ?? ""
+            throw TestFailure("serve did not print READY: \(readyLine ?? unread) (exit status \(process.terminationStatus); its log ends: \(logged))")
         }
         self.segment = segment
         self.bufferAddress = address
@@ -198,10 +205,10 @@ final class ServeProcess: @unchecked Sendable {
         return answer
     }
 
-    /// The next line of `handle`'s output (without its newline), waiting at most 30 s for it;
+    /// The next line of `handle`'s output (without its newline), waiting at most `seconds` for it;
     /// `unread` holds what arrived past the lines returned so far. Nil at end of output or timeout.
-    private static func nextLine(from handle: FileHandle, unread: inout String) -> String? {
-        let deadline = Date().addingTimeInterval(30)
+    private static func nextLine(from handle: FileHandle, unread: inout String, seconds: TimeInterval = 30) -> String? {
+        let deadline = Date().addingTimeInterval(seconds)
         while !unread.contains("\n") {
             let left = deadline.timeIntervalSinceNow
             var ready = pollfd(fd: handle.fileDescriptor, events: Int16(POLLIN), revents: 0)
@@ -213,6 +220,17 @@ final class ServeProcess: @unchecked Sendable {
         guard let end = unread.firstIndex(of: "\n") else { return nil }
         defer { unread = String(unread[unread.index(after: end)...]) }
         return String(unread[..<end])
+    }
+
+    /// A temporary file already unlinked, open for writing (for the child) and reading (for us).
+    private static func unlinkedFile() -> (write: FileHandle, read: FileHandle)? {
+        var template = Array((NSTemporaryDirectory() + "/te-serve-log.XXXXXX").utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { return nil }
+        let path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        defer { unlink(path) }
+        guard let read = FileHandle(forReadingAtPath: path) else { close(fd); return nil }
+        return (FileHandle(fileDescriptor: fd, closeOnDealloc: true), read)
     }
 
     /// The key=value fields of serve's READY line.
